@@ -1,0 +1,106 @@
+"""The small public API the UI, the CLI and scripts use: a request in, progress events and a
+result out. Nothing here imports Gradio; the UI maps widgets to `GenerateRequest` fields by name.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGES = ("load", "text", "denoise", "high_noise", "low_noise", "decode", "save")
+STAGE_TITLES = {
+    "load": "Loading models",
+    "text": "Text encoding",
+    "denoise": "Denoising",
+    "high_noise": "High-noise expert",
+    "low_noise": "Low-noise expert",
+    "decode": "Decoding video",
+    "save": "Saving",
+}
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One video to make. Fields left as None take the model's defaults from the registry."""
+
+    prompt: str
+    model: str = "ti2v-5b"
+    negative_prompt: str | None = None  # None or "" -> the official default negative prompt
+    image: str | None = None  # path of the start image (image-to-video)
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    steps: int | None = None
+    guidance: float | None = None  # TI2V: the scale; A14B: the high-noise expert's scale
+    guidance_low: float | None = None  # A14B only: the low-noise expert's scale
+    shift: float | None = None
+    seed: int | None = None  # None or negative -> random
+    sampler: str = "unipc"
+    memory_profile: str = "auto"
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerateRequest:
+        """Build from a dict, ignoring unknown keys (old history entries, UI extras)."""
+        names = set(cls.field_names())
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    """A progress event. `step`/`total` count denoising steps; other stages report 0/1 and 1/1."""
+
+    stage: str
+    step: int
+    total: int
+    elapsed_s: float
+    eta_s: float | None = None
+    message: str = ""
+    preview: np.ndarray | None = None  # small uint8 [H, W, 3] image of the current latent
+
+    @property
+    def fraction(self) -> float:
+        return 0.0 if self.total <= 0 else min(1.0, self.step / self.total)
+
+
+@dataclass
+class GenerateResult:
+    video_path: Path
+    sidecar_path: Path
+    latents_path: Path
+    fps: int
+    seed: int
+    width: int
+    height: int
+    frames: int
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class CancelToken:
+    """Set from another thread to stop a running job at the next step boundary."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()

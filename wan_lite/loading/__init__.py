@@ -1,0 +1,1 @@
+"""Checkpoint discovery, tensor sources (memory-mapped) and filling meta-built modules."""

@@ -1,0 +1,191 @@
+"""Read tensors lazily from checkpoint files, one at a time, never the whole file at once.
+
+A `TensorSource` maps names to tensors that are only materialised when asked for, so a loader
+can cast each tensor to the target dtype as it is read: loading a float32 checkpoint into a
+bfloat16 model holds at most one float32 tensor at a time.
+
+Safetensors files are memory-mapped by `safe_open`; `.pth` files are opened with
+`torch.load(weights_only=True, mmap=True)`, so a checkpoint can never run code and its storage
+stays on disk until a tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from wan_lite.errors import CheckpointError
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorSource(Mapping[str, torch.Tensor]):
+    """A read-only name -> tensor mapping whose tensors are read on access.
+
+    `shape(name)` and `dtype(name)` answer from the file header without reading data.
+    `files` lists the files behind the source (for messages and cache keys).
+    """
+
+    files: tuple[Path, ...] = ()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self[name].dtype
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.shape(name) for name in self}
+
+    def describe(self) -> str:
+        return ", ".join(str(f) for f in self.files) or "<memory>"
+
+
+class DictSource(TensorSource):
+    """Tensors already in memory (tests, converted state dicts)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], files: Iterable[Path] = ()) -> None:
+        self._tensors = dict(tensors)
+        self.files = tuple(Path(f) for f in files)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file size.
+
+    Raises CheckpointError naming the file when the file is truncated or not safetensors.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise ValueError("header length is larger than the file")
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"File not found: {path}") from None
+    except (ValueError, UnicodeDecodeError, struct.error) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}).",
+            "The file is corrupt or was not fully downloaded; download it again.",
+        ) from None
+    end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < end:
+        raise CheckpointError(
+            f"{path} is truncated: {size:,} bytes on disk, the header describes {end:,}.",
+            "The download did not finish; download this file again.",
+        )
+    return header
+
+
+class SafetensorsSource(TensorSource):
+    """One or more (sharded) safetensors files, memory-mapped, read tensor by tensor."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        from safetensors import safe_open
+
+        self.files = tuple(Path(f) for f in files)
+        self._where: dict[str, int] = {}
+        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.metadata: dict[str, str] = {}
+        self._handles = []
+        for i, f in enumerate(self.files):
+            header = read_safetensors_header(f)
+            self.metadata.update(header.get("__metadata__") or {})
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                self._where[name] = i
+                self._info[name] = (tuple(info["shape"]), _ST_DTYPES.get(info["dtype"], torch.uint8))
+            try:
+                self._handles.append(safe_open(str(f), framework="pt", device="cpu"))
+            except Exception as err:  # safetensors raises its own error types
+                raise CheckpointError(f"Cannot open {f}: {err}", "Download this file again.") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        i = self._where[name]
+        try:
+            return self._handles[i].get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(
+                f"Cannot read tensor {name!r} from {self.files[i]}: {err}",
+                "The file is damaged; download it again.",
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._info[name][1]
+
+    def file_of(self, name: str) -> Path:
+        return self.files[self._where[name]]
+
+
+class PthSource(DictSource):
+    """A `torch.save` state dict, opened memory-mapped with `weights_only=True` (runs no code)."""
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"File not found: {path}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # zipfile, pickle and torch raise many types here
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}).",
+                "The file is corrupt, truncated or not a weights file; download it again.",
+            ) from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path} does not hold a plain dictionary of tensors.")
+        super().__init__(obj, files=[path])
+
+
+def open_source(paths: Path | Iterable[Path]) -> TensorSource:
+    """A source for a .safetensors / .pth file or a list of safetensors shards."""
+    if isinstance(paths, (str, Path)):
+        paths = [Path(paths)]
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and paths[0].suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return PthSource(paths[0])
+    return SafetensorsSource(paths)
