@@ -1,0 +1,124 @@
+"""Command line: `python -m wan_lite generate | decode | info | plan`.
+
+User mistakes (bad paths, empty prompts, missing files, memory that cannot fit) print a plain
+message and exit with status 2; only genuine bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from wan_lite.errors import WanLiteError
+from wan_lite.registry import MODELS
+
+log = logging.getLogger("wan_lite")
+
+
+def _size(text: str) -> tuple[int, int]:
+    sep = next((s for s in ("x", "*", "X") if s in text), None)
+    try:
+        w, h = (int(v) for v in text.split(sep)) if sep else (None, None)
+    except ValueError:
+        w = None
+    if not w or not h or w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"size must look like 1280x704 (width x height), got {text!r}")
+    return w, h
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="make a video from a prompt (and optionally an image)",
+                       description="Make a video. Unset options take the model's official defaults.")
+    p.add_argument("--model-dir", required=True, type=Path, help="model folder in the official layout")
+    p.add_argument("--prompt", required=True, help="what the video shows")
+    p.add_argument("--negative-prompt", default=None, help="what to avoid (default: the official negative prompt)")
+    p.add_argument("--image", type=Path, default=None, help="start image: image-to-video")
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 1280x704 (TI2V-5B) or 1280x720")
+    p.add_argument("--frames", type=int, default=None, help="frame count, 4n+1 (121 for TI2V-5B, 81 for A14B)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (50 for TI2V-5B, 40 for A14B)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (A14B: the high-noise expert's)")
+    p.add_argument("--guidance-low", type=float, default=None, help="A14B only: the low-noise expert's guidance")
+    p.add_argument("--shift", type=float, default=None, help="noise schedule shift (5.0; 12.0 for T2V-A14B)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed at the end)")
+    p.add_argument("--sampler", default="unipc", choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--profile", default="auto", help="memory profile name or 'auto' (see `plan`)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
+    p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: a new name in ./outputs)")
+
+
+def _add_decode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("decode", help="decode saved latents (.latents.safetensors) into an mp4 again")
+    p.add_argument("latents", type=Path)
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="model folder (default: the one recorded in the latents file)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: next to the latents)")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what a model folder holds, what is missing, sizes")
+    p.add_argument("--model-dir", required=True, type=Path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m wan_lite",
+                                     description="Run the Wan 2.2 video models (TI2V-5B, T2V-A14B, I2V-A14B).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_decode(sub)
+    _add_info(sub)
+    try:
+        from wan_lite.runtime.plan_cli import add_plan_parser
+
+        add_plan_parser(sub)
+    except ImportError:  # planner not installed in this build
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            from wan_lite.cli_run import run_generate
+
+            return run_generate(args)
+        if args.command == "decode":
+            from wan_lite.cli_run import run_decode
+
+            return run_decode(args)
+        if args.command == "info":
+            return run_info(args)
+        if args.command == "plan":
+            from wan_lite.runtime.plan_cli import run_plan
+
+            return run_plan(args)
+    except WanLiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from wan_lite.loading.layout import inspect_folder
+
+    report = inspect_folder(args.model_dir)
+    title = report.spec.title if report.spec else "unknown model"
+    print(f"{report.root}: {title} — {report.state}, {report.size_bytes / 1e9:.2f} GB on disk")
+    for rel, size in report.found:
+        print(f"  {size / 1e9:9.3f} GB  {rel}")
+    for problem in report.problems:
+        print(f"  problem: {problem}")
+    if report.state != "installed":
+        repos = ", ".join(s.hf_repo for s in MODELS.values())
+        print(f"  The official repos are: {repos}")
+    return 0 if report.state == "installed" else 1

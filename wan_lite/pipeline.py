@@ -1,0 +1,545 @@
+"""encode -> denoise -> decode for the three Wan 2.2 models.
+
+TI2V-5B: text-to-video, or image-to-video with latent frame 0 held to the image latent (its
+tokens get timestep 0). T2V-A14B / I2V-A14B: two experts switched at a timestep boundary, a
+guidance scale per expert; I2V feeds mask + image latent as `y`.
+
+The pipeline decides nothing about memory: a `Placement` (plain moves by default, the planned
+runtime in wan_lite.runtime) is asked to make each component usable before a stage and may
+release it after. Initial noise is drawn exactly like the official code: one
+`torch.Generator(device)` seeded with the seed, one `randn(shape, float32)` on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wan_lite.api import CancelToken, Progress, ProgressCallback
+from wan_lite.errors import Cancelled, InputError
+from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, TEXT_LEN, ModelSpec
+from wan_lite.sizing import centre_crop_box, check_size, image_output_size
+
+log = logging.getLogger(__name__)
+
+
+class Placement(Protocol):
+    """Makes components usable on the compute device. `activate` before use, `release` after."""
+
+    device: torch.device
+
+    def activate(self, name: str, module: nn.Module) -> None: ...
+
+    def release(self, name: str, module: nn.Module) -> None: ...
+
+    def on_oom(self, name: str, module: nn.Module) -> bool:
+        """Switch to a leaner way of running `module` after an out-of-memory error.
+        Returns False when nothing leaner exists."""
+        ...
+
+
+class MovePlacement:
+    """Whole modules moved to the device for their stage and, with `offload`, back to the CPU
+    after it (the official single-GPU behaviour)."""
+
+    def __init__(self, device: torch.device | str, offload: bool = True) -> None:
+        self.device = torch.device(device)
+        self.offload = offload and self.device.type != "cpu"
+
+    def activate(self, name: str, module: nn.Module) -> None:
+        module.to(self.device)
+
+    def release(self, name: str, module: nn.Module) -> None:
+        if self.offload:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def on_oom(self, name: str, module: nn.Module) -> bool:
+        return False
+
+
+@dataclass
+class PipelineResult:
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    fps: int
+    seed: int
+    latents: torch.Tensor  # float32 [z, T, h, w] on the CPU
+    timings: dict[str, float]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """A fully resolved request: every default filled in, sizes valid."""
+
+    prompt: str
+    negative_prompt: str
+    image: Any | None  # PIL.Image (RGB) or None
+    width: int
+    height: int
+    frames: int
+    steps: int
+    guidance: tuple[float, float]  # (high-noise / only, low-noise)
+    shift: float
+    seed: int
+    sampler: str
+    notes: list[str]
+
+    def settings(self, spec: ModelSpec) -> dict[str, Any]:
+        return {
+            "model": spec.name,
+            "mode": "i2v" if self.image is not None else "t2v",
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "width": self.width,
+            "height": self.height,
+            "frames": self.frames,
+            "fps": spec.fps,
+            "steps": self.steps,
+            "guidance": self.guidance[0],
+            "guidance_low": self.guidance[1],
+            "shift": self.shift,
+            "seed": self.seed,
+            "sampler": self.sampler,
+        }
+
+
+def load_image(image: Any) -> Any:
+    """A PIL RGB image from a path or a PIL image; InputError when it cannot be read."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        try:
+            with Image.open(Path(image)) as opened:
+                opened.load()
+                img = ImageOps.exif_transpose(opened)
+        except FileNotFoundError:
+            raise InputError(f"Image not found: {image}") from None
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise InputError(f"Cannot read {image} as an image ({err}).",
+                             "Use a PNG, JPEG or WebP picture.") from None
+    if img.mode in ("RGBA", "LA", "P"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def resolve_job(
+    spec: ModelSpec,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    image: Any = None,
+    width: int | None = None,
+    height: int | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    guidance_low: float | None = None,
+    shift: float | None = None,
+    seed: int | None = None,
+    sampler: str = "unipc",
+) -> Job:
+    """Fill in the registry defaults and check every field; InputError for what cannot be used."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("The prompt is empty.", "Describe the video you want, e.g. 'a red fox running through snow'.")
+    if spec.needs_image and image is None:
+        raise InputError(f"{spec.name} turns an image into a video: give a start image.")
+    w0, h0 = spec.default_size if width is None and height is None else (width or height, height or width)
+    w, h, f, notes = check_size(spec, int(w0), int(h0), int(frames or spec.frames))
+    n = int(steps or spec.steps)
+    if n < 1 or n > 1000:
+        raise InputError(f"steps must be between 1 and 1000, got {n}.")
+    g_high = spec.guidance[0] if guidance is None else float(guidance)
+    g_low = (spec.guidance[1] if guidance is None else g_high) if guidance_low is None else float(guidance_low)
+    if not spec.experts:
+        g_low = g_high
+    s = spec.shift if shift is None else float(shift)
+    if s <= 0:
+        raise InputError(f"shift must be positive, got {s}.")
+    if seed is None or int(seed) < 0:
+        seed = random.randint(0, sys.maxsize)
+    img = load_image(image) if image is not None else None
+    if img is not None:
+        ow, oh = image_output_size(spec, img.width, img.height, w, h)
+        if (ow, oh) != (w, h):
+            notes.append(f"Output size follows the image's aspect ratio: {ow}x{oh}.")
+        w, h = ow, oh
+    return Job(prompt=prompt, negative_prompt=negative_prompt or DEFAULT_NEGATIVE_PROMPT, image=img,
+               width=w, height=h, frames=f, steps=n, guidance=(g_high, g_low), shift=s, seed=int(seed),
+               sampler=sampler, notes=notes)
+
+
+def image_to_tensor(img: Any) -> torch.Tensor:
+    """PIL RGB -> float32 [3, H, W] in [-1, 1] (to_tensor, then (x - 0.5) / 0.5)."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return (arr - 0.5) / 0.5
+
+
+def pad_context(embeddings: list[torch.Tensor], length: int = TEXT_LEN) -> torch.Tensor:
+    """Zero-pad trimmed text embeddings [L_i, D] to [B, length, D] (the DiT's input convention)."""
+    out = embeddings[0].new_zeros(len(embeddings), length, embeddings[0].shape[-1])
+    for i, e in enumerate(embeddings):
+        out[i, : min(length, e.shape[0])] = e[:length]
+    return out
+
+
+def latent_preview(x0: torch.Tensor, max_side: int = 160) -> np.ndarray:
+    """A cheap RGB look at a latent [z, T, h, w]: the middle frame's three main channel
+    directions (PCA), scaled to uint8. Shows layout and motion, not true colours."""
+    frame = x0[:, x0.shape[1] // 2].float()  # [z, h, w]
+    z, h, w = frame.shape
+    flat = frame.reshape(z, -1).T  # [h*w, z]
+    flat = flat - flat.mean(0, keepdim=True)
+    k = min(3, z)
+    _, _, v = torch.pca_lowrank(flat, q=k, center=False)
+    rgb = (flat @ v[:, :k]).T.reshape(k, h, w)
+    if k < 3:
+        rgb = torch.cat([rgb, rgb[:1].expand(3 - k, h, w)])
+    lo, hi = rgb.amin(dim=(1, 2), keepdim=True), rgb.amax(dim=(1, 2), keepdim=True)
+    rgb = (rgb - lo) / (hi - lo).clamp_min(1e-6)
+    scale = max_side / max(h, w)
+    if scale > 1:
+        rgb = F.interpolate(rgb[None], scale_factor=math.floor(scale), mode="nearest")[0]
+    return (rgb.permute(1, 2, 0) * 255).to(torch.uint8).cpu().numpy()
+
+
+def video_to_frames(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] by truncation, like the official save_video."""
+    v = ((video.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
+    return v.permute(1, 2, 3, 0).cpu().numpy()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _module(component: Any) -> nn.Module:
+    return component if isinstance(component, nn.Module) else component.model
+
+
+class WanPipeline:
+    """One loaded model: text encoder, VAE and one DiT (TI2V-5B) or two experts (A14B)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        text_encoder: Any,
+        vae: nn.Module,
+        dits: dict[str, nn.Module],
+        placement: Placement | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.dits = dits  # {"main": dit} or {"high": ..., "low": ...}
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.placement: Placement = placement or MovePlacement(device)
+        self.cfg_batch = False  # cond + uncond as one batch of 2 (the runtime may switch it on)
+        self.decode_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda vae, z: vae.decode(z)
+        self.encode_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda vae, x: vae.encode(x)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def experts(self) -> dict[str, nn.Module]:
+        return self.dits
+
+    @property
+    def dit(self) -> nn.Module:
+        return self.dits.get("main") or self.dits["high"]
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        vae_dtype: torch.dtype = torch.float32,
+        text_dtype: torch.dtype = torch.bfloat16,
+        name: str | None = None,
+        placement: Placement | None = None,
+    ) -> WanPipeline:
+        """Load every component of an official-layout folder (weights stay on the CPU until a
+        stage needs them). Raises CheckpointError naming any missing or mismatched file."""
+        from wan_lite.loading.layout import find_model
+        from wan_lite.loading.tensors import SafetensorsSource, open_source
+        from wan_lite.models.dit import WanDiT
+        from wan_lite.models.text_encoder import TextEncoder
+
+        files = find_model(Path(model_dir), name)
+        spec = files.spec
+        text_encoder = TextEncoder.load(files.t5, files.tokenizer, dtype=text_dtype)
+        vae = load_vae(files.vae, spec, vae_dtype)
+        dits = {role: WanDiT.from_source(SafetensorsSource(shards), dtype) for role, shards in files.dit.items()}
+        check_compatible(spec, dits, vae, text_encoder)
+        return cls(spec, text_encoder, vae, dits, placement=placement, device=device)
+
+    # ------------------------------------------------------------------ stages
+    def encode_text(self, texts: list[str]) -> list[torch.Tensor]:
+        """Trimmed embeddings, cached by text (a new seed or setting re-encodes nothing)."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if todo:
+            module = _module(self.text_encoder)
+            self.placement.activate("text_encoder", module)
+            try:
+                for text, emb in zip(todo, self.text_encoder.encode(todo)):
+                    self._text_cache[text] = emb.detach().to("cpu")
+            finally:
+                self.placement.release("text_encoder", module)
+        return [self._text_cache[t] for t in texts]
+
+    def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[3, F, H, W] in [-1, 1] -> normalised latent [z, T, h, w] float32 on the device."""
+        self.placement.activate("vae", self.vae)
+        dtype = next(self.vae.parameters()).dtype
+        z = self.encode_fn(self.vae, video[None].to(self.device, dtype))
+        return z[0].float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU."""
+        self.placement.activate("vae", self.vae)
+        try:
+            dtype = next(self.vae.parameters()).dtype
+            video = self.decode_fn(self.vae, latents[None].to(self.device, dtype))
+            return video[0].float().clamp(-1, 1).cpu()
+        finally:
+            self.placement.release("vae", self.vae)
+
+    def _expert(self, t: int) -> str:
+        if "main" in self.dits:
+            return "main"
+        return "high" if t >= self.spec.boundary else "low"
+
+    def _velocity(self, dit: nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
+                  ctx_null: torch.Tensor, y: torch.Tensor | None, g: float) -> torch.Tensor:
+        """Classifier-free guided velocity for latent x [z, T, h, w]."""
+        xb, yb = x[None], (y[None] if y is not None else None)
+        if self.cfg_batch:
+            two = torch.cat([xb, xb])
+            out = dit(two, torch.cat([t, t]), torch.cat([ctx, ctx_null]),
+                      y=torch.cat([yb, yb]) if yb is not None else None)
+            v_c, v_u = out[:1], out[1:]
+        else:
+            v_c = dit(xb, t, ctx, y=yb)
+            v_u = dit(xb, t, ctx_null, y=yb)
+        return (v_u + g * (v_c - v_u))[0].float()
+
+    def _guarded_velocity(self, role: str, *args: Any) -> torch.Tensor:
+        """_velocity, retried with a leaner placement after an out-of-memory error."""
+        dit = self.dits[role]
+        while True:
+            try:
+                return self._velocity(dit, *args)
+            except torch.OutOfMemoryError:
+                pass  # handled below, outside the except block, so the failed tensors are freed
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not self.placement.on_oom(role, dit):
+                from wan_lite.errors import OutOfMemoryError
+
+                raise OutOfMemoryError(
+                    "The GPU ran out of memory during denoising, even with the leanest plan.",
+                    "Choose a smaller size or fewer frames, or close other programs using the GPU.",
+                )
+            log.warning("Out of GPU memory at a denoising step; continuing with a leaner plan.")
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        image: Any = None,
+        width: int | None = None,
+        height: int | None = None,
+        frames: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        guidance_low: float | None = None,
+        shift: float | None = None,
+        seed: int | None = None,
+        sampler: str = "unipc",
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        on_latents: Callable[[torch.Tensor, dict[str, Any]], None] | None = None,
+        preview_every: int = 5,
+    ) -> PipelineResult:
+        """Make one video. `on_latents(latents, settings)` runs after denoising and before the
+        decode (the engine saves the latents there, so a failed decode loses nothing)."""
+        job = resolve_job(self.spec, prompt, negative_prompt=negative_prompt, image=image, width=width,
+                          height=height, frames=frames, steps=steps, guidance=guidance,
+                          guidance_low=guidance_low, shift=shift, seed=seed, sampler=sampler)
+        latents, clock = self.denoise(job, on_progress=on_progress, cancel=cancel, preview_every=preview_every)
+        settings = job.settings(self.spec)
+        if on_latents is not None:
+            on_latents(latents, settings)
+        self._report(on_progress, "decode", 0, 1, clock)
+        t0 = time.perf_counter()
+        video = self.decode(latents)
+        clock.add("decode", time.perf_counter() - t0)
+        self._report(on_progress, "decode", 1, 1, clock)
+        settings["timings"] = dict(clock.timings)
+        return PipelineResult(frames=video_to_frames(video), fps=self.spec.fps, seed=job.seed,
+                              latents=latents, timings=dict(clock.timings), settings=settings, notes=job.notes)
+
+    def _report(self, cb: ProgressCallback | None, stage: str, step: int, total: int, clock: _Clock,
+                eta: float | None = None, preview: np.ndarray | None = None) -> None:
+        if cb is not None:
+            cb(Progress(stage=stage, step=step, total=total, elapsed_s=clock.elapsed(), eta_s=eta, preview=preview))
+
+    def denoise(self, job: Job, *, on_progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                preview_every: int = 5) -> tuple[torch.Tensor, _Clock]:
+        """Run the sampler; returns the final latent [z, T, h, w] (float32, CPU)."""
+        from wan_lite.sampling import make_sampler
+
+        spec, dev, clock = self.spec, self.device, _Clock()
+        sampler = make_sampler(job.sampler, job.steps, job.shift)
+        s_t, s_h = spec.vae_stride[0], spec.vae_stride[1]
+        lat_shape = (spec.z_dim, (job.frames - 1) // s_t + 1, job.height // s_h, job.width // s_h)
+        gen = torch.Generator(device=dev).manual_seed(job.seed)
+        noise = torch.randn(lat_shape, dtype=torch.float32, device=dev, generator=gen)
+
+        self._report(on_progress, "text", 0, 1, clock)
+        t0 = time.perf_counter()
+        ctx, ctx_null = (pad_context([e]).to(dev) for e in self.encode_text([job.prompt, job.negative_prompt]))
+        clock.add("text", time.perf_counter() - t0)
+
+        y = z0 = mask = None
+        latent = noise
+        if job.image is not None:
+            t0 = time.perf_counter()
+            y, z0, mask = self._image_condition(job, lat_shape)
+            clock.add("image_encode", time.perf_counter() - t0)
+            if z0 is not None:
+                latent = (1 - mask) * z0 + mask * noise
+        self.placement.release("vae", self.vae)
+
+        tokens_per_frame = (lat_shape[2] // spec.patch_size[1]) * (lat_shape[3] // spec.patch_size[2])
+        active: str | None = None
+        denoise_start = time.perf_counter()
+        n = len(sampler.timesteps)
+        for i in range(n):
+            if cancel is not None and cancel.cancelled:
+                for role in filter(None, [active]):
+                    self.placement.release(role, self.dits[role])
+                raise Cancelled()
+            t = int(sampler.timesteps[i])
+            role = self._expert(t)
+            if role != active:
+                if active is not None:
+                    self.placement.release(active, self.dits[active])
+                self.placement.activate(role, self.dits[role])
+                active = role
+            g = job.guidance[0] if role in ("main", "high") else job.guidance[1]
+            if z0 is not None:  # TI2V image-to-video: frame-0 tokens are clean (t = 0)
+                tt = torch.full((1, lat_shape[1] * tokens_per_frame), float(t), device=dev)
+                tt[:, :tokens_per_frame] = 0.0
+            else:
+                tt = torch.tensor([t], device=dev, dtype=torch.int64 if spec.experts else torch.float32)
+            step_start = time.perf_counter()
+            v = self._guarded_velocity(role, latent, tt, ctx, ctx_null, y, g)
+            x0_pred = latent - float(sampler.sigmas[i]) * v if preview_every and (i + 1) % preview_every == 0 else None
+            latent = sampler.step(v, latent)
+            if z0 is not None:
+                latent = (1 - mask) * z0 + mask * latent
+            stage = {"main": "denoise", "high": "high_noise", "low": "low_noise"}[role]
+            clock.add(stage, time.perf_counter() - step_start)
+            done = time.perf_counter() - denoise_start
+            eta = done / (i + 1) * (n - i - 1)
+            preview = latent_preview(x0_pred) if x0_pred is not None else None
+            self._report(on_progress, stage, i + 1, n, clock, eta=eta, preview=preview)
+        if active is not None:
+            self.placement.release(active, self.dits[active])
+        return latent.float().cpu(), clock
+
+    def _image_condition(self, job: Job, lat_shape: tuple[int, ...]):
+        """TI2V: (None, z0, mask) with latent frame 0 held to the image latent.
+        I2V-A14B: (y, None, None) with y = [mask (4) | VAE latent of image + zero frames (16)]."""
+        from PIL import Image
+
+        dev, img = self.device, job.image
+        if self.spec.task == "ti2v":
+            (rw, rh), box = centre_crop_box(img.width, img.height, job.width, job.height)
+            img = img.resize((rw, rh), Image.LANCZOS).crop(box)
+            z = self.vae_encode(image_to_tensor(img)[:, None])  # [z, 1, h, w]
+            mask = torch.ones(lat_shape, device=dev)
+            mask[:, 0] = 0
+            return None, z, mask
+        pixels = image_to_tensor(img)[None]  # CPU bicubic resize, like the reference
+        pixels = F.interpolate(pixels, size=(job.height, job.width), mode="bicubic", align_corners=False)[0]
+        video = torch.cat([pixels[:, None], torch.zeros(3, job.frames - 1, job.height, job.width)], dim=1)
+        z = self.vae_encode(video)
+        m = torch.zeros(4, lat_shape[1], lat_shape[2], lat_shape[3], device=dev)
+        m[:, 0] = 1
+        return torch.cat([m, z]), None, None
+
+
+def load_vae(path: Path, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    from wan_lite.errors import CheckpointError
+    from wan_lite.loading.tensors import open_source
+    from wan_lite.models.vae21 import WanVAE21
+    from wan_lite.models.vae22 import WanVAE22
+
+    source = open_source(path)
+    version = WanVAE22.detect_version(source.shapes())
+    if version != spec.vae_version:
+        raise CheckpointError(
+            f"{path} is a Wan {version} VAE, but {spec.name} needs the Wan {spec.vae_version} VAE ({spec.vae_file}).",
+            f"Download {spec.vae_file} from huggingface.co/{spec.hf_repo}.",
+        )
+    cls = WanVAE22 if version == "2.2" else WanVAE21
+    return cls.from_source(source, dtype)
+
+
+def check_compatible(spec: ModelSpec, dits: dict[str, nn.Module], vae: nn.Module, text_encoder: Any) -> None:
+    """The DiT's channels must fit the model kind, the VAE and the text encoder."""
+    from wan_lite.errors import CheckpointError
+
+    in_dim = {"ti2v": spec.z_dim, "t2v": spec.z_dim, "i2v": 2 * spec.z_dim + 4}[spec.task]
+    for role, dit in dits.items():
+        cfg = dit.config
+        if cfg.in_dim != in_dim or cfg.out_dim != spec.z_dim:
+            raise CheckpointError(
+                f"The {role} DiT has {cfg.in_dim} input / {cfg.out_dim} output channels; "
+                f"{spec.name} needs {in_dim} / {spec.z_dim}.",
+                "The folder mixes files of different models.",
+            )
+    if getattr(vae, "z_dim", spec.z_dim) != spec.z_dim:
+        raise CheckpointError(f"The VAE has {vae.z_dim} latent channels; {spec.name} needs {spec.z_dim}.")
+    d_model = getattr(getattr(_module(text_encoder), "config", None), "d_model", None)
+    for dit in dits.values():
+        if d_model is not None and d_model != dit.config.text_dim:
+            raise CheckpointError(
+                f"The text encoder's width ({d_model}) does not match the DiT's text input ({dit.config.text_dim})."
+            )
