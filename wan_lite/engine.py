@@ -1,16 +1,25 @@
-"""Engine: the one object the UI and CLI drive. Finds model folders, keeps one pipeline loaded,
-runs requests one at a time and writes the outputs.
-
-(Interface fixed here; the implementation lands with the pipeline.)
+"""Engine: the one object the UI and the CLI drive. Finds model folders, keeps one pipeline
+loaded, runs requests one at a time and writes the outputs (latents first, then the mp4 and its
+sidecar JSON, all atomically).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import logging
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, ProgressCallback
+from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress, ProgressCallback
+from wan_lite.errors import InputError, WanLiteError
+from wan_lite.registry import MODELS, get_spec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,33 +47,197 @@ class Estimate:
     plan: dict[str, Any] = field(default_factory=dict)
 
 
+def default_folder_name(name: str) -> str:
+    return MODELS[name].hf_repo.split("/")[-1]
+
+
 class Engine:
-    def __init__(self, models_root: Path, output_dir: Path, device: str | None = None) -> None:
+    def __init__(self, models_root: Path, output_dir: Path, device: str | None = None,
+                 folders: dict[str, Path] | None = None) -> None:
         self.models_root = Path(models_root)
         self.output_dir = Path(output_dir)
         self.device = device
+        self.folders = {k: Path(v) for k, v in (folders or {}).items()}
+        self._pipe = None
+        self._pipe_key: tuple[str, Path] | None = None
+        self._lock = threading.Lock()  # one job at a time, whatever the caller does
+
+    # ------------------------------------------------------------------ models
+    def model_folder(self, name: str) -> Path:
+        spec = get_spec(name)
+        return self.folders.get(spec.name) or self.models_root / default_folder_name(spec.name)
 
     def model_status(self) -> list[ModelStatus]:
-        raise NotImplementedError
+        from wan_lite.loading.layout import inspect_folder
 
-    def model_folder(self, name: str) -> Path:
-        raise NotImplementedError
+        out = []
+        for spec in MODELS.values():
+            report = inspect_folder(self.model_folder(spec.name), spec.name)
+            out.append(ModelStatus(name=spec.name, title=spec.title, hf_repo=spec.hf_repo, folder=report.root,
+                                   state=report.state, size_bytes=report.size_bytes, missing=list(report.problems),
+                                   problems=list(report.problems)))
+        return out
 
-    def preflight(self, request: GenerateRequest) -> Estimate:
-        raise NotImplementedError
-
+    # ------------------------------------------------------------------ requests
     def normalize(self, request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
         """Fill defaults, snap size/frames to valid values; returns the request and notes."""
-        raise NotImplementedError
+        from wan_lite.pipeline import resolve_job
 
-    def generate(
-        self,
-        request: GenerateRequest,
-        on_progress: ProgressCallback | None = None,
-        cancel: CancelToken | None = None,
-    ) -> GenerateResult:
-        raise NotImplementedError
+        spec = get_spec(request.model)
+        if request.image and spec.task == "t2v":  # an image with the A14B family selects I2V-A14B
+            spec = get_spec("i2v-a14b")
+        job = resolve_job(spec, request.prompt, negative_prompt=request.negative_prompt, image=request.image,
+                          width=request.width, height=request.height, frames=request.frames, steps=request.steps,
+                          guidance=request.guidance, guidance_low=request.guidance_low, shift=request.shift,
+                          seed=request.seed, sampler=request.sampler)
+        filled = replace(request, model=spec.name, width=job.width, height=job.height, frames=job.frames,
+                         steps=job.steps, guidance=job.guidance[0], guidance_low=job.guidance[1], shift=job.shift,
+                         seed=request.seed if request.seed is not None and request.seed >= 0 else None)
+        if spec.name != request.model:
+            job.notes.insert(0, f"An image was given, so {spec.name} is used.")
+        return filled, job.notes
+
+    def preflight(self, request: GenerateRequest) -> Estimate:
+        """What the request will use on this machine, before anything is loaded."""
+        spec = get_spec(request.model)
+        try:
+            from wan_lite.runtime.hardware import Hardware
+            from wan_lite.runtime.planner import ModelFootprint, plan
+        except ImportError:
+            return Estimate(True, 0.0, 0.0, 0.0, "No memory planner in this build.")
+        w, h = (request.width or spec.default_size[0], request.height or spec.default_size[1])
+        p = plan(ModelFootprint.full_size(spec.name), (w, h, request.frames or spec.frames),
+                 Hardware.probe(), profile=None if request.memory_profile in (None, "", "auto") else request.memory_profile)
+        data = p.to_json()
+        return Estimate(fits=data["fits"], peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=data["peak_ram_gib"],
+                        seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
+
+    def pipeline(self, name: str, on_progress: ProgressCallback | None = None):
+        """The loaded pipeline for `name`, loading it (and unloading another) when needed."""
+        from wan_lite.pipeline import WanPipeline
+
+        folder = self.model_folder(name)
+        key = (name, folder.resolve())
+        if self._pipe_key != key:
+            self.unload()
+            if on_progress:
+                on_progress(Progress(stage="load", step=0, total=1, elapsed_s=0.0, message=f"Loading {name}"))
+            t0 = time.perf_counter()
+            self._pipe = WanPipeline.load(folder, name=name, device=self.device)
+            self._pipe_key = key
+            log.info("Loaded %s from %s in %.1f s", name, folder, time.perf_counter() - t0)
+        return self._pipe
+
+    def generate(self, request: GenerateRequest, on_progress: ProgressCallback | None = None,
+                 cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerateResult:
+        from wan_lite.output import output_stem, save_latents
+
+        with self._lock:
+            request, notes = self.normalize(request)
+            if request.seed is None:  # drawn here so the file names carry the seed used
+                request = replace(request, seed=random.randint(0, sys.maxsize))
+            t0 = time.perf_counter()
+            pipe = self.pipeline(request.model, on_progress)
+            load_s = time.perf_counter() - t0
+            stem = (out_path.with_suffix("") if out_path else
+                    output_stem(self.output_dir, request.prompt, request.seed, request.model))
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            latents_path = stem.with_name(stem.name + ".latents.safetensors")
+
+            def keep_latents(latents, settings):
+                save_latents(latents_path, latents, self._record(settings, request, pipe))
+
+            fields = request.to_dict()
+            for drop in ("model", "memory_profile"):
+                fields.pop(drop)
+            result = pipe.generate(**fields, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
+            result.timings["load"] = load_s
+            return self._write(stem, latents_path, result.frames, result.fps, result.settings, result.timings,
+                               notes + result.notes, request, pipe, on_progress)
+
+    def decode_latents(self, latents_path: Path, out_path: Path | None = None,
+                       model_dir: Path | None = None) -> GenerateResult:
+        """Decode saved latents into an mp4 again (after a failed decode, or with another VAE plan)."""
+        from wan_lite.output import load_latents
+        from wan_lite.pipeline import video_to_frames
+
+        with self._lock:
+            latents, meta = load_latents(Path(latents_path))
+            settings = meta.get("settings") or {}
+            name = settings.get("model")
+            if name not in MODELS:
+                raise InputError(f"{latents_path} does not say which model made it.")
+            if model_dir is not None:
+                self.folders[name] = Path(model_dir)
+            elif meta.get("model_dir") and name not in self.folders:
+                self.folders[name] = Path(meta["model_dir"])
+            pipe = self.pipeline(name)
+            t0 = time.perf_counter()
+            frames = video_to_frames(pipe.decode(latents))
+            timings = dict(settings.get("timings") or {})
+            timings["decode"] = time.perf_counter() - t0
+            stem = (out_path.with_suffix("") if out_path else
+                    Path(str(latents_path).removesuffix(".latents.safetensors")))
+            request = GenerateRequest.from_dict(settings | {"model": name})
+            return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe, None)
+
+    def _record(self, settings: dict[str, Any], request: GenerateRequest, pipe) -> dict[str, Any]:
+        import wan_lite
+
+        return {"wan_lite": wan_lite.__version__, "settings": settings, "request": request.to_dict(),
+                "model_dir": str(self.model_folder(pipe.spec.name)), "image": request.image}
+
+    def _write(self, stem: Path, latents_path: Path, frames, fps: int, settings: dict[str, Any],
+               timings: dict[str, float], notes: list[str], request: GenerateRequest, pipe,
+               on_progress: ProgressCallback | None) -> GenerateResult:
+        from wan_lite.output import write_json_atomic, write_mp4
+
+        if on_progress:
+            on_progress(Progress(stage="save", step=0, total=1, elapsed_s=sum(timings.values())))
+        settings = dict(settings)
+        settings["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        record = self._record(settings, request, pipe) | {"notes": notes}
+        video_path = stem.with_name(stem.name + ".mp4")
+        sidecar = stem.with_name(stem.name + ".json")
+        write_mp4(video_path, frames, fps, record)
+        record |= {"video": video_path.name, "latents": latents_path.name}
+        write_json_atomic(sidecar, record)
+        h, w = frames.shape[1:3]
+        return GenerateResult(video_path=video_path, sidecar_path=sidecar, latents_path=latents_path, fps=fps,
+                              seed=int(settings.get("seed", -1)), width=w, height=h, frames=len(frames),
+                              timings=timings, settings=settings, notes=notes)
+
+    def history(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Past results (newest first) from the sidecar JSON files in the output folder."""
+        items = []
+        if not self.output_dir.is_dir():
+            return items
+        for path in sorted(self.output_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            video = path.with_name(record.get("video", ""))
+            if "settings" in record and video.is_file():
+                items.append(record | {"video_path": str(video), "sidecar_path": str(path)})
+            if len(items) >= limit:
+                break
+        return items
 
     def unload(self) -> None:
         """Free every loaded model and the GPU memory they held."""
-        raise NotImplementedError
+        self._pipe = None
+        self._pipe_key = None
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+
+__all__ = ["Engine", "Estimate", "ModelStatus", "WanLiteError"]
