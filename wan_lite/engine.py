@@ -153,7 +153,7 @@ class Engine:
             result = pipe.generate(**fields, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
             result.timings["load"] = load_s
             return self._write(stem, latents_path, result.frames, result.fps, result.settings, result.timings,
-                               notes + result.notes, request, pipe, on_progress)
+                               list(dict.fromkeys(notes + result.notes)), request, pipe, on_progress)
 
     def decode_latents(self, latents_path: Path, out_path: Path | None = None,
                        model_dir: Path | None = None) -> GenerateResult:
