@@ -29,7 +29,7 @@ from torch import nn
 
 from wan_lite.api import CancelToken, Progress, ProgressCallback
 from wan_lite.errors import Cancelled, InputError
-from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, TEXT_LEN, ModelSpec
+from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, ModelSpec
 from wan_lite.sizing import centre_crop_box, check_size, image_output_size
 
 log = logging.getLogger(__name__)
@@ -191,14 +191,6 @@ def image_to_tensor(img: Any) -> torch.Tensor:
     """PIL RGB -> float32 [3, H, W] in [-1, 1] (to_tensor, then (x - 0.5) / 0.5)."""
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     return (arr - 0.5) / 0.5
-
-
-def pad_context(embeddings: list[torch.Tensor], length: int = TEXT_LEN) -> torch.Tensor:
-    """Zero-pad trimmed text embeddings [L_i, D] to [B, length, D] (the DiT's input convention)."""
-    out = embeddings[0].new_zeros(len(embeddings), length, embeddings[0].shape[-1])
-    for i, e in enumerate(embeddings):
-        out[i, : min(length, e.shape[0])] = e[:length]
-    return out
 
 
 def latent_preview(x0: torch.Tensor, max_side: int = 160) -> np.ndarray:
@@ -421,6 +413,7 @@ class WanPipeline:
     def denoise(self, job: Job, *, on_progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                 preview_every: int = 5) -> tuple[torch.Tensor, _Clock]:
         """Run the sampler; returns the final latent [z, T, h, w] (float32, CPU)."""
+        from wan_lite.models.text_encoder import pad_context
         from wan_lite.sampling import make_sampler
 
         spec, dev, clock = self.spec, self.device, _Clock()
