@@ -73,6 +73,7 @@ class Sampler(Protocol):
     """
 
     name: str
+    steps: int
     timesteps: torch.Tensor
     sigmas: torch.Tensor
 
