@@ -1,0 +1,403 @@
+"""The Wan 2.2 diffusion transformer (official `WanModel`) for TI2V-5B, T2V-A14B and I2V-A14B.
+
+Parameter names are exactly the official checkpoint keys, so released files load unrenamed.
+Numerics follow the reference run under bf16 autocast without using autocast: the fp32 islands
+of the reference (time embedding, modulation arithmetic, modulated norm outputs, gated residual
+adds, norm statistics, head; RoPE in float64) are fp32 here by explicit casts, and every other
+matmul runs in the parameters' dtype (read from `patch_embedding.weight`). An fp32 model is
+therefore plain fp32 and a bf16 model matches the reference's autocast run.
+
+Timesteps: the reference embeds t per token ([B, L, 6, D] in fp32, ~9 GB for A14B at 720p). Here
+the embedding and the modulation are computed once per distinct timestep value ("table" rows) and
+applied per contiguous token run sharing one value per batch row ("runs"): O(runs x D) memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wan_lite.errors import CheckpointError, InputError
+from wan_lite.loading.build import fill_module
+from wan_lite.loading.tensors import TensorSource
+from wan_lite.models.attention import attention
+
+logger = logging.getLogger(__name__)
+
+HEAD_DIM = 128  # every released Wan model uses 128-channel heads; num_heads = dim // 128
+ROPE_THETA = 10000.0
+_ROPE_CHUNK_TOKENS = 4096  # bounds the float64 temporaries of the rotation (~16 bytes x D per token)
+
+# A run: tokens [start, end) share, in batch row b, the timestep of table row idx[b] (idx: [B] int64).
+Run = tuple[int, int, torch.Tensor]
+
+
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """True if a parameter or module name matches one of the fnmatch-style `patterns`."""
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int
+    out_dim: int
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> WanDiTConfig:
+        """Infer the architecture from official tensor names and shapes (no data read)."""
+        need = ("head.modulation", "head.head.weight", "patch_embedding.weight", "blocks.0.ffn.0.weight",
+                "text_embedding.0.weight", "time_embedding.0.weight")
+        missing = [k for k in need if k not in shapes]
+        if missing:
+            raise CheckpointError(
+                f"Not a Wan DiT checkpoint in the official layout: no {', '.join(missing)}.",
+                "Point to the folder of a Wan 2.2 model (official or ComfyUI file, not a VAE or text encoder).",
+            )
+        dim = shapes["head.modulation"][-1]
+        if dim % HEAD_DIM:
+            raise CheckpointError(
+                f"DiT width {dim} (from head.modulation) is not a multiple of the head size {HEAD_DIM}.",
+                "The file is not a Wan 2.2 DiT.",
+            )
+        patch = tuple(shapes["patch_embedding.weight"][2:])
+        layers = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+        if layers != set(range(len(layers))):
+            raise CheckpointError(f"The DiT blocks are not numbered 0..N-1 (found {sorted(layers)}).",
+                                  "The checkpoint is incomplete; download it again.")
+        return cls(
+            dim=dim,
+            ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+            num_heads=dim // HEAD_DIM,
+            num_layers=len(layers),
+            in_dim=shapes["patch_embedding.weight"][1],
+            out_dim=shapes["head.head.weight"][0] // math.prod(patch),
+            text_dim=shapes["text_embedding.0.weight"][1],
+            freq_dim=shapes["time_embedding.0.weight"][1],
+            patch_size=patch,  # type: ignore[arg-type]
+        )
+
+
+# ----------------------------------------------------------------------------------- helpers
+def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over the last dim with fp32 statistics, result in x's dtype (reference WanLayerNorm)."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, scale: int) -> torch.Tensor:
+    """x [B, L, D] fp32 -> x * (1 + scale) + shift, with table [U, K, D] rows picked per run."""
+    if len(runs) == 1:
+        _, _, idx = runs[0]
+        return x * (1 + table[idx, scale, None]) + table[idx, shift, None]
+    out = torch.empty_like(x)
+    for s, e, idx in runs:
+        out[:, s:e] = x[:, s:e] * (1 + table[idx, scale, None]) + table[idx, shift, None]
+    return out
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, runs: list[Run], gate: int) -> torch.Tensor:
+    """Residual x + y * gate in fp32 (x, y [B, L, D] any float dtype) -> fp32 [B, L, D]."""
+    if len(runs) == 1:
+        return x.float() + y.float() * table[runs[0][2], gate, None]
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for s, e, idx in runs:
+        out[:, s:e] = x[:, s:e].float() + y[:, s:e].float() * table[idx, gate, None]
+    return out
+
+
+def clip_runs(runs: list[Run], start: int, end: int) -> list[Run]:
+    """The runs restricted to tokens [start, end), re-based to start at 0."""
+    return [(max(s, start) - start, min(e, end) - start, idx) for s, e, idx in runs if s < end and e > start]
+
+
+def timestep_runs(t: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, list[Run]]:
+    """Distinct timestep values and the token runs using them.
+
+    t [B] (or [1]) or [B, L] -> (values [U] in t's dtype, runs). Runs are maximal token ranges in
+    which every batch row keeps one value; TI2V gives two runs (frame 0 at t=0, the rest).
+    """
+    if t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2 or t.shape[0] not in (1, batch) or t.shape[1] not in (1, tokens):
+        raise InputError(f"Timesteps of shape {list(t.shape)} do not fit {batch} sample(s) of {tokens} tokens.",
+                         "Pass t as [B] or [B, tokens].")
+    values, inverse = torch.unique(t.expand(batch, -1), return_inverse=True)
+    if inverse.shape[1] == 1:
+        return values, [(0, tokens, inverse[:, 0])]
+    change = (inverse[:, 1:] != inverse[:, :-1]).any(dim=0)
+    starts = [0] + (torch.nonzero(change).flatten() + 1).tolist()
+    ends = starts[1:] + [tokens]
+    return values, [(s, e, inverse[:, s]) for s, e in zip(starts, ends)]
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[U] timesteps -> [U, dim] float32 embedding [cos | sin], frequencies 10000^(-k/half), in float64."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    angles = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [F*h*w, head_dim/2] float64 for the token grid, (frame | height | width) channels."""
+    d = head_dim
+    axis_dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))  # 44, 42, 42 real channels for 128
+    f, h, w = grid
+    parts = []
+    for axis, (n, ad) in enumerate(zip(grid, axis_dims)):
+        inv = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, ad, 2, dtype=torch.float64, device=device).div(ad))
+        ang = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)  # [n, ad/2]
+        view = [1, 1, 1, -1]
+        view[axis] = n
+        parts.append(ang.view(view).expand(f, h, w, -1))
+    angles = torch.cat(parts, dim=-1).reshape(f * h * w, -1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2k, 2k+1) of x [B, L, H, Dh] by the token's angles; float64 math, fp32 out."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for s in range(0, x.shape[1], _ROPE_CHUNK_TOKENS):
+        e = min(s + _ROPE_CHUNK_TOKENS, x.shape[1])
+        x0, x1 = x[:, s:e].double().unflatten(-1, (-1, 2)).unbind(-1)  # [B, l, H, Dh/2] each
+        c, sn = cos[None, s:e, None], sin[None, s:e, None]
+        out[:, s:e, :, 0::2] = x0 * c - x1 * sn
+        out[:, s:e, :, 1::2] = x0 * sn + x1 * c
+    return out
+
+
+# ----------------------------------------------------------------------------------- modules
+class WanRMSNorm(nn.Module):
+    """RMSNorm over all heads together: fp32 statistics, cast back to x's dtype, then * weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class WanLayerNorm(nn.Module):
+    """Affine LayerNorm (the cross-attention input `norm3`), fp32 math, result in x's dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.eps, self.weight, self.bias)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def forward(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """u [B, L, D] (fp32, modulated) -> [B, L, D] in `dtype`; RoPE on q and k."""
+        u = u.to(dtype)
+        q = apply_rope(self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1)), *rope)
+        k = apply_rope(self.norm_k(self.k(u)).unflatten(2, (self.num_heads, -1)), *rope)
+        v = self.v(u).unflatten(2, (self.num_heads, -1))
+        out = attention(q.to(dtype), k.to(dtype), v)
+        return self.o(out.flatten(2).to(dtype))
+
+
+class WanCrossAttention(WanSelfAttention):
+    def forward(self, u: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """u [B, L, D] video tokens, context [B, 512, D] embedded text -> [B, L, D] in context's dtype.
+
+        No RoPE and no mask: all 512 text rows (zero padding included) are keys, as in the reference.
+        """
+        dtype = context.dtype
+        q = self.norm_q(self.q(u.to(dtype))).unflatten(2, (self.num_heads, -1))
+        k = self.norm_k(self.k(context)).unflatten(2, (self.num_heads, -1))
+        v = self.v(context).unflatten(2, (self.num_heads, -1))
+        out = attention(q.to(dtype), k.to(dtype), v)
+        return self.o(out.flatten(2).to(dtype))
+
+
+class WanAttentionBlock(nn.Module):
+    """Self-attention (modulated, gated), cross-attention, FFN (modulated, gated).
+
+    `chunk_tokens`: set by the runtime to run the FFN in token chunks of that size (same result,
+    the [B, L, ffn_dim] hidden activation shrinks to [B, chunk, ffn_dim]).
+    """
+
+    chunk_tokens: int | None = None
+
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+        self.self_attn = WanSelfAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.cross_attn = WanCrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm3 = WanLayerNorm(cfg.dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor, runs: list[Run],
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [B, L, D] residual stream; context [B, 512, D] (its dtype is the compute dtype);
+        e0 [U, 6, D] fp32 projected time embeddings, one row per distinct timestep -> [B, L, D] fp32."""
+        dtype = context.dtype
+        m = self.modulation.float() + e0  # [U, 6, D]: shift, scale, gate (attn); shift, scale, gate (ffn)
+        # norm1's output is rounded to x's dtype before modulation, as in the reference (bf16 in block 0).
+        u = modulate(layer_norm(x, self.eps).float(), m, runs, 0, 1)
+        x = gated_add(x, self.self_attn(u, rope, dtype), m, runs, 2)
+        x = x + self.cross_attn(self.norm3(x), context)
+        n = self.chunk_tokens
+        if not n or n >= x.shape[1]:
+            return self._ffn(x, m, runs, dtype)
+        out = torch.empty_like(x)
+        for s in range(0, x.shape[1], n):
+            e = min(s + n, x.shape[1])
+            out[:, s:e] = self._ffn(x[:, s:e], m, clip_runs(runs, s, e), dtype)
+        return out
+
+    def _ffn(self, x: torch.Tensor, m: torch.Tensor, runs: list[Run], dtype: torch.dtype) -> torch.Tensor:
+        u = modulate(layer_norm(x, self.eps).float(), m, runs, 3, 4)
+        return gated_add(x, self.ffn(u.to(dtype)), m, runs, 5)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+        """x [B, L, D], e [U, D] time embeddings (before the projection) -> [B, L, 4*out_dim] fp32."""
+        m = self.modulation.float() + e[:, None]  # [U, 2, D]: shift, scale
+        u = modulate(layer_norm(x.float(), self.eps), m, runs, 0, 1)
+        return F.linear(u, self.head.weight.float(), self.head.bias.float())
+
+
+class WanDiT(nn.Module):
+    """x [B, C_in, F, h, w], t [B] or [B, L], context [B, 512, text_dim], y -> velocity [B, C_out, F, h, w] fp32."""
+
+    # fnmatch patterns over parameter / module names (see `name_matches`).
+    no_quantize_patterns: tuple[str, ...] = ("patch_embedding*", "text_embedding*", "time_embedding*",
+                                             "time_projection*", "head*", "*modulation", "*norm*")
+    # The modulation tables are added to fp32 time embeddings; kept fp32 as in the reference's
+    # default (float32-loaded) run. They are tiny (6 x D per block).
+    keep_fp32_patterns: tuple[str, ...] = ("*modulation",)
+
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_source(cls, source: TensorSource, dtype: torch.dtype | None, *, keep_fp32: bool = True) -> WanDiT:
+        """Build on meta from the source's shapes and fill it, casting to `dtype` as read.
+
+        keep_fp32: keep the `keep_fp32_patterns` parameters float32 whatever `dtype` is.
+        """
+        cfg = WanDiTConfig.from_shapes(source.shapes())
+        logger.debug("DiT config from %s: %s", source.describe(), cfg)
+        with torch.device("meta"):
+            model = cls(cfg)
+        extra = sorted(set(source) - set(model.state_dict()))
+        if extra:
+            logger.warning("Ignoring %d tensor(s) not used by the Wan 2.2 DiT, e.g. %s", len(extra), extra[:3])
+        keep = (lambda name: name_matches(name, cls.keep_fp32_patterns)) if keep_fp32 else None
+        fill_module(model, source, dtype, keep_fp32=keep, what="DiT")
+        return model.eval()
+
+    def _rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, *grid)
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 8:  # sizes rarely change; keep the cache from growing unbounded
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_table(grid, self.config.head_dim, device)
+        return self._rope_cache[key]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        if y is not None:  # I2V: [noise | mask | image latent] on channels
+            x = torch.cat([x, y.expand(x.shape[0], *y.shape[1:])], dim=1)
+        self._check_inputs(x, context)
+        dtype = self.patch_embedding.weight.dtype
+        B, _, T, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (T // pt, H // ph, W // pw)
+        L = math.prod(grid)
+
+        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, L, D], (f, h, w) order
+
+        values, runs = timestep_runs(t, B, L)
+        te = self.time_embedding
+        e = F.linear(sinusoid(values, cfg.freq_dim), te[0].weight.float(), te[0].bias.float())
+        e = F.linear(F.silu(e), te[2].weight.float(), te[2].bias.float())  # [U, D]
+        proj = self.time_projection[1]
+        e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float()).unflatten(1, (6, cfg.dim))
+
+        if context.shape[1] < cfg.text_len:  # zero rows are what the reference pads with
+            context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype)).to(dtype)
+
+        rope = self._rope(grid, x.device)
+        for block in self.blocks:
+            x = block(x, context, e0, runs, rope)
+
+        out = self.head(x, e, runs)  # [B, L, pt*ph*pw*C]
+        out = out.view(B, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, cfg.out_dim, T, H, W)
+
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor) -> None:
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_dim:
+            raise InputError(
+                f"The DiT takes {cfg.in_dim} input channels (latent plus image condition), got {list(x.shape)}.",
+                "Use a model of the right kind: t2v and ti2v take the latent only, i2v also an image condition.",
+            )
+        if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size)):
+            raise InputError(f"Latent size {list(x.shape[2:])} is not divisible by the patch {list(cfg.patch_size)}.",
+                             "Choose a width and height that are multiples of 32 (16 for A14B models).")
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim or context.shape[1] > cfg.text_len:
+            raise InputError(
+                f"Text context of shape {list(context.shape)} does not fit this DiT "
+                f"([B, <= {cfg.text_len}, {cfg.text_dim}] expected).",
+                "The text encoder does not belong to this model.",
+            )
