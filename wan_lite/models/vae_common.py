@@ -1,0 +1,430 @@
+"""Building blocks shared by the Wan 2.1 and Wan 2.2 VAEs, and the chunked encode/decode driver.
+
+Both VAEs are causal in time and run over a video in chunks (encode: frame 0, then 4 frames at a
+time; decode: one latent frame at a time). Each causal layer needs input frames of the previous
+chunk; a `FeatureCache` passed down the forward calls holds them, keyed by layer, so modules stay
+stateless (one cache per stream; a spatial tile is its own stream). Attribute names and
+`nn.Sequential` indices follow the official `wan/modules/vae2_*.py`, so `state_dict()` keys equal
+those of `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth`. Tensors are `[B, C, T, H, W]`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wan_lite.errors import CheckpointError, InputError
+from wan_lite.loading.build import fill_module
+from wan_lite.loading.tensors import TensorSource
+
+logger = logging.getLogger(__name__)
+
+CACHE_T = 2  # frames a 3x3x3 causal conv needs from the previous chunk
+_REPEAT = "repeat"  # upsample3d slot marker: "first chunk seen, time conv not applied yet"
+
+
+class FeatureCache:
+    """State of one chunked stream: per causal layer, what it must remember of the last chunk.
+    `first_chunk` is True during the first chunk (Wan 2.2's DupUp3D drops a time copy then)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[nn.Module, torch.Tensor | str] = {}
+        self.first_chunk = True
+
+    def get(self, layer: nn.Module) -> torch.Tensor | str | None:
+        return self._slots.get(layer)
+
+    def set(self, layer: nn.Module, value: torch.Tensor | str) -> None:
+        self._slots[layer] = value
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d zero-padded `2*pT` frames in front only (causal); spatial padding is symmetric.
+
+    Spatial padding is left to the convolution itself (implicit, no padded copy); only the time
+    padding is done here, by the frames cached from the previous chunk (or zeros on the first).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
+        self.time_pad = 2 * pt
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution on `x` already padded in time: [B, Cin, T, H, W] -> [B, Cout, T', H, W]."""
+        return super().forward(x)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        """[B, Cin, T, H, W] -> [B, Cout, T, H, W]; with `cache`, continues the previous chunk."""
+        if self.time_pad == 0:
+            return self.convolve(x)
+        prev = cache.get(self) if cache is not None else None
+        if prev is None:
+            prev = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, *x.shape[3:])
+        x = torch.cat([prev, x], dim=2)
+        if cache is not None:
+            # The last `time_pad` frames of (previous + current) are what the next chunk needs;
+            # cloned so that the cache does not keep this whole activation alive.
+            cache.set(self, x[:, :, -self.time_pad :].clone())
+        return self.convolve(x)
+
+
+class RMS_norm(nn.Module):  # noqa: N801 - the official class name
+    """`x / max(||x||_2 over channels, 1e-12) * sqrt(C) * gamma`, no mean, no bias. gamma is
+    `[C, 1, 1, 1]` (images=False) or `[C, 1, 1]` (images=True); both apply to any `[B, C, ...]`."""
+
+    def __init__(self, dim: int, images: bool = True) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The norm is reduced in float32 (it is C times smaller than x) for 16-bit accuracy.
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+        inv = (self.scale / norm.clamp_min(1e-12)).to(x.dtype)
+        gamma = self.gamma.reshape(-1, *([1] * (x.dim() - 2)))
+        # In place on our own temporary: one activation-sized buffer less at 720p.
+        return (x * inv).mul_(gamma)
+
+
+def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """Apply a 2-D conv to every frame of [B, C, T, H, W] as a (1, k, k) 3-D conv: no permute copies."""
+    return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, stride, stride), padding=(0, padding, padding))
+
+
+class Resample(nn.Module):
+    """Spatial x2 up/down sampling per frame, with an optional causal time x2 part.
+
+    modes: upsample2d / upsample3d (nearest x2 then 3x3 conv dim -> out_dim; 3d first doubles
+    time with `time_conv`), downsample2d / downsample3d (pad right/bottom, 3x3 stride-2 conv;
+    3d then halves time with `time_conv`). `resample.0` is the parameter-free part, so the conv
+    keys are `resample.1.*` as in the official files.
+    """
+
+    def __init__(self, dim: int, mode: str, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.dim, self.mode = dim, mode
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, out_dim or dim, 3, padding=1))
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        else:
+            raise ValueError(f"unknown Resample mode {mode!r}")
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """upsample: [B, dim, T, H, W] -> [B, out, T', 2H, 2W] with T' = T (first chunk or 2d)
+        or 2T (3d); downsample: -> [B, dim, T', H/2, W/2] with T' = T (first chunk or 2d) or T/2."""
+        if self.mode.startswith("up"):
+            if self.mode == "upsample3d":
+                x = self._time_up(x, cache)
+            # nearest x2 copies values, exact in any dtype (the official fp32 round trip is a no-op).
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+            return _conv2d_per_frame(self.resample[1], x, padding=1)
+        x = _conv2d_per_frame(self.resample[1], F.pad(x, (0, 1, 0, 1)), stride=2)
+        if self.mode == "downsample3d":
+            x = self._time_down(x, cache)
+        return x
+
+    def _time_up(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """The first chunk passes unchanged; later chunks go through a causal (3,1,1) conv whose
+        2*dim outputs A|B become frames A(t0), B(t0), A(t1), ... (T -> 2T). The zero padding
+        restarts after the first chunk: frame 0 never enters a window."""
+        state = cache.get(self)
+        if state is None:
+            cache.set(self, _REPEAT)
+            return x
+        b, c, t, h, w = x.shape
+        prev = x.new_zeros(b, c, CACHE_T, h, w) if isinstance(state, str) else state
+        x = torch.cat([prev, x], dim=2)
+        cache.set(self, x[:, :, -CACHE_T:].clone())
+        y = self.time_conv.convolve(x)  # [B, 2C, T, H, W]
+        return y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+
+    def _time_down(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """The first chunk passes unchanged; later chunks get the previous chunk's last frame in
+        front, then a stride-2 (3,1,1) conv without padding (4 frames -> 2, 2 -> 1)."""
+        state = cache.get(self)
+        cache.set(self, x[:, :, -1:].clone())
+        if state is None:
+            return x
+        return self.time_conv.convolve(torch.cat([state, x], dim=2))
+
+
+class ResidualBlock(nn.Module):
+    """residual = [RMS_norm, SiLU, CausalConv3d 3^3, RMS_norm, SiLU, Dropout, CausalConv3d 3^3];
+    shortcut = 1x1x1 CausalConv3d if in != out. Output = residual(x) + shortcut(x)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMS_norm(in_dim, images=False),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMS_norm(out_dim, images=False),
+            nn.SiLU(),
+            nn.Identity(),  # dropout 0: identity at inference; keeps the official indices
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """[B, in, T, H, W] -> [B, out, T, H, W]."""
+        r = self.residual
+        h = r[2](F.silu(r[0](x), inplace=True), cache)
+        h = r[6](F.silu(r[3](h), inplace=True), cache)
+        return h.add_(self.shortcut(x))
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W pixels of each frame (no mixing across time)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMS_norm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        """[B, C, T, H, W] -> same shape; tokens are pixels in row-major order, head dim C."""
+        b, c, t, h, w = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
+        qkv = F.linear(tokens, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, HW, C]
+        out = F.linear(out, self.proj.weight.view(c, c), self.proj.bias)
+        return out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3) + x
+
+
+class MiddleBlock(nn.Sequential):
+    """`middle` = ResidualBlock, AttentionBlock, ResidualBlock at the lowest resolution."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, cache)
+        return x
+
+
+class Head(nn.Sequential):
+    """`head` = RMS_norm, SiLU, CausalConv3d 3^3 (dim -> out)."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__(RMS_norm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:  # type: ignore[override]
+        return self[2](F.silu(self[0](x), inplace=True), cache)
+
+
+class Encoder3d(nn.Module):
+    """conv1 -> downsamples (version-specific) -> middle -> head, over one chunk."""
+
+    def __init__(self, in_dim: int, dim: int, downsamples: nn.Sequential, top_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv1 = CausalConv3d(in_dim, dim, 3, padding=1)
+        self.downsamples = downsamples
+        self.middle = MiddleBlock(top_dim)
+        self.head = Head(top_dim, out_dim)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """[B, in, 1 or 4, H, W] -> [B, out, 1, H/8, W/8] (one latent frame per chunk, 3 levels down)."""
+        x = self.conv1(x, cache)
+        for layer in self.downsamples:
+            x = layer(x, cache)
+        return self.head(self.middle(x, cache), cache)
+
+
+class Decoder3d(nn.Module):
+    """conv1 -> middle -> upsamples (version-specific) -> head, over one latent frame."""
+
+    def __init__(self, z_dim: int, top_dim: int, upsamples: nn.Sequential, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv1 = CausalConv3d(z_dim, top_dim, 3, padding=1)
+        self.middle = MiddleBlock(top_dim)
+        self.upsamples = upsamples
+        self.head = Head(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """[B, z, 1, h, w] -> [B, out, 1 (first chunk) or 4, 8h, 8w] (3 levels up)."""
+        x = self.middle(self.conv1(x, cache), cache)
+        for layer in self.upsamples:
+            x = layer(x, cache)
+        return self.head(x, cache)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of a Wan VAE. Defaults are the Wan 2.1 release; subclasses set theirs."""
+
+    dim: int = 96  # encoder base width
+    dec_dim: int = 96  # decoder base width
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)  # decoder uses it reversed
+
+    @property
+    def temporal_upsample(self) -> tuple[bool, ...]:
+        return self.temporal_downsample[::-1]
+
+
+def shape_of(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    """`shapes[key]`, or a CheckpointError saying the file is not a complete Wan VAE."""
+    if key not in shapes:
+        raise CheckpointError(
+            f"The VAE checkpoint has no tensor {key!r}; it is not a complete Wan VAE in the official layout.",
+            "Use Wan2.1_VAE.pth / Wan2.2_VAE.pth (or a ComfyUI repack of them).",
+        )
+    return tuple(shapes[key])
+
+
+_VAE = TypeVar("_VAE", bound="WanVAEBase")
+
+
+class WanVAEBase(nn.Module):
+    """Chunked encode / decode shared by both versions. Subclasses build `encoder`, `conv1`,
+    `conv2`, `decoder` and set `version`, `latent_mean`, `latent_std`; Wan 2.2 adds patchify."""
+
+    version: ClassVar[str]
+    latent_mean: ClassVar[tuple[float, ...]]
+    latent_std: ClassVar[tuple[float, ...]]
+    config: VAEConfig
+    encoder: Encoder3d
+    decoder: Decoder3d
+    conv1: CausalConv3d
+    conv2: CausalConv3d
+    config_class: ClassVar[type[VAEConfig]]
+    patch_size: ClassVar[int] = 1
+
+    @classmethod
+    def from_source(cls: type[_VAE], source: TensorSource, dtype: torch.dtype = torch.float32) -> _VAE:
+        """Build on meta from the checkpoint's shapes, then fill tensor by tensor (cast to dtype)."""
+        shapes = source.shapes()
+        found = cls.detect_version(shapes)
+        if found != cls.version:
+            raise CheckpointError(
+                f"{source.describe()} is a Wan {found} VAE, not a Wan {cls.version} VAE.",
+                "Use Wan2.1_VAE.pth for T2V-A14B / I2V-A14B and Wan2.2_VAE.pth for TI2V-5B.",
+            )
+        config = cls.config_class.from_shapes(shapes)  # type: ignore[attr-defined]
+        with torch.device("meta"):
+            model = cls(config)  # type: ignore[call-arg]
+        fill_module(model, source, dtype, what="VAE")
+        return model.eval()
+
+    @classmethod
+    def detect_version(cls, shapes: Mapping[str, tuple[int, ...]]) -> str:
+        """"2.1" or "2.2" from the tensor names of an official-layout VAE checkpoint."""
+        if "decoder.upsamples.0.upsamples.0.residual.2.weight" in shapes:
+            return "2.2"
+        if "decoder.middle.0.residual.0.gamma" in shapes:
+            return "2.1"
+        hint = "Use Wan2.1_VAE.pth / Wan2.2_VAE.pth (or a ComfyUI repack of them)."
+        if "decoder.mid_block.resnets.0.norm1.gamma" in shapes:
+            hint = "This is a diffusers-format VAE; convert it to the official key names first. " + hint
+        raise CheckpointError("The file is not a Wan VAE checkpoint (no decoder.middle tensors).", hint)
+
+    @property
+    def z_dim(self) -> int:
+        return self.config.z_dim
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        """(time, height, width) compression factors, e.g. (4, 8, 8) or (4, 16, 16)."""
+        s = 2 ** (len(self.config.dim_mult) - 1) * self.patch_size
+        return 2 ** sum(self.config.temporal_downsample), s, s
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std) as float32 [1, z, 1, 1, 1] on `like`'s device (built per call: no buffers)."""
+        mean = torch.tensor(self.latent_mean, dtype=torch.float32, device=like.device)
+        inv_std = 1.0 / torch.tensor(self.latent_std, dtype=torch.float32, device=like.device)
+        return mean.view(1, -1, 1, 1, 1), inv_std.view(1, -1, 1, 1, 1)
+
+    def _to_network(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, T, H, W] -> encoder input (Wan 2.2: patchify)."""
+        return x
+
+    def _write_frames(self, dst: torch.Tensor, y: torch.Tensor) -> None:
+        """Store decoder output `y` into the float32 video slice `dst` (Wan 2.2: unpatchify)."""
+        dst.copy_(y)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, 3, F, H, W] in [-1, 1] -> normalised latent mean [B, z, 1+(F-1)//4, H/s, W/s] float32.
+
+        Frame 0 is encoded alone, then chunks of 4 frames; trailing frames that do not fill a
+        chunk are dropped, as in the official code (use F = 4k+1). No sampling: the mean.
+        """
+        st, s, _ = self.stride
+        b, c, f, h, w = video.shape if video.dim() == 5 else (0,) * 5
+        if c != 3 or f < 1 or h % s or w % s:
+            raise InputError(
+                f"Cannot encode a video of shape {list(video.shape)} with the Wan {self.version} VAE.",
+                f"Give [B, 3, F, H, W] with F >= 1 and width and height multiples of {s}.",
+            )
+        if (f - 1) % st:
+            logger.warning("VAE encode: %d frames is not %d*k+1; the last %d are dropped.", f, st, (f - 1) % st)
+        return torch.cat([self._encode_one(video[i : i + 1]) for i in range(b)])
+
+    def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.stride[0]
+        cache = FeatureCache()
+        chunks = []
+        for i in range(1 + (x.shape[2] - 1) // st):
+            lo, hi = (0, 1) if i == 0 else (1 + st * (i - 1), 1 + st * i)
+            chunks.append(self.encoder(self._to_network(x[:, :, lo:hi].to(self.dtype)), cache))
+            cache.first_chunk = False
+        mu = self.conv1(torch.cat(chunks, dim=2))[:, : self.z_dim].float()
+        mean, inv_std = self._stats(mu)
+        return (mu - mean) * inv_std
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [B, z, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] float32 in [-1, 1].
+
+        One latent frame at a time with the feature cache; any h, w work, so a tiling wrapper
+        can decode spatial crops of the latent.
+        """
+        if latent.dim() != 5 or latent.shape[1] != self.z_dim or latent.shape[2] < 1:
+            raise InputError(
+                f"The Wan {self.version} VAE decodes latents [B, {self.z_dim}, T>=1, h, w]; got {list(latent.shape)}.",
+                "The latent belongs to a model with a different VAE.",
+            )
+        st, s, _ = self.stride
+        b, _, t, h, w = latent.shape
+        out = torch.empty(b, 3, 1 + st * (t - 1), h * s, w * s, dtype=torch.float32, device=latent.device)
+        for i in range(b):
+            self._decode_one(latent[i : i + 1], out[i : i + 1])
+        return out
+
+    def _decode_one(self, z: torch.Tensor, out: torch.Tensor) -> None:
+        mean, inv_std = self._stats(z)
+        # de-normalised exactly as the reference: z / (1/std) + mean
+        x = self.conv2((z.float() / inv_std + mean).to(self.dtype))
+        cache = FeatureCache()
+        done = 0
+        for i in range(x.shape[2]):
+            y = self.decoder(x[:, :, i : i + 1], cache)
+            cache.first_chunk = False
+            n = y.shape[2]
+            self._write_frames(out[:, :, done : done + n], y)
+            out[:, :, done : done + n].clamp_(-1.0, 1.0)
+            done += n
+        if done != out.shape[2]:
+            raise RuntimeError(f"VAE decode produced {done} frames, expected {out.shape[2]}")
