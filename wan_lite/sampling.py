@@ -19,6 +19,7 @@ that raises (out of memory, wrong shape) leaves the sampler as it was.
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,10 +47,11 @@ def flow_schedule(steps: int, shift: float, kind: str = "unipc") -> tuple[torch.
         timesteps: int64 [N], s' * 1000 truncated toward zero (what the DiT and the expert switch see).
         sigmas: float32 [N+1], s' with a final 0 appended (what the solver uses).
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise InputError(f"Invalid number of steps: {steps!r}.", "Use a whole number of steps, 1 or more.")
-    if not np.isfinite(shift) or shift <= 0:
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not np.isfinite(shift) or shift <= 0:
         raise InputError(f"Invalid shift: {shift!r}.", "Use a positive shift (the models use 5.0 or 12.0).")
+    steps, shift = int(steps), float(shift)
     if kind == "unipc":
         s = np.linspace(UNIPC_SIGMA_MAX, 0.0, steps + 1)[:-1]
     elif kind == "dpm++":
@@ -101,11 +103,11 @@ class _FlowSampler:
     schedule_kind = "unipc"
 
     def __init__(self, steps: int, shift: float) -> None:
-        self.steps = steps
+        self.timesteps, self.sigmas = flow_schedule(steps, shift, self.schedule_kind)
+        self.steps = int(steps)
         self.shift = float(shift)
-        self.timesteps, self.sigmas = flow_schedule(steps, self.shift, self.schedule_kind)
         # 0-dim float32 CPU scalars, one per sigma, so coefficient math matches the reference bit for bit.
-        self._sig = [self.sigmas[i].clone() for i in range(steps + 1)]
+        self._sig = [self.sigmas[i].clone() for i in range(self.steps + 1)]
         self._lam = [_log_snr(s) for s in self._sig]
         self._index = 0
         self._history: list[torch.Tensor | None] = [None, None]  # [m_{i-2}, m_{i-1}] before step i
