@@ -1,0 +1,364 @@
+"""int8 / fp8 weights: quantization math, QuantizedLinear paths, whole-model swap and the disk cache."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from tests.tiny_ckpt.dit import write_dit
+from wan_lite.loading.tensors import DictSource, SafetensorsSource
+from wan_lite.models.dit import WanDiT
+from wan_lite.runtime import quant
+from wan_lite.runtime.quant import (
+    QuantizedLinear,
+    dequantize_weight,
+    load_or_quantize,
+    load_quantized,
+    quantize_model,
+    quantize_weight,
+    quantized_modules,
+    save_quantized,
+    weight_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ------------------------------------------------------------------------------ toy model
+class ToyBlock(nn.Module):
+    """Transformer-like block: modulation table, affine norm, attention projections, FFN."""
+
+    def __init__(self, d: int, ffn: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.modulation = nn.Parameter(torch.randn(1, 4, d) * 0.1)
+        self.norm = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, d] fp32 residual -> [B, L, d] fp32; matmuls in the bias dtype (bf16 / fp32)."""
+        dtype = self.q.bias.dtype
+        m = self.modulation.float()
+        u = (self.norm(x) * (1 + m[:, 0]) + m[:, 1]).to(dtype)
+        q, k, v = (p(u).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + self.o(a).float() * m[:, 2]
+        return x + self.ffn(self.norm(x).to(dtype)).float() * m[:, 3]
+
+
+class ToyModel(nn.Module):
+    no_quantize_patterns = ("*.o", "*norm*")
+    keep_fp32_patterns = ("*modulation", "*norm*")
+
+    def __init__(self, d: int = 128, ffn: int = 256, layers: int = 3, heads: int = 2, c_in: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(c_in, d)
+        self.blocks = nn.ModuleList(ToyBlock(d, ffn, heads) for _ in range(layers))
+        self.head = nn.Linear(d, c_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.to(self.embed.weight.dtype)).float()
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.to(self.head.weight.dtype)).float()
+
+
+def toy(dtype: torch.dtype = torch.bfloat16, seed: int = 0, **kw) -> ToyModel:
+    torch.manual_seed(seed)
+    model = ToyModel(**kw).to(dtype)
+    for block in model.blocks:
+        block.modulation.data = block.modulation.data.float()
+        block.norm.float()
+    return model.eval()
+
+
+def toy_input(seed: int = 1, tokens: int = 24) -> torch.Tensor:
+    return torch.randn(2, tokens, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------ math
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.012), ("fp8", 0.04)])
+def test_quantize_weight_roundtrip(fmt: str, tol: float) -> None:
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(0)) * torch.rand(96, 1) * 3
+    w[5] = 0.0  # an all-zero row must stay exactly zero
+    q, scale = quantize_weight(w, fmt)
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert scale.dtype == torch.float32 and scale.shape == (96,)
+    back = dequantize_weight(q, scale, fmt, torch.float32)
+    err = rel_err(back, w)
+    log.info("%s weight round trip rel L2 %.4f", fmt, err)
+    assert err < tol
+    assert torch.equal(back[5], torch.zeros(512))
+    # Every row uses its full range: the largest magnitude maps onto the top code exactly.
+    top = 127.0 if fmt == "int8" else 448.0
+    raw = q.float() if fmt == "int8" else q.view(torch.float8_e4m3fn).float()
+    nz = torch.arange(96) != 5
+    assert torch.equal(raw.abs().amax(1)[nz], torch.full((95,), top))
+
+
+def test_dequantize_rounds_once() -> None:
+    """bf16 dequantization equals rounding the exact float product once."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    q, scale = quantize_weight(w, "int8")
+    exact = (q.double() * scale.double()[:, None]).to(torch.bfloat16)
+    assert torch.equal(dequantize_weight(q, scale, "int8", torch.bfloat16), exact)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_linear_dequant_path(fmt: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 192).to(torch.bfloat16)
+    ql = QuantizedLinear.from_linear(lin, fmt)
+    x = torch.randn(3, 10, 256, dtype=torch.bfloat16)
+    out = ql(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 10, 192)
+    # The dequant path is exactly F.linear with the dequantized weight.
+    assert torch.equal(out, F.linear(x, ql.dequantized(torch.bfloat16), lin.bias))
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    err = rel_err(out, ref)
+    log.info("%s dequant Linear rel L2 %.4f", fmt, err)
+    assert err < (0.015 if fmt == "int8" else 0.045)
+    # fp32 activations are served too (dequantized to fp32).
+    assert ql(x.float()).dtype == torch.float32
+
+
+def test_quantized_linear_fp8_compute_path() -> None:
+    """The _scaled_mm path (forced; runs on CPU too) matches a float64 reference within fp8 error."""
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 192).to(torch.bfloat16)
+    ql = QuantizedLinear.from_linear(lin, "fp8", compute="fp8")
+    x = torch.randn(4, 33, 256, dtype=torch.bfloat16)
+    x[0, 0] *= 50  # an outlier token: per-row activation scales keep the other rows precise
+    out = ql(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (4, 33, 192) and torch.isfinite(out).all()
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    err = rel_err(out[1:], ref[1:])
+    log.info("fp8 x fp8 Linear rel L2 %.4f", err)
+    assert err < 0.06
+    assert not ql._fp8_broken
+    # Same function as the dequant path up to the activation rounding.
+    ql.compute = "dequant"
+    assert rel_err(out, ql(x)) < 0.05
+
+
+def test_activation_quantization_is_shared_and_released() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    a = quant._ACT_CACHE.get(x)
+    assert quant._ACT_CACHE.get(x) is a  # q, k and v of one input quantize it once
+    x.mul_(2)  # an in-place change invalidates the entry
+    b = quant._ACT_CACHE.get(x)
+    assert b is not a and torch.allclose(b[1], a[1] * 2)
+    del x, a, b
+    assert quant._ACT_CACHE._value is None  # died with its activation
+    x8, s = quant._quantize_rows_eager(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]], dtype=torch.bfloat16))
+    assert torch.isfinite(s).all() and torch.equal(x8[1].float(), torch.zeros(3))
+    assert (x8[0].float() * s[0]).sub(torch.tensor([1.0, -2.0, 0.5])).abs().max() < 0.1
+
+
+# ------------------------------------------------------------------------------ whole models
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.02), ("fp8", 0.06)])
+def test_quantize_toy_model(fmt: str, tol: float) -> None:
+    model = toy()
+    x = toy_input()
+    with torch.inference_mode():
+        ref = model(x)
+    names = quantize_model(model, fmt)
+    # Only Linear layers inside the blocks, minus the declared patterns ("*.o").
+    assert names == [f"blocks.{i}.{n}" for i in range(3) for n in ("q", "k", "v", "ffn.0", "ffn.2")]
+    assert isinstance(model.embed, nn.Linear) and isinstance(model.head, nn.Linear)
+    assert all(isinstance(b.o, nn.Linear) for b in model.blocks)
+    assert model.blocks[0].modulation.dtype == torch.float32
+    with torch.inference_mode():
+        out = model(x)
+    err = rel_err(out, ref)
+    log.info("toy model %s vs bf16: rel L2 %.4f", fmt, err)
+    assert err < tol
+    # .to(dtype) must not cast the stored weights (both formats are int8 storage).
+    model.to(torch.float16)
+    assert all(m.weight.dtype == torch.int8 for m in quantized_modules(model).values())
+
+
+def test_bytes_per_weight_near_ideal() -> None:
+    model = toy(d=256, ffn=512)
+    quantize_model(model, "int8")
+    used, n = weight_bytes(model)
+    rows = sum(m.out_features for m in quantized_modules(model).values())
+    ideal = n + 4 * rows  # one byte per weight plus one fp32 scale per output row
+    log.info("quantized bytes / ideal = %.4f (%d / %d)", used / ideal, used, ideal)
+    assert used / ideal <= 1.1
+    assert used / n <= 1.1
+
+
+def test_meta_structure_then_fill_matches_direct_quantization(tmp_path) -> None:
+    """Filling a meta model from a float32 file, quantizing tensor by tensor, gives the same int8
+    tensors as quantizing the float32 weights directly."""
+    state = toy(torch.float32).state_dict()
+    path = tmp_path / "toy.safetensors"
+    save_file(state, str(path))
+    with torch.device("meta"):
+        model = ToyModel()
+    model, cache = load_or_quantize(model, SafetensorsSource([path]), "int8", dtype=torch.bfloat16,
+                                    keep_fp32=lambda n: "modulation" in n or "norm" in n)
+    assert cache is None
+    q, s = quantize_weight(state["blocks.1.ffn.0.weight"], "int8")
+    assert torch.equal(model.blocks[1].ffn[0].weight, q) and torch.equal(model.blocks[1].ffn[0].weight_scale, s)
+    assert model.blocks[1].ffn[0].bias.dtype == torch.bfloat16
+    assert model.blocks[0].modulation.dtype == torch.float32
+    assert model.embed.weight.dtype == torch.bfloat16
+
+
+def test_umt5_encoder_quantized() -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    model = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).last_hidden_state
+        names = quantize_model(model, "fp8")
+        out = model(input_ids=ids).last_hidden_state
+    per_block = {"layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",
+                 "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1",
+                 "layer.1.DenseReluDense.wo"}
+    assert set(names) == {f"encoder.block.{i}.{n}" for i in range(2) for n in per_block}
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    log.info("tiny umT5 fp8 vs bf16: rel L2 %.4f", err)
+    assert err < 0.08
+
+
+# ------------------------------------------------------------------------------ disk cache
+def test_cache_round_trip_and_reuse(tmp_path, monkeypatch) -> None:
+    state = toy(torch.float32).state_dict()
+    src_path = tmp_path / "toy.safetensors"
+    save_file(state, str(src_path))
+    cache_dir = tmp_path / "cache"
+    x = toy_input()
+    keep = {"keep_fp32": lambda n: "modulation" in n or "norm" in n}
+
+    def fresh() -> ToyModel:
+        with torch.device("meta"):
+            return ToyModel()
+
+    first, path = load_or_quantize(fresh(), SafetensorsSource([src_path]), "fp8", cache_dir=cache_dir, **keep)
+    assert path is not None and path.is_file() and path.parent == cache_dir
+    assert [p.name for p in cache_dir.iterdir()] == [path.name]  # no temp file left behind
+
+    calls = []
+    real = quant.quantize_weight
+    monkeypatch.setattr(quant, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second, path2 = load_or_quantize(fresh(), SafetensorsSource([src_path]), "fp8", cache_dir=cache_dir, **keep)
+    assert path2 == path and calls == []  # the second start skips quantization
+    for (k1, v1), (k2, v2) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert k1 == k2 and v1.dtype == v2.dtype and torch.equal(v1, v2)
+    with torch.inference_mode():
+        assert torch.equal(first(x), second(x))
+
+    # Another format is another cache entry.
+    _, path_int8 = load_or_quantize(fresh(), SafetensorsSource([src_path]), "int8", cache_dir=cache_dir, **keep)
+    assert path_int8 != path and calls
+    # A changed source file (size/mtime) gives another key: the old cache is not used.
+    calls.clear()
+    st = src_path.stat()
+    os.utime(src_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _, path3 = load_or_quantize(fresh(), SafetensorsSource([src_path]), "fp8", cache_dir=cache_dir, **keep)
+    assert path3 != path and calls
+
+
+def test_stale_or_foreign_cache_is_refused(tmp_path) -> None:
+    model = toy()
+    quantize_model(model, "int8")
+    path = save_quantized(model, tmp_path / "c.safetensors", key="abc")
+    with torch.device("meta"):
+        fresh = ToyModel()
+    assert not load_quantized(fresh, path, key="other")
+    assert not any(isinstance(m, QuantizedLinear) for m in fresh.modules())
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    assert not load_quantized(fresh, tmp_path / "plain.safetensors")
+    assert not load_quantized(fresh, tmp_path / "missing.safetensors")
+    assert load_quantized(fresh, path, key="abc")
+    assert isinstance(fresh.blocks[2].ffn[2], QuantizedLinear)
+
+
+# ------------------------------------------------------------------------------ WanDiT
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.02), ("fp8", 0.06)])
+def test_wan_dit_quantized_forward(tmp_path, fmt: str, tol: float) -> None:
+    state = write_dit(tmp_path / "dit", in_dim=16, out_dim=16, dim=256, ffn_dim=512, num_layers=2, text_dim=64)
+    src = SafetensorsSource(sorted((tmp_path / "dit").glob("*.safetensors")))
+    bf16 = WanDiT.from_source(src, torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 4, 6, generator=gen)
+    ctx = torch.zeros(1, 512, 64)
+    ctx[:, :9] = torch.randn(1, 9, 64, generator=gen)
+    t = torch.tensor([700.0])
+    with torch.inference_mode():
+        ref = bf16(x, t, ctx)
+    with torch.device("meta"):
+        from wan_lite.models.dit import WanDiTConfig
+
+        meta = WanDiT(WanDiTConfig.from_shapes(src.shapes()))
+    keep = lambda n: n.endswith("modulation")  # noqa: E731
+    model, path = load_or_quantize(meta, src, fmt, cache_dir=tmp_path / "cache", keep_fp32=keep, what="dit")
+    names = set(quantized_modules(model))
+    per_block = {f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"} | {"ffn.0", "ffn.2"}
+    assert names == {f"blocks.{i}.{n}" for i in range(2) for n in per_block}
+    assert model.blocks[0].modulation.dtype == torch.float32
+    with torch.inference_mode():
+        out = model.eval()(x, t, ctx)
+    err = rel_err(out, ref)
+    log.info("tiny WanDiT %s vs bf16: rel L2 %.4f", fmt, err)
+    assert err < tol
+    assert math.isfinite(err)
+    used, n = weight_bytes(model)
+    assert used / n < 1.1
+    # From the cache the model is the same.
+    with torch.device("meta"):
+        again = WanDiT(WanDiTConfig.from_shapes(src.shapes()))
+    assert load_quantized(again, path)
+    with torch.inference_mode():
+        assert torch.equal(again.eval()(x, t, ctx), out)
+
+
+def test_unknown_format_is_a_user_error() -> None:
+    from wan_lite.errors import InputError
+
+    with pytest.raises(InputError, match="int8, fp8"):
+        quantize_model(toy(), "int4")
+    with pytest.raises(InputError):
+        quantize_weight(torch.zeros(2, 2), "nf4")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_cuda_quantized_linear(fmt: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 2048).to("cuda", torch.bfloat16)
+    ql = QuantizedLinear.from_linear(lin, fmt)
+    assert ql.weight.is_cuda
+    x = torch.randn(4, 300, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    out = ql(x)
+    torch.cuda.synchronize()
+    err = rel_err(out, ref)
+    cc = torch.cuda.get_device_capability()
+    log.info("CUDA %s Linear (cc %s, compute %s) rel L2 %.4f", fmt, cc, ql.compute, err)
+    assert torch.isfinite(out).all() and err < (0.015 if fmt == "int8" else 0.06)
+    if fmt == "fp8" and cc >= (8, 9):
+        assert not ql._fp8_broken  # the fp8 tensor-core path really ran
+        ql.compute = "dequant"
+        assert rel_err(out, ql(x)) < 0.05

@@ -1,0 +1,635 @@
+"""int8 / fp8-e4m3 weights with per-output-channel scales, applied to a model from outside.
+
+`quantize_model(model, "int8" | "fp8")` swaps the `nn.Linear` layers inside the model's block list
+(`WanDiT.blocks`, the umT5 encoder's `encoder.block`) for `QuantizedLinear`, honouring the model's
+`no_quantize_patterns` / `keep_fp32_patterns`. Everything outside the blocks (embeddings, the time
+projection, the head, norms, modulation tables) keeps its dtype.
+
+Why our own small module rather than optimum-quanto: quanto's runtime Linear is slower than bf16
+(int8 1.2-1.4x, fp8 2.4-2.9x, see shared/BENCHMARKS.md), its tensors are subclasses that the
+block streamer would have to special-case, and its serialisation is not a plain state dict. What we
+need is small: one byte per weight plus one fp32 scale per output row (the ideal size), a forward
+that dequantizes the weight once into the activation dtype (one fused read-int8/write-bf16 pass,
+cheap next to the matmul) and then runs the ordinary bf16 GEMM, and on GPUs with fp8 tensor cores
+(compute capability >= 8.9) an fp8 x fp8 `torch._scaled_mm` with per-row activation scales and
+per-channel weight scales. Both formats are stored as `torch.int8` (fp8 bits viewed as int8), so
+`model.to(dtype)` never casts them and code that skips casts for int8 weights (transformers' T5
+`wo` check) behaves.
+
+Quantized models are cached on disk as safetensors keyed by the source files' identity (path,
+size, mtime) and the format (`load_or_quantize`), written atomically and streamed tensor by tensor,
+so the second start reads one memory-mapped file instead of quantizing again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wan_lite.errors import CheckpointError, InputError
+from wan_lite.loading.build import fill_module
+from wan_lite.loading.tensors import TensorSource, read_safetensors_header
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("int8", "fp8")
+COMPUTE_MODES = ("auto", "dequant", "fp8")
+CACHE_VERSION = 1
+_INT8_MAX = 127.0
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+# Activation scale target for the fp8 compute path: a little under 448 so that the bf16 rounding
+# of the reciprocal scale can never push a value past the largest finite e4m3 number.
+_FP8_ACT_TARGET = 440.0
+SCALE_SUFFIX = "_scale"  # QuantizedLinear stores `weight` and `weight_scale`
+_META_KEY = "wan_lite_quant"
+
+
+def _block_list_paths() -> tuple[str, ...]:
+    return ("blocks", "encoder.block", "block")
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks of a model: `blocks` (WanDiT) or `encoder.block` (transformers umT5).
+
+    Returns (qualified name, ModuleList). Raises TypeError for a model without either: that is a
+    programming error, not something a user can cause.
+    """
+    for path in _block_list_paths():
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return path, obj
+    raise TypeError(f"{type(model).__name__} has no `blocks` or `encoder.block` ModuleList.")
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """True when a glob pattern matches the dotted module name or any dotted run inside it.
+
+    "modulation" matches "blocks.3.modulation", "blocks.*.ffn.2" matches "blocks.7.ffn.2",
+    "head" matches "head.head" but not "heads".
+    """
+    for pat in patterns:
+        for candidate in (pat, f"*.{pat}", f"{pat}.*", f"*.{pat}.*"):
+            if fnmatch.fnmatchcase(name, candidate):
+                return True
+    return False
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise InputError(f"Unknown weight format {fmt!r}.", f"Use one of: {', '.join(FORMATS)}.")
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric quantization of a [out, in] weight.
+
+    Returns (q [out, in] int8 - for fp8 the e4m3 bits viewed as int8 -, scale [out] float32) with
+    weight ~= q * scale[:, None]. Computed in float32 on the weight's device; a zero row gets
+    scale 1 so that dequantization stays exact (zeros).
+    """
+    _check_format(fmt)
+    w = weight.detach().to(torch.float32)
+    amax = w.abs().amax(dim=1)
+    top = _INT8_MAX if fmt == "int8" else _FP8_MAX
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    scaled = w / scale[:, None]
+    if fmt == "int8":
+        q = scaled.round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    else:
+        q = scaled.clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).view(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """q [out, in] int8 (or fp8 bits), scale [out] fp32 -> weight [out, in] in `dtype`.
+
+    The in-place multiply computes in float32 (the common dtype of the bf16 weight and the fp32
+    scale) and rounds once to `dtype`, so the result is as precise as a bf16 copy of the float
+    weight would be, without a float32 temporary of the whole matrix.
+    """
+    raw = q if fmt == "int8" else q.view(torch.float8_e4m3fn)
+    w = raw.to(dtype)  # int8 and e4m3 values are exact in bf16/fp16/fp32
+    return w.mul_(scale[:, None])
+
+
+# ------------------------------------------------------------------------------------------
+# fp8 compute path
+
+
+_FP8_CAPABLE: dict[int, bool] = {}
+
+
+def _fp8_tensor_cores(device: torch.device) -> bool:
+    """Compute capability >= 8.9 (Ada, Hopper, Blackwell), cached per device index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _FP8_CAPABLE:
+        _FP8_CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+    return _FP8_CAPABLE[index]
+
+
+def _quantize_rows_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] fp32) with x ~= x8 * scale.
+
+    Three passes over x (max-abs, multiply, cast); `_quantize_rows` fuses them on CUDA.
+    """
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    inv = (_FP8_ACT_TARGET / amax.clamp(min=1e-12)).to(x.dtype)
+    x8 = (x * inv).to(torch.float8_e4m3fn)
+    # The scale handed to the GEMM is the reciprocal of the *rounded* multiplier actually used.
+    return x8, inv.to(torch.float32).reciprocal()
+
+
+_compiled_quantize_rows: Callable | None = None
+_compile_failed = False
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise fp8 quantization of activations; on CUDA fused by torch.compile into one kernel
+    (one read of x, one fp8 write) when Triton is available, else the eager three-pass version."""
+    global _compiled_quantize_rows, _compile_failed
+    if not x.is_cuda or _compile_failed:
+        return _quantize_rows_eager(x)
+    try:
+        if _compiled_quantize_rows is None:
+            _compiled_quantize_rows = torch.compile(_quantize_rows_eager, dynamic=True, fullgraph=True)
+        return _compiled_quantize_rows(x)
+    except Exception as err:  # no Triton, no compiler: the eager version gives the same numbers
+        _compile_failed = True
+        log.info("fp8 activation quantization is not fused (torch.compile unavailable: %s).", err)
+        return _quantize_rows_eager(x)
+
+
+class _ActivationCache:
+    """Remembers the fp8 version of the last activation, so q, k and v projections of the same
+    input quantize it once. The entry dies with the activation (weakref callback), so it never
+    holds memory longer than the bf16 tensor it came from."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._version = -1
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _clear(self, _ref: object = None) -> None:
+        self._ref, self._value = None, None
+
+    def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self._ref is not None and self._ref() is x and x._version == self._version
+        if hit and self._value is not None:
+            return self._value
+        value = _quantize_rows(x.reshape(-1, x.shape[-1]))
+        self._ref, self._version, self._value = weakref.ref(x, self._clear), x._version, value
+        return value
+
+
+_ACT_CACHE = _ActivationCache()
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear layer with int8 or fp8-e4m3 weights and per-output-channel fp32 scales.
+
+    Buffers: weight [out, in] int8 (fp8 bits viewed as int8), weight_scale [out] fp32,
+    bias [out] in the original dtype (or None). Forward: x [..., in] -> [..., out] in x's dtype.
+    compute: "dequant" (weight -> x.dtype, then F.linear), "fp8" (torch._scaled_mm; fp8 format
+    only), "auto" (fp8 on CUDA devices with compute capability >= 8.9, else dequant).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str,
+        *,
+        bias_dtype: torch.dtype | None = torch.bfloat16,
+        device: torch.device | str | None = None,
+        compute: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_format(fmt)
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.compute = compute
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        bias = None if bias_dtype is None else torch.zeros(out_features, dtype=bias_dtype, device=device)
+        self.register_buffer("bias", bias)
+        self._fp8_broken = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, compute: str = "auto") -> QuantizedLinear:
+        """Quantize `linear` (on any device; on meta only the structure is made)."""
+        w = linear.weight
+        bias_dtype = None if linear.bias is None else linear.bias.dtype
+        module = cls(linear.in_features, linear.out_features, fmt, bias_dtype=bias_dtype,
+                     device=w.device, compute=compute)
+        if w.device.type != "meta":
+            q, scale = quantize_weight(w, fmt)
+            module.weight, module.weight_scale = q, scale
+            if linear.bias is not None:
+                module.bias = linear.bias.detach().clone()
+        return module
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype`."""
+        return dequantize_weight(self.weight, self.weight_scale, self.fmt, dtype)
+
+    def _use_fp8(self, x: torch.Tensor) -> bool:
+        if self.fmt != "fp8" or self._fp8_broken or self.compute == "dequant":
+            return False
+        if self.compute == "fp8":
+            return True
+        return x.is_cuda and _fp8_tensor_cores(x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_fp8(x) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            try:
+                return self._forward_fp8(x)
+            except RuntimeError as err:  # a shape/dtype this torch build's fp8 GEMM rejects
+                self._fp8_broken = True
+                log.warning("fp8 matmul unavailable for %s (%s); using dequantized bf16.", self, err)
+        dtype = x.dtype if x.is_floating_point() else torch.bfloat16
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x, self.dequantized(dtype), bias)
+
+    def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        x8, x_scale = _ACT_CACHE.get(x)
+        # _scaled_mm wants the second operand column-major: the [out, in] row-major weight
+        # transposed is exactly that, so no copy is made.
+        w8 = self.weight.view(torch.float8_e4m3fn).t()
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        out = torch._scaled_mm(x8, w8, scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                               bias=bias, out_dtype=torch.bfloat16)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+                f"bias={self.bias is not None}, compute={self.compute}")
+
+
+# ------------------------------------------------------------------------------------------
+# Whole models
+
+
+def skip_patterns(model: nn.Module, extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """Patterns never quantized: the model's declared `no_quantize_patterns` and
+    `keep_fp32_patterns`, plus `extra`. (transformers' `_keep_in_fp32_modules`, T5's `wo`, is an
+    fp16-overflow guard, not a sensitivity declaration: in bf16 / int8 it is quantized too.)"""
+    pats: list[str] = []
+    for attr in ("no_quantize_patterns", "keep_fp32_patterns"):
+        pats.extend(getattr(model, attr, None) or ())
+    pats.extend(extra)
+    return tuple(dict.fromkeys(pats))
+
+
+def quantizable_linears(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
+    """Qualified names of the nn.Linear layers inside the block list that may be quantized."""
+    prefix, blocks = find_block_list(model)
+    pats = skip_patterns(model, skip)
+    names = []
+    for name, module in blocks.named_modules():
+        full = f"{prefix}.{name}"
+        if isinstance(module, nn.Linear) and not matches(full, pats):
+            names.append(full)
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_model(
+    model: nn.Module,
+    fmt: str,
+    skip: Iterable[str] = (),
+    *,
+    compute: str = "auto",
+    names: Iterable[str] | None = None,
+) -> list[str]:
+    """Replace the quantizable nn.Linear layers of `model` by QuantizedLinear, in place.
+
+    Works on a filled model (weights quantized now, on their device: quantize on the GPU for
+    speed) and on a meta model (structure only, to be filled by `fill_quantized` or from a cache).
+    names: exactly these layers (from a cache's metadata) instead of `quantizable_linears`.
+    Returns the names of the replaced layers.
+    """
+    _check_format(fmt)
+    if compute not in COMPUTE_MODES:
+        raise InputError(f"Unknown compute mode {compute!r}.", f"Use one of: {', '.join(COMPUTE_MODES)}.")
+    chosen = list(names) if names is not None else quantizable_linears(model, skip)
+    for name in chosen:
+        linear = model.get_submodule(name)
+        if isinstance(linear, QuantizedLinear):
+            continue
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"Cannot quantize {name}: it is a {type(linear).__name__}, not a Linear.",
+                                  "The quantized cache does not match this model; delete it.")
+        _replace(model, name, QuantizedLinear.from_linear(linear, fmt, compute))
+    log.debug("quantized %d Linear layers to %s", len(chosen), fmt)
+    return chosen
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def set_compute(model: nn.Module, compute: str) -> None:
+    """Choose the matmul path of every QuantizedLinear ("auto", "dequant", "fp8")."""
+    if compute not in COMPUTE_MODES:
+        raise InputError(f"Unknown compute mode {compute!r}.", f"Use one of: {', '.join(COMPUTE_MODES)}.")
+    for m in quantized_modules(model).values():
+        m.compute = compute
+
+
+def weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes held by the quantized layers: weights + scales + biases, number of weights in them)."""
+    total = count = 0
+    for m in quantized_modules(model).values():
+        count += m.weight.numel()
+        total += sum(t.numel() * t.element_size() for t in (m.weight, m.weight_scale, m.bias) if t is not None)
+    return total, count
+
+
+# ------------------------------------------------------------------------------------------
+# Filling a quantized meta model from the original (float) checkpoint, tensor by tensor
+
+
+class QuantizingSource(TensorSource):
+    """Presents a float checkpoint as a quantized one: the weight of each quantized layer is read,
+    quantized (on `device`), and handed out with its scale under `<weight key>@scale`.
+
+    Only one float tensor is alive at a time, so filling an A14B expert needs the int8 model plus
+    one float32 tensor of RAM, never the whole float model.
+    """
+
+    def __init__(self, base: TensorSource, quantized: dict[str, str], device: torch.device | str = "cpu") -> None:
+        self.base, self.quantized, self.device = base, quantized, torch.device(device)
+        self.files = base.files
+        self._last: tuple[str, torch.Tensor, torch.Tensor] | None = None
+
+    def _pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._last is None or self._last[0] != key:
+            q, scale = quantize_weight(self.base[key].to(self.device), self.quantized[key])
+            self._last = (key, q.cpu(), scale.cpu())
+        return self._last[1], self._last[2]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name.endswith("@scale"):
+            return self._pair(name[: -len("@scale")])[1]
+        if name in self.quantized:
+            return self._pair(name)[0]
+        return self.base[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.base
+        for key in self.quantized:
+            yield f"{key}@scale"
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.quantized)
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str) and name.endswith("@scale"):
+            return name[: -len("@scale")] in self.quantized
+        return name in self.base
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name.endswith("@scale"):
+            return (self.base.shape(name[: -len("@scale")])[0],)
+        return self.base.shape(name)
+
+    def describe(self) -> str:
+        return self.base.describe()
+
+
+def fill_quantized(
+    model: nn.Module,
+    source: TensorSource,
+    dtype: torch.dtype | None,
+    *,
+    key_map: Callable[[str], str] | None = None,
+    keep_fp32: Callable[[str], bool] | None = None,
+    quant_device: torch.device | str = "cpu",
+    what: str = "model",
+) -> nn.Module:
+    """Fill a meta model whose Linear layers were already swapped by `quantize_model`, reading the
+    float checkpoint `source` and quantizing each weight as it is read. Other tensors are cast to
+    `dtype` (or float32 where `keep_fp32`), as `fill_module` does."""
+    kmap = key_map or (lambda n: n)
+    qmods = quantized_modules(model)
+    quantized = {kmap(f"{n}.weight"): m.fmt for n, m in qmods.items()}
+    scale_names = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods}
+
+    def key_map2(name: str) -> str:
+        if name in scale_names:
+            return kmap(name[: -len(SCALE_SUFFIX)]) + "@scale"
+        return kmap(name)
+
+    def keep2(name: str) -> bool:
+        return name in scale_names or (keep_fp32 is not None and keep_fp32(name))
+
+    return fill_module(model, QuantizingSource(source, quantized, quant_device), dtype,
+                       key_map=key_map2, keep_fp32=keep2, what=what)
+
+
+def refill_like(
+    model: nn.Module,
+    source: TensorSource,
+    *,
+    key_map: Callable[[str], str] | None = None,
+    quant_device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Re-fill a model whose tensors were dropped to `meta` (same dtypes and shapes as before).
+
+    `source` is either a quantized cache (holding `<layer>.weight_scale`) read as is, or the
+    original float checkpoint, whose quantized layers are quantized again as they are read.
+    Each tensor is cast to the dtype the model declares for it.
+    """
+    kmap = key_map or (lambda n: n)
+    qmods = quantized_modules(model)
+    scale_names = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods}
+    if qmods and kmap(next(iter(scale_names))) not in source:
+        source = QuantizingSource(source, {kmap(f"{n}.weight"): m.fmt for n, m in qmods.items()}, quant_device)
+
+        def key_of(name: str) -> str:
+            return kmap(name[: -len(SCALE_SUFFIX)]) + "@scale" if name in scale_names else kmap(name)
+    else:
+        key_of = kmap
+    loaded = {}
+    for name, ref in model.state_dict(keep_vars=True).items():
+        key = key_of(name)
+        if key not in source:
+            raise CheckpointError(f"{source.describe()} lacks tensor {key!r}.", "Download the model again.")
+        t = source[key]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"Tensor {key!r} in {source.describe()} has shape {list(t.shape)}, "
+                                  f"expected {list(ref.shape)}.", "The file belongs to another model.")
+        loaded[name] = t if t.dtype == ref.dtype else t.to(ref.dtype)
+    model.load_state_dict(loaded, assign=True, strict=True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Disk cache
+
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def source_identity(source: TensorSource) -> list[dict[str, object]]:
+    """(path, size, mtime) of every file behind `source`: a changed or replaced file changes it."""
+    ident = []
+    for f in source.files:
+        st = Path(f).stat()
+        ident.append({"path": str(Path(f).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return ident
+
+
+def cache_key(source: TensorSource, fmt: str, skip: Iterable[str] = (),
+              dtype: torch.dtype | None = torch.bfloat16) -> str:
+    """A short hash of the source files' identity, the format, the skip patterns and the dtype of
+    the unquantized tensors."""
+    blob = json.dumps({"v": CACHE_VERSION, "files": source_identity(source), "fmt": fmt,
+                       "skip": sorted(set(skip)), "dtype": str(dtype)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cache_path(cache_dir: Path, source: TensorSource, fmt: str, skip: Iterable[str] = (),
+               what: str = "model", dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    return Path(cache_dir) / f"{what}.{fmt}.{cache_key(source, fmt, skip, dtype)}.safetensors"
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Stream a safetensors file tensor by tensor (safetensors' own writer first copies every tensor
+    into Python bytes, doubling the RAM of a 14 GB expert), to a temp name renamed at the end so a
+    crash never leaves a half-written cache that looks valid."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little"))
+            fh.write(raw)
+            for t in tensors.values():
+                flat = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+                fh.write(memoryview(flat.numpy()))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_quantized(model: nn.Module, path: Path, *, key: str = "") -> Path:
+    """Write the whole state of a quantized model (every tensor in its current dtype) to `path`,
+    with the quantized layer names, formats and `key` in the header metadata."""
+    qmods = quantized_modules(model)
+    fmts = sorted({m.fmt for m in qmods.values()})
+    meta = {"version": CACHE_VERSION, "key": key, "format": ",".join(fmts),
+            "modules": {n: m.fmt for n, m in qmods.items()}}
+    _write_safetensors(Path(path), dict(model.state_dict()), {_META_KEY: json.dumps(meta)})
+    log.info("saved quantized weights to %s", path)
+    return Path(path)
+
+
+def read_cache_metadata(path: Path) -> dict | None:
+    """The quantization metadata of a cache file, or None when the file is absent or not ours."""
+    try:
+        header = read_safetensors_header(Path(path))
+        return json.loads(header.get("__metadata__", {}).get(_META_KEY, "null"))
+    except (CheckpointError, json.JSONDecodeError):
+        return None
+
+
+def load_quantized(model: nn.Module, path: Path, *, key: str | None = None) -> bool:
+    """Fill `model` (meta or filled, unquantized) from a cache written by `save_quantized`.
+
+    Returns False, touching nothing, when the file is missing, not a wan_lite cache, of another
+    cache version or written for another `key` (source files changed): the caller quantizes again.
+    """
+    meta = read_cache_metadata(path)
+    if meta is None or meta.get("version") != CACHE_VERSION or (key is not None and meta.get("key") != key):
+        if meta is not None:
+            log.info("quantized cache %s is stale; quantizing again", path)
+        return False
+    from wan_lite.loading.tensors import SafetensorsSource
+
+    by_fmt: dict[str, list[str]] = {}
+    for name, fmt in meta["modules"].items():
+        by_fmt.setdefault(fmt, []).append(name)
+    for fmt, names in by_fmt.items():
+        quantize_model(model, fmt, names=names)
+    source = SafetensorsSource([Path(path)])
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in source]
+    if missing or len(source) != len(expected):
+        raise CheckpointError(f"The quantized cache {path} does not match this model "
+                              f"({len(missing)} tensors missing).", f"Delete {path}; it will be rebuilt.")
+    loaded = {}
+    for name, ref in expected.items():
+        t = source[name]
+        # Float tensors keep the dtypes they were cached in (the dtype choice is part of the key);
+        # a meta model built in the default dtype says nothing about them.
+        if tuple(t.shape) != tuple(ref.shape) or (t.is_floating_point() != ref.is_floating_point()):
+            raise CheckpointError(f"Tensor {name!r} in {path} is {t.dtype} {list(t.shape)}, expected "
+                                  f"{ref.dtype} {list(ref.shape)}.", f"Delete {path}; it will be rebuilt.")
+        loaded[name] = t
+    model.load_state_dict(loaded, assign=True, strict=True)
+    log.info("loaded quantized weights from %s", path)
+    return True
+
+
+def load_or_quantize(
+    model: nn.Module,
+    source: TensorSource,
+    fmt: str,
+    *,
+    dtype: torch.dtype | None = torch.bfloat16,
+    cache_dir: Path | None = None,
+    key_map: Callable[[str], str] | None = None,
+    keep_fp32: Callable[[str], bool] | None = None,
+    skip: Iterable[str] = (),
+    quant_device: torch.device | str = "cpu",
+    what: str = "model",
+) -> tuple[nn.Module, Path | None]:
+    """Fill a meta-built `model` with `fmt` weights: from the cache when it is current, else by
+    quantizing `source` tensor by tensor (then writing the cache). Returns (model, cache file)."""
+    skip = tuple(skip)
+    key = cache_key(source, fmt, skip, dtype)
+    path = cache_path(cache_dir, source, fmt, skip, what, dtype) if cache_dir is not None else None
+    if path is not None and load_quantized(model, path, key=key):
+        return model, path
+    quantize_model(model, fmt, skip)
+    fill_quantized(model, source, dtype, key_map=key_map, keep_fp32=keep_fp32,
+                   quant_device=quant_device, what=what)
+    if path is not None:
+        try:
+            save_quantized(model, path, key=key)
+        except OSError as err:  # a full or read-only disk costs the next start time, not this run
+            log.warning("could not write the quantized cache %s (%s); the next start quantizes again", path, err)
+            path = None
+    return model, path
