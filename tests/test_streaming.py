@@ -1,0 +1,295 @@
+"""Block streaming (streamed == resident, bit for bit) and whole-model placement of experts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tests.test_quant import ToyModel, toy, toy_input
+from tests.tiny_ckpt.dit import write_dit
+from wan_lite.loading.tensors import SafetensorsSource
+from wan_lite.models.dit import WanDiT
+from wan_lite.runtime.quant import load_or_quantize, quantize_model, quantized_modules
+from wan_lite.runtime.streaming import (
+    BlockStreamer,
+    attach,
+    move_expert,
+    set_expert_source,
+    streamer_of,
+    where_is,
+)
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ CPU equivalence
+@pytest.mark.parametrize("resident,prefetch", [(0, 1), (0, 2), (1, 1), (2, 3), (0, 5), (4, 1)])
+@pytest.mark.parametrize("fmt", [None, "int8", "fp8"])
+def test_streamed_equals_resident_cpu(resident: int, prefetch: int, fmt: str | None) -> None:
+    model = toy(layers=4)
+    if fmt:
+        quantize_model(model, fmt)
+    x = toy_input()
+    ref = run(model, x)
+    before = snapshot(model)
+    streamer = attach(model, "cpu", resident=resident, prefetch=prefetch)
+    assert streamer_of(model) is streamer
+    for _ in range(3):  # repeated forwards exercise the wrap-around prefetch of the next step
+        assert torch.equal(run(model, x), ref)
+    streamer.detach()
+    assert streamer_of(model) is None
+    assert torch.equal(run(model, x), ref)
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+def test_packing_uses_one_buffer_per_block_and_no_copy_of_params() -> None:
+    model = toy(layers=3)
+    params = [p for p in model.blocks[1].parameters()]
+    streamer = attach(model, "cpu", resident=1, prefetch=1)
+    packed = streamer._packed[0]
+    assert packed.index == 1
+    base = packed.cpu.untyped_storage().data_ptr()
+    # The block's own Parameter objects now view the packed buffer (no second copy in RAM).
+    assert [p for p in model.blocks[1].parameters()] == params
+    assert all(p.untyped_storage().data_ptr() == base for p in params)
+    assert len(streamer._slots) == 2 and streamer.slot_bytes == 2 * max(p.nbytes for p in streamer._packed)
+    assert "1 resident, 2 streamed" in streamer.summary()
+    streamer.detach()
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_blocks_run_from_slots_prefetched_in_order(prefetch: int) -> None:
+    """During its forward a streamed block's weights live in a slot, loaded ahead of time: each
+    step copies every streamed block exactly once and never waits on an on-demand load."""
+    model = toy(layers=5)
+    x = toy_input()
+    streamer = attach(model, "cpu", resident=1, prefetch=prefetch)
+    slot_ptrs = {s.untyped_storage().data_ptr() for s in streamer._slots}
+    seen: list[tuple[int, int]] = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(
+            lambda m, a, i=i: seen.append((i, m.q.weight.untyped_storage().data_ptr())))
+    loads: list[int] = []
+    real_load, real_pick = streamer._load, streamer._pick_slot
+    streamer._load = lambda pos, slot: (loads.append(pos), real_load(pos, slot))[1]
+    streamer._pick_slot = lambda pos: pytest.fail(f"block {pos} was not prefetched")
+    run(model, x)
+    run(model, x)
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4] * 2
+    assert all(ptr in slot_ptrs for i, ptr in seen if i >= 1)
+    assert seen[0][1] not in slot_ptrs  # the resident block stays where it is
+    # Four streamed blocks, prefetch + 1 slots: one copy per block and step (the loads issued
+    # after the last block are the next step's first blocks).
+    assert sorted(loads) == sorted([0, 1, 2, 3] * 2)
+    streamer._load, streamer._pick_slot = real_load, real_pick
+    streamer.detach()
+    assert all(p.untyped_storage().data_ptr() not in slot_ptrs for p in model.parameters())
+
+
+def test_out_of_order_calls_and_failed_forward_recover() -> None:
+    model = toy(layers=4)
+    x = toy_input()
+    ref = run(model, x)
+    h = torch.randn(2, 24, 128)
+    ref_block2 = run(model.blocks[2], h)
+    streamer = attach(model, "cpu", resident=0, prefetch=1)
+    assert torch.equal(run(model.blocks[2], h), ref_block2)  # not the next block in order
+    assert torch.equal(run(model.blocks[0], h), run(copy.deepcopy(model.blocks[0]), h))
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(_m, _a):
+        raise Boom
+
+    hook = model.blocks[1].ffn.register_forward_pre_hook(explode)
+    with pytest.raises(Boom):
+        run(model, x)  # like an OOM inside block 1: its post-hook never runs
+    hook.remove()
+    assert torch.equal(run(model, x), ref)
+    streamer.detach()
+
+
+def test_reattach_and_wan_dit_streaming(tmp_path) -> None:
+    state = write_dit(tmp_path / "dit", in_dim=16, out_dim=16, dim=128, ffn_dim=256, num_layers=3, text_dim=32)
+    src = SafetensorsSource(sorted((tmp_path / "dit").glob("*.safetensors")))
+    model = WanDiT.from_source(src, torch.bfloat16)
+    assert set(state) == set(model.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 4, generator=gen)
+    ctx = torch.randn(1, 512, 32, generator=gen)
+    t = torch.tensor([500.0])
+    with torch.inference_mode():
+        ref = model(x, t, ctx)
+        for block in model.blocks:
+            block.chunk_tokens = 3  # the FFN in chunks, as the planner may choose
+        s1 = attach(model, "cpu", resident=1, prefetch=1)
+        assert torch.equal(model(x, t, ctx), ref)
+        s2 = attach(model, "cpu", resident=0, prefetch=2)  # re-attaching detaches the old one
+        assert s1.model is None and streamer_of(model) is s2
+        assert torch.equal(model(x, t, ctx), ref)
+        s2.detach()
+
+
+def test_umt5_encoder_streaming() -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_heads=4,
+                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    model = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).last_hidden_state
+        quantize_model(model, "int8")
+        ref_q = model(input_ids=ids).last_hidden_state
+        streamer = BlockStreamer.attach(model, "cpu", resident=1, prefetch=1)
+        assert len(streamer._packed) == 2
+        assert torch.equal(model(input_ids=ids).last_hidden_state, ref_q)
+        streamer.detach()
+    assert not torch.equal(ref, ref_q)
+
+
+# ------------------------------------------------------------------------------ experts
+def test_move_expert_disk_and_back_from_float_file(tmp_path) -> None:
+    model = toy(torch.float32)
+    path = tmp_path / "expert.safetensors"
+    save_file(model.state_dict(), str(path))
+    quantize_model(model, "int8")  # from the same float32 weights the file holds
+    model.embed.to(torch.bfloat16)  # mixed dtypes survive the round trip
+    x = toy_input()
+    ref = run(model, x)
+    set_expert_source(model, SafetensorsSource([path]))
+    move_expert(model, "disk")
+    assert where_is(model) == "disk"
+    assert all(t.device.type == "meta" for t in model.state_dict().values())
+    move_expert(model, "ram")  # re-read from the float file, re-quantized as read
+    assert where_is(model) == "ram"
+    assert model.blocks[0].modulation.dtype == torch.float32
+    assert model.embed.weight.dtype == torch.bfloat16 and model.blocks[0].q.weight.dtype == torch.int8
+    assert torch.equal(run(model, x), ref)
+
+
+def test_move_expert_from_quantized_cache_and_streamer_detach(tmp_path) -> None:
+    state = toy(torch.float32).state_dict()
+    src_path = tmp_path / "toy.safetensors"
+    save_file(state, str(src_path))
+    with torch.device("meta"):
+        model = ToyModel()
+    keep = lambda n: "modulation" in n or "norm" in n  # noqa: E731
+    model, cache = load_or_quantize(model, SafetensorsSource([src_path]), "fp8", cache_dir=tmp_path, keep_fp32=keep)
+    x = toy_input()
+    ref = run(model, x)
+    set_expert_source(model, SafetensorsSource([cache]))  # the cache holds the exact tensors
+    attach(model, "cpu", resident=1, prefetch=1)
+    move_expert(model, "disk")  # detaches the streamer first
+    assert streamer_of(model) is None and where_is(model) == "disk"
+    move_expert(model, "ram")
+    assert len(quantized_modules(model)) == 15  # q, k, v, ffn.0, ffn.2 x 3 blocks
+    assert torch.equal(run(model, x), ref)
+
+
+def test_move_expert_needs_a_source() -> None:
+    with pytest.raises(RuntimeError, match="set_expert_source"):
+        move_expert(toy(), "disk")
+    with pytest.raises(ValueError):
+        move_expert(toy(), "vram")
+
+
+# ------------------------------------------------------------------------------ CUDA
+def _cuda_toy(layers: int = 6, d: int = 512, ffn: int = 2048) -> ToyModel:
+    return toy(layers=layers, d=d, ffn=ffn, heads=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_cuda_streamed_equals_resident(pinned: bool, fmt: str | None) -> None:
+    model = _cuda_toy()
+    if fmt:
+        quantize_model(model, fmt)
+    x = toy_input(tokens=256).cuda()
+    model.cuda()
+    ref = run(model, x)
+    model.cpu()
+    streamer = attach(model, "cuda", resident=1, prefetch=2, pinned=pinned)
+    assert streamer.pinned_blocks == (5 if pinned else 0)
+    assert all(p.cpu.is_pinned() == pinned for p in streamer._packed)
+    assert model.embed.weight.is_cuda and model.blocks[0].q.bias.is_cuda
+    assert not model.blocks[3].q.bias.is_cuda  # streamed blocks rest in host memory between uses
+    for _ in range(3):
+        out = run(model, x)
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)
+    streamer.detach()
+
+
+@pytest.mark.gpu
+def test_cuda_pin_limit_falls_back_to_pageable() -> None:
+    model = _cuda_toy()
+    x = toy_input(tokens=256).cuda()
+    model.cuda()
+    ref = run(model, x)
+    model.cpu()
+    one_block = sum(t.numel() * t.element_size() for t in model.blocks[1].state_dict().values())
+    streamer = attach(model, "cuda", resident=0, prefetch=1, pinned=True, pin_limit=int(2.5 * one_block))
+    assert 1 <= streamer.pinned_blocks < len(streamer._packed)
+    assert torch.equal(run(model, x), ref)
+    streamer.detach()
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_is_resident_plus_slots() -> None:
+    model = _cuda_toy(layers=8, d=1024, ffn=4096)
+    quantize_model(model, "int8")
+    x = toy_input(tokens=64).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    streamer = attach(model, "cuda", resident=1, prefetch=1)
+    run(model, x)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    run(model, x)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    block_bytes = sum(t.numel() * t.element_size() for t in model.blocks[0].state_dict().values())
+    non_block = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if not n.startswith("blocks."))
+    resident_bytes = block_bytes + non_block
+    activations = 32 << 20  # 64 tokens: the activations and one dequantized weight stay far under this
+    all_blocks = 8 * block_bytes
+    assert peak <= resident_bytes + streamer.slot_bytes + activations, (peak, streamer.summary())
+    assert peak < all_blocks
+    streamer.detach()
+
+
+@pytest.mark.gpu
+def test_cuda_move_expert_one_on_gpu(tmp_path) -> None:
+    a, b = toy(torch.float32, seed=0), toy(torch.float32, seed=1)
+    for name, m in (("a", a), ("b", b)):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(m.state_dict(), str(path))
+        set_expert_source(m, SafetensorsSource([path]))
+    x = toy_input().cuda()
+    move_expert(a, "gpu")
+    ref_a = run(a, x)
+    move_expert(a, "disk")
+    move_expert(b, "gpu")
+    assert where_is(a) == "disk" and where_is(b) == "gpu"
+    run(b, x)
+    move_expert(b, "ram", pin=True)
+    move_expert(a, "gpu")
+    assert torch.equal(run(a, x), ref_a)

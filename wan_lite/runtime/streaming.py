@@ -1,0 +1,426 @@
+"""Block streaming: keep transformer blocks in CPU memory and copy each to the GPU just before use.
+
+`BlockStreamer.attach(model, device, resident, prefetch, pinned)` works on any module with a block
+list (`WanDiT.blocks`, the umT5 encoder's `encoder.block`), from outside, with forward hooks:
+
+- the first `resident` blocks and everything outside the block list move to `device` for good;
+- every other block is packed into one contiguous CPU buffer (pinned when allowed and RAM allows,
+  pageable otherwise) holding its tensors in their current dtypes (bf16, int8 + scales, ...); the
+  block's parameters and buffers become views into that buffer, so no RAM is duplicated;
+- a ring of `prefetch + 1` GPU slots, each as large as the largest streamed block, receives the
+  buffers on a side CUDA stream `prefetch` blocks ahead of use. Each slot has two events:
+  `copied` (recorded on the copy stream after the copy; the compute stream waits on it before the
+  block runs) and `free` (recorded on the compute stream after the block ran; the copy stream waits
+  on it before overwriting the slot). Nothing synchronises the host.
+
+On a CPU device the same code runs without streams or events (slots are plain CPU buffers), so
+tests can check streamed == resident bit for bit.
+
+`move_expert(model, "gpu" | "ram" | "disk")` moves a whole model (one A14B expert) between
+places; "disk" drops every tensor (meta) and re-fills it from its TensorSource on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wan_lite.loading.tensors import TensorSource
+from wan_lite.runtime.quant import find_block_list, refill_like
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 256  # byte alignment of every tensor inside a packed block (vector loads, fp8 GEMMs)
+_GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a block: where it lives in the module and in the packed buffer."""
+
+    module: nn.Module
+    name: str
+    is_param: bool
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _view(buf: torch.Tensor, e: _Entry) -> torch.Tensor:
+    n = e.dtype.itemsize * int(torch.Size(e.shape).numel())
+    return buf[e.offset : e.offset + n].view(e.dtype).view(e.shape)
+
+
+def _set(e: _Entry, tensor: torch.Tensor) -> None:
+    if e.is_param:
+        # Swapping `.data` keeps the Parameter object (and anything holding it) valid.
+        e.module._parameters[e.name].data = tensor
+    else:
+        e.module._buffers[e.name] = tensor
+
+
+def _tensors(block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+    out = []
+    for module in block.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                out.append((module, name, True, p.data))
+        for name, b in module._buffers.items():
+            if b is not None:
+                out.append((module, name, False, b))
+    return out
+
+
+def _pin_budget(limit: int | None) -> int:
+    """Bytes we allow ourselves to pin. Pinned pages cannot be swapped; pinning nearly all RAM
+    stalls the whole machine, so by default we keep pinned memory to half of what is available."""
+    if limit is not None:
+        return limit
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available * 0.5)
+    except ImportError:  # psutil is optional: without it, trust the allocator to fail cleanly
+        return 1 << 62
+
+
+class _PackedBlock:
+    """A block's tensors in one contiguous CPU buffer, and views of it per GPU slot."""
+
+    def __init__(self, index: int, block: nn.Module, pin: bool) -> None:
+        self.index = index
+        entries, offset, seen = [], 0, {}
+        items = _tensors(block)
+        for module, name, is_param, t in items:
+            if t.device.type == "meta":
+                raise RuntimeError(f"block {index} has a tensor on meta ({name}); fill the model before streaming")
+            key = id(t)
+            if key not in seen:  # a tensor shared by two modules is stored once
+                seen[key] = offset
+                offset = _align(offset + t.numel() * t.element_size())
+            entries.append(_Entry(module, name, is_param, seen[key], t.dtype, tuple(t.shape)))
+        self.entries: list[_Entry] = entries
+        self.nbytes = max(offset, _ALIGN)
+        self.pinned = False
+        if pin:
+            try:
+                self.cpu = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+                self.pinned = True
+            except RuntimeError as err:  # no CUDA driver, or the OS refused to lock more pages
+                log.warning("pinning block %d failed (%s); using pageable memory", index, err)
+        if not self.pinned:
+            self.cpu = torch.empty(self.nbytes, dtype=torch.uint8)
+        for (_m, _n, _p, t), e in zip(items, entries):
+            _view(self.cpu, e).copy_(t)
+        self.cpu_views = [_view(self.cpu, e) for e in entries]
+        self.bind(self.cpu_views)
+        self.slot_views: dict[int, list[torch.Tensor]] = {}
+
+    def bind(self, views: list[torch.Tensor]) -> None:
+        for e, v in zip(self.entries, views):
+            _set(e, v)
+
+
+class BlockStreamer:
+    """Streams the blocks of one model; see the module docstring. Use `attach` to create."""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.device = torch.device("cpu")
+        self.resident = 0
+        self.prefetch = 1
+        self._packed: list[_PackedBlock] = []
+        self._slots: list[torch.Tensor] = []
+        self._owner: list[int] = []  # streamed position held (or being copied) in each slot, -1 none
+        self._slot_of: dict[int, int] = {}
+        self._copied: list[torch.cuda.Event | None] = []
+        self._free: list[torch.cuda.Event | None] = []
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._bound: tuple[int, int] | None = None  # (position, slot) whose params point at a slot
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # -------------------------------------------------------------------------------- set-up
+
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        device: torch.device | str,
+        resident: int = 0,
+        prefetch: int = 1,
+        pinned: bool = True,
+        pin_limit: int | None = None,
+    ) -> BlockStreamer:
+        """Stream `model`'s blocks to `device`, keeping the first `resident` blocks there.
+
+        prefetch: how many blocks ahead are copied (>= 1); the GPU holds prefetch + 1 slots.
+        pinned: page-lock the CPU copies (faster, asynchronous transfers); falls back to pageable
+        memory block by block when pinning fails or would exceed `pin_limit` bytes (default: half
+        of the available RAM).
+        """
+        if prefetch < 1:
+            raise ValueError("prefetch must be >= 1")
+        detach_streamer(model)
+        self = cls()
+        self.model, self.device = model, torch.device(device)
+        _, blocks = find_block_list(model)
+        self.resident = max(0, min(resident, len(blocks)))
+        self.prefetch = prefetch
+        block_ids = {id(m) for b in blocks for m in b.modules()}
+        # Everything outside the block list is small next to the blocks (embeddings, head):
+        # it lives on the device for the whole run.
+        for module in model.modules():
+            if id(module) not in block_ids and not isinstance(module, nn.ModuleList):
+                for _n, p in module.named_parameters(recurse=False):
+                    p.data = p.data.to(self.device)
+                for n, b in list(module._buffers.items()):
+                    if b is not None:
+                        module._buffers[n] = b.to(self.device)
+        for block in blocks[: self.resident]:
+            block.to(self.device)
+        streamed = list(blocks[self.resident :])
+        use_pin = pinned and torch.cuda.is_available() and self.device.type == "cuda"
+        budget = _pin_budget(pin_limit) if use_pin else 0
+        for i, block in enumerate(streamed):
+            # Pack from CPU: a block still on the GPU is first brought back to host memory.
+            block.to("cpu")
+            size = sum(t.numel() * t.element_size() for *_, t in _tensors(block))
+            pin = use_pin and size <= budget
+            packed = _PackedBlock(self.resident + i, block, pin)
+            budget -= packed.nbytes if packed.pinned else 0
+            self._packed.append(packed)
+        if self._packed:
+            n_slots = min(prefetch + 1, len(self._packed))
+            slot_bytes = max(p.nbytes for p in self._packed)
+            self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+            self._owner = [-1] * n_slots
+            if self.device.type == "cuda":
+                self._copy_stream = torch.cuda.Stream(self.device)
+                self._copied = [torch.cuda.Event() for _ in range(n_slots)]
+                self._free = [torch.cuda.Event() for _ in range(n_slots)]
+            else:
+                self._copied = [None] * n_slots
+                self._free = [None] * n_slots
+            for pos, block in enumerate(streamed):
+                self._handles.append(block.register_forward_pre_hook(self._make_pre(pos)))
+                self._handles.append(block.register_forward_hook(self._make_post(pos)))
+            # Start the first copies now so that they overlap the work before the first block.
+            for pos in range(n_slots):
+                self._load(pos, pos)
+        _ATTACHED[model] = self
+        log.info("%s", self.summary())
+        return self
+
+    def summary(self) -> str:
+        streamed = sum(p.nbytes for p in self._packed)
+        pinned = sum(p.nbytes for p in self._packed if p.pinned)
+        slots = sum(s.numel() for s in self._slots)
+        return (f"block streaming on {self.device}: {self.resident} resident, {len(self._packed)} streamed "
+                f"({streamed / _GIB:.2f} GiB in RAM, {pinned / _GIB:.2f} GiB pinned), "
+                f"{len(self._slots)} slots ({slots / _GIB:.2f} GiB), prefetch {self.prefetch}")
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(s.numel() for s in self._slots)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(p.nbytes for p in self._packed)
+
+    @property
+    def pinned_blocks(self) -> int:
+        return sum(p.pinned for p in self._packed)
+
+    def detach(self) -> None:
+        """Remove the hooks and free the GPU slots. Streamed blocks stay in (packed) CPU memory;
+        resident blocks and the rest of the model stay on the device."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._unbind_current()
+        if self._copy_stream is not None:
+            # The slots are about to return to the allocator; copies still in flight on the side
+            # stream must finish first, and the compute stream must not reuse that memory before.
+            self._copy_stream.synchronize()
+        for p in self._packed:
+            p.bind(p.cpu_views)
+            p.slot_views.clear()
+        self._slots, self._owner, self._slot_of = [], [], {}
+        self._copied, self._free, self._copy_stream = [], [], None
+        if self.model is not None and _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+        self.model = None
+
+    # -------------------------------------------------------------------------------- transfers
+
+    def _views(self, pos: int, slot: int) -> list[torch.Tensor]:
+        packed = self._packed[pos]
+        if slot not in packed.slot_views:
+            packed.slot_views[slot] = [_view(self._slots[slot], e) for e in packed.entries]
+        return packed.slot_views[slot]
+
+    def _load(self, pos: int, slot: int) -> None:
+        """Queue the copy of streamed block `pos` into `slot`."""
+        old = self._owner[slot]
+        if old == pos:
+            return
+        if old >= 0:
+            self._slot_of.pop(old, None)
+        self._owner[slot], self._slot_of[pos] = pos, slot
+        packed = self._packed[pos]
+        dst = self._slots[slot][: packed.nbytes]
+        if self._copy_stream is None:
+            dst.copy_(packed.cpu)
+            return
+        with torch.cuda.stream(self._copy_stream):
+            # Do not overwrite the slot while kernels of its previous block may still read it.
+            self._copy_stream.wait_event(self._free[slot])
+            dst.copy_(packed.cpu, non_blocking=packed.pinned)
+            self._copied[slot].record(self._copy_stream)
+
+    def _pick_slot(self, pos: int) -> int:
+        """A slot for an on-demand load: an empty one, else the one whose block is needed last."""
+        n = len(self._packed)
+
+        def distance(slot: int) -> int:
+            owner = self._owner[slot]
+            return n + 1 if owner < 0 else (owner - pos) % n
+
+        return max(range(len(self._slots)), key=distance)
+
+    def _unbind_current(self) -> None:
+        if self._bound is None:
+            return
+        pos, slot = self._bound
+        self._bound = None
+        if self._copy_stream is not None:
+            # A forward that raised (e.g. out of memory) skipped the post-hook; the slot's
+            # kernels were queued on the current stream, so mark the slot free after them.
+            self._free[slot].record(torch.cuda.current_stream(self.device))
+        self._packed[pos].bind(self._packed[pos].cpu_views)
+
+    def _make_pre(self, pos: int) -> Callable:
+        def pre_hook(_module: nn.Module, _args: tuple) -> None:
+            self._unbind_current()
+            slot = self._slot_of.get(pos)
+            if slot is None:  # not prefetched: first use, or blocks called out of order
+                slot = self._pick_slot(pos)
+                self._load(pos, slot)
+            if self._copy_stream is not None:
+                # The block's kernels must not start before its weights arrived; this orders the
+                # GPU streams only, the host goes on queueing work.
+                torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+            self._packed[pos].bind(self._views(pos, slot))
+            self._bound = (pos, slot)
+
+        return pre_hook
+
+    def _make_post(self, pos: int) -> Callable:
+        def post_hook(_module: nn.Module, _args: tuple, _output: object) -> None:
+            bound = self._bound
+            self._bound = None
+            slot = self._slot_of[pos] if bound is None else bound[1]
+            if self._copy_stream is not None:
+                # Everything that reads this slot is queued before this point on this stream.
+                self._free[slot].record(torch.cuda.current_stream(self.device))
+            self._packed[pos].bind(self._packed[pos].cpu_views)
+            # Refill the slot just freed with the block `len(slots)` positions ahead, wrapping
+            # around so that the next forward (next step) finds its first blocks already loaded.
+            target = (pos + len(self._slots)) % len(self._packed)
+            if target not in self._slot_of:
+                self._load(target, slot)
+
+        return post_hook
+
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, BlockStreamer] = weakref.WeakKeyDictionary()
+
+
+def attach(model: nn.Module, device: torch.device | str, resident: int = 0, prefetch: int = 1,
+           pinned: bool = True, pin_limit: int | None = None) -> BlockStreamer:
+    """Shortcut for `BlockStreamer.attach`."""
+    return BlockStreamer.attach(model, device, resident, prefetch, pinned, pin_limit)
+
+
+def streamer_of(model: nn.Module) -> BlockStreamer | None:
+    return _ATTACHED.get(model)
+
+
+def detach_streamer(model: nn.Module) -> None:
+    """Detach the streamer of `model`, if any."""
+    streamer = _ATTACHED.get(model)
+    if streamer is not None:
+        streamer.detach()
+
+
+# ------------------------------------------------------------------------------------------
+# Whole-model placement (A14B experts)
+
+
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, tuple[TensorSource, Callable[[str], str] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def set_expert_source(model: nn.Module, source: TensorSource, key_map: Callable[[str], str] | None = None) -> None:
+    """Remember where `model`'s tensors come from, so `move_expert(model, "disk")` can drop them.
+
+    `source` is the quantized cache file (exact tensors) or the original float checkpoint (the
+    quantized layers are then quantized again as they are read)."""
+    _SOURCES[model] = (source, key_map)
+
+
+def where_is(model: nn.Module) -> str:
+    """"disk" (tensors dropped), "gpu" (every tensor on a CUDA device), "ram", or "mixed"."""
+    kinds = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
+    if kinds <= {"meta"}:
+        return "disk"
+    if kinds == {"cuda"}:
+        return "gpu"
+    if kinds == {"cpu"}:
+        return "ram"
+    return "mixed"
+
+
+def move_expert(model: nn.Module, where: str, *, device: torch.device | str = "cuda",
+                pin: bool = False, quant_device: torch.device | str = "cpu") -> None:
+    """Put a whole model on the GPU ("gpu"), in host RAM ("ram") or nowhere ("disk").
+
+    "disk" drops every tensor (the file on disk, memory-mapped, is the copy); "ram" and "gpu"
+    re-fill a dropped model from the source given to `set_expert_source`. A streamer attached to
+    the model is detached first. To keep two A14B experts within one GPU's budget, move the idle
+    one to "ram" or "disk" *before* moving the next one to "gpu".
+    """
+    if where not in ("gpu", "ram", "disk"):
+        raise ValueError(f"where must be 'gpu', 'ram' or 'disk', not {where!r}")
+    detach_streamer(model)
+    if where == "disk":
+        if model not in _SOURCES:
+            raise RuntimeError("move_expert(..., 'disk') needs set_expert_source(model, source) first")
+        # to_empty on meta keeps every dtype and shape (so the refill knows them) and frees storage.
+        model.to_empty(device="meta")
+        return
+    if where_is(model) == "disk":
+        if model not in _SOURCES:
+            raise RuntimeError("this model was dropped without a source; cannot re-fill it")
+        source, key_map = _SOURCES[model]
+        refill_like(model, source, key_map=key_map, quant_device=quant_device)
+    if where == "ram":
+        model.to("cpu")
+        if pin and torch.cuda.is_available():
+            for t in list(model.parameters()) + list(model.buffers()):
+                try:
+                    t.data = t.data.pin_memory()
+                except RuntimeError:  # locked-memory limit reached: the rest stays pageable
+                    break
+    else:
+        model.to(device)
