@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.tiny_ckpt.dit import write_dit
-from wan_lite.loading.tensors import DictSource, SafetensorsSource
+from wan_lite.loading.tensors import SafetensorsSource
 from wan_lite.models.dit import WanDiT
 from wan_lite.runtime import quant
 from wan_lite.runtime.quant import (
@@ -243,6 +243,26 @@ def test_umt5_encoder_quantized() -> None:
 
 
 # ------------------------------------------------------------------------------ disk cache
+def test_umt5_cache_keeps_the_tied_embedding_shared(tmp_path) -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    model = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
+    quantize_model(model, "int8")
+    path = save_quantized(model, tmp_path / "t5.safetensors", key="k")
+    assert len(SafetensorsSource([path])) == len(model.state_dict()) - 1  # the embedding once
+    with torch.device("meta"):
+        again = UMT5EncoderModel(cfg)
+    assert load_quantized(again, path, key="k")
+    shared, embed = again.shared.weight, again.encoder.embed_tokens.weight
+    assert shared.device.type == "cpu" and shared.data_ptr() == embed.data_ptr()
+    ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(again.eval()(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+
+
 def test_cache_round_trip_and_reuse(tmp_path, monkeypatch) -> None:
     state = toy(torch.float32).state_dict()
     src_path = tmp_path / "toy.safetensors"
@@ -264,7 +284,7 @@ def test_cache_round_trip_and_reuse(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(quant, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
     second, path2 = load_or_quantize(fresh(), SafetensorsSource([src_path]), "fp8", cache_dir=cache_dir, **keep)
     assert path2 == path and calls == []  # the second start skips quantization
-    for (k1, v1), (k2, v2) in zip(first.state_dict().items(), second.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert k1 == k2 and v1.dtype == v2.dtype and torch.equal(v1, v2)
     with torch.inference_mode():
         assert torch.equal(first(x), second(x))

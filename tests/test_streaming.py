@@ -293,3 +293,66 @@ def test_cuda_move_expert_one_on_gpu(tmp_path) -> None:
     move_expert(b, "ram", pin=True)
     move_expert(a, "gpu")
     assert torch.equal(run(a, x), ref_a)
+
+
+# ------------------------------------------------------------------------------ attention choice
+# (start-up choice of the attention kernel, wan_lite/runtime/attention_select.py)
+def _sdpa_stand_in(q, k, v, tensor_layout="NHD", is_causal=False):
+    """Plays an installed, correct SageAttention: same function, sage's call signature."""
+    assert tensor_layout == "NHD" and not is_causal
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()).transpose(1, 2)
+
+
+def test_attention_self_check_accepts_good_and_rejects_bad_kernels(monkeypatch) -> None:
+    import sys
+    import types
+
+    from wan_lite.runtime import attention_select as sel
+
+    fake = types.ModuleType("sageattention")
+    fake.sageattn = _sdpa_stand_in
+    monkeypatch.setitem(sys.modules, "sageattention", fake)
+    wrapped = sel._sage_backend()
+    ok, err, reason = sel.self_check(wrapped, "cpu")
+    assert ok and err < 0.01 and reason == "passed"
+    q = torch.randn(1, 5, 2, 128, dtype=torch.bfloat16)
+    assert wrapped(q, q, q).dtype == torch.bfloat16
+
+    ok, err, reason = sel.self_check(lambda q, k, v: torch.flip(_sdpa_stand_in(q, k, v), dims=[1]).to(q.dtype), "cpu")
+    assert not ok and err > sel.TOLERANCE and "differs from SDPA" in reason
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    ok, err, reason = sel.self_check(broken, "cpu")
+    assert not ok and "no kernel image" in reason
+    ok, _, reason = sel.self_check(lambda q, k, v: q[:, :1], "cpu")
+    assert not ok and "shape" in reason
+    ok, _, reason = sel.self_check(lambda q, k, v: q * float("nan"), "cpu")
+    assert not ok and "non-finite" in reason
+
+
+def test_attention_select_falls_back_to_sdpa_with_a_note(caplog) -> None:
+    from wan_lite.models import attention as attn_mod
+    from wan_lite.runtime.attention_select import select_attention
+
+    with caplog.at_level("INFO", logger="wan_lite.runtime.attention_select"):
+        choice = select_attention("cpu")
+    assert choice.backend == "sdpa" and attn_mod.get_attention_backend() == "sdpa"
+    assert "SDPA" in choice.note and choice.note in caplog.text
+    assert select_attention("cpu", allow_sage=False).note.endswith("disabled by the user).")
+
+
+@pytest.mark.gpu
+def test_cuda_attention_select() -> None:
+    from wan_lite.models import attention as attn_mod
+    from wan_lite.runtime.attention_select import select_attention
+
+    choice = select_attention("cuda")
+    assert attn_mod.get_attention_backend() == choice.backend
+    q, k, v = (torch.randn(1, 777, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = attn_mod.attention(q, k, v)
+    ref = attn_mod.sdpa_attention(q, k, v)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 0.05
+    attn_mod.set_attention_backend("sdpa")

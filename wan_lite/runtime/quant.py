@@ -1,24 +1,20 @@
 """int8 / fp8-e4m3 weights with per-output-channel scales, applied to a model from outside.
 
-`quantize_model(model, "int8" | "fp8")` swaps the `nn.Linear` layers inside the model's block list
-(`WanDiT.blocks`, the umT5 encoder's `encoder.block`) for `QuantizedLinear`, honouring the model's
-`no_quantize_patterns` / `keep_fp32_patterns`. Everything outside the blocks (embeddings, the time
-projection, the head, norms, modulation tables) keeps its dtype.
+`quantize_model(model, "int8" | "fp8")` swaps the `nn.Linear` layers inside the block list
+(`WanDiT.blocks`, the umT5 encoder's `encoder.block`) for `QuantizedLinear`, except those the model
+declares in `no_quantize_patterns` / `keep_fp32_patterns`; everything outside the blocks keeps its dtype.
 
-Why our own small module rather than optimum-quanto: quanto's runtime Linear is slower than bf16
-(int8 1.2-1.4x, fp8 2.4-2.9x, see shared/BENCHMARKS.md), its tensors are subclasses that the
-block streamer would have to special-case, and its serialisation is not a plain state dict. What we
-need is small: one byte per weight plus one fp32 scale per output row (the ideal size), a forward
-that dequantizes the weight once into the activation dtype (one fused read-int8/write-bf16 pass,
-cheap next to the matmul) and then runs the ordinary bf16 GEMM, and on GPUs with fp8 tensor cores
-(compute capability >= 8.9) an fp8 x fp8 `torch._scaled_mm` with per-row activation scales and
-per-channel weight scales. Both formats are stored as `torch.int8` (fp8 bits viewed as int8), so
-`model.to(dtype)` never casts them and code that skips casts for int8 weights (transformers' T5
-`wo` check) behaves.
+Why our own module and not optimum-quanto: quanto's runtime Linear is slower than bf16 (int8
+1.2-1.4x, fp8 2.4-2.9x, shared/BENCHMARKS.md), its tensor subclasses would need special cases in the
+block streamer, and it does not serialise to a plain state dict. What we need is small: 1 byte per
+weight + one fp32 scale per output row (the ideal size); a forward that dequantizes the weight once
+into the activation dtype (one read-int8/write-bf16 pass, cheap next to the GEMM) and runs the bf16
+GEMM; and on GPUs with fp8 tensor cores (cc >= 8.9) an fp8 x fp8 `torch._scaled_mm` with per-row
+activation and per-channel weight scales. Both formats are stored as int8 (fp8 bits viewed as
+int8): `model.to(dtype)` never casts them, and transformers' T5 skips its `wo` input cast for int8.
 
-Quantized models are cached on disk as safetensors keyed by the source files' identity (path,
-size, mtime) and the format (`load_or_quantize`), written atomically and streamed tensor by tensor,
-so the second start reads one memory-mapped file instead of quantizing again.
+`load_or_quantize` caches quantized models as safetensors keyed by the source files' identity
+(path, size, mtime), the format and the dtype, written atomically, so a second start skips quantizing.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -37,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_lite.errors import CheckpointError, InputError
-from wan_lite.loading.build import fill_module
-from wan_lite.loading.tensors import TensorSource, read_safetensors_header
+from wan_lite.loading.tensors import _ST_DTYPES, SafetensorsSource, TensorSource, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +47,7 @@ _FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 _FP8_ACT_TARGET = 440.0
 SCALE_SUFFIX = "_scale"  # QuantizedLinear stores `weight` and `weight_scale`
 _META_KEY = "wan_lite_quant"
-
-
-def _block_list_paths() -> tuple[str, ...]:
-    return ("blocks", "encoder.block", "block")
+_BLOCK_LISTS = ("blocks", "encoder.block", "block")  # WanDiT, UMT5EncoderModel, a bare T5 stack
 
 
 def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -64,7 +56,7 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Returns (qualified name, ModuleList). Raises TypeError for a model without either: that is a
     programming error, not something a user can cause.
     """
-    for path in _block_list_paths():
+    for path in _BLOCK_LISTS:
         obj: object = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -206,16 +198,8 @@ class QuantizedLinear(nn.Module):
     only), "auto" (fp8 on CUDA devices with compute capability >= 8.9, else dequant).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        fmt: str,
-        *,
-        bias_dtype: torch.dtype | None = torch.bfloat16,
-        device: torch.device | str | None = None,
-        compute: str = "auto",
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, fmt: str, *, compute: str = "auto",
+                 bias_dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str | None = None) -> None:
         super().__init__()
         _check_format(fmt)
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
@@ -311,18 +295,12 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_model(
-    model: nn.Module,
-    fmt: str,
-    skip: Iterable[str] = (),
-    *,
-    compute: str = "auto",
-    names: Iterable[str] | None = None,
-) -> list[str]:
+def quantize_model(model: nn.Module, fmt: str, skip: Iterable[str] = (), *, compute: str = "auto",
+                   names: Iterable[str] | None = None) -> list[str]:
     """Replace the quantizable nn.Linear layers of `model` by QuantizedLinear, in place.
 
     Works on a filled model (weights quantized now, on their device: quantize on the GPU for
-    speed) and on a meta model (structure only, to be filled by `fill_quantized` or from a cache).
+    speed) and on a meta model (structure only, to be filled by `refill_like` or from a cache).
     names: exactly these layers (from a cache's metadata) instead of `quantizable_linears`.
     Returns the names of the replaced layers.
     """
@@ -364,133 +342,70 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------
-# Filling a quantized meta model from the original (float) checkpoint, tensor by tensor
+# Filling a quantized model from a checkpoint, tensor by tensor
 
 
-class QuantizingSource(TensorSource):
-    """Presents a float checkpoint as a quantized one: the weight of each quantized layer is read,
-    quantized (on `device`), and handed out with its scale under `<weight key>@scale`.
+def refill_like(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
+                quant_device: torch.device | str = "cpu", what: str = "model") -> nn.Module:
+    """Fill a (meta) model with the dtypes and shapes it declares, tensor by tensor.
 
-    Only one float tensor is alive at a time, so filling an A14B expert needs the int8 model plus
-    one float32 tensor of RAM, never the whole float model.
-    """
-
-    def __init__(self, base: TensorSource, quantized: dict[str, str], device: torch.device | str = "cpu") -> None:
-        self.base, self.quantized, self.device = base, quantized, torch.device(device)
-        self.files = base.files
-        self._last: tuple[str, torch.Tensor, torch.Tensor] | None = None
-
-    def _pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._last is None or self._last[0] != key:
-            q, scale = quantize_weight(self.base[key].to(self.device), self.quantized[key])
-            self._last = (key, q.cpu(), scale.cpu())
-        return self._last[1], self._last[2]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name.endswith("@scale"):
-            return self._pair(name[: -len("@scale")])[1]
-        if name in self.quantized:
-            return self._pair(name)[0]
-        return self.base[name]
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.base
-        for key in self.quantized:
-            yield f"{key}@scale"
-
-    def __len__(self) -> int:
-        return len(self.base) + len(self.quantized)
-
-    def __contains__(self, name: object) -> bool:
-        if isinstance(name, str) and name.endswith("@scale"):
-            return name[: -len("@scale")] in self.quantized
-        return name in self.base
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name.endswith("@scale"):
-            return (self.base.shape(name[: -len("@scale")])[0],)
-        return self.base.shape(name)
-
-    def describe(self) -> str:
-        return self.base.describe()
-
-
-def fill_quantized(
-    model: nn.Module,
-    source: TensorSource,
-    dtype: torch.dtype | None,
-    *,
-    key_map: Callable[[str], str] | None = None,
-    keep_fp32: Callable[[str], bool] | None = None,
-    quant_device: torch.device | str = "cpu",
-    what: str = "model",
-) -> nn.Module:
-    """Fill a meta model whose Linear layers were already swapped by `quantize_model`, reading the
-    float checkpoint `source` and quantizing each weight as it is read. Other tensors are cast to
-    `dtype` (or float32 where `keep_fp32`), as `fill_module` does."""
-    kmap = key_map or (lambda n: n)
-    qmods = quantized_modules(model)
-    quantized = {kmap(f"{n}.weight"): m.fmt for n, m in qmods.items()}
-    scale_names = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods}
-
-    def key_map2(name: str) -> str:
-        if name in scale_names:
-            return kmap(name[: -len(SCALE_SUFFIX)]) + "@scale"
-        return kmap(name)
-
-    def keep2(name: str) -> bool:
-        return name in scale_names or (keep_fp32 is not None and keep_fp32(name))
-
-    return fill_module(model, QuantizingSource(source, quantized, quant_device), dtype,
-                       key_map=key_map2, keep_fp32=keep2, what=what)
-
-
-def refill_like(
-    model: nn.Module,
-    source: TensorSource,
-    *,
-    key_map: Callable[[str], str] | None = None,
-    quant_device: torch.device | str = "cpu",
-) -> nn.Module:
-    """Re-fill a model whose tensors were dropped to `meta` (same dtypes and shapes as before).
-
-    `source` is either a quantized cache (holding `<layer>.weight_scale`) read as is, or the
-    original float checkpoint, whose quantized layers are quantized again as they are read.
-    Each tensor is cast to the dtype the model declares for it.
+    `source` is either a quantized cache (holding `<layer>.weight_scale`), read as is, or a float
+    checkpoint whose weights for the quantized layers are quantized (on `quant_device`) as they
+    are read: only one float tensor is alive at a time, never the whole float model.
     """
     kmap = key_map or (lambda n: n)
     qmods = quantized_modules(model)
-    scale_names = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods}
-    if qmods and kmap(next(iter(scale_names))) not in source:
-        source = QuantizingSource(source, {kmap(f"{n}.weight"): m.fmt for n, m in qmods.items()}, quant_device)
-
-        def key_of(name: str) -> str:
-            return kmap(name[: -len(SCALE_SUFFIX)]) + "@scale" if name in scale_names else kmap(name)
-    else:
-        key_of = kmap
-    loaded = {}
-    for name, ref in model.state_dict(keep_vars=True).items():
-        key = key_of(name)
-        if key not in source:
-            raise CheckpointError(f"{source.describe()} lacks tensor {key!r}.", "Download the model again.")
+    requantize = bool(qmods) and kmap(f"{next(iter(qmods))}.weight{SCALE_SUFFIX}") not in source
+    expected = model.state_dict(keep_vars=True)
+    derived = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods} if requantize else set()
+    missing = [kmap(n) for n in expected if n not in derived and kmap(n) not in source]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"The {what} file(s) {source.describe()} lack {len(missing)} tensor(s): {shown}.",
+                              "This is not the expected checkpoint or it is incomplete; download it again.")
+    loaded: dict[str, torch.Tensor] = {}
+    for name, ref in expected.items():
+        if name in derived:
+            continue  # made together with its weight below
+        key = kmap(name)
+        if tuple(source.shape(key)) != tuple(ref.shape):
+            raise CheckpointError(f"Tensor {key!r} in {source.describe()} has shape {list(source.shape(key))}, "
+                                  f"expected {list(ref.shape)} for this {what}.", "The file belongs to another model.")
         t = source[key]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise CheckpointError(f"Tensor {key!r} in {source.describe()} has shape {list(t.shape)}, "
-                                  f"expected {list(ref.shape)}.", "The file belongs to another model.")
+        layer = name[: -len(".weight")]
+        if requantize and name.endswith(".weight") and layer in qmods:
+            q, scale = quantize_weight(t.to(quant_device), qmods[layer].fmt)
+            scale_ref = expected[name + SCALE_SUFFIX]
+            loaded[name], loaded[name + SCALE_SUFFIX] = q.cpu(), scale.to("cpu", scale_ref.dtype)
+            continue
         loaded[name] = t if t.dtype == ref.dtype else t.to(ref.dtype)
     model.load_state_dict(loaded, assign=True, strict=True)
     return model
+
+
+def declare_dtypes(model: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[str], bool] | None = None) -> None:
+    """Cast the float tensors of a (meta: free) model to `dtype`, float32 where `keep_fp32(name)`
+    and for the quantization scales; the int8 weights keep their dtype."""
+    for prefix, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for n, t in store.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                full = f"{prefix}.{n}" if prefix else n
+                fp32 = (isinstance(module, QuantizedLinear) and n == "weight_scale") or (keep_fp32 and keep_fp32(full))
+                target = torch.float32 if fp32 else dtype
+                if t.dtype != target:
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(target)
+                    else:
+                        store[n] = t.to(target)
 
 
 # ------------------------------------------------------------------------------------------
 # Disk cache
 
 
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+_DTYPE_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
 def source_identity(source: TensorSource) -> list[dict[str, object]]:
@@ -548,10 +463,18 @@ def save_quantized(model: nn.Module, path: Path, *, key: str = "") -> Path:
     """Write the whole state of a quantized model (every tensor in its current dtype) to `path`,
     with the quantized layer names, formats and `key` in the header metadata."""
     qmods = quantized_modules(model)
-    fmts = sorted({m.fmt for m in qmods.values()})
-    meta = {"version": CACHE_VERSION, "key": key, "format": ",".join(fmts),
-            "modules": {n: m.fmt for n, m in qmods.items()}}
-    _write_safetensors(Path(path), dict(model.state_dict()), {_META_KEY: json.dumps(meta)})
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}  # tied tensors (umT5's shared / embed_tokens) are stored once
+    first: dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if ident in first:
+            aliases[name] = first[ident]
+        else:
+            first[ident], tensors[name] = name, t
+    meta = {"version": CACHE_VERSION, "key": key, "modules": {n: m.fmt for n, m in qmods.items()},
+            "aliases": aliases}
+    _write_safetensors(Path(path), tensors, {_META_KEY: json.dumps(meta)})
     log.info("saved quantized weights to %s", path)
     return Path(path)
 
@@ -576,8 +499,6 @@ def load_quantized(model: nn.Module, path: Path, *, key: str | None = None) -> b
         if meta is not None:
             log.info("quantized cache %s is stale; quantizing again", path)
         return False
-    from wan_lite.loading.tensors import SafetensorsSource
-
     by_fmt: dict[str, list[str]] = {}
     for name, fmt in meta["modules"].items():
         by_fmt.setdefault(fmt, []).append(name)
@@ -585,37 +506,29 @@ def load_quantized(model: nn.Module, path: Path, *, key: str | None = None) -> b
         quantize_model(model, fmt, names=names)
     source = SafetensorsSource([Path(path)])
     expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in source]
-    if missing or len(source) != len(expected):
+    aliases = meta.get("aliases", {})
+    missing = [k for k in expected if k not in source and k not in aliases]
+    if missing or len(source) + len(aliases) != len(expected):
         raise CheckpointError(f"The quantized cache {path} does not match this model "
                               f"({len(missing)} tensors missing).", f"Delete {path}; it will be rebuilt.")
     loaded = {}
     for name, ref in expected.items():
-        t = source[name]
+        t = loaded[aliases[name]] if name in aliases else source[name]
         # Float tensors keep the dtypes they were cached in (the dtype choice is part of the key);
         # a meta model built in the default dtype says nothing about them.
         if tuple(t.shape) != tuple(ref.shape) or (t.is_floating_point() != ref.is_floating_point()):
             raise CheckpointError(f"Tensor {name!r} in {path} is {t.dtype} {list(t.shape)}, expected "
                                   f"{ref.dtype} {list(ref.shape)}.", f"Delete {path}; it will be rebuilt.")
         loaded[name] = t
-    model.load_state_dict(loaded, assign=True, strict=True)
+    model.load_state_dict(loaded, assign=True, strict=True)  # aliases share one tensor again
     log.info("loaded quantized weights from %s", path)
     return True
 
 
-def load_or_quantize(
-    model: nn.Module,
-    source: TensorSource,
-    fmt: str,
-    *,
-    dtype: torch.dtype | None = torch.bfloat16,
-    cache_dir: Path | None = None,
-    key_map: Callable[[str], str] | None = None,
-    keep_fp32: Callable[[str], bool] | None = None,
-    skip: Iterable[str] = (),
-    quant_device: torch.device | str = "cpu",
-    what: str = "model",
-) -> tuple[nn.Module, Path | None]:
+def load_or_quantize(model: nn.Module, source: TensorSource, fmt: str, *, dtype: torch.dtype | None = torch.bfloat16,
+                     cache_dir: Path | None = None, key_map: Callable[[str], str] | None = None,
+                     keep_fp32: Callable[[str], bool] | None = None, skip: Iterable[str] = (),
+                     quant_device: torch.device | str = "cpu", what: str = "model") -> tuple[nn.Module, Path | None]:
     """Fill a meta-built `model` with `fmt` weights: from the cache when it is current, else by
     quantizing `source` tensor by tensor (then writing the cache). Returns (model, cache file)."""
     skip = tuple(skip)
@@ -624,8 +537,9 @@ def load_or_quantize(
     if path is not None and load_quantized(model, path, key=key):
         return model, path
     quantize_model(model, fmt, skip)
-    fill_quantized(model, source, dtype, key_map=key_map, keep_fp32=keep_fp32,
-                   quant_device=quant_device, what=what)
+    if dtype is not None:
+        declare_dtypes(model, dtype, keep_fp32)
+    refill_like(model, source, key_map=key_map, quant_device=quant_device, what=what)
     if path is not None:
         try:
             save_quantized(model, path, key=key)

@@ -119,14 +119,14 @@ class _PackedBlock:
                 log.warning("pinning block %d failed (%s); using pageable memory", index, err)
         if not self.pinned:
             self.cpu = torch.empty(self.nbytes, dtype=torch.uint8)
-        for (_m, _n, _p, t), e in zip(items, entries):
+        for (_m, _n, _p, t), e in zip(items, entries, strict=True):
             _view(self.cpu, e).copy_(t)
         self.cpu_views = [_view(self.cpu, e) for e in entries]
         self.bind(self.cpu_views)
         self.slot_views: dict[int, list[torch.Tensor]] = {}
 
     def bind(self, views: list[torch.Tensor]) -> None:
-        for e, v in zip(self.entries, views):
+        for e, v in zip(self.entries, views, strict=True):
             _set(e, v)
 
 

@@ -1,0 +1,116 @@
+"""Choose the attention kernel once at start: SageAttention when it is installed *and* agrees with
+PyTorch SDPA on a quick check on this GPU, PyTorch SDPA otherwise.
+
+SageAttention quantizes q/k (int8) and p/v (fp8) inside the kernel; its builds are specific to a
+GPU architecture and CUDA version, so an installed wheel can still be wrong or crash on a given
+card. The self-check runs both kernels on small random inputs shaped like the DiT's self- and
+cross-attention (head size 128, a query length that is not a multiple of the kernel's tile, 512
+text keys) and accepts the kernel only within `TOLERANCE` relative L2 error of SDPA. Whatever the
+outcome, one log line says which kernel runs and why; `AttentionChoice.note` carries the same text
+for the UI. Nothing is installed or compiled here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from wan_lite.models.attention import (
+    AttentionFn,
+    register_attention_backend,
+    sdpa_attention,
+    set_attention_backend,
+)
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 0.05  # sage's own accuracy on random data is ~1-2% relative L2; a broken build is ~100%
+# (query tokens, key tokens) of the check: self-attention with a ragged length, text cross-attention.
+_CHECK_SHAPES = ((1000, 1000), (1000, 512))
+_CHECK_HEADS, _CHECK_HEAD_DIM = 4, 128
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    backend: str  # the name given to set_attention_backend
+    note: str  # one sentence for the log and the UI
+    rel_error: float | None = None  # the self-check's worst relative L2 error, when one ran
+    failed: bool = False  # an installed kernel was rejected by the self-check
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def self_check(fn: AttentionFn, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+               seed: int = 0) -> tuple[bool, float, str]:
+    """Run `fn` and SDPA on random q/k/v [1, L, 4, 128]; returns (passed, worst rel L2, reason).
+
+    Exceptions from `fn` (no kernel for this GPU, bad build) count as a failed check.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    worst = 0.0
+    for lq, lk in _CHECK_SHAPES:
+        q, k, v = (torch.randn(1, n, _CHECK_HEADS, _CHECK_HEAD_DIM, generator=gen, device=device).to(dtype)
+                   for n in (lq, lk, lk))
+        try:
+            out = fn(q, k, v)
+        except Exception as err:  # any failure of an optional kernel means "do not use it"
+            return False, float("nan"), f"it raised {type(err).__name__}: {err}"
+        if out.shape != q.shape:
+            return False, float("nan"), f"it returned shape {list(out.shape)} for {list(q.shape)}"
+        if not torch.isfinite(out).all():
+            return False, float("nan"), "it returned non-finite values"
+        worst = max(worst, _rel_l2(out, sdpa_attention(q, k, v)))
+    if worst > TOLERANCE:
+        return False, worst, f"its output differs from SDPA by {worst:.1%} (limit {TOLERANCE:.0%})"
+    return True, worst, "passed"
+
+
+def _sage_backend() -> AttentionFn | None:
+    """SageAttention wrapped to our contract ([B, L, H, Dh] in, same layout and q's dtype out)."""
+    try:
+        sage = importlib.import_module("sageattention")
+    except Exception:  # not installed, or its extension fails to load: same answer
+        return None
+    sageattn: Callable = sage.sageattn
+
+    def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 96, 128):
+            return sdpa_attention(q, k, v)  # shapes/dtypes the kernel does not take
+        # "NHD" is [batch, tokens, heads, head_dim]: our layout, no transposes.
+        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False).to(q.dtype)
+
+    return sage_attention
+
+
+def select_attention(device: torch.device | str | None = None, *, allow_sage: bool = True) -> AttentionChoice:
+    """Pick and activate the attention kernel for `device` (default: CUDA if present, else CPU)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choice = _decide(dev, allow_sage)
+    set_attention_backend(choice.backend)
+    # A kernel that is installed but wrong deserves a warning; everything else is an info line.
+    log.log(logging.WARNING if choice.failed else logging.INFO, "%s", choice.note)
+    return choice
+
+
+def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
+    if not allow_sage:
+        return AttentionChoice("sdpa", "Attention: PyTorch SDPA (SageAttention disabled by the user).")
+    if dev.type != "cuda":
+        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA (SageAttention needs a CUDA GPU, running on {dev}).")
+    fn = _sage_backend()
+    if fn is None:
+        return AttentionChoice("sdpa", "Attention: PyTorch SDPA (SageAttention is not installed; optional).")
+    with torch.no_grad():
+        ok, err, reason = self_check(fn, dev)
+    if not ok:
+        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA - SageAttention is installed but failed its "
+                                       f"self-check on this GPU ({reason}).", err, failed=True)
+    register_attention_backend("sage", fn)
+    return AttentionChoice("sage", f"Attention: SageAttention (self-check against SDPA: {err:.2%} rel. error).",
+                           err)
