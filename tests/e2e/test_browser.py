@@ -1,0 +1,182 @@
+"""End to end in a real Chromium: the page as a user drives it.
+
+Two engines run the same script:
+- "scripted": tests/e2e/fake_engine.py, which follows the Engine interface and writes real mp4
+  files without any model math (it tests the page, the queue, progress, cancel and history);
+- "real": wan_lite.engine.Engine on a tiny model folder from tests/tiny_ckpt (skipped until the
+  engine and a tiny-folder writer exist).
+
+Chromium is Debian's (/usr/bin/chromium); nothing is downloaded. Screenshots go to the test's
+tmp folder (pytest prints it with -v --basetemp=...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+log = logging.getLogger(__name__)
+
+CHROMIUM = os.environ.get("WAN_LITE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 60_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _real_engine(models: Path, out: Path):
+    """wan_lite's Engine on a tiny model folder, or a skip saying what is still missing."""
+    try:
+        from tests import tiny_ckpt
+    except ImportError:
+        pytest.skip("tests/tiny_ckpt is not importable")
+    writer = getattr(tiny_ckpt, "write_model_folder", None)
+    if writer is None:
+        pytest.skip("tests/tiny_ckpt has no write_model_folder(folder, model_name) yet")
+    from wan_lite.engine import Engine
+
+    engine = Engine(models, out, device="cpu")
+    try:
+        folder = engine.model_folder("ti2v-5b")
+        writer(folder, "ti2v-5b")
+        engine.model_status()
+    except NotImplementedError:
+        pytest.skip("wan_lite.engine.Engine is not implemented yet")
+    return engine
+
+
+@pytest.fixture(params=["scripted", "real"])
+def app_url(request, tmp_path, monkeypatch) -> Iterator[tuple[str, object, Path]]:
+    if shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api")
+    uploads, out, models = tmp_path / "uploads", tmp_path / "outputs", tmp_path / "models"
+    for d in (uploads, out, models):
+        d.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    monkeypatch.setenv("WAN_LITE_CONFIG_DIR", str(tmp_path / "config"))
+    if request.param == "scripted":
+        from tests.e2e.fake_engine import FakeEngine
+
+        engine = FakeEngine(models, out, step_s=0.25)
+    else:
+        engine = _real_engine(models, out)
+    from wan_lite.ui.app import build_ui, launch
+
+    ui = build_ui(engine, uploads)
+    port = _free_port()
+    launch(ui, host="127.0.0.1", port=port, share=False, open_browser=False, output_dir=out, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/", engine, tmp_path
+    finally:
+        ui.demo.close()
+
+
+def _start_image(path: Path) -> Path:
+    """A 900x600 picture with a transparent corner (the upload check must flatten it)."""
+    im = Image.new("RGBA", (900, 600), (30, 120, 200, 255))
+    for x in range(0, 200):
+        for y in range(0, 100):
+            im.putpixel((x, y), (0, 0, 0, 0))
+    im.save(path)
+    return path
+
+
+def test_create_generate_history_cancel(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, engine, tmp = app_url
+    shots = tmp / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(url)
+            prompt = page.locator("#wl-prompt textarea")
+            final = page.locator("#wl-final textarea")
+            expect(prompt).to_be_visible()
+            # The estimate is shown before anything is generated.
+            expect(page.locator("#wl-estimate")).to_contain_text("frames")
+
+            # Presets: a bundle ticks its terms; the composed prompt follows the rules live.
+            prompt.fill("A red fox trots through fresh snow in a birch forest")
+            page.locator("#wl-bundle input").click()
+            page.get_by_role("option", name="Golden hour portrait").click()
+            expect(final).to_have_value(re.compile(r"^A red fox trots.*\. Backlighting, sunset, close-up shot, warm colors\.$"))
+            page.get_by_role("tab", name=re.compile("Motion & camera")).click()
+            page.locator("#wl-terms-camera_movement").get_by_label(re.compile("Camera pushes in")).check()
+            expect(final).to_have_value(re.compile(r"warm colors\. Camera pushes in\.$"))
+            page.screenshot(path=str(shots / "1-composed.png"), full_page=True)
+
+            # Image-to-video: upload, the crop preview appears, the prompt keeps only motion/camera words.
+            page.locator("#wl-upload input[type=file]").set_input_files(str(_start_image(tmp / "start.png")))
+            expect(page.locator("#wl-crop-note")).to_contain_text("The video will be")
+            expect(page.locator("#wl-crop img")).to_be_visible()
+            expect(final).to_have_value(re.compile(r"^A red fox trots.*\. Camera pushes in\.$"))
+            expect(page.locator("#wl-prompt-notes")).to_contain_text("Image-to-video")
+
+            # Draft mode keeps the run short; then generate and watch the progress bar move.
+            page.locator("#wl-mode").get_by_label("Draft").check()
+            page.locator("#wl-generate").click()
+            bar = page.locator("#wl-progress .wl-progress")
+            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+"))
+            first = int(bar.get_attribute("data-pct"))
+            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile("elapsed"))
+            page.wait_for_function(
+                f"() => Number(document.querySelector('#wl-progress .wl-progress').dataset.pct) > {first}")
+            expect(page.locator("#wl-preview img")).to_be_visible()
+            page.screenshot(path=str(shots / "2-progress.png"), full_page=True)
+
+            # The video appears and plays.
+            expect(page.locator("#wl-status")).to_contain_text("Done", timeout=180_000)
+            video = page.locator("#wl-video video")
+            expect(video).to_have_attribute("src", re.compile(r".+"))
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#wl-video video'); return v && v.readyState >= 1 && v.duration > 0; }")
+            seed = page.locator("#wl-last-seed textarea, #wl-last-seed input").first.input_value()
+            assert seed.isdigit()
+            page.screenshot(path=str(shots / "3-result.png"), full_page=True)
+
+            # History: the result is there with its seed; reuse puts its settings back.
+            page.get_by_role("tab", name="History").click()
+            page.locator("#wl-history button.thumbnail-item, #wl-history .thumbnail-item").first.click()
+            expect(page.locator("#wl-history-details")).to_contain_text(f"Seed: {seed}")
+            page.screenshot(path=str(shots / "4-history.png"), full_page=True)
+            page.locator("#wl-reuse").click()
+            # It brings the user back to the Create tab with the settings in place.
+            expect(page.locator("#wl-status")).to_contain_text("loaded")
+            expect(page.get_by_role("tab", name="Create")).to_have_attribute("aria-selected", "true")
+            expect(page.locator("#wl-seed input")).to_have_value(seed)
+            expect(prompt).to_have_value(re.compile("Camera pushes in"))
+
+            # A second run, cancelled mid-way: the page says so and stays usable.
+            page.locator("#wl-seed input").fill("-1")
+            page.locator("#wl-generate").click()
+            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+"))
+            page.locator("#wl-cancel").click()
+            expect(page.locator("#wl-status")).to_contain_text("Cancel", timeout=60_000)
+            expect(page.locator("#wl-progress .wl-progress")).to_have_attribute("data-state", "cancelled")
+            page.screenshot(path=str(shots / "5-cancelled.png"), full_page=True)
+            if hasattr(engine, "cancelled_at"):
+                assert engine.cancelled_at is not None and engine.cancelled_at < engine.requests[-1].steps
+        except Exception:
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()

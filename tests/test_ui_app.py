@@ -1,0 +1,201 @@
+"""The page's logic without a browser: widgets map to request fields by name, jobs run and cancel,
+errors are shown in plain words, history is read back and reused."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.fake_engine import FakeEngine
+from wan_lite.api import GenerateRequest, Progress
+from wan_lite.errors import CheckpointError
+from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT
+from wan_lite.ui import form, history
+from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
+from wan_lite.ui.presets import BUILTIN_DIR, load_presets
+
+PROMPT = "A red fox trots through fresh snow in a birch forest, breath steaming in the cold air"
+
+
+@pytest.fixture(scope="module")
+def presets():
+    return load_presets(BUILTIN_DIR, None)
+
+
+def test_widgets_map_to_request_fields_by_name(presets):
+    values = {"user_prompt": PROMPT, "model": "t2v-a14b", "size": "832x480", "frames": 35.0, "steps": 20.0,
+              "guidance": 4, "guidance_low": 2.5, "shift": 12, "seed": -1, "sampler": "dpm++",
+              "memory_profile": "auto", form.term_widget("time_of_day"): ["time_of_day.dawn"], "negative_prompt": ""}
+    request, comp = form.request_from_values(values, presets)
+    assert request == GenerateRequest(prompt=f"{PROMPT}. Dawn.", model="t2v-a14b", negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+                                      width=832, height=480, frames=37, steps=20, guidance=4.0, guidance_low=2.5,
+                                      shift=12.0, seed=None, sampler="dpm++", memory_profile="auto")
+    # Every widget that sets a request field carries that field's name.
+    assert set(form.REQUEST_WIDGETS) <= set(GenerateRequest.field_names())
+    # The order of the dict does not matter.
+    assert form.request_from_values(dict(reversed(list(values.items()))), presets)[0] == request
+
+
+def test_an_image_switches_a14b_to_i2v_and_5b_to_image_mode(presets, tmp_path):
+    img = str(tmp_path / "x.png")
+    r, comp = form.request_from_values({"user_prompt": "It runs", "model": "t2v-a14b", "image": img,
+                                        form.term_widget("time_of_day"): ["time_of_day.dawn"]}, presets)
+    assert r.model == "i2v-a14b" and r.image == img and comp.prompt == "It runs."
+    assert form.model_for_image("i2v-a14b", False) == "t2v-a14b"
+    r, _ = form.request_from_values({"user_prompt": "It runs", "model": "ti2v-5b", "image": img, "seed": 5,
+                                     "guidance_low": 3.0}, presets)
+    assert r.model == "ti2v-5b" and r.seed == 5 and r.guidance_low is None
+
+
+def test_settings_and_history_round_trip_through_widget_values(presets):
+    values = form.default_values("t2v-a14b") | {"user_prompt": PROMPT, "style": "Documentary",
+                                                form.term_widget("lens"): ["lens.telephoto"]}
+    saved = form.settings_from_values(values, presets)
+    assert saved["terms"] == ["lens.telephoto"] and saved["negative_prompt"] == "" and "image" not in saved
+    restored = form.values_from_settings(saved, presets)
+    assert restored[form.term_widget("lens")] == ["lens.telephoto"] and restored[form.term_widget("time_of_day")] == []
+    assert restored["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT and restored["model"] == "t2v-a14b"
+    assert form.request_from_values(restored, presets)[0] == form.request_from_values(values, presets)[0]
+    reused = form.values_from_history({"prompt": "Final text.", "model": "ti2v-5b", "width": 704, "height": 1280,
+                                       "seed": 77, "steps": 30}, presets)
+    assert reused["user_prompt"] == "Final text." and reused["size"] == "704x1280" and reused["seed"] == 77
+    assert all(v == [] for k, v in reused.items() if k.startswith(form.TERM_PREFIX))
+
+
+def test_progress_and_estimate_texts():
+    html = form.progress_html(Progress("high_noise", 12, 40, 75.0, eta_s=3725.0))
+    assert 'data-pct="30"' in html and "High-noise expert · step 12/40 · 1:15 elapsed · about 1:02:05 left" in html
+    assert 'data-state="done"' in form.progress_html(None, "Finished", "done")
+    from wan_lite.engine import Estimate
+
+    text = form.estimate_text(Estimate(False, 30.5, 40.0, 600, "int8 + 20 blocks streamed", "Needs 30.5 GiB; <you> have 24"))
+    assert "Does not fit" in text and "30.5 GiB" in text and "10:00" in text and "&lt;you&gt;" in text
+
+
+def _write_result(out: Path, stem: str, sidecar: dict, video: bool = True) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if video:
+        (out / f"{stem}.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (out / f"{stem}.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    return out / f"{stem}.mp4"
+
+
+def test_history_reads_sidecars_of_several_shapes_and_skips_junk(tmp_path):
+    out = tmp_path / "out"
+    _write_result(out, "a", {"request": {"prompt": "first", "model": "ti2v-5b", "steps": 50}, "seed": 1,
+                             "timings": {"text": 1.5, "denoise": 100.0}})
+    time.sleep(0.01)
+    _write_result(out / "2026-11-21", "b", {"prompt": "second", "seed": 2, "video": "b.mp4", "width": 1280})
+    _write_result(out, "no_video", {"prompt": "gone"}, video=False)
+    (out / "broken.json").write_text("{", encoding="utf-8")
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(b"x")
+    _write_result(out, "escape", {"prompt": "x", "video": str(outside)}, video=False)
+    entries = history.read_history(out)
+    assert [e.prompt for e in entries] == ["second", "first"]
+    assert entries[0].settings["width"] == 1280 and entries[1].timings == {"text": 1.5, "denoise": 100.0}
+    details = history.describe(entries[1])
+    assert "**Seed:** 1" in details and "denoise 100.0 s" in details and "total 101.5 s" in details
+    assert history.read_history(tmp_path / "missing") == []
+
+
+def test_job_runner_streams_progress_then_the_result(tmp_path):
+    engine = FakeEngine(tmp_path / "m", tmp_path / "out", step_s=0.01)
+    events = list(JobRunner(engine).run("s1", GenerateRequest(prompt=PROMPT, steps=6, seed=3), min_interval_s=0.0))
+    assert isinstance(events[-1], Finished) and events[-1].result.video_path.is_file()
+    steps = [e.step for e in events if isinstance(e, Progress) and e.stage == "denoise"]
+    assert steps == sorted(steps) and steps[-1] == 6
+    assert any(isinstance(e, Progress) and e.preview is not None for e in events)
+
+
+def test_cancel_stops_the_sessions_job_within_a_step(tmp_path):
+    engine = FakeEngine(tmp_path / "m", tmp_path / "out", step_s=0.05)
+    runner = JobRunner(engine)
+    events = []
+    for event in runner.run("me", GenerateRequest(prompt=PROMPT, steps=200)):
+        events.append(event)
+        if isinstance(event, Progress) and event.step >= 2:
+            assert runner.cancel("other") is False  # another browser's Cancel does not touch this job
+            runner.clear_pending("other")
+            assert runner.cancel("me") is True
+    assert isinstance(events[-1], Failed) and events[-1].cancelled
+    assert engine.cancelled_at is not None and engine.cancelled_at < 12
+    # A Cancel while the job still waits in the queue skips it without calling the engine.
+    runner.cancel("me")
+    assert [type(e) for e in runner.run("me", GenerateRequest(prompt=PROMPT))] == [Failed]
+    assert len(engine.requests) == 1
+
+
+def test_errors_are_plain_words_and_the_runner_stays_usable(tmp_path):
+    engine = FakeEngine(tmp_path / "m", tmp_path / "out", step_s=0.0)
+    runner = JobRunner(engine)
+    events = list(runner.run("s", GenerateRequest(prompt="FAIL please", steps=2)))
+    assert isinstance(events[-1], Failed) and not events[-1].cancelled
+    assert events[-1].message == "The fake engine was asked to fail.\n  -> Remove FAIL from the prompt."
+    assert isinstance(list(runner.run("s", GenerateRequest(prompt=PROMPT, steps=2)))[-1], Finished)
+    assert error_message(CheckpointError("Wan2.2_VAE.pth is truncated.")) == "Wan2.2_VAE.pth is truncated."
+    assert "not finished yet" in error_message(NotImplementedError())
+    assert "ZeroDivisionError" in error_message(ZeroDivisionError("x"))
+
+
+def test_closing_the_page_mid_run_cancels_the_job(tmp_path):
+    engine = FakeEngine(tmp_path / "m", tmp_path / "out", step_s=0.05)
+    gen = JobRunner(engine).run("s", GenerateRequest(prompt=PROMPT, steps=500))
+    next(gen)
+    gen.close()  # what Gradio does when the browser goes away
+    deadline = time.monotonic() + 5
+    while engine.cancelled_at is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.cancelled_at is not None
+    while any(t.name == "wan-lite-job" and t.is_alive() for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(t.name == "wan-lite-job" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.fixture()
+def ui(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "up"))
+    monkeypatch.setenv("WAN_LITE_CONFIG_DIR", str(tmp_path / "cfg"))
+    from wan_lite.ui.app import build_ui
+
+    engine = FakeEngine(tmp_path / "models", tmp_path / "out", step_s=0.0)
+    return build_ui(engine, tmp_path / "up")
+
+
+def test_page_builds_with_every_request_widget_named(ui):
+    for name in (*form.REQUEST_WIDGETS, *form.UI_ONLY, *ui.term_names, "generate", "cancel", "progress", "video",
+                 "history", "reuse", "models_table", "download_btn", "estimate", "final_prompt"):
+        assert name in ui.w, name
+    assert len(ui.term_names) == len(ui.presets.categories) >= 12
+
+
+def test_run_job_shows_errors_then_works_again(ui):
+    from wan_lite.ui.app import run_job
+
+    values = form.default_values() | {"user_prompt": ""}
+    updates = list(run_job(ui, "s", values))
+    assert len(updates) == 1 and "prompt is empty" in updates[0]["status"]
+    # I2V-A14B without a picture runs as T2V-A14B (the page switches the model with the image).
+    updates = list(run_job(ui, "s", values | {"model": "i2v-a14b", "user_prompt": PROMPT, "steps": 1}))
+    assert "Done" in updates[-1]["status"] and ui.engine.requests[-1].model == "t2v-a14b"
+    updates = list(run_job(ui, "s", values | {"user_prompt": "FAIL " + PROMPT, "steps": 2}))
+    assert updates[-1]["status"].startswith("⛔ The fake engine was asked to fail.")
+    updates = list(run_job(ui, "s", values | {"user_prompt": PROMPT, "steps": 3, "seed": 1234}))
+    done = updates[-1]
+    assert "Done" in done["status"] and "seed **1234**" in done["status"] and Path(done["video"]).is_file()
+    assert done["last_seed"] == "1234" and done["history"][0][0] == done["video"]
+    assert ui.store.load()["user_prompt"] == PROMPT  # remembered for the next start
+
+
+def test_model_switch_sets_expert_guidance_and_valid_sizes():
+    from wan_lite.ui.app import model_updates
+
+    a14b = model_updates("t2v-a14b", "quality", "704x1280")
+    assert a14b["guidance_low"]["visible"] is True and a14b["guidance_low"]["value"] == 3.0
+    assert a14b["size"]["value"] == "720x1280" and a14b["shift"] == 12.0 and a14b["steps"] == 40
+    five = model_updates("ti2v-5b", "fast", None)
+    assert five["guidance_low"]["visible"] is False and five["steps"] == 25 and five["size"]["value"] == "1280x704"

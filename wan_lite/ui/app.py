@@ -1,0 +1,509 @@
+"""The Gradio page: layout and event handlers.
+
+Every widget is registered under a name in `AppUI.w` (GenerateRequest field names where a widget
+sets a field, see wan_lite/ui/form.py); handlers receive and return values by name, never by
+position, so adding a widget never shifts another handler's arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from wan_lite.api import Progress
+from wan_lite.engine import Engine
+from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
+from wan_lite.ui import form, history, images, models_panel
+from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
+from wan_lite.ui.presets import Bundle, Presets, load_presets, memory_profiles, save_user_bundle, term_choices, user_presets_dir
+from wan_lite.ui.settings import (
+    MODES,
+    SettingsStore,
+    infer_mode,
+    max_frames,
+    mode_values,
+    parse_size,
+    quality_notes,
+    seconds_for_frames,
+    size_choices,
+)
+
+log = logging.getLogger(__name__)
+
+CSS = """
+.wl-progress { margin: 4px 0; }
+.wl-bar { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
+.wl-fill { height: 100%; background: var(--color-accent); transition: width .3s; }
+.wl-failed .wl-fill, .wl-cancelled .wl-fill { background: var(--error-text-color, #c00); }
+.wl-label { font-size: 0.9em; margin-top: 2px; }
+#wl-status:empty { display: none; }
+"""
+SAMPLERS = [("UniPC (official)", "unipc"), ("DPM++ 2M", "dpm++"), ("Euler", "euler")]
+LANGUAGES = [("English", "en"), ("中文", "zh")]
+# How the vocabulary's categories are grouped on the page; categories users add go to "More".
+TERM_TABS = {
+    "Light · 光线": ("light_source", "lighting_type", "time_of_day"),
+    "Framing · 镜头": ("shot_size", "composition", "lens", "camera_angle", "shot_type"),
+    "Colour & style · 风格": ("colour_tone", "visual_style", "special_effects"),
+    "Motion & camera · 运动": ("camera_movement", "motion", "emotion"),
+}
+
+
+def term_tabs(presets: Presets) -> dict[str, list[str]]:
+    tabs = {title: [k for k in keys if k in presets.categories] for title, keys in TERM_TABS.items()}
+    placed = {k for keys in tabs.values() for k in keys}
+    tabs["More · 更多"] = [k for k in presets.categories if k not in placed]
+    return {title: keys for title, keys in tabs.items() if keys}
+
+
+@dataclass
+class AppUI:
+    engine: Engine
+    presets: Presets
+    store: SettingsStore
+    upload_dir: Path
+    runner: JobRunner
+    w: dict[str, Any] = field(default_factory=dict)  # widgets by name
+    demo: gr.Blocks | None = None
+
+    def out(self, values: dict[str, Any]) -> dict[Any, Any]:
+        """Name -> value to component -> value, for a handler's return."""
+        return {self.w[k]: v for k, v in values.items() if k in self.w}
+
+    def comps(self, names: Iterable[str]) -> list[Any]:
+        return [self.w[n] for n in names]
+
+    def kw(self, names: Iterable[str]) -> dict[str, Any]:
+        return {n: self.w[n] for n in names}
+
+    @property
+    def term_names(self) -> list[str]:
+        return [form.term_widget(k) for k in self.presets.categories]
+
+    @property
+    def form_names(self) -> list[str]:
+        return [*form.REQUEST_WIDGETS, *form.UI_ONLY, *self.term_names]
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers (plain functions of named values; wired below)
+
+
+def model_updates(model: str, mode: str, size: str | None) -> dict[str, Any]:
+    """Switching model or mode resets the settings the mode controls, keeping the orientation."""
+    spec = get_spec(model)
+    portrait = False
+    if size:
+        try:
+            w, h = parse_size(size)
+            portrait = h > w
+        except Exception:
+            portrait = False
+    values = mode_values(mode, spec, portrait)
+    return {
+        "model": spec.name,
+        "size": gr.update(choices=size_choices(spec), value=values["size"]),
+        "frames": gr.update(maximum=max_frames(spec), value=values["frames"]),
+        "steps": values["steps"],
+        "guidance": gr.update(value=values["guidance"],
+                              label="Guidance, high-noise expert" if spec.experts else "Guidance"),
+        "guidance_low": gr.update(value=values["guidance_low"], visible=spec.experts),
+        "shift": values["shift"],
+    }
+
+
+def crop_preview(ui: AppUI, image: str | None, model: str, size: str | None) -> dict[str, Any]:
+    if not image or not Path(image).is_file():
+        return {"crop": None, "crop_note": ""}
+    spec = get_spec(form.model_for_image(model, True))
+    try:
+        w, h = parse_size(size) if size else spec.default_size
+        frame, framing = images.model_frame(Path(image), spec, w * h)
+    except Exception as err:
+        return {"crop": None, "crop_note": f"⛔ {error_message(err)}"}
+    how = "centre crop" if framing.cropped else ("resized, no crop" if spec.task == "i2v" else "whole image")
+    return {"crop": frame, "crop_note": f"The video will be **{framing.width}×{framing.height}** ({how}); "
+                                         "this is exactly the first frame the model gets."}
+
+
+def prompt_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
+    comp = form.composition_for(values, ui.presets)
+    notes = "\n".join(f"- {w}" for w in comp.warnings)
+    return {"final_prompt": comp.prompt, "prompt_notes": notes}
+
+
+def estimate_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
+    try:
+        request, _ = form.request_from_values({**values, "user_prompt": values.get("user_prompt") or "-"}, ui.presets)
+        spec = get_spec(request.model)
+        frames = request.frames or spec.frames
+        lines = [f"{frames} frames = **{seconds_for_frames(frames, spec.fps):.1f} s** at {spec.fps} fps."]
+        lines += [f"- {n}" for n in quality_notes(spec, request.width or 0, request.height or 0,
+                                                   request.steps or spec.steps, frames)]
+        try:
+            lines.append(form.estimate_text(ui.engine.preflight(request)))
+        except NotImplementedError:
+            lines.append("_Memory and time estimate: not available yet (the planner is not finished)._")
+        return {"estimate": "\n\n".join(lines)}
+    except Exception as err:
+        return {"estimate": f"⛔ {error_message(err)}"}
+
+
+def history_updates(ui: AppUI) -> dict[str, Any]:
+    entries = history.read_history(ui.engine.output_dir)
+    return {"history": [(str(e.video), e.caption()) for e in entries],
+            "history_paths": [str(e.sidecar) for e in entries]}
+
+
+def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The Generate button: yields name -> value updates while the job runs."""
+    idle = {"video": None, "download": gr.update(visible=False)}
+    try:
+        request, comp = form.request_from_values(values, ui.presets)
+        if not comp.prompt.strip() and not request.image:
+            from wan_lite.errors import InputError
+
+            raise InputError("The prompt is empty.", "Write what the video should show, or upload a start image.")
+        if get_spec(request.model).needs_image and not request.image:
+            from wan_lite.errors import InputError
+
+            raise InputError("I2V-A14B makes a video from a picture.", "Upload a start image, or choose T2V-A14B.")
+    except Exception as err:
+        yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
+        return
+    ui.store.save(form.settings_from_values(values, ui.presets))
+    notes: list[str] = []
+    try:
+        request, notes = ui.engine.normalize(request)
+    except NotImplementedError:
+        pass
+    except Exception as err:
+        yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
+        return
+    yield {**idle, "status": "\n".join(f"- {n}" for n in notes),
+           "progress": form.progress_html(None, "Starting…", "running"), "preview": None}
+    for event in ui.runner.run(session, request):
+        if isinstance(event, Progress):
+            update = {"progress": form.progress_html(event)}
+            if event.preview is not None:
+                update["preview"] = event.preview
+            yield update
+        elif isinstance(event, Finished):
+            r = event.result
+            total = r.timings.get("total", sum(r.timings.values()))
+            timings = ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items() if k != "total")
+            done = [f"✅ Done: {r.width}×{r.height}, {r.frames} frames at {r.fps} fps, seed **{r.seed}**"
+                    + (f" ({timings}; total {total:.1f} s)." if timings else ".")]
+            done += [f"- {n}" for n in [*notes, *r.notes]]
+            yield {"status": "\n".join(done), "video": str(r.video_path),
+                   "download": gr.update(value=str(r.video_path), visible=True),
+                   "last_seed": str(r.seed), "progress": form.progress_html(None, "Finished", "done"),
+                   **history_updates(ui)}
+        elif isinstance(event, Failed):
+            state = "cancelled" if event.cancelled else "failed"
+            yield {"status": ("⏹ " if event.cancelled else "⛔ ") + event.message,
+                   "progress": form.progress_html(None, event.message, state)}
+
+
+def override(updates: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Put `values` over `updates`, keeping the choices/labels of gr.update entries."""
+    out = dict(updates)
+    for key, value in values.items():
+        prev = out.get(key)
+        out[key] = gr.update(**{**prev, "value": value}) if isinstance(prev, dict) else value
+    return out
+
+
+def reuse_history(ui: AppUI, paths: list[str], index: int | None) -> dict[str, Any]:
+    if index is None or not paths or index >= len(paths):
+        return {"status": "Pick a result in the gallery first."}
+    entry = history.parse_sidecar(Path(paths[index]), ui.engine.output_dir)
+    if entry is None:
+        return {"status": "⛔ That result is no longer in the output folder."}
+    values = form.values_from_history(entry.settings, ui.presets)
+    image = entry.settings.get("image")
+    image = image if isinstance(image, str) and Path(image).is_file() else None
+    values["model"] = form.model_for_image(values["model"], bool(image))
+    mode = infer_mode(get_spec(values["model"]), values.get("size"), values.get("frames"), values.get("steps"))
+    updates = override(model_updates(values["model"], mode or "quality", values.get("size")), values)
+    updates.update({"image": image, "mode": mode, "bundle": "", "tabs": gr.Tabs(selected="create"),
+                    "status": f"Settings of {entry.video.name} loaded (seed {entry.seed}). Click Generate to run it again."})
+    return updates
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+def build_ui(engine: Engine, upload_dir: Path, store: SettingsStore | None = None,
+             presets: Presets | None = None, profiles_dir: Path | None = None) -> AppUI:
+    """Build the page (not launched). `upload_dir` must also be Gradio's temp dir (GRADIO_TEMP_DIR)."""
+    presets = presets or load_presets(user_dir=user_presets_dir())
+    ui = AppUI(engine, presets, store or SettingsStore(), upload_dir, JobRunner(engine))
+    w = ui.w
+    defaults = form.default_values()
+    spec = get_spec(defaults["model"])
+    with gr.Blocks(title="wan_lite", analytics_enabled=False) as demo:
+        gr.Markdown("# wan_lite · Wan 2.2 video on your own GPU")
+        if presets.problems:
+            gr.Markdown("⚠️ Some preset files have problems and were partly skipped:\n"
+                        + "\n".join(f"- `{p}`" for p in presets.problems), elem_id="wl-preset-problems")
+        with gr.Tabs(selected="create") as w["tabs"]:
+            with gr.Tab("Create", id="create"):
+                _create_tab(ui, defaults, spec)
+            with gr.Tab("History", id="history"):
+                w["history"] = gr.Gallery(label="Past results (newest first)", columns=4, height=420,
+                                          elem_id="wl-history", allow_preview=False)
+                w["history_paths"] = gr.State([])
+                w["history_index"] = gr.State(None)
+                w["history_details"] = gr.Markdown(elem_id="wl-history-details")
+                with gr.Row():
+                    w["reuse"] = gr.Button("Reuse these settings", elem_id="wl-reuse")
+                    w["history_refresh"] = gr.Button("Refresh", size="sm")
+            with gr.Tab("Models", id="models"):
+                w["models_table"] = gr.Markdown(elem_id="wl-models")
+                with gr.Row():
+                    w["download_model"] = gr.Dropdown([(s.title, s.name) for s in MODELS.values()],
+                                                      value=spec.name, label="Model to download")
+                    w["download_btn"] = gr.Button("Download (only the files wan_lite needs)", elem_id="wl-download")
+                    w["models_refresh"] = gr.Button("Check again", size="sm")
+                w["download_status"] = gr.Markdown(elem_id="wl-download-status")
+        ui.demo = demo
+        _wire(ui)
+    return ui
+
+
+def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
+    w, presets = ui.w, ui.presets
+    with gr.Row():
+        with gr.Column(scale=3):
+            w["model"] = gr.Dropdown([(s.title, s.name) for s in MODELS.values()], value=spec.name,
+                                     label="Model", elem_id="wl-model")
+            w["user_prompt"] = gr.Textbox(lines=4, label="Prompt", elem_id="wl-prompt",
+                                          placeholder="Subject, scene and motion, e.g. “A red fox trots through fresh snow in a birch forest…”")
+            w["final_prompt"] = gr.Textbox(label="Final prompt (exactly what the model gets)", lines=3,
+                                           interactive=False, elem_id="wl-final")
+            w["prompt_notes"] = gr.Markdown(elem_id="wl-prompt-notes")
+            with gr.Accordion("Cinematic look · 影视级美学", open=True):
+                with gr.Row():
+                    w["bundle"] = gr.Dropdown([""] + list(presets.bundles), value="", label="Preset bundle",
+                                              elem_id="wl-bundle")
+                    w["style"] = gr.Dropdown([("No style template", "")] + [(n, n) for n in presets.styles],
+                                             value="", label="Style template", elem_id="wl-style")
+                    w["language"] = gr.Radio(LANGUAGES, value="en", label="Term language", elem_id="wl-language")
+                with gr.Tabs():
+                    for title, keys in term_tabs(presets).items():
+                        with gr.Tab(title, elem_id=f"wl-tab-{keys[0]}"):
+                            for key in keys:
+                                cat = presets.categories[key]
+                                w[form.term_widget(key)] = gr.CheckboxGroup(
+                                    term_choices(cat), label=cat.label, elem_id=f"wl-terms-{key}")
+                with gr.Row():
+                    w["bundle_name"] = gr.Textbox(label="Save these terms and style as a preset named",
+                                                  scale=3, elem_id="wl-bundle-name")
+                    w["bundle_save"] = gr.Button("Save preset", scale=1, elem_id="wl-bundle-save")
+            with gr.Accordion("Negative prompt", open=False):
+                w["negative_prompt"] = gr.Textbox(DEFAULT_NEGATIVE_PROMPT, lines=3, label="Negative prompt",
+                                                  elem_id="wl-negative")
+                w["negative_restore"] = gr.Button("Restore the official default", size="sm")
+        with gr.Column(scale=2):
+            w["upload"] = gr.File(label="Start image (optional): PNG, JPEG or WebP",
+                                  file_types=[".png", ".jpg", ".jpeg", ".webp"], elem_id="wl-upload")
+            w["image"] = gr.State(None)
+            w["crop"] = gr.Image(label="The model's first frame", interactive=False, height=200, elem_id="wl-crop")
+            w["crop_note"] = gr.Markdown(elem_id="wl-crop-note")
+            w["mode"] = gr.Radio([(m.title, m.key) for m in MODES.values()], value=defaults["mode"],
+                                 label="Quality / Fast / Draft", info=" · ".join(f"{m.title}: {m.description}" for m in MODES.values()),
+                                 elem_id="wl-mode")
+            w["size"] = gr.Dropdown(size_choices(spec), value=defaults["size"], label="Size", elem_id="wl-size")
+            w["frames"] = gr.Slider(5, max_frames(spec), value=defaults["frames"], step=4, label="Frames (4n+1)",
+                                    elem_id="wl-frames")
+            w["memory_profile"] = gr.Dropdown(memory_profiles(), value="auto", label="Memory profile",
+                                              elem_id="wl-memory")
+            w["estimate"] = gr.Markdown(elem_id="wl-estimate")
+            with gr.Accordion("Advanced settings", open=False):
+                w["steps"] = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Steps", elem_id="wl-steps")
+                w["guidance"] = gr.Slider(1, 10, value=defaults["guidance"], step=0.1, label="Guidance")
+                w["guidance_low"] = gr.Slider(1, 10, value=defaults["guidance_low"], step=0.1,
+                                              label="Guidance, low-noise expert", visible=spec.experts)
+                w["shift"] = gr.Slider(1, 20, value=defaults["shift"], step=0.5, label="Shift")
+                w["sampler"] = gr.Dropdown(SAMPLERS, value="unipc", label="Sampler")
+            with gr.Row():
+                w["generate"] = gr.Button("Generate", variant="primary", elem_id="wl-generate")
+                w["cancel"] = gr.Button("Cancel", variant="stop", elem_id="wl-cancel")
+            w["progress"] = gr.HTML(form.progress_html(None, "Ready.", "idle"), elem_id="wl-progress")
+            w["status"] = gr.Markdown(elem_id="wl-status")
+            w["preview"] = gr.Image(label="Live preview", interactive=False, height=160, elem_id="wl-preview")
+            w["video"] = gr.Video(label="Result", interactive=False, elem_id="wl-video")
+            w["download"] = gr.DownloadButton("Download video", visible=False, elem_id="wl-download-video")
+            with gr.Row():
+                w["seed"] = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="wl-seed")
+                w["last_seed"] = gr.Textbox("", label="Seed of the last video", interactive=False,
+                                            elem_id="wl-last-seed")
+                w["use_seed"] = gr.Button("Use this seed", size="sm")
+
+
+def _wire(ui: AppUI) -> None:
+    w = ui.w
+    form_names = ui.form_names
+    # gr.State does not fire .change for updates from queue-less handlers, so handlers that set
+    # "image" chain `refresh` (everything derived from the form) with .then().
+    prompt_inputs = ["user_prompt", "style", "language", "negative_prompt", *ui.term_names]
+    estimate_inputs = ["model", "size", "frames", "steps", "memory_profile", "guidance", "shift", "sampler"]
+    derived = ["final_prompt", "prompt_notes", "estimate", "crop", "crop_note"]
+    mode_outputs = ["model", "size", "frames", "steps", "guidance", "guidance_low", "shift"]
+
+    def named(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[Any, Any]]:
+        def call(*args: Any, **values: Any) -> dict[Any, Any]:
+            return ui.out(fn(*args, **values))
+        return call
+
+    gr.on([w[n].change for n in prompt_inputs], named(lambda **v: prompt_updates(ui, v)),
+          inputs_kwargs=ui.kw(prompt_inputs), outputs=ui.comps(["final_prompt", "prompt_notes"]), queue=False)
+    gr.on([w[n].change for n in estimate_inputs], named(lambda **v: estimate_updates(ui, v)),
+          inputs_kwargs=ui.kw(estimate_inputs), outputs=ui.comps(["estimate"]), queue=False)
+    gr.on([w["model"].change, w["size"].change],
+          named(lambda image, model, size: crop_preview(ui, image, model, size)),
+          inputs_kwargs=ui.kw(["image", "model", "size"]), outputs=ui.comps(["crop", "crop_note"]), queue=False)
+
+    w["model"].input(named(lambda model, mode, size, image: model_updates(form.model_for_image(model, bool(image)), mode, size)),
+                     inputs_kwargs=ui.kw(["model", "mode", "size", "image"]), outputs=ui.comps(mode_outputs), queue=False)
+    w["mode"].input(named(lambda model, mode, size: model_updates(model, mode, size)),
+                    inputs_kwargs=ui.kw(["model", "mode", "size"]), outputs=ui.comps(mode_outputs), queue=False)
+
+    def on_upload(upload: Any, model: str, mode: str, size: str) -> dict[str, Any]:
+        path = getattr(upload, "name", upload)
+        if not path:
+            out = {"image": None, "status": ""}
+        else:
+            try:
+                checked = images.check_image(Path(path), ui.upload_dir)
+                out = {"image": str(checked.path), "status": "\n".join(f"- {n}" for n in checked.notes)}
+            except Exception as err:
+                return {"image": None, "status": f"⛔ {error_message(err)}", "upload": None}
+        new_model = form.model_for_image(model, bool(out["image"]))
+        if new_model != model:
+            out.update(model_updates(new_model, mode, size))
+        return out
+
+    def refresh(**values: Any) -> dict[Any, Any]:
+        return ui.out({**prompt_updates(ui, values), **estimate_updates(ui, values),
+                       **crop_preview(ui, values.get("image"), values["model"], values.get("size"))})
+
+    w["upload"].change(named(on_upload), inputs_kwargs=ui.kw(["upload", "model", "mode", "size"]),
+                       outputs=ui.comps(["image", "status", "upload", *mode_outputs]), queue=False).then(
+        refresh, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(derived), queue=False)
+
+    def apply_bundle(bundle: str) -> dict[str, Any]:
+        b = ui.presets.bundles.get(bundle or "")
+        if b is None:
+            return {}
+        return {**form.split_terms(list(b.terms), ui.presets), "style": b.style or ""}
+
+    w["bundle"].input(named(apply_bundle), inputs_kwargs=ui.kw(["bundle"]),
+                      outputs=ui.comps([*ui.term_names, "style"]), queue=False)
+
+    def save_bundle(bundle_name: str, style: str, **terms: Any) -> dict[str, Any]:
+        try:
+            b = Bundle(bundle_name.strip(), tuple(form.collect_terms(terms, ui.presets)), style or None)
+            path = save_user_bundle(user_presets_dir(), b, ui.presets)
+            ui.presets.bundles[b.name] = b
+            return {"status": f"Preset “{b.name}” saved to {path}.",
+                    "bundle": gr.update(choices=[""] + list(ui.presets.bundles), value=b.name)}
+        except Exception as err:
+            return {"status": f"⛔ {error_message(err)}"}
+
+    w["bundle_save"].click(named(save_bundle), inputs_kwargs=ui.kw(["bundle_name", "style", *ui.term_names]),
+                           outputs=ui.comps(["status", "bundle"]), queue=False)
+    w["negative_restore"].click(lambda: DEFAULT_NEGATIVE_PROMPT, outputs=w["negative_prompt"], queue=False)
+    w["use_seed"].click(lambda s: int(s) if str(s).strip().isdigit() else -1, inputs=w["last_seed"],
+                        outputs=w["seed"], queue=False)
+
+    def generate(request: gr.Request, **values: Any) -> Iterator[dict[Any, Any]]:
+        for update in run_job(ui, _session(request), values):
+            yield ui.out(update)
+
+    def clear_cancel(request: gr.Request) -> None:
+        ui.runner.clear_pending(_session(request))
+
+    run_outputs = ["status", "progress", "preview", "video", "download", "last_seed", "history", "history_paths"]
+    w["generate"].click(clear_cancel, queue=False).then(
+        generate, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(run_outputs),
+        concurrency_limit=1, concurrency_id="generate", show_progress="minimal",
+        show_progress_on=w["progress"])
+
+    def cancel(request: gr.Request) -> dict[Any, Any]:
+        running = ui.runner.cancel(_session(request))
+        return ui.out({"status": "⏹ Stopping after the current step…" if running
+                       else "⏹ Your next queued job will be skipped."})
+
+    w["cancel"].click(cancel, outputs=ui.comps(["status"]), queue=False)
+
+    # History and models
+    history_out = ui.comps(["history", "history_paths"])
+    w["history_refresh"].click(named(lambda: history_updates(ui)), outputs=history_out, queue=False)
+
+    def select_history(paths: list[str], evt: gr.SelectData) -> dict[Any, Any]:
+        entry = history.parse_sidecar(Path(paths[evt.index]), ui.engine.output_dir) if paths else None
+        return ui.out({"history_index": evt.index,
+                       "history_details": history.describe(entry) if entry else "That result is gone."})
+
+    w["history"].select(select_history, inputs=w["history_paths"],
+                        outputs=ui.comps(["history_index", "history_details"]), queue=False)
+    reuse_out = ["status", "image", "mode", "seed", "bundle", "tabs", "user_prompt", "negative_prompt", "style", "sampler",
+                 "memory_profile", *ui.term_names, *mode_outputs]
+    w["reuse"].click(named(lambda history_paths, history_index: reuse_history(ui, history_paths, history_index)),
+                     inputs_kwargs=ui.kw(["history_paths", "history_index"]), outputs=ui.comps(reuse_out),
+                     queue=False).then(refresh, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(derived), queue=False)
+
+    def models_table() -> dict[Any, Any]:
+        rows, note = models_panel.statuses(ui.engine)
+        return ui.out({"models_table": models_panel.status_markdown(rows, note)})
+
+    w["models_refresh"].click(models_table, outputs=ui.comps(["models_table"]), queue=False)
+
+    def download(download_model: str) -> Iterator[dict[Any, Any]]:
+        for line in models_panel.download_events(ui.engine, download_model):
+            yield ui.out({"download_status": line})
+        yield models_table() | ui.out({"download_status": line})
+
+    w["download_btn"].click(download, inputs_kwargs=ui.kw(["download_model"]),
+                            outputs=ui.comps(["download_status", "models_table"]),
+                            concurrency_limit=1, concurrency_id="download")
+
+    # A fresh page: the last settings, the history and the model folders.
+    load_out = [n for n in form_names if n != "image"] + ["history", "history_paths", "models_table",
+                                                         "final_prompt", "prompt_notes", "estimate"]
+
+    def on_load() -> dict[Any, Any]:
+        values = form.values_from_settings(ui.store.load(), ui.presets)
+        # The saved values win over the mode's; the model decides the size choices and labels.
+        updates = override(model_updates(values["model"], values.get("mode", "quality"), values.get("size")), values)
+        updates.update(history_updates(ui))
+        updates.update(prompt_updates(ui, values))
+        updates.update(estimate_updates(ui, values))
+        return ui.out(updates) | models_table()
+
+    ui.demo.load(on_load, outputs=ui.comps(load_out), queue=False)
+
+
+def launch(ui: AppUI, *, host: str, port: int | None, share: bool, open_browser: bool,
+           output_dir: Path, block: bool = True) -> None:
+    """Start serving: one job at a time, only the output and upload folders readable."""
+    if ui.demo is None:
+        raise RuntimeError("build_ui() must run before launch()")
+    ui.demo.queue(default_concurrency_limit=1)
+    ui.demo.launch(
+        server_name=host, server_port=port, share=share, inbrowser=open_browser,
+        allowed_paths=[str(output_dir), str(ui.upload_dir)], css=CSS, prevent_thread_lock=not block,
+        footer_links=[], show_error=False, quiet=False,
+    )

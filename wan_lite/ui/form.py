@@ -1,0 +1,197 @@
+"""The form's logic without Gradio: widget values (a dict keyed by widget name) <-> GenerateRequest,
+saved settings and history entries; and the small texts the page shows (estimate, progress).
+
+Widget names are the GenerateRequest field names where a widget sets a field directly, plus the
+UI-only names in UI_ONLY. Nothing here depends on widget order.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from typing import Any
+
+from wan_lite.api import STAGE_TITLES, GenerateRequest, Progress
+from wan_lite.engine import Estimate
+from wan_lite.registry import DEFAULT_MODEL, DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
+from wan_lite.ui.composer import Composition, compose
+from wan_lite.ui.presets import Presets, ordered
+from wan_lite.ui.settings import DEFAULT_MODE, mode_values, parse_size, snap_frames
+
+TERM_PREFIX = "terms__"  # one CheckboxGroup per vocabulary category: "terms__light_source", ...
+# Widgets that set a GenerateRequest field of the same name.
+REQUEST_WIDGETS = ("model", "negative_prompt", "image", "frames", "steps", "guidance", "guidance_low",
+                   "shift", "seed", "sampler", "memory_profile")
+UI_ONLY = ("user_prompt", "size", "style", "language", "mode")
+
+
+def term_widget(category: str) -> str:
+    return TERM_PREFIX + category
+
+
+def collect_terms(values: Mapping[str, Any], presets: Presets) -> list[str]:
+    chosen: list[str] = []
+    for name, value in values.items():
+        if name.startswith(TERM_PREFIX) and isinstance(value, (list, tuple)):
+            chosen.extend(str(v) for v in value)
+    return ordered(chosen, presets)
+
+
+def split_terms(term_ids: list[str], presets: Presets) -> dict[str, list[str]]:
+    """Term ids -> the value of every category's CheckboxGroup (empty lists clear the others)."""
+    out: dict[str, list[str]] = {term_widget(key): [] for key in presets.categories}
+    for tid in ordered(term_ids, presets):
+        out[term_widget(tid.split(".", 1)[0])].append(tid)
+    return out
+
+
+def model_for_image(model: str, has_image: bool) -> str:
+    """An image turns T2V-A14B into I2V-A14B and back; TI2V-5B does both itself."""
+    if model == "t2v-a14b" and has_image:
+        return "i2v-a14b"
+    if model == "i2v-a14b" and not has_image:
+        return "t2v-a14b"
+    return model
+
+
+def _number(value: Any, kind: type) -> Any:
+    if value is None or value == "":
+        return None
+    return kind(value)
+
+
+def composition_for(values: Mapping[str, Any], presets: Presets) -> Composition:
+    return compose(
+        presets,
+        values.get("user_prompt") or "",
+        collect_terms(values, presets),
+        values.get("style") or None,
+        image_to_video=bool(values.get("image")),
+        language=values.get("language") or "en",
+        negative_prompt=values.get("negative_prompt"),
+    )
+
+
+def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[GenerateRequest, Composition]:
+    """The request the Generate button sends. Raises InputError for values that cannot be used."""
+    model = model_for_image(values.get("model") or DEFAULT_MODEL, bool(values.get("image")))
+    spec = get_spec(model)
+    comp = composition_for(values, presets)
+    width = height = None
+    if values.get("size"):
+        width, height = parse_size(values["size"])
+    seed = _number(values.get("seed"), int)
+    frames = _number(values.get("frames"), float)
+    request = GenerateRequest(
+        prompt=comp.prompt,
+        model=spec.name,
+        negative_prompt=comp.negative_prompt,
+        image=values.get("image") or None,
+        width=width,
+        height=height,
+        frames=snap_frames(frames, spec) if frames is not None else None,
+        steps=_number(values.get("steps"), int),
+        guidance=_number(values.get("guidance"), float),
+        guidance_low=_number(values.get("guidance_low"), float) if spec.experts else None,
+        shift=_number(values.get("shift"), float),
+        seed=seed if seed is not None and seed >= 0 else None,
+        sampler=values.get("sampler") or "unipc",
+        memory_profile=values.get("memory_profile") or "auto",
+    )
+    return request, comp
+
+
+def settings_from_values(values: Mapping[str, Any], presets: Presets) -> dict[str, Any]:
+    """What is remembered for the next start (the start image is not: it may be gone by then)."""
+    saved = {k: values[k] for k in (*REQUEST_WIDGETS, *UI_ONLY) if k in values and k != "image"}
+    saved["terms"] = collect_terms(values, presets)
+    if saved.get("negative_prompt", "").strip() == DEFAULT_NEGATIVE_PROMPT:
+        saved["negative_prompt"] = ""  # keep following the official default if it ever changes
+    for key in ("frames", "steps", "seed"):
+        if isinstance(saved.get(key), float):
+            saved[key] = int(saved[key])
+    return saved
+
+
+def default_values(model: str = DEFAULT_MODEL) -> dict[str, Any]:
+    spec = get_spec(model)
+    return {
+        "model": spec.name, "user_prompt": "", "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "seed": -1,
+        "sampler": "unipc", "memory_profile": "auto", "mode": DEFAULT_MODE, "style": None, "language": "en",
+        **mode_values(DEFAULT_MODE, spec),
+    }
+
+
+def values_from_settings(saved: Mapping[str, Any], presets: Presets) -> dict[str, Any]:
+    """Widget values for a fresh page: defaults, overridden by the saved settings."""
+    model = saved.get("model") if saved.get("model") in MODELS else DEFAULT_MODEL
+    if model == "i2v-a14b":
+        model = "t2v-a14b"  # the start image is not restored, so start from the text model
+    values = default_values(model)
+    values.update({k: v for k, v in saved.items() if k != "terms" and k != "model"})
+    if not values.get("negative_prompt"):
+        values["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT
+    if values.get("style") not in presets.styles:
+        values["style"] = None
+    values.update(split_terms(list(saved.get("terms", [])), presets))
+    return values
+
+
+def values_from_history(settings: Mapping[str, Any], presets: Presets) -> dict[str, Any]:
+    """Reuse a past result: its final prompt goes into the prompt box and the term pickers are
+    cleared (the terms are already part of that prompt)."""
+    model = settings.get("model") if settings.get("model") in MODELS else DEFAULT_MODEL
+    values: dict[str, Any] = {"model": model, "style": None, "user_prompt": settings.get("prompt") or ""}
+    values.update(split_terms([], presets))
+    for key in ("frames", "steps", "guidance", "guidance_low", "shift", "sampler", "memory_profile"):
+        if settings.get(key) is not None:
+            values[key] = settings[key]
+    values["negative_prompt"] = settings.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT
+    if isinstance(settings.get("seed"), int):
+        values["seed"] = settings["seed"]
+    if settings.get("width") and settings.get("height"):
+        values["size"] = f"{int(settings['width'])}x{int(settings['height'])}"
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Texts shown in the page
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "–"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def estimate_text(estimate: Estimate) -> str:
+    head = "✅ Fits this computer" if estimate.fits else "⛔ Does not fit this computer"
+    line = (f"{head}: about **{estimate.peak_vram_gib:.1f} GiB** GPU memory, **{estimate.peak_ram_gib:.1f} GiB** RAM, "
+            f"**{clock(estimate.seconds)}**.")
+    parts = [line]
+    if estimate.summary:
+        parts.append(html.escape(estimate.summary))
+    if estimate.reason:
+        parts.append(html.escape(estimate.reason))
+    return "\n\n".join(parts)
+
+
+def progress_html(p: Progress | None, note: str = "", state: str = "running") -> str:
+    """The progress bar: stage, step, elapsed and ETA. `state`: idle, running, done, failed."""
+    if p is None:
+        pct, label = (100.0 if state == "done" else 0.0), html.escape(note)
+    else:
+        pct = 100.0 * p.fraction
+        stage = STAGE_TITLES.get(p.stage, p.stage)
+        steps = f" · step {p.step}/{p.total}" if p.total > 1 else ""
+        eta = f" · about {clock(p.eta_s)} left" if p.eta_s is not None else ""
+        extra = f" · {html.escape(p.message)}" if p.message else ""
+        label = f"{html.escape(stage)}{steps} · {clock(p.elapsed_s)} elapsed{eta}{extra}"
+    return (
+        f'<div class="wl-progress wl-{state}" data-state="{state}" data-pct="{pct:.0f}">'
+        f'<div class="wl-bar"><div class="wl-fill" style="width:{pct:.1f}%"></div></div>'
+        f'<div class="wl-label">{label}</div></div>'
+    )

@@ -1,0 +1,122 @@
+"""The history gallery: past results read back from the sidecar JSON files in the output folder.
+
+The sidecar is written by wan_lite/output.py next to each video. This reader is deliberately
+tolerant about its shape: the request may sit under "request" or "settings" (or at the top level),
+the video under "video" / "video_path" (relative to the sidecar, or absolute), or simply next to
+the sidecar with the same name and ".mp4". Files that do not describe a video are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wan_lite.api import GenerateRequest
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv")
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    video: Path
+    sidecar: Path
+    prompt: str
+    seed: int | None
+    settings: dict[str, Any]  # GenerateRequest fields as saved
+    timings: dict[str, float] = field(default_factory=dict)
+    created: float = 0.0  # modification time of the video, seconds since the epoch
+
+    def caption(self) -> str:
+        text = self.prompt if len(self.prompt) <= 60 else self.prompt[:57] + "…"
+        return f"{text} (seed {self.seed})" if self.seed is not None else text
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _video_for(sidecar: Path, data: dict[str, Any], root: Path) -> Path | None:
+    for key in ("video", "video_path", "output", "file"):
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            candidate = Path(value)
+            if not candidate.is_absolute():
+                candidate = sidecar.parent / candidate
+            # Only serve what lies inside the output folder, whatever a sidecar says.
+            if candidate.is_file() and _inside(candidate, root):
+                return candidate
+    for suffix in VIDEO_SUFFIXES:
+        candidate = sidecar.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def parse_sidecar(sidecar: Path, root: Path) -> HistoryEntry | None:
+    """One history entry, or None when the file is not a readable sidecar of an existing video."""
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.info("Skipping %s in the history: %s", sidecar, err)
+        return None
+    if not isinstance(data, dict):
+        return None
+    video = _video_for(sidecar, data, root)
+    if video is None:
+        return None
+    names = set(GenerateRequest.field_names())
+    settings: dict[str, Any] = {k: v for k, v in data.items() if k in names}
+    for key in ("request", "settings"):
+        if isinstance(data.get(key), dict):
+            settings.update({k: v for k, v in data[key].items() if k in names or k in ("fps",)})
+    seed = data.get("seed", settings.get("seed"))
+    timings = data.get("timings") if isinstance(data.get("timings"), dict) else {}
+    prompt = settings.get("prompt") if isinstance(settings.get("prompt"), str) else ""
+    return HistoryEntry(
+        video=video,
+        sidecar=sidecar,
+        prompt=prompt or "",
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        settings=settings,
+        timings={k: float(v) for k, v in timings.items() if isinstance(v, (int, float))},
+        created=video.stat().st_mtime,
+    )
+
+
+def read_history(output_dir: Path, limit: int = 60) -> list[HistoryEntry]:
+    """Newest first. Looks at the output folder and one level of subfolders (e.g. per-day folders)."""
+    if not output_dir.is_dir():
+        return []
+    sidecars = list(output_dir.glob("*.json")) + list(output_dir.glob("*/*.json"))
+    entries = [e for p in sidecars if (e := parse_sidecar(p, output_dir)) is not None]
+    entries.sort(key=lambda e: e.created, reverse=True)
+    return entries[:limit]
+
+
+def describe(entry: HistoryEntry) -> str:
+    """Markdown with the prompt, seed, settings and timings of one result."""
+    import html
+
+    s = entry.settings
+    rows = [f"**Prompt:** {html.escape(entry.prompt) or '(none)'}", f"**Seed:** {entry.seed}"]
+    keys = ("model", "width", "height", "frames", "steps", "guidance", "guidance_low", "shift", "sampler", "memory_profile")
+    shown = ", ".join(f"{k} {s[k]}" for k in keys if s.get(k) is not None)
+    if shown:
+        rows.append(f"**Settings:** {html.escape(shown)}")
+    if s.get("image"):
+        rows.append(f"**Start image:** {html.escape(Path(str(s['image'])).name)}")
+    if entry.timings:
+        total = entry.timings.get("total", sum(v for k, v in entry.timings.items() if k != "total"))
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in entry.timings.items() if k != "total")
+        rows.append(f"**Timings:** {parts} (total {total:.1f} s)")
+    rows.append(f"**File:** {html.escape(entry.video.name)}")
+    return "\n\n".join(rows)

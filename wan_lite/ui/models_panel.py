@@ -1,0 +1,75 @@
+"""The Models tab: what is installed where, how big it is, and how to get what is missing."""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from wan_lite.engine import Engine, ModelStatus
+from wan_lite.registry import MODELS, get_spec
+from wan_lite.ui.downloads import human_bytes, progress_text, start_download
+from wan_lite.ui.jobs import error_message
+
+log = logging.getLogger(__name__)
+
+STATE_LABELS = {"installed": "✅ installed", "partial": "⚠️ partly installed", "missing": "⬇️ missing",
+                "unknown": "❔ not checked"}
+
+
+def statuses(engine: Engine) -> tuple[list[ModelStatus], str]:
+    """The engine's view of the model folders, or registry rows plus a note when it cannot tell."""
+    try:
+        return engine.model_status(), ""
+    except Exception as err:  # the page must still open
+        if not isinstance(err, NotImplementedError):
+            log.exception("model_status failed")
+        rows = [ModelStatus(s.name, s.title, s.hf_repo, model_folder(engine, s.name), "unknown", 0) for s in MODELS.values()]
+        return rows, f"Could not check the model folders: {error_message(err)}"
+
+
+def model_folder(engine: Engine, name: str) -> Path:
+    try:
+        return engine.model_folder(name)
+    except Exception:  # engine not ready: the registry name under the models root
+        return engine.models_root / get_spec(name).hf_repo.split("/")[-1]
+
+
+def status_markdown(rows: list[ModelStatus], note: str = "") -> str:
+    lines = [
+        "| Model | State | Size on disk | Folder | How to get it |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        how = f"Hugging Face `{r.hf_repo}`" + (" — use Download below" if r.state != "installed" else "")
+        state = STATE_LABELS.get(r.state, r.state)
+        size = human_bytes(r.size_bytes) if r.size_bytes else "–"
+        lines.append(f"| **{html.escape(r.title)}** | {state} | {size} | `{html.escape(str(r.folder))}` | {how} |")
+    details = []
+    for r in rows:
+        for item in [*r.missing, *r.problems]:
+            details.append(f"- **{html.escape(r.name)}**: {html.escape(item)}")
+    if details:
+        lines += ["", "**What is missing or broken:**", *details]
+    if note:
+        lines += ["", f"_{html.escape(note)}_"]
+    return "\n".join(lines)
+
+
+def download_events(engine: Engine, name: str) -> Iterator[str]:
+    """Markdown progress lines for downloading one model; the last one says how it ended."""
+    try:
+        spec = get_spec(name)
+        folder = next((r.folder for r in statuses(engine)[0] if r.name == spec.name), model_folder(engine, spec.name))
+        yield f"Checking what {spec.hf_repo} needs and the free disk space…"
+        job = start_download(spec, Path(folder))
+        started = time.monotonic()
+        for done_bytes, total in job.poll():
+            yield f"Downloading {spec.hf_repo} into `{folder}`: {progress_text(done_bytes, total, started, job.start_bytes)}"
+        yield f"✅ {spec.title} downloaded into `{folder}`."
+    except Exception as err:
+        if not isinstance(err, NotImplementedError):
+            log.warning("Download failed: %s", err)
+        yield f"⛔ {html.escape(error_message(err))}"

@@ -1,0 +1,255 @@
+"""UI settings: where things live, the Quality / Fast / Draft modes, valid sizes and frame counts,
+and the last-used settings remembered between runs (a JSON file in the user's config folder).
+
+Nothing here imports Gradio; the values are plain dicts keyed by widget name, which are the
+`GenerateRequest` field names plus a few UI-only extras (see `SETTINGS_SCHEMA`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from wan_lite.registry import MODELS, ModelSpec
+from wan_lite.ui.presets import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "wan_lite"
+MIN_FRAMES = 5
+
+
+def config_dir() -> Path:
+    """The user's wan_lite config folder; WAN_LITE_CONFIG_DIR overrides it (tests, portable installs)."""
+    override = os.environ.get("WAN_LITE_CONFIG_DIR")
+    return Path(override) if override else platformdirs.user_config_path(APP_NAME)
+
+
+def default_output_dir() -> Path:
+    """The user's Videos folder when the system has one, else the app's data folder."""
+    videos = platformdirs.user_videos_path()
+    if videos.is_dir() and videos != Path.home():
+        return videos / APP_NAME
+    return platformdirs.user_data_path(APP_NAME) / "outputs"
+
+
+def default_upload_dir() -> Path:
+    return platformdirs.user_cache_path(APP_NAME) / "uploads"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and frames
+
+
+def size_value(width: int, height: int) -> str:
+    return f"{width}x{height}"
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """"1280x704" -> (1280, 704). Raises InputError for anything else."""
+    from wan_lite.errors import InputError
+
+    try:
+        w, h = (int(part) for part in value.lower().replace("×", "x").split("x"))
+    except (AttributeError, ValueError):
+        raise InputError(f"Size {value!r} is not of the form WIDTHxHEIGHT.", "Pick a size from the list.") from None
+    if w <= 0 or h <= 0:
+        raise InputError(f"Size {value!r} must be positive.", "Pick a size from the list.")
+    return w, h
+
+
+def draft_size(spec: ModelSpec, portrait: bool = False) -> tuple[int, int]:
+    """The smallest size offered: 480p for A14B (trained there); about 360p for TI2V-5B (quick look only)."""
+    w, h = min(spec.sizes, key=lambda s: s[0] * s[1]) if spec.experts else (640, 352)
+    return (min(w, h), max(w, h)) if portrait else (max(w, h), min(w, h))
+
+
+def size_choices(spec: ModelSpec) -> list[tuple[str, str]]:
+    """(label, value) pairs: the trained sizes first, then the draft sizes if they differ."""
+    out: list[tuple[str, str]] = []
+    for w, h in spec.sizes:
+        out.append((f"{w}×{h} ({'portrait' if h > w else 'landscape'})", size_value(w, h)))
+    for portrait in (False, True):
+        w, h = draft_size(spec, portrait)
+        if (w, h) not in spec.sizes:
+            out.append((f"{w}×{h} (draft, lower quality)", size_value(w, h)))
+    return out
+
+
+def snap_size(width: int, height: int, spec: ModelSpec) -> tuple[int, int]:
+    """Round each side to the nearest multiple the model accepts (VAE stride x patch), at least one."""
+    m = spec.size_multiple
+    return max(m, round(width / m) * m), max(m, round(height / m) * m)
+
+
+def max_frames(spec: ModelSpec) -> int:
+    """About ten seconds; longer clips leave the trained range and need much more memory."""
+    return 2 * spec.frames - 1
+
+
+def snap_frames(frames: float, spec: ModelSpec | None = None) -> int:
+    """The nearest frame count of the form 4n+1 (the VAE packs 4 frames per latent after the first);
+    ties go up. Clamped to [MIN_FRAMES, max_frames(spec)]."""
+    n = int((float(frames) - 1) / 4 + 0.5)
+    snapped = max(MIN_FRAMES, 4 * n + 1)
+    return min(snapped, max_frames(spec)) if spec is not None else snapped
+
+
+def seconds_for_frames(frames: int, fps: int) -> float:
+    """121 frames at 24 fps and 81 at 16 fps are the official "5 second" clips."""
+    return (frames - 1) / fps
+
+
+def frames_for_seconds(seconds: float, spec: ModelSpec) -> int:
+    return snap_frames(seconds * spec.fps + 1, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality / Fast / Draft
+
+
+@dataclass(frozen=True)
+class Mode:
+    key: str
+    title: str
+    description: str
+    steps_factor: float  # times the official step count
+    min_steps: int
+    size: str  # "default" (keep the trained size) or "draft"
+    seconds: float | None  # None: the official clip length
+
+
+MODES: dict[str, Mode] = {
+    m.key: m
+    for m in (
+        Mode("quality", "Quality", "The official settings: all steps, trained size, 5 seconds.", 1.0, 1, "default", None),
+        Mode("fast", "Fast", "Half the steps: about twice as fast, a little less detail.", 0.5, 8, "default", None),
+        Mode("draft", "Draft", "Small, short and few steps: a quick look at motion and framing.", 0.0, 12, "draft", 2.0),
+    )
+}
+DEFAULT_MODE = "quality"
+
+
+def mode_values(mode: str, spec: ModelSpec, portrait: bool = False) -> dict[str, Any]:
+    """The widget values a mode sets for a model: size, frames, steps, guidance, guidance_low, shift."""
+    m = MODES.get(mode, MODES[DEFAULT_MODE])
+    if m.size == "draft":
+        width, height = draft_size(spec, portrait)
+    else:
+        width, height = spec.sizes[0]
+        if portrait != (height > width):
+            width, height = height, width
+    return {
+        "size": size_value(width, height),
+        "frames": spec.frames if m.seconds is None else frames_for_seconds(m.seconds, spec),
+        "steps": max(m.min_steps, round(spec.steps * m.steps_factor)),
+        "guidance": spec.guidance[0],
+        "guidance_low": spec.guidance[1],
+        "shift": spec.shift,
+    }
+
+
+def infer_mode(spec: ModelSpec, size: str | None, frames: int | None, steps: int | None) -> str | None:
+    """The mode whose values these are (so a reused result shows the right mode), else None."""
+    portrait = False
+    if size:
+        w, h = parse_size(size)
+        portrait = h > w
+    for key in MODES:
+        v = mode_values(key, spec, portrait)
+        if (size in (None, v["size"])) and frames in (None, v["frames"]) and steps in (None, v["steps"]):
+            return key
+    return None
+
+
+def quality_notes(spec: ModelSpec, width: int, height: int, steps: int, frames: int) -> list[str]:
+    """Gentle warnings for settings known to give poor results (the models' quirks)."""
+    notes = []
+    if spec.name == "ti2v-5b" and width * height < 1280 * 704:
+        notes.append("TI2V-5B looks much worse below 720p; use 1280×704 for the final video.")
+    if spec.name == "ti2v-5b" and steps < 30:
+        notes.append("TI2V-5B needs about 30–50 steps for clean detail; fewer steps are fine for a draft.")
+    if frames > spec.frames:
+        notes.append(f"More than {spec.frames} frames is beyond what {spec.title.split(' (')[0]} was trained on.")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Last-used settings
+
+# Name -> accepted types. Names are GenerateRequest fields, except the UI extras below
+# (size is split into width/height, user_prompt is the text before the composer, etc.).
+SETTINGS_SCHEMA: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "user_prompt": (str,),
+    "negative_prompt": (str,),
+    "size": (str,),
+    "frames": (int,),
+    "steps": (int,),
+    "guidance": (int, float),
+    "guidance_low": (int, float),
+    "shift": (int, float),
+    "seed": (int,),
+    "sampler": (str,),
+    "memory_profile": (str,),
+    "mode": (str,),
+    "terms": (list,),
+    "style": (str, type(None)),
+    "language": (str,),
+}
+
+
+def clean_settings(data: Any) -> dict[str, Any]:
+    """Keep only known names with values of the right type (an old or hand-edited file may have others)."""
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for name, types in SETTINGS_SCHEMA.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            log.warning("Ignoring saved setting %s=%r (expected %s)", name, value, "/".join(t.__name__ for t in types))
+            continue
+        if name == "terms":
+            value = [v for v in value if isinstance(v, str)]
+        if name == "model" and value not in MODELS:
+            continue
+        out[name] = value
+    return out
+
+
+class SettingsStore:
+    """Last-used settings in one JSON file. A corrupt file is set aside (renamed) and ignored."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path if path is not None else config_dir() / "settings.json"
+
+    def load(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.warning("Settings file %s is unreadable (%s); starting with defaults, kept it as %s", self.path, err, aside)
+            try:
+                os.replace(self.path, aside)
+            except OSError:
+                pass
+            return {}
+        return clean_settings(data)
+
+    def save(self, values: dict[str, Any]) -> None:
+        data = {"version": 1, **clean_settings(values)}
+        try:
+            write_json_atomic(self.path, data)
+        except OSError as err:  # a read-only config folder must not break generation
+            log.warning("Could not save settings to %s: %s", self.path, err)
