@@ -99,6 +99,18 @@ def test_blocks_run_from_slots_prefetched_in_order(prefetch: int) -> None:
     assert all(p.untyped_storage().data_ptr() not in slot_ptrs for p in model.parameters())
 
 
+def test_model_dropped_while_attached_is_collected() -> None:
+    import gc
+    import weakref
+
+    model = toy(layers=3)
+    streamer = attach(model, "cpu", resident=0, prefetch=1)
+    refs = weakref.ref(model), weakref.ref(streamer)
+    del model, streamer
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
+
+
 def test_out_of_order_calls_and_failed_forward_recover() -> None:
     model = toy(layers=4)
     x = toy_input()
@@ -290,7 +302,7 @@ def test_cuda_move_expert_one_on_gpu(tmp_path) -> None:
     move_expert(b, "gpu")
     assert where_is(a) == "disk" and where_is(b) == "gpu"
     run(b, x)
-    move_expert(b, "ram", pin=True)
+    move_expert(b, "ram")
     move_expert(a, "gpu")
     assert torch.equal(run(a, x), ref_a)
 

@@ -22,6 +22,7 @@ places; "disk" drops every tensor (meta) and re-fills it from its TensorSource o
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import weakref
 from collections.abc import Callable
@@ -80,6 +81,36 @@ def _tensors(block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]
     return out
 
 
+def _clear_cuda_error() -> None:
+    """A failed CUDA runtime call stays the thread's "last error", which torch would report at the
+    next kernel launch as if that kernel had failed; reading it once through libcudart resets it."""
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = {line.split()[-1] for line in fh if "libcudart.so" in line}
+        for lib in libs:
+            ctypes.CDLL(lib).cudaGetLastError()
+    except OSError:  # cudart linked statically or /proc missing: nothing we can reset
+        pass
+
+
+def _pin_in_place(buf: torch.Tensor) -> bool:
+    """Page-lock `buf`'s memory where it is (cudaHostRegister). torch's pinned allocator rounds
+    every request up to a power of two (a 700 MB A14B block would lock 1 GiB); registering an
+    ordinary allocation locks exactly its size."""
+    try:
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0))
+        return True
+    except (RuntimeError, AssertionError, AttributeError) as err:
+        _clear_cuda_error()
+        log.warning("page-locking %.0f MB failed (%s); this block stays in pageable memory", buf.numel() / 1e6, err)
+        return False
+
+
+def _unpin(ptr: int) -> None:
+    # The memory stays valid (pageable) for anything still viewing it; only the lock goes.
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 def _pin_budget(limit: int | None) -> int:
     """Bytes we allow ourselves to pin. Pinned pages cannot be swapped; pinning nearly all RAM
     stalls the whole machine, so by default we keep pinned memory to half of what is available."""
@@ -110,15 +141,11 @@ class _PackedBlock:
             entries.append(_Entry(module, name, is_param, seen[key], t.dtype, tuple(t.shape)))
         self.entries: list[_Entry] = entries
         self.nbytes = max(offset, _ALIGN)
-        self.pinned = False
-        if pin:
-            try:
-                self.cpu = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
-                self.pinned = True
-            except RuntimeError as err:  # no CUDA driver, or the OS refused to lock more pages
-                log.warning("pinning block %d failed (%s); using pageable memory", index, err)
-        if not self.pinned:
-            self.cpu = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.cpu = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.pinned = pin and _pin_in_place(self.cpu)
+        # Unlock before the memory can be freed, however this object goes away (a locked range
+        # that is freed stays locked until the process exits).
+        self._unpin = weakref.finalize(self, _unpin, self.cpu.data_ptr()) if self.pinned else None
         for (_m, _n, _p, t), e in zip(items, entries, strict=True):
             _view(self.cpu, e).copy_(t)
         self.cpu_views = [_view(self.cpu, e) for e in entries]
@@ -128,6 +155,11 @@ class _PackedBlock:
     def bind(self, views: list[torch.Tensor]) -> None:
         for e, v in zip(self.entries, views, strict=True):
             _set(e, v)
+
+    def unpin(self) -> None:
+        if self._unpin is not None:
+            self._unpin()
+        self.pinned = False
 
 
 class BlockStreamer:
@@ -216,7 +248,7 @@ class BlockStreamer:
             # Start the first copies now so that they overlap the work before the first block.
             for pos in range(n_slots):
                 self._load(pos, pos)
-        _ATTACHED[model] = self
+        _ATTACHED[model] = weakref.ref(self)
         log.info("%s", self.summary())
         return self
 
@@ -254,9 +286,10 @@ class BlockStreamer:
         for p in self._packed:
             p.bind(p.cpu_views)
             p.slot_views.clear()
+            p.unpin()  # detached blocks are plain host tensors again; a re-attach packs anew
         self._slots, self._owner, self._slot_of = [], [], {}
         self._copied, self._free, self._copy_stream = [], [], None
-        if self.model is not None and _ATTACHED.get(self.model) is self:
+        if self.model is not None and streamer_of(self.model) is self:
             del _ATTACHED[self.model]
         self.model = None
 
@@ -284,7 +317,9 @@ class BlockStreamer:
         with torch.cuda.stream(self._copy_stream):
             # Do not overwrite the slot while kernels of its previous block may still read it.
             self._copy_stream.wait_event(self._free[slot])
-            dst.copy_(packed.cpu, non_blocking=packed.pinned)
+            # From pinned memory this returns at once; from pageable memory the driver stages it
+            # (the host may wait for the copy stream), which is slower but still correct.
+            dst.copy_(packed.cpu, non_blocking=True)
             self._copied[slot].record(self._copy_stream)
 
     def _pick_slot(self, pos: int) -> int:
@@ -342,7 +377,9 @@ class BlockStreamer:
         return post_hook
 
 
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, BlockStreamer] = weakref.WeakKeyDictionary()
+# model -> its streamer. Both references are weak: the hooks on the model keep the streamer alive,
+# and a model dropped without detach() is collected with its streamer.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[BlockStreamer]] = weakref.WeakKeyDictionary()
 
 
 def attach(model: nn.Module, device: torch.device | str, resident: int = 0, prefetch: int = 1,
@@ -352,12 +389,13 @@ def attach(model: nn.Module, device: torch.device | str, resident: int = 0, pref
 
 
 def streamer_of(model: nn.Module) -> BlockStreamer | None:
-    return _ATTACHED.get(model)
+    ref = _ATTACHED.get(model)
+    return None if ref is None else ref()
 
 
 def detach_streamer(model: nn.Module) -> None:
     """Detach the streamer of `model`, if any."""
-    streamer = _ATTACHED.get(model)
+    streamer = streamer_of(model)
     if streamer is not None:
         streamer.detach()
 
@@ -392,7 +430,7 @@ def where_is(model: nn.Module) -> str:
 
 
 def move_expert(model: nn.Module, where: str, *, device: torch.device | str = "cuda",
-                pin: bool = False, quant_device: torch.device | str = "cpu") -> None:
+                quant_device: torch.device | str = "cpu") -> None:
     """Put a whole model on the GPU ("gpu"), in host RAM ("ram") or nowhere ("disk").
 
     "disk" drops every tensor (the file on disk, memory-mapped, is the copy); "ram" and "gpu"
@@ -414,13 +452,5 @@ def move_expert(model: nn.Module, where: str, *, device: torch.device | str = "c
             raise RuntimeError("this model was dropped without a source; cannot re-fill it")
         source, key_map = _SOURCES[model]
         refill_like(model, source, key_map=key_map, quant_device=quant_device)
-    if where == "ram":
-        model.to("cpu")
-        if pin and torch.cuda.is_available():
-            for t in list(model.parameters()) + list(model.buffers()):
-                try:
-                    t.data = t.data.pin_memory()
-                except RuntimeError:  # locked-memory limit reached: the rest stays pageable
-                    break
-    else:
-        model.to(device)
+    # Host copies are pageable here: a streamer attached later packs and page-locks its own.
+    model.to("cpu" if where == "ram" else device)
