@@ -110,7 +110,7 @@ def modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, 
     """x [B, L, D] fp32 -> x * (1 + scale) + shift, with table [U, K, D] rows picked per run."""
     if len(runs) == 1:
         _, _, idx = runs[0]
-        return x * (1 + table[idx, scale, None]) + table[idx, shift, None]
+        return (x * (1 + table[idx, scale, None])).add_(table[idx, shift, None])
     out = torch.empty_like(x)
     for s, e, idx in runs:
         out[:, s:e] = x[:, s:e] * (1 + table[idx, scale, None]) + table[idx, shift, None]
@@ -118,12 +118,15 @@ def modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, 
 
 
 def gated_add(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, runs: list[Run], gate: int) -> torch.Tensor:
-    """Residual x + y * gate in fp32 (x, y [B, L, D] any float dtype) -> fp32 [B, L, D]."""
+    """Residual x + y * gate in fp32 (x, y [B, L, D] any float dtype) -> fp32 [B, L, D].
+
+    bf16 operands are promoted exactly by the fp32 gate, as in the reference's fp32 island.
+    """
     if len(runs) == 1:
-        return x.float() + y.float() * table[runs[0][2], gate, None]
+        return (y * table[runs[0][2], gate, None]).add_(x)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for s, e, idx in runs:
-        out[:, s:e] = x[:, s:e].float() + y[:, s:e].float() * table[idx, gate, None]
+        out[:, s:e] = x[:, s:e] + y[:, s:e] * table[idx, gate, None]
     return out
 
 
@@ -177,15 +180,19 @@ def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) 
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2k, 2k+1) of x [B, L, H, Dh] by the token's angles; float64 math, fp32 out."""
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rotate channel pairs (2k, 2k+1) of x [B, L, H, Dh] by the token's angles -> [B, L, H, Dh] in `dtype`.
+
+    float64 math rounded to fp32 (the reference's RoPE output), then to `dtype` (what its attention
+    call does), chunk by chunk so no full-size float64 or fp32 copy of q/k is ever held.
+    """
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for s in range(0, x.shape[1], _ROPE_CHUNK_TOKENS):
         e = min(s + _ROPE_CHUNK_TOKENS, x.shape[1])
         x0, x1 = x[:, s:e].double().unflatten(-1, (-1, 2)).unbind(-1)  # [B, l, H, Dh/2] each
         c, sn = cos[None, s:e, None], sin[None, s:e, None]
-        out[:, s:e, :, 0::2] = x0 * c - x1 * sn
-        out[:, s:e, :, 1::2] = x0 * sn + x1 * c
+        out[:, s:e, :, 0::2] = (x0 * c - x1 * sn).float()
+        out[:, s:e, :, 1::2] = (x0 * sn + x1 * c).float()
     return out
 
 
@@ -224,24 +231,23 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
 
-    def forward(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """u [B, L, D] (fp32, modulated) -> [B, L, D] in `dtype`; RoPE on q and k."""
-        u = u.to(dtype)
-        q = apply_rope(self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1)), *rope)
-        k = apply_rope(self.norm_k(self.k(u)).unflatten(2, (self.num_heads, -1)), *rope)
+    def forward(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """u [B, L, D] (modulated, in the compute dtype) -> [B, L, D] in u's dtype; RoPE on q and k."""
+        dtype = u.dtype
+        q = apply_rope(self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1)), *rope, dtype)
+        k = apply_rope(self.norm_k(self.k(u)).unflatten(2, (self.num_heads, -1)), *rope, dtype)
         v = self.v(u).unflatten(2, (self.num_heads, -1))
-        out = attention(q.to(dtype), k.to(dtype), v)
-        return self.o(out.flatten(2).to(dtype))
+        return self.o(attention(q, k, v).flatten(2).to(dtype))
 
 
 class WanCrossAttention(WanSelfAttention):
     def forward(self, u: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """u [B, L, D] video tokens, context [B, 512, D] embedded text -> [B, L, D] in context's dtype.
+        """u [B, L, D] video tokens and context [B, 512, D] embedded text, both in the compute dtype -> [B, L, D].
 
         No RoPE and no mask: all 512 text rows (zero padding included) are keys, as in the reference.
         """
         dtype = context.dtype
-        q = self.norm_q(self.q(u.to(dtype))).unflatten(2, (self.num_heads, -1))
+        q = self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1))
         k = self.norm_k(self.k(context)).unflatten(2, (self.num_heads, -1))
         v = self.v(context).unflatten(2, (self.num_heads, -1))
         out = attention(q.to(dtype), k.to(dtype), v)
@@ -273,10 +279,11 @@ class WanAttentionBlock(nn.Module):
         e0 [U, 6, D] fp32 projected time embeddings, one row per distinct timestep -> [B, L, D] fp32."""
         dtype = context.dtype
         m = self.modulation.float() + e0  # [U, 6, D]: shift, scale, gate (attn); shift, scale, gate (ffn)
-        # norm1's output is rounded to x's dtype before modulation, as in the reference (bf16 in block 0).
-        u = modulate(layer_norm(x, self.eps).float(), m, runs, 0, 1)
-        x = gated_add(x, self.self_attn(u, rope, dtype), m, runs, 2)
-        x = x + self.cross_attn(self.norm3(x), context)
+        # norm1's output is rounded to x's dtype before modulation, as in the reference (bf16 in
+        # block 0); the fp32 modulated result is rounded to the compute dtype by the next Linear.
+        u = modulate(layer_norm(x, self.eps).float(), m, runs, 0, 1).to(dtype)
+        x = gated_add(x, self.self_attn(u, rope), m, runs, 2)
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context)
         n = self.chunk_tokens
         if not n or n >= x.shape[1]:
             return self._ffn(x, m, runs, dtype)
@@ -287,8 +294,8 @@ class WanAttentionBlock(nn.Module):
         return out
 
     def _ffn(self, x: torch.Tensor, m: torch.Tensor, runs: list[Run], dtype: torch.dtype) -> torch.Tensor:
-        u = modulate(layer_norm(x, self.eps).float(), m, runs, 3, 4)
-        return gated_add(x, self.ffn(u.to(dtype)), m, runs, 5)
+        u = modulate(layer_norm(x, self.eps).float(), m, runs, 3, 4).to(dtype)
+        return gated_add(x, self.ffn(u), m, runs, 5)
 
 
 class Head(nn.Module):
