@@ -1,0 +1,276 @@
+"""Find the Wan 2.2 model files already on this machine and remember which ones the user chose.
+
+Scanned places: the Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+~/.cache/huggingface/hub), ComfyUI `models/` folders the user names, and wan_lite's own models/
+folder. Only headers are read (a few KB per file), so scanning 100+ GB of checkpoints takes
+seconds. Files are identified by header and size (`fingerprint`), so a renamed or moved copy is
+recognised and nothing needs downloading twice; a full `content_hash` is computed only on request.
+
+Choices (which file fills which slot of which model, and the ComfyUI folders to scan) are kept
+in `choices.json` under platformdirs' user config dir (`WAN_LITE_CONFIG_DIR` overrides it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from wan_lite.errors import InputError
+from wan_lite.loading.formats import WEIGHT_SUFFIXES, Component, detect, detect_folder
+from wan_lite.registry import MODELS
+
+log = logging.getLogger(__name__)
+
+# ComfyUI sub-folders that can hold Wan files (unet/ and clip/ are the older names).
+COMFY_SUBDIRS = ("diffusion_models", "unet", "vae", "text_encoders", "clip", "loras")
+_SKIP_DIRS = {".git", "blobs", ".locks", "__pycache__", "refs", ".cache"}
+
+
+@dataclass(frozen=True)
+class Found:
+    """A component found by a scan: where it was found ("hf-cache", "comfyui", "wan_lite",
+    "user") and, in the HF cache, which repository it came from."""
+
+    component: Component
+    location: str
+    repo: str | None = None
+
+    def describe(self) -> str:
+        where = f"{self.location}:{self.repo}" if self.repo else self.location
+        return f"{self.component.describe()} ({where})"
+
+
+# --------------------------------------------------------------------------------------------
+# Identity
+
+
+def _header_bytes(path: Path) -> bytes:
+    """The bytes that tell files apart cheaply: the safetensors JSON header, the start of a GGUF
+    file (metadata and tensor table), the first and last MiB of other files (a .pth zip keeps
+    its pickle at the front and its directory at the end)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        if path.suffix == ".safetensors":
+            head = fh.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            return head + fh.read(min(n, 100_000_000))
+        if path.suffix == ".gguf":
+            return fh.read(16 * 2**20)
+        first = fh.read(2**20)
+        fh.seek(max(0, size - 2**20))
+        return first + fh.read(2**20)
+
+
+def fingerprint(files: Iterable[Path]) -> str:
+    """A hash of the headers and sizes of `files`: equal for copies, different for other files."""
+    h = hashlib.sha256()
+    for f in files:
+        f = Path(f)
+        h.update(struct.pack("<Q", f.stat().st_size))
+        h.update(_header_bytes(f))
+    return h.hexdigest()[:24]
+
+
+def content_hash(path: Path, chunk: int = 16 * 2**20) -> str:
+    """sha256 of the whole file. Reads every byte: only on request."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Places
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def default_places(models_dir: Path | None = None, comfy_dirs: Iterable[Path] = ()) -> list[tuple[str, Path]]:
+    """(location, folder) pairs to scan: the HF cache, the ComfyUI folders, wan_lite's models/."""
+    places = [("hf-cache", hf_cache_dir())]
+    places += [("comfyui", Path(p).expanduser()) for p in comfy_dirs]
+    if models_dir is not None:
+        places.append(("wan_lite", Path(models_dir)))
+    return [(loc, p) for loc, p in places if p.is_dir()]
+
+
+def _repo_of(path: Path, cache: Path) -> str | None:
+    """`models--Org--Name/snapshots/<rev>/...` -> "Org/Name"."""
+    try:
+        top = path.relative_to(cache).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return top.split("--", 1)[1].replace("--", "/") if top.startswith("models--") else None
+
+
+def _folders(root: Path, max_depth: int) -> Iterable[Path]:
+    """`root` and its sub-folders down to `max_depth`, skipping caches and git internals."""
+    for dirpath, dirnames, _files in os.walk(root, followlinks=True):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        if depth >= max_depth:
+            dirnames[:] = []
+        yield Path(dirpath)
+
+
+def scan(places: Iterable[tuple[str, Path]], max_depth: int = 6) -> list[Found]:
+    """Every component in `places`, each file once (copies reached by symlinks are merged).
+
+    Unreadable files are listed too (role "broken", with the reason), so a truncated download
+    shows up instead of silently missing.
+    """
+    found: list[Found] = []
+    seen: set[Path] = set()
+    cache = hf_cache_dir()
+    for location, root in places:
+        for folder in _folders(Path(root), max_depth):
+            if not any(f.suffix in WEIGHT_SUFFIXES or f.name == "spiece.model" for f in folder.iterdir()):
+                continue
+            expert = None
+            if folder.parent.joinpath("model_index.json").is_file() and folder.name.startswith("transformer"):
+                two = folder.parent.joinpath("transformer_2").is_dir()
+                expert = ("low" if folder.name == "transformer_2" else "high") if two else None
+            for c in detect_folder(folder, expert=expert):
+                key = tuple(sorted(f.resolve() for f in c.files))
+                if any(k in seen for k in key):
+                    continue
+                seen.update(key)
+                c = replace(c, fingerprint=fingerprint(c.files)) if c.role != "broken" else c
+                repo = _repo_of(folder, cache) if location == "hf-cache" else None
+                found.append(Found(c, location, repo))
+    log.info("Model scan: %d component(s) in %d place(s)", len(found), len(list(places)))
+    return found
+
+
+def candidates(found: Iterable[Found], model: str) -> dict[str, list[Found]]:
+    """Usable components per slot of `model`: "dit" (TI2V-5B) or "dit_high" / "dit_low" (A14B;
+    an expert of unknown side is offered for both), "vae", "text_encoder", "tokenizer"."""
+    spec = MODELS[model]
+    slots: dict[str, list[Found]] = {s: [] for s in slot_names(model)}
+    for f in found:
+        c = f.component
+        if model not in c.models or not c.usable:
+            continue
+        if c.role == "dit" and spec.experts:
+            for side in ("high", "low"):
+                if c.expert in (side, None):
+                    slots[f"dit_{side}"].append(f)
+        elif c.role in slots:
+            slots[c.role].append(f)
+        if c.has_tokenizer:
+            slots["tokenizer"].append(f)
+    return slots
+
+
+def slot_names(model: str) -> tuple[str, ...]:
+    dits = ("dit_high", "dit_low") if MODELS[model].experts else ("dit",)
+    return (*dits, "vae", "text_encoder", "tokenizer")
+
+
+def find_copies(found: Iterable[Found]) -> dict[str, list[Found]]:
+    """Components present more than once (same fingerprint), e.g. in the HF cache and in ComfyUI."""
+    groups: dict[str, list[Found]] = {}
+    for f in found:
+        if f.component.fingerprint:
+            groups.setdefault(f.component.fingerprint, []).append(f)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Remembered choices
+
+
+def config_dir() -> Path:
+    if os.environ.get("WAN_LITE_CONFIG_DIR"):
+        return Path(os.environ["WAN_LITE_CONFIG_DIR"])
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("wan_lite", appauthor=False))
+
+
+class Choices:
+    """The user's component choices per model and the ComfyUI folders to scan, kept as JSON:
+
+        {"comfy_dirs": ["/data/ComfyUI/models"],
+         "models": {"t2v-a14b": {"dit_high": {"path": "...", "fingerprint": "..."}, ...}}}
+
+    A remembered file that moved is found again by its fingerprint (`resolve`).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else config_dir() / "choices.json"
+        self.data: dict = {"comfy_dirs": [], "models": {}}
+        if self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(loaded, dict):
+                    self.data.update(loaded)
+            except (ValueError, OSError) as err:
+                log.warning("Ignoring unreadable %s (%s); starting with no remembered choices.", self.path, err)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True), encoding="utf-8")
+        tmp.replace(self.path)
+
+    @property
+    def comfy_dirs(self) -> list[Path]:
+        return [Path(p) for p in self.data.get("comfy_dirs", [])]
+
+    def add_comfy_dir(self, folder: Path) -> None:
+        folder = Path(folder).expanduser().resolve()
+        if not folder.is_dir():
+            raise InputError(f"ComfyUI folder not found: {folder}", "Name the ComfyUI 'models' folder.")
+        if str(folder) not in self.data["comfy_dirs"]:
+            self.data["comfy_dirs"].append(str(folder))
+
+    def choose(self, model: str, slot: str, component: Component) -> None:
+        """Remember `component` for `slot` of `model` (slots: see `slot_names`)."""
+        if slot not in slot_names(model):
+            raise InputError(f"{model} has no slot {slot!r}.", f"Choose one of: {', '.join(slot_names(model))}.")
+        fp = component.fingerprint or fingerprint(component.files)
+        entry = {"path": str(component.path), "fingerprint": fp}
+        self.data["models"].setdefault(model, {})[slot] = entry
+
+    def chosen(self, model: str) -> dict[str, Path]:
+        """The remembered path per slot of `model` (as stored; see `resolve` for moved files)."""
+        return {slot: Path(e["path"]) for slot, e in self.data["models"].get(model, {}).items()}
+
+    def resolve(self, model: str, found: Iterable[Found] = ()) -> dict[str, Path]:
+        """Remembered paths that still hold the remembered file; a file that moved is looked up
+        by fingerprint among `found`. Slots whose file is gone are left out."""
+        by_fp = {f.component.fingerprint: f.component.path for f in found}
+        out = {}
+        for slot, entry in self.data["models"].get(model, {}).items():
+            path = Path(entry["path"])
+            fp = entry.get("fingerprint")
+            if path.exists() and _same(path, fp):
+                out[slot] = path
+            elif fp in by_fp:
+                log.info("%s %s: remembered file moved to %s", model, slot, by_fp[fp])
+                out[slot] = by_fp[fp]
+        return out
+
+
+def _same(path: Path, fp: str | None) -> bool:
+    if fp is None:
+        return True
+    try:
+        comps = detect(path)
+    except Exception:  # a file that cannot be read is not the remembered one
+        return False
+    return any(c.role != "broken" and fingerprint(c.files) == fp for c in comps)
