@@ -199,3 +199,15 @@ def test_model_switch_sets_expert_guidance_and_valid_sizes():
     assert a14b["size"]["value"] == "720x1280" and a14b["shift"] == 12.0 and a14b["steps"] == 40
     five = model_updates("ti2v-5b", "fast", None)
     assert five["guidance_low"]["visible"] is False and five["steps"] == 25 and five["size"]["value"] == "1280x704"
+
+
+def test_history_reads_the_engines_sidecar_layout(tmp_path):
+    out = tmp_path / "out"
+    record = {"wan_lite": "0.1.0", "image": None, "notes": [], "video": "fox_42.mp4", "latents": "fox_42.latents.safetensors",
+              "request": GenerateRequest(prompt="A fox.", seed=None, memory_profile="auto").to_dict(),
+              "settings": {"model": "ti2v-5b", "prompt": "A fox.", "width": 1280, "height": 704, "frames": 121,
+                           "steps": 50, "seed": 42, "timings": {"text": 2.0, "denoise": 300.0, "decode": 20.0}}}
+    _write_result(out, "fox_42", record)
+    (entry,) = history.read_history(out)
+    assert entry.seed == 42 and entry.prompt == "A fox." and entry.settings["memory_profile"] == "auto"
+    assert entry.timings == {"text": 2.0, "denoise": 300.0, "decode": 20.0} and entry.video.name == "fox_42.mp4"

@@ -1,6 +1,7 @@
 """The history gallery: past results read back from the sidecar JSON files in the output folder.
 
-The sidecar is written by wan_lite/output.py next to each video. This reader is deliberately
+The sidecar is written by wan_lite.engine next to each video ({"settings": {... "timings"},
+"request": {...}, "video": "name.mp4", ...}). This reader is deliberately
 tolerant about its shape: the request may sit under "request" or "settings" (or at the top level),
 the video under "video" / "video_path" (relative to the sidecar, or absolute), or simply next to
 the sidecar with the same name and ".mp4". Files that do not describe a video are skipped.
@@ -79,7 +80,9 @@ def parse_sidecar(sidecar: Path, root: Path) -> HistoryEntry | None:
         if isinstance(data.get(key), dict):
             settings.update({k: v for k, v in data[key].items() if k in names or k in ("fps",)})
     seed = data.get("seed", settings.get("seed"))
-    timings = data.get("timings") if isinstance(data.get("timings"), dict) else {}
+    # wan_lite.engine keeps the timings inside "settings"; older or other writers at the top level.
+    nested = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    timings = next((t for t in (data.get("timings"), nested.get("timings")) if isinstance(t, dict)), {})
     prompt = settings.get("prompt") if isinstance(settings.get("prompt"), str) else ""
     return HistoryEntry(
         video=video,

@@ -1,7 +1,7 @@
 """Start images for image-to-video: content checks before anything decodes them, normalisation
 (EXIF orientation, alpha flattened, size bounded) and the exact frame the model will use.
 
-Size rules (../shared/reference/wan22-dit-pipelines-schedulers.md):
+Size rules (../shared/reference/wan22-dit-pipelines-schedulers.md; computed by wan_lite.sizing):
 - TI2V-5B (5.3, 8): `best_output_size` picks a size of about the chosen area, multiples of 32, close
   to the image's aspect ratio; the image is scaled to cover it (Lanczos) and centre-cropped.
 - I2V-A14B (5.2): the latent size comes from the area and the aspect ratio (multiples of 16 pixels);
@@ -11,7 +11,6 @@ Size rules (../shared/reference/wan22-dit-pipelines-schedulers.md):
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wan_lite.errors import InputError
 from wan_lite.registry import ModelSpec
+from wan_lite.sizing import best_output_size, centre_crop_box, i2v_a14b_size, image_output_size
+
+__all__ = ["CheckedImage", "Framing", "best_output_size", "check_image", "i2v_a14b_size", "model_frame",
+           "model_framing", "sniff_format"]
 
 log = logging.getLogger(__name__)
 
@@ -111,32 +114,8 @@ def _flatten(im: Image.Image, notes: list[str]) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sizes the pipelines derive from an image
-
-
-def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
-    """(out_w, out_h): multiples of (dw, dh), area <= expected_area, aspect ratio closest to w/h.
-    Ties go to the height-first candidate, as in the official code."""
-    ratio = w / h
-    ow = math.sqrt(expected_area * ratio)
-    oh = expected_area / ow
-    ow1 = int(ow // dw * dw)
-    oh1 = int(expected_area / ow1 // dh * dh)
-    oh2 = int(oh // dh * dh)
-    ow2 = int(expected_area / oh2 // dw * dw)
-
-    def err(r: float) -> float:
-        return max(ratio / r, r / ratio)
-
-    return (ow1, oh1) if err(ow1 / oh1) < err(ow2 / oh2) else (ow2, oh2)
-
-
-def i2v_a14b_size(w: int, h: int, max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
-    """(W, H) of I2V-A14B's video for a w x h image: latent sides floored to even numbers."""
-    ar = h / w
-    lat_h = round(math.floor(math.floor(math.sqrt(max_area * ar) / stride) / patch) * patch)
-    lat_w = round(math.floor(math.floor(math.sqrt(max_area / ar) / stride) / patch) * patch)
-    return lat_w * stride, lat_h * stride
+# The frame the pipelines derive from an image (the size rules live in wan_lite.sizing, shared
+# with the engine, so the preview can never disagree with what the pipeline does)
 
 
 @dataclass(frozen=True)
@@ -149,17 +128,14 @@ class Framing:
 
 def model_framing(spec: ModelSpec, image_w: int, image_h: int, area: int) -> Framing:
     """How `spec` turns a image_w x image_h picture into its first frame, for a size of `area` pixels."""
+    ow, oh = image_output_size(spec, image_w, image_h, area, 1)  # only the area of the size is used
     if spec.task == "ti2v":
-        d = spec.size_multiple  # 32 = VAE stride 16 x patch 2
-        ow, oh = best_output_size(image_w, image_h, d, d, area)
-        scale = max(ow / image_w, oh / image_h)
-        sw, sh = round(image_w * scale), round(image_h * scale)
-        left, top = (sw - ow) // 2, (sh - oh) // 2
+        (sw, sh), (left, top, right, bottom) = centre_crop_box(image_w, image_h, ow, oh)
+        scale = sw / image_w
         # The crop box in the uploaded image's pixels (for drawing; the frame itself is cut after scaling).
-        box = (round(left / scale), round(top / scale), round((left + ow) / scale), round((top + oh) / scale))
+        box = (round(left / scale), round(top / scale), round(right / scale), round(bottom / scale))
         return Framing(ow, oh, box, cropped=(sw, sh) != (ow, oh))
-    w, h = i2v_a14b_size(image_w, image_h, area, spec.vae_stride[1], spec.patch_size[1])
-    return Framing(w, h, (0, 0, image_w, image_h), cropped=False)
+    return Framing(ow, oh, (0, 0, image_w, image_h), cropped=False)
 
 
 def model_frame(path: Path, spec: ModelSpec, area: int) -> tuple[Image.Image, Framing]:
@@ -168,9 +144,7 @@ def model_frame(path: Path, spec: ModelSpec, area: int) -> tuple[Image.Image, Fr
         rgb = im.convert("RGB")
     framing = model_framing(spec, rgb.width, rgb.height, area)
     if spec.task == "ti2v":
-        scale = max(framing.width / rgb.width, framing.height / rgb.height)
-        scaled = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
-        left, top = (scaled.width - framing.width) // 2, (scaled.height - framing.height) // 2
-        return scaled.crop((left, top, left + framing.width, top + framing.height)), framing
+        resized, box = centre_crop_box(rgb.width, rgb.height, framing.width, framing.height)
+        return rgb.resize(resized, Image.Resampling.LANCZOS).crop(box), framing
     # The pipeline uses torch bicubic interpolation; PIL's bicubic is a faithful preview of it.
     return rgb.resize((framing.width, framing.height), Image.Resampling.BICUBIC), framing

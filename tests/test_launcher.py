@@ -1,0 +1,150 @@
+"""The launchers' logic where it can run here: plain-word refusals, the torch build choice, the
+install stamp, and a fresh clone reaching a served page (reusing this checkout's venv through
+WAN_LITE_VENV, since a real first install downloads gigabytes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch.sh"
+VENV = Path(sys.prefix)  # the venv running these tests has everything installed
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="launch.sh is for Linux and macOS")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAN_LITE_")}
+    env.update({"CI": "true", "WAN_LITE_CONFIG_DIR": str(tmp_path / "config"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+                "GRADIO_ANALYTICS_ENABLED": "False"})
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], script: Path = LAUNCH, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _fake_bin(tmp_path: Path, name: str, body: str) -> Path:
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return folder
+
+
+def test_check_chooses_cuda_torch_when_nvidia_smi_answers(tmp_path):
+    fake = _fake_bin(tmp_path, "nvidia-smi", 'echo "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-1234)"')
+    env = _env(tmp_path, WAN_LITE_VENV=str(VENV), PATH=f"{fake}:{os.environ['PATH']}")
+    out = _run(["--check"], env)
+    assert out.returncode == 0, out.stderr
+    assert "build cu128 (NVIDIA GPU found: GPU 0: NVIDIA GeForce RTX 4090" in out.stdout
+
+
+def test_check_explains_cpu_build_without_a_gpu(tmp_path):
+    fake = _fake_bin(tmp_path, "nvidia-smi", "exit 9")  # driver missing: nvidia-smi fails
+    env = _env(tmp_path, WAN_LITE_VENV=str(VENV), PATH=f"{fake}:{os.environ['PATH']}")
+    out = _run(["--check"], env)
+    assert out.returncode == 0 and "build cpu (No NVIDIA GPU answered" in out.stdout and "hours" in out.stdout
+    assert "Free disk:" in out.stdout
+
+
+def test_old_python_is_refused_in_plain_words(tmp_path):
+    old = _fake_bin(tmp_path, "python3.8", 'case "$2" in *sys.exit*) exit 1;; *) echo 3.8.10;; esac')
+    env = _env(tmp_path, WAN_LITE_VENV=str(tmp_path / "venv"), WAN_LITE_PYTHON=str(old / "python3.8"))
+    out = _run([], env)
+    assert out.returncode == 1
+    assert "wan_lite needs Python 3.10 or newer, but" in out.stderr and "Python 3.8.10" in out.stderr
+    assert "python.org" in out.stderr and not (tmp_path / "venv").exists()
+
+
+def test_missing_python_is_explained(tmp_path):
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("dirname",):  # the launcher needs nothing else before looking for Python
+        (tools / tool).symlink_to(subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True,
+                                                 text=True).stdout.strip())
+    env = _env(tmp_path, WAN_LITE_VENV=str(tmp_path / "venv"), PATH=str(tools))
+    out = subprocess.run(["/bin/bash", str(LAUNCH)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Python is not installed" in out.stderr
+
+
+def test_too_little_disk_is_refused_before_installing(tmp_path):
+    env = _env(tmp_path, WAN_LITE_VENV=str(tmp_path / "new-venv"), WAN_LITE_PYTHON=sys.executable,
+               WAN_LITE_MIN_FREE_GB="100000000")
+    out = _run([], env)
+    assert out.returncode == 1 and "GB of disk space is free" in out.stderr and "needs about 100000000 GB" in out.stderr
+    assert not (tmp_path / "new-venv").exists()
+
+
+def test_unknown_torch_build_is_refused(tmp_path):
+    out = _run(["--check"], _env(tmp_path, WAN_LITE_VENV=str(VENV), WAN_LITE_TORCH="rocm"))
+    assert out.returncode == 1 and "WAN_LITE_TORCH=rocm" in out.stderr
+
+
+def _clone(tmp_path: Path) -> Path:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--depth", "1", f"file://{ROOT}", str(clone)], check=True, timeout=120)
+    if not (clone / "launch.sh").is_file():
+        pytest.skip("launch.sh is not committed yet")
+    return clone
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fresh_clone_sets_up_and_serves_the_app(tmp_path):
+    clone = _clone(tmp_path)
+    port = _free_port()
+    env = _env(tmp_path, WAN_LITE_VENV=str(VENV))
+    log = (tmp_path / "launch.log").open("w")
+    proc = subprocess.Popen(["bash", str(clone / "launch.sh"), "--port", str(port), "--models-dir", str(tmp_path / "models"),
+                             "--output-dir", str(tmp_path / "out")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        body, deadline = "", time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    body = resp.read().decode("utf-8", "replace")
+                    break
+            except OSError:
+                time.sleep(1)
+        text = (tmp_path / "launch.log").read_text()
+        assert body, f"the app did not answer on port {port}:\n{text[-3000:]}"
+        assert "<title>wan_lite</title>" in body or "wan_lite" in body
+        assert "Starting wan_lite" in text and f"127.0.0.1:{port}" in text
+        assert (tmp_path / "out").is_dir() and (tmp_path / "cache" / "wan_lite" / "uploads").is_dir()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    # The stamp written by the first launch makes the next one skip every install.
+    check = _run(["--check"], env, script=clone / "launch.sh")
+    assert "Installed and up to date: yes" in check.stdout
+
+
+@pytest.mark.slow
+def test_test_mode_sets_up_and_runs_pytest_with_the_given_arguments(tmp_path):
+    clone = _clone(tmp_path)
+    out = _run(["--test", "tests/test_ui_composer.py", "-q", "-p", "no:cacheprovider"], _env(tmp_path, WAN_LITE_VENV=str(VENV)),
+               script=clone / "launch.sh", timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Running the tests" in out.stdout and " passed" in out.stdout
