@@ -46,6 +46,8 @@ def name_matches(name: str, patterns: Iterable[str]) -> bool:
 
 @dataclass(frozen=True)
 class WanDiTConfig:
+    """DiT architecture; `from_shapes` reads it off a checkpoint (config.json is not needed)."""
+
     dim: int
     ffn_dim: int
     num_heads: int
@@ -71,7 +73,7 @@ class WanDiTConfig:
         if missing:
             raise CheckpointError(
                 f"Not a Wan DiT checkpoint in the official layout: no {', '.join(missing)}.",
-                "Point to the folder of a Wan 2.2 model (official or ComfyUI file, not a VAE or text encoder).",
+                "Point to a Wan 2.2 model folder or DiT file (not a VAE or text encoder file).",
             )
         dim = shapes["head.modulation"][-1]
         if dim % HEAD_DIM:
@@ -80,7 +82,8 @@ class WanDiTConfig:
                 "The file is not a Wan 2.2 DiT.",
             )
         patch = tuple(shapes["patch_embedding.weight"][2:])
-        layers = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+        parts = (k.split(".") for k in shapes if k.startswith("blocks."))
+        layers = {int(p[1]) for p in parts if p[1].isdigit()}
         if layers != set(range(len(layers))):
             raise CheckpointError(f"The DiT blocks are not numbered 0..N-1 (found {sorted(layers)}).",
                                   "The checkpoint is incomplete; download it again.")
@@ -98,11 +101,10 @@ class WanDiTConfig:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, eps: float,
+               w: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm over the last dim with fp32 statistics, result in x's dtype (reference WanLayerNorm)."""
-    w = weight.float() if weight is not None else None
-    b = bias.float() if bias is not None else None
+    w, b = (w.float(), b.float()) if w is not None and b is not None else (None, None)
     return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
 
 
@@ -117,7 +119,8 @@ def modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, 
     return out
 
 
-def gated_add(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, runs: list[Run], gate: int) -> torch.Tensor:
+def gated_add(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, runs: list[Run],
+              gate: int) -> torch.Tensor:
     """Residual x + y * gate in fp32 (x, y [B, L, D] any float dtype) -> fp32 [B, L, D].
 
     bf16 operands are promoted exactly by the fp32 gate, as in the reference's fp32 island.
@@ -144,8 +147,10 @@ def timestep_runs(t: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tenso
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2 or t.shape[0] not in (1, batch) or t.shape[1] not in (1, tokens):
-        raise InputError(f"Timesteps of shape {list(t.shape)} do not fit {batch} sample(s) of {tokens} tokens.",
-                         "Pass t as [B] or [B, tokens].")
+        raise InputError(
+            f"Timesteps of shape {list(t.shape)} do not fit {batch} sample(s) of {tokens} tokens.",
+            "Pass t as [B] or [B, tokens].",
+        )
     values, inverse = torch.unique(t.expand(batch, -1), return_inverse=True)
     if inverse.shape[1] == 1:
         return values, [(0, tokens, inverse[:, 0])]
@@ -164,7 +169,8 @@ def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
 
 
-def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(grid: tuple[int, int, int], head_dim: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [F*h*w, head_dim/2] float64 for the token grid, (frame | height | width) channels."""
     d = head_dim
     axis_dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))  # 44, 42, 42 real channels for 128
@@ -210,14 +216,8 @@ class WanRMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-class WanLayerNorm(nn.Module):
+class WanLayerNorm(nn.LayerNorm):
     """Affine LayerNorm (the cross-attention input `norm3`), fp32 math, result in x's dtype."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.eps, self.weight, self.bias)
@@ -242,7 +242,7 @@ class WanSelfAttention(nn.Module):
 
 class WanCrossAttention(WanSelfAttention):
     def forward(self, u: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """u [B, L, D] video tokens and context [B, 512, D] embedded text, both in the compute dtype -> [B, L, D].
+        """u [B, L, D] video tokens, context [B, 512, D] embedded text (compute dtype) -> [B, L, D].
 
         No RoPE and no mask: all 512 text rows (zero padding included) are keys, as in the reference.
         """
@@ -269,7 +269,7 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
         self.self_attn = WanSelfAttention(cfg.dim, cfg.num_heads, cfg.eps)
         self.cross_attn = WanCrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
-        self.norm3 = WanLayerNorm(cfg.dim, cfg.eps)
+        self.norm3 = WanLayerNorm(cfg.dim, eps=cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
 
@@ -313,7 +313,8 @@ class Head(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """x [B, C_in, F, h, w], t [B] or [B, L], context [B, 512, text_dim], y -> velocity [B, C_out, F, h, w] fp32."""
+    """x [B, C_in, F, h, w], t [B] or [B, L], context [B, 512, text_dim], y=None
+    -> velocity [B, C_out, F, h, w] float32."""
 
     # fnmatch patterns over parameter / module names (see `name_matches`).
     no_quantize_patterns: tuple[str, ...] = ("patch_embedding*", "text_embedding*", "time_embedding*",
@@ -327,7 +328,8 @@ class WanDiT(nn.Module):
         self.config = cfg
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                            nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
@@ -335,7 +337,8 @@ class WanDiT(nn.Module):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_source(cls, source: TensorSource, dtype: torch.dtype | None, *, keep_fp32: bool = True) -> WanDiT:
+    def from_source(cls, source: TensorSource, dtype: torch.dtype | None, *,
+                    keep_fp32: bool = True) -> WanDiT:
         """Build on meta from the source's shapes and fill it, casting to `dtype` as read.
 
         keep_fp32: keep the `keep_fp32_patterns` parameters float32 whatever `dtype` is.
@@ -346,7 +349,7 @@ class WanDiT(nn.Module):
             model = cls(cfg)
         extra = sorted(set(source) - set(model.state_dict()))
         if extra:
-            logger.warning("Ignoring %d tensor(s) not used by the Wan 2.2 DiT, e.g. %s", len(extra), extra[:3])
+            logger.warning("Ignoring %d tensor(s) unused by the Wan 2.2 DiT: %s", len(extra), extra[:3])
         keep = (lambda name: name_matches(name, cls.keep_fp32_patterns)) if keep_fp32 else None
         fill_module(model, source, dtype, keep_fp32=keep, what="DiT")
         return model.eval()
@@ -396,12 +399,14 @@ class WanDiT(nn.Module):
         cfg = self.config
         if x.ndim != 5 or x.shape[1] != cfg.in_dim:
             raise InputError(
-                f"The DiT takes {cfg.in_dim} input channels (latent plus image condition), got {list(x.shape)}.",
-                "Use a model of the right kind: t2v and ti2v take the latent only, i2v also an image condition.",
+                f"The DiT takes {cfg.in_dim} input channels (latent + image condition), got {list(x.shape)}.",
+                "Use a model of the right kind: t2v and ti2v take the latent only, i2v also an image.",
             )
         if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size)):
-            raise InputError(f"Latent size {list(x.shape[2:])} is not divisible by the patch {list(cfg.patch_size)}.",
-                             "Choose a width and height that are multiples of 32 (16 for A14B models).")
+            raise InputError(
+                f"Latent size {list(x.shape[2:])} is not divisible by the patch {list(cfg.patch_size)}.",
+                "Choose a width and height that are multiples of 32 (16 for A14B models).",
+            )
         if context.ndim != 3 or context.shape[-1] != cfg.text_dim or context.shape[1] > cfg.text_len:
             raise InputError(
                 f"Text context of shape {list(context.shape)} does not fit this DiT "
