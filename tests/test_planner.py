@@ -1,0 +1,318 @@
+"""Memory planner, hardware description and memory profiles (pure arithmetic: CPU, fast)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from wan_lite.errors import WanLiteError
+from wan_lite.models.dit import WanDiT, WanDiTConfig
+from wan_lite.runtime.hardware import Hardware, ProfileError, get_profile, load_profiles
+from wan_lite.runtime.plan_cli import add_plan_parser, run_plan
+from wan_lite.runtime.planner import QUANTS, ModelFootprint, PlanRequest, leaner, plan
+
+MODELS = ("ti2v-5b", "t2v-a14b", "i2v-a14b")
+VRAMS = (4, 6, 8, 12, 16, 24, 80)
+RAMS = (16, 32, 64)
+LEANNESS = {"bf16": 0, "fp8": 1, "int8": 1}
+
+
+def default_request(name: str) -> PlanRequest:
+    m = ModelFootprint.full_size(name)
+    w, h = m.sizes[0]
+    return PlanRequest(w, h, 121 if name == "ti2v-5b" else 81, image=name == "i2v-a14b")
+
+
+@pytest.fixture(scope="module")
+def table() -> dict[tuple[str, int, int], object]:
+    return {(name, v, r): plan(ModelFootprint.full_size(name), default_request(name), Hardware.fake(v, r))
+            for name in MODELS for v in VRAMS for r in RAMS}
+
+
+# ------------------------------------------------------------------------------ sizes
+@pytest.mark.parametrize("name,params", [("ti2v-5b", 4_999_787_712), ("t2v-a14b", 14_288_491_584),
+                                         ("i2v-a14b", 14_288_901_184)])
+def test_full_size_parameter_counts_match_the_released_checkpoints(name: str, params: int) -> None:
+    m = ModelFootprint.full_size(name)
+    assert m.params == params
+    # bf16 is 2 bytes per parameter (+ fp32 modulation tables); int8/fp8 within 1.1x of 1 byte per
+    # Linear weight plus 2 per other parameter
+    assert m.expert_bytes("bf16") == pytest.approx(2 * params, rel=1e-3)
+    ideal = m.num_layers * (m.block_linear_params + 2 * (m.block_params - m.block_linear_params)) \
+        + m.nonblock_bytes()
+    assert ideal <= m.expert_bytes("int8") <= 1.1 * ideal
+    assert m.expert_bytes("int8") == m.expert_bytes("fp8")
+
+
+def test_text_encoder_and_vae_sizes() -> None:
+    m = ModelFootprint.full_size("ti2v-5b")
+    assert m.text_bytes("bf16") == pytest.approx(11_361_820_672, rel=1e-3)  # umT5-XXL bf16 file
+    assert 5.5e9 < m.text_bytes("int8") < 6.9e9  # int8 blocks, bf16 embedding
+    assert m.vae_bytes("decoder", "bf16") + m.vae_bytes("encoder", "bf16") == pytest.approx(1_409_377_336, rel=1e-4)
+    a14 = ModelFootprint.full_size("t2v-a14b")
+    assert a14.vae_version == "2.1" and a14.experts == 2
+    assert sum(a14.vae_params) * 4 == pytest.approx(507_570_124, rel=1e-4)
+
+
+def test_from_config_counts_what_the_model_really_holds() -> None:
+    cfg = WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=3, in_dim=36, out_dim=16)
+    with torch.device("meta"):
+        dit = WanDiT(cfg)
+    m = ModelFootprint.from_config(cfg, name="tiny")
+    assert m.params == sum(p.numel() for p in dit.parameters())
+    assert m.block_params == sum(p.numel() for p in dit.blocks[0].parameters())
+    linear = sum(mod.weight.numel() for mod in dit.blocks[0].modules() if isinstance(mod, torch.nn.Linear))
+    assert m.block_linear_params == linear
+    duck = SimpleNamespace(dim=256, ffn_dim=512, num_heads=2, num_layers=3, in_dim=36, out_dim=16)
+    assert ModelFootprint.from_config(duck).params == m.params
+
+
+# ------------------------------------------------------------------------------ the table
+def test_plans_within_their_budgets(table) -> None:
+    for key, p in table.items():
+        assert p.quantization in QUANTS and 0 <= p.resident_blocks <= p.model.num_layers, key
+        if p.fits:
+            assert p.peak_vram_gib <= p.usable_vram_gib, key
+            assert p.peak_ram_gib <= p.usable_ram_gib, key
+            assert p.reason is None
+        else:
+            assert p.reason and "GiB" in p.reason, key
+        assert p.fp8_compute == (p.quantization == "fp8"), key  # fake GPUs are cc 8.9
+        assert p.seconds_estimate > 0
+        if p.model.experts == 1:
+            assert p.idle_expert == "none"
+        else:
+            assert p.idle_expert in ("gpu", "ram", "disk")
+            if p.idle_expert == "gpu":
+                assert p.resident_blocks == p.model.num_layers
+
+
+def test_more_vram_never_gives_a_leaner_plan(table) -> None:
+    for name in MODELS:
+        for r in RAMS:
+            prev = None
+            for v in VRAMS:
+                p = table[name, v, r]
+                if prev is not None:
+                    assert p.fits or not prev.fits, (name, v, r)
+                    if prev.fits:
+                        assert LEANNESS[p.quantization] <= LEANNESS[prev.quantization], (name, v, r)
+                        if p.quantization == prev.quantization:
+                            assert p.resident_blocks >= prev.resident_blocks, (name, v, r)
+                            assert p.peak_vram_gib >= prev.peak_vram_gib - 1e-6, (name, v, r)
+                prev = p
+
+
+def test_more_ram_never_makes_a_request_fail(table) -> None:
+    for name in MODELS:
+        for v in VRAMS:
+            fits = [table[name, v, r].fits for r in RAMS]
+            assert fits == sorted(fits), (name, v, fits)
+
+
+def test_datacenter_gpu_keeps_the_5b_model_resident_in_bf16(table) -> None:
+    for r in RAMS:
+        p = table["ti2v-5b", 80, r]
+        assert p.fits and p.quantization == "bf16" and p.resident_blocks == 30
+        assert p.keep_resident and p.vae_tile is None and p.cfg_batch and p.text_encoder == "gpu"
+
+
+def test_a14b_on_4gb_and_16gb_ram_is_refused_with_numbers(table) -> None:
+    p = table["t2v-a14b", 4, 16]
+    assert not p.fits
+    assert f"{p.peak_vram_gib:.1f} GiB of GPU memory" in p.reason
+    assert f"{p.usable_vram_gib:.1f} GiB usable" in p.reason
+    assert f"{p.peak_ram_gib:.1f} GiB RAM" in p.reason and f"{p.usable_ram_gib:.1f} GiB usable" in p.reason
+    assert "more memory" in p.reason and "more RAM" in p.reason
+
+
+def test_refusal_suggests_what_would_fit(table) -> None:
+    p = table["t2v-a14b", 6, 32]
+    assert not p.fits and "832x480 fits" in p.reason and "fewer frames" in p.reason
+    small = plan(p.model, replace(p.request, width=832, height=480), p.hardware)
+    assert small.fits
+
+
+def test_a14b_idle_expert_waits_on_disk_when_ram_is_32gb(table) -> None:
+    p = table["t2v-a14b", 8, 32]
+    assert p.fits and p.quantization in ("int8", "fp8") and p.idle_expert == "disk"
+    assert p.resident_blocks < 40 and p.prefetch >= 1 and p.pinned
+
+
+def test_plans_are_deterministic_and_json_serialisable(table) -> None:
+    for (name, v, r), p in list(table.items())[::5]:
+        again = plan(ModelFootprint.full_size(name), default_request(name), Hardware.fake(v, r))
+        assert again == p
+        data = json.loads(json.dumps(p.to_json()))
+        for key in ("fits", "peak_vram_gib", "peak_ram_gib", "seconds_estimate", "quantization",
+                    "resident_blocks", "vae_tile", "reason"):
+            assert key in data
+        assert data["peak_vram_gib"] == p.peak_vram_gib and data["fits"] == p.fits
+        assert p.summary().startswith(f"{name} ") and "GiB VRAM" in p.summary()
+
+
+# ------------------------------------------------------------------------------ issue targets
+def test_5b_low_vram_plan_stays_under_3_gib() -> None:
+    p = plan(ModelFootprint.full_size("ti2v-5b"), (1280, 704, 121), Hardware.fake(24, 64),
+             profile="4 GB VRAM / 16 GB RAM")
+    assert p.fits and p.peak_vram_gib <= 3.0
+    assert p.resident_blocks < 30 and p.vae_tile is not None and not p.pinned  # the profile forces pageable
+
+
+@pytest.mark.parametrize("cc", [(8, 9), (8, 6)])
+def test_a14b_720p_in_6_gib_of_gpu_and_32_gb_of_ram(cc: tuple[int, int]) -> None:
+    total = 6.8
+    hw = Hardware.fake(total, 32, cc, free_vram_gb=6.0 + 0.25 + 0.04 * total)  # usable 6.0 GiB
+    p = plan(ModelFootprint.full_size("t2v-a14b"), (1280, 720, 81), hw)
+    assert p.fits and p.peak_vram_gib <= 6.0 and p.peak_ram_gib <= 32
+    assert p.quantization == ("fp8" if cc >= (8, 9) else "int8") and p.idle_expert == "disk"
+    assert p.ffn_chunk_tokens is not None
+
+
+def test_forbidding_cfg_batching_and_cpu_only_machines() -> None:
+    m = ModelFootprint.full_size("ti2v-5b")
+    assert plan(m, (1280, 704, 121), Hardware.fake(80, 64)).cfg_batch
+    assert not plan(m, (1280, 704, 121, False), Hardware.fake(80, 64)).cfg_batch
+    cpu = plan(m, (1280, 704, 121), Hardware.fake(0, 64))
+    assert cpu.fits and cpu.peak_vram_gib == 0 and cpu.text_encoder == "cpu"
+    assert any("CPU" in n for n in cpu.notes) and cpu.seconds_estimate > 3600
+
+
+def test_tiny_model_from_config_fits_a_small_machine() -> None:
+    cfg = SimpleNamespace(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=48, out_dim=48)
+    m = ModelFootprint.from_config(cfg, vae_params=(1000, 1000), text_params=10_000, text_embed_params=1000,
+                                   text_blocks=2)
+    p = plan(m, (64, 64, 5), Hardware.fake(4, 16))
+    assert p.fits and p.resident_blocks == 2 and p.quantization == "bf16"
+
+
+# ------------------------------------------------------------------------------ leaner
+@pytest.mark.parametrize("name,vram,ram", [("ti2v-5b", 24, 64), ("t2v-a14b", 80, 64), ("t2v-a14b", 8, 32),
+                                           ("i2v-a14b", 16, 32), ("ti2v-5b", 4, 16)])
+def test_leaner_strictly_reduces_peak_vram_until_nothing_is_left(name: str, vram: int, ram: int) -> None:
+    p = plan(ModelFootprint.full_size(name), default_request(name), Hardware.fake(vram, ram))
+    steps = 0
+    while (nxt := leaner(p)) is not None:
+        assert nxt.peak_vram_gib < p.peak_vram_gib
+        p, steps = nxt, steps + 1
+        assert steps < 100
+    assert steps >= 1
+    assert p.quantization in ("int8", "fp8") and p.resident_blocks == 0 and not p.cfg_batch
+
+
+def test_leaner_for_one_stage() -> None:
+    p = plan(ModelFootprint.full_size("ti2v-5b"), (1280, 704, 121), Hardware.fake(24, 64))
+    d = leaner(p, "decode")
+    assert d is not None and dict(d.stage_vram_gib)["decode"] < dict(p.stage_vram_gib)["decode"]
+    assert (d.vae_tile, d.vae_dtype) != (p.vae_tile, p.vae_dtype) or d.keep_resident != p.keep_resident
+    n = leaner(p, "denoise")
+    assert n is not None and dict(n.stage_vram_gib)["denoise"] < dict(p.stage_vram_gib)["denoise"]
+    assert leaner(plan(p.model, p.request, Hardware.fake(0, 64))) is None  # nothing to shed on a CPU
+
+
+# ------------------------------------------------------------------------------ profiles
+EXPECTED_PROFILES = ("4 GB VRAM / 16 GB RAM", "6 GB VRAM / 16 GB RAM", "8 GB VRAM / 32 GB RAM",
+                     "12 GB VRAM / 32 GB RAM", "16 GB VRAM / 32 GB RAM", "24 GB VRAM / 64 GB RAM",
+                     "80 GB VRAM (datacenter)")
+
+
+def test_shipped_profiles_parse_and_plan() -> None:
+    profiles = load_profiles()
+    assert tuple(profiles) == EXPECTED_PROFILES
+    for prof in profiles.values():
+        assert prof.description and prof.vram_gb is not None and prof.ram_gb is not None
+        p = plan(ModelFootprint.full_size("ti2v-5b"), (1280, 704, 121), Hardware.fake(80, 256), profile=prof)
+        assert p.fits and p.profile == prof.name, prof.name
+        assert p.hardware.vram_total_gib == min(80, prof.vram_gb)
+        for key, value in prof.forced.items():
+            assert getattr(p, key) == value, (prof.name, key)
+    assert get_profile("08gb-vram-32gb-ram").name == "8 GB VRAM / 32 GB RAM"
+    assert get_profile("auto") is None and get_profile(None) is None
+
+
+def test_profile_caps_a_bigger_machine_and_describes_a_gpu_less_one() -> None:
+    prof = get_profile("8 GB VRAM / 32 GB RAM")
+    big = prof.apply(Hardware.fake(24, 64, (8, 6), gpu_name="NVIDIA GeForce RTX 3090"))
+    assert big.vram_total_gib == 8 and big.gpu_name == "NVIDIA GeForce RTX 3090" and big.cc == (8, 6)
+    assert big.ram_total_gib == 32
+    small = prof.apply(Hardware.fake(6, 16))
+    assert small.vram_total_gib == 6 and small.ram_total_gib == 16
+    none = prof.apply(Hardware.fake(0, 64))
+    assert none.has_gpu and none.vram_total_gib == 8
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"name": "x", "description": "y", "hardware": {"vram_gb": 8, "ram_gb": 32}', "not valid JSON"),
+    ('{"name": "x", "description": "y", "force": {"quantization": "int4"}}', "'force.quantization'"),
+    ('{"name": "x", "description": "y", "force": {"resident_blocks": -1}}', "'force.resident_blocks'"),
+    ('{"name": "x", "description": "y", "force": {"pinned": "yes"}}', "'force.pinned'"),
+    ('{"name": "x", "description": "y", "force": {"vae_tile": 100}}', "'force.vae_tile'"),
+    ('{"name": "x", "description": "y", "force": {"turbo": true}}', "'force.turbo'"),
+    ('{"name": "x", "description": "y", "hardware": {"vram_gb": "8"}}', "'hardware.vram_gb'"),
+    ('{"name": "x", "description": "y", "hardware": {"vram_gb": 8, "cc": [8]}}', "'hardware.cc'"),
+    ('{"name": "x", "description": "y", "hardware": {}}', "'hardware'"),
+    ('{"name": "", "description": "y", "hardware": {"ram_gb": 8}}', "'name'"),
+    ('{"name": "x", "description": "y", "hardware": {"ram_gb": 8}, "colour": 1}', "'colour'"),
+    ('[1, 2]', "JSON object"),
+])
+def test_broken_profile_names_the_file_and_the_key(tmp_path, content: str, needle: str) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ProfileError) as err:
+        load_profiles(tmp_path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+    assert isinstance(err.value, WanLiteError) and err.value.hint
+
+
+def test_forced_fields_are_honoured_and_unknown_profiles_refused(tmp_path) -> None:
+    (tmp_path / "mine.json").write_text(json.dumps({
+        "name": "Mine", "description": "forces int8 and small tiles",
+        "force": {"quantization": "int8", "vae_tile": 256, "resident_blocks": 4, "cfg_batch": False}}))
+    prof = get_profile("mine", tmp_path)
+    p = plan(ModelFootprint.full_size("ti2v-5b"), (1280, 704, 121), Hardware.fake(24, 64), profile=prof)
+    assert (p.quantization, p.vae_tile, p.resident_blocks, p.cfg_batch) == ("int8", 256, 4, False)
+    with pytest.raises(ProfileError, match="Mine"):
+        get_profile("nope", tmp_path)
+
+
+# ------------------------------------------------------------------------------ hardware and CLI
+def test_fake_hardware_and_speed_table() -> None:
+    hw = Hardware.fake(8, 32)
+    assert hw.has_gpu and hw.vram_free_gib == 7.5 and hw.fp8_tensor_cores and hw.ram_available_gib < 32
+    assert Hardware.fake(24, 64, (8, 9), gpu_name="NVIDIA GeForce RTX 4090").speed().basis == "4090"
+    assert Hardware.fake(12, 32, (8, 6)).speed().tflops < Hardware.fake(80, 64, (9, 0)).speed().tflops
+    assert not Hardware.fake(8, 32, (8, 6)).fp8_tensor_cores and not Hardware.fake(0, 8).has_gpu
+    with pytest.raises(WanLiteError):
+        Hardware.fake(8, 0)
+    probed = Hardware.probe()
+    assert probed.ram_total_gib > 0 and probed.has_gpu == torch.cuda.is_available()
+    json.dumps(probed.to_json())
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    out = io.StringIO()
+    return run_plan(parser.parse_args(["plan", *argv]), out), out.getvalue()
+
+
+def test_plan_command_json_and_text() -> None:
+    rc, text = _cli("--model", "t2v-a14b", "--size", "1280x720", "--frames", "81", "--vram-gb", "8",
+                    "--ram-gb", "32", "--json")
+    data = json.loads(text)
+    assert rc == 0 and data["fits"] and data["quantization"] in ("int8", "fp8") and data["reason"] is None
+    assert data["request"]["width"] == 1280 and data["hardware"]["vram_total_gib"] == 8
+    rc, text = _cli("--model", "t2v-a14b", "--vram-gb", "4", "--ram-gb", "16")
+    assert rc == 1 and "does not fit" in text and "GiB" in text
+    rc, text = _cli("--vram-gb", "24", "--ram-gb", "64", "--cc", "8.6", "--profile", "4 GB VRAM / 16 GB RAM")
+    assert rc == 0 and "[profile 4 GB VRAM / 16 GB RAM]" in text
+    rc, text = _cli("--list-profiles")
+    assert rc == 0 and all(name in text for name in EXPECTED_PROFILES)
+    with pytest.raises(WanLiteError, match="WIDTHxHEIGHT"):
+        _cli("--size", "big", "--vram-gb", "8", "--ram-gb", "32")

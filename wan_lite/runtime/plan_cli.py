@@ -1,0 +1,98 @@
+"""`python -m wan_lite plan`: the memory plan and preflight estimate for this machine or a
+hypothetical one, e.g. `python -m wan_lite plan --model t2v-a14b --size 1280x720 --frames 81
+--vram-gb 8 --ram-gb 32 --json`. Exit status 0 when the request fits, 1 when it does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, TextIO
+
+from wan_lite.errors import InputError
+from wan_lite.registry import DEFAULT_MODEL, MODELS, get_spec
+
+
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `plan` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "plan", help="what a request will use on this (or a hypothetical) machine, before running it",
+        description="Print the memory plan (quantization, resident blocks, VAE tiles, ...) and the "
+                    "estimated peak GPU memory, peak RAM and time. Exit status 1 when it does not fit.")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="which model")
+    p.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1280x704 (default: the model's)")
+    p.add_argument("--frames", type=int, help="frame count (default: the model's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--image", action="store_true", help="image-to-video (an input image is encoded)")
+    p.add_argument("--vram-gb", type=float, help="plan for a GPU with this much memory instead of this one's")
+    p.add_argument("--ram-gb", type=float, help="plan for this much RAM instead of this machine's")
+    p.add_argument("--cc", help="compute capability of the hypothetical GPU, e.g. 8.6 (default 8.9)")
+    p.add_argument("--gpu-name", help="name of the hypothetical GPU, e.g. 'RTX 4070' (for the time estimate)")
+    p.add_argument("--profile", default="auto", help="memory profile name or file name, or 'auto'")
+    p.add_argument("--list-profiles", action="store_true", help="list the memory profiles and exit")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        w, h = (int(v) for v in parts)
+    except ValueError:
+        raise InputError(f"Cannot read the size {text!r}.", "Write it as WIDTHxHEIGHT, e.g. 1280x704.") from None
+    return w, h
+
+
+def _hardware(args: argparse.Namespace) -> Any:
+    from wan_lite.runtime.hardware import Hardware
+
+    if args.vram_gb is None and args.ram_gb is None:
+        return Hardware.probe()
+    probed = Hardware.probe() if args.vram_gb is None or args.ram_gb is None else None
+    cc = (8, 9)
+    if args.cc:
+        try:
+            major, minor = (int(v) for v in args.cc.split("."))
+        except ValueError:
+            raise InputError(f"Cannot read the compute capability {args.cc!r}.", "Write it as 8.6 or 8.9.") from None
+        cc = (major, minor)
+    elif probed is not None and probed.has_gpu and args.vram_gb is None:
+        cc = probed.cc
+    vram = args.vram_gb if args.vram_gb is not None else probed.vram_total_gib
+    ram = args.ram_gb if args.ram_gb is not None else probed.ram_total_gib
+    return Hardware.fake(vram, ram, cc, gpu_name=args.gpu_name or (
+        probed.gpu_name if probed is not None and args.vram_gb is None else None))
+
+
+def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run `plan` for parsed arguments; returns the exit status."""
+    from wan_lite.runtime.hardware import load_profiles
+    from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
+
+    out = out or sys.stdout
+    if args.list_profiles:
+        for profile in load_profiles().values():
+            out.write(f"{profile.name}\n    {profile.description}\n")
+        return 0
+    spec = get_spec(args.model)
+    width, height = _size(args.size) if args.size else spec.default_size
+    request = PlanRequest(width, height, args.frames or spec.frames, steps=args.steps,
+                          image=args.image or spec.needs_image)
+    p = plan(ModelFootprint.full_size(spec.name), request, _hardware(args), profile=args.profile)
+    if args.json:
+        json.dump(p.to_json(), out, indent=2)
+        out.write("\n")
+        return 0 if p.fits else 1
+    hw = p.hardware
+    stages = ", ".join(f"{k} {v:.1f} GiB" for k, v in p.stage_vram_gib)
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in p.stage_seconds)
+    lines = [f"machine: {hw.summary() if hw else '?'}" + (f" [profile {p.profile}]" if p.profile else ""),
+             f"plan:    {p.summary()}",
+             f"GPU memory by stage: {stages or 'none (CPU)'}",
+             f"time:    about {p.seconds_estimate / 60:.1f} min ({times})"]
+    lines += [f"note:    {n}" for n in p.notes]
+    if not p.fits:
+        lines.append(f"does not fit: {p.reason}")
+    out.write("\n".join(lines) + "\n")
+    return 0 if p.fits else 1

@@ -1,0 +1,717 @@
+"""Memory planner: from a model's sizes, a request and a machine, decide how to run (a `Plan`).
+
+`plan(model, request, hw, profile=None)` is a pure function (no torch, no probing): it picks the
+quantization, the DiT blocks kept on the GPU (the rest streamed, `prefetch` ahead, from pinned or
+pageable RAM), where the idle A14B expert waits, the text encoder's placement, the VAE tile, the
+FFN chunk and CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight
+estimate). `leaner(plan)` is the next plan to drop to after an out-of-memory error mid-run.
+
+Stages run one after another and each gets the whole GPU (the runtime releases the DiT's GPU
+copies between stages unless `keep_resident`): text -> (VAE encode) -> denoise -> decode.
+peak_vram = max over stages; peak_ram likewise. Sizes are bytes below, GiB in the Plan.
+
+Memory model (constants in `K`, measured on an H200 with models/_planner_calib/, see K's notes):
+- tokens L = F_lat*(h/2)*(w/2), F_lat = 1+(frames-1)//4, h = H/s, w = W/s (s = VAE stride);
+  c = min(ffn_chunk_tokens or L, L); B = 2 with cfg_batch else 1; D = dim, F = ffn_dim.
+- DiT activations = B*(residual + max(attention phase, FFN phase)) + L*rope + B*512*(4096+D)*2:
+  residual = 4*D*L (fp32 stream); attention phase = K.attn_whole*D*L (q, k, v, output, bf16:
+  flash/SDPA needs no L^2) + K.attn_chunk*D*c; FFN phase = K.ffn_whole*D*L [chunked only]
+  + c*(K.ffn_chunk_d*D + K.ffn_chunk_f*F) (the [c, F] hidden and GELU output in bf16).
+- DiT weights on the GPU (denoise) = non-block (bf16) + blocks: all n resident, or r resident +
+  (prefetch+1) streaming slots; + the largest Linear in bf16 when int8/fp8 weights are
+  dequantized per layer (not with fp8 compute); + the other expert when idle_expert == "gpu".
+  Block bytes: bf16 2/param; int8/fp8 1/weight + fp32 scale per output row, the rest bf16.
+- VAE decode = decoder weights + tile^2 (or H*W) * K.vae_decode_px[version, dtype] (one latent
+  frame's activations, causal cache included) + the decoded output (untiled: the whole fp32
+  video on the GPU; tiled: one tile's frames, the video is assembled in RAM). Encode alike.
+- Text encoder (umT5-XXL, 5.68e9 params; bf16 11.4 GB, int8 blocks 6.7 GB): "gpu" whole model,
+  "stream" two blocks (embedding lookup on the CPU), "cpu" none; + K.t5_act.
+- RAM = K.ram_base + active expert (unless keep_resident: loaded straight to the GPU) + idle
+  expert if "ram" + VAE + text encoder (its streamed copy while encoding; kept after only with
+  keep_text_encoder) + the decoded video (5 bytes per pixel-frame: fp32 + uint8).
+- Usable = free VRAM - (0.25 GiB + 4 % of total) for fragmentation; available RAM - (1 GiB + 3 %).
+
+Time model: DiT FLOPs per forward = 2*L*(6D^2+2DF)*n (linear) + 4*L^2*D*n (self-attention) +
+cross-attention terms, at `Hardware.speed().tflops` (linear x K.fp8_gain with fp8 compute);
+2 forwards per step with CFG. Streaming: transfer = streamed bytes per forward / link GB/s; with
+prefetch the step takes max(compute, transfer) (+ one block not hidden). VAE and text encoder from
+measured seconds per megapixel-frame scaled by throughput. Disk reads at DISK_GBPS.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from wan_lite.errors import InputError
+from wan_lite.runtime.hardware import DISK_GBPS, GIB, Hardware, MemoryProfile, get_profile
+
+log = logging.getLogger(__name__)
+
+QUANTS = ("bf16", "int8", "fp8")
+
+
+@dataclass(frozen=True)
+class _Constants:
+    """Every calibration constant of the memory and time models, in one place."""
+
+    # DiT activations in bytes per token, as multiples of D (or F). Fitted to peaks measured on an
+    # H200 (models/_planner_calib/lean.py: a drop-in block that runs the attention's per-token work
+    # in chunks; estimates within -1 %..+7 % of A14B 480p/720p and 5B at chunks 1k-16k, B = 1, 2).
+    residual_d: float = 4.0  # the fp32 residual stream x [B, L, D]
+    input_d: float = 2.0  # block 0's bf16 input (the patch embedding) alive beside it
+    qkv_d: float = 6.0  # q, k, v in bf16 for the whole sequence (flash/SDPA needs no L^2)
+    attn_out_d: float = 2.0  # the attention output, bf16
+    attn_chunk_d: float = 13.1  # per chunk token: modulated input, projections, norms
+    rope_chunk_d: float = 14.7  # float64 RoPE temporaries, per token of dit.py's 4096-token RoPE chunk
+    rope_chunk: int = 4096
+    ffn_chunk_d: float = 6.0  # per chunk token: modulated input (bf16), gated-add temporaries
+    ffn_chunk_f: float = 4.0  # per chunk token, x F: hidden + GELU output in bf16
+    rope_per_token: float = 1024.0  # cos, sin float64 [L, 64]
+    chunk_min: int = 1024
+    vae_decode_px: tuple = (("2.2", "bf16", 10400), ("2.2", "fp32", 20700),
+                            ("2.1", "bf16", 11400), ("2.1", "fp32", 22700))
+    vae_encode_px: tuple = (("2.2", "bf16", 4300), ("2.2", "fp32", 8600),
+                            ("2.1", "bf16", 9400), ("2.1", "fp32", 18700))
+    # seconds per megapixel-frame on the reference GPU (H200, `ref_tflops`)
+    vae_decode_s: tuple = (("2.2", "bf16", 0.046), ("2.2", "fp32", 0.082),
+                           ("2.1", "bf16", 0.048), ("2.1", "fp32", 0.085))
+    vae_encode_s: tuple = (("2.2", "bf16", 0.015), ("2.2", "fp32", 0.030),
+                           ("2.1", "bf16", 0.031), ("2.1", "fp32", 0.054))
+    ref_tflops: float = 450.0
+    vae_tiles: tuple = (1024, 768, 512, 384, 256, 192, 128)
+    vae_tile_overlap: int = 64  # pixels of overlap a tiler adds (time overhead (1 + ov/tile)^2)
+    t5_act: float = 0.35 * GIB  # two prompts of 512 tokens, 64 heads: scores and hidden states
+    latent_copies: float = 8.0  # sampler history, x, noise, output of a step (fp32 latents)
+    video_ram_px: float = 15.0  # decoded video in RAM per pixel-frame: 3 channels x (fp32 + uint8)
+    ram_base: float = 2.5 * GIB  # Python, torch, CUDA libraries, tokenizer, UI
+    vram_margin: tuple = (0.25 * GIB, 0.04)  # fixed + fraction of total VRAM
+    ram_margin: tuple = (1.0 * GIB, 0.03)
+    pin_fraction: float = 0.5  # never pin more than this share of available RAM (OS stalls)
+    fp8_gain: float = 1.6  # fp8 tensor cores on the Linear layers
+    dequant_cost: float = 1.03  # int8/fp8 weights dequantized per layer before a bf16 GEMM
+    batch2_gain: float = 0.98  # one batch of 2 vs two passes
+    chunk_cost: float = 0.004  # per chunk, relative (5B: +0.55 %/chunk measured, A14B +0.07 %)
+    bf16_slack: float = 1.25  # bf16 is chosen over int8/fp8 unless it is this much slower
+
+    def table(self, name: str, version: str, dtype: str) -> float:
+        return next(v for ver, dt, v in getattr(self, name) if ver == version and dt == dtype)
+
+
+K = _Constants()
+
+# ------------------------------------------------------------------------------ model sizes
+T5_PARAMS, T5_EMBED, T5_BLOCKS, T5_DIM = 5_680_910_336, 256_384 * 4096, 24, 4096
+VAE_PARAMS = {"2.1": (53_596_928, 73_295_603), "2.2": (149_637_088, 555_051_580)}  # (encoder, decoder)
+_RELEASED = {  # dim, ffn_dim, heads, layers, in_dim, out_dim
+    "ti2v-5b": (3072, 14336, 24, 30, 48, 48),
+    "t2v-a14b": (5120, 13824, 40, 40, 16, 16),
+    "i2v-a14b": (5120, 13824, 40, 40, 36, 16),
+}
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """The sizes that decide memory and time (per expert for A14B)."""
+
+    name: str
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int
+    out_dim: int
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch: tuple[int, int, int] = (1, 2, 2)
+    experts: int = 1
+    vae_version: str = "2.2"
+    vae_stride: tuple[int, int, int] = (4, 16, 16)
+    vae_params: tuple[int, int] = VAE_PARAMS["2.2"]  # (encoder, decoder)
+    text_params: int = T5_PARAMS
+    text_embed_params: int = T5_EMBED
+    text_blocks: int = T5_BLOCKS
+    steps: int = 50
+    encodes_video: bool = False  # i2v-a14b encodes every frame (image + zeros), ti2v one image
+    sizes: tuple[tuple[int, int], ...] = ()  # trained (width, height), for suggestions
+    source_bytes: float = 4.0  # bytes per DiT parameter in the files on disk (official: fp32)
+    # The DiT runs the attention's per-token work (modulation, q/k/v projections, RoPE, gated add)
+    # in the FFN's token chunks and casts the patch embedding to fp32 once (the lean path the
+    # targets need). False: dit.py as of this writing, FFN-only chunks, ~8-11 x D more per token.
+    chunked_attention: bool = True
+
+    @property
+    def block_linear_params(self) -> int:
+        d, f = self.dim, self.ffn_dim
+        return 8 * d * d + 2 * d * f
+
+    @property
+    def block_params(self) -> int:  # 27 tensors: q k v o x2, norms, modulation, FFN
+        return self.block_linear_params + 21 * self.dim + self.ffn_dim
+
+    @property
+    def nonblock_params(self) -> int:
+        d, p = self.dim, math.prod(self.patch)
+        return (d * self.in_dim * p + d + self.text_dim * d + d * d + 2 * d + self.freq_dim * d + d * d + 2 * d
+                + 6 * d * d + 6 * d + 2 * d + self.out_dim * p * d + self.out_dim * p)
+
+    @property
+    def params(self) -> int:
+        return self.num_layers * self.block_params + self.nonblock_params
+
+    def block_bytes(self, quant: str) -> int:
+        d, lin = self.dim, self.block_linear_params
+        rest = (self.block_params - lin - 6 * d) * 2 + 6 * d * 4  # biases, norms bf16; modulation fp32
+        return (2 * lin if quant == "bf16" else lin + (9 * d + self.ffn_dim) * 4) + rest
+
+    def nonblock_bytes(self) -> int:
+        return 2 * self.nonblock_params  # embeddings, time projection and head are never quantized
+
+    def expert_bytes(self, quant: str) -> int:
+        return self.num_layers * self.block_bytes(quant) + self.nonblock_bytes()
+
+    def text_block_bytes(self, quant: str) -> int:
+        per = (self.text_params - self.text_embed_params - self.text_dim) // max(1, self.text_blocks)
+        return 2 * per if quant == "bf16" else per + 9 * self.text_dim * 4
+
+    def text_bytes(self, quant: str) -> int:
+        return self.text_blocks * self.text_block_bytes(quant) + 2 * (self.text_embed_params + self.text_dim)
+
+    def vae_bytes(self, part: str, dtype: str) -> int:
+        return self.vae_params[0 if part == "encoder" else 1] * (4 if dtype == "fp32" else 2)
+
+    @classmethod
+    def full_size(cls, name: str) -> ModelFootprint:
+        """A released model by registry name: ti2v-5b, t2v-a14b, i2v-a14b."""
+        from wan_lite.registry import get_spec
+
+        spec = get_spec(name)
+        d, f, heads, layers, in_dim, out_dim = _RELEASED[spec.name]
+        return cls(spec.name, d, f, heads, layers, in_dim, out_dim, patch=spec.patch_size,
+                   experts=2 if spec.experts else 1, vae_version=spec.vae_version, vae_stride=spec.vae_stride,
+                   vae_params=VAE_PARAMS[spec.vae_version], steps=spec.steps, encodes_video=spec.task == "i2v",
+                   sizes=spec.sizes)
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, name: str = "custom", experts: int = 1, vae_version: str = "2.2",
+                    vae_params: tuple[int, int] | None = None, text_params: int = T5_PARAMS,
+                    text_embed_params: int = T5_EMBED, text_blocks: int = T5_BLOCKS, steps: int = 50,
+                    encodes_video: bool = False, source_bytes: float = 2.0,
+                    chunked_attention: bool = True) -> ModelFootprint:
+        """From a loaded DiT's config (anything with dim, ffn_dim, num_heads, num_layers, in_dim,
+        out_dim; text_dim, freq_dim, patch_size optional). VAE and text encoder default to full size."""
+        stride = (4, 16, 16) if vae_version == "2.2" else (4, 8, 8)
+        return cls(name, cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim, cfg.out_dim,
+                   text_dim=getattr(cfg, "text_dim", 4096), freq_dim=getattr(cfg, "freq_dim", 256),
+                   patch=tuple(getattr(cfg, "patch_size", (1, 2, 2))), experts=experts, vae_version=vae_version,
+                   vae_stride=stride, vae_params=vae_params or VAE_PARAMS[vae_version], text_params=text_params,
+                   text_embed_params=text_embed_params, text_blocks=text_blocks, steps=steps,
+                   encodes_video=encodes_video, source_bytes=source_bytes, chunked_attention=chunked_attention)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to make. cfg: guidance > 1 (two DiT passes per step); cfg_batch None lets the planner
+    decide, False forbids batching; image: an input image is encoded (image-to-video)."""
+
+    width: int
+    height: int
+    frames: int
+    cfg_batch: bool | None = None
+    steps: int | None = None
+    cfg: bool = True
+    image: bool = False
+
+    @classmethod
+    def of(cls, request: Any) -> PlanRequest:
+        """Accept a PlanRequest, (width, height, frames[, cfg_batch]) or a dict of the fields."""
+        if isinstance(request, PlanRequest):
+            req = request
+        elif isinstance(request, dict):
+            req = cls(**request)
+        else:
+            req = cls(*request)
+        if min(req.width, req.height, req.frames) < 1:
+            raise InputError(f"Cannot plan a {req.width}x{req.height} video of {req.frames} frames.",
+                             "Give a positive width, height and frame count.")
+        return req
+
+
+@dataclass(frozen=True)
+class _Geo:
+    lat: tuple[int, int, int]  # latent frames, height, width
+    tokens: int
+
+    @classmethod
+    def of(cls, m: ModelFootprint, r: PlanRequest) -> _Geo:
+        st, sh, sw = m.vae_stride
+        t, h, w = 1 + (r.frames - 1) // st, max(1, r.height // sh), max(1, r.width // sw)
+        return cls((t, h, w), t * max(1, h // m.patch[1]) * max(1, w // m.patch[2]))
+
+
+# ------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class Choices:
+    """The decisions of a plan (what a profile may force, what `leaner` changes)."""
+
+    quantization: str = "bf16"
+    resident_blocks: int = 0
+    prefetch: int = 1
+    pinned: bool = True
+    idle_expert: str = "none"  # "gpu" | "ram" | "disk"; "none" for one-model checkpoints
+    keep_resident: bool = False  # DiT stays on the GPU across stages: no copy in RAM
+    text_encoder: str = "stream"  # "gpu" | "cpu" | "stream"
+    text_encoder_quant: str = "bf16"
+    keep_text_encoder: bool = False  # stays in RAM between prompts (else re-read from disk)
+    vae_tile: int | None = None  # tile side in output pixels; None = untiled
+    vae_dtype: str = "bf16"
+    ffn_chunk_tokens: int | None = None
+    cfg_batch: bool = False
+
+
+_CHOICE_FIELDS = tuple(f.name for f in fields(Choices))
+
+
+@dataclass(frozen=True)
+class Plan(Choices):
+    """A Choices with its estimates. Sizes in GiB, times in seconds."""
+
+    fits: bool = False
+    reason: str | None = None
+    fp8_compute: bool = False
+    peak_vram_gib: float = 0.0
+    peak_ram_gib: float = 0.0
+    stage_vram_gib: tuple[tuple[str, float], ...] = ()
+    usable_vram_gib: float = 0.0
+    usable_ram_gib: float = 0.0
+    seconds_estimate: float = 0.0
+    stage_seconds: tuple[tuple[str, float], ...] = ()
+    notes: tuple[str, ...] = ()
+    profile: str | None = None
+    model: ModelFootprint | None = field(default=None, repr=False)
+    request: PlanRequest | None = field(default=None, repr=False)
+    hardware: Hardware | None = field(default=None, repr=False)
+
+    @property
+    def choices(self) -> Choices:
+        return Choices(**{k: getattr(self, k) for k in _CHOICE_FIELDS})
+
+    def summary(self) -> str:
+        """One log line, e.g. 'ti2v-5b 1280x704x121 fits: bf16, 30/30 blocks resident, ...'."""
+        m, r, hw = self.model, self.request, self.hardware
+        n = m.num_layers if m else 0
+        blocks = f"{self.resident_blocks}/{n} blocks resident" + (
+            f", prefetch {self.prefetch} from {'pinned' if self.pinned else 'pageable'} RAM"
+            if self.resident_blocks < n else "")
+        parts = [self.quantization + (" (fp8 compute)" if self.fp8_compute else ""), blocks]
+        if self.idle_expert != "none":
+            parts.append(f"idle expert on {self.idle_expert}")
+        if self.cfg_batch:
+            parts.append("cond+uncond batched")
+        if self.ffn_chunk_tokens:
+            parts.append(f"chunks of {self.ffn_chunk_tokens} tokens")
+        parts.append(f"VAE {'untiled' if self.vae_tile is None else f'tiles {self.vae_tile}px'} {self.vae_dtype}")
+        parts.append(f"text encoder {self.text_encoder} {self.text_encoder_quant}")
+        head = f"{m.name if m else '?'} {r.width}x{r.height}x{r.frames}" if r else "plan"
+        return (f"{head} {'fits' if self.fits else 'does NOT fit'}: {', '.join(parts)} -> peak "
+                f"{self.peak_vram_gib:.1f}/{self.usable_vram_gib:.1f} GiB VRAM, {self.peak_ram_gib:.1f}/"
+                f"{self.usable_ram_gib:.1f} GiB RAM, ~{_human_s(self.seconds_estimate)}"
+                + (f" on {hw.gpu_name or 'the CPU'}" if hw else ""))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict: every choice, the estimates, the request and the machine."""
+        data: dict[str, Any] = {k: getattr(self, k) for k in _CHOICE_FIELDS}
+        for k in ("fits", "reason", "fp8_compute", "peak_vram_gib", "peak_ram_gib", "usable_vram_gib",
+                  "usable_ram_gib", "seconds_estimate", "profile"):
+            data[k] = getattr(self, k)
+        data["stage_vram_gib"] = dict(self.stage_vram_gib)
+        data["stage_seconds"] = dict(self.stage_seconds)
+        data["notes"] = list(self.notes)
+        data["model"] = self.model.name if self.model else None
+        data["request"] = asdict(self.request) if self.request else None
+        data["hardware"] = self.hardware.to_json() if self.hardware else None
+        data["summary"] = self.summary()
+        return data
+
+
+def _human_s(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------ estimates
+def _usable(hw: Hardware) -> tuple[float, float]:
+    """(usable VRAM, usable RAM) in bytes."""
+    vram = hw.vram_free_gib * GIB - (K.vram_margin[0] + K.vram_margin[1] * hw.vram_total_gib * GIB)
+    ram = hw.ram_available_gib * GIB - (K.ram_margin[0] + K.ram_margin[1] * hw.ram_total_gib * GIB)
+    return (max(0.0, vram) if hw.has_gpu else 0.0), max(0.0, ram)
+
+
+def _act(m: ModelFootprint, g: _Geo, batch: int, chunk: int | None) -> float:
+    """DiT activation peak of one forward in bytes: the largest of the attention (SDPA) moment,
+    the chunked q/k/v projection and the chunked FFN, + RoPE tables and the text context."""
+    L, d, f = g.tokens, m.dim, m.ffn_dim
+    c = min(chunk or L, L)
+    # a lean DiT casts the patch embedding to fp32 once, so block 0 holds no bf16 copy beside x
+    base = L * d * (K.residual_d + (0.0 if m.chunked_attention else K.input_d))
+    sdpa = base + L * d * (K.qkv_d + K.attn_out_d)
+    proj = base + L * d * K.qkv_d + d * ((c if m.chunked_attention else L) * K.attn_chunk_d
+                                         + min(c, K.rope_chunk) * K.rope_chunk_d)
+    ffn = base + c * (d * K.ffn_chunk_d + f * K.ffn_chunk_f)
+    return batch * (max(sdpa, proj, ffn) + 512 * (m.text_dim + d) * 2) + L * K.rope_per_token
+
+
+CHUNKS = (None, 32768, 16384, 8192, 4096, 2048, 1024)
+
+
+def default_chunk(m: ModelFootprint, g: _Geo) -> int | None:
+    """The largest chunk (None = whole sequence) whose activation peak is within 2 % of the lowest
+    any chunk reaches: chunks below that only cost time."""
+    acts = {c: _act(m, g, 1, c) for c in CHUNKS if c is None or c < g.tokens}
+    low = min(acts.values())
+    return next(c for c, a in acts.items() if a <= low * 1.02)
+
+
+def _dit_vram(m: ModelFootprint, ch: Choices, fp8c: bool) -> float:
+    """DiT weights on the GPU while denoising (both experts when the idle one waits there)."""
+    n, r, b = m.num_layers, min(ch.resident_blocks, m.num_layers), m.block_bytes(ch.quantization)
+    blocks = n * b if r >= n else (r + ch.prefetch + 1) * b
+    dequant = 0 if ch.quantization == "bf16" or fp8c else 2 * max(m.ffn_dim * m.dim, m.dim * m.dim)
+    other = m.expert_bytes(ch.quantization) if ch.idle_expert == "gpu" else 0
+    return m.nonblock_bytes() + blocks + dequant + other
+
+
+def _vae_vram(m: ModelFootprint, r: PlanRequest, ch: Choices, part: str) -> float:
+    px = (min(ch.vae_tile, r.height) * min(ch.vae_tile, r.width)) if ch.vae_tile else r.height * r.width
+    frames = r.frames if part == "decoder" or m.encodes_video else 1
+    per_px = K.table("vae_decode_px" if part == "decoder" else "vae_encode_px", m.vae_version, ch.vae_dtype)
+    io = frames * px * 3 * 4  # the fp32 output video (decode) or input frames (encode) of the tile
+    return m.vae_bytes(part, ch.vae_dtype) + px * per_px + io
+
+
+def _text_vram(m: ModelFootprint, ch: Choices) -> float:
+    if ch.text_encoder == "cpu":
+        return 0.0
+    weights = m.text_bytes(ch.text_encoder_quant) if ch.text_encoder == "gpu" else 2 * m.text_block_bytes(
+        ch.text_encoder_quant)
+    return weights + K.t5_act
+
+
+def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> dict[str, Any]:
+    """Stage VRAM (bytes), RAM peak (bytes) and stage seconds of fully specified choices."""
+    g, gpu, sp = _Geo.of(m, r), hw.has_gpu, hw.speed()
+    fp8c = ch.quantization == "fp8" and hw.fp8_tensor_cores
+    batch = 2 if ch.cfg_batch and r.cfg else 1
+    act = _act(m, g, batch, ch.ffn_chunk_tokens)
+    latents = K.latent_copies * math.prod(g.lat) * max(m.in_dim, m.out_dim) * 4
+    dit_all = (m.expert_bytes(ch.quantization) * (2 if ch.idle_expert == "gpu" else 1)) if ch.keep_resident else 0
+    vram: dict[str, float] = {}
+    if gpu:
+        vram["text"] = _text_vram(m, ch) + dit_all
+        if r.image:
+            vram["encode"] = _vae_vram(m, r, ch, "encoder") + dit_all
+        vram["denoise"] = _dit_vram(m, ch, fp8c) + act + latents
+        vram["decode"] = _vae_vram(m, r, ch, "decoder") + dit_all + latents
+    # RAM: what lives in host memory through the job, plus each stage's own
+    expert = m.expert_bytes(ch.quantization)
+    held = K.ram_base + (0 if ch.keep_resident and gpu else expert) + (expert if ch.idle_expert == "ram" else 0)
+    held += m.vae_bytes("encoder", ch.vae_dtype) + m.vae_bytes("decoder", ch.vae_dtype)
+    t5 = m.text_bytes(ch.text_encoder_quant)
+    kept = t5 if ch.keep_text_encoder else 0
+    # a streamed encoder is packed into its own RAM buffers; one loaded straight to the GPU, or a
+    # bf16 one run on the CPU, is read through the memory-mapped file (reclaimable page cache)
+    copied = ch.text_encoder == "stream" or (ch.text_encoder == "cpu" and ch.text_encoder_quant != "bf16")
+    while_encoding = max(kept, t5 if copied else 0)
+    video = r.frames * r.width * r.height * K.video_ram_px
+    cpu_act = 0.0 if gpu else act + latents
+    cpu_vae = 0.0 if gpu else _vae_vram(m, r, ch, "decoder") - m.vae_bytes("decoder", ch.vae_dtype)
+    ram = held + max(while_encoding, kept + cpu_act, kept + video + cpu_vae)
+
+    # time
+    n, L, d, f = m.num_layers, g.tokens, m.dim, m.ffn_dim
+    tflops = sp.tflops * 1e12
+    lin = (2 * L * (6 * d * d + 2 * d * f) + 2 * 512 * 2 * d * d) * n
+    attn = (4 * L * L * d + 4 * L * 512 * d) * n
+    fwd = lin / (tflops * (K.fp8_gain if fp8c else 1.0)) + attn / tflops
+    fwd *= (K.dequant_cost if ch.quantization != "bf16" and not fp8c else 1.0)
+    fwd *= 1 + K.chunk_cost * math.ceil(L / min(ch.ffn_chunk_tokens or L, L))
+    passes = 2 if r.cfg else 1
+    compute = passes * fwd * (K.batch2_gain if batch == 2 else 1.0)
+    b, streamed = m.block_bytes(ch.quantization), max(0, n - ch.resident_blocks) if gpu else 0
+    link = (sp.pinned_gbps if ch.pinned else sp.pageable_gbps) * 1e9 or 1.0
+    copies = passes // batch
+    step = compute
+    if streamed:
+        step = max(compute, streamed * b * copies / link) + copies * b / link  # first slot is never hidden
+    steps = r.steps or m.steps
+    upload = (expert - streamed * b) / link if gpu else 0.0
+    switch = 0.0
+    if m.experts > 1:
+        on_disk = expert if ch.quantization != "bf16" else m.params * m.source_bytes
+        switch = upload + (on_disk / (DISK_GBPS * 1e9) if ch.idle_expert == "disk" else 0.0)
+    text_flops = 2 * (m.text_params - m.text_embed_params) * 512 * 2
+    text_s = text_flops / ((sp.tflops if ch.text_encoder != "cpu" else sp.cpu_tflops) * 1e12)
+    if ch.text_encoder != "cpu":
+        text_s += t5 / link
+    if not ch.keep_text_encoder:
+        text_s += t5 / (DISK_GBPS * 1e9)
+    tile = (1 + K.vae_tile_overlap / ch.vae_tile) ** 2 if ch.vae_tile else 1.0
+    scale = K.ref_tflops / sp.tflops * tile * r.width * r.height / 1e6
+    secs = {"text": text_s, "denoise": steps * step + upload + switch,
+            "decode": scale * r.frames * K.table("vae_decode_s", m.vae_version, ch.vae_dtype)}
+    if r.image:
+        secs["encode"] = scale * (r.frames if m.encodes_video else 1) * K.table("vae_encode_s", m.vae_version,
+                                                                                 ch.vae_dtype)
+    return {"vram": vram, "ram": ram, "secs": secs, "fp8c": fp8c}
+
+
+def _evaluate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices, profile: str | None = None,
+              notes: tuple[str, ...] = ()) -> Plan:
+    e = _estimate(m, r, hw, ch)
+    uv, ur = _usable(hw)
+    peak_v = max(e["vram"].values(), default=0.0)
+    fits = peak_v <= uv and e["ram"] <= ur
+    extra = list(notes)
+    if ch.quantization == "fp8" and hw.has_gpu and not e["fp8c"]:
+        extra.append("fp8 on a GPU without fp8 tensor cores (compute capability < 8.9): storage only.")
+    if not hw.has_gpu:
+        extra.append("No CUDA GPU: everything runs on the CPU, which takes hours.")
+    return Plan(**asdict(ch), fits=fits, fp8_compute=e["fp8c"], peak_vram_gib=round(peak_v / GIB, 3),
+                peak_ram_gib=round(e["ram"] / GIB, 3),
+                stage_vram_gib=tuple((k, round(v / GIB, 3)) for k, v in e["vram"].items()),
+                usable_vram_gib=round(uv / GIB, 3), usable_ram_gib=round(ur / GIB, 3),
+                seconds_estimate=round(sum(e["secs"].values()), 1),
+                stage_seconds=tuple((k, round(v, 1)) for k, v in e["secs"].items()),
+                notes=tuple(dict.fromkeys(extra)), profile=profile, model=m, request=r, hardware=hw)
+
+
+# ------------------------------------------------------------------------------ choosing
+_TEXT_OPTIONS = (("gpu", "bf16"), ("stream", "bf16"), ("gpu", "int8"), ("stream", "int8"), ("cpu", "bf16"))
+
+
+def _stage(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices, stage: str) -> float:
+    return _estimate(m, r, hw, ch)["vram"].get(stage, 0.0)
+
+
+def _max_resident(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices, usable: float) -> int:
+    """Most blocks the denoise stage can keep on the GPU; -1 when even full streaming does not fit."""
+    n = m.num_layers
+    if _stage(m, r, hw, replace(ch, resident_blocks=n), "denoise") <= usable:
+        return n
+    base = _stage(m, r, hw, replace(ch, resident_blocks=0), "denoise")
+    return -1 if base > usable else min(n - 1, int((usable - base) // m.block_bytes(ch.quantization)))
+
+
+def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, forced: dict[str, Any]) -> Choices:
+    """Greedy choices for one quantization: resident blocks first, then CFG batching, VAE, text
+    encoder, keeping the DiT on the GPU, and what RAM allows (idle expert, kept encoder, pinning)."""
+    uv, ur = _usable(hw)
+    n = m.num_layers
+
+    def fix(ch: Choices) -> Choices:  # forced fields always win
+        ch = replace(ch, **forced)
+        return replace(ch, cfg_batch=False) if not r.cfg or r.cfg_batch is False else ch
+
+    def ram_ok(ch: Choices) -> bool:
+        return _estimate(m, r, hw, ch)["ram"] <= ur
+
+    ch = fix(Choices(quantization=quant, idle_expert="disk" if m.experts > 1 else "none",
+                     ffn_chunk_tokens=default_chunk(m, _Geo.of(m, r)), pinned=False))
+    if not hw.has_gpu:
+        ch = fix(replace(ch, resident_blocks=n, prefetch=0, text_encoder="cpu", vae_dtype="fp32"))
+        if m.experts > 1 and "idle_expert" not in forced and ram_ok(replace(ch, idle_expert="ram")):
+            ch = replace(ch, idle_expert="ram")
+        return ch if ram_ok(ch) or "vae_dtype" in forced else replace(ch, vae_dtype="bf16")
+
+    best = _max_resident(m, r, hw, ch, uv)
+    if best < 0 and "ffn_chunk_tokens" not in forced:
+        for c in CHUNKS[CHUNKS.index(ch.ffn_chunk_tokens) + 1:] if ch.ffn_chunk_tokens in CHUNKS else ():
+            best = _max_resident(m, r, hw, replace(ch, ffn_chunk_tokens=c), uv)
+            if best >= 0:
+                ch = replace(ch, ffn_chunk_tokens=c)
+                break
+    res = min(n, forced.get("resident_blocks", max(best, 0)))
+    ch = fix(replace(ch, resident_blocks=res, prefetch=1 if res < n else 0))
+    if m.experts > 1 and res == n and _stage(m, r, hw, replace(ch, idle_expert="gpu"), "denoise") <= uv:
+        ch = fix(replace(ch, idle_expert="gpu"))
+    if res == n and _stage(m, r, hw, replace(ch, cfg_batch=True), "denoise") <= uv:
+        ch = fix(replace(ch, cfg_batch=True))
+
+    def pick(ch: Choices) -> Choices:
+        """VAE (untiled fp32 ... smallest tile) and text encoder options that fit their stages."""
+        big = max(r.width, r.height)
+        vaes = [("fp32", None), ("bf16", None)] + [("bf16", t) for t in K.vae_tiles if t < big]
+        vaes = [v for v in vaes if forced.get("vae_dtype", v[0]) == v[0] and forced.get("vae_tile", v[1]) == v[1]]
+        for dtype, tile in vaes or [(ch.vae_dtype, ch.vae_tile)]:
+            ch = fix(replace(ch, vae_dtype=dtype, vae_tile=tile))
+            if max(_stage(m, r, hw, ch, "decode"), _stage(m, r, hw, ch, "encode")) <= uv:
+                break
+        texts = [t for t in _TEXT_OPTIONS if forced.get("text_encoder", t[0]) == t[0]
+                 and forced.get("text_encoder_quant", t[1]) == t[1]]
+        options = [fix(replace(ch, text_encoder=te, text_encoder_quant=tq)) for te, tq in texts] or [ch]
+        fit = [o for o in options if _stage(m, r, hw, o, "text") <= uv] or options[-1:]
+        return next((o for o in fit if ram_ok(o)), min(fit, key=lambda o: _estimate(m, r, hw, o)["ram"]))
+
+    ch = pick(replace(ch, keep_resident=False))
+    if res == n and forced.get("keep_resident", True):
+        stages = ("text", "encode", "decode")
+        kept = replace(ch, keep_resident=True)
+        if all(_stage(m, r, hw, kept, s) <= uv for s in stages):
+            ch = kept  # the other stages fit beside the DiT: no RAM copy, no re-upload
+        elif not ram_ok(ch):
+            kept = pick(kept)
+            if all(_stage(m, r, hw, kept, s) <= uv for s in stages) and ram_ok(kept):
+                ch = kept
+    if not ram_ok(ch) and "vae_dtype" not in forced and ch.vae_dtype == "fp32":
+        ch = replace(ch, vae_dtype="bf16")
+    if m.experts > 1 and ch.idle_expert == "disk" and "idle_expert" not in forced:
+        if ram_ok(replace(ch, idle_expert="ram")):
+            ch = replace(ch, idle_expert="ram")
+    if "keep_text_encoder" not in forced and ram_ok(replace(ch, keep_text_encoder=True)):
+        ch = replace(ch, keep_text_encoder=True)
+    if "pinned" not in forced and ch.resident_blocks < n:
+        streamed = (n - ch.resident_blocks) * m.block_bytes(ch.quantization)
+        ch = replace(ch, pinned=streamed <= K.pin_fraction * hw.ram_available_gib * GIB)
+    return ch
+
+
+def _plan(m: ModelFootprint, r: PlanRequest, hw: Hardware, forced: dict[str, Any], profile: str | None) -> Plan:
+    fast = "fp8" if hw.fp8_tensor_cores else "int8"
+    order = [forced["quantization"]] if "quantization" in forced else ["bf16", fast]
+    plans = [_evaluate(m, r, hw, _choose_for(m, r, hw, q, forced), profile) for q in order]
+    fitting = [p for p in plans if p.fits]
+    if not fitting:
+        return plans[-1]
+    # quality first: bf16 unless it is much slower than the quantized plan
+    if len(fitting) > 1 and fitting[0].seconds_estimate > K.bf16_slack * fitting[1].seconds_estimate:
+        return fitting[1]
+    return fitting[0]
+
+
+def plan(model: ModelFootprint, request: Any, hw: Hardware, profile: str | MemoryProfile | None = None) -> Plan:
+    """The plan for `request` ((width, height, frames[, cfg_batch]) or a PlanRequest) on `hw`.
+
+    profile: a memory profile (name or object; None / "auto": plan for `hw` as it is) whose
+    hardware caps `hw` and whose forced fields are taken as given. Pure: no probing, no torch.
+    """
+    r = PlanRequest.of(request)
+    prof = get_profile(profile) if profile is None or isinstance(profile, str) else profile
+    if prof is not None:
+        hw = prof.apply(hw)
+    forced = prof.forced if prof else {}
+    p = _plan(model, r, hw, forced, prof.name if prof else None)
+    if not p.fits:
+        p = replace(p, reason=_reason(p, forced))
+    log.debug("plan: %s", p.summary())
+    return p
+
+
+def _reason(p: Plan, forced: dict[str, Any]) -> str:
+    """Why `p` does not fit, in numbers, and what would make it fit."""
+    m, r, hw = p.model, p.request, p.hardware
+    assert m is not None and r is not None and hw is not None  # set by _evaluate
+    need, fixes = [], []
+    if p.peak_vram_gib > p.usable_vram_gib:
+        stages = dict(p.stage_vram_gib)
+        need.append(f"needs {p.peak_vram_gib:.1f} GiB of GPU memory ({max(stages, key=stages.get)}), "
+                    f"this GPU has {p.usable_vram_gib:.1f} GiB usable ({hw.vram_free_gib:.1f} of "
+                    f"{hw.vram_total_gib:.1f} GiB free)")
+        if hw.vram_free_gib < hw.vram_total_gib - 1.0:
+            fixes.append("close other programs using the GPU")
+    if p.peak_ram_gib > p.usable_ram_gib:
+        need.append(f"needs {p.peak_ram_gib:.1f} GiB RAM, this machine has {p.usable_ram_gib:.1f} GiB usable "
+                    f"({hw.ram_available_gib:.1f} of {hw.ram_total_gib:.1f} GiB available)")
+        if hw.ram_available_gib < hw.ram_total_gib - max(3.0, 0.2 * hw.ram_total_gib):
+            fixes.append("close other programs")
+    if forced and _plan(m, r, hw, {}, None).fits:
+        fixes.append("choose the Auto memory profile" + (
+            f" (int8/fp8 instead of {forced['quantization']})" if forced.get("quantization") == "bf16" else ""))
+    area = r.width * r.height
+    for w, h in sorted(m.sizes, key=lambda s: -s[0] * s[1]):
+        if w * h < area and _plan(m, replace(r, width=w, height=h), hw, forced, None).fits:
+            fixes.append(f"a smaller size ({w}x{h} fits)")
+            break
+    lo, hi = 0, (r.frames - 2) // 4  # frame counts 4k+1 below the request
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _plan(m, replace(r, frames=4 * mid + 1), hw, forced, None).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    if r.frames > 1 and _plan(m, replace(r, frames=4 * lo + 1), hw, forced, None).fits:
+        fixes.append(f"fewer frames ({4 * lo + 1} fit at {r.width}x{r.height})")
+    if not any(f.startswith(("a smaller", "fewer", "choose")) for f in fixes):
+        more = [w for w, short in (("a GPU with more memory", p.peak_vram_gib > p.usable_vram_gib),
+                                   ("more RAM", p.peak_ram_gib > p.usable_ram_gib)) if short]
+        fixes.append(" and ".join(more))
+    tail = fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + " or " + fixes[-1]
+    return "; ".join(need) + ": " + tail + "."
+
+
+# ------------------------------------------------------------------------------ after an OOM
+def _moves(p: Plan, stage: str) -> list[Choices]:
+    """Leaner variants of `p` for `stage`, cheapest first."""
+    m, hw, ch = p.model, p.hardware, p.choices
+    assert m is not None and hw is not None
+    out: list[Choices] = []
+    if stage != "denoise" and ch.keep_resident:
+        out.append(replace(ch, keep_resident=False))
+    if stage == "denoise":
+        if ch.cfg_batch:
+            out.append(replace(ch, cfg_batch=False))
+        if ch.idle_expert == "gpu":
+            out.append(replace(ch, idle_expert="ram", keep_resident=False))
+        step = max(1, math.ceil(ch.resident_blocks / 4))
+        out += [replace(ch, resident_blocks=k, prefetch=max(1, ch.prefetch), keep_resident=False)
+                for k in range(ch.resident_blocks - step, -1, -step)]
+        smaller = [c for c in CHUNKS[1:] if c < (ch.ffn_chunk_tokens or 1 << 30)]
+        if smaller:
+            out.append(replace(ch, ffn_chunk_tokens=smaller[0]))
+        if ch.quantization == "bf16":
+            out.append(replace(ch, quantization="fp8" if hw.fp8_tensor_cores else "int8"))
+        if ch.prefetch > 1:
+            out.append(replace(ch, prefetch=ch.prefetch - 1))
+    elif stage in ("decode", "encode"):
+        if ch.vae_dtype == "fp32":
+            out.append(replace(ch, vae_dtype="bf16"))
+        tiles = [t for t in K.vae_tiles if t < (ch.vae_tile or 1 << 30)]
+        if tiles:
+            out.append(replace(ch, vae_tile=tiles[0]))
+    elif stage == "text":
+        for te, tq in _TEXT_OPTIONS[_TEXT_OPTIONS.index((ch.text_encoder, ch.text_encoder_quant)) + 1:]:
+            out.append(replace(ch, text_encoder=te, text_encoder_quant=tq))
+    return out
+
+
+def leaner(p: Plan, stage: str | None = None) -> Plan | None:
+    """The next plan to drop to after an out-of-memory error: for `stage` ("denoise", "decode",
+    "encode", "text") a plan whose peak there is strictly lower; for None one whose overall peak
+    is strictly lower. None when nothing leaner exists."""
+    if p.model is None or p.request is None or p.hardware is None or not p.hardware.has_gpu:
+        return None
+    m, r, hw = p.model, p.request, p.hardware
+    cur = p
+
+    def settle(ch: Choices) -> Choices:  # blocks newly streamed: pin them if RAM allows
+        if p.resident_blocks >= m.num_layers > ch.resident_blocks:
+            streamed = (m.num_layers - ch.resident_blocks) * m.block_bytes(ch.quantization)
+            ch = replace(ch, pinned=streamed <= K.pin_fraction * hw.ram_available_gib * GIB)
+        if ch.idle_expert == "ram" and _estimate(m, r, hw, ch)["ram"] > _usable(hw)[1]:
+            ch = replace(ch, idle_expert="disk")
+        return ch
+
+    for _ in range(4 * len(_CHOICE_FIELDS)):
+        stages = dict(cur.stage_vram_gib)
+        target = stage or max(stages, key=lambda s: stages[s])
+        nxt = next((q for q in (_evaluate(m, r, hw, settle(c), p.profile) for c in _moves(cur, target))
+                    if dict(q.stage_vram_gib).get(target, 0.0) < stages.get(target, 0.0)
+                    and (q.peak_ram_gib <= max(q.usable_ram_gib, cur.peak_ram_gib))), None)
+        if nxt is None:
+            return None
+        if stage is not None or nxt.peak_vram_gib < p.peak_vram_gib:
+            return nxt if nxt.fits else replace(nxt, reason=_reason(nxt, {}))
+        cur = nxt
+    return None
