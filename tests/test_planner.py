@@ -316,3 +316,9 @@ def test_plan_command_json_and_text() -> None:
     assert rc == 0 and all(name in text for name in EXPECTED_PROFILES)
     with pytest.raises(WanLiteError, match="WIDTHxHEIGHT"):
         _cli("--size", "big", "--vram-gb", "8", "--ram-gb", "32")
+
+
+def test_forced_fp32_vae_is_tiled_rather_than_dropped() -> None:
+    prof = get_profile("80 GB VRAM (datacenter)")
+    p = plan(ModelFootprint.full_size("ti2v-5b"), (1280, 704, 121), Hardware.fake(12, 64), profile=prof)
+    assert p.vae_dtype == "fp32" and p.vae_tile is not None and dict(p.stage_vram_gib)["decode"] <= p.usable_vram_gib

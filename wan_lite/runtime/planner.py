@@ -1,41 +1,40 @@
 """Memory planner: from a model's sizes, a request and a machine, decide how to run (a `Plan`).
 
-`plan(model, request, hw, profile=None)` is a pure function (no torch, no probing): it picks the
-quantization, the DiT blocks kept on the GPU (the rest streamed, `prefetch` ahead, from pinned or
-pageable RAM), where the idle A14B expert waits, the text encoder's placement, the VAE tile, the
-FFN chunk and CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight
-estimate). `leaner(plan)` is the next plan to drop to after an out-of-memory error mid-run.
+`plan(model, request, hw, profile=None)` is pure (no torch, no probing): it picks the quantization,
+the DiT blocks kept on the GPU (the rest streamed `prefetch` ahead from pinned or pageable RAM),
+where the idle A14B expert waits, the text encoder's placement, VAE tile and dtype, FFN chunk and
+CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight estimate). Choices are
+greedy: quality first (bf16 unless it does not fit or is >25 % slower), then as many resident
+blocks as fit, then CFG batching, then the largest VAE tile. `leaner(plan)` is the next plan to
+drop to after an out-of-memory error mid-run.
 
-Stages run one after another and each gets the whole GPU (the runtime releases the DiT's GPU
-copies between stages unless `keep_resident`): text -> (VAE encode) -> denoise -> decode.
-peak_vram = max over stages; peak_ram likewise. Sizes are bytes below, GiB in the Plan.
+Stages run one after another and each gets the whole GPU (the runtime drops the DiT's GPU copies
+between stages unless `keep_resident`): text -> (VAE encode) -> denoise -> decode; the peaks are
+maxima over stages. Bytes below, GiB in the Plan. Constants live in `K` (measured on an H200 by
+models/_planner_calib/*.py, which are not part of the package).
 
-Memory model (constants in `K`, measured on an H200 with models/_planner_calib/, see K's notes):
-- tokens L = F_lat*(h/2)*(w/2), F_lat = 1+(frames-1)//4, h = H/s, w = W/s (s = VAE stride);
-  c = min(ffn_chunk_tokens or L, L); B = 2 with cfg_batch else 1; D = dim, F = ffn_dim.
-- DiT activations = B*(residual + max(attention phase, FFN phase)) + L*rope + B*512*(4096+D)*2:
-  residual = 4*D*L (fp32 stream); attention phase = K.attn_whole*D*L (q, k, v, output, bf16:
-  flash/SDPA needs no L^2) + K.attn_chunk*D*c; FFN phase = K.ffn_whole*D*L [chunked only]
-  + c*(K.ffn_chunk_d*D + K.ffn_chunk_f*F) (the [c, F] hidden and GELU output in bf16).
-- DiT weights on the GPU (denoise) = non-block (bf16) + blocks: all n resident, or r resident +
-  (prefetch+1) streaming slots; + the largest Linear in bf16 when int8/fp8 weights are
-  dequantized per layer (not with fp8 compute); + the other expert when idle_expert == "gpu".
-  Block bytes: bf16 2/param; int8/fp8 1/weight + fp32 scale per output row, the rest bf16.
-- VAE decode = decoder weights + tile^2 (or H*W) * K.vae_decode_px[version, dtype] (one latent
-  frame's activations, causal cache included) + the decoded output (untiled: the whole fp32
-  video on the GPU; tiled: one tile's frames, the video is assembled in RAM). Encode alike.
-- Text encoder (umT5-XXL, 5.68e9 params; bf16 11.4 GB, int8 blocks 6.7 GB): "gpu" whole model,
-  "stream" two blocks (embedding lookup on the CPU), "cpu" none; + K.t5_act.
-- RAM = K.ram_base + active expert (unless keep_resident: loaded straight to the GPU) + idle
-  expert if "ram" + VAE + text encoder (its streamed copy while encoding; kept after only with
-  keep_text_encoder) + the decoded video (5 bytes per pixel-frame: fp32 + uint8).
-- Usable = free VRAM - (0.25 GiB + 4 % of total) for fragmentation; available RAM - (1 GiB + 3 %).
-
-Time model: DiT FLOPs per forward = 2*L*(6D^2+2DF)*n (linear) + 4*L^2*D*n (self-attention) +
-cross-attention terms, at `Hardware.speed().tflops` (linear x K.fp8_gain with fp8 compute);
-2 forwards per step with CFG. Streaming: transfer = streamed bytes per forward / link GB/s; with
-prefetch the step takes max(compute, transfer) (+ one block not hidden). VAE and text encoder from
-measured seconds per megapixel-frame scaled by throughput. Disk reads at DISK_GBPS.
+Memory model. L = F_lat*(h/2)*(w/2) tokens (F_lat = 1+(frames-1)//4, h, w = H, W / VAE stride),
+c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
+- DiT activations = B*(max(sdpa, proj, ffn) + 512*(4096+D)*2) + L*1024 (float64 RoPE tables), with
+  base = 4*D*L (fp32 residual; +2*D*L for block 0's bf16 input unless `chunked_attention`),
+  sdpa = base + 8*D*L (q, k, v and the output in bf16; flash/SDPA needs no L^2),
+  proj = base + 6*D*L + D*(13.1*c + 14.7*min(c, 4096)) (chunked projections, fp64 RoPE chunk;
+  c -> L where the attention is not chunked), ffn = base + c*(6*D + 4*F) (hidden + GELU in bf16).
+- DiT weights on the GPU = non-block (bf16) + all n blocks, or r resident + (prefetch+1) streaming
+  slots; + the largest Linear in bf16 when int8/fp8 weights are dequantized per layer (not with
+  fp8 compute); + the other expert when idle_expert == "gpu". Block bytes: bf16 2/param; int8/fp8
+  1/weight + an fp32 scale per output row, biases/norms bf16, modulation fp32.
+- VAE = weights + tile^2 (or H*W) * per-pixel bytes of one latent frame (K.vae_decode_px, causal
+  cache included; ~10 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video).
+- umT5 (5.68e9 params; bf16 11.4 GB, int8 blocks + bf16 embedding 6.7 GB): "gpu" whole, "stream"
+  two blocks (embedding lookup on the CPU), "cpu" nothing; + K.t5_act.
+- RAM = K.ram_base + active expert (none with keep_resident: loaded straight to the GPU) + idle
+  expert if "ram" + VAE + umT5 (the streamer's packed copy while encoding, kept after only with
+  keep_text_encoder; a memory-mapped file otherwise) + the decoded video (fp32 + uint8).
+- Usable = free VRAM - (0.25 GiB + 4 % of total); available RAM - (1 GiB + 3 % of total).
+Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention)
+FLOP at `Hardware.speed()`; 2 forwards per step with CFG; streaming costs max(compute, transfer)
++ one block. VAE and umT5 from measured seconds scaled by throughput; disk reads at DISK_GBPS.
 """
 
 from __future__ import annotations
@@ -53,57 +52,43 @@ log = logging.getLogger(__name__)
 QUANTS = ("bf16", "int8", "fp8")
 
 
-@dataclass(frozen=True)
-class _Constants:
-    """Every calibration constant of the memory and time models, in one place."""
+class K:
+    """Every constant of the memory and time models. Activations in bytes per token as multiples
+    of D (or F), fitted to peaks measured on an H200 with a block that chunks the attention's
+    per-token work (models/_planner_calib/lean.py; A14B 480p/720p and 5B, chunks 1k-16k, B = 1, 2:
+    estimates -1 %..+8 % off). dit.py chunked only the FFN when measured: 24-25 x D per token."""
 
-    # DiT activations in bytes per token, as multiples of D (or F). Fitted to peaks measured on an
-    # H200 (models/_planner_calib/lean.py: a drop-in block that runs the attention's per-token work
-    # in chunks; estimates within -1 %..+7 % of A14B 480p/720p and 5B at chunks 1k-16k, B = 1, 2).
-    residual_d: float = 4.0  # the fp32 residual stream x [B, L, D]
-    input_d: float = 2.0  # block 0's bf16 input (the patch embedding) alive beside it
-    qkv_d: float = 6.0  # q, k, v in bf16 for the whole sequence (flash/SDPA needs no L^2)
-    attn_out_d: float = 2.0  # the attention output, bf16
-    attn_chunk_d: float = 13.1  # per chunk token: modulated input, projections, norms
-    rope_chunk_d: float = 14.7  # float64 RoPE temporaries, per token of dit.py's 4096-token RoPE chunk
-    rope_chunk: int = 4096
-    ffn_chunk_d: float = 6.0  # per chunk token: modulated input (bf16), gated-add temporaries
-    ffn_chunk_f: float = 4.0  # per chunk token, x F: hidden + GELU output in bf16
-    rope_per_token: float = 1024.0  # cos, sin float64 [L, 64]
-    chunk_min: int = 1024
-    vae_decode_px: tuple = (("2.2", "bf16", 10400), ("2.2", "fp32", 20700),
-                            ("2.1", "bf16", 11400), ("2.1", "fp32", 22700))
-    vae_encode_px: tuple = (("2.2", "bf16", 4300), ("2.2", "fp32", 8600),
-                            ("2.1", "bf16", 9400), ("2.1", "fp32", 18700))
-    # seconds per megapixel-frame on the reference GPU (H200, `ref_tflops`)
-    vae_decode_s: tuple = (("2.2", "bf16", 0.046), ("2.2", "fp32", 0.082),
-                           ("2.1", "bf16", 0.048), ("2.1", "fp32", 0.085))
-    vae_encode_s: tuple = (("2.2", "bf16", 0.015), ("2.2", "fp32", 0.030),
-                           ("2.1", "bf16", 0.031), ("2.1", "fp32", 0.054))
-    ref_tflops: float = 450.0
-    vae_tiles: tuple = (1024, 768, 512, 384, 256, 192, 128)
-    vae_tile_overlap: int = 64  # pixels of overlap a tiler adds (time overhead (1 + ov/tile)^2)
-    t5_act: float = 0.35 * GIB  # two prompts of 512 tokens, 64 heads: scores and hidden states
-    latent_copies: float = 8.0  # sampler history, x, noise, output of a step (fp32 latents)
-    video_ram_px: float = 15.0  # decoded video in RAM per pixel-frame: 3 channels x (fp32 + uint8)
-    ram_base: float = 2.5 * GIB  # Python, torch, CUDA libraries, tokenizer, UI
-    vram_margin: tuple = (0.25 * GIB, 0.04)  # fixed + fraction of total VRAM
-    ram_margin: tuple = (1.0 * GIB, 0.03)
-    pin_fraction: float = 0.5  # never pin more than this share of available RAM (OS stalls)
-    fp8_gain: float = 1.6  # fp8 tensor cores on the Linear layers
-    dequant_cost: float = 1.03  # int8/fp8 weights dequantized per layer before a bf16 GEMM
-    batch2_gain: float = 0.98  # one batch of 2 vs two passes
-    chunk_cost: float = 0.004  # per chunk, relative (5B: +0.55 %/chunk measured, A14B +0.07 %)
-    bf16_slack: float = 1.25  # bf16 is chosen over int8/fp8 unless it is this much slower
+    residual_d = 4.0  # the fp32 residual stream x [B, L, D]
+    input_d = 2.0  # block 0's bf16 input (the patch embedding) alive beside it
+    qkv_d, attn_out_d = 6.0, 2.0  # q, k, v and the attention output, bf16, whole sequence
+    attn_chunk_d = 13.1  # per chunk token: modulated input, projections, norms
+    rope_chunk_d, rope_chunk = 14.7, 4096  # float64 RoPE temporaries of dit.py's 4096-token chunk
+    ffn_chunk_d, ffn_chunk_f = 6.0, 4.0  # per chunk token: input, gated add (x D); hidden + GELU (x F)
+    rope_per_token = 1024.0  # cos, sin float64 [L, 64]
+    # VAE: bytes per output pixel of one latent frame (4 video frames), and seconds per megapixel-
+    # frame on the H200 (ref_tflops), both measured with wan_lite's VAEs (models/_planner_calib/calib.py)
+    vae_decode_px = {("2.2", "bf16"): 10400, ("2.2", "fp32"): 20700, ("2.1", "bf16"): 11400, ("2.1", "fp32"): 22700}
+    vae_encode_px = {("2.2", "bf16"): 4300, ("2.2", "fp32"): 8600, ("2.1", "bf16"): 9400, ("2.1", "fp32"): 18700}
+    vae_decode_s = {("2.2", "bf16"): 0.046, ("2.2", "fp32"): 0.082, ("2.1", "bf16"): 0.048, ("2.1", "fp32"): 0.085}
+    vae_encode_s = {("2.2", "bf16"): 0.015, ("2.2", "fp32"): 0.030, ("2.1", "bf16"): 0.031, ("2.1", "fp32"): 0.054}
+    ref_tflops = 450.0  # our DiT's measured rate on that H200 (410-480)
+    vae_tiles = (1024, 768, 512, 384, 256, 192, 128)
+    vae_tile_overlap = 64  # pixels a tiler overlaps: decode time x (1 + overlap/tile)^2
+    t5_act = 0.35 * GIB  # two prompts of 512 tokens, 64 heads: scores and hidden states
+    latent_copies = 8.0  # fp32 latents alive while denoising: x, noise, sampler history, output
+    video_ram_px = 15.0  # decoded video in RAM per pixel-frame: 3 channels x (fp32 + uint8)
+    ram_base = 2.5 * GIB  # Python, torch, CUDA libraries, tokenizer, UI
+    vram_margin, ram_margin = (0.25 * GIB, 0.04), (1.0 * GIB, 0.03)  # fixed + share of the total
+    pin_fraction = 0.5  # pin at most this share of available RAM (pinned pages stall the OS)
+    fp8_gain = 1.6  # fp8 tensor cores on the Linear layers
+    dequant_cost = 1.03  # int8/fp8 weights dequantized per layer before a bf16 GEMM
+    batch2_gain = 0.98  # one batch of 2 vs two passes
+    chunk_cost = 0.004  # per chunk (measured +0.55 %/chunk on 5B, +0.07 % on A14B)
+    bf16_slack = 1.25  # bf16 is chosen over int8/fp8 unless it is this much slower
 
-    def table(self, name: str, version: str, dtype: str) -> float:
-        return next(v for ver, dt, v in getattr(self, name) if ver == version and dt == dtype)
-
-
-K = _Constants()
 
 # ------------------------------------------------------------------------------ model sizes
-T5_PARAMS, T5_EMBED, T5_BLOCKS, T5_DIM = 5_680_910_336, 256_384 * 4096, 24, 4096
+T5_PARAMS, T5_EMBED, T5_BLOCKS = 5_680_910_336, 256_384 * 4096, 24
 VAE_PARAMS = {"2.1": (53_596_928, 73_295_603), "2.2": (149_637_088, 555_051_580)}  # (encoder, decoder)
 _RELEASED = {  # dim, ffn_dim, heads, layers, in_dim, out_dim
     "ti2v-5b": (3072, 14336, 24, 30, 48, 48),
@@ -195,20 +180,16 @@ class ModelFootprint:
                    sizes=spec.sizes)
 
     @classmethod
-    def from_config(cls, cfg: Any, *, name: str = "custom", experts: int = 1, vae_version: str = "2.2",
-                    vae_params: tuple[int, int] | None = None, text_params: int = T5_PARAMS,
-                    text_embed_params: int = T5_EMBED, text_blocks: int = T5_BLOCKS, steps: int = 50,
-                    encodes_video: bool = False, source_bytes: float = 2.0,
-                    chunked_attention: bool = True) -> ModelFootprint:
+    def from_config(cls, cfg: Any, *, name: str = "custom", vae_version: str = "2.2", **sizes: Any) -> ModelFootprint:
         """From a loaded DiT's config (anything with dim, ffn_dim, num_heads, num_layers, in_dim,
-        out_dim; text_dim, freq_dim, patch_size optional). VAE and text encoder default to full size."""
-        stride = (4, 16, 16) if vae_version == "2.2" else (4, 8, 8)
+        out_dim; text_dim, freq_dim, patch_size optional). `sizes` sets any other field (experts,
+        vae_params, text_params, ...); the VAE and text encoder default to the released ones."""
+        sizes.setdefault("vae_params", VAE_PARAMS[vae_version])
+        sizes.setdefault("source_bytes", 2.0)
         return cls(name, cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim, cfg.out_dim,
                    text_dim=getattr(cfg, "text_dim", 4096), freq_dim=getattr(cfg, "freq_dim", 256),
-                   patch=tuple(getattr(cfg, "patch_size", (1, 2, 2))), experts=experts, vae_version=vae_version,
-                   vae_stride=stride, vae_params=vae_params or VAE_PARAMS[vae_version], text_params=text_params,
-                   text_embed_params=text_embed_params, text_blocks=text_blocks, steps=steps,
-                   encodes_video=encodes_video, source_bytes=source_bytes, chunked_attention=chunked_attention)
+                   patch=tuple(getattr(cfg, "patch_size", (1, 2, 2))), vae_version=vae_version,
+                   vae_stride=(4, 16, 16) if vae_version == "2.2" else (4, 8, 8), **sizes)
 
 
 @dataclass(frozen=True)
@@ -299,40 +280,31 @@ class Plan(Choices):
         return Choices(**{k: getattr(self, k) for k in _CHOICE_FIELDS})
 
     def summary(self) -> str:
-        """One log line, e.g. 'ti2v-5b 1280x704x121 fits: bf16, 30/30 blocks resident, ...'."""
+        """One log line: the request, the choices, peaks against what is usable, time, device."""
         m, r, hw = self.model, self.request, self.hardware
         n = m.num_layers if m else 0
-        blocks = f"{self.resident_blocks}/{n} blocks resident" + (
-            f", prefetch {self.prefetch} from {'pinned' if self.pinned else 'pageable'} RAM"
-            if self.resident_blocks < n else "")
-        parts = [self.quantization + (" (fp8 compute)" if self.fp8_compute else ""), blocks]
-        if self.idle_expert != "none":
-            parts.append(f"idle expert on {self.idle_expert}")
-        if self.cfg_batch:
-            parts.append("cond+uncond batched")
-        if self.ffn_chunk_tokens:
-            parts.append(f"chunks of {self.ffn_chunk_tokens} tokens")
-        parts.append(f"VAE {'untiled' if self.vae_tile is None else f'tiles {self.vae_tile}px'} {self.vae_dtype}")
-        parts.append(f"text encoder {self.text_encoder} {self.text_encoder_quant}")
-        head = f"{m.name if m else '?'} {r.width}x{r.height}x{r.frames}" if r else "plan"
-        return (f"{head} {'fits' if self.fits else 'does NOT fit'}: {', '.join(parts)} -> peak "
-                f"{self.peak_vram_gib:.1f}/{self.usable_vram_gib:.1f} GiB VRAM, {self.peak_ram_gib:.1f}/"
+        parts = [self.quantization + (" (fp8 compute)" if self.fp8_compute else ""),
+                 f"{self.resident_blocks}/{n} blocks resident" + (
+                     f", prefetch {self.prefetch} from {'pinned' if self.pinned else 'pageable'} RAM"
+                     if self.resident_blocks < n else ""),
+                 f"idle expert on {self.idle_expert}" if self.idle_expert != "none" else "",
+                 "cond+uncond batched" if self.cfg_batch else "",
+                 f"chunks of {self.ffn_chunk_tokens} tokens" if self.ffn_chunk_tokens else "",
+                 f"VAE {f'tiles {self.vae_tile}px' if self.vae_tile else 'untiled'} {self.vae_dtype}",
+                 f"text encoder {self.text_encoder} {self.text_encoder_quant}"]
+        head = f"{m.name} {r.width}x{r.height}x{r.frames}" if m and r else "plan"
+        return (f"{head} {'fits' if self.fits else 'does NOT fit'}: {', '.join(p for p in parts if p)} -> "
+                f"peak {self.peak_vram_gib:.1f}/{self.usable_vram_gib:.1f} GiB VRAM, {self.peak_ram_gib:.1f}/"
                 f"{self.usable_ram_gib:.1f} GiB RAM, ~{_human_s(self.seconds_estimate)}"
                 + (f" on {hw.gpu_name or 'the CPU'}" if hw else ""))
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict: every choice, the estimates, the request and the machine."""
-        data: dict[str, Any] = {k: getattr(self, k) for k in _CHOICE_FIELDS}
-        for k in ("fits", "reason", "fp8_compute", "peak_vram_gib", "peak_ram_gib", "usable_vram_gib",
-                  "usable_ram_gib", "seconds_estimate", "profile"):
-            data[k] = getattr(self, k)
-        data["stage_vram_gib"] = dict(self.stage_vram_gib)
-        data["stage_seconds"] = dict(self.stage_seconds)
-        data["notes"] = list(self.notes)
-        data["model"] = self.model.name if self.model else None
-        data["request"] = asdict(self.request) if self.request else None
-        data["hardware"] = self.hardware.to_json() if self.hardware else None
-        data["summary"] = self.summary()
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "request", "hardware")}
+        data.update(stage_vram_gib=dict(self.stage_vram_gib), stage_seconds=dict(self.stage_seconds),
+                    notes=list(self.notes), model=self.model.name if self.model else None,
+                    request=asdict(self.request) if self.request else None,
+                    hardware=self.hardware.to_json() if self.hardware else None, summary=self.summary())
         return data
 
 
@@ -387,17 +359,9 @@ def _dit_vram(m: ModelFootprint, ch: Choices, fp8c: bool) -> float:
 def _vae_vram(m: ModelFootprint, r: PlanRequest, ch: Choices, part: str) -> float:
     px = (min(ch.vae_tile, r.height) * min(ch.vae_tile, r.width)) if ch.vae_tile else r.height * r.width
     frames = r.frames if part == "decoder" or m.encodes_video else 1
-    per_px = K.table("vae_decode_px" if part == "decoder" else "vae_encode_px", m.vae_version, ch.vae_dtype)
+    per_px = (K.vae_decode_px if part == "decoder" else K.vae_encode_px)[m.vae_version, ch.vae_dtype]
     io = frames * px * 3 * 4  # the fp32 output video (decode) or input frames (encode) of the tile
     return m.vae_bytes(part, ch.vae_dtype) + px * per_px + io
-
-
-def _text_vram(m: ModelFootprint, ch: Choices) -> float:
-    if ch.text_encoder == "cpu":
-        return 0.0
-    weights = m.text_bytes(ch.text_encoder_quant) if ch.text_encoder == "gpu" else 2 * m.text_block_bytes(
-        ch.text_encoder_quant)
-    return weights + K.t5_act
 
 
 def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> dict[str, Any]:
@@ -410,7 +374,8 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
     dit_all = (m.expert_bytes(ch.quantization) * (2 if ch.idle_expert == "gpu" else 1)) if ch.keep_resident else 0
     vram: dict[str, float] = {}
     if gpu:
-        vram["text"] = _text_vram(m, ch) + dit_all
+        t5_gpu = {"gpu": m.text_bytes(ch.text_encoder_quant), "stream": 2 * m.text_block_bytes(ch.text_encoder_quant)}
+        vram["text"] = (t5_gpu[ch.text_encoder] + K.t5_act if ch.text_encoder in t5_gpu else 0.0) + dit_all
         if r.image:
             vram["encode"] = _vae_vram(m, r, ch, "encoder") + dit_all
         vram["denoise"] = _dit_vram(m, ch, fp8c) + act + latents
@@ -447,11 +412,12 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
     if streamed:
         step = max(compute, streamed * b * copies / link) + copies * b / link  # first slot is never hidden
     steps = r.steps or m.steps
-    upload = (expert - streamed * b) / link if gpu else 0.0
+    resident = (expert - streamed * b) / link if gpu else 0.0  # seconds to put the resident part on the GPU
+    upload = 0.0 if ch.keep_resident else resident  # once per job, unless it never leaves the GPU
     switch = 0.0
-    if m.experts > 1:
-        on_disk = expert if ch.quantization != "bf16" else m.params * m.source_bytes
-        switch = upload + (on_disk / (DISK_GBPS * 1e9) if ch.idle_expert == "disk" else 0.0)
+    if m.experts > 1 and ch.idle_expert != "gpu":
+        on_disk = expert if ch.quantization != "bf16" else m.params * m.source_bytes  # cache or source
+        switch = resident + (on_disk / (DISK_GBPS * 1e9) if ch.idle_expert == "disk" else 0.0)
     text_flops = 2 * (m.text_params - m.text_embed_params) * 512 * 2
     text_s = text_flops / ((sp.tflops if ch.text_encoder != "cpu" else sp.cpu_tflops) * 1e12)
     if ch.text_encoder != "cpu":
@@ -461,20 +427,18 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
     tile = (1 + K.vae_tile_overlap / ch.vae_tile) ** 2 if ch.vae_tile else 1.0
     scale = K.ref_tflops / sp.tflops * tile * r.width * r.height / 1e6
     secs = {"text": text_s, "denoise": steps * step + upload + switch,
-            "decode": scale * r.frames * K.table("vae_decode_s", m.vae_version, ch.vae_dtype)}
+            "decode": scale * r.frames * K.vae_decode_s[m.vae_version, ch.vae_dtype]}
     if r.image:
-        secs["encode"] = scale * (r.frames if m.encodes_video else 1) * K.table("vae_encode_s", m.vae_version,
-                                                                                 ch.vae_dtype)
+        secs["encode"] = scale * (r.frames if m.encodes_video else 1) * K.vae_encode_s[m.vae_version, ch.vae_dtype]
     return {"vram": vram, "ram": ram, "secs": secs, "fp8c": fp8c}
 
 
-def _evaluate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices, profile: str | None = None,
-              notes: tuple[str, ...] = ()) -> Plan:
+def _evaluate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices, profile: str | None = None) -> Plan:
     e = _estimate(m, r, hw, ch)
     uv, ur = _usable(hw)
     peak_v = max(e["vram"].values(), default=0.0)
     fits = peak_v <= uv and e["ram"] <= ur
-    extra = list(notes)
+    extra = []
     if ch.quantization == "fp8" and hw.has_gpu and not e["fp8c"]:
         extra.append("fp8 on a GPU without fp8 tensor cores (compute capability < 8.9): storage only.")
     if not hw.has_gpu:
@@ -511,9 +475,11 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
     uv, ur = _usable(hw)
     n = m.num_layers
 
-    def fix(ch: Choices) -> Choices:  # forced fields always win
+    def fix(ch: Choices) -> Choices:  # forced fields win, then what the request and n allow
         ch = replace(ch, **forced)
-        return replace(ch, cfg_batch=False) if not r.cfg or r.cfg_batch is False else ch
+        if not r.cfg or r.cfg_batch is False:
+            ch = replace(ch, cfg_batch=False)
+        return replace(ch, keep_resident=False) if ch.resident_blocks < n else ch
 
     def ram_ok(ch: Choices) -> bool:
         return _estimate(m, r, hw, ch)["ram"] <= ur
@@ -543,7 +509,8 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
     def pick(ch: Choices) -> Choices:
         """VAE (untiled fp32 ... smallest tile) and text encoder options that fit their stages."""
         big = max(r.width, r.height)
-        vaes = [("fp32", None), ("bf16", None)] + [("bf16", t) for t in K.vae_tiles if t < big]
+        tiles = [t for t in K.vae_tiles if t < big]
+        vaes = [("fp32", None), ("bf16", None)] + [("bf16", t) for t in tiles] + [("fp32", t) for t in tiles]
         vaes = [v for v in vaes if forced.get("vae_dtype", v[0]) == v[0] and forced.get("vae_tile", v[1]) == v[1]]
         for dtype, tile in vaes or [(ch.vae_dtype, ch.vae_tile)]:
             ch = fix(replace(ch, vae_dtype=dtype, vae_tile=tile))
@@ -604,15 +571,13 @@ def plan(model: ModelFootprint, request: Any, hw: Hardware, profile: str | Memor
     forced = prof.forced if prof else {}
     p = _plan(model, r, hw, forced, prof.name if prof else None)
     if not p.fits:
-        p = replace(p, reason=_reason(p, forced))
+        p = replace(p, reason=_reason(p, model, r, hw, forced))
     log.debug("plan: %s", p.summary())
     return p
 
 
-def _reason(p: Plan, forced: dict[str, Any]) -> str:
+def _reason(p: Plan, m: ModelFootprint, r: PlanRequest, hw: Hardware, forced: dict[str, Any]) -> str:
     """Why `p` does not fit, in numbers, and what would make it fit."""
-    m, r, hw = p.model, p.request, p.hardware
-    assert m is not None and r is not None and hw is not None  # set by _evaluate
     need, fixes = [], []
     if p.peak_vram_gib > p.usable_vram_gib:
         stages = dict(p.stage_vram_gib)
@@ -652,11 +617,9 @@ def _reason(p: Plan, forced: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------ after an OOM
-def _moves(p: Plan, stage: str) -> list[Choices]:
+def _moves(p: Plan, hw: Hardware, stage: str) -> list[Choices]:
     """Leaner variants of `p` for `stage`, cheapest first."""
-    m, hw, ch = p.model, p.hardware, p.choices
-    assert m is not None and hw is not None
-    out: list[Choices] = []
+    ch, out = p.choices, list[Choices]()
     if stage != "denoise" and ch.keep_resident:
         out.append(replace(ch, keep_resident=False))
     if stage == "denoise":
@@ -692,8 +655,7 @@ def leaner(p: Plan, stage: str | None = None) -> Plan | None:
     is strictly lower. None when nothing leaner exists."""
     if p.model is None or p.request is None or p.hardware is None or not p.hardware.has_gpu:
         return None
-    m, r, hw = p.model, p.request, p.hardware
-    cur = p
+    m, r, hw, cur = p.model, p.request, p.hardware, p
 
     def settle(ch: Choices) -> Choices:  # blocks newly streamed: pin them if RAM allows
         if p.resident_blocks >= m.num_layers > ch.resident_blocks:
@@ -706,12 +668,12 @@ def leaner(p: Plan, stage: str | None = None) -> Plan | None:
     for _ in range(4 * len(_CHOICE_FIELDS)):
         stages = dict(cur.stage_vram_gib)
         target = stage or max(stages, key=lambda s: stages[s])
-        nxt = next((q for q in (_evaluate(m, r, hw, settle(c), p.profile) for c in _moves(cur, target))
+        nxt = next((q for q in (_evaluate(m, r, hw, settle(c), p.profile) for c in _moves(cur, hw, target))
                     if dict(q.stage_vram_gib).get(target, 0.0) < stages.get(target, 0.0)
                     and (q.peak_ram_gib <= max(q.usable_ram_gib, cur.peak_ram_gib))), None)
         if nxt is None:
             return None
         if stage is not None or nxt.peak_vram_gib < p.peak_vram_gib:
-            return nxt if nxt.fits else replace(nxt, reason=_reason(nxt, {}))
+            return nxt if nxt.fits else replace(nxt, reason=_reason(nxt, m, r, hw, {}))
         cur = nxt
     return None
