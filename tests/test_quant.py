@@ -25,6 +25,7 @@ from wan_lite.runtime.quant import (
     quantize_weight,
     quantized_modules,
     save_quantized,
+    set_compute,
     weight_bytes,
 )
 
@@ -148,6 +149,9 @@ def test_quantized_linear_fp8_compute_path() -> None:
     log.info("fp8 x fp8 Linear rel L2 %.4f", err)
     assert err < 0.06
     assert not ql._fp8_broken
+    with torch.inference_mode():  # inference tensors have no version counter
+        assert torch.equal(ql(x), out)
+    assert not ql._fp8_broken
     # Same function as the dequant path up to the activation rounding.
     ql.compute = "dequant"
     assert rel_err(out, ql(x)) < 0.05
@@ -163,6 +167,10 @@ def test_activation_quantization_is_shared_and_released() -> None:
     assert b is not a and torch.allclose(b[1], a[1] * 2)
     del x, a, b
     assert quant._ACT_CACHE._value is None  # died with its activation
+    with torch.inference_mode():
+        y = torch.randn(5, 64, dtype=torch.bfloat16)
+        c = quant._ACT_CACHE.get(y)
+        assert quant._ACT_CACHE.get(y) is c and quant._ACT_CACHE.get(y.clone()) is not c
     x8, s = quant._quantize_rows_eager(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]], dtype=torch.bfloat16))
     assert torch.isfinite(s).all() and torch.equal(x8[1].float(), torch.zeros(3))
     assert (x8[0].float() * s[0]).sub(torch.tensor([1.0, -2.0, 0.5])).abs().max() < 0.1
@@ -346,6 +354,14 @@ def test_wan_dit_quantized_forward(tmp_path, fmt: str, tol: float) -> None:
     assert math.isfinite(err)
     used, n = weight_bytes(model)
     assert used / n < 1.1
+    if fmt == "fp8":  # the fp8 x fp8 path (forced; CPU _scaled_mm) on the whole DiT
+        set_compute(model, "fp8")
+        with torch.inference_mode():
+            out8 = model(x, t, ctx)
+        set_compute(model, "auto")
+        assert not any(m._fp8_broken for m in quantized_modules(model).values())
+        log.info("tiny WanDiT fp8 x fp8 vs bf16: rel L2 %.4f", rel_err(out8, ref))
+        assert rel_err(out8, ref) < tol
     # From the cache the model is the same.
     with torch.device("meta"):
         again = WanDiT(WanDiTConfig.from_shapes(src.shapes()))

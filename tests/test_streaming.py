@@ -265,7 +265,7 @@ def test_cuda_pin_limit_falls_back_to_pageable() -> None:
 
 @pytest.mark.gpu
 def test_cuda_peak_memory_is_resident_plus_slots() -> None:
-    model = _cuda_toy(layers=8, d=1024, ffn=4096)
+    model = _cuda_toy(layers=8, d=2048, ffn=8192)  # ~52 MB per int8 block
     quantize_model(model, "int8")
     x = toy_input(tokens=64).cuda()
     torch.cuda.synchronize()
@@ -281,7 +281,9 @@ def test_cuda_peak_memory_is_resident_plus_slots() -> None:
     block_bytes = sum(t.numel() * t.element_size() for t in model.blocks[0].state_dict().values())
     non_block = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if not n.startswith("blocks."))
     resident_bytes = block_bytes + non_block
-    activations = 32 << 20  # 64 tokens: the activations and one dequantized weight stay far under this
+    # 64 tokens: activations are tiny; this covers one dequantized bf16 weight (32 MiB) and the
+    # cuBLAS workspace, both allocated through the caching allocator.
+    activations = 128 << 20
     all_blocks = 8 * block_bytes
     assert peak <= resident_bytes + streamer.slot_bytes + activations, (peak, streamer.summary())
     assert peak < all_blocks

@@ -167,7 +167,9 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _ActivationCache:
     """Remembers the fp8 version of the last activation, so q, k and v projections of the same
     input quantize it once. The entry dies with the activation (weakref callback), so it never
-    holds memory longer than the bf16 tensor it came from."""
+    holds memory longer than the bf16 tensor it came from. Tensors made under inference_mode have
+    no version counter: for them a hit means the same tensor object, which the models never
+    modify in place between projections."""
 
     def __init__(self) -> None:
         self._ref: weakref.ref | None = None
@@ -178,11 +180,12 @@ class _ActivationCache:
         self._ref, self._value = None, None
 
     def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hit = self._ref is not None and self._ref() is x and x._version == self._version
+        version = -1 if x.is_inference() else x._version
+        hit = self._ref is not None and self._ref() is x and version == self._version
         if hit and self._value is not None:
             return self._value
         value = _quantize_rows(x.reshape(-1, x.shape[-1]))
-        self._ref, self._version, self._value = weakref.ref(x, self._clear), x._version, value
+        self._ref, self._version, self._value = weakref.ref(x, self._clear), version, value
         return value
 
 
@@ -239,6 +242,8 @@ class QuantizedLinear(nn.Module):
         if self._use_fp8(x) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             try:
                 return self._forward_fp8(x)
+            except torch.OutOfMemoryError:
+                raise  # the caller's plan must react; falling back would need even more memory
             except RuntimeError as err:  # a shape/dtype this torch build's fp8 GEMM rejects
                 self._fp8_broken = True
                 log.warning("fp8 matmul unavailable for %s (%s); using dequantized bf16.", self, err)

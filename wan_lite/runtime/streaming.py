@@ -146,6 +146,8 @@ class _PackedBlock:
         # Unlock before the memory can be freed, however this object goes away (a locked range
         # that is freed stays locked until the process exits).
         self._unpin = weakref.finalize(self, _unpin, self.cpu.data_ptr()) if self.pinned else None
+        if self._unpin is not None:
+            self._unpin.atexit = False  # at exit the OS unlocks everything; CUDA may be gone by then
         for (_m, _n, _p, t), e in zip(items, entries, strict=True):
             _view(self.cpu, e).copy_(t)
         self.cpu_views = [_view(self.cpu, e) for e in entries]
