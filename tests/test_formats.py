@@ -9,6 +9,7 @@ Diffusers' own models and converters serve as the independent oracle for the key
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -306,6 +307,27 @@ def test_comfy_umt5_file_encodes_like_official(t5, tmp_path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+def test_expert_sides_come_from_folders_and_names(tmp_path, t5) -> None:
+    from tests.tiny_ckpt.dit import write_dit
+
+    _root, t5_official, tok = t5
+    high, low = dit_state(seed=1), dit_state(seed=2)
+    root = tf.write_diffusers_pipeline(tmp_path / "pipe", [high, low], random_vae_state("2.1"), "2.1",
+                                       t5_official, tok)
+    for side, want in (("high", high), ("low", low)):
+        same_tensors(formats.load_component(root, "dit", model="t2v-a14b", expert=side), want)
+    assert only(root / "transformer_2").expert == "low"  # also when the subfolder is named directly
+    assert "Swap" in message(root / "transformer_2", "dit", model="t2v-a14b", expert="high")
+    assert formats.tokenizer_folder(root, tmp_path / "cache") == root / "tokenizer"
+    same_tensors(formats.load_component(root, "text_encoder"), t5_official)
+    official = tmp_path / "Wan2.2-T2V-A14B"
+    write_dit(official / "high_noise_model", in_dim=16, out_dim=16, model_type="t2v", text_dim=TEXT_DIM)
+    write_dit(official / "low_noise_model", in_dim=16, out_dim=16, model_type="t2v", text_dim=TEXT_DIM, seed=1)
+    found = formats.detect(official)
+    assert sorted((c.format, c.variant, c.expert) for c in found) == [
+        ("official", "t2v-a14b", "high"), ("official", "t2v-a14b", "low")]
+
+
 # ------------------------------------------------------------------------------ wrong files
 def message(path: Path, role: str, **kw) -> str:
     with pytest.raises(CheckpointError) as info:
@@ -314,6 +336,10 @@ def message(path: Path, role: str, **kw) -> str:
 
 
 def test_each_wrong_file_is_named_with_what_it_is(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from tests.tiny_ckpt.dit import write_dit
+
     i2v = dit_state(36, 16)
     wan21 = tf.write_comfy(tmp_path / "i2v_high.safetensors", tf.wan21_i2v_state(i2v))
     msg = message(wan21, "dit", model="i2v-a14b", expert="high")
@@ -333,6 +359,17 @@ def test_each_wrong_file_is_named_with_what_it_is(tmp_path) -> None:
     gguf = tf.write_gguf(tmp_path / "full.gguf", i2v, "Q8_0")
     msg = message(tf.truncate(gguf, tmp_path / "cut.gguf"), "dit")
     assert "cut.gguf" in msg and ("truncated" in msg or "not a readable GGUF" in msg)
+
+    sharded = tmp_path / "Wan2.2-I2V-A14B" / "high_noise_model"
+    write_dit(sharded, in_dim=36, out_dim=16, model_type="i2v", text_dim=TEXT_DIM, shards=3)
+    next(sharded.glob("*-00002-of-00003.safetensors")).unlink()
+    msg = message(sharded, "dit", model="i2v-a14b", expert="high")
+    assert "1 of 3 file(s) are missing" in msg and "00002-of-00003" in msg
+
+    tensors, meta = tf.comfy_state(i2v, fp8="weight_scale")
+    meta["_quantization_metadata"] = json.dumps({"layers": {"blocks.0.ffn.0": {"format": "nvfp4"}}})
+    save_file(tensors, str(tmp_path / "nvfp4.safetensors"), metadata=meta)
+    assert "'nvfp4'" in message(tmp_path / "nvfp4.safetensors", "dit")
 
     msg = message(full, "vae")
     assert "expected a VAE" in msg and "I2V-A14B" in msg

@@ -132,6 +132,7 @@ def scan(places: Iterable[tuple[str, Path]], max_depth: int = 6) -> list[Found]:
     Unreadable files are listed too (role "broken", with the reason), so a truncated download
     shows up instead of silently missing.
     """
+    places = list(places)
     found: list[Found] = []
     seen: set[Path] = set()
     cache = hf_cache_dir()
@@ -139,11 +140,7 @@ def scan(places: Iterable[tuple[str, Path]], max_depth: int = 6) -> list[Found]:
         for folder in _folders(Path(root), max_depth):
             if not any(f.suffix in WEIGHT_SUFFIXES or f.name == "spiece.model" for f in folder.iterdir()):
                 continue
-            expert = None
-            if folder.parent.joinpath("model_index.json").is_file() and folder.name.startswith("transformer"):
-                two = folder.parent.joinpath("transformer_2").is_dir()
-                expert = ("low" if folder.name == "transformer_2" else "high") if two else None
-            for c in detect_folder(folder, expert=expert):
+            for c in detect_folder(folder):
                 key = tuple(sorted(f.resolve() for f in c.files))
                 if any(k in seen for k in key):
                     continue
@@ -151,7 +148,7 @@ def scan(places: Iterable[tuple[str, Path]], max_depth: int = 6) -> list[Found]:
                 c = replace(c, fingerprint=fingerprint(c.files)) if c.role != "broken" else c
                 repo = _repo_of(folder, cache) if location == "hf-cache" else None
                 found.append(Found(c, location, repo))
-    log.info("Model scan: %d component(s) in %d place(s)", len(found), len(list(places)))
+    log.info("Model scan: %d component(s) in %d place(s)", len(found), len(places))
     return found
 
 

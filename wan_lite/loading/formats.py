@@ -69,6 +69,7 @@ _VAE_FILES = {
 }
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".pth", ".pt", ".bin", ".ckpt")
 _DIFFUSERS_SUBFOLDERS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer")
+_OFFICIAL_SUBFOLDERS = ("high_noise_model", "low_noise_model", "google/umt5-xxl")
 
 
 def _short_title(model: str) -> str:
@@ -229,11 +230,13 @@ def _format_of(files: tuple[Path, ...], naming: str, folder_has_config: bool) ->
     return "comfy"
 
 
-def detect_files(files: Iterable[Path], path: Path | None = None, **hints: object) -> Component:
+def detect_files(files: Iterable[Path], path: Path | None = None, *, expert: str | None = None,
+                 folder_has_config: bool = False) -> Component:
     """Identify one component stored in `files` (one file or the shards of one model).
 
     Never raises for a bad file: a truncated or unreadable file comes back as role "broken" with
-    the reason in `problem`. `hints` may set `expert` (from a folder name) or `folder_has_config`.
+    the reason in `problem`. path: what the user names (default: the file); expert: the A14B
+    side when a folder says it; folder_has_config: the files sit next to a config.json.
     """
     files = tuple(Path(f) for f in files)
     path = Path(path) if path is not None else files[0]
@@ -249,8 +252,8 @@ def detect_files(files: Iterable[Path], path: Path | None = None, **hints: objec
     except CheckpointError as err:
         return Component(path, files, "?", "broken", size_bytes=size, problem=str(err))
     found = recognise(header.tensors, path)
-    expert = hints.get("expert") or found.expert
-    fmt = _format_of(files, found.naming, bool(hints.get("folder_has_config")))
+    expert = expert or found.expert
+    fmt = _format_of(files, found.naming, folder_has_config)
     return Component(
         path=path,
         files=files,
@@ -291,10 +294,19 @@ def _tokenizer_component(folder: Path) -> Component | None:
                      precision="-", size_bytes=size, details="tokenizer folder")
 
 
+def _diffusers_expert(folder: Path) -> str | None:
+    """In an A14B diffusers pipeline, transformer/ is the high-noise and transformer_2/ the
+    low-noise expert (spec 6.1); a TI2V pipeline has only transformer/."""
+    if folder.name in ("transformer", "transformer_2") and (folder.parent / "transformer_2").is_dir():
+        return "low" if folder.name == "transformer_2" else "high"
+    return None
+
+
 def detect_folder(folder: Path, expert: str | None = None) -> list[Component]:
     """Components stored directly in `folder` (not in its subfolders). `expert` overrides the
-    side read from names (diffusers' transformer/ and transformer_2/ folders)."""
+    side read from names."""
     folder = Path(folder)
+    expert = expert or _diffusers_expert(folder)
     has_config = (folder / "config.json").is_file()
     out: list[Component] = []
     sets, used = _shard_sets(folder)
@@ -323,23 +335,10 @@ def detect(path: Path) -> list[Component]:
     if path.is_file():
         return [detect_files([path])]
     out = detect_folder(path)
-    index = path / "model_index.json"
-    if index.is_file():
-        try:
-            model_index = json.loads(index.read_text())
-        except (ValueError, OSError):
-            model_index = {}
-        two_experts = bool(model_index.get("transformer_2")) or (path / "transformer_2").is_dir()
-        for sub in _DIFFUSERS_SUBFOLDERS:
-            if (path / sub).is_dir():
-                expert = None
-                if two_experts and sub.startswith("transformer"):
-                    expert = "low" if sub == "transformer_2" else "high"
-                out.extend(detect_folder(path / sub, expert=expert))
-    else:
-        for sub in ("high_noise_model", "low_noise_model", "google/umt5-xxl"):
-            if (path / sub).is_dir():
-                out.extend(detect_folder(path / sub))
+    subs = _DIFFUSERS_SUBFOLDERS if (path / "model_index.json").is_file() else _OFFICIAL_SUBFOLDERS
+    for sub in subs:
+        if (path / sub).is_dir():
+            out.extend(detect_folder(path / sub))
     return out
 
 

@@ -118,6 +118,10 @@ class RenamedSource(TensorSource):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.inner[self._to_inner[name]]
 
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # Forwarded so that the inner source's own cast-as-read path is used.
+        return self.inner.read(self._to_inner[name], dtype)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._to_inner)
 
@@ -153,33 +157,20 @@ class Fp8ScaledSource(TensorSource):
     Plain `*_fp8_e4m3fn` files (fp8 weights without scale tensors) have scale 1.
     """
 
-    def __init__(
-        self,
-        inner: TensorSource,
-        *,
-        dequantize: bool = True,
-        dequant_dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def __init__(self, inner: TensorSource, *, dequantize: bool = True,
+                 dequant_dtype: torch.dtype = torch.float32) -> None:
         self.inner = inner
         self.files = inner.files
         self.dequantize = dequantize
         self.dequant_dtype = dequant_dtype
         keys = set(inner)
-        hidden: set[str] = set()
-        self.marker: str | None = None
-        self.layout = "plain"  # "plain" (fp8 without scales), "scale_weight" (legacy), "weight_scale"
-        for key in keys:
-            if is_quant_aux(key):
-                hidden.add(key)
-                if key.rsplit(".", 1)[-1] == "scaled_fp8":
-                    self.marker = key
+        hidden = {k for k in keys if is_quant_aux(k)}
+        self._fp8 = {k for k in keys - hidden if k.endswith(".weight") and inner.dtype(k) in FP8_DTYPES}
         self._scale_key: dict[str, str] = {}
         self._input_scale_key: dict[str, str] = {}
-        for key in keys - hidden:
-            if not key.endswith(".weight") or inner.dtype(key) not in FP8_DTYPES:
-                continue
+        self.layout = "plain"  # "plain" (fp8, no scales), "scale_weight" (legacy), "weight_scale" (newer)
+        for key in self._fp8:
             module = key[: -len(".weight")]
-            self._check_comfy_quant(module, keys)
             for suffix in _SCALE_SUFFIXES:
                 if f"{module}.{suffix}" in keys:
                     self._scale_key[key] = f"{module}.{suffix}"
@@ -187,40 +178,30 @@ class Fp8ScaledSource(TensorSource):
             for suffix in _INPUT_SCALE_SUFFIXES:
                 if f"{module}.{suffix}" in keys:
                     self._input_scale_key[key] = f"{module}.{suffix}"
-        self._fp8 = {k for k in keys - hidden if k.endswith(".weight") and inner.dtype(k) in FP8_DTYPES}
         self._keys = [k for k in inner if k not in hidden]
         self._keyset = frozenset(self._keys)
-        self._check_metadata()
+        self._refuse_other_formats(sorted(k for k in hidden if k.endswith(".comfy_quant")))
 
-    def _check_comfy_quant(self, module: str, keys: set[str]) -> None:
-        """Refuse quantization formats other than per-tensor / per-row fp8 (nvfp4, int8 blocks)."""
-        key = f"{module}.comfy_quant"
-        if key not in keys:
-            return
+    def _refuse_other_formats(self, blobs: list[str]) -> None:
+        """Refuse quantization formats other than fp8 with per-tensor / per-row scales (nvfp4,
+        int8 blocks, ...), named per layer in `comfy_quant` JSON blobs or the file metadata."""
+        formats: set[str] = set()
+        for key in blobs:
+            try:
+                conf = json.loads(bytes(self.inner[key].to(torch.uint8).tolist()).decode("utf-8"))
+                formats.add(conf.get("format"))
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                continue
+        raw = (getattr(self.inner, "metadata", None) or {}).get("_quantization_metadata")
         try:
-            conf = json.loads(bytes(self.inner[key].to(torch.uint8).tolist()).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return
-        fmt = conf.get("format") if isinstance(conf, dict) else None
-        if fmt is not None and fmt not in _FP8_FORMATS:
-            raise CheckpointError(
-                f"{self.describe()} stores {module} in the {fmt!r} format, which wan_lite cannot read.",
-                "Use the fp16/bf16 or fp8_scaled file of this model instead.",
-            )
-
-    def _check_metadata(self) -> None:
-        meta = getattr(self.inner, "metadata", None) or {}
-        raw = meta.get("_quantization_metadata")
-        if not raw:
-            return
-        try:
-            layers = json.loads(raw).get("layers", {})
+            layers = json.loads(raw).get("layers", {}) if raw else {}
+            formats |= {v.get("format") for v in layers.values() if isinstance(v, dict)}
         except (ValueError, AttributeError):
-            return
-        bad = {v.get("format") for v in layers.values() if isinstance(v, dict)} - set(_FP8_FORMATS) - {None}
+            pass
+        bad = formats - set(_FP8_FORMATS) - {None}
         if bad:
             raise CheckpointError(
-                f"{self.describe()} uses quantization format(s) {sorted(bad)}, which wan_lite cannot read.",
+                f"{self.describe()} uses the quantization format(s) {sorted(bad)}, which wan_lite cannot read.",
                 "Use the fp16/bf16 or fp8_scaled file of this model instead.",
             )
 
@@ -259,6 +240,13 @@ class Fp8ScaledSource(TensorSource):
             return self.inner[name].to(self.dequant_dtype) * self.scale(name).to(self.dequant_dtype)
         return self.inner[name]
 
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name in self._fp8 and self.dequantize:
+            # Product in dequant_dtype (one rounding), then one cast to the model dtype.
+            tensor = self[name]
+            return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
+        return self.inner.read(name, dtype)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
@@ -284,13 +272,6 @@ class Fp8ScaledSource(TensorSource):
 # GGUF
 
 
-def _gguf_error(path: Path, err: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is not a readable GGUF file ({type(err).__name__}: {err}).",
-        "The file is truncated or damaged (an interrupted download?); download it again.",
-    )
-
-
 def open_gguf_reader(path: Path):  # -> gguf.GGUFReader (the import is deferred: gguf is optional)
     """A memory-mapped GGUFReader; CheckpointError for a missing, truncated or corrupt file."""
     import gguf
@@ -301,7 +282,10 @@ def open_gguf_reader(path: Path):  # -> gguf.GGUFReader (the import is deferred:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError, IndexError, ... on damaged files
-        raise _gguf_error(path, err) from None
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(err).__name__}: {err}).",
+            "The file is truncated or damaged (an interrupted download?); download it again.",
+        ) from None
     size = path.stat().st_size
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     if end > size:
