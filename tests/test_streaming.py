@@ -99,6 +99,16 @@ def test_blocks_run_from_slots_prefetched_in_order(prefetch: int) -> None:
     assert all(p.untyped_storage().data_ptr() not in slot_ptrs for p in model.parameters())
 
 
+def test_pinning_helpers_without_a_gpu() -> None:
+    from wan_lite.runtime.streaming import _PAGE, _page_aligned, _pin_in_place
+
+    for n in (1, _PAGE - 1, _PAGE, 3 * _PAGE + 7, 10**6):
+        buf = _page_aligned(n)  # registered ranges must own whole pages
+        assert buf.data_ptr() % _PAGE == 0 and buf.numel() % _PAGE == 0 and n <= buf.numel() < n + _PAGE
+    if not torch.cuda.is_available():
+        assert _pin_in_place(_page_aligned(100)) is False  # falls back, does not raise
+
+
 def test_model_dropped_while_attached_is_collected() -> None:
     import gc
     import weakref

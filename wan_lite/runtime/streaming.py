@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _ALIGN = 256  # byte alignment of every tensor inside a packed block (vector loads, fp8 GEMMs)
 _GIB = 1024**3
+_PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,15 @@ def _tensors(block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]
             if b is not None:
                 out.append((module, name, False, b))
     return out
+
+
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer starting on a page boundary and spanning whole pages of its own: CUDA locks
+    whole pages, and two registered ranges may not share one (small buffers from the heap can)."""
+    size = -(-nbytes // _PAGE) * _PAGE
+    raw = torch.empty(size + _PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % _PAGE
+    return raw[start : start + size]
 
 
 def _clear_cuda_error() -> None:
@@ -141,8 +152,9 @@ class _PackedBlock:
             entries.append(_Entry(module, name, is_param, seen[key], t.dtype, tuple(t.shape)))
         self.entries: list[_Entry] = entries
         self.nbytes = max(offset, _ALIGN)
-        self.cpu = torch.empty(self.nbytes, dtype=torch.uint8)
-        self.pinned = pin and _pin_in_place(self.cpu)
+        region = _page_aligned(self.nbytes) if pin else torch.empty(self.nbytes, dtype=torch.uint8)
+        self.pinned = pin and _pin_in_place(region)
+        self.cpu = region[: self.nbytes]
         # Unlock before the memory can be freed, however this object goes away (a locked range
         # that is freed stays locked until the process exits).
         self._unpin = weakref.finalize(self, _unpin, self.cpu.data_ptr()) if self.pinned else None
