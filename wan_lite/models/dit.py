@@ -119,18 +119,14 @@ def modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, 
     return out
 
 
-def gated_add(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, runs: list[Run],
-              gate: int) -> torch.Tensor:
-    """Residual x + y * gate in fp32 (x, y [B, L, D] any float dtype) -> fp32 [B, L, D].
+def gated_add_(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, runs: list[Run],
+               gate: int) -> None:
+    """out = x + y * gate in fp32, per run (out [B, l, D] fp32, may be x itself; x, y any float dtype).
 
     bf16 operands are promoted exactly by the fp32 gate, as in the reference's fp32 island.
     """
-    if len(runs) == 1:
-        return (y * table[runs[0][2], gate, None]).add_(x)
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for s, e, idx in runs:
-        out[:, s:e] = x[:, s:e] + y[:, s:e] * table[idx, gate, None]
-    return out
+        torch.add(x[:, s:e], y[:, s:e] * table[idx, gate, None], out=out[:, s:e])
 
 
 def clip_runs(runs: list[Run], start: int, end: int) -> list[Run]:
@@ -231,34 +227,37 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
 
-    def forward(self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """u [B, L, D] (modulated, in the compute dtype) -> [B, L, D] in u's dtype; RoPE on q and k."""
-        dtype = u.dtype
-        q = apply_rope(self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1)), *rope, dtype)
-        k = apply_rope(self.norm_k(self.k(u)).unflatten(2, (self.num_heads, -1)), *rope, dtype)
-        v = self.v(u).unflatten(2, (self.num_heads, -1))
-        return self.o(attention(q, k, v).flatten(2).to(dtype))
+    def qkv(self, u: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u [B, c, D] modulated tokens (compute dtype), their RoPE angles [c, Dh/2]
+        -> q, k (RMS-normed over all heads, then rotated) and v, each [B, c, D] in u's dtype."""
+        q = apply_rope(self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1)), cos, sin, u.dtype)
+        k = apply_rope(self.norm_k(self.k(u)).unflatten(2, (self.num_heads, -1)), cos, sin, u.dtype)
+        return q.flatten(2), k.flatten(2), self.v(u)
 
 
 class WanCrossAttention(WanSelfAttention):
-    def forward(self, u: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """u [B, L, D] video tokens, context [B, 512, D] embedded text (compute dtype) -> [B, L, D].
+    """Video tokens attend to the text: no RoPE and no mask, all 512 rows (zero padding included)
+    are keys, as in the reference."""
 
-        No RoPE and no mask: all 512 text rows (zero padding included) are keys, as in the reference.
-        """
-        dtype = context.dtype
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context [B, 512, D] embedded text -> k (RMS-normed), v: [B, 512, heads, Dh]."""
+        heads = self.num_heads
+        return self.norm_k(self.k(context)).unflatten(2, (heads, -1)), self.v(context).unflatten(2, (heads, -1))
+
+    def forward(self, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u [B, c, D] video tokens (compute dtype), k/v from `context_kv` -> [B, c, D]."""
         q = self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1))
-        k = self.norm_k(self.k(context)).unflatten(2, (self.num_heads, -1))
-        v = self.v(context).unflatten(2, (self.num_heads, -1))
-        out = attention(q.to(dtype), k.to(dtype), v)
-        return self.o(out.flatten(2).to(dtype))
+        return self.o(attention(q.to(v.dtype), k.to(v.dtype), v).flatten(2))
 
 
 class WanAttentionBlock(nn.Module):
     """Self-attention (modulated, gated), cross-attention, FFN (modulated, gated).
 
-    `chunk_tokens`: set by the runtime to run the FFN in token chunks of that size (same result,
-    the [B, L, ffn_dim] hidden activation shrinks to [B, chunk, ffn_dim]).
+    `chunk_tokens`: set by the runtime to do all per-token work (norms, modulation, projections,
+    RoPE, cross-attention, FFN, residual adds) in token chunks of that size; only the
+    self-attention itself sees all tokens at once. Same result (same math per token), while the
+    temporaries shrink from [B, L, ...] to [B, chunk, ...] (the FFN hidden is [B, chunk, ffn_dim]).
     """
 
     chunk_tokens: int | None = None
@@ -275,27 +274,48 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor, runs: list[Run],
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, L, D] residual stream; context [B, 512, D] (its dtype is the compute dtype);
-        e0 [U, 6, D] fp32 projected time embeddings, one row per distinct timestep -> [B, L, D] fp32."""
+        """x [B, L, D] residual stream (fp32; bf16 patch embeddings in block 0 of a bf16 model);
+        context [B, 512, D] embedded text, whose dtype is the compute dtype; e0 [U, 6, D] fp32
+        projected time embeddings, one row per distinct timestep -> residual [B, L, D] fp32.
+
+        An fp32 x is updated in place and returned: the DiT owns its residual stream.
+        """
         dtype = context.dtype
         m = self.modulation.float() + e0  # [U, 6, D]: shift, scale, gate (attn); shift, scale, gate (ffn)
-        # norm1's output is rounded to x's dtype before modulation, as in the reference (bf16 in
-        # block 0); the fp32 modulated result is rounded to the compute dtype by the next Linear.
-        u = modulate(layer_norm(x, self.eps).float(), m, runs, 0, 1).to(dtype)
-        x = gated_add(x, self.self_attn(u, rope), m, runs, 2)
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context)
-        n = self.chunk_tokens
-        if not n or n >= x.shape[1]:
-            return self._ffn(x, m, runs, dtype)
-        out = torch.empty_like(x)
-        for s in range(0, x.shape[1], n):
-            e = min(s + n, x.shape[1])
-            out[:, s:e] = self._ffn(x[:, s:e], m, clip_runs(runs, s, e), dtype)
-        return out
+        L = x.shape[1]
+        n = self.chunk_tokens or L
+        spans = [(s, min(s + n, L), clip_runs(runs, s, min(s + n, L))) for s in range(0, L, n)]
+        x = self._self_attention(x, m, spans, rope, dtype)
+        k, v = self.cross_attn.context_kv(context)
+        for s, e, r in spans:
+            xs = x[:, s:e]
+            xs.add_(self.cross_attn(self.norm3(xs).to(dtype), k, v))
+            u = modulate(layer_norm(xs, self.eps).float(), m, r, 3, 4).to(dtype)
+            gated_add_(xs, xs, self.ffn(u), m, r, 5)
+        return x
 
-    def _ffn(self, x: torch.Tensor, m: torch.Tensor, runs: list[Run], dtype: torch.dtype) -> torch.Tensor:
-        u = modulate(layer_norm(x, self.eps).float(), m, runs, 3, 4).to(dtype)
-        return gated_add(x, self.ffn(u), m, runs, 5)
+    def _self_attention(self, x: torch.Tensor, m: torch.Tensor, spans: list[tuple[int, int, list[Run]]],
+                        rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """x + o(attention) * gate, into x itself when fp32 (else a new fp32 tensor)."""
+        out = self._attend(x, m, spans, rope, dtype)  # [B, L, heads, Dh]
+        res = x if x.dtype == torch.float32 else torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for s, e, r in spans:
+            # contiguous: a strided [B, c, D] input sends the matmul down another (differently rounding) path
+            y = self.self_attn.o(out[:, s:e].flatten(2).contiguous())
+            gated_add_(res[:, s:e], x[:, s:e], y, m, r, 2)
+        return res
+
+    def _attend(self, x: torch.Tensor, m: torch.Tensor, spans: list[tuple[int, int, list[Run]]],
+                rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Self-attention over all L tokens, q/k/v built chunk by chunk -> [B, L, heads, Dh] in dtype."""
+        sa, (cos, sin) = self.self_attn, rope
+        q, k, v = (torch.empty(x.shape, dtype=dtype, device=x.device) for _ in range(3))
+        for s, e, r in spans:
+            # norm1's output is rounded to x's dtype before modulation, as in the reference (bf16 in
+            # block 0); the fp32 modulated result is rounded to the compute dtype by the projections.
+            u = modulate(layer_norm(x[:, s:e], self.eps).float(), m, r, 0, 1).to(dtype)
+            q[:, s:e], k[:, s:e], v[:, s:e] = sa.qkv(u, cos[s:e], sin[s:e])
+        return attention(*(z.unflatten(2, (sa.num_heads, -1)) for z in (q, k, v)))
 
 
 class Head(nn.Module):
@@ -374,7 +394,7 @@ class WanDiT(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         L = math.prod(grid)
 
-        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, L, D], (f, h, w) order
+        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, L, D], (f, h, w)
 
         values, runs = timestep_runs(t, B, L)
         te = self.time_embedding
