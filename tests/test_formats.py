@@ -9,6 +9,7 @@ Diffusers' own models and converters serve as the independent oracle for the key
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -117,7 +118,8 @@ def test_diffusers_dit_folder_is_bit_identical(t2v) -> None:
     folder = tf.write_diffusers_dit(root / "transformer", official)
     assert len(list(folder.glob("*.safetensors"))) > 1  # sharded, with an index
     c = only(folder)
-    assert (c.format, c.role, c.variant, c.naming, c.precision) == ("diffusers", "dit", "t2v-a14b", "diffusers", "fp32")
+    assert (c.format, c.role, c.variant, c.naming, c.precision) == (
+        "diffusers", "dit", "t2v-a14b", "diffusers", "fp32")
     same_tensors(formats.open_component(c), official)
 
 
@@ -150,7 +152,8 @@ def test_fp8_dequantises_on_read_and_keeps_fp8_on_request(t2v, layout: str) -> N
     stored = sources.fp8_weight(raw, name)
     assert stored.weight.dtype == torch.float8_e4m3fn and raw.dtype(name) == torch.float8_e4m3fn
     assert stored.weight.untyped_storage().nbytes() == official[name].numel()  # 1 byte per weight
-    assert torch.equal(stored.scale, scale) and torch.equal(stored.weight.view(torch.uint8), w8.view(torch.uint8))
+    assert torch.equal(stored.scale, scale)
+    assert torch.equal(stored.weight.view(torch.uint8), w8.view(torch.uint8))
     assert sources.fp8_weight(raw, "blocks.1.ffn.2.bias") is None  # biases are 16-bit
 
 
@@ -162,7 +165,8 @@ def test_gguf_dequantises_per_tensor(t2v, qtype: str) -> None:
     root, official = t2v
     path = tf.write_gguf(root / f"Wan2.2-T2V-A14B-HighNoise-{qtype}.gguf", official, qtype)
     c = only(path)
-    assert (c.format, c.role, c.variant, c.expert, c.precision) == ("gguf", "dit", "t2v-a14b", "high", f"gguf-{qtype}")
+    assert (c.format, c.role, c.variant, c.expert, c.precision) == (
+        "gguf", "dit", "t2v-a14b", "high", f"gguf-{qtype}")
     src = formats.open_component(c)
     assert set(src) == set(official)
     assert src.shape("patch_embedding.weight") == (DIM, 16, 1, 2, 2)  # from comfy.gguf.orig_shape
@@ -277,8 +281,8 @@ def test_t5_formats_present_official_tensors(t5) -> None:
     c = only(half)
     assert (c.format, c.precision, c.has_tokenizer) == ("comfy", "fp16", True)
     same_tensors(formats.open_component(c), official, torch.float16)
-    fp8 = formats.load_component(tf.write_comfy_t5(root / "umt5_fp8.safetensors", official, spiece, fp8="scale_weight"),
-                                 "text_encoder")
+    fp8_file = tf.write_comfy_t5(root / "umt5_fp8.safetensors", official, spiece, fp8="scale_weight")
+    fp8 = formats.load_component(fp8_file, "text_encoder")
     assert sources.fp8_weight(fp8, "token_embedding.weight") is None  # the embedding stays 16-bit
     assert all(rel_err(fp8[k], v) < 0.03 for k, v in official.items())
     gguf = tf.write_gguf(root / "umt5-Q8_0.gguf", official, "Q8_0", arch="t5encoder",
@@ -295,15 +299,17 @@ def test_comfy_umt5_file_encodes_like_official(t5, tmp_path) -> None:
 
     root, official, tok = t5
     half = {k: v.half() for k, v in official.items()}
-    path = tf.write_comfy_t5(root / "umt5_xxl_fp16_enc.safetensors", official, (tok / "spiece.model").read_bytes())
+    spiece = (tok / "spiece.model").read_bytes()
+    path = tf.write_comfy_t5(root / "umt5_xxl_fp16_enc.safetensors", official, spiece)
     built = formats.tokenizer_folder(path, tmp_path / "cache")
     assert formats.tokenizer_folder(path, tmp_path / "cache") == built  # written once, then reused
     prompts = ["a red fox jumps over the lazy dog, cinematic 4k", "一只猫在草地上奔跑，城市夜晚"]
     reference, from_file = load_tokenizer(tok), load_tokenizer(built)
     for p in prompts:
         assert from_file(p).input_ids == reference(p).input_ids
-    want = TextEncoder(TextEncoder.load(DictSource(half), tok, dtype=torch.float32).model, reference).encode(prompts)
-    got = TextEncoder.load(formats.load_component(path, "text_encoder"), built, dtype=torch.float32).encode(prompts)
+    want = TextEncoder.load(DictSource(half), tok, dtype=torch.float32).encode(prompts)
+    source = formats.load_component(path, "text_encoder")
+    got = TextEncoder.load(source, built, dtype=torch.float32).encode(prompts)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
@@ -322,7 +328,8 @@ def test_expert_sides_come_from_folders_and_names(tmp_path, t5) -> None:
     same_tensors(formats.load_component(root, "text_encoder"), t5_official)
     official = tmp_path / "Wan2.2-T2V-A14B"
     write_dit(official / "high_noise_model", in_dim=16, out_dim=16, model_type="t2v", text_dim=TEXT_DIM)
-    write_dit(official / "low_noise_model", in_dim=16, out_dim=16, model_type="t2v", text_dim=TEXT_DIM, seed=1)
+    write_dit(official / "low_noise_model", in_dim=16, out_dim=16, model_type="t2v", text_dim=TEXT_DIM,
+              seed=1)
     found = formats.detect(official)
     assert sorted((c.format, c.variant, c.expert) for c in found) == [
         ("official", "t2v-a14b", "high"), ("official", "t2v-a14b", "low")]
@@ -408,7 +415,7 @@ def test_discovery_finds_components_everywhere_and_remembers_choices(tmp_path, t
     snap = repo / "snapshots" / "abc123"
     for f in staging.rglob("*"):
         if f.is_file():
-            blob = repo / "blobs" / f"{abs(hash(f))}"
+            blob = repo / "blobs" / hashlib.sha256(str(f.relative_to(staging)).encode()).hexdigest()
             blob.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, blob)
             (snap / f.relative_to(staging)).parent.mkdir(parents=True, exist_ok=True)

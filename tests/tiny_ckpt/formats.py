@@ -233,7 +233,8 @@ def quantize_k(data: np.ndarray, qtype: str) -> np.ndarray:
         d = d16.astype(np.float32)
         sc = np.clip(np.round(scale / np.where(d > 0, d, 1)), -128, 127).astype(np.int8)
         step = (d * sc)[..., None]
-        q = (np.clip(np.round(x / np.where(step != 0, step, 1)), -32, 31) + 32).astype(np.uint8).reshape(n, 256)
+        q = np.clip(np.round(x / np.where(step != 0, step, 1)), -32, 31) + 32
+        q = q.astype(np.uint8).reshape(n, 256)
         qr = q.reshape(n, 2, 2, 64)
         ql = ((qr[:, :, 0, :] & 15) | ((qr[:, :, 1, :] & 15) << 4)).reshape(n, 128)
         qh4 = (q >> 4).reshape(n, 2, 4, 32)

@@ -216,7 +216,8 @@ class Choices:
                 if isinstance(loaded, dict):
                     self.data.update(loaded)
             except (ValueError, OSError) as err:
-                log.warning("Ignoring unreadable %s (%s); starting with no remembered choices.", self.path, err)
+                log.warning("Ignoring unreadable %s (%s); starting with no remembered choices.",
+                            self.path, err)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +239,8 @@ class Choices:
     def choose(self, model: str, slot: str, component: Component) -> None:
         """Remember `component` for `slot` of `model` (slots: see `slot_names`)."""
         if slot not in slot_names(model):
-            raise InputError(f"{model} has no slot {slot!r}.", f"Choose one of: {', '.join(slot_names(model))}.")
+            raise InputError(f"{model} has no slot {slot!r}.",
+                             f"Choose one of: {', '.join(slot_names(model))}.")
         fp = component.fingerprint or fingerprint(component.files)
         entry = {"path": str(component.path), "fingerprint": fp}
         self.data["models"].setdefault(model, {})[slot] = entry

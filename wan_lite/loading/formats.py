@@ -312,7 +312,8 @@ def detect_folder(folder: Path, expert: str | None = None) -> list[Component]:
     sets, used = _shard_sets(folder)
     for _index, shards in sets:
         out.append(detect_files(shards, folder, expert=expert, folder_has_config=has_config))
-    singles = [f for f in sorted(folder.iterdir()) if f.suffix in WEIGHT_SUFFIXES and f.is_file() and f not in used]
+    singles = [f for f in sorted(folder.iterdir())
+               if f.suffix in WEIGHT_SUFFIXES and f.is_file() and f not in used]
     # A diffusers component folder (config.json + one weights file) is named by the folder.
     as_folder = has_config and not sets and len(singles) == 1
     for f in singles:

@@ -18,13 +18,11 @@ Families covered:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wan_lite.loading.sources import is_quant_aux
-
-KeyMap = Callable[[str], "str | None"]
 
 # Placeholders usable in the rule templates below, with the text each one matches.
 _SLOTS = {
@@ -301,16 +299,6 @@ def t5_official_to_gguf(key: str) -> str | None:
     return _T5_GGUF.forward(key)
 
 
-def map_keys(keys: Iterable[str], key_map: KeyMap) -> dict[str, str]:
-    """{new key: old key} for every key the map accepts (first one wins on a collision)."""
-    out: dict[str, str] = {}
-    for key in keys:
-        new = key_map(key)
-        if new is not None:
-            out.setdefault(new, key)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Recognising a checkpoint from its tensor names and shapes (spec 6.4, plus the bad cases)
 
@@ -323,9 +311,12 @@ _EXPERT_IN_NAME = re.compile(r"(high|low)[\s_.-]?noise", re.IGNORECASE)
 _DIT_BY_CHANNELS = {(48, 48): "ti2v-5b", (16, 16): "t2v-a14b", (36, 16): "i2v-a14b"}
 _DIT_SIZES = {"ti2v-5b": (3072, 30), "t2v-a14b": (5120, 40), "i2v-a14b": (5120, 40)}
 _VAE_Z = {"2.1": 16, "2.2": 48}
+# Wan 2.1 I2V / FLF2V CLIP-image layers, official and diffusers names.
+_WAN21_IMAGE_LAYERS = ("img_emb", "k_img", "v_img", "image_embedder", "add_k_proj", "add_v_proj")
 # umT5 naming -> (embedding keys, relative-position table of layer N, any key of layer N)
 _T5_NAMES = {
-    "official": (("token_embedding.weight",), r"blocks\.(\d+)\.pos_embedding\.embedding\.weight", r"blocks\.(\d+)\."),
+    "official": (("token_embedding.weight",), r"blocks\.(\d+)\.pos_embedding\.embedding\.weight",
+                 r"blocks\.(\d+)\."),
     "hf": (("shared.weight", "encoder.embed_tokens.weight"),
            r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
            r"encoder\.block\.(\d+)\."),
@@ -369,7 +360,7 @@ def _classify_dit(shapes: dict[str, tuple[int, ...]], path: Path) -> Recognised:
     hint = _name_hint(path, _VERSION_IN_NAME)
     expert = m.group(1).lower() if (m := _name_hint(path, _EXPERT_IN_NAME)) else None
     problem = None
-    if any("img_emb" in k or "k_img" in k for k in extras):
+    if any(part in k for k in extras for part in _WAN21_IMAGE_LAYERS):
         problem = ("it is a Wan 2.1 image-to-video DiT (it has the CLIP image layers img_emb / k_img, which "
                    "Wan 2.2 dropped); use the Wan 2.2 I2V-A14B high-noise and low-noise expert files.")
     elif any(k.startswith("vace_") for k in extras):
@@ -387,8 +378,8 @@ def _classify_dit(shapes: dict[str, tuple[int, ...]], path: Path) -> Recognised:
                    "weights do not work as a Wan 2.2 expert. Rename the file if it really is Wan 2.2.")
     elif _DIT_SIZES[variant] != (dim, layers):
         details += " (not the released size)"
-    return Recognised("dit", variant=variant, expert=expert if variant in ("t2v-a14b", "i2v-a14b") else None,
-                  details=details, problem=problem)
+    expert = expert if variant in ("t2v-a14b", "i2v-a14b") else None
+    return Recognised("dit", variant=variant, expert=expert, details=details, problem=problem)
 
 
 def _classify_vae(keys: Mapping[str, tuple[tuple[int, ...], str]], prefix: str, naming: str) -> Recognised:
@@ -402,7 +393,8 @@ def _classify_vae(keys: Mapping[str, tuple[tuple[int, ...], str]], prefix: str, 
     problem = None
     if z != _VAE_Z[version]:
         problem = f"it has the Wan {version} VAE structure but z_dim {z} (expected {_VAE_Z[version]})."
-    return Recognised("vae", naming=naming, variant=version, prefix=prefix, details=f"z_dim {z}", problem=problem)
+    return Recognised("vae", naming=naming, variant=version, prefix=prefix, details=f"z_dim {z}",
+                      problem=problem)
 
 
 def _classify_t5(keys: Mapping[str, tuple[tuple[int, ...], str]], naming: str) -> Recognised:
@@ -418,7 +410,7 @@ def _classify_t5(keys: Mapping[str, tuple[tuple[int, ...], str]], naming: str) -
         problem = ("it is a T5 encoder (position table in the first layer only), not umT5; Wan needs "
                    "umT5-XXL (models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors).")
     return Recognised("text_encoder", naming=naming, variant="umt5", details=details,
-                  has_tokenizer="spiece_model" in keys, problem=problem)
+                      has_tokenizer="spiece_model" in keys, problem=problem)
 
 
 def recognise(keys: Mapping[str, tuple[tuple[int, ...], str]], path: Path) -> Recognised:
@@ -430,7 +422,7 @@ def recognise(keys: Mapping[str, tuple[tuple[int, ...], str]], path: Path) -> Re
     if lora:
         target = "a Wan DiT" if any("blocks." in k and "attn" in k for k in lora) else "a model"
         return Recognised("lora", details=f"{len(keys)} tensors for {target}, e.g. {lora[0]}",
-                      problem="it is a LoRA, not a model")
+                          problem="it is a LoRA, not a model")
     found: Recognised | None = None
     for p in _DIT_PREFIXES:
         if f"{p}head.modulation" in keys and f"{p}patch_embedding.weight" in keys:

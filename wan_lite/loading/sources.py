@@ -201,7 +201,8 @@ class Fp8ScaledSource(TensorSource):
         bad = formats - set(_FP8_FORMATS) - {None}
         if bad:
             raise CheckpointError(
-                f"{self.describe()} uses the quantization format(s) {sorted(bad)}, which wan_lite cannot read.",
+                f"{self.describe()} uses the quantization format(s) {sorted(bad)}, "
+                "which wan_lite cannot read.",
                 "Use the fp16/bf16 or fp8_scaled file of this model instead.",
             )
 
@@ -320,7 +321,8 @@ def gguf_shape(reader, tensor, path: Path) -> tuple[int, ...]:
     shape = tuple(int(v) for v in orig) if orig else tuple(int(v) for v in reversed(tensor.shape.tolist()))
     if int(np.prod(shape)) != tensor.n_elements:
         raise CheckpointError(
-            f"{path}: tensor {tensor.name!r} holds {tensor.n_elements} values but its shape is {list(shape)}.",
+            f"{path}: tensor {tensor.name!r} holds {tensor.n_elements} values "
+            f"but its shape is {list(shape)}.",
             "The file is damaged; download it again.",
         )
     return shape
@@ -457,7 +459,8 @@ def materialize_tokenizer(source: TensorSource, cache_dir: Path, extra_ids: int 
 
     data = spiece_model_bytes(source)
     sp = spm.SentencePieceProcessor(model_proto=data)
-    rows = next((source.shape(k)[0] for k in ("shared.weight", "token_embedding.weight") if k in source), None)
+    embedding = next((k for k in ("shared.weight", "token_embedding.weight") if k in source), None)
+    rows = source.shape(embedding)[0] if embedding else None
     if rows is not None:
         extra_ids = max(0, min(extra_ids, rows - sp.get_piece_size()))
     folder = Path(cache_dir) / f"{hashlib.sha256(data).hexdigest()[:16]}-{extra_ids}"
