@@ -15,6 +15,7 @@ from wan_lite.loading.tensors import SafetensorsSource
 from wan_lite.models.dit import WanDiT
 from wan_lite.runtime.quant import load_or_quantize, quantize_model, quantized_modules
 from wan_lite.runtime.streaming import (
+    T5_HOST_MODULES,
     BlockStreamer,
     attach,
     move_expert,
@@ -178,11 +179,30 @@ def test_umt5_encoder_streaming() -> None:
         ref = model(input_ids=ids).last_hidden_state
         quantize_model(model, "int8")
         ref_q = model(input_ids=ids).last_hidden_state
-        streamer = BlockStreamer.attach(model, "cpu", resident=1, prefetch=1)
+        streamer = BlockStreamer.attach(model, "cpu", resident=1, prefetch=1, host_modules=T5_HOST_MODULES)
         assert len(streamer._packed) == 2
         assert torch.equal(model(input_ids=ids).last_hidden_state, ref_q)
         streamer.detach()
     assert not torch.equal(ref, ref_q)
+
+
+@pytest.mark.gpu
+def test_cuda_umt5_streaming_with_embedding_in_ram() -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_heads=4,
+                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    model = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
+    quantize_model(model, "int8")
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.inference_mode():
+        ref = model.cuda()(input_ids=ids).last_hidden_state
+        streamer = attach(model, "cuda", resident=0, prefetch=1, host_modules=T5_HOST_MODULES)
+        assert not model.shared.weight.is_cuda and model.encoder.final_layer_norm.weight.is_cuda
+        out = model(input_ids=ids).last_hidden_state
+        assert out.is_cuda and torch.equal(out, ref)
+        streamer.detach()
 
 
 # ------------------------------------------------------------------------------ experts

@@ -33,13 +33,16 @@ import torch
 from torch import nn
 
 from wan_lite.loading.tensors import TensorSource
-from wan_lite.runtime.quant import find_block_list, refill_like
+from wan_lite.runtime.quant import find_block_list, matches, refill_like
 
 log = logging.getLogger(__name__)
 
 _ALIGN = 256  # byte alignment of every tensor inside a packed block (vector loads, fp8 GEMMs)
 _GIB = 1024**3
 _PAGE = mmap.PAGESIZE
+# transformers' UMT5EncoderModel: the token embedding (256k x 4096, 2 GB in bf16) is only looked
+# up, 512 rows per prompt; it stays in RAM and the lookup runs on the CPU.
+T5_HOST_MODULES = ("shared", "encoder.embed_tokens")
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,7 @@ class BlockStreamer:
         prefetch: int = 1,
         pinned: bool = True,
         pin_limit: int | None = None,
+        host_modules: tuple[str, ...] = (),
     ) -> BlockStreamer:
         """Stream `model`'s blocks to `device`, keeping the first `resident` blocks there.
 
@@ -212,6 +216,9 @@ class BlockStreamer:
         pinned: page-lock the CPU copies (faster, asynchronous transfers); falls back to pageable
         memory block by block when pinning fails or would exceed `pin_limit` bytes (default: half
         of the available RAM).
+        host_modules: name patterns of modules outside the blocks that stay in host memory and run
+        there, inputs moved to the CPU and outputs back (umT5's 2 GB token embedding:
+        `T5_HOST_MODULES`); everything else outside the blocks moves to `device`.
         """
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
@@ -222,10 +229,16 @@ class BlockStreamer:
         self.resident = max(0, min(resident, len(blocks)))
         self.prefetch = prefetch
         block_ids = {id(m) for b in blocks for m in b.modules()}
-        # Everything outside the block list is small next to the blocks (embeddings, head):
-        # it lives on the device for the whole run.
+        host = [m for n, m in model.named_modules() if n and matches(n, host_modules) and id(m) not in block_ids]
+        host_ids = {id(sub) for m in host for sub in m.modules()}
+        for m in host:
+            m.to("cpu")
+            self._handles.append(m.register_forward_pre_hook(self._inputs_to_host, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._output_to_device))
+        # Everything else outside the block list is small next to the blocks (time and text
+        # embeddings, head): it lives on the device for the whole run.
         for module in model.modules():
-            if id(module) not in block_ids and not isinstance(module, nn.ModuleList):
+            if id(module) not in block_ids | host_ids and not isinstance(module, nn.ModuleList):
                 for _n, p in module.named_parameters(recurse=False):
                     p.data = p.data.to(self.device)
                 for n, b in list(module._buffers.items()):
@@ -265,6 +278,16 @@ class BlockStreamer:
         _ATTACHED[model] = weakref.ref(self)
         log.info("%s", self.summary())
         return self
+
+    @staticmethod
+    def _inputs_to_host(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def host(v: object) -> object:
+            return v.cpu() if isinstance(v, torch.Tensor) else v
+
+        return tuple(host(a) for a in args), {k: host(v) for k, v in kwargs.items()}
+
+    def _output_to_device(self, _m: nn.Module, _args: tuple, out: object) -> object:
+        return out.to(self.device) if isinstance(out, torch.Tensor) else out
 
     def summary(self) -> str:
         streamed = sum(p.nbytes for p in self._packed)
@@ -397,9 +420,9 @@ _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[BlockStreamer]] = we
 
 
 def attach(model: nn.Module, device: torch.device | str, resident: int = 0, prefetch: int = 1,
-           pinned: bool = True, pin_limit: int | None = None) -> BlockStreamer:
+           pinned: bool = True, pin_limit: int | None = None, host_modules: tuple[str, ...] = ()) -> BlockStreamer:
     """Shortcut for `BlockStreamer.attach`."""
-    return BlockStreamer.attach(model, device, resident, prefetch, pinned, pin_limit)
+    return BlockStreamer.attach(model, device, resident, prefetch, pinned, pin_limit, host_modules)
 
 
 def streamer_of(model: nn.Module) -> BlockStreamer | None:
