@@ -15,3 +15,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The three tiny models, written once per test session in the official layout."""
+    from tests.tiny_ckpt import write_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: write_model(root / name, name) for name in ("ti2v-5b", "t2v-a14b", "i2v-a14b")}

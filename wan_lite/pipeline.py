@@ -299,6 +299,7 @@ class WanPipeline:
         return cls(spec, text_encoder, vae, dits, placement=placement, device=device)
 
     # ------------------------------------------------------------------ stages
+    @torch.no_grad()
     def encode_text(self, texts: list[str]) -> list[torch.Tensor]:
         """Trimmed embeddings, cached by text (a new seed or setting re-encodes nothing)."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
@@ -312,6 +313,7 @@ class WanPipeline:
                 self.placement.release("text_encoder", module)
         return [self._text_cache[t] for t in texts]
 
+    @torch.no_grad()
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
         """[3, F, H, W] in [-1, 1] -> normalised latent [z, T, h, w] float32 on the device."""
         self.placement.activate("vae", self.vae)
@@ -319,6 +321,7 @@ class WanPipeline:
         z = self.encode_fn(self.vae, video[None].to(self.device, dtype))
         return z[0].float()
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU."""
         self.placement.activate("vae", self.vae)
@@ -368,6 +371,7 @@ class WanPipeline:
             log.warning("Out of GPU memory at a denoising step; continuing with a leaner plan.")
 
     # ------------------------------------------------------------------ generate
+    @torch.no_grad()
     def generate(
         self,
         prompt: str,
@@ -410,6 +414,7 @@ class WanPipeline:
         if cb is not None:
             cb(Progress(stage=stage, step=step, total=total, elapsed_s=clock.elapsed(), eta_s=eta, preview=preview))
 
+    @torch.no_grad()
     def denoise(self, job: Job, *, on_progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                 preview_every: int = 5) -> tuple[torch.Tensor, _Clock]:
         """Run the sampler; returns the final latent [z, T, h, w] (float32, CPU)."""

@@ -53,12 +53,15 @@ def fill_module(
                 f"expected {list(ref.shape)} for this {what}.",
                 "The file belongs to a different model or version.",
             )
-        tensor = source[key]
-        if convert is not None:
-            tensor = convert(key, tensor)
-        target = ref.dtype if not ref.is_floating_point() else dtype or tensor.dtype
+        target = ref.dtype if not ref.is_floating_point() else dtype or source.dtype(key)
         if keep_fp32 is not None and keep_fp32(name) and ref.is_floating_point():
             target = torch.float32
+        if convert is None:
+            tensor = source.read(key, target)  # cast as it is read: one tensor in flight
+        else:
+            tensor = convert(key, source[key])
         loaded[name] = tensor.to(target) if tensor.dtype != target else tensor
     module.load_state_dict(loaded, assign=True, strict=True)
+    module.requires_grad_(False)  # inference only: no autograd bookkeeping anywhere
+    module.eval()
     return module
