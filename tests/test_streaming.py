@@ -110,6 +110,20 @@ def test_pinning_helpers_without_a_gpu() -> None:
         assert _pin_in_place(_page_aligned(100)) is False  # falls back, does not raise
 
 
+def test_failed_attach_leaves_no_hooks() -> None:
+    model = toy(layers=3)
+    x = toy_input()
+    ref = run(model, x)
+    with torch.device("meta"):
+        model.blocks[2].extra = nn.Linear(2, 2)  # an unfilled tensor: packing must refuse it
+    with pytest.raises(RuntimeError, match="meta"):
+        attach(model, "cpu", resident=0, prefetch=1)
+    assert streamer_of(model) is None
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.blocks)
+    del model.blocks[2].extra
+    assert torch.equal(run(model, x), ref)
+
+
 def test_model_dropped_while_attached_is_collected() -> None:
     import gc
     import weakref

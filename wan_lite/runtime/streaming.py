@@ -121,6 +121,9 @@ def _pin_in_place(buf: torch.Tensor) -> bool:
 
 
 def _unpin(ptr: int) -> None:
+    # Called by detach() (copies already finished) or when a streamer is collected without one:
+    # then a prefetch may still be reading this memory, so wait for the device first.
+    torch.cuda.synchronize()
     # The memory stays valid (pageable) for anything still viewing it; only the lock goes.
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
@@ -224,7 +227,18 @@ class BlockStreamer:
             raise ValueError("prefetch must be >= 1")
         detach_streamer(model)
         self = cls()
-        self.model, self.device = model, torch.device(device)
+        try:
+            self._setup(model, torch.device(device), resident, prefetch, pinned, pin_limit, host_modules)
+        except BaseException:
+            self.detach()  # no half-attached model: hooks removed, blocks left as valid CPU tensors
+            raise
+        _ATTACHED[model] = weakref.ref(self)
+        log.info("%s", self.summary())
+        return self
+
+    def _setup(self, model: nn.Module, device: torch.device, resident: int, prefetch: int, pinned: bool,
+               pin_limit: int | None, host_modules: tuple[str, ...]) -> None:
+        self.model, self.device = model, device
         _, blocks = find_block_list(model)
         self.resident = max(0, min(resident, len(blocks)))
         self.prefetch = prefetch
@@ -264,6 +278,9 @@ class BlockStreamer:
             self._owner = [-1] * n_slots
             if self.device.type == "cuda":
                 self._copy_stream = torch.cuda.Stream(self.device)
+                # A streamer collected without detach() may leave a prefetch writing into a slot
+                # that the allocator is about to reuse: finish the side stream first.
+                weakref.finalize(self, self._copy_stream.synchronize).atexit = False
                 self._copied = [torch.cuda.Event() for _ in range(n_slots)]
                 self._free = [torch.cuda.Event() for _ in range(n_slots)]
             else:
@@ -275,9 +292,6 @@ class BlockStreamer:
             # Start the first copies now so that they overlap the work before the first block.
             for pos in range(n_slots):
                 self._load(pos, pos)
-        _ATTACHED[model] = weakref.ref(self)
-        log.info("%s", self.summary())
-        return self
 
     @staticmethod
     def _inputs_to_host(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
