@@ -54,9 +54,8 @@ def _block_path(version: str, part: str, rest: str) -> str:
         return f"up_blocks.{level}." + (f"resnets.{j}." if j < 3 else "upsamplers.0.") + sub
     name, inner = ("downsamples", 2) if part == "encoder" else ("upsamples", 3)
     i, j, sub = re.fullmatch(rf"{name}\.(\d+)\.{name}\.(\d+)\.(.*)", rest).groups()
-    if int(j) < inner:
-        return f"{'down' if part == 'encoder' else 'up'}_blocks.{i}.resnets.{j}.{sub}"
-    return f"{'down' if part == 'encoder' else 'up'}_blocks.{i}.{'downsampler' if part == 'encoder' else 'upsampler'}.{sub}"
+    kind = "down" if part == "encoder" else "up"
+    return f"{kind}_blocks.{i}." + (f"resnets.{j}." if int(j) < inner else f"{kind}sampler.") + sub
 
 
 def to_diffusers(version: str, key: str) -> str:
@@ -75,12 +74,13 @@ def diffusers_vae(version: str, state: dict[str, torch.Tensor]):
     from diffusers import AutoencoderKLWan
 
     cfg = TINY[version]
-    kwargs = dict(base_dim=cfg.dim, decoder_base_dim=cfg.dec_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
-                  num_res_blocks=cfg.num_res_blocks, attn_scales=[],
+    kwargs = dict(base_dim=cfg.dim, decoder_base_dim=cfg.dec_dim, z_dim=cfg.z_dim,
+                  dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks, attn_scales=[],
                   temperal_downsample=list(cfg.temporal_downsample))
     if version == "2.2":
-        kwargs.update(is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
-                      latents_mean=list(WanVAE22.latent_mean), latents_std=list(WanVAE22.latent_std))
+        kwargs.update(is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                      scale_factor_spatial=16, latents_mean=list(WanVAE22.latent_mean),
+                      latents_std=list(WanVAE22.latent_std))
     model = AutoencoderKLWan(**kwargs).eval()
     model.load_state_dict({to_diffusers(version, k): v for k, v in state.items()}, strict=True)
     return model
@@ -111,10 +111,10 @@ def _video(seed: int, frames: int = 9, size: int = 64) -> torch.Tensor:
 def test_encode_matches_diffusers(tiny):
     version, state, _, model = tiny
     oracle = diffusers_vae(version, state)
-    x = _video(2)
-    ours = model.encode(x)
     s = model.stride[1]
-    assert ours.shape == (1, model.z_dim, 3, 64 // s, 64 // s) and ours.dtype == torch.float32
+    x = _video(2, frames=9, size=4 * s)  # 32x32 (2.1) / 64x64 (2.2): a 4x4 latent
+    ours = model.encode(x)
+    assert ours.shape == (1, model.z_dim, 3, 4, 4) and ours.dtype == torch.float32
     with torch.no_grad():
         mu = oracle.encode(x).latent_dist.mean
     mean = torch.tensor(model.latent_mean).view(1, -1, 1, 1, 1)

@@ -73,17 +73,21 @@ def vae_key_shapes(version: str, dim: int, dec_dim: int) -> dict[str, tuple[int,
     last = len(DIM_MULT) - 1
     pix = 3 if version == "2.1" else 12
     _conv(keys, "encoder.conv1", enc[0], pix, 3)
+
+    def name(part: str, flat: int, i: int, j: int) -> str:
+        # 2.1: one flat Sequential per part; 2.2: one block per level with its own Sequential
+        inner = "downsamples" if part == "encoder" else "upsamples"
+        return f"{part}.{inner}.{flat}" if version == "2.1" else f"{part}.{inner}.{i}.{inner}.{j}"
+
     flat = 0
     for i in range(len(DIM_MULT)):
         cin, cout = enc[i], enc[i + 1]
         for j in range(NUM_RES):
-            name = f"encoder.downsamples.{flat}" if version == "2.1" else f"encoder.downsamples.{i}.downsamples.{j}"
-            _resblock(keys, name, cin if j == 0 else cout, cout)
+            _resblock(keys, name("encoder", flat, i, j), cin if j == 0 else cout, cout)
             flat += 1
         if i != last:
             mode = "downsample3d" if TEMPORAL_DOWN[i] else "downsample2d"
-            name = f"encoder.downsamples.{flat}" if version == "2.1" else f"encoder.downsamples.{i}.downsamples.{NUM_RES}"
-            _resample(keys, name, cout, mode, cout)
+            _resample(keys, name("encoder", flat, i, NUM_RES), cout, mode, cout)
             flat += 1
     _middle(keys, "encoder", enc[-1])
     _head(keys, "encoder", enc[-1], 2 * z)
@@ -97,13 +101,12 @@ def vae_key_shapes(version: str, dim: int, dec_dim: int) -> dict[str, tuple[int,
         if version == "2.1" and i > 0:
             cin //= 2  # Wan 2.1's upsample convs halve the width
         for j in range(NUM_RES + 1):
-            name = f"decoder.upsamples.{flat}" if version == "2.1" else f"decoder.upsamples.{i}.upsamples.{j}"
-            _resblock(keys, name, cin if j == 0 else cout, cout)
+            _resblock(keys, name("decoder", flat, i, j), cin if j == 0 else cout, cout)
             flat += 1
         if i != last:
             mode = "upsample3d" if temporal_up[i] else "upsample2d"
-            name = f"decoder.upsamples.{flat}" if version == "2.1" else f"decoder.upsamples.{i}.upsamples.{NUM_RES + 1}"
-            _resample(keys, name, cout, mode, cout // 2 if version == "2.1" else cout)
+            out = cout // 2 if version == "2.1" else cout
+            _resample(keys, name("decoder", flat, i, NUM_RES + 1), cout, mode, out)
             flat += 1
     _head(keys, "decoder", dec[-1], pix)
     return keys

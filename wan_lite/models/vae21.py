@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from wan_lite.errors import CheckpointError
@@ -58,8 +57,10 @@ class VAE21Config(VAEConfig):
                 run = 0
             elif any(k.startswith(prefix) for k in shapes):
                 raise CheckpointError(
-                    f"Unsupported Wan 2.1 VAE layout: {prefix[:-1]} is neither a ResidualBlock nor a Resample.",
-                    "Only the released Wan 2.1 VAE architecture (no attention in the encoder levels) is supported.",
+                    f"Unsupported Wan 2.1 VAE layout: {prefix[:-1]} is neither a ResidualBlock "
+                    "nor a Resample.",
+                    "Only the released Wan 2.1 VAE architecture (no attention in the encoder "
+                    "levels) is supported.",
                 )
             else:
                 break
@@ -68,7 +69,8 @@ class VAE21Config(VAEConfig):
         counts.append(run)
         if run == 0 or len(set(counts)) != 1 or any(w % dim for w in widths):
             raise CheckpointError(
-                f"Cannot read the Wan 2.1 VAE layout from the encoder (levels {widths}, res blocks {counts}).",
+                f"Cannot read the Wan 2.1 VAE layout from the encoder "
+                f"(levels {widths}, res blocks {counts}).",
                 "The file is not a Wan 2.1 VAE in the official layout.",
             )
         dim_mult = tuple(w // dim for w in widths)
@@ -85,7 +87,7 @@ class VAE21Config(VAEConfig):
 def _encoder(c: VAE21Config) -> Encoder3d:
     dims = [c.dim * m for m in (1, *c.dim_mult)]
     layers: list[nn.Module] = []
-    for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         for _ in range(c.num_res_blocks):
             layers.append(ResidualBlock(in_dim, out_dim))
             in_dim = out_dim
@@ -97,7 +99,7 @@ def _encoder(c: VAE21Config) -> Encoder3d:
 def _decoder(c: VAE21Config) -> Decoder3d:
     dims = [c.dec_dim * m for m in (c.dim_mult[-1], *c.dim_mult[::-1])]
     layers: list[nn.Module] = []
-    for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         if i > 0:
             in_dim //= 2  # the previous level's upsample conv halved the channels
         for _ in range(c.num_res_blocks + 1):

@@ -105,7 +105,9 @@ class DownResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool) -> None:
         super().__init__()
         self.out_dim, self.ft, self.fs = out_dim, 2 if temporal else 1, 2 if down else 1
-        layers: list[nn.Module] = [ResidualBlock(in_dim if j == 0 else out_dim, out_dim) for j in range(num_res_blocks)]
+        layers: list[nn.Module] = [
+            ResidualBlock(in_dim if j == 0 else out_dim, out_dim) for j in range(num_res_blocks)
+        ]
         if down:
             layers.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
         self.downsamples = nn.Sequential(*layers)
@@ -125,7 +127,9 @@ class UpResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, up: bool) -> None:
         super().__init__()
         self.up, self.ft, self.fs = up, 2 if temporal else 1, 2
-        layers: list[nn.Module] = [ResidualBlock(in_dim if j == 0 else out_dim, out_dim) for j in range(num_res_blocks)]
+        layers: list[nn.Module] = [
+            ResidualBlock(in_dim if j == 0 else out_dim, out_dim) for j in range(num_res_blocks)
+        ]
         if up:
             layers.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d", out_dim))
         self.upsamples = nn.Sequential(*layers)
@@ -153,7 +157,8 @@ class VAE22Config(VAEConfig):
         conv_in = shape_of(shapes, "encoder.conv1.weight")
         if conv_in[1] != 3 * WanVAE22.patch_size**2:
             raise CheckpointError(
-                f"encoder.conv1.weight has {conv_in[1]} input channels; the Wan 2.2 VAE has 12 (2x2 patches).",
+                f"encoder.conv1.weight has {conv_in[1]} input channels; "
+                "the Wan 2.2 VAE has 12 (2x2 patches).",
                 "The file is not the Wan 2.2 VAE.",
             )
         dim, z_dim = conv_in[0], shape_of(shapes, "conv2.weight")[0]
@@ -167,9 +172,11 @@ class VAE22Config(VAEConfig):
             counts.append(n)
             if f"{prefix}{n}.resample.1.weight" in shapes:
                 temporal.append(f"{prefix}{n}.time_conv.weight" in shapes)
-        if not widths or len(set(counts)) != 1 or len(temporal) != len(widths) - 1 or any(w % dim for w in widths):
+        consistent = len(set(counts)) == 1 and len(temporal) == len(widths) - 1
+        if not widths or not consistent or any(w % dim for w in widths):
             raise CheckpointError(
-                f"Cannot read the Wan 2.2 VAE layout from the encoder (levels {widths}, res blocks {counts}).",
+                f"Cannot read the Wan 2.2 VAE layout from the encoder "
+                f"(levels {widths}, res blocks {counts}).",
                 "The file is not a Wan 2.2 VAE in the official layout.",
             )
         dim_mult = tuple(w // dim for w in widths)
@@ -186,7 +193,8 @@ def _encoder(c: VAE22Config) -> Encoder3d:
     dims = [c.dim * m for m in (1, *c.dim_mult)]
     last = len(c.dim_mult) - 1
     levels = [
-        DownResidualBlock(dims[i], dims[i + 1], c.num_res_blocks, i < last and c.temporal_downsample[i], i != last)
+        DownResidualBlock(dims[i], dims[i + 1], c.num_res_blocks,
+                          temporal=i < last and c.temporal_downsample[i], down=i != last)
         for i in range(len(c.dim_mult))
     ]
     return Encoder3d(3 * WanVAE22.patch_size**2, dims[0], nn.Sequential(*levels), dims[-1], 2 * c.z_dim)
@@ -196,7 +204,8 @@ def _decoder(c: VAE22Config) -> Decoder3d:
     dims = [c.dec_dim * m for m in (c.dim_mult[-1], *c.dim_mult[::-1])]
     last = len(c.dim_mult) - 1
     levels = [
-        UpResidualBlock(dims[i], dims[i + 1], c.num_res_blocks + 1, i < last and c.temporal_upsample[i], i != last)
+        UpResidualBlock(dims[i], dims[i + 1], c.num_res_blocks + 1,
+                        temporal=i < last and c.temporal_upsample[i], up=i != last)
         for i in range(len(c.dim_mult))
     ]
     return Decoder3d(c.z_dim, dims[0], nn.Sequential(*levels), dims[-1], 3 * WanVAE22.patch_size**2)

@@ -44,12 +44,35 @@ class FeatureCache:
         self._slots[layer] = value
 
 
-class CausalConv3d(nn.Conv3d):
-    """Conv3d zero-padded `2*pT` frames in front only (causal); spatial padding is symmetric.
+def _new_like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised tensor of `shape` with x's dtype, device and memory layout (NCDHW or NDHWC)."""
+    cl = torch.channels_last_3d
+    layout = cl if len(shape) == 5 and x.is_contiguous(memory_format=cl) and not x.is_contiguous() else None
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout or torch.contiguous_format)
 
-    Spatial padding is left to the convolution itself (implicit, no padded copy); only the time
-    padding is done here, by the frames cached from the previous chunk (or zeros on the first).
-    """
+
+def _time_padded(
+    x: torch.Tensor, prev: torch.Tensor | None, pad: int, norm: RMS_norm | None = None
+) -> torch.Tensor:
+    """[B, C, pad + T, H, W]: `prev` (or zero frames) followed by x, or by silu(norm(x)) when `norm`
+    is given. The activation is written straight into the padded buffer: neither a separate
+    normalised tensor nor a concatenated copy is made."""
+    b, c, t, h, w = x.shape
+    buf = _new_like(x, (b, c, pad + t, h, w))
+    if prev is None:
+        buf[:, :, :pad].zero_()
+    else:
+        buf[:, :, :pad].copy_(prev)
+    if norm is None:
+        buf[:, :, pad:].copy_(x)
+    else:
+        F.silu(norm(x, out=buf[:, :, pad:]), inplace=True)
+    return buf
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded `2*pT` frames in front only (causal): with the previous chunk's cached frames,
+    or zeros on the first. Spatial padding is symmetric, left to the conv itself (no padded copy)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
                  stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
@@ -61,17 +84,18 @@ class CausalConv3d(nn.Conv3d):
         """The convolution on `x` already padded in time: [B, Cin, T, H, W] -> [B, Cout, T', H, W]."""
         return super().forward(x)
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
-        """[B, Cin, T, H, W] -> [B, Cout, T, H, W]; with `cache`, continues the previous chunk."""
+    def forward(
+        self, x: torch.Tensor, cache: FeatureCache | None = None, norm: RMS_norm | None = None
+    ) -> torch.Tensor:
+        """conv(x), or conv(silu(norm(x))) when `norm` is given: [B, Cin, T, H, W] -> [B, Cout, T, H, W].
+        With `cache`, continues the previous chunk of the stream."""
         if self.time_pad == 0:
-            return self.convolve(x)
+            return self.convolve(x if norm is None else F.silu(norm(x), inplace=True))
         prev = cache.get(self) if cache is not None else None
-        if prev is None:
-            prev = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, *x.shape[3:])
-        x = torch.cat([prev, x], dim=2)
+        x = _time_padded(x, prev, self.time_pad, norm)  # type: ignore[arg-type]
         if cache is not None:
-            # The last `time_pad` frames of (previous + current) are what the next chunk needs;
-            # cloned so that the cache does not keep this whole activation alive.
+            # The last frames of (previous + current) are what the next chunk needs; cloned so
+            # that the cache does not keep this whole activation alive.
             cache.set(self, x[:, :, -self.time_pad :].clone())
         return self.convolve(x)
 
@@ -85,28 +109,34 @@ class RMS_norm(nn.Module):  # noqa: N801 - the official class name
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, ...] -> same shape, written into `out` when given."""
         # The norm is reduced in float32 (it is C times smaller than x) for 16-bit accuracy.
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
         inv = (self.scale / norm.clamp_min(1e-12)).to(x.dtype)
         gamma = self.gamma.reshape(-1, *([1] * (x.dim() - 2)))
-        # In place on our own temporary: one activation-sized buffer less at 720p.
-        return (x * inv).mul_(gamma)
+        return torch.mul(x, inv, out=out).mul_(gamma)  # in place on our own result
+
+
+def _nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest x2 per frame, [B, C, T, H, W] -> [B, C, T, 2H, 2W]: one broadcast copy in x's layout
+    (exact in any dtype, so the official fp32 round trip is not needed)."""
+    b, c, t, h, w = x.shape
+    out = _new_like(x, (b, c, t, 2 * h, 2 * w))
+    out.view(b, c, t, h, 2, w, 2).copy_(x[:, :, :, :, None, :, None])
+    return out
 
 
 def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
     """Apply a 2-D conv to every frame of [B, C, T, H, W] as a (1, k, k) 3-D conv: no permute copies."""
-    return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, stride, stride), padding=(0, padding, padding))
+    weight = conv.weight.unsqueeze(2)
+    return F.conv3d(x, weight, conv.bias, stride=(1, stride, stride), padding=(0, padding, padding))
 
 
 class Resample(nn.Module):
-    """Spatial x2 up/down sampling per frame, with an optional causal time x2 part.
-
-    modes: upsample2d / upsample3d (nearest x2 then 3x3 conv dim -> out_dim; 3d first doubles
-    time with `time_conv`), downsample2d / downsample3d (pad right/bottom, 3x3 stride-2 conv;
-    3d then halves time with `time_conv`). `resample.0` is the parameter-free part, so the conv
-    keys are `resample.1.*` as in the official files.
-    """
+    """Spatial x2 per frame: upsample2d/3d = nearest x2, 3x3 conv dim -> out_dim (3d doubles time
+    first); downsample2d/3d = pad right/bottom, 3x3 stride-2 conv (3d then halves time). Index 0
+    of `resample` is the parameter-free part, so the conv keys are `resample.1.*` as officially."""
 
     def __init__(self, dim: int, mode: str, out_dim: int | None = None) -> None:
         super().__init__()
@@ -128,28 +158,26 @@ class Resample(nn.Module):
         if self.mode.startswith("up"):
             if self.mode == "upsample3d":
                 x = self._time_up(x, cache)
-            # nearest x2 copies values, exact in any dtype (the official fp32 round trip is a no-op).
-            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-            return _conv2d_per_frame(self.resample[1], x, padding=1)
+            return _conv2d_per_frame(self.resample[1], _nearest_2x(x), padding=1)
         x = _conv2d_per_frame(self.resample[1], F.pad(x, (0, 1, 0, 1)), stride=2)
         if self.mode == "downsample3d":
             x = self._time_down(x, cache)
         return x
 
     def _time_up(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """The first chunk passes unchanged; later chunks go through a causal (3,1,1) conv whose
-        2*dim outputs A|B become frames A(t0), B(t0), A(t1), ... (T -> 2T). The zero padding
-        restarts after the first chunk: frame 0 never enters a window."""
+        """The first chunk passes unchanged; later chunks go through a causal (3,1,1) conv whose 2*dim
+        outputs A|B become frames A(t0), B(t0), A(t1), ... (T -> 2T); frame 0 never enters a window."""
         state = cache.get(self)
         if state is None:
             cache.set(self, _REPEAT)
             return x
         b, c, t, h, w = x.shape
-        prev = x.new_zeros(b, c, CACHE_T, h, w) if isinstance(state, str) else state
-        x = torch.cat([prev, x], dim=2)
+        x = _time_padded(x, None if isinstance(state, str) else state, CACHE_T)
         cache.set(self, x[:, :, -CACHE_T:].clone())
         y = self.time_conv.convolve(x)  # [B, 2C, T, H, W]
-        return y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        out = _new_like(y, (b, c, 2 * t, h, w))
+        out.view(b, c, t, 2, h, w).copy_(y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5))
+        return out
 
     def _time_down(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The first chunk passes unchanged; later chunks get the previous chunk's last frame in
@@ -158,7 +186,7 @@ class Resample(nn.Module):
         cache.set(self, x[:, :, -1:].clone())
         if state is None:
             return x
-        return self.time_conv.convolve(torch.cat([state, x], dim=2))
+        return self.time_conv.convolve(_time_padded(x, state, 1))
 
 
 class ResidualBlock(nn.Module):
@@ -167,22 +195,18 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
+        # nn.Identity at 5 is the dropout (0, identity at inference); indices as in the official file
         self.residual = nn.Sequential(
-            RMS_norm(in_dim, images=False),
-            nn.SiLU(),
-            CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMS_norm(out_dim, images=False),
-            nn.SiLU(),
-            nn.Identity(),  # dropout 0: identity at inference; keeps the official indices
+            RMS_norm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMS_norm(out_dim, images=False), nn.SiLU(), nn.Identity(),
             CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """[B, in, T, H, W] -> [B, out, T, H, W]."""
-        r = self.residual
-        h = r[2](F.silu(r[0](x), inplace=True), cache)
-        h = r[6](F.silu(r[3](h), inplace=True), cache)
+        r = self.residual  # [0] norm, [2] conv, [3] norm, [6] conv; SiLU applied inside the convs
+        h = r[6](r[2](x, cache, norm=r[0]), cache, norm=r[3])
         return h.add_(self.shortcut(x))
 
 
@@ -225,7 +249,7 @@ class Head(nn.Sequential):
         super().__init__(RMS_norm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:  # type: ignore[override]
-        return self[2](F.silu(self[0](x), inplace=True), cache)
+        return self[2](x, cache, norm=self[0])
 
 
 class Encoder3d(nn.Module):
@@ -300,13 +324,16 @@ class WanVAEBase(nn.Module):
     version: ClassVar[str]
     latent_mean: ClassVar[tuple[float, ...]]
     latent_std: ClassVar[tuple[float, ...]]
+    config_class: ClassVar[type[VAEConfig]]
+    patch_size: ClassVar[int] = 1
     config: VAEConfig
     encoder: Encoder3d
     decoder: Decoder3d
-    conv1: CausalConv3d
+    conv1: CausalConv3d  # top-level 1x1x1 convs: conv1 after the encoder, conv2 before the decoder
     conv2: CausalConv3d
-    config_class: ClassVar[type[VAEConfig]]
-    patch_size: ClassVar[int] = 1
+    # Layout of the activations (layers keep their input's layout). NDHWC is cuDNN's native 3-D
+    # conv layout: on an H200 encode ran 10-20 % faster with 20 % less peak memory, decode equal.
+    activation_layout: torch.memory_format = torch.channels_last_3d
 
     @classmethod
     def from_source(cls: type[_VAE], source: TensorSource, dtype: torch.dtype = torch.float32) -> _VAE:
@@ -379,7 +406,8 @@ class WanVAEBase(nn.Module):
                 f"Give [B, 3, F, H, W] with F >= 1 and width and height multiples of {s}.",
             )
         if (f - 1) % st:
-            logger.warning("VAE encode: %d frames is not %d*k+1; the last %d are dropped.", f, st, (f - 1) % st)
+            logger.warning("VAE encode: %d frames is not %d*k+1; the last %d are dropped.",
+                           f, st, (f - 1) % st)
         return torch.cat([self._encode_one(video[i : i + 1]) for i in range(b)])
 
     def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
@@ -388,7 +416,8 @@ class WanVAEBase(nn.Module):
         chunks = []
         for i in range(1 + (x.shape[2] - 1) // st):
             lo, hi = (0, 1) if i == 0 else (1 + st * (i - 1), 1 + st * i)
-            chunks.append(self.encoder(self._to_network(x[:, :, lo:hi].to(self.dtype)), cache))
+            chunk = self._to_network(x[:, :, lo:hi].to(self.dtype))
+            chunks.append(self.encoder(chunk.contiguous(memory_format=self.activation_layout), cache))
             cache.first_chunk = False
         mu = self.conv1(torch.cat(chunks, dim=2))[:, : self.z_dim].float()
         mean, inv_std = self._stats(mu)
@@ -403,7 +432,8 @@ class WanVAEBase(nn.Module):
         """
         if latent.dim() != 5 or latent.shape[1] != self.z_dim or latent.shape[2] < 1:
             raise InputError(
-                f"The Wan {self.version} VAE decodes latents [B, {self.z_dim}, T>=1, h, w]; got {list(latent.shape)}.",
+                f"The Wan {self.version} VAE decodes latents [B, {self.z_dim}, T>=1, h, w]; "
+                f"got {list(latent.shape)}.",
                 "The latent belongs to a model with a different VAE.",
             )
         st, s, _ = self.stride
@@ -417,6 +447,7 @@ class WanVAEBase(nn.Module):
         mean, inv_std = self._stats(z)
         # de-normalised exactly as the reference: z / (1/std) + mean
         x = self.conv2((z.float() / inv_std + mean).to(self.dtype))
+        x = x.contiguous(memory_format=self.activation_layout)
         cache = FeatureCache()
         done = 0
         for i in range(x.shape[2]):
