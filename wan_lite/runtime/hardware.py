@@ -31,7 +31,7 @@ PROFILES_DIR = Path(__file__).resolve().parents[2] / "presets" / "memory_profile
 # host->GPU GB/s pinned, pageable). First matching fragment wins, so specific names come first.
 # Effective = ~55 % of the dense bf16 tensor peak (fp32 accumulate), which is what the official
 # Wan2.2 timings imply (RTX 4090: 5B 720p in 535 s ~ 100 TFLOP/s; H100: A14B 720p ~ 520) and
-# what our DiT reached on an H200 (410-480, models/_planner_calib). PCIe: measured 55.5/25.3 GB/s
+# what our DiT reached on an H200 (410-480 with random full-size weights). PCIe: measured 55.5/25.3 GB/s
 # on H100/H200 hosts; consumer PCIe 4.0 x16 ~24/12, x8 cards half that, PCIe 5.0 about double.
 GPU_SPEEDS: tuple[tuple[str, float, float, float], ...] = (
     ("H200", 450, 55, 25), ("H100 PCIe", 360, 25, 12), ("H100", 430, 55, 25), ("GH200", 450, 55, 25),

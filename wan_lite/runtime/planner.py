@@ -10,8 +10,8 @@ drop to after an out-of-memory error mid-run.
 
 Stages run one after another and each gets the whole GPU (the runtime drops the DiT's GPU copies
 between stages unless `keep_resident`): text -> (VAE encode) -> denoise -> decode; the peaks are
-maxima over stages. Bytes below, GiB in the Plan. Constants live in `K` (measured on an H200 by
-models/_planner_calib/*.py, which are not part of the package).
+maxima over stages. Bytes below, GiB in the Plan. Constants live in `K`, measured on an H200 with
+full-size random-weight models (see K).
 
 Memory model. L = F_lat*(h/2)*(w/2) tokens (F_lat = 1+(frames-1)//4, h, w = H, W / VAE stride),
 c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
@@ -53,10 +53,13 @@ QUANTS = ("bf16", "int8", "fp8")
 
 
 class K:
-    """Every constant of the memory and time models. Activations in bytes per token as multiples
-    of D (or F), fitted to peaks measured on an H200 with a block that chunks the attention's
-    per-token work (models/_planner_calib/lean.py; A14B 480p/720p and 5B, chunks 1k-16k, B = 1, 2:
-    estimates -1 %..+8 % off). dit.py chunked only the FFN when measured: 24-25 x D per token."""
+    """Every constant of the memory and time models, measured on an H200 (torch 2.11, 2026-11-21).
+
+    DiT activations in bytes per token as multiples of D (or F), fitted to forward peaks of a block
+    that chunks all per-token work (A14B 480p/720p and 5B, chunks 1k-16k, B = 1, 2: -1 %..+8 %).
+    Checked end to end with dit.py + BlockStreamer + int8/fp8 QuantizedLinear at full size: the
+    denoise estimate (weights + activations) was within -4 %..+2.5 % of max_memory_allocated
+    (5B 720p bf16 r=10 4.86 GiB, int8 r=6 2.42, fp8 r=0 1.51; A14B 720p fp8 r=0 5.57, int8 5.56)."""
 
     residual_d = 4.0  # the fp32 residual stream x [B, L, D]
     input_d = 2.0  # block 0's bf16 input (the patch embedding) alive beside it
@@ -66,7 +69,7 @@ class K:
     ffn_chunk_d, ffn_chunk_f = 6.0, 4.0  # per chunk token: input, gated add (x D); hidden + GELU (x F)
     rope_per_token = 1024.0  # cos, sin float64 [L, 64]
     # VAE: bytes per output pixel of one latent frame (4 video frames), and seconds per megapixel-
-    # frame on the H200 (ref_tflops), both measured with wan_lite's VAEs (models/_planner_calib/calib.py)
+    # frame on the H200 (ref_tflops), both measured with wan_lite's VAEs (random weights)
     vae_decode_px = {("2.2", "bf16"): 10400, ("2.2", "fp32"): 20700, ("2.1", "bf16"): 11400, ("2.1", "fp32"): 22700}
     vae_encode_px = {("2.2", "bf16"): 4300, ("2.2", "fp32"): 8600, ("2.1", "bf16"): 9400, ("2.1", "fp32"): 18700}
     vae_decode_s = {("2.2", "bf16"): 0.046, ("2.2", "fp32"): 0.082, ("2.1", "bf16"): 0.048, ("2.1", "fp32"): 0.085}
@@ -122,9 +125,9 @@ class ModelFootprint:
     encodes_video: bool = False  # i2v-a14b encodes every frame (image + zeros), ti2v one image
     sizes: tuple[tuple[int, int], ...] = ()  # trained (width, height), for suggestions
     source_bytes: float = 4.0  # bytes per DiT parameter in the files on disk (official: fp32)
-    # The DiT runs the attention's per-token work (modulation, q/k/v projections, RoPE, gated add)
-    # in the FFN's token chunks and casts the patch embedding to fp32 once (the lean path the
-    # targets need). False: dit.py as of this writing, FFN-only chunks, ~8-11 x D more per token.
+    # The DiT does all per-token work (norms, modulation, q/k/v projections, RoPE, gated adds) in
+    # token chunks, as dit.py does with `chunk_tokens`. False: a DiT that chunks only its FFN
+    # (~10 x D more per token at the attention; measured 24-25 x D against 12-14).
     chunked_attention: bool = True
 
     @property
@@ -139,8 +142,11 @@ class ModelFootprint:
     @property
     def nonblock_params(self) -> int:
         d, p = self.dim, math.prod(self.patch)
-        return (d * self.in_dim * p + d + self.text_dim * d + d * d + 2 * d + self.freq_dim * d + d * d + 2 * d
-                + 6 * d * d + 6 * d + 2 * d + self.out_dim * p * d + self.out_dim * p)
+        return (d * self.in_dim * p + d  # patch_embedding
+                + self.text_dim * d + d * d + 2 * d  # text_embedding: two Linear
+                + self.freq_dim * d + d * d + 2 * d  # time_embedding: two Linear
+                + 6 * d * d + 6 * d  # time_projection
+                + 2 * d + self.out_dim * p * (d + 1))  # head: modulation, Linear
 
     @property
     def params(self) -> int:
