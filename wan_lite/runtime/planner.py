@@ -25,7 +25,7 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   fp8 compute); + the other expert when idle_expert == "gpu". Block bytes: bf16 2/param; int8/fp8
   1/weight + an fp32 scale per output row, biases/norms bf16, modulation fp32.
 - VAE = weights + tile^2 (or H*W) * per-pixel bytes of one latent frame (K.vae_decode_px, causal
-  cache included; ~10 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video).
+  cache included; ~8 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video).
 - umT5 (5.68e9 params; bf16 11.4 GB, int8 blocks + bf16 embedding 6.7 GB): "gpu" whole, "stream"
   two blocks (embedding lookup on the CPU), "cpu" nothing; + K.t5_act.
 - RAM = K.ram_base + active expert (none with keep_resident: loaded straight to the GPU) + idle
@@ -70,10 +70,10 @@ class K:
     rope_per_token = 1024.0  # cos, sin float64 [L, 64]
     # VAE: bytes per output pixel of one latent frame (4 video frames), and seconds per megapixel-
     # frame on the H200 (ref_tflops), both measured with wan_lite's VAEs (random weights)
-    vae_decode_px = {("2.2", "bf16"): 10400, ("2.2", "fp32"): 20700, ("2.1", "bf16"): 11400, ("2.1", "fp32"): 22700}
-    vae_encode_px = {("2.2", "bf16"): 4300, ("2.2", "fp32"): 8600, ("2.1", "bf16"): 9400, ("2.1", "fp32"): 18700}
-    vae_decode_s = {("2.2", "bf16"): 0.046, ("2.2", "fp32"): 0.082, ("2.1", "bf16"): 0.048, ("2.1", "fp32"): 0.085}
-    vae_encode_s = {("2.2", "bf16"): 0.015, ("2.2", "fp32"): 0.030, ("2.1", "bf16"): 0.031, ("2.1", "fp32"): 0.054}
+    vae_decode_px = {("2.2", "bf16"): 7900, ("2.2", "fp32"): 14700, ("2.1", "bf16"): 8700, ("2.1", "fp32"): 17400}
+    vae_encode_px = {("2.2", "bf16"): 3200, ("2.2", "fp32"): 6500, ("2.1", "bf16"): 6700, ("2.1", "fp32"): 13400}
+    vae_decode_s = {("2.2", "bf16"): 0.038, ("2.2", "fp32"): 0.071, ("2.1", "bf16"): 0.037, ("2.1", "fp32"): 0.072}
+    vae_encode_s = {("2.2", "bf16"): 0.013, ("2.2", "fp32"): 0.029, ("2.1", "bf16"): 0.026, ("2.1", "fp32"): 0.047}
     ref_tflops = 450.0  # our DiT's measured rate on that H200 (410-480)
     vae_tiles = (1024, 768, 512, 384, 256, 192, 128)
     vae_tile_overlap = 64  # pixels a tiler overlaps: decode time x (1 + overlap/tile)^2
