@@ -18,14 +18,20 @@ log = logging.getLogger("wan_lite.app")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="app.py", description="wan_lite: make videos with Wan 2.2 on your own GPU.")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this computer only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this computer only)")
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
-    p.add_argument("--listen", action="store_true", help="serve on all network interfaces, so other computers can connect")
-    p.add_argument("--share", action="store_true", help="also make a public gradio.live link (anyone with it can use your GPU)")
-    p.add_argument("--models-dir", type=Path, default=ROOT / "models", help="folder with the model folders (default: ./models)")
-    p.add_argument("--output-dir", type=Path, default=None, help="where videos go (default: your Videos folder / wan_lite)")
+    p.add_argument("--listen", action="store_true",
+                   help="serve on all network interfaces, so other computers can connect")
+    p.add_argument("--share", action="store_true",
+                   help="also make a public gradio.live link (anyone with it can use your GPU)")
+    p.add_argument("--models-dir", type=Path, default=ROOT / "models",
+                   help="folder with the model folders (default: ./models)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where videos go (default: your Videos folder / wan_lite)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: the first GPU, else the CPU)")
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cuda:1 (default: the first GPU, else the CPU)")
     return p.parse_args(argv)
 
 
@@ -47,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if host not in LOCAL_HOSTS:
         log.warning("Serving on %s: other computers on your network can open wan_lite and use your GPU.", host)
     if args.share:
-        log.warning("--share: a public link will be created; anyone who has it can use your GPU and see your videos.")
+        log.warning("--share: a public link will be created; anyone who has it can use your GPU "
+                    "and see your videos.")
     ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
     log.info("Models: %s | outputs: %s | uploads: %s", args.models_dir, output_dir, upload_dir)
 

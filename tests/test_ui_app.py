@@ -12,7 +12,7 @@ import pytest
 
 from tests.e2e.fake_engine import FakeEngine
 from wan_lite.api import GenerateRequest, Progress
-from wan_lite.errors import CheckpointError
+from wan_lite.errors import CheckpointError, InputError
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT
 from wan_lite.ui import form, history
 from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
@@ -40,6 +40,16 @@ def test_widgets_map_to_request_fields_by_name(presets):
     assert form.request_from_values(dict(reversed(list(values.items()))), presets)[0] == request
 
 
+def test_seeds_are_text_so_64_bit_seeds_survive_the_browser(presets):
+    big = 8724209484096390455  # > 2**53: a JavaScript number would round it
+    assert form.request_from_values({"user_prompt": PROMPT, "seed": str(big)}, presets)[0].seed == big
+    assert form.parse_seed(" -1 ") is None and form.parse_seed("") is None and form.parse_seed(7.0) == 7
+    with pytest.raises(InputError, match="not a whole number"):
+        form.parse_seed("lucky")
+    saved = form.settings_from_values({"seed": str(big)}, presets)
+    assert saved["seed"] == big and form.values_from_settings(saved, presets)["seed"] == str(big)
+
+
 def test_an_image_switches_a14b_to_i2v_and_5b_to_image_mode(presets, tmp_path):
     img = str(tmp_path / "x.png")
     r, comp = form.request_from_values({"user_prompt": "It runs", "model": "t2v-a14b", "image": img,
@@ -62,7 +72,7 @@ def test_settings_and_history_round_trip_through_widget_values(presets):
     assert form.request_from_values(restored, presets)[0] == form.request_from_values(values, presets)[0]
     reused = form.values_from_history({"prompt": "Final text.", "model": "ti2v-5b", "width": 704, "height": 1280,
                                        "seed": 77, "steps": 30}, presets)
-    assert reused["user_prompt"] == "Final text." and reused["size"] == "704x1280" and reused["seed"] == 77
+    assert reused["user_prompt"] == "Final text." and reused["size"] == "704x1280" and reused["seed"] == "77"
     assert all(v == [] for k, v in reused.items() if k.startswith(form.TERM_PREFIX))
 
 

@@ -12,7 +12,6 @@ tmp folder (pytest prints it with -v --basetemp=...).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -24,7 +23,6 @@ import pytest
 from PIL import Image
 
 pytestmark = pytest.mark.browser
-log = logging.getLogger(__name__)
 
 CHROMIUM = os.environ.get("WAN_LITE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -39,23 +37,25 @@ def _free_port() -> int:
 
 
 def _real_engine(models: Path, out: Path):
-    """wan_lite's Engine on a tiny model folder, or a skip saying what is still missing."""
+    """wan_lite's Engine on a tiny random TI2V-5B folder in the official layout (tests/tiny_ckpt)."""
     try:
-        from tests import tiny_ckpt
-    except ImportError:
-        pytest.skip("tests/tiny_ckpt is not importable")
-    writer = getattr(tiny_ckpt, "write_model_folder", None)
-    if writer is None:
-        pytest.skip("tests/tiny_ckpt has no write_model_folder(folder, model_name) yet")
+        from tests.tiny_ckpt.dit import write_dit
+        from tests.tiny_ckpt.t5 import write_t5
+        from tests.tiny_ckpt.vae import write_vae
+    except ImportError as err:
+        pytest.skip(f"tiny checkpoint writers not available: {err}")
     from wan_lite.engine import Engine
 
     engine = Engine(models, out, device="cpu")
+    folder = engine.model_folder("ti2v-5b")
+    write_dit(folder, in_dim=48, out_dim=48, dim=128, ffn_dim=256, num_layers=2, model_type="ti2v", text_dim=64)
+    write_vae(folder / "Wan2.2_VAE.pth", "2.2")
+    write_t5(folder)
     try:
-        folder = engine.model_folder("ti2v-5b")
-        writer(folder, "ti2v-5b")
-        engine.model_status()
+        state = {s.name: s.state for s in engine.model_status()}
     except NotImplementedError:
-        pytest.skip("wan_lite.engine.Engine is not implemented yet")
+        pytest.skip("wan_lite.engine.Engine.model_status is not implemented yet")
+    assert state["ti2v-5b"] == "installed", state
     return engine
 
 
@@ -131,8 +131,16 @@ def test_create_generate_history_cancel(app_url):
             expect(final).to_have_value(re.compile(r"^A red fox trots.*\. Camera pushes in\.$"))
             expect(page.locator("#wl-prompt-notes")).to_contain_text("Image-to-video")
 
-            # Draft mode keeps the run short; then generate and watch the progress bar move.
+            # Draft sets a small size, 2 s and few steps at once; a typed size and frame count go
+            # smaller still (the real engine runs its tiny models on the CPU here).
             page.locator("#wl-mode").get_by_label("Draft").check()
+            expect(page.locator("#wl-size input")).to_have_value(re.compile("640×352"))
+            expect(page.locator("#wl-frames input[type=number]")).to_have_value("49")
+            page.locator("#wl-size input").fill("256x160")
+            page.locator("#wl-size input").press("Enter")
+            page.locator("#wl-frames input[type=number]").fill("5")
+            page.locator("#wl-frames input[type=number]").press("Enter")
+            expect(page.locator("#wl-estimate")).to_contain_text("5 frames")
             page.locator("#wl-generate").click()
             bar = page.locator("#wl-progress .wl-progress")
             expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+"))
@@ -162,11 +170,14 @@ def test_create_generate_history_cancel(app_url):
             # It brings the user back to the Create tab with the settings in place.
             expect(page.locator("#wl-status")).to_contain_text("loaded")
             expect(page.get_by_role("tab", name="Create")).to_have_attribute("aria-selected", "true")
-            expect(page.locator("#wl-seed input")).to_have_value(seed)
+            expect(page.locator("#wl-seed textarea, #wl-seed input").first).to_have_value(seed)
             expect(prompt).to_have_value(re.compile("Camera pushes in"))
 
             # A second run, cancelled mid-way: the page says so and stays usable.
-            page.locator("#wl-seed input").fill("-1")
+            page.locator("#wl-seed textarea, #wl-seed input").first.fill("-1")
+            page.get_by_text("Advanced settings").click()
+            page.locator("#wl-steps input[type=number]").fill("100")
+            page.locator("#wl-steps input[type=number]").press("Enter")
             page.locator("#wl-generate").click()
             expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+"))
             page.locator("#wl-cancel").click()

@@ -20,7 +20,15 @@ from wan_lite.engine import Engine
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
 from wan_lite.ui import form, history, images, models_panel
 from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
-from wan_lite.ui.presets import Bundle, Presets, load_presets, memory_profiles, save_user_bundle, term_choices, user_presets_dir
+from wan_lite.ui.presets import (
+    Bundle,
+    Presets,
+    load_presets,
+    memory_profiles,
+    save_user_bundle,
+    term_choices,
+    user_presets_dir,
+)
 from wan_lite.ui.settings import (
     MODES,
     SettingsStore,
@@ -143,7 +151,9 @@ def prompt_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
 
 def estimate_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
     try:
-        request, _ = form.request_from_values({**values, "user_prompt": values.get("user_prompt") or "-"}, ui.presets)
+        # The estimate does not depend on the prompt; a placeholder keeps an empty box from failing.
+        placeholder = {**values, "user_prompt": values.get("user_prompt") or "-"}
+        request, _ = form.request_from_values(placeholder, ui.presets)
         spec = get_spec(request.model)
         frames = request.frames or spec.frames
         lines = [f"{frames} frames = **{seconds_for_frames(frames, spec.fps):.1f} s** at {spec.fps} fps."]
@@ -203,7 +213,7 @@ def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[st
             timings = ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items() if k != "total")
             done = [f"✅ Done: {r.width}×{r.height}, {r.frames} frames at {r.fps} fps, seed **{r.seed}**"
                     + (f" ({timings}; total {total:.1f} s)." if timings else ".")]
-            done += [f"- {n}" for n in [*notes, *r.notes]]
+            done += [f"- {n}" for n in dict.fromkeys([*notes, *r.notes])]  # the engine may repeat its notes
             yield {"status": "\n".join(done), "video": str(r.video_path),
                    "download": gr.update(value=str(r.video_path), visible=True),
                    "last_seed": str(r.seed), "progress": form.progress_html(None, "Finished", "done"),
@@ -236,7 +246,8 @@ def reuse_history(ui: AppUI, paths: list[str], index: int | None) -> dict[str, A
     mode = infer_mode(get_spec(values["model"]), values.get("size"), values.get("frames"), values.get("steps"))
     updates = override(model_updates(values["model"], mode or "quality", values.get("size")), values)
     updates.update({"image": image, "mode": mode, "bundle": "", "tabs": gr.Tabs(selected="create"),
-                    "status": f"Settings of {entry.video.name} loaded (seed {entry.seed}). Click Generate to run it again."})
+                    "status": f"Settings of {entry.video.name} loaded (seed {entry.seed}). "
+                              "Click Generate to run it again."})
     return updates
 
 
@@ -289,7 +300,8 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
             w["model"] = gr.Dropdown([(s.title, s.name) for s in MODELS.values()], value=spec.name,
                                      label="Model", elem_id="wl-model")
             w["user_prompt"] = gr.Textbox(lines=4, label="Prompt", elem_id="wl-prompt",
-                                          placeholder="Subject, scene and motion, e.g. “A red fox trots through fresh snow in a birch forest…”")
+                                          placeholder="Subject, scene and motion, e.g. “A red fox trots "
+                                                      "through fresh snow in a birch forest…”")
             w["final_prompt"] = gr.Textbox(label="Final prompt (exactly what the model gets)", lines=3,
                                            interactive=False, elem_id="wl-final")
             w["prompt_notes"] = gr.Markdown(elem_id="wl-prompt-notes")
@@ -322,9 +334,12 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
             w["crop"] = gr.Image(label="The model's first frame", interactive=False, height=200, elem_id="wl-crop")
             w["crop_note"] = gr.Markdown(elem_id="wl-crop-note")
             w["mode"] = gr.Radio([(m.title, m.key) for m in MODES.values()], value=defaults["mode"],
-                                 label="Quality / Fast / Draft", info=" · ".join(f"{m.title}: {m.description}" for m in MODES.values()),
+                                 label="Quality / Fast / Draft",
+                                 info=" · ".join(f"{m.title}: {m.description}" for m in MODES.values()),
                                  elem_id="wl-mode")
-            w["size"] = gr.Dropdown(size_choices(spec), value=defaults["size"], label="Size", elem_id="wl-size")
+            w["size"] = gr.Dropdown(size_choices(spec), value=defaults["size"], label="Size", elem_id="wl-size",
+                                    allow_custom_value=True,
+                                    info="Or type WIDTHxHEIGHT; it is rounded to what the model accepts.")
             w["frames"] = gr.Slider(5, max_frames(spec), value=defaults["frames"], step=4, label="Frames (4n+1)",
                                     elem_id="wl-frames")
             w["memory_profile"] = gr.Dropdown(memory_profiles(), value="auto", label="Memory profile",
@@ -346,7 +361,8 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
             w["video"] = gr.Video(label="Result", interactive=False, elem_id="wl-video")
             w["download"] = gr.DownloadButton("Download video", visible=False, elem_id="wl-download-video")
             with gr.Row():
-                w["seed"] = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="wl-seed")
+                # Text, not gr.Number: seeds reach 2**63 and a browser number keeps only 53 bits.
+                w["seed"] = gr.Textbox("-1", label="Seed (-1 = random)", elem_id="wl-seed")
                 w["last_seed"] = gr.Textbox("", label="Seed of the last video", interactive=False,
                                             elem_id="wl-last-seed")
                 w["use_seed"] = gr.Button("Use this seed", size="sm")
@@ -375,8 +391,11 @@ def _wire(ui: AppUI) -> None:
           named(lambda image, model, size: crop_preview(ui, image, model, size)),
           inputs_kwargs=ui.kw(["image", "model", "size"]), outputs=ui.comps(["crop", "crop_note"]), queue=False)
 
-    w["model"].input(named(lambda model, mode, size, image: model_updates(form.model_for_image(model, bool(image)), mode, size)),
-                     inputs_kwargs=ui.kw(["model", "mode", "size", "image"]), outputs=ui.comps(mode_outputs), queue=False)
+    def on_model(model: str, mode: str, size: str, image: str | None) -> dict[str, Any]:
+        return model_updates(form.model_for_image(model, bool(image)), mode, size)
+
+    w["model"].input(named(on_model), inputs_kwargs=ui.kw(["model", "mode", "size", "image"]),
+                     outputs=ui.comps(mode_outputs), queue=False)
     w["mode"].input(named(lambda model, mode, size: model_updates(model, mode, size)),
                     inputs_kwargs=ui.kw(["model", "mode", "size"]), outputs=ui.comps(mode_outputs), queue=False)
 
@@ -425,7 +444,7 @@ def _wire(ui: AppUI) -> None:
     w["bundle_save"].click(named(save_bundle), inputs_kwargs=ui.kw(["bundle_name", "style", *ui.term_names]),
                            outputs=ui.comps(["status", "bundle"]), queue=False)
     w["negative_restore"].click(lambda: DEFAULT_NEGATIVE_PROMPT, outputs=w["negative_prompt"], queue=False)
-    w["use_seed"].click(lambda s: int(s) if str(s).strip().isdigit() else -1, inputs=w["last_seed"],
+    w["use_seed"].click(lambda s: s if str(s).strip().isdigit() else "-1", inputs=w["last_seed"],
                         outputs=w["seed"], queue=False)
 
     def generate(request: gr.Request, **values: Any) -> Iterator[dict[Any, Any]]:
@@ -459,11 +478,12 @@ def _wire(ui: AppUI) -> None:
 
     w["history"].select(select_history, inputs=w["history_paths"],
                         outputs=ui.comps(["history_index", "history_details"]), queue=False)
-    reuse_out = ["status", "image", "mode", "seed", "bundle", "tabs", "user_prompt", "negative_prompt", "style", "sampler",
-                 "memory_profile", *ui.term_names, *mode_outputs]
+    reuse_out = ["status", "image", "mode", "seed", "bundle", "tabs", "user_prompt", "negative_prompt", "style",
+                 "sampler", "memory_profile", *ui.term_names, *mode_outputs]
     w["reuse"].click(named(lambda history_paths, history_index: reuse_history(ui, history_paths, history_index)),
                      inputs_kwargs=ui.kw(["history_paths", "history_index"]), outputs=ui.comps(reuse_out),
-                     queue=False).then(refresh, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(derived), queue=False)
+                     queue=False).then(refresh, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(derived),
+                                       queue=False)
 
     def models_table() -> dict[Any, Any]:
         rows, note = models_panel.statuses(ui.engine)
@@ -487,7 +507,8 @@ def _wire(ui: AppUI) -> None:
     def on_load() -> dict[Any, Any]:
         values = form.values_from_settings(ui.store.load(), ui.presets)
         # The saved values win over the mode's; the model decides the size choices and labels.
-        updates = override(model_updates(values["model"], values.get("mode", "quality"), values.get("size")), values)
+        mode_defaults = model_updates(values["model"], values.get("mode") or "quality", values.get("size"))
+        updates = override(mode_defaults, values)
         updates.update(history_updates(ui))
         updates.update(prompt_updates(ui, values))
         updates.update(estimate_updates(ui, values))

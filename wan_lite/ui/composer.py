@@ -117,7 +117,7 @@ def compose(
     # A term the user already wrote is not repeated.
     terms = [t for t in terms if t.en.lower() not in lowered and t.zh not in text]
 
-    groups: dict[str, list[Term]] = {g: [t for t in terms if t.group == g] for g in ("style", "aesthetic", "effect", "motion", "camera")}
+    groups = {g: [t for t in terms if t.group == g] for g in ("style", "aesthetic", "effect", "motion", "camera")}
     style_part = _sentence([_phrase(t, language, i == 0) for i, t in enumerate(groups["style"])], language)
     look_terms = groups["aesthetic"] + groups["effect"]
     look_part = _sentence([_phrase(t, language, i == 0) for i, t in enumerate(look_terms)], language)

@@ -13,6 +13,7 @@ from typing import Any
 
 from wan_lite.api import STAGE_TITLES, GenerateRequest, Progress
 from wan_lite.engine import Estimate
+from wan_lite.errors import WanLiteError
 from wan_lite.registry import DEFAULT_MODEL, DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
 from wan_lite.ui.composer import Composition, compose
 from wan_lite.ui.presets import Presets, ordered
@@ -60,6 +61,21 @@ def _number(value: Any, kind: type) -> Any:
     return kind(value)
 
 
+def parse_seed(value: Any) -> int | None:
+    """The seed box holds text: seeds go up to 2**63, beyond what a browser number keeps exactly.
+    Empty, "random" or a negative number -> None (random)."""
+    from wan_lite.errors import InputError
+
+    text = str(value if value is not None else "").strip().lower()
+    if text in ("", "random", "none"):
+        return None
+    try:
+        seed = int(float(text)) if "e" in text or "." in text else int(text)
+    except ValueError:
+        raise InputError(f"Seed {value!r} is not a whole number.", "Type a number, or -1 for a random seed.") from None
+    return seed if seed >= 0 else None
+
+
 def composition_for(values: Mapping[str, Any], presets: Presets) -> Composition:
     return compose(
         presets,
@@ -80,7 +96,7 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
     width = height = None
     if values.get("size"):
         width, height = parse_size(values["size"])
-    seed = _number(values.get("seed"), int)
+    seed = parse_seed(values.get("seed"))
     frames = _number(values.get("frames"), float)
     request = GenerateRequest(
         prompt=comp.prompt,
@@ -94,7 +110,7 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
         guidance=_number(values.get("guidance"), float),
         guidance_low=_number(values.get("guidance_low"), float) if spec.experts else None,
         shift=_number(values.get("shift"), float),
-        seed=seed if seed is not None and seed >= 0 else None,
+        seed=seed,
         sampler=values.get("sampler") or "unipc",
         memory_profile=values.get("memory_profile") or "auto",
     )
@@ -107,16 +123,22 @@ def settings_from_values(values: Mapping[str, Any], presets: Presets) -> dict[st
     saved["terms"] = collect_terms(values, presets)
     if saved.get("negative_prompt", "").strip() == DEFAULT_NEGATIVE_PROMPT:
         saved["negative_prompt"] = ""  # keep following the official default if it ever changes
-    for key in ("frames", "steps", "seed"):
+    for key in ("frames", "steps"):
         if isinstance(saved.get(key), float):
             saved[key] = int(saved[key])
+    if "seed" in saved:
+        try:
+            seed = parse_seed(saved["seed"])
+        except WanLiteError:  # a typo in the seed box is not worth remembering
+            seed = None
+        saved["seed"] = -1 if seed is None else seed
     return saved
 
 
 def default_values(model: str = DEFAULT_MODEL) -> dict[str, Any]:
     spec = get_spec(model)
     return {
-        "model": spec.name, "user_prompt": "", "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "seed": -1,
+        "model": spec.name, "user_prompt": "", "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "seed": "-1",
         "sampler": "unipc", "memory_profile": "auto", "mode": DEFAULT_MODE, "style": None, "language": "en",
         **mode_values(DEFAULT_MODE, spec),
     }
@@ -129,6 +151,7 @@ def values_from_settings(saved: Mapping[str, Any], presets: Presets) -> dict[str
         model = "t2v-a14b"  # the start image is not restored, so start from the text model
     values = default_values(model)
     values.update({k: v for k, v in saved.items() if k != "terms" and k != "model"})
+    values["seed"] = str(values.get("seed", -1))
     if not values.get("negative_prompt"):
         values["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT
     if values.get("style") not in presets.styles:
@@ -148,7 +171,7 @@ def values_from_history(settings: Mapping[str, Any], presets: Presets) -> dict[s
             values[key] = settings[key]
     values["negative_prompt"] = settings.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT
     if isinstance(settings.get("seed"), int):
-        values["seed"] = settings["seed"]
+        values["seed"] = str(settings["seed"])
     if settings.get("width") and settings.get("height"):
         values["size"] = f"{int(settings['width'])}x{int(settings['height'])}"
     return values
