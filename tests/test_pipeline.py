@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import wan_lite
+import wan_lite.errors
 from wan_lite.errors import InputError
 from wan_lite.output import read_mp4, read_mp4_metadata
 
@@ -171,3 +172,20 @@ def test_cli_user_mistakes_get_messages_not_tracebacks(tiny_models, tmp_path):
     assert r.returncode == 2 and "size must look like" in r.stderr
     r = _cli("decode", str(tmp_path / "missing.latents.safetensors"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_components_from_elsewhere_replace_parts_of_the_folder(tiny_models, pipes, tmp_path):
+    """A VAE kept elsewhere (and absent from the folder) gives the same video as the full folder."""
+    import shutil
+
+    folder = tmp_path / "ti2v"
+    shutil.copytree(tiny_models["ti2v-5b"], folder)
+    vae = tmp_path / "elsewhere" / "wan2.2_vae.pth"
+    vae.parent.mkdir()
+    (folder / "Wan2.2_VAE.pth").rename(vae)
+    pipe = wan_lite.load_pipeline(folder, components={"vae": vae})
+    a = pipe.generate("a lamp", seed=9, **SMALL)
+    b = pipes["ti2v-5b"].generate("a lamp", seed=9, **SMALL)
+    assert np.array_equal(a.frames, b.frames)
+    with pytest.raises(wan_lite.errors.CheckpointError, match=r"Missing file: .*Wan2\.2_VAE\.pth"):
+        wan_lite.load_pipeline(folder)

@@ -31,7 +31,12 @@ def _size(text: str) -> tuple[int, int]:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="make a video from a prompt (and optionally an image)",
                        description="Make a video. Unset options take the model's official defaults.")
-    p.add_argument("--model-dir", required=True, type=Path, help="model folder in the official layout")
+    p.add_argument("--model-dir", type=Path, default=None, help="model folder in the official layout")
+    p.add_argument("--model", choices=list(MODELS), default=None,
+                   help="which model (default: read from the folder or the DiT file)")
+    _add_component_args(p)
+    p.add_argument("--remember", action="store_true",
+                   help="remember the component files given here for this model (used when none are given)")
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--negative-prompt", default=None, help="what to avoid (default: the official negative prompt)")
     p.add_argument("--image", type=Path, default=None, help="start image: image-to-video")
@@ -47,6 +52,32 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="auto", help="memory profile name or 'auto' (see `plan`)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
     p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: a new name in ./outputs)")
+
+
+def _add_component_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("component files", "use files you already have, in any supported format "
+                             "(official, diffusers folders, ComfyUI single files incl. fp8_scaled, GGUF); "
+                             "they replace the matching part of --model-dir")
+    g.add_argument("--dit", type=Path, help="TI2V-5B DiT file or folder")
+    g.add_argument("--high-noise", type=Path, help="A14B high-noise expert file or folder")
+    g.add_argument("--low-noise", type=Path, help="A14B low-noise expert file or folder")
+    g.add_argument("--vae", type=Path, help="VAE file or folder")
+    g.add_argument("--text-encoder", type=Path, help="umT5-XXL encoder file or folder")
+    g.add_argument("--tokenizer", type=Path, help="tokenizer folder (or a ComfyUI umT5 file that carries one)")
+
+
+def components_from_args(args: argparse.Namespace) -> dict[str, Path]:
+    pairs = {"dit": args.dit, "dit_high": args.high_noise, "dit_low": args.low_noise, "vae": args.vae,
+             "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
+    return {slot: path for slot, path in pairs.items() if path is not None}
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="find the Wan 2.2 files already on this computer (HF cache, ComfyUI, models/)")
+    p.add_argument("--comfy", type=Path, action="append", default=[],
+                   help="a ComfyUI 'models' folder to scan (remembered for next time)")
+    p.add_argument("--scan", type=Path, action="append", default=[], help="another folder to scan")
+    p.add_argument("--hash", action="store_true", help="also print a content hash of each file (slow)")
 
 
 def _add_decode(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_decode(sub)
     _add_info(sub)
+    _add_models(sub)
     try:
         from wan_lite.runtime.plan_cli import add_plan_parser
 
@@ -95,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_decode(args)
         if args.command == "info":
             return run_info(args)
+        if args.command == "models":
+            return run_models(args)
         if args.command == "plan":
             from wan_lite.runtime.plan_cli import run_plan
 
@@ -122,3 +156,26 @@ def run_info(args: argparse.Namespace) -> int:
         repos = ", ".join(s.hf_repo for s in MODELS.values())
         print(f"  The official repos are: {repos}")
     return 0 if report.state == "installed" else 1
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from wan_lite.loading.discovery import Choices, content_hash, default_places, find_copies, scan
+
+    choices = Choices()
+    for folder in args.comfy:
+        choices.add_comfy_dir(folder)
+    if args.comfy:
+        choices.save()
+    places = default_places(Path("models"), choices.comfy_dirs) + [("folder", Path(p)) for p in args.scan]
+    found = scan(places)
+    if not found:
+        print("No Wan 2.2 files found in: " + ", ".join(str(p) for _, p in places))
+        return 1
+    for f in found:
+        print(f.describe())
+        if args.hash:
+            for path in f.component.files:
+                print(f"    sha256 {content_hash(path)}  {path.name}")
+    for group in find_copies(found).values():
+        print(f"same file in {len(group)} places: " + ", ".join(str(f.component.path) for f in group))
+    return 0

@@ -47,25 +47,54 @@ def _summary(result, notes: bool = True) -> None:
         print(f"note: {note}")
 
 
-def _engine(model_dir: Path | None, name: str | None, out: Path | None, device: str | None):
+def _engine(model_dir: Path | None, name: str | None, out: Path | None, device: str | None,
+            components: dict[str, Path] | None = None):
     from wan_lite.engine import Engine
 
     folders = {name: model_dir} if (model_dir and name) else {}
     return Engine(models_root=Path("models"), output_dir=(out.parent if out else Path("outputs")),
-                  device=device, folders=folders)
+                  device=device, folders=folders, components={name: components} if components else None)
+
+
+def _which_model(args: argparse.Namespace, components: dict[str, Path]) -> str:
+    from wan_lite.errors import InputError
+    from wan_lite.loading.layout import detect_spec
+    from wan_lite.pipeline import resolve_sources
+
+    if args.model:
+        return args.model
+    if args.model_dir is not None and not components:
+        return detect_spec(args.model_dir).name
+    if args.model_dir is None and not components:
+        raise InputError("Say which model to run.", "Give --model-dir FOLDER, or --model NAME with component files.")
+    return resolve_sources(args.model_dir, components)[0].name
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from wan_lite.loading.layout import detect_spec
+    from wan_lite.cli import components_from_args
+    from wan_lite.loading.discovery import Choices
 
-    spec = detect_spec(args.model_dir)
+    components = components_from_args(args)
+    choices = Choices()
+    name = _which_model(args, components)
+    if not components and args.model_dir is None:
+        components = choices.resolve(name)  # the files remembered for this model
+    if args.remember and components:
+        from wan_lite.loading.formats import detect, pick
+
+        for slot, path in components.items():
+            found = pick(detect(path), "dit" if slot.startswith("dit") else slot)
+            if found is not None:
+                choices.choose(name, slot, found)
+        choices.save()
+
     width, height = args.size if args.size else (None, None)
-    request = GenerateRequest(prompt=args.prompt, model=spec.name, negative_prompt=args.negative_prompt,
+    request = GenerateRequest(prompt=args.prompt, model=name, negative_prompt=args.negative_prompt,
                               image=str(args.image) if args.image else None, width=width, height=height,
                               frames=args.frames, steps=args.steps, guidance=args.guidance,
                               guidance_low=args.guidance_low, shift=args.shift, seed=args.seed,
                               sampler=args.sampler, memory_profile=args.profile)
-    engine = _engine(args.model_dir, spec.name, args.out, args.device)
+    engine = _engine(args.model_dir, name, args.out, args.device, components)
     request, notes = engine.normalize(request)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

@@ -53,13 +53,18 @@ def default_folder_name(name: str) -> str:
 
 class Engine:
     def __init__(self, models_root: Path, output_dir: Path, device: str | None = None,
-                 folders: dict[str, Path] | None = None) -> None:
+                 folders: dict[str, Path] | None = None,
+                 components: dict[str, dict[str, Path]] | None = None) -> None:
+        """folders: model name -> official-layout folder (default: models_root/<repo name>).
+        components: model name -> {slot: file or folder in any format} replacing parts of the
+        folder (slots "dit", "dit_high", "dit_low", "vae", "text_encoder", "tokenizer")."""
         self.models_root = Path(models_root)
         self.output_dir = Path(output_dir)
         self.device = device
         self.folders = {k: Path(v) for k, v in (folders or {}).items()}
+        self.components = {k: dict(v) for k, v in (components or {}).items()}
         self._pipe = None
-        self._pipe_key: tuple[str, Path] | None = None
+        self._pipe_key: tuple | None = None
         self._lock = threading.Lock()  # one job at a time, whatever the caller does
 
     # ------------------------------------------------------------------ models
@@ -117,13 +122,15 @@ class Engine:
         from wan_lite.pipeline import WanPipeline
 
         folder = self.model_folder(name)
-        key = (name, folder.resolve())
+        parts = self.components.get(name, {})
+        key = (name, folder.resolve(), tuple(sorted((k, str(v)) for k, v in parts.items())))
         if self._pipe_key != key:
             self.unload()
             if on_progress:
                 on_progress(Progress(stage="load", step=0, total=1, elapsed_s=0.0, message=f"Loading {name}"))
             t0 = time.perf_counter()
-            self._pipe = WanPipeline.load(folder, name=name, device=self.device)
+            self._pipe = WanPipeline.load(folder if folder.is_dir() or not parts else None, components=parts,
+                                          name=name, device=self.device)
             self._pipe_key = key
             log.info("Loaded %s from %s in %.1f s", name, folder, time.perf_counter() - t0)
         return self._pipe
@@ -171,6 +178,7 @@ class Engine:
                 self.folders[name] = Path(model_dir)
             elif meta.get("model_dir") and name not in self.folders:
                 self.folders[name] = Path(meta["model_dir"])
+                self.components.setdefault(name, {k: Path(v) for k, v in (meta.get("components") or {}).items()})
             pipe = self.pipeline(name)
             t0 = time.perf_counter()
             frames = video_to_frames(pipe.decode(latents))
@@ -184,8 +192,11 @@ class Engine:
     def _record(self, settings: dict[str, Any], request: GenerateRequest, pipe) -> dict[str, Any]:
         import wan_lite
 
+        name = pipe.spec.name
         return {"wan_lite": wan_lite.__version__, "settings": settings, "request": request.to_dict(),
-                "model_dir": str(self.model_folder(pipe.spec.name)), "image": request.image}
+                "model_dir": str(self.model_folder(name)),
+                "components": {k: str(v) for k, v in self.components.get(name, {}).items()},
+                "image": request.image}
 
     def _write(self, stem: Path, latents_path: Path, frames, fps: int, settings: dict[str, Any],
                timings: dict[str, float], notes: list[str], request: GenerateRequest, pipe,

@@ -274,8 +274,9 @@ class WanPipeline:
     @classmethod
     def load(
         cls,
-        model_dir: str | Path,
+        model_dir: str | Path | None = None,
         *,
+        components: dict[str, str | Path] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         vae_dtype: torch.dtype = torch.float32,
@@ -283,18 +284,17 @@ class WanPipeline:
         name: str | None = None,
         placement: Placement | None = None,
     ) -> WanPipeline:
-        """Load every component of an official-layout folder (weights stay on the CPU until a
-        stage needs them). Raises CheckpointError naming any missing or mismatched file."""
-        from wan_lite.loading.layout import find_model
-        from wan_lite.loading.tensors import SafetensorsSource, open_source
+        """Load a model: an official-layout folder, and/or per-component files or folders in
+        any supported format (`components` slots: "dit" or "dit_high"/"dit_low", "vae",
+        "text_encoder", "tokenizer"). Weights stay on the CPU until a stage needs them.
+        Raises CheckpointError naming any missing, broken or mismatched file."""
         from wan_lite.models.dit import WanDiT
         from wan_lite.models.text_encoder import TextEncoder
 
-        files = find_model(Path(model_dir), name)
-        spec = files.spec
-        text_encoder = TextEncoder.load(files.t5, files.tokenizer, dtype=text_dtype)
-        vae = load_vae(files.vae, spec, vae_dtype)
-        dits = {role: WanDiT.from_source(SafetensorsSource(shards), dtype) for role, shards in files.dit.items()}
+        spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
+        text_encoder = TextEncoder.load(sources["text_encoder"], tokenizer, dtype=text_dtype)
+        vae = load_vae(sources["vae"], spec, vae_dtype)
+        dits = {role: WanDiT.from_source(sources[f"dit_{role}"], dtype) for role in _dit_roles(spec)}
         check_compatible(spec, dits, vae, text_encoder)
         return cls(spec, text_encoder, vae, dits, placement=placement, device=device)
 
@@ -503,17 +503,81 @@ class WanPipeline:
         return torch.cat([m, z]), None, None
 
 
-def load_vae(path: Path, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+def _dit_roles(spec: ModelSpec) -> tuple[str, ...]:
+    return ("high", "low") if spec.experts else ("main",)
+
+
+def _slot(role: str) -> str:
+    return "dit" if role == "main" else f"dit_{role}"
+
+
+def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Path],
+                    name: str | None = None) -> tuple[ModelSpec, dict[str, Any], Path]:
+    """Where each component comes from: given files/folders (any format) first, the official
+    folder for the rest. Returns (spec, {"dit_<role>"/"vae"/"text_encoder": TensorSource},
+    tokenizer folder)."""
     from wan_lite.errors import CheckpointError
-    from wan_lite.loading.tensors import open_source
+    from wan_lite.loading.formats import detect, load_component, pick, tokenizer_folder
+    from wan_lite.loading.layout import detect_spec, find_model, layout_help
+    from wan_lite.loading.tensors import SafetensorsSource, open_source
+    from wan_lite.registry import MODELS
+
+    given = {k: Path(v) for k, v in components.items() if v}
+    if name:
+        spec = MODELS[name]
+    elif model_dir is not None:
+        spec = detect_spec(Path(model_dir))
+    else:
+        dit_path = given.get("dit") or given.get("dit_high") or given.get("dit_low")
+        found = pick(detect(dit_path), "dit") if dit_path else None
+        if found is None or found.variant not in MODELS:
+            raise CheckpointError("Say which model to run: give a model folder, a model name or a DiT file.")
+        spec = MODELS[found.variant]
+    slots = [_slot(r) for r in _dit_roles(spec)] + ["vae", "text_encoder", "tokenizer"]
+    official = [s for s in slots if s not in given]
+    # a ComfyUI umT5 file carries its tokenizer
+    if "tokenizer" in official and "text_encoder" in given:
+        te = pick(detect(given["text_encoder"]), "tokenizer")
+        if te is not None:
+            given["tokenizer"] = given["text_encoder"]
+            official.remove("tokenizer")
+    files = None
+    if official:
+        if model_dir is None:
+            raise CheckpointError(f"No file given for: {', '.join(official)}.", layout_help(spec))
+        files = find_model(Path(model_dir), spec.name, skip=set(given))
+    sources: dict[str, Any] = {}
+    for role in _dit_roles(spec):
+        slot = _slot(role)
+        sources[f"dit_{role}"] = (
+            load_component(given[slot], "dit", model=spec.name, expert=None if role == "main" else role)
+            if slot in given else SafetensorsSource(files.dit[role]))
+    sources["vae"] = (load_component(given["vae"], "vae", model=spec.name) if "vae" in given
+                      else open_source(files.vae))
+    sources["text_encoder"] = (load_component(given["text_encoder"], "text_encoder") if "text_encoder" in given
+                               else open_source(files.t5))
+    if "tokenizer" in given:
+        from wan_lite.loading.discovery import config_dir
+
+        tokenizer = tokenizer_folder(given["tokenizer"], config_dir() / "tokenizers")
+    else:
+        tokenizer = files.tokenizer
+    return spec, sources, tokenizer
+
+
+def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    from wan_lite.errors import CheckpointError
+    from wan_lite.loading.tensors import TensorSource, open_source
     from wan_lite.models.vae21 import WanVAE21
     from wan_lite.models.vae22 import WanVAE22
 
-    source = open_source(path)
+    if not isinstance(source, TensorSource):
+        source = open_source(source)
     version = WanVAE22.detect_version(source.shapes())
     if version != spec.vae_version:
         raise CheckpointError(
-            f"{path} is a Wan {version} VAE, but {spec.name} needs the Wan {spec.vae_version} VAE ({spec.vae_file}).",
+            f"{source.describe()} is a Wan {version} VAE, but {spec.name} needs the Wan {spec.vae_version} VAE "
+            f"({spec.vae_file}).",
             f"Download {spec.vae_file} from huggingface.co/{spec.hf_repo}.",
         )
     cls = WanVAE22 if version == "2.2" else WanVAE21

@@ -16,6 +16,7 @@ from the patch embedding's input channels (48 -> ti2v, 16 -> t2v, 36 -> i2v).
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,9 +126,10 @@ def detect_spec(root: Path) -> ModelSpec:
     return spec_for_task(task)
 
 
-def find_model(root: Path, name: str | None = None) -> ModelFiles:
+def find_model(root: Path, name: str | None = None, skip: Collection[str] = ()) -> ModelFiles:
     """Resolve every component file of the model in `root`; raise CheckpointError naming the
-    first missing file and the expected layout."""
+    first missing file and the expected layout. Slots in `skip` ("dit", "dit_high", "dit_low",
+    "vae", "text_encoder", "tokenizer") come from elsewhere and are not required here."""
     root = Path(root)
     spec = MODELS[name] if name else detect_spec(root)
     if not root.is_dir():
@@ -135,19 +137,21 @@ def find_model(root: Path, name: str | None = None) -> ModelFiles:
     if spec.experts:
         dit = {}
         for role, sub in EXPERT_DIRS.items():
+            if f"dit_{role}" in skip:
+                continue
             if not (root / sub).is_dir():
                 raise CheckpointError(f"{root} has no {sub}/ folder.", layout_help(spec))
             dit[role] = _dit_shards(root / sub, spec)
     else:
-        dit = {"main": _dit_shards(root, spec)}
+        dit = {} if "dit" in skip else {"main": _dit_shards(root, spec)}
     vae, t5, tok = root / spec.vae_file, root / T5_FILE, root / TOKENIZER_DIR
-    for path in (vae, t5):
-        if not path.is_file():
+    for slot, path in (("vae", vae), ("text_encoder", t5)):
+        if slot not in skip and not path.is_file():
             other = "Wan2.1_VAE.pth" if spec.vae_file == "Wan2.2_VAE.pth" else "Wan2.2_VAE.pth"
             extra = (f" {root / other} is there, but {spec.title} needs {spec.vae_file}."
                      if path == vae and (root / other).is_file() else "")
             raise CheckpointError(f"Missing file: {path}.{extra}", layout_help(spec))
-    if not tok.is_dir() or not any((tok / f).is_file() for f in TOKENIZER_FILES):
+    if "tokenizer" not in skip and (not tok.is_dir() or not any((tok / f).is_file() for f in TOKENIZER_FILES)):
         raise CheckpointError(f"Missing tokenizer folder: {tok} (needs spiece.model or tokenizer.json).",
                               layout_help(spec))
     return ModelFiles(spec=spec, root=root, dit=dit, vae=vae, t5=t5, tokenizer=tok)
