@@ -63,6 +63,7 @@ class Engine:
         self.device = device
         self.folders = {k: Path(v) for k, v in (folders or {}).items()}
         self.components = {k: dict(v) for k, v in (components or {}).items()}
+        self.cache_dir = self.models_root / ".cache"  # quantized weights, keyed by source file and format
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._lock = threading.Lock()  # one job at a time, whatever the caller does
@@ -102,38 +103,89 @@ class Engine:
             job.notes.insert(0, f"An image was given, so {spec.name} is used.")
         return filled, job.notes
 
-    def preflight(self, request: GenerateRequest) -> Estimate:
-        """What the request will use on this machine, before anything is loaded."""
-        spec = get_spec(request.model)
+    def _plan(self, request: GenerateRequest, footprint=None):
+        """The memory plan for `request` on this machine (None without the planner or a GPU)."""
         try:
             from wan_lite.runtime.hardware import Hardware
-            from wan_lite.runtime.planner import ModelFootprint, plan
+            from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
         except ImportError:
-            return Estimate(True, 0.0, 0.0, 0.0, "No memory planner in this build.")
+            return None
+        spec = get_spec(request.model)
         w, h = (request.width or spec.default_size[0], request.height or spec.default_size[1])
-        p = plan(ModelFootprint.full_size(spec.name), (w, h, request.frames or spec.frames),
-                 Hardware.probe(), profile=None if request.memory_profile in (None, "", "auto") else request.memory_profile)
+        req = PlanRequest(w, h, request.frames or spec.frames, steps=request.steps or spec.steps,
+                          image=bool(request.image) or spec.needs_image,
+                          cfg=(request.guidance if request.guidance is not None else spec.guidance[0]) != 1)
+        profile = None if request.memory_profile in (None, "", "auto") else request.memory_profile
+        hw = Hardware.probe(self.models_root if self.models_root.is_dir() else ".")
+        return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
+
+    def preflight(self, request: GenerateRequest) -> Estimate:
+        """What the request will use on this machine, before anything is loaded."""
+        p = self._plan(request)
+        if p is None:
+            return Estimate(True, 0.0, 0.0, 0.0, "No memory planner in this build.")
         data = p.to_json()
         return Estimate(fits=data["fits"], peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=data["peak_ram_gib"],
                         seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
 
-    def pipeline(self, name: str, on_progress: ProgressCallback | None = None):
-        """The loaded pipeline for `name`, loading it (and unloading another) when needed."""
+    def pipeline(self, name: str, on_progress: ProgressCallback | None = None,
+                 request: GenerateRequest | None = None):
+        """The loaded pipeline for `name`, loading it (and unloading another) when needed.
+
+        On a GPU the pipeline follows the memory plan for `request`: what is fixed at load time
+        (weight formats) reloads when it changes; the rest is re-planned per request."""
         from wan_lite.pipeline import WanPipeline
 
         folder = self.model_folder(name)
         parts = self.components.get(name, {})
-        key = (name, folder.resolve(), tuple(sorted((k, str(v)) for k, v in parts.items())))
+        plan = None
+        if request is not None and self._gpu():
+            plan = self._plan(replace(request, model=name), self._footprint(name, folder, parts))
+            if plan is not None and not plan.fits:
+                from wan_lite.errors import OutOfMemoryError
+
+                raise OutOfMemoryError(f"This request does not fit this machine: {plan.reason}")
+        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant) if plan is not None else None
+        key = (name, folder.resolve(), tuple(sorted((k, str(v)) for k, v in parts.items())), fixed)
+        model_dir = folder if folder.is_dir() or not parts else None
         if self._pipe_key != key:
             self.unload()
             if on_progress:
                 on_progress(Progress(stage="load", step=0, total=1, elapsed_s=0.0, message=f"Loading {name}"))
             t0 = time.perf_counter()
-            self._pipe = WanPipeline.load(folder if folder.is_dir() or not parts else None, components=parts,
-                                          name=name, device=self.device)
+            if plan is not None:
+                from wan_lite.runtime.apply import load_planned
+
+                self._pipe = load_planned(model_dir, plan, components=parts, name=name, device=self.device,
+                                          cache_dir=self.cache_dir)
+            else:
+                self._pipe = WanPipeline.load(model_dir, components=parts, name=name, device=self.device)
             self._pipe_key = key
             log.info("Loaded %s from %s in %.1f s", name, folder, time.perf_counter() - t0)
+        elif plan is not None:
+            self._pipe.placement.plan = plan
+            self._pipe.placement.bind(self._pipe)
+            log.info("Plan: %s", plan.summary())
         return self._pipe
+
+    def _gpu(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available() and (self.device is None or str(self.device).startswith("cuda"))
+
+    def _footprint(self, name: str, folder: Path, parts: dict[str, Path]):
+        """Sizes of the model actually on disk (read from tensor shapes, no data)."""
+        from wan_lite.models.dit import WanDiTConfig
+        from wan_lite.pipeline import resolve_sources
+        from wan_lite.runtime.planner import ModelFootprint
+
+        spec = get_spec(name)
+        _, sources, _ = resolve_sources(folder if folder.is_dir() or not parts else None, parts, name)
+        cfg = WanDiTConfig.from_shapes(next(v for k, v in sources.items() if k.startswith("dit_")).shapes())
+        if (cfg.dim, cfg.num_layers) in ((3072, 30), (5120, 40)):
+            return ModelFootprint.full_size(name)
+        return ModelFootprint.from_config(cfg, name=name, vae_version=spec.vae_version,
+                                          experts=2 if spec.experts else 1)
 
     def generate(self, request: GenerateRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerateResult:
@@ -144,7 +196,7 @@ class Engine:
             if request.seed is None:  # drawn here so the file names carry the seed used
                 request = replace(request, seed=random.randint(0, sys.maxsize))
             t0 = time.perf_counter()
-            pipe = self.pipeline(request.model, on_progress)
+            pipe = self.pipeline(request.model, on_progress, request)
             load_s = time.perf_counter() - t0
             stem = (out_path.with_suffix("") if out_path else
                     output_stem(self.output_dir, request.prompt, request.seed, request.model))
