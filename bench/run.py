@@ -1,0 +1,160 @@
+"""All of wan_lite's GPU measurements in one command, and the report built from them.
+
+    python bench/run.py measure --out DIR [--parts tests,dit,vae,job] [--budget-s 560]
+    python bench/run.py report DIR [DIR ...] [--docs docs]
+
+`measure` (on the GPU) runs the GPU-marked tests and the benchmark scripts (bench_dit.py: one DiT
+forward per plan and format against diffusers; bench_vae.py: Wan2.2 VAE decode; bench_job.py:
+the whole TI2V-5B job under a memory cap), each writing raw JSON into DIR. A device call is
+limited to 10 minutes, so the parts can be measured in separate calls into separate folders.
+`report` merges raw folders into docs/benchmarks.json (one record per case: case, plan,
+peak_vram_gib, peak_ram_gib, s_per_step, ratio_vs_resident, ratio_vs_diffusers, rel_error, gpu,
+torch, date) and the table in docs/benchmarks.md. Numbers in those files come only from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("tests", "dit", "vae", "job")
+
+
+def _run(cmd: list[str], timeout: float, log: Path) -> int:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    with log.open("w") as fh:
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                  timeout=max(10, timeout)).returncode
+        except subprocess.TimeoutExpired:
+            fh.write(f"\n[run.py] stopped after {timeout:.0f} s\n")
+            return 124
+
+
+def measure(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    left = lambda: args.budget_s - (time.perf_counter() - start)  # noqa: E731
+    py = sys.executable
+    for part in args.parts:
+        t0 = time.perf_counter()
+        if part == "tests":
+            files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
+                           if "mark.gpu" in f.read_text())
+            rc = _run([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files,
+                       "--junitxml", str(out / "gpu_tests.xml")], min(150, left()), out / "gpu_tests.log")
+        elif part == "dit":
+            rc = _run([py, "bench/bench_dit.py", "--out", str(out / "dit.json"), "--budget-s",
+                       str(max(30, min(args.dit_budget_s, left() - 20)))], left(), out / "dit.log")
+        elif part == "vae":
+            rc = _run([py, "bench/bench_vae.py", "--out", str(out / "vae.json")], min(300, left()), out / "vae.log")
+        elif part == "job":
+            rc = _run([py, "bench/bench_job.py", "--out", str(out / "job.json")], left(), out / "job.log")
+        else:
+            raise SystemExit(f"unknown part {part!r}; parts are {', '.join(PARTS)}")
+        print(f"[run.py] {part}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _dit_records(data: dict) -> list[dict]:
+    meta = data.get("meta", {})
+    recs = [r for r in data.get("records", []) if "s_per_forward" in r]
+    out = []
+    for r in recs:
+        same = {x["case"]: x for x in recs if x["model"] == r["model"]}
+        s = r["s_per_forward"]
+        resident = same.get("bf16-resident", {}).get("s_per_forward")
+        peer = "diffusers-group-offload" if "streamed" in r["case"] else "diffusers-resident"
+        d = same.get(peer, {}).get("s_per_forward")
+        out.append({
+            "case": f"DiT {r['model']} {r['size']}x{r['frames']} {r['case']}",
+            "plan": r["case"],
+            "peak_vram_gib": r.get("peak_vram_gib"),
+            "peak_ram_gib": r.get("host_rss_gib"),
+            "s_per_step": 2 * s,  # two forwards per step (cond + uncond)
+            "ratio_vs_resident": s / resident if resident else None,
+            "ratio_vs_diffusers": None if r["case"].startswith("diffusers") or not d else s / d,
+            "peer": None if r["case"].startswith("diffusers") else peer,
+            "rel_error": r.get("rel_l2_vs_bf16"),
+            "gpu": meta.get("gpu"), "torch": meta.get("torch"), "date": meta.get("date"),
+        })
+    return out
+
+
+def _generic_records(data) -> list[dict]:
+    recs = data.get("records", data) if isinstance(data, dict) else data
+    return [r for r in recs if isinstance(r, dict) and "case" in r]
+
+
+def report(args: argparse.Namespace) -> int:
+    records: list[dict] = []
+    tests = []
+    for folder in map(Path, args.dirs):
+        if (d := _load(folder / "dit.json")) is not None:
+            records += _dit_records(d)
+        for name in ("vae.json", "job.json"):
+            if (d := _load(folder / name)) is not None:
+                records += _generic_records(d)
+        if (folder / "gpu_tests.log").is_file():
+            tail = (folder / "gpu_tests.log").read_text().strip().splitlines()[-1:]
+            tests += tail
+    docs = Path(args.docs)
+    (docs / "benchmarks.json").write_text(json.dumps(records, indent=1) + "\n")
+    keys = ("case", "plan", "peak_vram_gib", "peak_ram_gib", "s_per_step", "ratio_vs_resident",
+            "ratio_vs_diffusers", "rel_error")
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v).replace("|", "/")
+
+    gpus = sorted({r.get("gpu") for r in records if r.get("gpu")})
+    torches = sorted({r.get("torch") for r in records if r.get("torch")})
+    lines = ["# Benchmarks", "",
+             f"Written by `python bench/run.py report` on {dt.date.today().isoformat()} from raw results of",
+             "`python bench/run.py measure` (see bench/). GPU: " + (", ".join(gpus) or "?") +
+             "; torch " + (", ".join(torches) or "?") + ".", "",
+             "s_per_step counts the two DiT forwards of a guided step. ratio_vs_diffusers compares a",
+             "resident case with diffusers all resident and a streamed case with diffusers",
+             "`enable_group_offload(block_level, use_stream=True)`, at the same shapes in the same run.", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in records]
+    if tests:
+        lines += ["", "GPU-marked tests: " + "; ".join(tests)]
+    (docs / "benchmarks.md").write_text("\n".join(lines) + "\n")
+    print(f"{len(records)} records -> {docs / 'benchmarks.json'}, {docs / 'benchmarks.md'}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--out", required=True)
+    m.add_argument("--parts", type=lambda s: s.split(","), default=list(PARTS))
+    m.add_argument("--budget-s", type=float, default=560.0)
+    m.add_argument("--dit-budget-s", type=float, default=330.0)
+    r = sub.add_parser("report")
+    r.add_argument("dirs", nargs="+")
+    r.add_argument("--docs", default=str(ROOT / "docs"))
+    args = ap.parse_args()
+    return measure(args) if args.cmd == "measure" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
