@@ -28,7 +28,8 @@ PARTS = ("tests", "dit", "vae", "job")
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> int:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     with log.open("w") as fh:
         try:
             return subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
