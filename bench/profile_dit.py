@@ -1,0 +1,85 @@
+"""Where a DiT forward spends its GPU time: wan_lite against diffusers, kernel by kernel.
+
+    python bench/profile_dit.py [--layers 4] [--model 5b] [--top 25]
+
+Builds the model with `--layers` blocks at full width (random weights, as bench_dit.py) at the
+model's default size, times a forward of each implementation with CUDA events, then prints the
+profiler's table of CUDA kernels for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dit import MODELS, build_wan, to_diffusers  # noqa: E402
+
+from wan_lite.models.dit import WanDiTConfig  # noqa: E402
+
+
+def timed(fn, repeats: int = 3) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="5b")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    cfg, stride, (w, h), frames = MODELS[args.model]
+    cfg = WanDiTConfig(**{**cfg.__dict__, "num_layers": args.layers})
+    latent = (cfg.in_dim, (frames - 1) // stride[0] + 1, h // stride[1], w // stride[2])
+    x = torch.randn(1, *latent, device="cuda")
+    ctx = torch.randn(1, 512, cfg.text_dim, device="cuda")
+    t = torch.tensor([500.0], device="cuda")
+    ours = build_wan(cfg, 0)
+    theirs = to_diffusers(build_wan(cfg, 0))
+    runs = {
+        "wan_lite": lambda: ours(x, t, ctx),
+        "diffusers": lambda: theirs(x.to(torch.bfloat16), t, ctx.to(torch.bfloat16), return_dict=False)[0],
+    }
+    import wan_lite.models.dit as dit_module
+
+    reference_rope = dit_module.apply_rope
+
+    def rope_fp32(x, cos, sin, dtype):  # the variant under test: fp32 instead of float64 math
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[None, :, None].float(), sin[None, :, None].float()
+        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(dtype)
+
+    with torch.inference_mode():
+        for name, fn in runs.items():
+            print(f"{name}: {timed(fn) * 1000:.1f} ms per forward of {args.layers} blocks", flush=True)
+        ref_out = runs["wan_lite"]().float()
+        dit_module.apply_rope = rope_fp32
+        ms = timed(runs["wan_lite"]) * 1000
+        out = runs["wan_lite"]().float()
+        err = ((out - ref_out).norm() / ref_out.norm()).item()
+        print(f"wan_lite with fp32 RoPE: {ms:.1f} ms; rel L2 vs float64 RoPE {err:.2e}", flush=True)
+        dit_module.apply_rope = reference_rope
+        for name, fn in runs.items():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            print(f"\n==== {name}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
