@@ -221,3 +221,25 @@ def test_history_reads_the_engines_sidecar_layout(tmp_path):
     (entry,) = history.read_history(out)
     assert entry.seed == 42 and entry.prompt == "A fox." and entry.settings["memory_profile"] == "auto"
     assert entry.timings == {"text": 2.0, "denoise": 300.0, "decode": 20.0} and entry.video.name == "fox_42.mp4"
+
+
+def test_generate_runs_one_job_at_a_time_and_light_handlers_skip_the_queue(ui):
+    fns = {fn.name: fn for fn in ui.demo.fns.values()}
+    assert fns["generate"].concurrency_limit == 1 and fns["generate"].concurrency_id == "generate"
+    assert fns["generate"].queue and not fns["cancel"].queue  # Cancel must not wait behind the job
+    assert fns["download"].concurrency_id == "download"  # a download does not block generating
+
+
+def test_cancel_button_leaves_the_last_word_to_the_job(ui):
+    from wan_lite.ui.app import run_job
+
+    ui.engine.step_s = 0.05
+    values = form.default_values() | {"user_prompt": PROMPT, "steps": 200}
+    updates = []
+    for update in run_job(ui, "me", values):
+        updates.append(update)
+        if "step " in update.get("progress", "") and not ui.runner.cancelling("me"):
+            assert ui.runner.cancel("me")
+    stopping = [u["progress"] for u in updates if "stopping after this step" in u.get("progress", "")]
+    assert stopping and updates[-1]["status"] == "⏹ Cancelled by the user."
+    assert 'data-state="cancelled"' in updates[-1]["progress"]

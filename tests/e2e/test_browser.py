@@ -72,7 +72,7 @@ def app_url(request, tmp_path, monkeypatch) -> Iterator[tuple[str, object, Path]
     if request.param == "scripted":
         from tests.e2e.fake_engine import FakeEngine
 
-        engine = FakeEngine(models, out, step_s=0.25)
+        engine = FakeEngine(models, out, step_s=0.1)
     else:
         engine = _real_engine(models, out)
     from wan_lite.ui.app import build_ui, launch
@@ -84,6 +84,29 @@ def app_url(request, tmp_path, monkeypatch) -> Iterator[tuple[str, object, Path]
         yield f"http://127.0.0.1:{port}/", engine, tmp_path
     finally:
         ui.demo.close()
+
+
+WATCH_PROGRESS = """() => {
+    window.__wlProgress = [];
+    const root = document.querySelector('#wl-progress');
+    const record = () => {
+        const bar = root.querySelector('.wl-progress');
+        if (!bar) return;
+        const entry = [bar.dataset.state, Number(bar.dataset.pct), bar.textContent];
+        const last = window.__wlProgress[window.__wlProgress.length - 1];
+        if (!last || last.join('|') !== entry.join('|')) window.__wlProgress.push(entry);
+    };
+    new MutationObserver(record).observe(root, {subtree: true, childList: true, attributes: true, characterData: true});
+}"""
+
+
+def _set_slider(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    from playwright.sync_api import expect
+
+    expect(box).to_have_value(str(value))
 
 
 def _start_image(path: Path) -> Path:
@@ -141,16 +164,15 @@ def test_create_generate_history_cancel(app_url):
             page.locator("#wl-frames input[type=number]").fill("5")
             page.locator("#wl-frames input[type=number]").press("Enter")
             expect(page.locator("#wl-estimate")).to_contain_text("5 frames")
-            page.locator("#wl-generate").click()
-            bar = page.locator("#wl-progress .wl-progress")
-            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+"))
-            first = int(bar.get_attribute("data-pct"))
-            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile("elapsed"))
-            page.wait_for_function(
-                f"() => Number(document.querySelector('#wl-progress .wl-progress').dataset.pct) > {first}")
-            expect(page.locator("#wl-preview img")).to_be_visible()
-            page.screenshot(path=str(shots / "2-progress.png"), full_page=True)
+            page.get_by_text("Advanced settings").click()
+            _set_slider(page, "#wl-steps", 40)  # enough steps to watch the bar move, even with tiny models
 
+            # Every state the progress bar goes through is recorded in the page, so a fast run
+            # cannot slip between two polls of the test.
+            page.evaluate(WATCH_PROGRESS)
+            page.locator("#wl-generate").click()
+            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+|Finished"))
+            page.screenshot(path=str(shots / "2-progress.png"), full_page=True)
             # The video appears and plays.
             expect(page.locator("#wl-status")).to_contain_text("Done", timeout=180_000)
             video = page.locator("#wl-video video")
@@ -159,6 +181,12 @@ def test_create_generate_history_cancel(app_url):
                 "() => { const v = document.querySelector('#wl-video video'); return v && v.readyState >= 1 && v.duration > 0; }")
             seed = page.locator("#wl-last-seed textarea, #wl-last-seed input").first.input_value()
             assert seed.isdigit()
+            seen = page.evaluate("window.__wlProgress")
+            steps = [pct for state, pct, label in seen if state == "running" and "step" in label]
+            assert len(set(steps)) >= 2 and steps == sorted(steps), seen
+            assert any("elapsed" in label and "left" in label for _, _, label in seen), seen
+            assert seen[-1][0] == "done" and seen[-1][1] == 100
+            expect(page.locator("#wl-preview img")).to_be_visible()
             page.screenshot(path=str(shots / "3-result.png"), full_page=True)
 
             # History: the result is there with its seed; reuse puts its settings back.
@@ -175,9 +203,7 @@ def test_create_generate_history_cancel(app_url):
 
             # A second run, cancelled mid-way: the page says so and stays usable.
             page.locator("#wl-seed textarea, #wl-seed input").first.fill("-1")
-            page.get_by_text("Advanced settings").click()
-            page.locator("#wl-steps input[type=number]").fill("100")
-            page.locator("#wl-steps input[type=number]").press("Enter")
+            _set_slider(page, "#wl-steps", 100)
             page.locator("#wl-generate").click()
             expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+"))
             page.locator("#wl-cancel").click()
@@ -186,6 +212,18 @@ def test_create_generate_history_cancel(app_url):
             page.screenshot(path=str(shots / "5-cancelled.png"), full_page=True)
             if hasattr(engine, "cancelled_at"):
                 assert engine.cancelled_at is not None and engine.cancelled_at < engine.requests[-1].steps
+
+            # The models panel says what is installed, where, and how to get the rest.
+            page.get_by_role("tab", name="Models").click()
+            models = page.locator("#wl-models")
+            expect(models).to_contain_text("Wan-AI/Wan2.2-T2V-A14B")
+            expect(models).to_contain_text(str(engine.model_folder("ti2v-5b")))
+            page.screenshot(path=str(shots / "6-models.png"), full_page=True)
+
+            # A new page starts with the last used settings.
+            page.reload()
+            expect(prompt).to_have_value(re.compile("Camera pushes in"))
+            expect(page.locator("#wl-seed textarea, #wl-seed input").first).to_have_value("-1")
         except Exception:
             page.screenshot(path=str(shots / "failure.png"), full_page=True)
             raise

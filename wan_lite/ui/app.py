@@ -203,7 +203,8 @@ def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[st
            "progress": form.progress_html(None, "Starting…", "running"), "preview": None}
     for event in ui.runner.run(session, request):
         if isinstance(event, Progress):
-            update = {"progress": form.progress_html(event)}
+            stopping = ui.runner.cancelling(session)
+            update = {"progress": form.progress_html(event, "stopping after this step…" if stopping else "")}
             if event.preview is not None:
                 update["preview"] = event.preview
             yield update
@@ -371,10 +372,12 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
 def _wire(ui: AppUI) -> None:
     w = ui.w
     form_names = ui.form_names
-    # gr.State does not fire .change for updates from queue-less handlers, so handlers that set
-    # "image" chain `refresh` (everything derived from the form) with .then().
+    # What the page derives from the form (final prompt, estimate, crop preview) is recomputed on
+    # the user's own edits (.input, newest wins) and, after any handler that changes the form
+    # itself, by chaining `refresh` with .then(). Listening to .change instead fires one request
+    # per widget a handler touches, and their answers can arrive out of order (a stale prompt).
     prompt_inputs = ["user_prompt", "style", "language", "negative_prompt", *ui.term_names]
-    estimate_inputs = ["model", "size", "frames", "steps", "memory_profile", "guidance", "shift", "sampler"]
+    estimate_inputs = ["size", "frames", "steps", "memory_profile", "guidance", "shift", "sampler"]
     derived = ["final_prompt", "prompt_notes", "estimate", "crop", "crop_note"]
     mode_outputs = ["model", "size", "frames", "steps", "guidance", "guidance_low", "shift"]
 
@@ -383,21 +386,30 @@ def _wire(ui: AppUI) -> None:
             return ui.out(fn(*args, **values))
         return call
 
-    gr.on([w[n].change for n in prompt_inputs], named(lambda **v: prompt_updates(ui, v)),
-          inputs_kwargs=ui.kw(prompt_inputs), outputs=ui.comps(["final_prompt", "prompt_notes"]), queue=False)
-    gr.on([w[n].change for n in estimate_inputs], named(lambda **v: estimate_updates(ui, v)),
-          inputs_kwargs=ui.kw(estimate_inputs), outputs=ui.comps(["estimate"]), queue=False)
-    gr.on([w["model"].change, w["size"].change],
-          named(lambda image, model, size: crop_preview(ui, image, model, size)),
-          inputs_kwargs=ui.kw(["image", "model", "size"]), outputs=ui.comps(["crop", "crop_note"]), queue=False)
+    def refresh(**values: Any) -> dict[Any, Any]:
+        return ui.out({**prompt_updates(ui, values), **estimate_updates(ui, values),
+                       **crop_preview(ui, values.get("image"), values["model"], values.get("size"))})
+
+    then_refresh = {"fn": refresh, "inputs_kwargs": ui.kw(form_names), "outputs": ui.comps(derived), "queue": False}
+
+    gr.on([w[n].input for n in prompt_inputs], named(lambda **v: prompt_updates(ui, v)),
+          inputs_kwargs=ui.kw(prompt_inputs), outputs=ui.comps(["final_prompt", "prompt_notes"]), queue=False,
+          trigger_mode="always_last")
+    gr.on([w[n].input for n in estimate_inputs], named(lambda **v: estimate_updates(ui, v)),
+          inputs_kwargs=ui.kw([*estimate_inputs, "model", "image"]), outputs=ui.comps(["estimate"]), queue=False,
+          trigger_mode="always_last")
+    w["size"].input(named(lambda image, model, size: crop_preview(ui, image, model, size)),
+                    inputs_kwargs=ui.kw(["image", "model", "size"]), outputs=ui.comps(["crop", "crop_note"]),
+                    queue=False, trigger_mode="always_last")
 
     def on_model(model: str, mode: str, size: str, image: str | None) -> dict[str, Any]:
         return model_updates(form.model_for_image(model, bool(image)), mode, size)
 
     w["model"].input(named(on_model), inputs_kwargs=ui.kw(["model", "mode", "size", "image"]),
-                     outputs=ui.comps(mode_outputs), queue=False)
+                     outputs=ui.comps(mode_outputs), queue=False).then(**then_refresh)
     w["mode"].input(named(lambda model, mode, size: model_updates(model, mode, size)),
-                    inputs_kwargs=ui.kw(["model", "mode", "size"]), outputs=ui.comps(mode_outputs), queue=False)
+                    inputs_kwargs=ui.kw(["model", "mode", "size"]), outputs=ui.comps(mode_outputs),
+                    queue=False).then(**then_refresh)
 
     def on_upload(upload: Any, model: str, mode: str, size: str) -> dict[str, Any]:
         path = getattr(upload, "name", upload)
@@ -414,13 +426,8 @@ def _wire(ui: AppUI) -> None:
             out.update(model_updates(new_model, mode, size))
         return out
 
-    def refresh(**values: Any) -> dict[Any, Any]:
-        return ui.out({**prompt_updates(ui, values), **estimate_updates(ui, values),
-                       **crop_preview(ui, values.get("image"), values["model"], values.get("size"))})
-
     w["upload"].change(named(on_upload), inputs_kwargs=ui.kw(["upload", "model", "mode", "size"]),
-                       outputs=ui.comps(["image", "status", "upload", *mode_outputs]), queue=False).then(
-        refresh, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(derived), queue=False)
+                       outputs=ui.comps(["image", "status", "upload", *mode_outputs]), queue=False).then(**then_refresh)
 
     def apply_bundle(bundle: str) -> dict[str, Any]:
         b = ui.presets.bundles.get(bundle or "")
@@ -429,7 +436,7 @@ def _wire(ui: AppUI) -> None:
         return {**form.split_terms(list(b.terms), ui.presets), "style": b.style or ""}
 
     w["bundle"].input(named(apply_bundle), inputs_kwargs=ui.kw(["bundle"]),
-                      outputs=ui.comps([*ui.term_names, "style"]), queue=False)
+                      outputs=ui.comps([*ui.term_names, "style"]), queue=False).then(**then_refresh)
 
     def save_bundle(bundle_name: str, style: str, **terms: Any) -> dict[str, Any]:
         try:
@@ -443,7 +450,8 @@ def _wire(ui: AppUI) -> None:
 
     w["bundle_save"].click(named(save_bundle), inputs_kwargs=ui.kw(["bundle_name", "style", *ui.term_names]),
                            outputs=ui.comps(["status", "bundle"]), queue=False)
-    w["negative_restore"].click(lambda: DEFAULT_NEGATIVE_PROMPT, outputs=w["negative_prompt"], queue=False)
+    w["negative_restore"].click(lambda: DEFAULT_NEGATIVE_PROMPT, outputs=w["negative_prompt"],
+                                queue=False).then(**then_refresh)
     w["use_seed"].click(lambda s: s if str(s).strip().isdigit() else "-1", inputs=w["last_seed"],
                         outputs=w["seed"], queue=False)
 
@@ -457,13 +465,15 @@ def _wire(ui: AppUI) -> None:
     run_outputs = ["status", "progress", "preview", "video", "download", "last_seed", "history", "history_paths"]
     w["generate"].click(clear_cancel, queue=False).then(
         generate, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(run_outputs),
-        concurrency_limit=1, concurrency_id="generate", show_progress="minimal",
+        concurrency_limit=1, concurrency_id="generate", show_progress="full",
         show_progress_on=w["progress"])
 
     def cancel(request: gr.Request) -> dict[Any, Any]:
-        running = ui.runner.cancel(_session(request))
-        return ui.out({"status": "⏹ Stopping after the current step…" if running
-                       else "⏹ Your next queued job will be skipped."})
+        # A running job reports "stopping" and then "cancelled" through its own updates; writing
+        # the status here too could land after the job's last word and hide it.
+        if ui.runner.cancel(_session(request)):
+            return {}
+        return ui.out({"status": "⏹ Nothing is running; your next queued job (if any) will be skipped."})
 
     w["cancel"].click(cancel, outputs=ui.comps(["status"]), queue=False)
 
@@ -482,8 +492,7 @@ def _wire(ui: AppUI) -> None:
                  "sampler", "memory_profile", *ui.term_names, *mode_outputs]
     w["reuse"].click(named(lambda history_paths, history_index: reuse_history(ui, history_paths, history_index)),
                      inputs_kwargs=ui.kw(["history_paths", "history_index"]), outputs=ui.comps(reuse_out),
-                     queue=False).then(refresh, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(derived),
-                                       queue=False)
+                     queue=False).then(**then_refresh)
 
     def models_table() -> dict[Any, Any]:
         rows, note = models_panel.statuses(ui.engine)

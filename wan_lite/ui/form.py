@@ -203,7 +203,8 @@ def estimate_text(estimate: Estimate) -> str:
 
 
 def progress_html(p: Progress | None, note: str = "", state: str = "running") -> str:
-    """The progress bar: stage, step, elapsed and ETA. `state`: idle, running, done, failed."""
+    """The progress bar: stage, step, elapsed and ETA (+ `note`). `state`: idle, running, done, failed,
+    cancelled."""
     if p is None:
         pct, label = (100.0 if state == "done" else 0.0), html.escape(note)
     else:
@@ -211,7 +212,7 @@ def progress_html(p: Progress | None, note: str = "", state: str = "running") ->
         stage = STAGE_TITLES.get(p.stage, p.stage)
         steps = f" · step {p.step}/{p.total}" if p.total > 1 else ""
         eta = f" · about {clock(p.eta_s)} left" if p.eta_s is not None else ""
-        extra = f" · {html.escape(p.message)}" if p.message else ""
+        extra = "".join(f" · {html.escape(m)}" for m in (p.message, note) if m)
         label = f"{html.escape(stage)}{steps} · {clock(p.elapsed_s)} elapsed{eta}{extra}"
     return (
         f'<div class="wl-progress wl-{state}" data-state="{state}" data-pct="{pct:.0f}">'

@@ -64,6 +64,12 @@ class JobRunner:
             self._pending_cancel.add(session)
             return False
 
+    def cancelling(self, session: str) -> bool:
+        """True while the session's job has been told to stop but has not stopped yet."""
+        with self._lock:
+            token = self._tokens.get(session)
+            return token is not None and token.cancelled
+
     def clear_pending(self, session: str) -> None:
         """Forget a Cancel that came when nothing ran (called when a new Generate is clicked)."""
         with self._lock:
