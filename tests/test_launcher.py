@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -100,6 +101,14 @@ def _clone(tmp_path: Path) -> Path:
     return clone
 
 
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,6 +138,11 @@ def test_fresh_clone_sets_up_and_serves_the_app(tmp_path):
         assert "<title>wan_lite</title>" in body or "wan_lite" in body
         assert "Starting wan_lite" in text and f"127.0.0.1:{port}" in text
         assert (tmp_path / "out").is_dir() and (tmp_path / "cache" / "wan_lite" / "uploads").is_dir()
+        # Only the output and upload folders are served: not the app's own files, not the system's.
+        (tmp_path / "out" / "clip.mp4").write_bytes(b"not really a video")
+        assert _status(f"http://127.0.0.1:{port}/gradio_api/file={tmp_path / 'out' / 'clip.mp4'}") == 200
+        for secret in ("/etc/passwd", clone / "app.py", tmp_path / "config" / "settings.json"):
+            assert _status(f"http://127.0.0.1:{port}/gradio_api/file={secret}") in (403, 404), secret
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

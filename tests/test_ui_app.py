@@ -184,7 +184,7 @@ def test_page_builds_with_every_request_widget_named(ui):
 
 
 def test_run_job_shows_errors_then_works_again(ui):
-    from wan_lite.ui.app import run_job
+    from wan_lite.ui.handlers import run_job
 
     values = form.default_values() | {"user_prompt": ""}
     updates = list(run_job(ui, "s", values))
@@ -202,7 +202,7 @@ def test_run_job_shows_errors_then_works_again(ui):
 
 
 def test_model_switch_sets_expert_guidance_and_valid_sizes():
-    from wan_lite.ui.app import model_updates
+    from wan_lite.ui.handlers import model_updates
 
     a14b = model_updates("t2v-a14b", "quality", "704x1280")
     assert a14b["guidance_low"]["visible"] is True and a14b["guidance_low"]["value"] == 3.0
@@ -231,7 +231,7 @@ def test_generate_runs_one_job_at_a_time_and_light_handlers_skip_the_queue(ui):
 
 
 def test_cancel_button_leaves_the_last_word_to_the_job(ui):
-    from wan_lite.ui.app import run_job
+    from wan_lite.ui.handlers import run_job
 
     ui.engine.step_s = 0.05
     values = form.default_values() | {"user_prompt": PROMPT, "steps": 200}
@@ -243,3 +243,18 @@ def test_cancel_button_leaves_the_last_word_to_the_job(ui):
     stopping = [u["progress"] for u in updates if "stopping after this step" in u.get("progress", "")]
     assert stopping and updates[-1]["status"] == "⏹ Cancelled by the user."
     assert 'data-state="cancelled"' in updates[-1]["progress"]
+
+
+def test_the_ui_modules_import_no_torch_and_only_the_engines_small_api():
+    import ast
+
+    allowed = {"wan_lite.api", "wan_lite.engine", "wan_lite.errors", "wan_lite.registry", "wan_lite.sizing", "wan_lite.ui"}
+    ui_dir = Path(__file__).resolve().parents[1] / "wan_lite" / "ui"
+    for path in ui_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] != "torch", f"{path.name} imports {name}"
+                if name.startswith("wan_lite"):
+                    assert any(name == a or name.startswith(a + ".") for a in allowed), f"{path.name} imports {name}"

@@ -1,4 +1,4 @@
-"""The Gradio page: layout and event handlers.
+"""The Gradio page: layout and wiring (the handlers are in wan_lite/ui/handlers.py).
 
 Every widget is registered under a name in `AppUI.w` (GenerateRequest field names where a widget
 sets a field, see wan_lite/ui/form.py); handlers receive and return values by name, never by
@@ -8,18 +8,27 @@ position, so adding a widget never shifts another handler's arguments.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from wan_lite.api import Progress
 from wan_lite.engine import Engine
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
 from wan_lite.ui import form, history, images, models_panel
-from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
+from wan_lite.ui.handlers import (
+    AppUI,
+    crop_preview,
+    estimate_updates,
+    history_updates,
+    model_updates,
+    override,
+    prompt_updates,
+    reuse_history,
+    run_job,
+)
+from wan_lite.ui.jobs import JobRunner, error_message
 from wan_lite.ui.presets import (
     Bundle,
     Presets,
@@ -29,17 +38,7 @@ from wan_lite.ui.presets import (
     term_choices,
     user_presets_dir,
 )
-from wan_lite.ui.settings import (
-    MODES,
-    SettingsStore,
-    infer_mode,
-    max_frames,
-    mode_values,
-    parse_size,
-    quality_notes,
-    seconds_for_frames,
-    size_choices,
-)
+from wan_lite.ui.settings import MODES, SettingsStore, max_frames, size_choices
 
 log = logging.getLogger(__name__)
 
@@ -69,187 +68,8 @@ def term_tabs(presets: Presets) -> dict[str, list[str]]:
     return {title: keys for title, keys in tabs.items() if keys}
 
 
-@dataclass
-class AppUI:
-    engine: Engine
-    presets: Presets
-    store: SettingsStore
-    upload_dir: Path
-    runner: JobRunner
-    w: dict[str, Any] = field(default_factory=dict)  # widgets by name
-    demo: gr.Blocks | None = None
-
-    def out(self, values: dict[str, Any]) -> dict[Any, Any]:
-        """Name -> value to component -> value, for a handler's return."""
-        return {self.w[k]: v for k, v in values.items() if k in self.w}
-
-    def comps(self, names: Iterable[str]) -> list[Any]:
-        return [self.w[n] for n in names]
-
-    def kw(self, names: Iterable[str]) -> dict[str, Any]:
-        return {n: self.w[n] for n in names}
-
-    @property
-    def term_names(self) -> list[str]:
-        return [form.term_widget(k) for k in self.presets.categories]
-
-    @property
-    def form_names(self) -> list[str]:
-        return [*form.REQUEST_WIDGETS, *form.UI_ONLY, *self.term_names]
-
-
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
-
-
-# ---------------------------------------------------------------------------------------------
-# Handlers (plain functions of named values; wired below)
-
-
-def model_updates(model: str, mode: str, size: str | None) -> dict[str, Any]:
-    """Switching model or mode resets the settings the mode controls, keeping the orientation."""
-    spec = get_spec(model)
-    portrait = False
-    if size:
-        try:
-            w, h = parse_size(size)
-            portrait = h > w
-        except Exception:
-            portrait = False
-    values = mode_values(mode, spec, portrait)
-    return {
-        "model": spec.name,
-        "size": gr.update(choices=size_choices(spec), value=values["size"]),
-        "frames": gr.update(maximum=max_frames(spec), value=values["frames"]),
-        "steps": values["steps"],
-        "guidance": gr.update(value=values["guidance"],
-                              label="Guidance, high-noise expert" if spec.experts else "Guidance"),
-        "guidance_low": gr.update(value=values["guidance_low"], visible=spec.experts),
-        "shift": values["shift"],
-    }
-
-
-def crop_preview(ui: AppUI, image: str | None, model: str, size: str | None) -> dict[str, Any]:
-    if not image or not Path(image).is_file():
-        return {"crop": None, "crop_note": ""}
-    spec = get_spec(form.model_for_image(model, True))
-    try:
-        w, h = parse_size(size) if size else spec.default_size
-        frame, framing = images.model_frame(Path(image), spec, w * h)
-    except Exception as err:
-        return {"crop": None, "crop_note": f"⛔ {error_message(err)}"}
-    how = "centre crop" if framing.cropped else ("resized, no crop" if spec.task == "i2v" else "whole image")
-    return {"crop": frame, "crop_note": f"The video will be **{framing.width}×{framing.height}** ({how}); "
-                                         "this is exactly the first frame the model gets."}
-
-
-def prompt_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
-    comp = form.composition_for(values, ui.presets)
-    notes = "\n".join(f"- {w}" for w in comp.warnings)
-    return {"final_prompt": comp.prompt, "prompt_notes": notes}
-
-
-def estimate_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
-    try:
-        # The estimate does not depend on the prompt; a placeholder keeps an empty box from failing.
-        placeholder = {**values, "user_prompt": values.get("user_prompt") or "-"}
-        request, _ = form.request_from_values(placeholder, ui.presets)
-        spec = get_spec(request.model)
-        frames = request.frames or spec.frames
-        lines = [f"{frames} frames = **{seconds_for_frames(frames, spec.fps):.1f} s** at {spec.fps} fps."]
-        lines += [f"- {n}" for n in quality_notes(spec, request.width or 0, request.height or 0,
-                                                   request.steps or spec.steps, frames)]
-        try:
-            lines.append(form.estimate_text(ui.engine.preflight(request)))
-        except NotImplementedError:
-            lines.append("_Memory and time estimate: not available yet (the planner is not finished)._")
-        return {"estimate": "\n\n".join(lines)}
-    except Exception as err:
-        return {"estimate": f"⛔ {error_message(err)}"}
-
-
-def history_updates(ui: AppUI) -> dict[str, Any]:
-    entries = history.read_history(ui.engine.output_dir)
-    return {"history": [(str(e.video), e.caption()) for e in entries],
-            "history_paths": [str(e.sidecar) for e in entries]}
-
-
-def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The Generate button: yields name -> value updates while the job runs."""
-    idle = {"video": None, "download": gr.update(visible=False)}
-    try:
-        request, comp = form.request_from_values(values, ui.presets)
-        if not comp.prompt.strip() and not request.image:
-            from wan_lite.errors import InputError
-
-            raise InputError("The prompt is empty.", "Write what the video should show, or upload a start image.")
-        if get_spec(request.model).needs_image and not request.image:
-            from wan_lite.errors import InputError
-
-            raise InputError("I2V-A14B makes a video from a picture.", "Upload a start image, or choose T2V-A14B.")
-    except Exception as err:
-        yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
-        return
-    ui.store.save(form.settings_from_values(values, ui.presets))
-    notes: list[str] = []
-    try:
-        request, notes = ui.engine.normalize(request)
-    except NotImplementedError:
-        pass
-    except Exception as err:
-        yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
-        return
-    yield {**idle, "status": "\n".join(f"- {n}" for n in notes),
-           "progress": form.progress_html(None, "Starting…", "running"), "preview": None}
-    for event in ui.runner.run(session, request):
-        if isinstance(event, Progress):
-            stopping = ui.runner.cancelling(session)
-            update = {"progress": form.progress_html(event, "stopping after this step…" if stopping else "")}
-            if event.preview is not None:
-                update["preview"] = event.preview
-            yield update
-        elif isinstance(event, Finished):
-            r = event.result
-            total = r.timings.get("total", sum(r.timings.values()))
-            timings = ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items() if k != "total")
-            done = [f"✅ Done: {r.width}×{r.height}, {r.frames} frames at {r.fps} fps, seed **{r.seed}**"
-                    + (f" ({timings}; total {total:.1f} s)." if timings else ".")]
-            done += [f"- {n}" for n in dict.fromkeys([*notes, *r.notes])]  # the engine may repeat its notes
-            yield {"status": "\n".join(done), "video": str(r.video_path),
-                   "download": gr.update(value=str(r.video_path), visible=True),
-                   "last_seed": str(r.seed), "progress": form.progress_html(None, "Finished", "done"),
-                   **history_updates(ui)}
-        elif isinstance(event, Failed):
-            state = "cancelled" if event.cancelled else "failed"
-            yield {"status": ("⏹ " if event.cancelled else "⛔ ") + event.message,
-                   "progress": form.progress_html(None, event.message, state)}
-
-
-def override(updates: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """Put `values` over `updates`, keeping the choices/labels of gr.update entries."""
-    out = dict(updates)
-    for key, value in values.items():
-        prev = out.get(key)
-        out[key] = gr.update(**{**prev, "value": value}) if isinstance(prev, dict) else value
-    return out
-
-
-def reuse_history(ui: AppUI, paths: list[str], index: int | None) -> dict[str, Any]:
-    if index is None or not paths or index >= len(paths):
-        return {"status": "Pick a result in the gallery first."}
-    entry = history.parse_sidecar(Path(paths[index]), ui.engine.output_dir)
-    if entry is None:
-        return {"status": "⛔ That result is no longer in the output folder."}
-    values = form.values_from_history(entry.settings, ui.presets)
-    image = entry.settings.get("image")
-    image = image if isinstance(image, str) and Path(image).is_file() else None
-    values["model"] = form.model_for_image(values["model"], bool(image))
-    mode = infer_mode(get_spec(values["model"]), values.get("size"), values.get("frames"), values.get("steps"))
-    updates = override(model_updates(values["model"], mode or "quality", values.get("size")), values)
-    updates.update({"image": image, "mode": mode, "bundle": "", "tabs": gr.Tabs(selected="create"),
-                    "status": f"Settings of {entry.video.name} loaded (seed {entry.seed}). "
-                              "Click Generate to run it again."})
-    return updates
 
 
 # ---------------------------------------------------------------------------------------------
