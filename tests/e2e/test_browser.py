@@ -179,6 +179,7 @@ def test_create_generate_history_cancel(app_url):
             expect(video).to_have_attribute("src", re.compile(r".+"))
             page.wait_for_function(
                 "() => { const v = document.querySelector('#wl-video video'); return v && v.readyState >= 1 && v.duration > 0; }")
+            expect(page.locator("#wl-download-video")).to_be_visible()
             seed = page.locator("#wl-last-seed textarea, #wl-last-seed input").first.input_value()
             assert seed.isdigit()
             seen = page.evaluate("window.__wlProgress")
@@ -191,6 +192,8 @@ def test_create_generate_history_cancel(app_url):
 
             # History: the result is there with its seed; reuse puts its settings back.
             page.get_by_role("tab", name="History").click()
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#wl-history video'); return v && v.readyState >= 1 && v.duration > 0; }")
             page.locator("#wl-history button.thumbnail-item, #wl-history .thumbnail-item").first.click()
             expect(page.locator("#wl-history-details")).to_contain_text(f"Seed: {seed}")
             page.screenshot(path=str(shots / "4-history.png"), full_page=True)
