@@ -77,7 +77,7 @@ def _session(request: gr.Request | None) -> str:
 
 
 def build_ui(engine: Engine, upload_dir: Path, store: SettingsStore | None = None,
-             presets: Presets | None = None, profiles_dir: Path | None = None) -> AppUI:
+             presets: Presets | None = None) -> AppUI:
     """Build the page (not launched). `upload_dir` must also be Gradio's temp dir (GRADIO_TEMP_DIR)."""
     presets = presets or load_presets(user_dir=user_presets_dir())
     ui = AppUI(engine, presets, store or SettingsStore(), upload_dir, JobRunner(engine))
@@ -321,9 +321,10 @@ def _wire(ui: AppUI) -> None:
     w["models_refresh"].click(models_table, outputs=ui.comps(["models_table"]), queue=False)
 
     def download(download_model: str) -> Iterator[dict[Any, Any]]:
-        for line in models_panel.download_events(ui.engine, download_model):
-            yield ui.out({"download_status": line})
-        yield models_table() | ui.out({"download_status": line})
+        last = ""
+        for last in models_panel.download_events(ui.engine, download_model):
+            yield ui.out({"download_status": last})
+        yield models_table() | ui.out({"download_status": last})  # the table shows the new state
 
     w["download_btn"].click(download, inputs_kwargs=ui.kw(["download_model"]),
                             outputs=ui.comps(["download_status", "models_table"]),

@@ -17,7 +17,7 @@ import gradio as gr
 
 from wan_lite.api import Progress
 from wan_lite.engine import Engine
-from wan_lite.errors import InputError
+from wan_lite.errors import InputError, WanLiteError
 from wan_lite.registry import get_spec
 from wan_lite.ui import form, history, images
 from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
@@ -67,8 +67,6 @@ class AppUI:
         return [*form.REQUEST_WIDGETS, *form.UI_ONLY, *self.term_names]
 
 
-
-
 def model_updates(model: str, mode: str, size: str | None) -> dict[str, Any]:
     """Switching model or mode resets the settings the mode controls, keeping the orientation."""
     spec = get_spec(model)
@@ -77,7 +75,7 @@ def model_updates(model: str, mode: str, size: str | None) -> dict[str, Any]:
         try:
             w, h = parse_size(size)
             portrait = h > w
-        except Exception:
+        except WanLiteError:  # a half-typed custom size: keep landscape
             portrait = False
     values = mode_values(mode, spec, portrait)
     return {
@@ -144,8 +142,6 @@ def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[st
         request, comp = form.request_from_values(values, ui.presets)
         if not comp.prompt.strip() and not request.image:
             raise InputError("The prompt is empty.", "Write what the video should show, or upload a start image.")
-        if get_spec(request.model).needs_image and not request.image:
-            raise InputError("I2V-A14B makes a video from a picture.", "Upload a start image, or choose T2V-A14B.")
     except Exception as err:
         yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
         return
