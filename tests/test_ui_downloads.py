@@ -61,6 +61,8 @@ def test_models_panel_lists_state_size_folder_and_repo(tmp_path):
     assert "✅ installed" in text and "2.5 MB" in text and str(folder) in text
     assert "Hugging Face `Wan-AI/Wan2.2-T2V-A14B` — use Download below" in text
     assert "- **t2v-a14b**: Wan2.1_VAE.pth: not found" in text  # a missing model names what is missing
+    rows[1].problems.append(rows[1].missing[0])
+    assert models_panel.status_markdown(rows).count("Wan2.1_VAE.pth: not found") == 2  # once per model
     assert "⬇️ missing" in text
 
 

@@ -49,7 +49,7 @@ def status_markdown(rows: list[ModelStatus], note: str = "") -> str:
         lines.append(f"| **{html.escape(r.title)}** | {state} | {size} | `{html.escape(str(r.folder))}` | {how} |")
     details = []
     for r in rows:
-        for item in [*r.missing, *r.problems]:
+        for item in dict.fromkeys([*r.missing, *r.problems]):  # the engine may list a file in both
             details.append(f"- **{html.escape(r.name)}**: {html.escape(item)}")
     if details:
         lines += ["", "**What is missing or broken:**", *details]
