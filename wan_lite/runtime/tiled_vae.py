@@ -1,0 +1,486 @@
+"""Tiled VAE decode and encode: spatial tiles with overlap and smooth blending, OOM retry.
+
+A Wan VAE decodes a video one latent frame at a time, carrying a feature cache through time, and
+its peak memory grows with the frame's area. Here the latent is cut into overlapping spatial
+tiles; each tile is decoded over ALL latent frames by the VAE's own `decode` (its causal chunking
+and cache kept exactly), and the tiles are blended into a preallocated output, which may live in
+CPU memory so that the GPU holds one tile's activations at a time.
+
+Two things make tiles match the untiled decode closely (tests: tiny random VAEs, both versions):
+- Global attention. The decoder's `middle` (ResidualBlock, per-frame spatial self-attention over
+  the whole frame, ResidualBlock) runs at latent resolution, where it is cheap. It is computed
+  once over the whole latent (kept in CPU memory) and a forward hook replaces each tile's own
+  `middle` output by its crop: without this, every tile would attend over itself only and differ
+  everywhere, not just near its border. The encoder's attention is at its end: tiles run the
+  encoder up to `middle[0]` (captured by a hook), those features are blended, and the rest of the
+  encoder (attention, ResidualBlock, head) runs once over the whole latent.
+- Blending. Along each axis a tile's weight is 0 in the outer quarter of each overlap (the part
+  most affected by the tile's zero padding), rises along a cosine ramp across the middle half and
+  is 1 inside; the ramps of neighbours are mirror images, so weights sum to 1 everywhere and no
+  step is left at a border. Tiles are equal-sized (at most `tile`), spread so that neighbours
+  overlap by at least `overlap`.
+
+Units: `tiled_decode`, `choose_tile` and `decode_with_retry` take tiles in latent pixels;
+`tiled_encode`, `make_decode_fn` and `make_encode_fn` in video pixels (as `Plan.vae_tile`),
+converted with the VAE's spatial stride (8 for Wan 2.1, 16 for Wan 2.2).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from wan_lite.errors import InputError
+from wan_lite.errors import OutOfMemoryError as WanOutOfMemoryError
+from wan_lite.models.vae_common import FeatureCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OVERLAP_PX = 64  # output pixels: 4 latent px for Wan 2.2, 8 for Wan 2.1 (diffusers uses 64 too)
+MIN_TILE = 8  # latent px: below this, tiles are mostly overlap and OOM retry gives up
+DEAD_FRACTION = 0.25  # of each overlap, per side, where the tile whose edge it is gets weight 0
+
+# Memory model of one decode, bytes. Activations of one latent frame through the decoder (causal
+# caches included) per output pixel, per byte of the VAE dtype; measured on an H200 with our VAEs
+# (planner K.vae_decode_px: 2.2 bf16 10.4 kB/px, fp32 20.7 kB/px; 2.1 11.4 / 22.7 kB/px).
+# Recalibrate with bench/bench_vae.py (it prints the fitted constants).
+DECODE_PX_PER_BYTE = {"2.2": 5200.0, "2.1": 5700.0}
+ENCODE_PX_PER_BYTE = {"2.2": 2150.0, "2.1": 4700.0}  # planner K.vae_encode_px / 2
+FIXED_BYTES = 128 * 2**20  # cuDNN workspaces, allocator rounding
+MARGIN = (256 * 2**20, 0.10)  # keep this much free: fixed bytes + a share of the estimate
+
+VAEFn = Callable[[Any, torch.Tensor], torch.Tensor]  # the pipeline's decode_fn / encode_fn
+
+
+# ---------------------------------------------------------------------------------------- layout
+def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Cut [0, size) into the fewest equal tiles of at most `tile` that overlap by >= `overlap`.
+
+    One span when `tile >= size`. The overlap is capped at half the tile, so that only
+    neighbours overlap. Returns [(start, stop)], starts spread evenly from 0 to size - tile'.
+    """
+    if tile >= size:
+        return [(0, size)]
+    overlap = min(overlap, tile // 2)
+    n = math.ceil((size - overlap) / (tile - overlap))
+    t = math.ceil((size + (n - 1) * overlap) / n)  # equal tiles of t <= tile cover size
+    starts = [round(i * (size - t) / (n - 1)) for i in range(n)]
+    return [(a, a + t) for a in starts]
+
+
+def blend_weights(spans: list[tuple[int, int]], scale: int) -> list[torch.Tensor]:
+    """Per span, float32 weights [(stop - start) * scale] over its pixels in units of `1/scale`
+    span units (scale = VAE stride for decoded pixels, 1 for latents). They sum to 1 at every
+    pixel: cosine ramps across the middle of each overlap (see DEAD_FRACTION), mirrored between
+    neighbours."""
+    size = spans[-1][1] * scale
+    centers = torch.arange(size, dtype=torch.float64) + 0.5
+    raw = []
+    for i, (a, b) in enumerate(spans):
+        w = torch.zeros(size, dtype=torch.float64)
+        w[a * scale : b * scale] = 1.0
+        sides = []
+        if i > 0:
+            sides.append((a, spans[i - 1][1], True))
+        if i + 1 < len(spans):
+            sides.append((spans[i + 1][0], b, False))
+        for lo, hi, rising in sides:
+            dead = DEAD_FRACTION * (hi - lo) * scale
+            r0, r1 = lo * scale + dead, hi * scale - dead
+            t = ((centers - r0) / (r1 - r0)).clamp(0.0, 1.0)
+            ramp = 0.5 - 0.5 * torch.cos(math.pi * t)
+            w *= ramp if rising else 1.0 - ramp
+        raw.append(w)
+    total = torch.stack(raw).sum(0)
+    return [(w / total)[a * scale : b * scale].float() for w, (a, b) in zip(raw, spans)]
+
+
+def _support(w: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) of the nonzero weights (pixels a tile actually contributes)."""
+    nz = torch.nonzero(w).flatten()
+    return int(nz[0]), int(nz[-1]) + 1
+
+
+def _check_tiles(tile: int, overlap: int) -> None:
+    if not isinstance(tile, int) or tile < 1 or overlap < 0:
+        raise InputError(
+            f"VAE tiles must be a positive whole number of latent pixels with overlap >= 0; "
+            f"got tile {tile!r}, overlap {overlap!r}.",
+            "Use a tile such as 32 (latent px) and an overlap such as 4, or no tiling.",
+        )
+
+
+# -------------------------------------------------------------------------------- the VAE's parts
+def _device_of(vae: Any, fallback: torch.device) -> torch.device:
+    """Where the VAE's weights are (`fallback` for a VAE without parameters)."""
+    params = getattr(vae, "parameters", None)
+    p = next(iter(params()), None) if params is not None else None
+    return p.device if p is not None else fallback
+
+
+def _part(vae: Any, *path: str) -> Any:
+    """vae.path[0].path[1]... or None (a VAE without that structure is tiled without the global
+    attention pass)."""
+    obj = vae
+    for name in path:
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/std) float32 [1, z, 1, 1, 1], as WanVAEBase computes them."""
+    mean = torch.tensor(vae.latent_mean, dtype=torch.float32, device=device)
+    inv_std = 1.0 / torch.tensor(vae.latent_std, dtype=torch.float32, device=device)
+    return mean.view(1, -1, 1, 1, 1), inv_std.view(1, -1, 1, 1, 1)
+
+
+@torch.no_grad()
+def decoder_middle(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    """The decoder's `middle` output for every latent frame of the whole latent [1, z, T, h, w]
+    -> [1, C, T, h, w] in the VAE dtype, on the CPU. Mirrors the start of WanVAEBase._decode_one
+    (de-normalise, conv2, then conv1 and middle per frame with one cache)."""
+    mean, inv_std = _latent_stats(vae, latent.device)
+    x = vae.conv2((latent.float() / inv_std + mean).to(vae.dtype))
+    x = x.contiguous(memory_format=vae.activation_layout)
+    cache, frames = FeatureCache(), []
+    for i in range(x.shape[2]):
+        frames.append(vae.decoder.middle(vae.decoder.conv1(x[:, :, i : i + 1], cache), cache).cpu())
+        cache.first_chunk = False
+    return torch.cat(frames, dim=2)
+
+
+@contextmanager
+def _replace_middle(vae: Any, middle: torch.Tensor | None,
+                    device: torch.device) -> Iterator[Callable[[tuple[int, int, int, int]], None]]:
+    """While active, the decoder's `middle` output for frame t of the tile `box` (h0, h1, w0, w1),
+    set by calling the yielded function before each tile, is overwritten by `middle`'s crop."""
+    state: dict[str, Any] = {}
+
+    def start_tile(box: tuple[int, int, int, int]) -> None:
+        if middle is not None:
+            h0, h1, w0, w1 = box
+            # one copy per tile of its crop for all frames (small: latent resolution)
+            state.update(crop=middle[:, :, :, h0:h1, w0:w1].to(device), frame=0)
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        crop, t = state["crop"], state["frame"]
+        if t >= crop.shape[2] or crop.shape[3:] != out.shape[3:] or crop.shape[1] != out.shape[1]:
+            raise RuntimeError("tiled VAE: the decoder's middle block was called in an unexpected way")
+        out.copy_(crop[:, :, t : t + 1])  # in place: keeps the activation's memory layout
+        state["frame"] = t + 1
+
+    handle = None
+    if middle is not None:
+        handle = vae.decoder.middle.register_forward_hook(hook)
+    try:
+        yield start_tile
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+# ----------------------------------------------------------------------------------- tiled decode
+@torch.no_grad()
+def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None = None,
+                 out_device: torch.device | str | None = None) -> torch.Tensor:
+    """Normalised latent [B, z, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] float32 in [-1, 1]
+    on `out_device` (default: the latent's), decoded in spatial tiles of at most `tile` x `tile`
+    latent px overlapping by >= `overlap` latent px (default DEFAULT_OVERLAP_PX / stride).
+
+    A tile at least the latent's size decodes untiled (exactly `vae.decode`). With `out_device`
+    "cpu" and a CUDA latent, each blended tile is copied out asynchronously and added on the CPU
+    while the GPU decodes the next one.
+    """
+    s = vae.stride[1]
+    overlap = DEFAULT_OVERLAP_PX // s if overlap is None else overlap
+    _check_tiles(tile, overlap)
+    b, _, _, h, w = latent.shape
+    out_device = torch.device(out_device) if out_device is not None else latent.device
+    spans_h, spans_w = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
+    if len(spans_h) == len(spans_w) == 1:
+        return vae.decode(latent).to(out_device)
+    log.info("VAE decode in %d x %d tiles of %d x %d latent px (overlap >= %d)",
+             len(spans_h), len(spans_w), spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0],
+             min(overlap, tile // 2))
+    weights_h, weights_w = blend_weights(spans_h, s), blend_weights(spans_w, s)
+    sink = _TileSink()
+    out = torch.empty(0)
+    for i in range(b):
+        has_middle = _part(vae, "decoder", "middle") is not None
+        middle = decoder_middle(vae, latent[i : i + 1]) if has_middle else None
+        with _replace_middle(vae, middle, latent.device) as start_tile:
+            for (h0, h1), wh in zip(spans_h, weights_h):
+                for (w0, w1), ww in zip(spans_w, weights_w):
+                    start_tile((h0, h1, w0, w1))
+                    video = vae.decode(latent[i : i + 1, :, :, h0:h1, w0:w1])
+                    if out.numel() == 0:  # preallocated once the frame count is known
+                        out = torch.zeros((b, *video.shape[1:3], h * s, w * s), dtype=video.dtype,
+                                          device=out_device)
+                    # only the pixels with nonzero weight are weighted and moved
+                    y0, y1 = _support(wh)
+                    x0, x1 = _support(ww)
+                    part = video[..., y0:y1, x0:x1]
+                    part.mul_((wh[y0:y1, None] * ww[None, x0:x1]).to(part.device))
+                    dst = out[i : i + 1, :, :, h0 * s + y0 : h0 * s + y1, w0 * s + x0 : w0 * s + x1]
+                    sink.add(dst, part)
+    sink.flush()
+    return out.clamp_(-1.0, 1.0)  # weights sum to 1 only up to float rounding
+
+
+class _TileSink:
+    """Adds weighted tiles into the output. A CUDA tile bound for CPU memory is copied
+    asynchronously into pinned memory and added on the CPU only after the next tile's decode has
+    been launched, so the copy and the add overlap the GPU's work."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+
+    def add(self, dst: torch.Tensor, part: torch.Tensor) -> None:
+        if part.device == dst.device:
+            dst.add_(part)
+            return
+        event = None
+        if part.is_cuda and dst.device.type == "cpu":
+            staged = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+            staged.copy_(part, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            staged = part.to(dst.device)
+        self.flush()
+        self._pending.append((dst, staged, event))
+
+    def flush(self) -> None:
+        while self._pending:
+            dst, staged, event = self._pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            dst.add_(staged)
+
+
+# ----------------------------------------------------------------------------------- tiled encode
+@torch.no_grad()
+def tiled_encode(vae: Any, video: torch.Tensor, tile_px: int, overlap_px: int = DEFAULT_OVERLAP_PX,
+                 out_device: torch.device | str | None = None) -> torch.Tensor:
+    """Video [B, 3, F, H, W] in [-1, 1] -> normalised latent [B, z, 1+(F-1)//4, H/s, W/s] float32 on
+    `out_device` (default: the VAE's device), encoded in spatial tiles of at most `tile_px` x
+    `tile_px` pixels overlapping by >= `overlap_px` (both rounded down to the stride s).
+
+    The video may stay in CPU memory: each tile's crop is moved to the VAE's device. Tiles run the
+    encoder up to its middle attention; their features are blended and the attention and head run
+    once over the whole frame (see the module docstring). One tile: exactly `vae.encode`.
+    """
+    s = vae.stride[1]
+    tile, overlap = tile_px // s, overlap_px // s
+    _check_tiles(tile, overlap)
+    device = _device_of(vae, video.device)
+    out_device = torch.device(out_device) if out_device is not None else device
+    b, c, f, h_px, w_px = video.shape if video.dim() == 5 else (0,) * 5
+    h, w = h_px // s, w_px // s
+    spans_h, spans_w = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
+    if len(spans_h) == len(spans_w) == 1 or h_px % s or w_px % s or c != 3:
+        return vae.encode(video.to(device)).to(out_device)  # (the VAE reports bad shapes)
+    if _part(vae, "encoder", "middle") is None:
+        raise InputError("Tiled encoding needs a Wan VAE (encoder.middle).", "Encode without tiles.")
+    log.info("VAE encode in %d x %d tiles of %d x %d latent px", len(spans_h), len(spans_w),
+             spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0])
+    weights_h, weights_w = blend_weights(spans_h, 1), blend_weights(spans_w, 1)
+    latents = []
+    for i in range(b):
+        feats = torch.empty(0)  # blended encoder features before the attention, CPU fp32
+        for (h0, h1), wh in zip(spans_h, weights_h):
+            for (w0, w1), ww in zip(spans_w, weights_w):
+                crop = video[i : i + 1, :, :, h0 * s : h1 * s, w0 * s : w1 * s].to(device)
+                part = _encoder_features(vae, crop, wh[:, None] * ww[None, :])
+                if feats.numel() == 0:
+                    feats = torch.zeros((1, part.shape[1], part.shape[2], h, w), dtype=torch.float32)
+                feats[:, :, :, h0:h1, w0:w1].add_(part)
+        latents.append(_encoder_tail(vae, feats, device).to(out_device))
+    return torch.cat(latents)
+
+
+def _encoder_features(vae: Any, crop: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [h, w] x the encoder's `middle[0]` output of every chunk of `crop` [1, 3, F, H, W]
+    -> [1, C, T, h, w] float32 on the CPU, captured by a hook while `vae.encode` runs (the tile's
+    own latent, made with tile-local attention, is not used)."""
+    weight = weight.to(crop.device)
+    chunks: list[torch.Tensor] = []
+
+    def capture(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        chunks.append((out.float() * weight).cpu())
+
+    handle = vae.encoder.middle[0].register_forward_hook(capture)
+    try:
+        vae.encode(crop)
+    finally:
+        handle.remove()
+    return torch.cat(chunks, dim=2)
+
+
+def _encoder_tail(vae: Any, feats: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rest of the encoder over the whole latent from the blended `middle[0]` features [1, C, T, h, w]:
+    attention, ResidualBlock and head per chunk with one cache, then conv1, mean and normalisation
+    (mirrors Encoder3d.forward and WanVAEBase._encode_one)."""
+    enc, cache, outs = vae.encoder, FeatureCache(), []
+    for t in range(feats.shape[2]):
+        x = feats[:, :, t : t + 1].to(device, vae.dtype).contiguous(memory_format=vae.activation_layout)
+        for layer in list(enc.middle)[1:]:
+            x = layer(x, cache)
+        outs.append(enc.head(x, cache))
+        cache.first_chunk = False
+    mu = vae.conv1(torch.cat(outs, dim=2))[:, : vae.z_dim].float()
+    mean, inv_std = _latent_stats(vae, mu.device)
+    return (mu - mean) * inv_std
+
+
+# ---------------------------------------------------------------------------------- memory model
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def estimate_decode_bytes(vae: Any, latent_shape: tuple[int, ...], tile: int | None, dtype: torch.dtype,
+                          overlap: int | None = None, out_on_device: bool = False) -> int:
+    """Peak device bytes of decoding `latent_shape` [B, z, T, h, w] with `tile` latent px (None:
+    untiled), the VAE weights not included: one tile's activations (DECODE_PX_PER_BYTE per output
+    pixel and dtype byte), its fp32 output video, the whole video when it is assembled on the
+    device (always when untiled), the tile's crop of the decoder middle, and FIXED_BYTES."""
+    s = vae.stride[1]
+    _, _, t, h, w = latent_shape
+    frames = 1 + vae.stride[0] * (t - 1)
+    video_px = 3 * frames * 4  # fp32 output bytes per output pixel
+    if tile is None or (tile >= h and tile >= w):
+        px = h * w * s * s
+        return int(px * (DECODE_PX_PER_BYTE[vae.version] * _elem(dtype) + video_px) + FIXED_BYTES)
+    overlap = DEFAULT_OVERLAP_PX // s if overlap is None else overlap
+    th = max(b - a for a, b in tile_spans(h, tile, overlap))
+    tw = max(b - a for a, b in tile_spans(w, tile, overlap))
+    px = th * tw * s * s
+    mid = vae.config.dec_dim * vae.config.dim_mult[-1] * t * th * tw * _elem(dtype)
+    whole = h * w * s * s * video_px if out_on_device else 0
+    return int(px * (DECODE_PX_PER_BYTE[vae.version] * _elem(dtype) + video_px) + mid + whole + FIXED_BYTES)
+
+
+def choose_tile(vae: Any, latent_shape: tuple[int, ...], free_bytes: int, dtype: torch.dtype, *,
+                overlap: int | None = None, out_on_device: bool = False) -> int | None:
+    """The largest tile (latent px) whose estimated decode peak fits in `free_bytes` (free device
+    memory with the VAE's weights already placed) with MARGIN kept free; None when the untiled
+    decode fits. When nothing fits, MIN_TILE (decode_with_retry then handles an OOM)."""
+    fixed, share = MARGIN
+
+    def fits(tile: int | None) -> bool:
+        need = estimate_decode_bytes(vae, latent_shape, tile, dtype, overlap, out_on_device)
+        return need * (1 + share) + fixed <= free_bytes
+
+    if fits(None):
+        return None
+    h, w = latent_shape[3], latent_shape[4]
+    for tile in range(max(h, w) - 1, MIN_TILE - 1, -1):
+        if fits(tile):
+            return tile
+    log.warning("VAE decode: even %d latent px tiles may not fit in %.2f GiB free",
+                MIN_TILE, free_bytes / 2**30)
+    return MIN_TILE
+
+
+def free_device_bytes(device: torch.device | str) -> int | None:
+    """Bytes a new allocation can get on `device` (CUDA: free memory plus what torch's cache
+    holds unused); None for the CPU (no tiling needed)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+# ------------------------------------------------------------------------------------ OOM retry
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _retry_tiles(run: Callable[[int | None], torch.Tensor], tile: int | None, size: int, min_tile: int,
+                 device: torch.device, what: str, hint: str) -> torch.Tensor:
+    """run(tile); after torch.OutOfMemoryError, run(tile / 2) (untiled first: half the largest
+    side) until below `min_tile`, then wan_lite.errors.OutOfMemoryError."""
+    while True:
+        try:
+            return run(tile)
+        except torch.OutOfMemoryError as err:
+            failed = str(err).splitlines()[0] if str(err) else "out of memory"
+        # Outside the except block: the exception and its frames (holding the failed tile's
+        # tensors) are gone, so emptying the cache really returns that memory.
+        _release_memory(device)
+        smaller = size // 2 if tile is None or tile >= size else tile // 2
+        if smaller < min_tile:
+            tried = "untiled" if tile is None else f"in tiles of {tile} latent px"
+            raise WanOutOfMemoryError(f"VAE {what} ran out of GPU memory, last {tried} ({failed}).", hint)
+        log.warning("VAE %s out of memory with %s; retrying with %d latent px tiles", what,
+                    "no tiles" if tile is None else f"{tile} latent px tiles", smaller)
+        tile = smaller
+
+
+def decode_with_retry(vae: Any, latent: torch.Tensor, tile: int | None = None, *, overlap: int | None = None,
+                      out_device: torch.device | str | None = None, min_tile: int = MIN_TILE) -> torch.Tensor:
+    """`tiled_decode` (or `vae.decode` with tile None); on a CUDA out-of-memory error, again with
+    half the tile, down to `min_tile` latent px; then wan_lite.errors.OutOfMemoryError."""
+    def run(t: int | None) -> torch.Tensor:
+        if t is None:
+            return vae.decode(latent).to(out_device or latent.device)
+        return tiled_decode(vae, latent, t, overlap, out_device)
+
+    hint = ("The latents were saved first: free GPU memory (close other programs using the GPU) and "
+            "re-decode them with `python -m wan_lite decode <file>.latents.safetensors`, "
+            "or add `--device cpu` to decode on the CPU (slow).")
+    return _retry_tiles(run, tile, max(latent.shape[3:]), min_tile, latent.device, "decode", hint)
+
+
+def make_decode_fn(tile_px: int | str | None = None, overlap_px: int = DEFAULT_OVERLAP_PX,
+                   out_device: torch.device | str | None = "cpu") -> VAEFn:
+    """A `WanPipeline.decode_fn`: `(vae, latent [B, z, T, h, w]) -> video` decoding in tiles of
+    `tile_px` output pixels (as `Plan.vae_tile`; None: untiled, "auto": `choose_tile` from the
+    free memory at call time), retrying smaller tiles after an out-of-memory error."""
+    def decode_fn(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+        s = vae.stride[1]
+        overlap = overlap_px // s
+        out_dev = torch.device(out_device) if out_device is not None else latent.device
+        if tile_px == "auto":
+            free = free_device_bytes(latent.device)
+            on_device = out_dev == latent.device
+            tile = None if free is None else choose_tile(vae, tuple(latent.shape), free, vae.dtype,
+                                                         overlap=overlap, out_on_device=on_device)
+        else:
+            tile = None if tile_px is None else max(1, int(tile_px) // s)
+        return decode_with_retry(vae, latent, tile, overlap=overlap, out_device=out_dev)
+
+    return decode_fn
+
+
+def make_encode_fn(tile_px: int | None = None, overlap_px: int = DEFAULT_OVERLAP_PX,
+                   out_device: torch.device | str | None = None) -> VAEFn:
+    """A `WanPipeline.encode_fn`: `(vae, video [B, 3, F, H, W]) -> latent` encoding in tiles of
+    `tile_px` pixels (None: untiled), retrying smaller tiles after an out-of-memory error."""
+    def encode_fn(vae: Any, video: torch.Tensor) -> torch.Tensor:
+        s = vae.stride[1]
+        device = _device_of(vae, video.device)
+        out_dev = torch.device(out_device) if out_device is not None else device
+
+        def run(t: int | None) -> torch.Tensor:
+            if t is None:
+                return vae.encode(video.to(device)).to(out_dev)
+            return tiled_encode(vae, video, t * s, overlap_px, out_dev)
+
+        tile = None if tile_px is None else max(1, int(tile_px) // s)
+        hint = "Free GPU memory (close other programs using the GPU), or use a smaller video size."
+        return _retry_tiles(run, tile, max(video.shape[3:]) // s, MIN_TILE, device, "encode", hint)
+
+    return encode_fn
