@@ -58,7 +58,7 @@ class PlannedPlacement:
             if p.text_encoder == "gpu":
                 module.to(dev)
             elif p.text_encoder == "stream":
-                streaming.attach(module, dev, resident=0, prefetch=p.prefetch, pinned=p.pinned,
+                streaming.attach(module, dev, resident=0, prefetch=max(1, p.prefetch), pinned=p.pinned,
                                  host_modules=streaming.T5_HOST_MODULES)
             return  # "cpu": runs where it is
         if name == "vae":
@@ -69,7 +69,7 @@ class PlannedPlacement:
         if p.resident_blocks >= len(module.blocks):
             streaming.move_expert(module, "gpu", device=dev)
         elif streaming.streamer_of(module) is None:
-            streaming.attach(module, dev, resident=p.resident_blocks, prefetch=p.prefetch, pinned=p.pinned)
+            streaming.attach(module, dev, resident=p.resident_blocks, prefetch=max(1, p.prefetch), pinned=p.pinned)
 
     def release(self, name: str, module: nn.Module) -> None:
         p = self.plan

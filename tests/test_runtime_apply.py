@@ -1,0 +1,136 @@
+"""The memory plan applied to a real (tiny) pipeline on the CPU: every memory-saving path gives
+the plain path's result (streamed, chunked, batched CFG, resumed after an OOM), quantized within
+tolerance, and an OOM mid-run drops to a leaner plan and carries on."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import wan_lite
+from wan_lite.pipeline import MovePlacement, resolve_job
+from wan_lite.runtime.apply import PlannedPlacement, load_planned
+from wan_lite.runtime.hardware import Hardware
+from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
+
+SMALL = dict(width=64, height=64, frames=9, steps=4)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_models):
+    pipe = wan_lite.load_pipeline(tiny_models["t2v-a14b"])
+    return pipe, pipe.generate("a boat at dawn", seed=3, **SMALL)
+
+
+def lean_plan(pipe, **force):
+    cfg = pipe.dit.config
+    fp = ModelFootprint.from_config(cfg, name="t2v-a14b", vae_version="2.1", experts=2)
+    p = plan(fp, PlanRequest(64, 64, 9, steps=4), Hardware.fake(vram_gb=4, ram_gb=16))
+    return replace(p, **force)
+
+
+def test_streamed_chunked_plan_equals_plain(plain):
+    pipe, ref = plain
+    p = lean_plan(pipe, resident_blocks=0, prefetch=1, ffn_chunk_tokens=16, quantization="bf16",
+                  idle_expert="ram", text_encoder="stream", vae_tile=None)
+    placement = PlannedPlacement(p, "cpu")
+    placement.bind(pipe)
+    try:
+        out = pipe.generate("a boat at dawn", seed=3, **SMALL)
+    finally:
+        pipe.placement, pipe.cfg_batch = MovePlacement("cpu"), False
+        for dit in pipe.dits.values():
+            for b in dit.blocks:
+                b.chunk_tokens = None
+        pipe.decode_fn = lambda vae, z: vae.decode(z)
+        pipe.encode_fn = lambda vae, x: vae.encode(x)
+    assert rel(out.latents, ref.latents) < 1e-5
+
+
+def test_batched_cfg_equals_two_passes(plain):
+    pipe, ref = plain
+    pipe.cfg_batch = True
+    try:
+        out = pipe.generate("a boat at dawn", seed=3, **SMALL)
+    finally:
+        pipe.cfg_batch = False
+    assert rel(out.latents, ref.latents) < 1e-5
+
+
+class _OomOnce(MovePlacement):
+    """Raises an out-of-memory error from the DiT once, at a chosen call, like a full GPU would."""
+
+    def __init__(self, pipe, at_call: int) -> None:
+        super().__init__("cpu")
+        self.calls, self.at, self.ooms = 0, at_call, 0
+        for dit in pipe.dits.values():
+            dit.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+        if self.calls == self.at:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def on_oom(self, name, module) -> bool:
+        self.ooms += 1
+        return True
+
+
+def test_resumed_after_oom_equals_uninterrupted(tiny_models, plain):
+    _, ref = plain
+    pipe = wan_lite.load_pipeline(tiny_models["t2v-a14b"])
+    pipe.placement = _OomOnce(pipe, at_call=5)  # third step, cond pass
+    out = pipe.generate("a boat at dawn", seed=3, **SMALL)
+    assert pipe.placement.ooms == 1
+    assert torch.equal(out.latents, ref.latents)
+
+
+def test_oom_without_a_leaner_plan_says_what_to_do(tiny_models):
+    from wan_lite.errors import OutOfMemoryError
+
+    pipe = wan_lite.load_pipeline(tiny_models["t2v-a14b"])
+    placement = _OomOnce(pipe, at_call=1)
+    placement.on_oom = lambda name, module: False
+    pipe.placement = placement
+    with pytest.raises(OutOfMemoryError, match="smaller size or fewer frames"):
+        pipe.generate("a boat", seed=1, **SMALL)
+
+
+def test_planned_oom_switches_to_a_leaner_plan(plain):
+    pipe, _ = plain
+    p = lean_plan(pipe)
+    placement = PlannedPlacement(p, "cpu")
+    placement.pipe = pipe
+    dit = pipe.dits["high"]
+    assert placement.on_oom("high", dit) in (True, False)
+    if placement.plan is not p:
+        assert placement.plan.peak_vram_gib < p.peak_vram_gib
+    from wan_lite.runtime import streaming
+
+    streaming.move_expert(dit, "ram")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_plan_within_tolerance(tiny_models, plain, tmp_path, fmt):
+    pipe, ref = plain
+    p = lean_plan(pipe, quantization=fmt, resident_blocks=0, idle_expert="disk", vae_tile=None,
+                  text_encoder="cpu", text_encoder_quant="bf16", vae_dtype="fp32", cfg_batch=False)
+    q = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    out = q.generate("a boat at dawn", seed=3, **SMALL)
+    err = rel(out.latents, ref.latents)
+    assert err < (0.02 if fmt == "int8" else 0.05), err
+    assert list(tmp_path.glob("*.safetensors")), "the quantized weights were not cached on disk"
+    again = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    assert torch.equal(again.generate("a boat at dawn", seed=3, **SMALL).latents, out.latents)
+
+
+def test_job_resolution_is_shared(plain):
+    pipe, _ = plain
+    job = resolve_job(pipe.spec, "x", width=70, height=60, frames=10)
+    assert (job.width, job.height, job.frames) == (64, 64, 9)
