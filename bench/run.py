@@ -54,9 +54,11 @@ def measure(args: argparse.Namespace) -> int:
                        "--junitxml", str(out / "gpu_tests.xml")], min(150, left()), out / "gpu_tests.log")
         elif part == "dit":
             rc = _run([py, "bench/bench_dit.py", "--out", str(out / "dit.json"), "--budget-s",
-                       str(max(30, min(args.dit_budget_s, left() - 20)))], left(), out / "dit.log")
+                       str(max(30, min(args.dit_budget_s, left() - 20))), *args.dit_args.split()],
+                      left(), out / "dit.log")
         elif part == "vae":
-            rc = _run([py, "bench/bench_vae.py", "--out", str(out / "vae.json")], min(300, left()), out / "vae.log")
+            rc = _run([py, "bench/bench_vae.py", "--out", str(out / "vae.json"), "--budget-s",
+                       str(max(30, left() - 30)), *args.vae_args.split()], left(), out / "vae.log")
         elif part == "job":
             rc = _run([py, "bench/bench_job.py", "--out", str(out / "job.json")], left(), out / "job.log")
         else:
@@ -150,6 +152,8 @@ def main() -> int:
     m.add_argument("--parts", type=lambda s: s.split(","), default=list(PARTS))
     m.add_argument("--budget-s", type=float, default=560.0)
     m.add_argument("--dit-budget-s", type=float, default=330.0)
+    m.add_argument("--dit-args", default="", help="extra arguments for bench_dit.py, e.g. '--size-a14b 1280x720'")
+    m.add_argument("--vae-args", default="", help="extra arguments for bench_vae.py")
     r = sub.add_parser("report")
     r.add_argument("dirs", nargs="+")
     r.add_argument("--docs", default=str(ROOT / "docs"))
