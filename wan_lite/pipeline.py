@@ -288,13 +288,10 @@ class WanPipeline:
         any supported format (`components` slots: "dit" or "dit_high"/"dit_low", "vae",
         "text_encoder", "tokenizer"). Weights stay on the CPU until a stage needs them.
         Raises CheckpointError naming any missing, broken or mismatched file."""
-        from wan_lite.models.dit import WanDiT
-        from wan_lite.models.text_encoder import TextEncoder
-
         spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
-        text_encoder = TextEncoder.load(sources["text_encoder"], tokenizer, dtype=text_dtype)
+        text_encoder = load_text_encoder(sources["text_encoder"], tokenizer, text_dtype)
         vae = load_vae(sources["vae"], spec, vae_dtype)
-        dits = {role: WanDiT.from_source(sources[f"dit_{role}"], dtype) for role in _dit_roles(spec)}
+        dits = {role: build_dit(sources[f"dit_{role}"], dtype)[0] for role in _dit_roles(spec)}
         check_compatible(spec, dits, vae, text_encoder)
         return cls(spec, text_encoder, vae, dits, placement=placement, device=device)
 
@@ -563,6 +560,51 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
     else:
         tokenizer = files.tokenizer
     return spec, sources, tokenizer
+
+
+def build_dit(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
+    """A DiT from `source`. fp8 (ComfyUI) and GGUF files keep their block weights as stored
+    (fp8 QuantizedLinear / GGUFLinear, ~1 or fewer bytes per weight, no float copy); other
+    sources load in `dtype`. Returns (model, the TensorSource to re-fill it from)."""
+    from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches
+    from wan_lite.runtime.gguf_linear import load_stored, stored_format
+
+    if stored_format(source) is None:
+        return WanDiT.from_source(source, dtype), source
+    with torch.device("meta"):
+        model = WanDiT(WanDiTConfig.from_shapes(source.shapes()))
+    keep = lambda n: name_matches(n, WanDiT.keep_fp32_patterns)  # noqa: E731
+    stored = load_stored(model, source, dtype, keep_fp32=keep, what="DiT")
+    return model.eval(), stored
+
+
+def load_text_encoder(source: Any, tokenizer: Path, dtype: torch.dtype) -> Any:
+    """The umT5 encoder; the Linear layers of an fp8 file stay fp8 (QuantizedLinear). GGUF
+    encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of a
+    non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
+    from transformers import UMT5EncoderModel
+
+    from wan_lite.loading.tensors import TensorSource, open_source
+    from wan_lite.models.text_encoder import OFFICIAL_MARKER, TextEncoder, hf_to_official_key, load_tokenizer
+    from wan_lite.models.text_encoder import umt5_config_from_shapes
+    from wan_lite.runtime.gguf_linear import load_stored, stored_format
+
+    if not isinstance(source, TensorSource):
+        source = open_source(Path(source))
+    if stored_format(source) != "fp8":
+        return TextEncoder.load(source, tokenizer, dtype=dtype)
+    # As models.text_encoder.build_umt5, with load_stored filling the model.
+    official = OFFICIAL_MARKER in source
+    config = umt5_config_from_shapes(source.shapes(), official=official)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    emb = "shared.weight" if "shared.weight" in source else "encoder.embed_tokens.weight"
+    key_map = hf_to_official_key if official else (lambda n: emb if n == "shared.weight" else n)
+    model.encoder.embed_tokens = None  # the tied alias is filled once, through `shared`
+    load_stored(model, source, dtype, key_map=key_map, what="text encoder")
+    model.encoder.embed_tokens = model.shared
+    return TextEncoder(model.eval().requires_grad_(False), load_tokenizer(tokenizer))
 
 
 def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:

@@ -11,8 +11,8 @@
   dequantised only when read (`quantized(name)` gives the raw blocks).
 - `spiece_model_bytes` / `materialize_tokenizer`: the tokenizer ComfyUI stores in its umT5 file.
 
-Every adapter forwards `fp8_weight` / `quantized` through renaming, so the runtime can reach the
-raw storage from the official name. Spec: ../shared/reference/wan22-vae-t5-checkpoint-formats.md
+Every adapter forwards `fp8_weight` / `quantized` / `stored_type` through renaming, so the runtime
+can reach the raw storage from the official name (wan_lite.runtime.gguf_linear keeps it as is). Spec: ../shared/reference/wan22-vae-t5-checkpoint-formats.md
 sections 6.2 and 6.3.
 """
 
@@ -81,6 +81,14 @@ def quantized(source: TensorSource, name: str) -> GGUFTensor | None:
     return getter(name) if getter is not None else None
 
 
+def stored_type(source: TensorSource, name: str) -> str | None:
+    """How an fp8 or GGUF file stores `name`, read from the header only: "F8_E4M3" / "F8_E5M2"
+    for fp8 weights, the ggml type ("Q4_K", "F16", ...) for GGUF tensors; None for other sources
+    and for the 16/32-bit tensors of fp8 files."""
+    getter = getattr(source, "stored_type", None)
+    return getter(name) if getter is not None else None
+
+
 class RenamedSource(TensorSource):
     """Presents `inner` under new names: strip the first matching prefix, then apply `key_map`.
 
@@ -142,6 +150,9 @@ class RenamedSource(TensorSource):
 
     def quantized(self, name: str) -> GGUFTensor | None:
         return quantized(self.inner, self._to_inner[name])
+
+    def stored_type(self, name: str) -> str | None:
+        return stored_type(self.inner, self._to_inner[name])
 
     def describe(self) -> str:
         return self.inner.describe()
@@ -228,6 +239,11 @@ class Fp8ScaledSource(TensorSource):
             f"the weight {name!r} {list(self.inner.shape(name))} (block-wise scales are not supported).",
             "Use the fp16/bf16 or fp8_scaled file of this model instead.",
         )
+
+    def stored_type(self, name: str) -> str | None:
+        if name not in self._fp8:
+            return None
+        return "F8_E4M3" if self.inner.dtype(name) == torch.float8_e4m3fn else "F8_E5M2"
 
     def fp8_weight(self, name: str) -> Fp8Weight | None:
         if name not in self._fp8:
@@ -351,6 +367,9 @@ class GGUFSource(TensorSource):
     def qtype(self, name: str) -> str:
         """The ggml type name of a tensor: "F32", "F16", "BF16", "Q8_0", "Q4_K", ..."""
         return self._tensors[name].tensor_type.name
+
+    def stored_type(self, name: str) -> str:
+        return self.qtype(name)
 
     def quantized(self, name: str) -> GGUFTensor:
         t = self._tensors[name]

@@ -114,20 +114,29 @@ def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Pa
                  cache_dir: Path | None = None) -> Any:
     """Load a pipeline with weights in the plan's formats and a PlannedPlacement bound to it."""
     from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches
-    from wan_lite.models.text_encoder import TextEncoder
-    from wan_lite.pipeline import WanPipeline, _dit_roles, check_compatible, load_vae, resolve_sources
+    from wan_lite.pipeline import (WanPipeline, _dit_roles, build_dit, check_compatible, load_text_encoder,
+                                   load_vae, resolve_sources)
+    from wan_lite.runtime.gguf_linear import stored_format
     from wan_lite.runtime.quant import load_or_quantize, quantize_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
-    text_encoder = TextEncoder.load(sources["text_encoder"], tokenizer, dtype=torch.bfloat16)
+    text_encoder = load_text_encoder(sources["text_encoder"], tokenizer, torch.bfloat16)
     if plan.text_encoder_quant in ("int8", "fp8"):
-        quantize_model(text_encoder.model, plan.text_encoder_quant)
+        quantize_model(text_encoder.model, plan.text_encoder_quant)  # layers stored as fp8 stay so
     vae = load_vae(sources["vae"], spec, _DTYPES.get(plan.vae_dtype, torch.bfloat16))
     dits: dict[str, nn.Module] = {}
     for role in _dit_roles(spec):
         source = sources[f"dit_{role}"]
-        if plan.quantization in ("int8", "fp8"):
+        stored = stored_format(source)
+        if stored is not None:
+            # The file's own quantization is kept (no float copy, no re-quantization): it wins
+            # over the plan's choice for the layers it covers; the rest load in bf16.
+            log.info("%s DiT: weights stay %s as stored in %s; the plan's quantization (%s) is not applied",
+                     role, stored, source.describe(), plan.quantization)
+            model, refill = build_dit(source, torch.bfloat16)
+            streaming.set_expert_source(model, refill)
+        elif plan.quantization in ("int8", "fp8"):
             with torch.device("meta"):
                 model = WanDiT(WanDiTConfig.from_shapes(source.shapes()))
             keep = lambda n: name_matches(n, WanDiT.keep_fp32_patterns)  # noqa: E731

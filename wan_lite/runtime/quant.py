@@ -117,6 +117,16 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: tor
     return w.mul_(scale[:, None])
 
 
+def fp8_scale_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """An fp8 file's weight scale ([] or [1] per tensor, [rows] or [rows, 1] per row) as the
+    float32 [rows] vector QuantizedLinear holds (a per-tensor scale repeated on every row)."""
+    flat = scale.detach().to(torch.float32).reshape(-1)
+    if flat.numel() not in (1, rows):
+        raise CheckpointError(f"An fp8 weight scale of shape {list(scale.shape)} does not fit {rows} rows.",
+                              "Use the fp16/bf16 or fp8_scaled file of this model instead.")
+    return flat.expand(rows).contiguous()
+
+
 # ------------------------------------------------------------------------------------------
 # fp8 compute path
 
@@ -225,6 +235,23 @@ class QuantizedLinear(nn.Module):
             module.weight, module.weight_scale = q, scale
             if linear.bias is not None:
                 module.bias = linear.bias.detach().clone()
+        return module
+
+    @classmethod
+    def from_fp8(cls, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 compute: str = "auto") -> QuantizedLinear:
+        """A layer holding an fp8 checkpoint's own weight: `weight` float8_e4m3fn [out, in] is kept
+        (its bytes viewed as int8, no copy), `scale` per tensor ([]) or per row ([out] / [out, 1])
+        becomes the fp32 [out] row scale; the real weight is weight * scale, as in the file."""
+        if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+            raise CheckpointError(f"Expected a 2-D float8_e4m3fn weight, got {weight.dtype} {list(weight.shape)}.",
+                                  "Use the fp16/bf16 or fp8_scaled (e4m3) file of this model instead.")
+        out_f, in_f = weight.shape
+        module = cls(in_f, out_f, "fp8", compute=compute, bias_dtype=None if bias is None else bias.dtype,
+                     device="meta")
+        module.weight = weight.view(torch.int8)
+        module.weight_scale = fp8_scale_rows(scale, out_f).to(weight.device)
+        module.bias = bias
         return module
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
