@@ -9,6 +9,7 @@
 - jobs.py      one engine job in a worker thread: progress stream, per-session cancel
 - history.py   past results from the sidecar JSON files
 - downloads.py / models_panel.py   the Models tab
+- components_panel.py  its "Use files you already have" section (scan, choices per slot)
 - handlers.py / app.py   the page's handlers, layout and wiring (the only modules importing Gradio)
 
 Only wan_lite.api, wan_lite.engine, wan_lite.registry, wan_lite.errors and wan_lite.sizing (pure

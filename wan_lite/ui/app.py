@@ -16,7 +16,7 @@ import gradio as gr
 
 from wan_lite.engine import Engine
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
-from wan_lite.ui import form, history, images, models_panel
+from wan_lite.ui import components_panel, form, history, images, models_panel
 from wan_lite.ui.handlers import (
     AppUI,
     crop_preview,
@@ -109,9 +109,35 @@ def build_ui(engine: Engine, upload_dir: Path, store: SettingsStore | None = Non
                     w["download_btn"] = gr.Button("Download (only the files wan_lite needs)", elem_id="wl-download")
                     w["models_refresh"] = gr.Button("Check again", size="sm")
                 w["download_status"] = gr.Markdown(elem_id="wl-download-status")
+                _components_section(ui, spec.name)
         ui.demo = demo
         _wire(ui)
     return ui
+
+
+def _components_section(ui: AppUI, model: str) -> None:
+    """ "Use files you already have": scan, then pick a found file (or type a path) per slot."""
+    w = ui.w
+    with gr.Accordion("Use files you already have (ComfyUI, diffusers, GGUF…)", open=True):
+        gr.Markdown("wan_lite can use the Wan 2.2 files other tools already downloaded, where they are, "
+                    "without copying them. Scan finds them in the Hugging Face cache, your ComfyUI "
+                    "`models` folder and wan_lite's own models folder.")
+        with gr.Row():
+            w["comfy_dir"] = gr.Textbox(label="ComfyUI models folder (remembered; several: separate with ;)",
+                                        placeholder="/path/to/ComfyUI/models", scale=4, elem_id="wl-comfy-dir")
+            w["scan_btn"] = gr.Button("Scan", scale=1, elem_id="wl-scan")
+        w["found_table"] = gr.Markdown(elem_id="wl-found")
+        w["found"] = gr.State([])
+        w["comp_model"] = gr.Dropdown([(s.title, s.name) for s in MODELS.values()], value=model,
+                                      label="Choose files for", elem_id="wl-comp-model")
+        own = components_panel.slots_of(model)
+        with gr.Row():
+            for slot, label in components_panel.SLOT_LABELS.items():
+                w[f"slot_{slot}"] = gr.Dropdown([components_panel.FROM_FOLDER], value="", label=label,
+                                                allow_custom_value=True, visible=slot in own,
+                                                elem_id=f"wl-slot-{slot}", info="Pick a found file or type a path.")
+        w["comp_save"] = gr.Button("Save and use these files", elem_id="wl-comp-save")
+        w["comp_status"] = gr.Markdown(elem_id="wl-comp-status")
 
 
 def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
@@ -330,6 +356,8 @@ def _wire(ui: AppUI) -> None:
                             outputs=ui.comps(["download_status", "models_table"]),
                             concurrency_limit=1, concurrency_id="download")
 
+    _wire_components(ui, models_table)
+
     # A fresh page: the last settings, the history and the model folders.
     load_out = [n for n in form_names if n != "image"] + ["history", "history_paths", "models_table",
                                                          "final_prompt", "prompt_notes", "estimate"]
@@ -345,6 +373,48 @@ def _wire(ui: AppUI) -> None:
         return ui.out(updates) | models_table()
 
     ui.demo.load(on_load, outputs=ui.comps(load_out), queue=False)
+
+
+def _wire_components(ui: AppUI, models_table: Callable[[], dict[Any, Any]]) -> None:
+    w = ui.w
+    slot_names = [f"slot_{s}" for s in components_panel.ALL_SLOTS]
+
+    def slot_updates(found: list, model: str) -> dict[str, Any]:
+        return {f"slot_{v.slot}": gr.update(choices=v.choices, value=v.value, visible=v.visible)
+                for v in components_panel.slot_views(ui.engine, found, model)}
+
+    def scan(comfy_dir: str, comp_model: str) -> dict[Any, Any]:
+        found, table = components_panel.scan(ui.engine, comfy_dir)
+        return ui.out({"found": found, "found_table": table, **slot_updates(found, comp_model)}) | models_table()
+
+    w["scan_btn"].click(scan, inputs_kwargs=ui.kw(["comfy_dir", "comp_model"]),
+                        outputs=ui.comps(["found", "found_table", "models_table", *slot_names]),
+                        concurrency_limit=1, concurrency_id="scan")
+    w["comp_model"].input(lambda found, comp_model: ui.out(slot_updates(found, comp_model)),
+                          inputs_kwargs=ui.kw(["found", "comp_model"]), outputs=ui.comps(slot_names), queue=False)
+
+    def save(found: list, comp_model: str, **slots: str) -> dict[Any, Any]:
+        picks = {name.removeprefix("slot_"): value for name, value in slots.items()}
+        message = components_panel.save(ui.engine, comp_model, picks)
+        updates = {"comp_status": message}
+        if not message.startswith("⛔"):  # a wrong file stays in its box so the user can fix it
+            updates.update(slot_updates(found, comp_model))
+        return ui.out(updates) | models_table()
+
+    w["comp_save"].click(save, inputs_kwargs=ui.kw(["found", "comp_model", *slot_names]),
+                         outputs=ui.comps(["comp_status", "models_table", *slot_names]),
+                         concurrency_limit=1, concurrency_id="scan")  # reads file headers: can take seconds
+
+    def on_load(comp_model: str) -> dict[Any, Any]:
+        try:
+            dirs = components_panel.dirs_text(ui.engine.comfy_dirs())
+        except Exception as err:  # the page must still open
+            log.warning("Remembered ComfyUI folders not read: %s", err)
+            dirs = ""
+        return ui.out({"comfy_dir": dirs, **slot_updates([], comp_model)})
+
+    ui.demo.load(on_load, inputs_kwargs=ui.kw(["comp_model"]), outputs=ui.comps(["comfy_dir", *slot_names]),
+                 queue=False)
 
 
 def launch(ui: AppUI, *, host: str, port: int | None, share: bool, open_browser: bool,

@@ -47,6 +47,11 @@ def status_markdown(rows: list[ModelStatus], note: str = "") -> str:
         state = STATE_LABELS.get(r.state, r.state)
         size = human_bytes(r.size_bytes) if r.size_bytes else "–"
         lines.append(f"| **{html.escape(r.title)}** | {state} | {size} | `{html.escape(str(r.folder))}` | {how} |")
+    chosen = [f"- **{html.escape(r.name)}**: " + ", ".join(f"{slot} `{html.escape(str(path))}`"
+                                                          for slot, path in r.components.items())
+              for r in rows if r.components]
+    if chosen:
+        lines += ["", "**Files you chose (used instead of the folder's):**", *chosen]
     details = []
     for r in rows:
         for item in dict.fromkeys([*r.missing, *r.problems]):  # the engine may list a file in both
