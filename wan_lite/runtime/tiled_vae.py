@@ -45,15 +45,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP_PX = 64  # output pixels: 4 latent px for Wan 2.2, 8 for Wan 2.1 (diffusers uses 64 too)
 MIN_TILE = 8  # latent px: below this, tiles are mostly overlap and OOM retry gives up
+DEFAULT_FRAME_CHUNK = 1  # frames the decoder's full-resolution levels process at a time when tiling
 DEAD_FRACTION = 0.25  # of each overlap, per side, where the tile whose edge it is gets weight 0
 
 # Memory model of one decode, bytes. Activations of one latent frame through the decoder (causal
-# caches included) per output pixel, per byte of the VAE dtype; measured on an H200 with our VAEs
-# (planner K.vae_decode_px: 2.2 bf16 10.4 kB/px, fp32 20.7 kB/px; 2.1 11.4 / 22.7 kB/px).
-# Recalibrate with bench/bench_vae.py (it prints the fitted constants).
-DECODE_PX_PER_BYTE = {"2.2": 5200.0, "2.1": 5700.0}
-ENCODE_PX_PER_BYTE = {"2.2": 2150.0, "2.1": 4700.0}  # planner K.vae_encode_px / 2
-FIXED_BYTES = 128 * 2**20  # cuDNN workspaces, allocator rounding
+# caches included) per output pixel, per byte of the VAE dtype. Wan 2.2: bench/bench_vae.py on an
+# H200 (torch 2.11, bf16, 1280x704, tiles 16-32 latent px): peak - weights - tile video = 7400 B/px
+# x px + 33 MB (untiled 7200 B/px). Wan 2.1: not measured since the VAE's in-place rewrite; the
+# planner's older figure (11.4 kB/px bf16) scaled by the 2.2 drop (10.4 -> 7.4 kB/px).
+DECODE_PX_PER_BYTE = {"2.2": 3700.0, "2.1": 4100.0}
+FIXED_BYTES = 128 * 2**20  # cuDNN workspaces, allocator rounding (measured fit: 33 MB)
 MARGIN = (256 * 2**20, 0.10)  # keep this much free: fixed bytes + a share of the estimate
 
 VAEFn = Callable[[Any, torch.Tensor], torch.Tensor]  # the pipeline's decode_fn / encode_fn
@@ -144,94 +145,101 @@ def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def decoder_middle(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+def decoder_middle(vae: Any, latent: torch.Tensor, pin: bool = False) -> torch.Tensor:
     """The decoder's `middle` output for every latent frame of the whole latent [1, z, T, h, w]
-    -> [1, C, T, h, w] in the VAE dtype, on the CPU. Mirrors the start of WanVAEBase._decode_one
-    (de-normalise, conv2, then conv1 and middle per frame with one cache)."""
-    mean, inv_std = _latent_stats(vae, latent.device)
-    x = vae.conv2((latent.float() / inv_std + mean).to(vae.dtype))
-    x = x.contiguous(memory_format=vae.activation_layout)
-    cache, frames = FeatureCache(), []
-    for i in range(x.shape[2]):
-        frames.append(vae.decoder.middle(vae.decoder.conv1(x[:, :, i : i + 1], cache), cache).cpu())
+    -> [1, C, T, h, w] in the VAE dtype and activation layout, on the CPU (pinned when `pin`).
+    Mirrors the start of WanVAEBase._decode_one (decoder_input, then conv1 and middle per frame
+    with one cache)."""
+    x = vae.decoder_input(latent)
+    _, _, t, h, w = x.shape
+    c = vae.decoder.middle[-1].residual[-1].out_channels
+    out = torch.empty((1, c, t, h, w), dtype=x.dtype, pin_memory=pin, memory_format=vae.activation_layout)
+    cache = FeatureCache()
+    for i in range(t):
+        out[:, :, i : i + 1].copy_(vae.decoder.middle(vae.decoder.conv1(x[:, :, i : i + 1], cache), cache))
         cache.first_chunk = False
-    return torch.cat(frames, dim=2)
+    return out
 
 
 @contextmanager
-def _replace_middle(vae: Any, middle: torch.Tensor | None,
-                    device: torch.device) -> Iterator[Callable[[tuple[int, int, int, int]], None]]:
-    """While active, the decoder's `middle` output for frame t of the tile `box` (h0, h1, w0, w1),
-    set by calling the yielded function before each tile, is overwritten by `middle`'s crop."""
-    state: dict[str, Any] = {}
-
-    def start_tile(box: tuple[int, int, int, int]) -> None:
-        if middle is not None:
-            h0, h1, w0, w1 = box
-            # one copy per tile of its crop for all frames (small: latent resolution)
-            state.update(crop=middle[:, :, :, h0:h1, w0:w1].to(device), frame=0)
-
-    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
-        crop, t = state["crop"], state["frame"]
-        if t >= crop.shape[2] or crop.shape[3:] != out.shape[3:] or crop.shape[1] != out.shape[1]:
-            raise RuntimeError("tiled VAE: the decoder's middle block was called in an unexpected way")
-        out.copy_(crop[:, :, t : t + 1])  # in place: keeps the activation's memory layout
-        state["frame"] = t + 1
-
-    handle = None
-    if middle is not None:
-        handle = vae.decoder.middle.register_forward_hook(hook)
+def _frame_chunk(vae: Any, frames: int | None) -> Iterator[None]:
+    """While active, the VAE decodes its upsampling levels `frames` frames at a time."""
+    old = vae.decode_frame_chunk
+    vae.decode_frame_chunk = frames
     try:
-        yield start_tile
+        yield
     finally:
-        if handle is not None:
-            handle.remove()
+        vae.decode_frame_chunk = old
+
+
+def _decode_tile(vae: Any, middle: torch.Tensor, box: tuple[int, int, int, int], weight: torch.Tensor,
+                 support: tuple[int, int, int, int], device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """Decode one tile latent frame by latent frame from its crop of the global `middle` [1, C, T, h, w]
+    (CPU); yields (first video frame, weighted frames [1, 3, n, y1-y0, x1-x0] float32 on `device`)
+    for the pixels of `support` (y0, y1, x0, x1) with `weight` [y1-y0, x1-x0] on `device`.
+    Only one latent frame's activations and output frames are on the device at a time."""
+    h0, h1, w0, w1 = box
+    y0, y1, x0, x1 = support
+    s = vae.stride[1]
+    # one contiguous CPU copy of the tile's crop, so each frame's slice goes over as one async copy
+    crop = torch.empty((1, middle.shape[1], middle.shape[2], h1 - h0, w1 - w0), dtype=middle.dtype,
+                       pin_memory=middle.is_pinned(), memory_format=vae.activation_layout)
+    crop.copy_(middle[:, :, :, h0:h1, w0:w1])
+    cache, done = FeatureCache(), 0
+    for t in range(crop.shape[2]):
+        y = vae.decoder.upsample(crop[:, :, t : t + 1].to(device, non_blocking=True), cache)
+        cache.first_chunk = False
+        frames = torch.empty((1, 3, y.shape[2], (h1 - h0) * s, (w1 - w0) * s), device=device)
+        vae.write_frames(frames, y)
+        yield done, frames[..., y0:y1, x0:x1] * weight
+        done += frames.shape[2]
 
 
 # ----------------------------------------------------------------------------------- tiled decode
 @torch.no_grad()
 def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None = None,
-                 out_device: torch.device | str | None = None) -> torch.Tensor:
+                 out_device: torch.device | str | None = None,
+                 frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> torch.Tensor:
     """Normalised latent [B, z, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] float32 in [-1, 1]
     on `out_device` (default: the latent's), decoded in spatial tiles of at most `tile` x `tile`
-    latent px overlapping by >= `overlap` latent px (default DEFAULT_OVERLAP_PX / stride).
+    latent px overlapping by >= `overlap` latent px (default DEFAULT_OVERLAP_PX / stride), the
+    decoder's full-resolution levels `frame_chunk` frames at a time (`Decoder3d.frame_chunk`).
 
-    A tile at least the latent's size decodes untiled (exactly `vae.decode`). With `out_device`
-    "cpu" and a CUDA latent, each blended tile is copied out asynchronously and added on the CPU
-    while the GPU decodes the next one.
+    A tile at least the latent's size decodes untiled (exactly `vae.decode`). Otherwise the
+    decoder's middle runs once over the whole latent, each tile runs the rest of the decoder from
+    its crop, and every latent frame's weighted pixels go straight into the output: with
+    `out_device` "cpu" and a CUDA latent they are copied out asynchronously and added on the CPU
+    while the GPU decodes the next frame, so the device never holds a tile's video.
     """
     s = vae.stride[1]
     overlap = DEFAULT_OVERLAP_PX // s if overlap is None else overlap
     _check_tiles(tile, overlap)
-    b, _, _, h, w = latent.shape
+    b, _, t, h, w = latent.shape
     out_device = torch.device(out_device) if out_device is not None else latent.device
     spans_h, spans_w = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
     if len(spans_h) == len(spans_w) == 1:
         return vae.decode(latent).to(out_device)
-    log.info("VAE decode in %d x %d tiles of %d x %d latent px (overlap >= %d)",
+    log.info("VAE decode in %d x %d tiles of %d x %d latent px (overlap >= %d, frame chunk %s)",
              len(spans_h), len(spans_w), spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0],
-             min(overlap, tile // 2))
+             min(overlap, tile // 2), frame_chunk)
     weights_h, weights_w = blend_weights(spans_h, s), blend_weights(spans_w, s)
+    pin = latent.is_cuda and out_device.type == "cpu"
+    out = torch.zeros((b, 3, 1 + vae.stride[0] * (t - 1), h * s, w * s), dtype=torch.float32, device=out_device)
     sink = _TileSink()
-    out = torch.empty(0)
-    for i in range(b):
-        has_middle = _part(vae, "decoder", "middle") is not None
-        middle = decoder_middle(vae, latent[i : i + 1]) if has_middle else None
-        with _replace_middle(vae, middle, latent.device) as start_tile:
+    with _frame_chunk(vae, frame_chunk):
+        for i in range(b):
+            middle = decoder_middle(vae, latent[i : i + 1], pin=pin)
             for (h0, h1), wh in zip(spans_h, weights_h):
                 for (w0, w1), ww in zip(spans_w, weights_w):
-                    start_tile((h0, h1, w0, w1))
-                    video = vae.decode(latent[i : i + 1, :, :, h0:h1, w0:w1])
-                    if out.numel() == 0:  # preallocated once the frame count is known
-                        out = torch.zeros((b, *video.shape[1:3], h * s, w * s), dtype=video.dtype,
-                                          device=out_device)
                     # only the pixels with nonzero weight are weighted and moved
                     y0, y1 = _support(wh)
                     x0, x1 = _support(ww)
-                    part = video[..., y0:y1, x0:x1]
-                    part.mul_((wh[y0:y1, None] * ww[None, x0:x1]).to(part.device))
-                    dst = out[i : i + 1, :, :, h0 * s + y0 : h0 * s + y1, w0 * s + x0 : w0 * s + x1]
-                    sink.add(dst, part)
+                    weight = (wh[y0:y1, None] * ww[None, x0:x1]).to(latent.device)
+                    rows = slice(h0 * s + y0, h0 * s + y1)
+                    cols = slice(w0 * s + x0, w0 * s + x1)
+                    for f, part in _decode_tile(vae, middle, (h0, h1, w0, w1), weight, (y0, y1, x0, x1),
+                                                latent.device):
+                        sink.add(out[i : i + 1, :, f : f + part.shape[2], rows, cols], part)
     sink.flush()
     return out.clamp_(-1.0, 1.0)  # weights sum to 1 only up to float rounding
 
