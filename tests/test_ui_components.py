@@ -89,7 +89,7 @@ def test_scan_lists_what_is_found_with_format_precision_size_and_slot(files, env
     assert {f.role for f in bad} == {"lora", "broken"}
     # The page's table: usable rows first, each with format, precision, size and use.
     assert "| the DiT of Wan2.2 TI2V-5B | comfy | fp32 |" in table and "TI2V-5B: DiT" in table
-    assert "⧉ same file as" in table and "1 are copies" not in table and "2 are copies" in table
+    assert "⧉ same file as vae/copy_of_wan2.2_vae.safetensors" in table and "2 are copies" in table
     assert "⛔ an unreadable file: " in table and "is truncated" in table and "⛔ a LoRA" in table
     assert all(line.startswith("|") for line in table.splitlines()[2:])  # one table row per file
     assert table.index("TI2V-5B: DiT") < table.index("⛔")

@@ -111,7 +111,8 @@ class Engine:
             parts = self.components.get(spec.name)
             if parts:
                 status.components = dict(parts)
-                outside = {p.resolve() for p in parts.values() if not p.is_relative_to(folder)}  # a file may fill 2 slots
+                # a file may fill two slots (umT5 + its tokenizer): count it once
+                outside = {p.resolve() for p in parts.values() if not p.is_relative_to(folder)}
                 status.size_bytes += sum(_disk_size(p) for p in outside)
                 status.missing = status.problems = self._check_parts(spec.name, folder, parts)
                 status.state = "partial" if status.problems else "installed"
@@ -200,7 +201,8 @@ class Engine:
         chosen = {}
         for slot, raw in picks.items():
             if slot not in slot_names(spec.name):
-                raise InputError(f"{spec.name} has no slot {slot!r}.", f"Use one of: {', '.join(slot_names(spec.name))}.")
+                raise InputError(f"{spec.name} has no slot {slot!r}.",
+                                 f"Use one of: {', '.join(slot_names(spec.name))}.")
             if raw is None or not str(raw).strip():
                 continue
             path = Path(str(raw).strip()).expanduser()

@@ -44,7 +44,8 @@ class FakeEngine(Engine):
             missing = [] if files else [f"{spec.vae_file}: not found"]
             state = "installed" if files else "missing"
             out.append(ModelStatus(spec.name, spec.title, spec.hf_repo, folder, state,
-                                   sum(p.stat().st_size for p in files), missing))
+                                   sum(p.stat().st_size for p in files), missing,
+                                   components=self.chosen_components(spec.name)))
         return out
 
     def preflight(self, request: GenerateRequest) -> Estimate:

@@ -119,6 +119,18 @@ def _start_image(path: Path) -> Path:
     return path
 
 
+def _comfy_folder(models: Path) -> Path:
+    """A ComfyUI models/ folder with a Wan 2.2 VAE single file and a copy of it; returns the VAE."""
+    import shutil as sh
+
+    from tests.tiny_ckpt.formats import write_comfy
+    from tests.tiny_ckpt.vae import random_vae_state
+
+    vae = write_comfy(models / "vae" / "wan2.2_vae.safetensors", random_vae_state("2.2", seed=5))
+    sh.copy(vae, models / "vae" / "copy_of_wan2.2_vae.safetensors")
+    return vae
+
+
 def test_create_generate_history_cancel(app_url):
     from playwright.sync_api import expect, sync_playwright
 
@@ -222,6 +234,22 @@ def test_create_generate_history_cancel(app_url):
             expect(models).to_contain_text("Wan-AI/Wan2.2-T2V-A14B")
             expect(models).to_contain_text(str(engine.model_folder("ti2v-5b")))
             page.screenshot(path=str(shots / "6-models.png"), full_page=True)
+
+            # Files the user already has: scan a ComfyUI folder, pick its VAE, save.
+            comfy_vae = _comfy_folder(tmp / "ComfyUI" / "models")
+            page.locator("#wl-comfy-dir textarea, #wl-comfy-dir input").first.fill(str(comfy_vae.parents[1]))
+            page.locator("#wl-scan").click()
+            found = page.locator("#wl-found")
+            expect(found).to_contain_text("the Wan 2.2 VAE")
+            expect(found).to_contain_text("same file as")  # the copy is flagged
+            vae_box = page.locator("#wl-slot-vae input")
+            vae_box.fill(str(comfy_vae))
+            vae_box.press("Enter")
+            page.locator("#wl-comp-save").click()
+            expect(page.locator("#wl-comp-status")).to_contain_text("Saved for Wan2.2 TI2V-5B")
+            expect(models).to_contain_text(str(comfy_vae))
+            assert engine.chosen_components("ti2v-5b") == {"vae": comfy_vae}
+            page.screenshot(path=str(shots / "7-components.png"), full_page=True)
 
             # A new page starts with the last used settings.
             page.reload()

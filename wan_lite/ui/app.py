@@ -49,6 +49,7 @@ CSS = """
 .wl-failed .wl-fill, .wl-cancelled .wl-fill { background: var(--error-text-color, #c00); }
 .wl-label { font-size: 0.9em; margin-top: 2px; }
 #wl-status:empty { display: none; }
+#wl-found code { overflow-wrap: anywhere; }  /* long paths wrap instead of squeezing the other columns */
 """
 SAMPLERS = [("UniPC (official)", "unipc"), ("DPM++ 2M", "dpm++"), ("Euler", "euler")]
 LANGUAGES = [("English", "en"), ("中文", "zh")]
@@ -318,7 +319,7 @@ def _wire(ui: AppUI) -> None:
         # A running job reports "stopping" and then "cancelled" through its own updates; writing
         # the status here too could land after the job's last word and hide it.
         if ui.runner.cancel(_session(request)):
-            return {}
+            return ui.out({"status": gr.skip()})  # an empty dict would be taken as the status text
         return ui.out({"status": "⏹ Nothing is running; your next queued job (if any) will be skipped."})
 
     w["cancel"].click(cancel, outputs=ui.comps(["status"]), queue=False)

@@ -67,7 +67,7 @@ def found_markdown(found: list[FoundFile], note: str = "") -> str:
     cannot be used are flagged."""
     if not found:
         return "No Wan 2.2 model files were found in those places." + (f"\n\n_{html.escape(note)}_" if note else "")
-    lines = ["| What | Format | Precision | Size | Use for | Where | Path |", "|---|---|---|---|---|---|---|"]
+    lines = ["| What | Format | Precision | Size | Use for | Where | File |", "|---|---|---|---|---|---|---|"]
     for f in sorted(found, key=lambda f: (f.problem is not None or not f.serves, f.location, str(f.path))):
         what = html.escape(f.what)
         if f.problem:  # one line: a line break would end the table row
@@ -75,7 +75,7 @@ def found_markdown(found: list[FoundFile], note: str = "") -> str:
         elif not f.serves:
             what = f"{what} (not used by wan_lite)"
         if f.copies:
-            what += " · ⧉ same file as " + ", ".join(f"`{html.escape(str(c))}`" for c in f.copies)
+            what += " · ⧉ same file as " + ", ".join(html.escape(_where_short(c)) for c in f.copies)
         where = LOCATIONS.get(f.location, f.location) + (f" ({html.escape(f.repo)})" if f.repo else "")
         lines.append(f"| {what} | {f.format} | {f.precision or '?'} | {human_bytes(f.size_bytes)} | "
                      f"{html.escape(serves_text(f)) or '–'} | {where} | `{html.escape(str(f.path))}` |")
@@ -83,6 +83,11 @@ def found_markdown(found: list[FoundFile], note: str = "") -> str:
     summary = f"Found {len(found)} file(s)" + (f"; {copies} are copies of one another (the same file twice on disk)"
                                                 if copies else "") + "."
     return "\n".join([summary, "", *lines] + ([f"\n_{html.escape(note)}_"] if note else []))
+
+
+def _where_short(path: Path) -> str:
+    """ "vae/copy.safetensors": enough to tell a copy apart without a full path."""
+    return "/".join(Path(path).parts[-2:])
 
 
 def slot_choices(found: list[FoundFile], model: str, slot: str, current: str | Path | None) -> list[tuple[str, str]]:
@@ -146,10 +151,10 @@ def save(engine: Engine, model: str, picks: dict[str, str | None]) -> str:
         return f"⛔ {html.escape(error_message(err))}"
     title = get_spec(model).title.split(" (")[0]
     parts = ", ".join(f"{SLOT_LABELS[k].split(' (')[0]}: `{html.escape(str(v))}`" for k, v in used.items())
-    lines = [f"✅ Saved for {title}: " + (parts or "every part from the model folder") + "."]
+    text = f"✅ Saved for {title}: " + (parts or "every part from the model folder") + "."
     if status is not None and status.state == "installed":
-        lines.append(f"{title} is ready to use.")
+        text += f"\n\n{title} is ready to use."
     elif status is not None:
-        lines.append(f"⚠️ {title} is not complete yet:")
-        lines += [f"- {html.escape(p)}" for p in dict.fromkeys([*status.missing, *status.problems])]
-    return "\n".join(lines)
+        text += f"\n\n⚠️ {title} is not complete yet:\n" + "\n".join(
+            f"- {html.escape(p)}" for p in dict.fromkeys([*status.missing, *status.problems]))
+    return text
