@@ -585,8 +585,8 @@ def load_text_encoder(source: Any, tokenizer: Path, dtype: torch.dtype) -> Any:
     from transformers import UMT5EncoderModel
 
     from wan_lite.loading.tensors import TensorSource, open_source
-    from wan_lite.models.text_encoder import OFFICIAL_MARKER, TextEncoder, hf_to_official_key, load_tokenizer
-    from wan_lite.models.text_encoder import umt5_config_from_shapes
+    from wan_lite.models.text_encoder import (OFFICIAL_MARKER, TextEncoder, hf_to_official_key, load_tokenizer,
+                                              umt5_config_from_shapes)
     from wan_lite.runtime.gguf_linear import load_stored, stored_format
 
     if not isinstance(source, TensorSource):

@@ -168,10 +168,10 @@ class GGUFLinear(nn.Module):
         """A layer holding `data` (uint8 ggml blocks of a [out, in] weight) without copying it."""
         out_f, in_f = shape
         module = cls(in_f, out_f, qtype, bias_dtype=None if bias is None else bias.dtype, device="meta")
-        module.weight = data.reshape(out_f, -1)
-        if tuple(module.weight.shape) != (out_f, gguf_row_bytes(qtype, in_f)) or data.dtype != torch.uint8:
+        if data.dtype != torch.uint8 or data.numel() != out_f * gguf_row_bytes(qtype, in_f):
             raise CheckpointError(f"{qtype} data {data.dtype} {list(data.shape)} does not hold a {list(shape)} weight.",
                                   "The GGUF file is damaged; download it again.")
+        module.weight = data.reshape(out_f, -1)
         module.bias = bias
         return module
 
