@@ -144,6 +144,9 @@ def test_chosen_files_make_the_model_installed_and_generate_like_the_official_fo
     # Choosing "from the model folder" again forgets them.
     components_panel.save(again, "ti2v-5b", {"dit": "", "vae": None})
     assert again.chosen_components("ti2v-5b") == {} and _state(Engine(models, env / "o"), "ti2v-5b") == "missing"
+    # Saved latents still decode with the files that made them (recorded in their metadata).
+    redo = Engine(models, env / "o", device="cpu").decode_latents(ours.latents_path, out_path=env / "redo.mp4")
+    assert redo.video_path.is_file() and redo.frames == ours.frames
 
 
 def test_a_partial_choice_says_what_is_still_missing(files, env):

@@ -122,7 +122,7 @@ class Engine:
     def _check_parts(self, name: str, folder: Path, parts: dict[str, Path]) -> list[str]:
         """Why the folder plus `parts` cannot make model `name` (empty when they can)."""
         from wan_lite.errors import CheckpointError
-        from wan_lite.pipeline import resolve_sources
+        from wan_lite.loading.components import resolve_sources
 
         try:
             resolve_sources(folder if folder.is_dir() else None, parts, name)
@@ -227,7 +227,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def normalize(self, request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
         """Fill defaults, snap size/frames to valid values; returns the request and notes."""
-        from wan_lite.pipeline import resolve_job
+        from wan_lite.job import resolve_job
 
         spec = get_spec(request.model)
         if request.image and spec.task == "t2v":  # an image with the A14B family selects I2V-A14B
@@ -315,8 +315,8 @@ class Engine:
 
     def _footprint(self, name: str, folder: Path, parts: dict[str, Path]):
         """Sizes of the model actually on disk (read from tensor shapes, no data)."""
+        from wan_lite.loading.components import resolve_sources
         from wan_lite.models.dit import WanDiTConfig
-        from wan_lite.pipeline import resolve_sources
         from wan_lite.runtime.planner import ModelFootprint
 
         spec = get_spec(name)
