@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Never read or write the developer's own settings and remembered model choices.
+os.environ["WAN_LITE_CONFIG_DIR"] = tempfile.mkdtemp(prefix="wan_lite_test_config_")
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 

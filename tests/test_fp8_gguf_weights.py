@@ -23,9 +23,10 @@ from tests.tiny_ckpt import formats as tf
 from tests.tiny_ckpt.dit import official_dit_shapes, random_dit_state
 from wan_lite.errors import CheckpointError
 from wan_lite.loading import formats
+from wan_lite.loading.components import build_dit, load_text_encoder
 from wan_lite.loading.tensors import DictSource, SafetensorsSource, open_source
 from wan_lite.models.dit import WanDiT
-from wan_lite.pipeline import WanPipeline, build_dit, load_text_encoder
+from wan_lite.pipeline import WanPipeline
 from wan_lite.runtime import gguf_linear, streaming
 from wan_lite.runtime.gguf_linear import GGUF_BLOCKS, GGUF_TYPES, GGUFLinear, dequantize_gguf
 from wan_lite.runtime.quant import QuantizedLinear

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import wan_lite
-from wan_lite.pipeline import MovePlacement, resolve_job
+from wan_lite.job import resolve_job
+from wan_lite.pipeline import MovePlacement
 from wan_lite.runtime.apply import PlannedPlacement, load_planned
 from wan_lite.runtime.hardware import Hardware
 from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan

@@ -58,8 +58,8 @@ def _engine(model_dir: Path | None, name: str | None, out: Path | None, device: 
 
 def _which_model(args: argparse.Namespace, components: dict[str, Path]) -> str:
     from wan_lite.errors import InputError
+    from wan_lite.loading.components import resolve_sources
     from wan_lite.loading.layout import detect_spec
-    from wan_lite.pipeline import resolve_sources
 
     if args.model:
         return args.model

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_lite.api import CancelToken, Progress, ProgressCallback
-from wan_lite.errors import Cancelled, InputError
-from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, ModelSpec
-from wan_lite.sizing import centre_crop_box, check_size, image_output_size
+from wan_lite.errors import Cancelled
+from wan_lite.job import Job, load_image, resolve_job
+from wan_lite.loading.components import (
+    build_dit,
+    check_compatible,
+    dit_roles,
+    load_text_encoder,
+    load_vae,
+    module_of,
+    resolve_sources,
+)
+from wan_lite.registry import ModelSpec
+from wan_lite.sizing import centre_crop_box
 
 log = logging.getLogger(__name__)
 
@@ -82,111 +90,6 @@ class PipelineResult:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Job:
-    """A fully resolved request: every default filled in, sizes valid."""
-
-    prompt: str
-    negative_prompt: str
-    image: Any | None  # PIL.Image (RGB) or None
-    width: int
-    height: int
-    frames: int
-    steps: int
-    guidance: tuple[float, float]  # (high-noise / only, low-noise)
-    shift: float
-    seed: int
-    sampler: str
-    notes: list[str]
-
-    def settings(self, spec: ModelSpec) -> dict[str, Any]:
-        return {
-            "model": spec.name,
-            "mode": "i2v" if self.image is not None else "t2v",
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "width": self.width,
-            "height": self.height,
-            "frames": self.frames,
-            "fps": spec.fps,
-            "steps": self.steps,
-            "guidance": self.guidance[0],
-            "guidance_low": self.guidance[1],
-            "shift": self.shift,
-            "seed": self.seed,
-            "sampler": self.sampler,
-        }
-
-
-def load_image(image: Any) -> Any:
-    """A PIL RGB image from a path or a PIL image; InputError when it cannot be read."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        img = image
-    else:
-        try:
-            with Image.open(Path(image)) as opened:
-                opened.load()
-                img = ImageOps.exif_transpose(opened)
-        except FileNotFoundError:
-            raise InputError(f"Image not found: {image}") from None
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise InputError(f"Cannot read {image} as an image ({err}).",
-                             "Use a PNG, JPEG or WebP picture.") from None
-    if img.mode in ("RGBA", "LA", "P"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
-def resolve_job(
-    spec: ModelSpec,
-    prompt: str,
-    *,
-    negative_prompt: str | None = None,
-    image: Any = None,
-    width: int | None = None,
-    height: int | None = None,
-    frames: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    guidance_low: float | None = None,
-    shift: float | None = None,
-    seed: int | None = None,
-    sampler: str = "unipc",
-) -> Job:
-    """Fill in the registry defaults and check every field; InputError for what cannot be used."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("The prompt is empty.", "Describe the video you want, e.g. 'a red fox running through snow'.")
-    if spec.needs_image and image is None:
-        raise InputError(f"{spec.name} turns an image into a video: give a start image.")
-    w0, h0 = spec.default_size if width is None and height is None else (width or height, height or width)
-    w, h, f, notes = check_size(spec, int(w0), int(h0), int(frames or spec.frames))
-    n = int(steps or spec.steps)
-    if n < 1 or n > 1000:
-        raise InputError(f"steps must be between 1 and 1000, got {n}.")
-    g_high = spec.guidance[0] if guidance is None else float(guidance)
-    g_low = (spec.guidance[1] if guidance is None else g_high) if guidance_low is None else float(guidance_low)
-    if not spec.experts:
-        g_low = g_high
-    s = spec.shift if shift is None else float(shift)
-    if s <= 0:
-        raise InputError(f"shift must be positive, got {s}.")
-    if seed is None or int(seed) < 0:
-        seed = random.randint(0, sys.maxsize)
-    img = load_image(image) if image is not None else None
-    if img is not None:
-        ow, oh = image_output_size(spec, img.width, img.height, w, h)
-        if (ow, oh) != (w, h):
-            notes.append(f"Output size follows the image's aspect ratio: {ow}x{oh}.")
-        w, h = ow, oh
-    return Job(prompt=prompt, negative_prompt=negative_prompt or DEFAULT_NEGATIVE_PROMPT, image=img,
-               width=w, height=h, frames=f, steps=n, guidance=(g_high, g_low), shift=s, seed=int(seed),
-               sampler=sampler, notes=notes)
-
-
 def image_to_tensor(img: Any) -> torch.Tensor:
     """PIL RGB -> float32 [3, H, W] in [-1, 1] (to_tensor, then (x - 0.5) / 0.5)."""
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
@@ -229,10 +132,6 @@ class _Clock:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
-
-
-def _module(component: Any) -> nn.Module:
-    return component if isinstance(component, nn.Module) else component.model
 
 
 class WanPipeline:
@@ -291,7 +190,7 @@ class WanPipeline:
         spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
         text_encoder = load_text_encoder(sources["text_encoder"], tokenizer, text_dtype)
         vae = load_vae(sources["vae"], spec, vae_dtype)
-        dits = {role: build_dit(sources[f"dit_{role}"], dtype)[0] for role in _dit_roles(spec)}
+        dits = {role: build_dit(sources[f"dit_{role}"], dtype)[0] for role in dit_roles(spec)}
         check_compatible(spec, dits, vae, text_encoder)
         return cls(spec, text_encoder, vae, dits, placement=placement, device=device)
 
@@ -301,10 +200,10 @@ class WanPipeline:
         """Trimmed embeddings, cached by text (a new seed or setting re-encodes nothing)."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if todo:
-            module = _module(self.text_encoder)
+            module = module_of(self.text_encoder)
             self.placement.activate("text_encoder", module)
             try:
-                for text, emb in zip(todo, self.text_encoder.encode(todo)):
+                for text, emb in zip(todo, self.text_encoder.encode(todo), strict=True):
                     self._text_cache[text] = emb.detach().to("cpu")
             finally:
                 self.placement.release("text_encoder", module)
@@ -500,150 +399,5 @@ class WanPipeline:
         return torch.cat([m, z]), None, None
 
 
-def _dit_roles(spec: ModelSpec) -> tuple[str, ...]:
-    return ("high", "low") if spec.experts else ("main",)
-
-
-def _slot(role: str) -> str:
-    return "dit" if role == "main" else f"dit_{role}"
-
-
-def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Path],
-                    name: str | None = None) -> tuple[ModelSpec, dict[str, Any], Path]:
-    """Where each component comes from: given files/folders (any format) first, the official
-    folder for the rest. Returns (spec, {"dit_<role>"/"vae"/"text_encoder": TensorSource},
-    tokenizer folder)."""
-    from wan_lite.errors import CheckpointError
-    from wan_lite.loading.formats import detect, load_component, pick, tokenizer_folder
-    from wan_lite.loading.layout import detect_spec, find_model, layout_help
-    from wan_lite.loading.tensors import SafetensorsSource, open_source
-    from wan_lite.registry import MODELS
-
-    given = {k: Path(v) for k, v in components.items() if v}
-    if name:
-        spec = MODELS[name]
-    elif model_dir is not None:
-        spec = detect_spec(Path(model_dir))
-    else:
-        dit_path = given.get("dit") or given.get("dit_high") or given.get("dit_low")
-        found = pick(detect(dit_path), "dit") if dit_path else None
-        if found is None or found.variant not in MODELS:
-            raise CheckpointError("Say which model to run: give a model folder, a model name or a DiT file.")
-        spec = MODELS[found.variant]
-    slots = [_slot(r) for r in _dit_roles(spec)] + ["vae", "text_encoder", "tokenizer"]
-    official = [s for s in slots if s not in given]
-    # a ComfyUI umT5 file carries its tokenizer
-    if "tokenizer" in official and "text_encoder" in given:
-        te = pick(detect(given["text_encoder"]), "tokenizer")
-        if te is not None:
-            given["tokenizer"] = given["text_encoder"]
-            official.remove("tokenizer")
-    files = None
-    if official:
-        if model_dir is None:
-            raise CheckpointError(f"No file given for: {', '.join(official)}.", layout_help(spec))
-        files = find_model(Path(model_dir), spec.name, skip=set(given))
-    sources: dict[str, Any] = {}
-    for role in _dit_roles(spec):
-        slot = _slot(role)
-        sources[f"dit_{role}"] = (
-            load_component(given[slot], "dit", model=spec.name, expert=None if role == "main" else role)
-            if slot in given else SafetensorsSource(files.dit[role]))
-    sources["vae"] = (load_component(given["vae"], "vae", model=spec.name) if "vae" in given
-                      else open_source(files.vae))
-    sources["text_encoder"] = (load_component(given["text_encoder"], "text_encoder") if "text_encoder" in given
-                               else open_source(files.t5))
-    if "tokenizer" in given:
-        from wan_lite.loading.discovery import config_dir
-
-        tokenizer = tokenizer_folder(given["tokenizer"], config_dir() / "tokenizers")
-    else:
-        tokenizer = files.tokenizer
-    return spec, sources, tokenizer
-
-
-def build_dit(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
-    """A DiT from `source`. fp8 (ComfyUI) and GGUF files keep their block weights as stored
-    (fp8 QuantizedLinear / GGUFLinear, ~1 or fewer bytes per weight, no float copy); other
-    sources load in `dtype`. Returns (model, the TensorSource to re-fill it from)."""
-    from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches
-    from wan_lite.runtime.gguf_linear import load_stored, stored_format
-
-    if stored_format(source) is None:
-        return WanDiT.from_source(source, dtype), source
-    with torch.device("meta"):
-        model = WanDiT(WanDiTConfig.from_shapes(source.shapes()))
-    keep = lambda n: name_matches(n, WanDiT.keep_fp32_patterns)  # noqa: E731
-    stored = load_stored(model, source, dtype, keep_fp32=keep, what="DiT")
-    return model.eval(), stored
-
-
-def load_text_encoder(source: Any, tokenizer: Path, dtype: torch.dtype) -> Any:
-    """The umT5 encoder; the Linear layers of an fp8 file stay fp8 (QuantizedLinear). GGUF
-    encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of a
-    non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
-    from transformers import UMT5EncoderModel
-
-    from wan_lite.loading.tensors import TensorSource, open_source
-    from wan_lite.models.text_encoder import (OFFICIAL_MARKER, TextEncoder, hf_to_official_key, load_tokenizer,
-                                              umt5_config_from_shapes)
-    from wan_lite.runtime.gguf_linear import load_stored, stored_format
-
-    if not isinstance(source, TensorSource):
-        source = open_source(Path(source))
-    if stored_format(source) != "fp8":
-        return TextEncoder.load(source, tokenizer, dtype=dtype)
-    # As models.text_encoder.build_umt5, with load_stored filling the model.
-    official = OFFICIAL_MARKER in source
-    config = umt5_config_from_shapes(source.shapes(), official=official)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = UMT5EncoderModel(config)
-    emb = "shared.weight" if "shared.weight" in source else "encoder.embed_tokens.weight"
-    key_map = hf_to_official_key if official else (lambda n: emb if n == "shared.weight" else n)
-    model.encoder.embed_tokens = None  # the tied alias is filled once, through `shared`
-    load_stored(model, source, dtype, key_map=key_map, what="text encoder")
-    model.encoder.embed_tokens = model.shared
-    return TextEncoder(model.eval().requires_grad_(False), load_tokenizer(tokenizer))
-
-
-def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
-    from wan_lite.errors import CheckpointError
-    from wan_lite.loading.tensors import TensorSource, open_source
-    from wan_lite.models.vae21 import WanVAE21
-    from wan_lite.models.vae22 import WanVAE22
-
-    if not isinstance(source, TensorSource):
-        source = open_source(source)
-    version = WanVAE22.detect_version(source.shapes())
-    if version != spec.vae_version:
-        raise CheckpointError(
-            f"{source.describe()} is a Wan {version} VAE, but {spec.name} needs the Wan {spec.vae_version} VAE "
-            f"({spec.vae_file}).",
-            f"Download {spec.vae_file} from huggingface.co/{spec.hf_repo}.",
-        )
-    cls = WanVAE22 if version == "2.2" else WanVAE21
-    return cls.from_source(source, dtype)
-
-
-def check_compatible(spec: ModelSpec, dits: dict[str, nn.Module], vae: nn.Module, text_encoder: Any) -> None:
-    """The DiT's channels must fit the model kind, the VAE and the text encoder."""
-    from wan_lite.errors import CheckpointError
-
-    in_dim = {"ti2v": spec.z_dim, "t2v": spec.z_dim, "i2v": 2 * spec.z_dim + 4}[spec.task]
-    for role, dit in dits.items():
-        cfg = dit.config
-        if cfg.in_dim != in_dim or cfg.out_dim != spec.z_dim:
-            raise CheckpointError(
-                f"The {role} DiT has {cfg.in_dim} input / {cfg.out_dim} output channels; "
-                f"{spec.name} needs {in_dim} / {spec.z_dim}.",
-                "The folder mixes files of different models.",
-            )
-    if getattr(vae, "z_dim", spec.z_dim) != spec.z_dim:
-        raise CheckpointError(f"The VAE has {vae.z_dim} latent channels; {spec.name} needs {spec.z_dim}.")
-    d_model = getattr(getattr(_module(text_encoder), "config", None), "d_model", None)
-    for dit in dits.values():
-        if d_model is not None and d_model != dit.config.text_dim:
-            raise CheckpointError(
-                f"The text encoder's width ({d_model}) does not match the DiT's text input ({dit.config.text_dim})."
-            )
+__all__ = ["Job", "MovePlacement", "Placement", "PipelineResult", "WanPipeline", "build_dit", "check_compatible",
+           "load_image", "load_text_encoder", "load_vae", "resolve_job", "resolve_sources"]

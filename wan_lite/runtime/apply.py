@@ -113,9 +113,16 @@ def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Pa
                  name: str | None = None, device: torch.device | str | None = None,
                  cache_dir: Path | None = None) -> Any:
     """Load a pipeline with weights in the plan's formats and a PlannedPlacement bound to it."""
+    from wan_lite.loading.components import (
+        build_dit,
+        check_compatible,
+        dit_roles,
+        load_text_encoder,
+        load_vae,
+        resolve_sources,
+    )
     from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches
-    from wan_lite.pipeline import (WanPipeline, _dit_roles, build_dit, check_compatible, load_text_encoder,
-                                   load_vae, resolve_sources)
+    from wan_lite.pipeline import WanPipeline
     from wan_lite.runtime.gguf_linear import stored_format
     from wan_lite.runtime.quant import load_or_quantize, quantize_model
 
@@ -126,7 +133,7 @@ def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Pa
         quantize_model(text_encoder.model, plan.text_encoder_quant)  # layers stored as fp8 stay so
     vae = load_vae(sources["vae"], spec, _DTYPES.get(plan.vae_dtype, torch.bfloat16))
     dits: dict[str, nn.Module] = {}
-    for role in _dit_roles(spec):
+    for role in dit_roles(spec):
         source = sources[f"dit_{role}"]
         stored = stored_format(source)
         if stored is not None:
