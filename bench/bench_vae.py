@@ -20,8 +20,9 @@ Weights: built on `meta`, `to_empty` on the GPU, conv weights ~ N(0, 1/fan_in) (
 unit scale through the residual stack), biases ~ N(0, 0.05), norm gains ~ 1 + N(0, 0.1): the tiny
 test writer's scheme. The latent is N(0, 1) (the VAE de-normalises it with the real statistics).
 
-At the end it fits the planner's memory constants from the tiled cases (peak minus weights minus
-the tile's fp32 video = per-pixel activations) and prints them with the results table. Records go
+At the end it fits the planner's memory constants from the tiled cases (peak minus weights, per
+output pixel of the largest tile; untiled: minus the fp32 video too) and prints them with the
+results table. Records go
 to `--out` as JSON after every case; cases past `--budget-s` are skipped and repeats drop to 1 once
 half the budget is spent (an H100 runs everything in ~4 minutes). `--smoke` runs a tiny VAE on
 the CPU to check the script.
@@ -303,8 +304,9 @@ class Bench:
                     th = max(b - a for a, b in tiled_vae.tile_spans(lat[2], tile, overlap))
                     tw = max(b - a for a, b in tiled_vae.tile_spans(lat[3], tile, overlap))
                     px = th * tw * 256
-                    video = 3 * r["frames"] * px * 4
-                    act = r["peak_minus_weights_gib"] * GIB - video
+                    # tiled_decode sends each latent frame's pixels out as it goes: no tile video
+                    # stays on the device, so everything above the weights counts as activations
+                    act = r["peak_minus_weights_gib"] * GIB
                     per_px.append({"tile": tile, "px": px, "act_bytes": act, "bytes_per_px": act / px})
             untiled = next((r for r in self.records if r["case"] == f"wan-untiled-{dname}"
                             and "peak_minus_weights_gib" in r), None)
