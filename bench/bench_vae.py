@@ -11,8 +11,14 @@ weights on the GPU, and the error against wan_lite's untiled decode in the same 
 
     wan-untiled-{bf16,fp32}     WanVAE22.decode, the video assembled on the GPU
     wan-tiled-{bf16,fp32}-tN    tiled_decode, tiles of at most N latent px (16N video px), overlap
-                                4 latent px, the video assembled in CPU memory
+                                4 latent px, full-resolution levels in frame chunks of
+                                `--frame-chunk` (default 1), the video assembled in CPU memory
+    wan-tiled-bf16-tN-nochunk   the same in whole 4-frame chunks (as before frame chunks)
     wan-tiled-bf16-tN-decoder-only   the same with the encoder's weights left in CPU memory
+    wan-tiled-bf16-t32-oK-cC-decoder-only   the 2 GiB candidates: 32 latent px tiles (2 x 3
+                                tiles at 720p), overlap K latent px, frame chunk C, decoder only
+    wan-auto-bf16-2g-decoder-only    choose_tile's pick for a 2 GiB GPU (its memory model and
+                                margins; `tile_latent` says what it chose)
     diffusers-untiled-bf16      AutoencoderKLWan (2.2 config) with the same weights
     diffusers-tiled-bf16        + enable_tiling() (its defaults: 256 px tiles, stride 192)
 
@@ -24,8 +30,9 @@ At the end it fits the planner's memory constants from the tiled cases (peak min
 output pixel of the largest tile; untiled: minus the fp32 video too) and prints them with the
 results table. Records go
 to `--out` as JSON after every case; cases past `--budget-s` are skipped and repeats drop to 1 once
-half the budget is spent (an H100 runs everything in ~4 minutes). `--smoke` runs a tiny VAE on
-the CPU to check the script.
+half the budget is spent (an H100 runs everything in ~4 minutes). `--quick` (bf16, tiles 24, one
+repeat: ~2 minutes on an H200) keeps the comparison and drops the rest. `--smoke` runs a tiny VAE
+on the CPU to check the script.
 """
 
 from __future__ import annotations
@@ -221,7 +228,7 @@ class Bench:
         self.save()
         shown = ("s", "peak_vram_gib", "peak_minus_weights_gib", "model_estimate_gib", "mean_abs_err",
                  "max_abs_err", "error", "skipped")
-        log.info("%-34s %s", case, {k: rec[k] for k in shown if rec.get(k) is not None})
+        log.info("%-40s %s", case, {k: rec[k] for k in shown if rec.get(k) is not None})
 
     def run(self) -> None:
         a = self.args
@@ -238,37 +245,72 @@ class Bench:
             dtype = DTYPES[dname]
             vae = build_wan(config, dtype, a.seed)
             zd = z.to(dtype)
-            def estimate(tile: int | None, vae: WanVAE22 = vae, dtype: torch.dtype = dtype) -> dict:
-                est = tiled_vae.estimate_decode_bytes(vae, tuple(z.shape), tile, dtype, a.overlap)
+            def estimate(tile: int | None, overlap: int | None = None, chunk: int | None = None,
+                         vae: WanVAE22 = vae, dtype: torch.dtype = dtype) -> dict:
+                est = tiled_vae.estimate_decode_bytes(vae, tuple(z.shape), tile, dtype, overlap, frame_chunk=chunk)
                 return {"model_estimate_gib": est / GIB}  # the tiler's memory model, weights excluded
 
             self.record(f"wan-untiled-{dname}", lambda: {**self.timed(vae.decode, zd, warm.to(dtype)),
                                                          **estimate(None)}, dname)
             tiles = a.tiles if dname == "bf16" else a.tiles[len(a.tiles) // 2 :][:1]
             for tile in tiles:
-                def tiled(x: torch.Tensor, tile: int = tile) -> torch.Tensor:
-                    return tiled_vae.tiled_decode(vae, x, tile, a.overlap, out_device="cpu")
-
-                self.record(f"wan-tiled-{dname}-t{tile}", lambda tiled=tiled, tile=tile: {
-                    **self.timed(tiled, zd, warm.to(dtype)), "tile_latent": tile, "tile_px": tile * s,
-                    "overlap_latent": a.overlap, "out_device": "cpu", **estimate(tile)}, dname)
+                self.record(f"wan-tiled-{dname}-t{tile}", lambda vae=vae, dtype=dtype, tile=tile: {
+                    **self.tiled(vae, zd, warm.to(dtype), tile, a.overlap, a.frame_chunk),
+                    **estimate(tile, a.overlap, a.frame_chunk)}, dname)
             if dname == "bf16" and a.tiles:
                 tile = a.tiles[len(a.tiles) // 2]
-
-                def decoder_only(tile: int = tile) -> dict:
-                    vae.encoder.to("cpu")  # decode never uses it
-                    release()
-                    try:
-                        return {**self.timed(lambda x: tiled_vae.tiled_decode(vae, x, tile, a.overlap, "cpu"),
-                                             zd, warm.to(dtype)), "tile_latent": tile, "tile_px": tile * s}
-                    finally:
-                        vae.encoder.to(DEVICE)
-
-                self.record(f"wan-tiled-bf16-t{tile}-decoder-only", decoder_only, dname)
+                self.record(f"wan-tiled-bf16-t{tile}-nochunk", lambda tile=tile: {
+                    **self.tiled(vae, zd, warm.to(dtype), tile, a.overlap, None),
+                    **estimate(tile, a.overlap, None)}, dname)
+                self.record(f"wan-tiled-bf16-t{tile}-decoder-only", lambda tile=tile: self.decoder_only(
+                    vae, lambda: self.tiled(vae, zd, warm.to(dtype), tile, a.overlap, a.frame_chunk)), dname)
+            if dname == "bf16":
+                big = 2 if a.smoke else 32  # 720p: 2 x 3 tiles (24 x 30 latent px at overlap 4, 23 x 28 at 2)
+                for overlap, chunk in ((4, 1), (2, 1), (2, 2)):
+                    self.record(f"wan-tiled-bf16-t{big}-o{overlap}-c{chunk}-decoder-only",
+                                lambda overlap=overlap, chunk=chunk: self.decoder_only(vae, lambda: {
+                                    **self.tiled(vae, zd, warm.to(dtype), big, overlap, chunk),
+                                    **estimate(big, overlap, chunk)}), dname)
+                self.record("wan-auto-bf16-2g-decoder-only", lambda: self.decoder_only(
+                    vae, lambda: self.auto(vae, zd, warm.to(dtype), 2 * GIB, estimate)), dname)
             if dname == "bf16" and self.wanted("diffusers"):
                 self.run_diffusers(vae, zd, warm.to(dtype), dname)
             del vae, zd
             release()
+
+    def tiled(self, vae: WanVAE22, z: torch.Tensor, warm: torch.Tensor, tile: int, overlap: int,
+              chunk: int | None) -> dict:
+        """tiled_decode into CPU memory, timed; the record says the layout."""
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return tiled_vae.tiled_decode(vae, x, tile, overlap, out_device="cpu", frame_chunk=chunk)
+
+        spans_h = tiled_vae.tile_spans(z.shape[3], tile, overlap)
+        spans_w = tiled_vae.tile_spans(z.shape[4], tile, overlap)
+        return {**self.timed(run, z, warm), "tile_latent": tile, "tile_px": tile * 16, "overlap_latent": overlap,
+                "frame_chunk": chunk, "out_device": "cpu", "tiles": [len(spans_h), len(spans_w)],
+                "tile_shape": [spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0]]}
+
+    def decoder_only(self, vae: WanVAE22, run: Callable[[], dict]) -> dict:
+        """`run()` with the encoder's weights in CPU memory (decode never uses them)."""
+        vae.encoder.to("cpu")
+        release()
+        try:
+            return {**run(), "decoder_only": True}
+        finally:
+            vae.encoder.to(DEVICE)
+
+    def auto(self, vae: WanVAE22, z: torch.Tensor, warm: torch.Tensor, budget: int,
+             estimate: Callable[..., dict]) -> dict:
+        """What choose_tile picks when the GPU has `budget` bytes in all (weights placed)."""
+        release()
+        free = budget - gpu_bytes()
+        tile = tiled_vae.choose_tile(vae, tuple(z.shape), free, z.dtype)
+        if tile is None:
+            return {**self.timed(vae.decode, z, warm), "tile_latent": None, **estimate(None)}
+        overlap = tiled_vae.DEFAULT_OVERLAP_PX // 16
+        chunk = tiled_vae.DEFAULT_FRAME_CHUNK
+        return {**self.tiled(vae, z, warm, tile, overlap, chunk), **estimate(tile, overlap, chunk),
+                "budget_gib": budget / GIB}
 
     def run_diffusers(self, vae: WanVAE22, z: torch.Tensor, warm: torch.Tensor, dname: str) -> None:
         try:
@@ -298,16 +340,11 @@ class Bench:
             per_px = []
             for r in self.records:
                 if r["case"].startswith(f"wan-tiled-{dname}-t") and "peak_minus_weights_gib" in r \
-                        and not r["case"].endswith("decoder-only"):
-                    lat = r["latent"]
-                    tile, overlap = r["tile_latent"], r["overlap_latent"]
-                    th = max(b - a for a, b in tiled_vae.tile_spans(lat[2], tile, overlap))
-                    tw = max(b - a for a, b in tiled_vae.tile_spans(lat[3], tile, overlap))
+                        and r.get("frame_chunk") == self.args.frame_chunk and not r.get("decoder_only"):
+                    th, tw = r["tile_shape"]
                     px = th * tw * 256
-                    # tiled_decode sends each latent frame's pixels out as it goes: no tile video
-                    # stays on the device, so everything above the weights counts as activations
-                    act = r["peak_minus_weights_gib"] * GIB
-                    per_px.append({"tile": tile, "px": px, "act_bytes": act, "bytes_per_px": act / px})
+                    act = r["peak_minus_weights_gib"] * GIB  # no tile video on the GPU any more
+                    per_px.append({"tile": r["tile_latent"], "px": px, "act_bytes": act, "bytes_per_px": act / px})
             untiled = next((r for r in self.records if r["case"] == f"wan-untiled-{dname}"
                             and "peak_minus_weights_gib" in r), None)
             entry: dict = {"tiled": per_px}
@@ -321,7 +358,8 @@ class Bench:
                 slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
                 entry["fit_bytes_per_px"] = slope
                 entry["fit_fixed_bytes"] = my - slope * mx
-                entry["DECODE_PX_PER_BYTE"] = slope / DTYPES[dname].itemsize
+                key = "DECODE_PX_PER_BYTE_CHUNKED" if self.args.frame_chunk else "DECODE_PX_PER_BYTE"
+                entry[key] = (slope - tiled_vae.CHUNK_OUT_PX) / DTYPES[dname].itemsize
             fits[dname] = entry
         return fits
 
@@ -344,8 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=330.0, help="skip cases once this much time has passed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frame-chunk", type=int, default=tiled_vae.DEFAULT_FRAME_CHUNK,
+                   help="frames the full-resolution levels decode at a time in the tN cases (0: whole chunks)")
+    p.add_argument("--quick", action="store_true", help="bf16 only, tiles 24, one repeat (~2 minutes)")
     p.add_argument("--smoke", action="store_true", help="a tiny VAE on the CPU: checks the script")
     args = p.parse_args(argv)
+    args.frame_chunk = args.frame_chunk or None
+    if args.quick:
+        args.dtypes, args.repeats = ["bf16"], 1
+        args.tiles = args.tiles or ([6] if args.smoke else [24])
     args.size = args.size or ((256, 128) if args.smoke else (1280, 704))
     args.frames = args.frames or (9 if args.smoke else 121)
     args.tiles = args.tiles or ([6, 8] if args.smoke else [16, 24, 32])
@@ -362,10 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.meta["calibration"] = bench.calibration()
     bench.save()
     nan = float("nan")
-    table = [f"{'case':34} {'s':>7} {'s+cpu':>7} {'peak GiB':>9} {'-weights':>9} {'max err':>8} "
+    table = [f"{'case':40} {'s':>7} {'s+cpu':>7} {'peak GiB':>9} {'-weights':>9} {'max err':>8} "
              f"{'mean err':>9}"]
     for r in bench.records:
-        table.append(f"{r['case']:34} {r.get('s', nan):7.2f} {r.get('s_incl_to_cpu', nan):7.2f} "
+        table.append(f"{r['case']:40} {r.get('s', nan):7.2f} {r.get('s_incl_to_cpu', nan):7.2f} "
                      f"{r.get('peak_vram_gib', nan):9.2f} "
                      f"{r.get('peak_minus_weights_gib', nan):9.2f} {r.get('max_abs_err', nan):8.4f} "
                      f"{r.get('mean_abs_err', nan):9.5f} {r.get('error') or r.get('skipped') or ''}")

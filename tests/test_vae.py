@@ -224,6 +224,26 @@ def test_decode_any_crop_size_and_frame_count(tiny):
     assert model.decode(z).shape == (1, 3, 13, 2 * s, s)
 
 
+def test_decode_in_frame_chunks_equals_whole_chunks(tiny):
+    """The runtime's `decode_frame_chunk` (full-resolution levels a few frames at a time through the
+    causal caches) changes memory, not the result; bf16 too."""
+    version, state, _, model = tiny
+    z = torch.randn(1, model.z_dim, 3, 3, 4, generator=torch.Generator().manual_seed(12))
+    half = CLASSES[version].from_source(DictSource(state), torch.bfloat16)
+    for vae in (model, half):
+        ref = vae.decode(z)
+        for frames in (1, 2, 3):
+            vae.decode_frame_chunk = frames
+            try:
+                out = vae.decode(z)
+            finally:
+                vae.decode_frame_chunk = None
+            assert (out - ref).abs().max() <= 1e-6, (vae.dtype, frames)
+    assert model.decoder.frame_chunk is None
+    with pytest.raises(InputError, match="frame chunk"):
+        model.decode_frame_chunk = 0
+
+
 def test_encode_drops_incomplete_chunk_and_rejects_bad_sizes(tiny):
     version, _, _, model = tiny
     s = model.stride[1]

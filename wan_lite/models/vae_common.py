@@ -70,6 +70,18 @@ def _time_padded(
     return buf
 
 
+def _remember(cache: FeatureCache, layer: nn.Module, old: torch.Tensor | str | None,
+              frames: torch.Tensor) -> None:
+    """Store `frames` (a view of this chunk's padded input) as `layer`'s state for the next chunk.
+    Written into the previous state tensor when the shapes agree, so that no second copy is alive
+    while the layer's conv runs (the previous state was already copied into the padded input)."""
+    if isinstance(old, torch.Tensor) and old.shape == frames.shape:
+        old.copy_(frames)
+    else:
+        # cloned so that the cache does not keep the whole padded activation alive
+        cache.set(layer, frames.clone())
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded `2*pT` frames in front only (causal): with the previous chunk's cached frames,
     or zeros on the first. Spatial padding is symmetric, left to the conv itself (no padded copy)."""
@@ -93,10 +105,8 @@ class CausalConv3d(nn.Conv3d):
             return self.convolve(x if norm is None else F.silu(norm(x), inplace=True))
         prev = cache.get(self) if cache is not None else None
         x = _time_padded(x, prev, self.time_pad, norm)  # type: ignore[arg-type]
-        if cache is not None:
-            # The last frames of (previous + current) are what the next chunk needs; cloned so
-            # that the cache does not keep this whole activation alive.
-            cache.set(self, x[:, :, -self.time_pad :].clone())
+        if cache is not None:  # the last frames of (previous + current) are what the next chunk needs
+            _remember(cache, self, prev, x[:, :, -self.time_pad :])
         return self.convolve(x)
 
 
@@ -173,7 +183,7 @@ class Resample(nn.Module):
             return x
         b, c, t, h, w = x.shape
         x = _time_padded(x, None if isinstance(state, str) else state, CACHE_T)
-        cache.set(self, x[:, :, -CACHE_T:].clone())
+        _remember(cache, self, state, x[:, :, -CACHE_T:])
         y = self.time_conv.convolve(x)  # [B, 2C, T, H, W]
         out = _new_like(y, (b, c, 2 * t, h, w))
         out.view(b, c, t, 2, h, w).copy_(y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5))
@@ -271,7 +281,17 @@ class Encoder3d(nn.Module):
 
 
 class Decoder3d(nn.Module):
-    """conv1 -> middle -> upsamples (version-specific) -> head, over one latent frame."""
+    """conv1 -> middle -> upsamples (version-specific) -> head, over one latent frame.
+
+    `frame_chunk`: set by the runtime to run the levels after the last time upsampling (the
+    spatial-only levels and the head, at up to full resolution: most of the activations) on at
+    most that many of the chunk's 4 frames at a time, in frame order. Each of those layers is
+    causal in time and keeps what it needs of earlier frames in the cache, so the result is the
+    same. Earlier levels run on <= 2 frames at <= 1/4 resolution: chunking them would save little
+    and shrink their already small convolutions. None: whole chunks.
+    """
+
+    frame_chunk: int | None = None
 
     def __init__(self, z_dim: int, top_dim: int, upsamples: nn.Sequential, dim: int, out_dim: int) -> None:
         super().__init__()
@@ -279,13 +299,32 @@ class Decoder3d(nn.Module):
         self.middle = MiddleBlock(top_dim)
         self.upsamples = upsamples
         self.head = Head(dim, out_dim)
+        time_up = [i for i, layer in enumerate(upsamples) if any(
+            isinstance(m, Resample) and m.mode == "upsample3d" for m in layer.modules())]
+        self.time_local_from = time_up[-1] + 1 if time_up else 0  # first level without time upsampling
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """[B, z, 1, h, w] -> [B, out, 1 (first chunk) or 4, 8h, 8w] (3 levels up)."""
-        x = self.middle(self.conv1(x, cache), cache)
-        for layer in self.upsamples:
+        return self.upsample(self.middle(self.conv1(x, cache), cache), cache)
+
+    def upsample(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """The part after `middle`: upsamples and head, [B, C_top, 1, h, w] -> [B, out, 1 or 4, 8h, 8w].
+        A tiler calls it with its crop of a `middle` output computed over the whole latent."""
+        for layer in self.upsamples[: self.time_local_from]:
             x = layer(x, cache)
-        return self.head(x, cache)
+        time_local = [*self.upsamples[self.time_local_from :], self.head]
+        n = self.frame_chunk
+        if n is None or n >= x.shape[2]:
+            for layer in time_local:  # rebinding x frees each input as soon as it is used
+                x = layer(x, cache)
+            return x
+        parts = []
+        for j in range(0, x.shape[2], n):
+            y = x[:, :, j : j + n]
+            for layer in time_local:
+                y = layer(y, cache)
+            parts.append(y)
+        return torch.cat(parts, dim=2)
 
 
 @dataclass(frozen=True)
@@ -443,19 +482,41 @@ class WanVAEBase(nn.Module):
             self._decode_one(latent[i : i + 1], out[i : i + 1])
         return out
 
-    def _decode_one(self, z: torch.Tensor, out: torch.Tensor) -> None:
+    @property
+    def decode_frame_chunk(self) -> int | None:
+        """Frames the decoder's upsampling levels process at a time (`Decoder3d.frame_chunk`)."""
+        return self.decoder.frame_chunk
+
+    @decode_frame_chunk.setter
+    def decode_frame_chunk(self, frames: int | None) -> None:
+        if frames is not None and (not isinstance(frames, int) or frames < 1):
+            raise InputError(f"The VAE decode frame chunk must be None or an integer >= 1; got {frames!r}.",
+                             "Use 1 (least memory), 2, or None (whole chunks).")
+        self.decoder.frame_chunk = frames
+
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [B, z, T, h, w] -> the decoder's input (conv2 output) in the VAE dtype
+        and activation layout."""
         mean, inv_std = self._stats(z)
         # de-normalised exactly as the reference: z / (1/std) + mean
         x = self.conv2((z.float() / inv_std + mean).to(self.dtype))
-        x = x.contiguous(memory_format=self.activation_layout)
+        return x.contiguous(memory_format=self.activation_layout)
+
+    def write_frames(self, dst: torch.Tensor, y: torch.Tensor) -> None:
+        """Decoder output y [B, C, n, H', W'] -> video frames written into `dst` [B, 3, n, H, W]
+        (float32), clamped to [-1, 1]."""
+        self._write_frames(dst, y)
+        dst.clamp_(-1.0, 1.0)
+
+    def _decode_one(self, z: torch.Tensor, out: torch.Tensor) -> None:
+        x = self.decoder_input(z)
         cache = FeatureCache()
         done = 0
         for i in range(x.shape[2]):
             y = self.decoder(x[:, :, i : i + 1], cache)
             cache.first_chunk = False
             n = y.shape[2]
-            self._write_frames(out[:, :, done : done + n], y)
-            out[:, :, done : done + n].clamp_(-1.0, 1.0)
+            self.write_frames(out[:, :, done : done + n], y)
             done += n
         if done != out.shape[2]:
             raise RuntimeError(f"VAE decode produced {done} frames, expected {out.shape[2]}")

@@ -2,18 +2,20 @@
 
 A Wan VAE decodes a video one latent frame at a time, carrying a feature cache through time, and
 its peak memory grows with the frame's area. Here the latent is cut into overlapping spatial
-tiles; each tile is decoded over ALL latent frames by the VAE's own `decode` (its causal chunking
-and cache kept exactly), and the tiles are blended into a preallocated output, which may live in
-CPU memory so that the GPU holds one tile's activations at a time.
+tiles; each tile is decoded over ALL latent frames with its own cache (the causal chunking kept
+exactly), and every latent frame's pixels are blended straight into a preallocated output, which
+may live in CPU memory: the GPU holds one tile's activations and one latent frame's output only.
+While tiling, the decoder's full-resolution levels run one frame at a time (`Decoder3d.frame_chunk`,
+exact): its causal caches are then most of a tile's memory.
 
 Two things make tiles match the untiled decode closely (tests: tiny random VAEs, both versions):
 - Global attention. The decoder's `middle` (ResidualBlock, per-frame spatial self-attention over
   the whole frame, ResidualBlock) runs at latent resolution, where it is cheap. It is computed
-  once over the whole latent (kept in CPU memory) and a forward hook replaces each tile's own
-  `middle` output by its crop: without this, every tile would attend over itself only and differ
-  everywhere, not just near its border. The encoder's attention is at its end: tiles run the
-  encoder up to `middle[0]` (captured by a hook), those features are blended, and the rest of the
-  encoder (attention, ResidualBlock, head) runs once over the whole latent.
+  once over the whole latent (kept in CPU memory) and each tile runs the rest of the decoder
+  (`Decoder3d.upsample`) from its crop: otherwise every tile would attend over itself only and
+  differ everywhere, not just near its border. The encoder's attention is at its end: tiles run
+  the encoder up to `middle[0]` (captured by a hook), those features are blended, and the rest of
+  the encoder (attention, ResidualBlock, head) runs once over the whole latent.
 - Blending. Along each axis a tile's weight is 0 in the outer quarter of each overlap (the part
   most affected by the tile's zero padding), rises along a cosine ramp across the middle half and
   is 1 inside; the ramps of neighbours are mirror images, so weights sum to 1 everywhere and no
@@ -48,12 +50,18 @@ MIN_TILE = 8  # latent px: below this, tiles are mostly overlap and OOM retry gi
 DEFAULT_FRAME_CHUNK = 1  # frames the decoder's full-resolution levels process at a time when tiling
 DEAD_FRACTION = 0.25  # of each overlap, per side, where the tile whose edge it is gets weight 0
 
-# Memory model of one decode, bytes. Activations of one latent frame through the decoder (causal
-# caches included) per output pixel, per byte of the VAE dtype. Wan 2.2: bench/bench_vae.py on an
-# H200 (torch 2.11, bf16, 1280x704, tiles 16-32 latent px): peak - weights - tile video = 7400 B/px
-# x px + 33 MB (untiled 7200 B/px). Wan 2.1: not measured since the VAE's in-place rewrite; the
-# planner's older figure (11.4 kB/px bf16) scaled by the 2.2 drop (10.4 -> 7.4 kB/px).
-DECODE_PX_PER_BYTE = {"2.2": 3700.0, "2.1": 4100.0}
+# Memory model of one decode, bytes: activations of one latent frame through the decoder (causal
+# caches included) per output pixel, per byte of the VAE dtype. From a trace of every allocation
+# of a full-size decode on `meta` tensors (tests/test_tiled_vae.py::live_bytes), scaled by the
+# ratio measured on an H200 for the untiled decode (7221 B/px bf16 measured, 7178 traced) + 1 %.
+# Untiled / whole chunks (2.2 traced 3461 per dtype byte, 2.1 4105):
+DECODE_PX_PER_BYTE = {"2.2": 3550.0, "2.1": 4200.0}
+# With the full-resolution levels in frame chunks of 1 or 2 frames (2.2 traced 2666 / 2983; 2.1
+# 3172 / 3553): the causal caches (2.2: ~1830 per byte, mostly the 2-frame caches of the last
+# level's convs) then dominate, and they do not shrink with the chunk.
+DECODE_PX_PER_BYTE_CHUNKED = {1: {"2.2": 2720.0, "2.1": 3220.0}, 2: {"2.2": 3030.0, "2.1": 3600.0}}
+CHUNK_OUT_PX = 2 * 4 * 3 * 4  # a tiled latent frame's fp32 output frames and their weighted copy
+ENCODE_PX_PER_BYTE = {"2.2": 2150.0, "2.1": 4700.0}  # planner K.vae_encode_px / 2
 FIXED_BYTES = 128 * 2**20  # cuDNN workspaces, allocator rounding (measured fit: 33 MB)
 MARGIN = (256 * 2**20, 0.10)  # keep this much free: fixed bytes + a share of the estimate
 
@@ -183,7 +191,7 @@ def _decode_tile(vae: Any, middle: torch.Tensor, box: tuple[int, int, int, int],
     s = vae.stride[1]
     # one contiguous CPU copy of the tile's crop, so each frame's slice goes over as one async copy
     crop = torch.empty((1, middle.shape[1], middle.shape[2], h1 - h0, w1 - w0), dtype=middle.dtype,
-                       pin_memory=middle.is_pinned(), memory_format=vae.activation_layout)
+                       device=middle.device, pin_memory=middle.is_pinned(), memory_format=vae.activation_layout)
     crop.copy_(middle[:, :, :, h0:h1, w0:w1])
     cache, done = FeatureCache(), 0
     for t in range(crop.shape[2]):
@@ -355,37 +363,46 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _decode_px_bytes(version: str, frame_chunk: int | None, dtype: torch.dtype) -> float:
+    """Activation bytes per output pixel of one latent frame's decode (see DECODE_PX_PER_BYTE)."""
+    table = DECODE_PX_PER_BYTE_CHUNKED.get(frame_chunk) if frame_chunk else None  # 3, 4+: whole chunks
+    return (table or DECODE_PX_PER_BYTE)[version] * _elem(dtype)
+
+
 def estimate_decode_bytes(vae: Any, latent_shape: tuple[int, ...], tile: int | None, dtype: torch.dtype,
-                          overlap: int | None = None, out_on_device: bool = False) -> int:
+                          overlap: int | None = None, out_on_device: bool = False,
+                          frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> int:
     """Peak device bytes of decoding `latent_shape` [B, z, T, h, w] with `tile` latent px (None:
-    untiled), the VAE weights not included: one tile's activations (DECODE_PX_PER_BYTE per output
-    pixel and dtype byte), its fp32 output video, the whole video when it is assembled on the
-    device (always when untiled), the tile's crop of the decoder middle, and FIXED_BYTES."""
+    untiled, whole chunks, the whole fp32 video on the device), the VAE weights not included.
+    Tiled (`tiled_decode` with `frame_chunk`): one tile's activations, one latent frame's output
+    frames and middle crop, the whole video when it is assembled on the device, and FIXED_BYTES."""
     s = vae.stride[1]
     _, _, t, h, w = latent_shape
     frames = 1 + vae.stride[0] * (t - 1)
     video_px = 3 * frames * 4  # fp32 output bytes per output pixel
     if tile is None or (tile >= h and tile >= w):
         px = h * w * s * s
-        return int(px * (DECODE_PX_PER_BYTE[vae.version] * _elem(dtype) + video_px) + FIXED_BYTES)
+        return int(px * (_decode_px_bytes(vae.version, None, dtype) + video_px) + FIXED_BYTES)
     overlap = DEFAULT_OVERLAP_PX // s if overlap is None else overlap
     th = max(b - a for a, b in tile_spans(h, tile, overlap))
     tw = max(b - a for a, b in tile_spans(w, tile, overlap))
     px = th * tw * s * s
-    mid = vae.config.dec_dim * vae.config.dim_mult[-1] * t * th * tw * _elem(dtype)
+    mid = vae.config.dec_dim * vae.config.dim_mult[-1] * th * tw * _elem(dtype)  # one frame's crop
     whole = h * w * s * s * video_px if out_on_device else 0
-    return int(px * (DECODE_PX_PER_BYTE[vae.version] * _elem(dtype) + video_px) + mid + whole + FIXED_BYTES)
+    per_px = _decode_px_bytes(vae.version, frame_chunk, dtype) + CHUNK_OUT_PX
+    return int(px * per_px + mid + whole + FIXED_BYTES)
 
 
 def choose_tile(vae: Any, latent_shape: tuple[int, ...], free_bytes: int, dtype: torch.dtype, *,
-                overlap: int | None = None, out_on_device: bool = False) -> int | None:
+                overlap: int | None = None, out_on_device: bool = False,
+                frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> int | None:
     """The largest tile (latent px) whose estimated decode peak fits in `free_bytes` (free device
     memory with the VAE's weights already placed) with MARGIN kept free; None when the untiled
     decode fits. When nothing fits, MIN_TILE (decode_with_retry then handles an OOM)."""
     fixed, share = MARGIN
 
     def fits(tile: int | None) -> bool:
-        need = estimate_decode_bytes(vae, latent_shape, tile, dtype, overlap, out_on_device)
+        need = estimate_decode_bytes(vae, latent_shape, tile, dtype, overlap, out_on_device, frame_chunk)
         return need * (1 + share) + fixed <= free_bytes
 
     if fits(None):
