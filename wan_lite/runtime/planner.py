@@ -70,7 +70,11 @@ class K:
     rope_per_token = 1024.0  # cos, sin float64 [L, 64]
     # VAE: bytes per output pixel of one latent frame (4 video frames), and seconds per megapixel-
     # frame on the H200 (ref_tflops), both measured with wan_lite's VAEs (random weights)
-    vae_decode_px = {("2.2", "bf16"): 7900, ("2.2", "fp32"): 14700, ("2.1", "bf16"): 8700, ("2.1", "fp32"): 17400}
+    # untiled (whole 4-frame chunks, the whole fp32 video on the GPU besides); tiled: tiled_vae's
+    # 1-frame chunks, each latent frame's pixels sent out at once (its DECODE_PX_PER_BYTE_CHUNKED)
+    vae_decode_px = {("2.2", "bf16"): 7100, ("2.2", "fp32"): 14100, ("2.1", "bf16"): 8400, ("2.1", "fp32"): 16800}
+    vae_tiled_decode_px = {("2.2", "bf16"): 5550, ("2.2", "fp32"): 10980, ("2.1", "bf16"): 6540,
+                           ("2.1", "fp32"): 12980}
     vae_encode_px = {("2.2", "bf16"): 3200, ("2.2", "fp32"): 6500, ("2.1", "bf16"): 6700, ("2.1", "fp32"): 13400}
     vae_decode_s = {("2.2", "bf16"): 0.038, ("2.2", "fp32"): 0.071, ("2.1", "bf16"): 0.037, ("2.1", "fp32"): 0.072}
     vae_encode_s = {("2.2", "bf16"): 0.013, ("2.2", "fp32"): 0.029, ("2.1", "bf16"): 0.026, ("2.1", "fp32"): 0.047}
@@ -362,7 +366,21 @@ def _dit_vram(m: ModelFootprint, ch: Choices, fp8c: bool) -> float:
     return m.nonblock_bytes() + blocks + dequant + other
 
 
+def _tile_side(size: int, tile: int, stride: int) -> int:
+    """Pixels of the equal tiles tiled_vae.tile_spans cuts `size` into (tiles of at most `tile`)."""
+    n, t, o = size // stride, max(1, tile // stride), K.vae_tile_overlap // stride
+    if t >= n:
+        return size
+    o = min(o, t // 2)
+    count = math.ceil((n - o) / (t - o))
+    return math.ceil((n + (count - 1) * o) / count) * stride
+
+
 def _vae_vram(m: ModelFootprint, r: PlanRequest, ch: Choices, part: str) -> float:
+    if part == "decoder" and ch.vae_tile:  # no tile video on the GPU: pixels leave per latent frame
+        s = m.vae_stride[1]
+        px = _tile_side(r.height, ch.vae_tile, s) * _tile_side(r.width, ch.vae_tile, s)
+        return m.vae_bytes(part, ch.vae_dtype) + px * K.vae_tiled_decode_px[m.vae_version, ch.vae_dtype]
     px = (min(ch.vae_tile, r.height) * min(ch.vae_tile, r.width)) if ch.vae_tile else r.height * r.width
     frames = r.frames if part == "decoder" or m.encodes_video else 1
     per_px = (K.vae_decode_px if part == "decoder" else K.vae_encode_px)[m.vae_version, ch.vae_dtype]
@@ -646,9 +664,8 @@ def _moves(p: Plan, hw: Hardware, stage: str) -> list[Choices]:
     elif stage in ("decode", "encode"):
         if ch.vae_dtype == "fp32":
             out.append(replace(ch, vae_dtype="bf16"))
-        tiles = [t for t in K.vae_tiles if t < (ch.vae_tile or 1 << 30)]
-        if tiles:
-            out.append(replace(ch, vae_tile=tiles[0]))
+        # every smaller tile: neighbours in K.vae_tiles can cut the frame into the same tiles
+        out += [replace(ch, vae_tile=t) for t in K.vae_tiles if t < (ch.vae_tile or 1 << 30)]
     elif stage == "text":
         for te, tq in _TEXT_OPTIONS[_TEXT_OPTIONS.index((ch.text_encoder, ch.text_encoder_quant)) + 1:]:
             out.append(replace(ch, text_encoder=te, text_encoder_quant=tq))
