@@ -212,7 +212,7 @@ class WanPipeline:
     @torch.no_grad()
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
         """[3, F, H, W] in [-1, 1] -> normalised latent [z, T, h, w] float32 on the device."""
-        self.placement.activate("vae", self.vae)
+        self.placement.activate("vae_encoder", self.vae)
         dtype = next(self.vae.parameters()).dtype
         z = self.encode_fn(self.vae, video[None].to(self.device, dtype))
         return z[0].float()
@@ -220,7 +220,7 @@ class WanPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU."""
-        self.placement.activate("vae", self.vae)
+        self.placement.activate("vae_decoder", self.vae)
         try:
             dtype = next(self.vae.parameters()).dtype
             video = self.decode_fn(self.vae, latents[None].to(self.device, dtype))
