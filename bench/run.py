@@ -134,18 +134,20 @@ def report(args: argparse.Namespace) -> int:
     records: list[dict] = []
     tests = []
     for folder in map(Path, args.dirs):
+        found: list[dict] = []
         if (d := _load(folder / "dit.json")) is not None:
-            records += _dit_records(d)
+            found += _dit_records(d)
         if (d := _load(folder / "vae.json")) is not None:
-            records += _vae_records(d)
+            found += _vae_records(d)
         if (d := _load(folder / "job.json")) is not None:
-            records += _generic_records(d)
+            found += _generic_records(d)
+        records += [r | {"run": folder.name} for r in found]
         if (folder / "gpu_tests.log").is_file():
             tail = (folder / "gpu_tests.log").read_text().strip().splitlines()[-1:]
             tests += tail
     docs = Path(args.docs)
     (docs / "benchmarks.json").write_text(json.dumps(records, indent=1) + "\n")
-    keys = ("case", "peak_vram_gib", "peak_ram_gib", "s_per_step", "decode_s", "ratio_vs_resident",
+    keys = ("run", "case", "peak_vram_gib", "peak_ram_gib", "s_per_step", "decode_s", "ratio_vs_resident",
             "ratio_vs_diffusers", "rel_error")
 
     def cell(v):
@@ -171,6 +173,11 @@ def report(args: argparse.Namespace) -> int:
     lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in records]
     if tests:
         lines += ["", "GPU-marked tests: " + "; ".join(tests)]
+    runs = [(Path(f).name, (Path(f) / "command.txt").read_text().strip())
+            for f in args.dirs if (Path(f) / "command.txt").is_file()]
+    if runs:
+        lines += ["", "Runs (raw results in bench/results/<run>/):", ""]
+        lines += [f"- {name}: `{cmd}`" for name, cmd in runs]
     (docs / "benchmarks.md").write_text("\n".join(lines) + "\n")
     print(f"{len(records)} records -> {docs / 'benchmarks.json'}, {docs / 'benchmarks.md'}")
     return 0
