@@ -1,0 +1,164 @@
+"""Sizes of a model for the planner (`ModelFootprint`) and every constant of the memory and time
+models (`K`), measured on an H200 with full-size random-weight models. See planner.py for how
+they are used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from wan_lite.runtime.hardware import GIB
+
+QUANTS = ("bf16", "int8", "fp8")
+
+
+class K:
+    """Every constant of the memory and time models, measured on an H200 (torch 2.11, 2026-11-21).
+
+    DiT activations in bytes per token as multiples of D (or F), fitted to forward peaks of a block
+    that chunks all per-token work (A14B 480p/720p and 5B, chunks 1k-16k, B = 1, 2: -1 %..+8 %).
+    Checked end to end with dit.py + BlockStreamer + int8/fp8 QuantizedLinear at full size: the
+    denoise estimate (weights + activations) was within -4 %..+2.5 % of max_memory_allocated
+    (5B 720p bf16 r=10 4.86 GiB, int8 r=6 2.42, fp8 r=0 1.51; A14B 720p fp8 r=0 5.57, int8 5.56)."""
+
+    residual_d = 4.0  # the fp32 residual stream x [B, L, D]
+    input_d = 2.0  # block 0's bf16 input (the patch embedding) alive beside it
+    qkv_d, attn_out_d = 6.0, 2.0  # q, k, v and the attention output, bf16, whole sequence
+    attn_chunk_d = 13.1  # per chunk token: modulated input, projections, norms
+    rope_chunk_d, rope_chunk = 14.7, 4096  # float64 RoPE temporaries of dit.py's 4096-token chunk
+    ffn_chunk_d, ffn_chunk_f = 6.0, 4.0  # per chunk token: input, gated add (x D); hidden + GELU (x F)
+    rope_per_token = 1024.0  # cos, sin float64 [L, 64]
+    # VAE: bytes per output pixel of one latent frame (4 video frames), and seconds per megapixel-
+    # frame on the H200 (ref_tflops), both measured with wan_lite's VAEs (random weights)
+    # untiled (whole 4-frame chunks, the whole fp32 video on the GPU besides); tiled: tiled_vae's
+    # 1-frame chunks, each latent frame's pixels sent out at once (its DECODE_PX_PER_BYTE_CHUNKED)
+    vae_decode_px = {("2.2", "bf16"): 7100, ("2.2", "fp32"): 14100, ("2.1", "bf16"): 8400, ("2.1", "fp32"): 16800}
+    vae_tiled_decode_px = {("2.2", "bf16"): 5550, ("2.2", "fp32"): 10980, ("2.1", "bf16"): 6540,
+                           ("2.1", "fp32"): 12980}
+    vae_encode_px = {("2.2", "bf16"): 3200, ("2.2", "fp32"): 6500, ("2.1", "bf16"): 6700, ("2.1", "fp32"): 13400}
+    vae_decode_s = {("2.2", "bf16"): 0.038, ("2.2", "fp32"): 0.071, ("2.1", "bf16"): 0.037, ("2.1", "fp32"): 0.072}
+    vae_encode_s = {("2.2", "bf16"): 0.013, ("2.2", "fp32"): 0.029, ("2.1", "bf16"): 0.026, ("2.1", "fp32"): 0.047}
+    ref_tflops = 450.0  # our DiT's measured rate on that H200 (410-480)
+    vae_tiles = (1024, 768, 512, 384, 256, 192, 128)
+    vae_tile_overlap = 64  # pixels a tiler overlaps: decode time x (1 + overlap/tile)^2
+    t5_act = 0.35 * GIB  # two prompts of 512 tokens, 64 heads: scores and hidden states
+    latent_copies = 8.0  # fp32 latents alive while denoising: x, noise, sampler history, output
+    video_ram_px = 15.0  # decoded video in RAM per pixel-frame: 3 channels x (fp32 + uint8)
+    ram_base = 2.5 * GIB  # Python, torch, CUDA libraries, tokenizer, UI
+    vram_margin, ram_margin = (0.25 * GIB, 0.04), (1.0 * GIB, 0.03)  # fixed + share of the total
+    pin_fraction = 0.5  # pin at most this share of available RAM (pinned pages stall the OS)
+    fp8_gain = 1.6  # fp8 tensor cores on the Linear layers
+    dequant_cost = 1.03  # int8/fp8 weights dequantized per layer before a bf16 GEMM
+    batch2_gain = 0.98  # one batch of 2 vs two passes
+    chunk_cost = 0.004  # per chunk (measured +0.55 %/chunk on 5B, +0.07 % on A14B)
+    bf16_slack = 1.25  # bf16 is chosen over int8/fp8 unless it is this much slower
+
+
+# ------------------------------------------------------------------------------ model sizes
+T5_PARAMS, T5_EMBED, T5_BLOCKS = 5_680_910_336, 256_384 * 4096, 24
+VAE_PARAMS = {"2.1": (53_596_928, 73_295_603), "2.2": (149_637_088, 555_051_580)}  # (encoder, decoder)
+_RELEASED = {  # dim, ffn_dim, heads, layers, in_dim, out_dim
+    "ti2v-5b": (3072, 14336, 24, 30, 48, 48),
+    "t2v-a14b": (5120, 13824, 40, 40, 16, 16),
+    "i2v-a14b": (5120, 13824, 40, 40, 36, 16),
+}
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """The sizes that decide memory and time (per expert for A14B)."""
+
+    name: str
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int
+    out_dim: int
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch: tuple[int, int, int] = (1, 2, 2)
+    experts: int = 1
+    vae_version: str = "2.2"
+    vae_stride: tuple[int, int, int] = (4, 16, 16)
+    vae_params: tuple[int, int] = VAE_PARAMS["2.2"]  # (encoder, decoder)
+    text_params: int = T5_PARAMS
+    text_embed_params: int = T5_EMBED
+    text_blocks: int = T5_BLOCKS
+    steps: int = 50
+    encodes_video: bool = False  # i2v-a14b encodes every frame (image + zeros), ti2v one image
+    sizes: tuple[tuple[int, int], ...] = ()  # trained (width, height), for suggestions
+    source_bytes: float = 4.0  # bytes per DiT parameter in the files on disk (official: fp32)
+    # The DiT does all per-token work (norms, modulation, q/k/v projections, RoPE, gated adds) in
+    # token chunks, as dit.py does with `chunk_tokens`. False: a DiT that chunks only its FFN
+    # (~10 x D more per token at the attention; measured 24-25 x D against 12-14).
+    chunked_attention: bool = True
+
+    @property
+    def block_linear_params(self) -> int:
+        d, f = self.dim, self.ffn_dim
+        return 8 * d * d + 2 * d * f
+
+    @property
+    def block_params(self) -> int:  # 27 tensors: q k v o x2, norms, modulation, FFN
+        return self.block_linear_params + 21 * self.dim + self.ffn_dim
+
+    @property
+    def nonblock_params(self) -> int:
+        d, p = self.dim, math.prod(self.patch)
+        return (d * self.in_dim * p + d  # patch_embedding
+                + self.text_dim * d + d * d + 2 * d  # text_embedding: two Linear
+                + self.freq_dim * d + d * d + 2 * d  # time_embedding: two Linear
+                + 6 * d * d + 6 * d  # time_projection
+                + 2 * d + self.out_dim * p * (d + 1))  # head: modulation, Linear
+
+    @property
+    def params(self) -> int:
+        return self.num_layers * self.block_params + self.nonblock_params
+
+    def block_bytes(self, quant: str) -> int:
+        d, lin = self.dim, self.block_linear_params
+        rest = (self.block_params - lin - 6 * d) * 2 + 6 * d * 4  # biases, norms bf16; modulation fp32
+        return (2 * lin if quant == "bf16" else lin + (9 * d + self.ffn_dim) * 4) + rest
+
+    def nonblock_bytes(self) -> int:
+        return 2 * self.nonblock_params  # embeddings, time projection and head are never quantized
+
+    def expert_bytes(self, quant: str) -> int:
+        return self.num_layers * self.block_bytes(quant) + self.nonblock_bytes()
+
+    def text_block_bytes(self, quant: str) -> int:
+        per = (self.text_params - self.text_embed_params - self.text_dim) // max(1, self.text_blocks)
+        return 2 * per if quant == "bf16" else per + 9 * self.text_dim * 4
+
+    def text_bytes(self, quant: str) -> int:
+        return self.text_blocks * self.text_block_bytes(quant) + 2 * (self.text_embed_params + self.text_dim)
+
+    def vae_bytes(self, part: str, dtype: str) -> int:
+        return self.vae_params[0 if part == "encoder" else 1] * (4 if dtype == "fp32" else 2)
+
+    @classmethod
+    def full_size(cls, name: str) -> ModelFootprint:
+        """A released model by registry name: ti2v-5b, t2v-a14b, i2v-a14b."""
+        from wan_lite.registry import get_spec
+
+        spec = get_spec(name)
+        d, f, heads, layers, in_dim, out_dim = _RELEASED[spec.name]
+        return cls(spec.name, d, f, heads, layers, in_dim, out_dim, patch=spec.patch_size,
+                   experts=2 if spec.experts else 1, vae_version=spec.vae_version, vae_stride=spec.vae_stride,
+                   vae_params=VAE_PARAMS[spec.vae_version], steps=spec.steps, encodes_video=spec.task == "i2v",
+                   sizes=spec.sizes)
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, name: str = "custom", vae_version: str = "2.2", **sizes: Any) -> ModelFootprint:
+        """From a loaded DiT's config (anything with dim, ffn_dim, num_heads, num_layers, in_dim,
+        out_dim; text_dim, freq_dim, patch_size optional). `sizes` sets any other field (experts,
+        vae_params, text_params, ...); the VAE and text encoder default to the released ones."""
+        sizes.setdefault("vae_params", VAE_PARAMS[vae_version])
+        sizes.setdefault("source_bytes", 2.0)
+        return cls(name, cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim, cfg.out_dim,
+                   text_dim=getattr(cfg, "text_dim", 4096), freq_dim=getattr(cfg, "freq_dim", 256),
+                   patch=tuple(getattr(cfg, "patch_size", (1, 2, 2))), vae_version=vae_version,
+                   vae_stride=(4, 16, 16) if vae_version == "2.2" else (4, 8, 8), **sizes)
