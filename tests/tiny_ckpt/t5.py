@@ -17,7 +17,6 @@ import io
 import json
 import random
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -56,46 +55,14 @@ def _corpus(rng: random.Random, lines: int = 600) -> list[str]:
     return out
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of a serialized protobuf message; length-delimited values as bytes."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i : i + n], i + n
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, value
-
-
 def _precompiled_charsmap(model_proto: bytes) -> bytes | None:
-    # ModelProto.normalizer_spec (3) -> NormalizerSpec.precompiled_charsmap (2). Parsed by hand
-    # because transformers' own SentencePiece converter needs protobuf, which is not installed.
-    for field, value in _proto_fields(model_proto):
-        if field == 3:
-            for sub, sub_value in _proto_fields(value):
-                if sub == 2:
-                    return bytes(sub_value)
-    return None
+    # ModelProto.normalizer_spec (3) -> NormalizerSpec.precompiled_charsmap (2), read with the same
+    # small protobuf reader the loader uses for ComfyUI's built-in tokenizers (transformers' own
+    # SentencePiece converter needs protobuf, which is not installed).
+    from wan_lite.loading.sources import proto_field
+
+    normalizer = proto_field(model_proto, 3)
+    return None if normalizer is None else proto_field(normalizer, 2)
 
 
 def _tokenizer_files() -> tuple[bytes, str]:

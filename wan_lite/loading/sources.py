@@ -444,7 +444,7 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _proto_field(buf: bytes, wanted: int) -> bytes | None:
+def proto_field(buf: bytes, wanted: int) -> bytes | None:
     """The first length-delimited field `wanted` of a serialized protobuf message."""
     i = 0
     while i < len(buf):
@@ -486,8 +486,8 @@ def materialize_tokenizer(source: TensorSource, cache_dir: Path, extra_ids: int 
     if (folder / "tokenizer.json").is_file():
         return folder
     vocab = [(sp.id_to_piece(i), float(sp.get_score(i))) for i in range(sp.get_piece_size())]
-    normalizer = _proto_field(data, 3)  # ModelProto.normalizer_spec
-    charsmap = _proto_field(normalizer, 2) if normalizer is not None else None  # precompiled_charsmap
+    normalizer = proto_field(data, 3)  # ModelProto.normalizer_spec
+    charsmap = proto_field(normalizer, 2) if normalizer is not None else None  # precompiled_charsmap
     tokenizer = T5Tokenizer(vocab=vocab, _spm_precompiled_charsmap=charsmap, extra_ids=extra_ids)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
