@@ -240,7 +240,6 @@ class Bench:
         gen = torch.Generator(device=DEVICE).manual_seed(1234)
         z = torch.randn(1, *lat, device=DEVICE, generator=gen)
         warm = z[:, :, :2].contiguous()
-        s = 16
         for dname in a.dtypes:
             dtype = DTYPES[dname]
             vae = build_wan(config, dtype, a.seed)

@@ -326,7 +326,7 @@ def test_stale_or_foreign_cache_is_refused(tmp_path) -> None:
 # ------------------------------------------------------------------------------ WanDiT
 @pytest.mark.parametrize("fmt,tol", [("int8", 0.02), ("fp8", 0.06)])
 def test_wan_dit_quantized_forward(tmp_path, fmt: str, tol: float) -> None:
-    state = write_dit(tmp_path / "dit", in_dim=16, out_dim=16, dim=256, ffn_dim=512, num_layers=2, text_dim=64)
+    write_dit(tmp_path / "dit", in_dim=16, out_dim=16, dim=256, ffn_dim=512, num_layers=2, text_dim=64)
     src = SafetensorsSource(sorted((tmp_path / "dit").glob("*.safetensors")))
     bf16 = WanDiT.from_source(src, torch.bfloat16)
     gen = torch.Generator().manual_seed(0)

@@ -151,7 +151,7 @@ def timestep_runs(t: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tenso
     change = (inverse[:, 1:] != inverse[:, :-1]).any(dim=0)
     starts = [0] + (torch.nonzero(change).flatten() + 1).tolist()
     ends = starts[1:] + [tokens]
-    return values, [(s, e, inverse[:, s]) for s, e in zip(starts, ends)]
+    return values, [(s, e, inverse[:, s]) for s, e in zip(starts, ends, strict=True)]
 
 
 def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -170,7 +170,7 @@ def rope_table(grid: tuple[int, int, int], head_dim: int,
     axis_dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))  # 44, 42, 42 real channels for 128
     f, h, w = grid
     parts = []
-    for axis, (n, ad) in enumerate(zip(grid, axis_dims)):
+    for axis, (n, ad) in enumerate(zip(grid, axis_dims, strict=True)):
         inv = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, ad, 2, dtype=torch.float64, device=device).div(ad))
         ang = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)  # [n, ad/2]
         view = [1, 1, 1, -1]
@@ -431,7 +431,7 @@ class WanDiT(nn.Module):
                 f"The DiT takes {cfg.in_dim} input channels (latent + image condition), got {list(x.shape)}.",
                 "Use a model of the right kind: t2v and ti2v take the latent only, i2v also an image.",
             )
-        if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size)):
+        if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size, strict=True)):
             raise InputError(
                 f"Latent size {list(x.shape[2:])} is not divisible by the patch {list(cfg.patch_size)}.",
                 "Choose a width and height that are multiples of 32 (16 for A14B models).",

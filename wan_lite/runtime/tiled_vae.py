@@ -108,7 +108,7 @@ def blend_weights(spans: list[tuple[int, int]], scale: int) -> list[torch.Tensor
             w *= ramp if rising else 1.0 - ramp
         raw.append(w)
     total = torch.stack(raw).sum(0)
-    return [(w / total)[a * scale : b * scale].float() for w, (a, b) in zip(raw, spans)]
+    return [(w / total)[a * scale : b * scale].float() for w, (a, b) in zip(raw, spans, strict=True)]
 
 
 def _support(w: torch.Tensor) -> tuple[int, int]:
@@ -237,8 +237,8 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     with _frame_chunk(vae, frame_chunk):
         for i in range(b):
             middle = decoder_middle(vae, latent[i : i + 1], pin=pin)
-            for (h0, h1), wh in zip(spans_h, weights_h):
-                for (w0, w1), ww in zip(spans_w, weights_w):
+            for (h0, h1), wh in zip(spans_h, weights_h, strict=True):
+                for (w0, w1), ww in zip(spans_w, weights_w, strict=True):
                     # only the pixels with nonzero weight are weighted and moved
                     y0, y1 = _support(wh)
                     x0, x1 = _support(ww)
@@ -313,8 +313,8 @@ def tiled_encode(vae: Any, video: torch.Tensor, tile_px: int, overlap_px: int = 
     latents = []
     for i in range(b):
         feats = torch.empty(0)  # blended encoder features before the attention, CPU fp32
-        for (h0, h1), wh in zip(spans_h, weights_h):
-            for (w0, w1), ww in zip(spans_w, weights_w):
+        for (h0, h1), wh in zip(spans_h, weights_h, strict=True):
+            for (w0, w1), ww in zip(spans_w, weights_w, strict=True):
                 crop = video[i : i + 1, :, :, h0 * s : h1 * s, w0 * s : w1 * s].to(device)
                 part = _encoder_features(vae, crop, wh[:, None] * ww[None, :])
                 if feats.numel() == 0:
