@@ -23,7 +23,6 @@ every case, so a run cut short keeps what it measured; cases past `--budget-s` a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import logging
@@ -37,6 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import host_rss_gib, parse_size, run_meta  # noqa: E402
 
 from wan_lite.loading.keymaps import dit_official_to_diffusers  # noqa: E402
 from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches  # noqa: E402
@@ -139,15 +141,6 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def host_rss_gib() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / GIB
-    except ImportError:
-        return None
-
-
 def release() -> None:
     gc.collect()
     if DEVICE.type != "cuda":
@@ -165,18 +158,7 @@ class Bench:
         self.start = time.perf_counter()
         self.records: list[dict] = []
         cuda = DEVICE.type == "cuda"
-        self.meta = {
-            "gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke test)",
-            "capability": list(torch.cuda.get_device_capability()) if cuda else None,
-            "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        }
-        try:
-            import diffusers
-
-            self.meta["diffusers"] = diffusers.__version__
-        except ImportError:
-            self.meta["diffusers"] = None
+        self.meta = run_meta(cuda)
 
     def wanted(self, case: str) -> bool:
         return self.args.cases is None or case in self.args.cases
@@ -321,11 +303,6 @@ class Bench:
                 self.record(base, "diffusers-group-offload", offload, current)
             del dm
             release()
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    w, h = text.lower().split("x")
-    return int(w), int(h)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,6 @@ on the CPU to check the script.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import logging
@@ -52,6 +51,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import host_rss_gib, parse_size, run_meta  # noqa: E402
 
 from wan_lite.loading.keymaps import vae_official_to_diffusers  # noqa: E402
 from wan_lite.models.vae22 import LATENT_MEAN_22, LATENT_STD_22, VAE22Config, WanVAE22  # noqa: E402
@@ -114,15 +116,6 @@ def gpu_bytes() -> int:
     return torch.cuda.memory_allocated() if DEVICE.type == "cuda" else 0
 
 
-def host_rss_gib() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / GIB
-    except ImportError:
-        return None
-
-
 def compare(out: torch.Tensor, ref: torch.Tensor | None) -> dict:
     if ref is None:
         return {}
@@ -138,18 +131,7 @@ class Bench:
         self.records: list[dict] = []
         self.refs: dict[str, torch.Tensor] = {}  # untiled wan_lite video per dtype, CPU float32
         cuda = DEVICE.type == "cuda"
-        self.meta = {
-            "gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke test)",
-            "torch": torch.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        }
-        try:
-            import diffusers
-
-            self.meta["diffusers"] = diffusers.__version__
-        except ImportError:
-            self.meta["diffusers"] = None
+        self.meta = run_meta(cuda)
 
     def wanted(self, case: str) -> bool:
         return self.args.cases is None or any(case.startswith(c) for c in self.args.cases)
@@ -361,11 +343,6 @@ class Bench:
                 entry[key] = (slope - tiled_vae.CHUNK_OUT_PX) / DTYPES[dname].itemsize
             fits[dname] = entry
         return fits
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    w, h = text.lower().split("x")
-    return int(w), int(h)
 
 
 def main(argv: list[str] | None = None) -> int:
