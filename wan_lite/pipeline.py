@@ -222,9 +222,10 @@ class WanPipeline:
         """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU."""
         self.placement.activate("vae_decoder", self.vae)
         try:
-            dtype = next(self.vae.parameters()).dtype
-            video = self.decode_fn(self.vae, latents[None].to(self.device, dtype))
-            return video[0].float().clamp(-1, 1).cpu()
+            # float32 in: the VAE de-normalises in float32 and casts to its own dtype after that;
+            # out: float32 clamped to [-1, 1] (both the plain and the tiled decode)
+            video = self.decode_fn(self.vae, latents[None].to(self.device, torch.float32))
+            return video[0].cpu()
         finally:
             self.placement.release("vae", self.vae)
 
