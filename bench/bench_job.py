@@ -21,15 +21,16 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import PeakRSS  # noqa: E402
 
 from wan_lite.models.dit import WanDiT, WanDiTConfig  # noqa: E402
 from wan_lite.models.vae22 import VAE22Config, WanVAE22  # noqa: E402
@@ -78,27 +79,6 @@ def build_pipeline(device: torch.device) -> WanPipeline:
     tok_dir = write_tokenizer(Path(tempfile.mkdtemp()) / "google" / "umt5-xxl")
     text_encoder = TextEncoder(t5, load_tokenizer(tok_dir))
     return WanPipeline(spec, text_encoder, vae, {"main": dit}, device=device)
-
-
-class PeakRSS:
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        proc = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, proc.memory_info().rss)
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def run_job(pipe: WanPipeline, the_plan, steps: int, cap_gib: float | None) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -41,3 +43,48 @@ def host_rss_gib() -> float | None:
 def parse_size(text: str) -> tuple[int, int]:
     w, h = text.lower().split("x")
     return int(w), int(h)
+
+
+def _status_kib(fields: tuple[str, ...]) -> dict[str, int]:
+    """Selected kB fields of /proc/self/status (Linux; empty elsewhere)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in fields:
+                out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+class PeakRSS:
+    """Peak host memory of this process while the `with` block runs, sampled every 50 ms:
+    `peak` (RSS bytes, psutil) and `peaks` (GiB of RssAnon: the process's own memory, RssFile:
+    mapped file pages, which the kernel may drop, RssShmem)."""
+
+    FIELDS = ("RssAnon", "RssFile", "RssShmem")
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.peaks = dict.fromkeys(self.FIELDS, 0.0)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            for key, kib in _status_kib(self.FIELDS).items():
+                self.peaks[key] = max(self.peaks[key], kib / 2**20)
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()

@@ -398,3 +398,25 @@ def test_cuda_quantized_linear(fmt: str) -> None:
         assert not ql._fp8_broken  # the fp8 tensor-core path really ran
         ql.compute = "dequant"
         assert rel_err(out, ql(x)) < 0.05
+
+
+def test_fused_dequantization_is_the_eager_one() -> None:
+    """The one-pass form (compiled on CUDA) rounds exactly like cast-then-multiply-in-place."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    for fmt in quant.FORMATS:
+        q, scale = quantize_weight(w, fmt)
+        raw = q if fmt == "int8" else q.view(torch.float8_e4m3fn)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert torch.equal(quant._dequantize_fused(raw, scale, dtype), quant._dequantize_eager(raw, scale, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_cuda_fused_dequantization(fmt: str) -> None:
+    torch.manual_seed(0)
+    q, scale = quantize_weight(torch.randn(3072, 1000, device="cuda"), fmt)
+    raw = q if fmt == "int8" else q.view(torch.float8_e4m3fn)
+    out = quant.dequantize_weight(q, scale, fmt, torch.bfloat16)
+    assert not quant._dequant_compile_failed  # the compiled kernel really ran
+    assert torch.equal(out, quant._dequantize_eager(raw, scale, torch.bfloat16))
