@@ -3,8 +3,8 @@
     python bench/bench_attention.py --out attention.json
 
 For each shape (TI2V-5B at 1280x704x121: 27280 tokens x 24 heads; an A14B expert at 832x480x81:
-32760 x 40, and at 1280x720x81: 75600 x 40; head size 128, bf16) it times PyTorch SDPA with each
-backend it can force (flash, cuDNN, memory-efficient) and SageAttention when it is installed,
+32760 x 40, and at 1280x720x81: 75600 x 40; head size 128, bf16) it times PyTorch SDPA as it picks
+its kernel by itself and with each backend forced (flash, cuDNN, memory-efficient) and SageAttention when it is installed,
 and reports milliseconds, TFLOP/s (4 * L^2 * heads * 128 FLOPs) and the relative L2 error
 against the flash backend. wan_lite uses what `wan_lite.runtime.attention_select` picks; this
 script says what the alternatives would give.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_meta  # noqa: E402
 
 SHAPES = {"5b 1280x704x121": (27280, 24), "a14b 832x480x81": (32760, 40), "a14b 1280x720x81": (75600, 40)}
-BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+BACKENDS = {"sdpa-default": None, "sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
             "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
@@ -50,6 +50,9 @@ def main() -> int:
     kernels = {}
     for name, backend in BACKENDS.items():
         def run(q, k, v, backend=backend):
+            if backend is None:  # what PyTorch picks by itself (wan_lite's and diffusers' default)
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2)).transpose(1, 2)
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                       v.transpose(1, 2)).transpose(1, 2)

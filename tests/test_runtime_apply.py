@@ -131,6 +131,32 @@ def test_quantized_plan_within_tolerance(tiny_models, plain, tmp_path, fmt):
     assert torch.equal(again.generate("a boat at dawn", seed=3, **SMALL).latents, out.latents)
 
 
+def test_experts_are_never_in_ram_together_while_loading(tiny_models, plain, tmp_path, monkeypatch):
+    """With the idle expert on disk, the low-noise expert is loaded (its cache made) and dropped
+    before the high-noise expert is read: RAM holds one expert, even during loading."""
+    from wan_lite.runtime import streaming
+
+    pipe, _ = plain
+    p = lean_plan(pipe, quantization="bf16", idle_expert="disk", text_encoder="cpu", text_encoder_quant="bf16")
+    built: list = []
+    in_ram_at_build: list[int] = []
+    from wan_lite.models.dit import WanDiT
+
+    real = WanDiT.from_source.__func__
+
+    def from_source(cls, source, dtype, **kw):
+        in_ram_at_build.append(sum(streaming.where_is(m) == "ram" for m in built))
+        model = real(cls, source, dtype, **kw)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(WanDiT, "from_source", classmethod(from_source))
+    q = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    assert len(built) == 2 and in_ram_at_build == [0, 0]
+    assert list(q.dits) == ["high", "low"]
+    assert streaming.where_is(q.dits["high"]) == "ram" and streaming.where_is(q.dits["low"]) == "disk"
+
+
 def test_job_resolution_is_shared(plain):
     pipe, _ = plain
     job = resolve_job(pipe.spec, "x", width=70, height=60, frames=10)

@@ -1,11 +1,18 @@
 """wan_lite: run the Wan 2.2 video models (TI2V-5B, T2V-A14B, I2V-A14B) on a consumer GPU.
 
-Importing this package does no work: no device probing, no file access.
+Importing this package does no work (no device probing, no file access) beyond one default:
+PyTorch's CUDA allocator uses expandable segments unless the user configured it. Without them,
+a streamed A14B step fragments the cache until its reserved memory is ~1.2 GiB above what is
+allocated, and an 8 GB card runs out of memory with 1.2 GiB unused (measured, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # read at the first CUDA allocation
 
 __version__ = "0.1.0"
 

@@ -442,6 +442,9 @@ class Engine:
         try:
             import torch
 
+            from wan_lite.runtime.streaming import trim_host_memory
+
+            trim_host_memory()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         except ImportError:

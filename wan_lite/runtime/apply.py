@@ -79,6 +79,7 @@ class PlannedPlacement:
         if name == "text_encoder":
             streaming.detach_streamer(module)
             module.to("cpu")
+            streaming.trim_host_memory()  # the streamer's page-locked copy is gone
         elif name.startswith("vae"):
             if self.device.type != "cpu":
                 module.to("cpu")
@@ -136,7 +137,11 @@ def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Pa
         quantize_model(text_encoder.model, plan.text_encoder_quant)  # layers stored as fp8 stay so
     vae = load_vae(sources["vae"], spec, _DTYPES.get(plan.vae_dtype, torch.bfloat16))
     dits: dict[str, nn.Module] = {}
-    for role in dit_roles(spec):
+    roles = dit_roles(spec)
+    to_disk = {"low"} if spec.experts and plan.idle_expert == "disk" else set()
+    # The expert that waits on disk is loaded (and its quantized cache made) first and dropped at
+    # once, so that the two experts are never in RAM together, not even while loading.
+    for role in sorted(roles, key=lambda r: r not in to_disk):
         source = sources[f"dit_{role}"]
         stored = stored_format(source)
         if stored is not None:
@@ -162,8 +167,10 @@ def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Pa
             model = WanDiT.from_source(source, torch.bfloat16)
             streaming.set_expert_source(model, source)
         dits[role] = model
-        if spec.experts and role == "low" and plan.idle_expert == "disk":
-            streaming.move_expert(model, "disk")  # one expert in RAM at a time while loading
+        if role in to_disk:
+            streaming.move_expert(model, "disk")
+    dits = {role: dits[role] for role in roles}
+    streaming.trim_host_memory()
     check_compatible(spec, dits, vae, text_encoder)
     placement = PlannedPlacement(plan, device)
     pipe = WanPipeline(spec, text_encoder, vae, dits, placement=placement, device=device)

@@ -23,6 +23,7 @@ places; "disk" drops every tensor (meta) and re-fills it from its TensorSource o
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import mmap
 import weakref
@@ -460,6 +461,26 @@ _SOURCES: weakref.WeakKeyDictionary[nn.Module, tuple[TensorSource, Callable[[str
 )
 
 
+_LIBC: ctypes.CDLL | None | bool = None
+
+
+def trim_host_memory() -> None:
+    """Hand freed host memory back to the OS. glibc keeps the freed heap pages of tensors under
+    its mmap threshold (up to 32 MiB: most weight matrices), so after an expert or the text
+    encoder is dropped the process would still hold its RAM (measured: 1 GiB of 3 in a
+    4-block A14B run). No-op where there is no glibc."""
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def set_expert_source(model: nn.Module, source: TensorSource, key_map: Callable[[str], str] | None = None) -> None:
     """Remember where `model`'s tensors come from, so `move_expert(model, "disk")` can drop them.
 
@@ -497,6 +518,7 @@ def move_expert(model: nn.Module, where: str, *, device: torch.device | str = "c
             raise RuntimeError("move_expert(..., 'disk') needs set_expert_source(model, source) first")
         # to_empty on meta keeps every dtype and shape (so the refill knows them) and frees storage.
         model.to_empty(device="meta")
+        trim_host_memory()
         return
     if where_is(model) == "disk":
         if model not in _SOURCES:
