@@ -1,6 +1,7 @@
 """The whole T2V-A14B job at full size, from files on disk, as a user with 8 GB VRAM / 32 GB RAM runs it.
 
-    python bench/bench_a14b_job.py --out job_a14b.json [--steps 4] [--cap-gib 8] [--profile 08gb-vram-32gb-ram]
+    python bench/bench_a14b_job.py --out job_a14b.json [--steps 6] [--cap-gib 8] [--profile 08gb-vram-32gb-ram]
+                                   [--resident-blocks N]
     python bench/bench_a14b_job.py --out /tmp/x.json --smoke     # same code on the CPU, tiny models
 
 First it writes random full-size checkpoints in the files people download from ComfyUI's
@@ -11,7 +12,9 @@ path: component files chosen per slot, the planner's plan for the memory profile
 encoding, both experts, the VAE decode) at 1280x720, 81 frames, with the GPU capped at `--cap-gib`
 by torch.cuda.set_per_process_memory_fraction. Recorded: the preflight estimate, the plan, peak
 GPU memory (allocated and reserved), peak host memory (RSS, and its anonymous and file-backed
-parts), seconds per step per expert and the stage timings. The mp4 is not written (no encoder
+parts), seconds per step per expert and the stage timings. `--resident-blocks N` adds that to
+the profile's forced fields (0: every block streamed, the smallest GPU footprint). Records are
+appended to `--out`, so several cases can share one file (the checkpoints are written once). The mp4 is not written (no encoder
 is needed on the GPU machine); the decoded frames are checked to be finite.
 """
 
@@ -115,6 +118,20 @@ def write_checkpoints(work: Path, sizes: dict, device: torch.device) -> dict[str
     return parts
 
 
+def force_resident_blocks(profile: str, n: int) -> None:
+    """Make the engine plan with `profile` plus `resident_blocks = n` forced (the engine asks the
+    planner with a profile name; the bench hands it this variant instead)."""
+    from dataclasses import replace
+
+    from wan_lite.runtime import planner
+    from wan_lite.runtime.hardware import get_profile
+
+    base = get_profile(profile)
+    variant = replace(base, name=f"{base.name}, {n} blocks resident", force=(*base.force, ("resident_blocks", n)))
+    real = planner.plan
+    planner.plan = lambda model, request, hw, profile=None: real(model, request, hw, profile=variant)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -124,6 +141,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--cap-gib", type=float, default=8.0, help="GPU memory cap (the profile's card)")
     ap.add_argument("--profile", default="08gb-vram-32gb-ram")
+    ap.add_argument("--resident-blocks", type=int, default=None, help="force this many resident blocks")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (checks the script)")
     args = ap.parse_args()
     cuda = not args.smoke
@@ -140,6 +158,10 @@ def main() -> int:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total))
     engine = Engine(args.work / "models", args.work / "out", device=str(device), components={"t2v-a14b": parts})
+    profile_name = args.profile
+    if args.resident_blocks is not None:
+        force_resident_blocks(args.profile, args.resident_blocks)
+        profile_name = f"{args.profile}, {args.resident_blocks} blocks resident"
     request = GenerateRequest("a red fox trotting through fresh snow, morning light", model="t2v-a14b",
                               width=width, height=height, frames=args.frames, steps=args.steps, seed=0,
                               memory_profile=args.profile)
@@ -170,8 +192,8 @@ def main() -> int:
             per_stage.setdefault(s1, []).append(b - a)
     frames = torch.as_tensor(result.frames)
     rec = {
-        "case": f"t2v-a14b job {width}x{height}x{args.frames} {args.profile}",
-        "profile": args.profile, "cap_gib": args.cap_gib, "steps": args.steps,
+        "case": f"t2v-a14b job {width}x{height}x{args.frames} {profile_name}, cap {args.cap_gib:g} GiB",
+        "profile": profile_name, "cap_gib": args.cap_gib, "steps": args.steps,
         "preflight": {"peak_vram_gib": estimate.peak_vram_gib, "peak_ram_gib": estimate.peak_ram_gib,
                       "seconds": estimate.seconds, "fits": estimate.fits},
         "plan": pipe.placement.plan.summary() if getattr(pipe.placement, "plan", None) else None,
@@ -188,7 +210,8 @@ def main() -> int:
     }
     print(json.dumps(rec, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps([rec], indent=2))
+    old = json.loads(args.out.read_text()) if args.out.is_file() else []
+    args.out.write_text(json.dumps([*old, rec], indent=2))
     return 0
 
 

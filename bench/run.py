@@ -1,11 +1,12 @@
 """All of wan_lite's GPU measurements in one command, and the report built from them.
 
-    python bench/run.py measure --out DIR [--parts tests,dit,vae,job] [--budget-s 560]
+    python bench/run.py measure --out DIR [--parts tests,dit,vae,job,job_a14b] [--budget-s 560]
     python bench/run.py report DIR [DIR ...] [--docs docs]
 
 `measure` (on the GPU) runs the GPU-marked tests and the benchmark scripts (bench_dit.py: one DiT
 forward per plan and format against diffusers; bench_vae.py: Wan2.2 VAE decode; bench_job.py:
-the whole TI2V-5B job under a memory cap), each writing raw JSON into DIR. A device call is
+the whole TI2V-5B job under a memory cap; bench_a14b_job.py: the whole T2V-A14B job from
+ComfyUI-format fp8 files with the 8 GB / 32 GB profile), each writing raw JSON into DIR. A device call is
 limited to 10 minutes, so the parts can be measured in separate calls into separate folders.
 `report` merges raw folders into docs/benchmarks.json (one record per case: case, plan,
 peak_vram_gib, peak_ram_gib, s_per_step, ratio_vs_resident, ratio_vs_diffusers, rel_error, gpu,
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "dit", "vae", "job")
+PARTS = ("tests", "dit", "vae", "job", "job_a14b")
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> int:
@@ -61,6 +62,11 @@ def measure(args: argparse.Namespace) -> int:
                        str(max(30, left() - 30)), *args.vae_args.split()], left(), out / "vae.log")
         elif part == "job":
             rc = _run([py, "bench/bench_job.py", "--out", str(out / "job.json")], left(), out / "job.log")
+        elif part == "job_a14b":  # the 8 GB / 32 GB profile's own plan, then every block streamed
+            for log, extra in (("job_a14b.log", ["--cap-gib", "8"]),
+                               ("job_a14b_streamed.log", ["--cap-gib", "6", "--resident-blocks", "0"])):
+                rc = _run([py, "bench/bench_a14b_job.py", "--out", str(out / "job_a14b.json"), *extra],
+                          left(), out / log)
         else:
             raise SystemExit(f"unknown part {part!r}; parts are {', '.join(PARTS)}")
         print(f"[run.py] {part}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -139,12 +145,21 @@ def report(args: argparse.Namespace) -> int:
             found += _dit_records(d)
         if (d := _load(folder / "vae.json")) is not None:
             found += _vae_records(d)
-        if (d := _load(folder / "job.json")) is not None:
-            found += _generic_records(d)
+        for name in ("job.json", "job_a14b.json"):
+            if (d := _load(folder / name)) is not None:
+                found += _generic_records(d)
         records += [r | {"run": folder.name} for r in found]
         if (folder / "gpu_tests.log").is_file():
             tail = (folder / "gpu_tests.log").read_text().strip().splitlines()[-1:]
             tests += tail
+    # An A14B job step against the all-resident bf16 DiT forward at its size (bench_dit.py, any run:
+    # the GPU cannot hold a resident A14B job's two bf16 experts and the text encoder at once).
+    resident = {r["case"].split()[2]: r["s_per_step"] for r in records
+                if r["case"].startswith("DiT a14b") and r["case"].endswith("bf16-resident")}
+    for r in records:
+        if r["case"].startswith("t2v-a14b job") and r.get("s_per_step"):
+            base = resident.get(r["case"].split()[3])
+            r["ratio_vs_resident"] = r["s_per_step"] / base if base else None
     docs = Path(args.docs)
     (docs / "benchmarks.json").write_text(json.dumps(records, indent=1) + "\n")
     keys = ("run", "case", "peak_vram_gib", "peak_ram_gib", "s_per_step", "decode_s", "ratio_vs_resident",
