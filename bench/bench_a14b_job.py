@@ -1,7 +1,7 @@
 """The whole T2V-A14B job at full size, from files on disk, as a user with 8 GB VRAM / 32 GB RAM runs it.
 
     python bench/bench_a14b_job.py --out job_a14b.json [--steps 6] [--cap-gib 8] [--profile 08gb-vram-32gb-ram]
-                                   [--resident-blocks N]
+                                   [--force resident_blocks=0,text_encoder=stream]
     python bench/bench_a14b_job.py --out /tmp/x.json --smoke     # same code on the CPU, tiny models
 
 First it writes random full-size checkpoints in the files people download from ComfyUI's
@@ -12,8 +12,9 @@ path: component files chosen per slot, the planner's plan for the memory profile
 encoding, both experts, the VAE decode) at 1280x720, 81 frames, with the GPU capped at `--cap-gib`
 by torch.cuda.set_per_process_memory_fraction. Recorded: the preflight estimate, the plan, peak
 GPU memory (allocated and reserved), peak host memory (RSS, and its anonymous and file-backed
-parts), seconds per step per expert and the stage timings. `--resident-blocks N` adds that to
-the profile's forced fields (0: every block streamed, the smallest GPU footprint). Records are
+parts), seconds per step per expert and the stage timings. `--force key=value,...` adds plan
+fields to the profile's forced ones (resident_blocks=0,text_encoder=stream: the smallest GPU
+footprint, what a 7 GB card gets). Records are
 appended to `--out`, so several cases can share one file (the checkpoints are written once). The mp4 is not written (no encoder
 is needed on the GPU machine); the decoded frames are checked to be finite.
 """
@@ -118,8 +119,8 @@ def write_checkpoints(work: Path, sizes: dict, device: torch.device) -> dict[str
     return parts
 
 
-def force_resident_blocks(profile: str, n: int) -> None:
-    """Make the engine plan with `profile` plus `resident_blocks = n` forced (the engine asks the
+def force_plan_fields(profile: str, forced: dict) -> None:
+    """Make the engine plan with `profile` plus the `forced` plan fields (the engine asks the
     planner with a profile name; the bench hands it this variant instead)."""
     from dataclasses import replace
 
@@ -127,7 +128,7 @@ def force_resident_blocks(profile: str, n: int) -> None:
     from wan_lite.runtime.hardware import get_profile
 
     base = get_profile(profile)
-    variant = replace(base, name=f"{base.name}, {n} blocks resident", force=(*base.force, ("resident_blocks", n)))
+    variant = replace(base, name=f"{base.name} + {forced}", force=(*base.force, *forced.items()))
     real = planner.plan
     planner.plan = lambda model, request, hw, profile=None: real(model, request, hw, profile=variant)
 
@@ -141,7 +142,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--cap-gib", type=float, default=8.0, help="GPU memory cap (the profile's card)")
     ap.add_argument("--profile", default="08gb-vram-32gb-ram")
-    ap.add_argument("--resident-blocks", type=int, default=None, help="force this many resident blocks")
+    ap.add_argument("--force", default="", help="plan fields to force, e.g. resident_blocks=0,text_encoder=stream")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (checks the script)")
     args = ap.parse_args()
     cuda = not args.smoke
@@ -159,9 +160,11 @@ def main() -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total))
     engine = Engine(args.work / "models", args.work / "out", device=str(device), components={"t2v-a14b": parts})
     profile_name = args.profile
-    if args.resident_blocks is not None:
-        force_resident_blocks(args.profile, args.resident_blocks)
-        profile_name = f"{args.profile}, {args.resident_blocks} blocks resident"
+    if args.force:
+        pairs = dict(kv.split("=", 1) for kv in args.force.split(","))
+        forced = {k: int(v) if v.isdigit() else v for k, v in pairs.items()}
+        force_plan_fields(args.profile, forced)
+        profile_name = f"{args.profile} + {args.force}"
     request = GenerateRequest("a red fox trotting through fresh snow, morning light", model="t2v-a14b",
                               width=width, height=height, frames=args.frames, steps=args.steps, seed=0,
                               memory_profile=args.profile)

@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace) -> int:
             rc = _run([py, "bench/bench_job.py", "--out", str(out / "job.json")], left(), out / "job.log")
         elif part == "job_a14b":  # the 8 GB / 32 GB profile's own plan, then every block streamed
             for log, extra in (("job_a14b.log", ["--cap-gib", "8"]),
-                               ("job_a14b_streamed.log", ["--cap-gib", "6", "--resident-blocks", "0"])):
+                               ("job_a14b_streamed.log", ["--cap-gib", "6", "--force", "resident_blocks=0,text_encoder=stream"])):
                 rc = _run([py, "bench/bench_a14b_job.py", "--out", str(out / "job_a14b.json"), *extra],
                           left(), out / log)
         else:
