@@ -420,3 +420,41 @@ def test_cuda_fused_dequantization(fmt: str) -> None:
     out = quant.dequantize_weight(q, scale, fmt, torch.bfloat16)
     assert not quant._dequant_compile_failed  # the compiled kernel really ran
     assert torch.equal(out, quant._dequantize_eager(raw, scale, torch.bfloat16))
+
+
+def test_chunked_layers_reuse_their_dequantized_weight(monkeypatch) -> None:
+    """A layer called again within a few layer calls (token chunks) dequantizes once more and then
+    reuses that weight; a layer called once per pass never keeps one; results are unchanged."""
+    torch.manual_seed(0)
+    layers = [QuantizedLinear.from_linear(nn.Linear(32, 32), "int8") for _ in range(6)]
+    calls: list[int] = []
+    real = QuantizedLinear.dequantized
+
+    def counting(self, dtype):
+        calls.append(layers.index(self))
+        return real(self, dtype)
+
+    monkeypatch.setattr(QuantizedLinear, "dequantized", counting)
+    quant._REUSE.clear()
+    x = torch.randn(5, 32)
+    # unchunked: every layer once per pass, three passes -> three dequantizations each, none kept
+    for _ in range(3):
+        for layer in layers:
+            layer(x)
+    assert len(calls) == 18 and not quant._REUSE._kept
+    # chunked: q, k, v over 5 chunks, then the FFN pair over 5 chunks
+    calls.clear()
+    outs = []
+    for group in (layers[:3], layers[3:5]):
+        for _ in range(5):
+            outs += [layer(x) for layer in group]
+    assert sorted(calls) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert len(quant._REUSE._kept) <= quant._WeightReuse.SIZE
+    expected = [F.linear(x, real(layer, torch.float32), layer.bias) for group in (layers[:3], layers[3:5])
+                for _ in range(5) for layer in group]
+    assert all(torch.equal(a, b) for a, b in zip(outs, expected, strict=True))
+    # a new weight tensor (a streamed block loaded again) is never served a kept one
+    calls.clear()
+    layers[3].weight = layers[3].weight.clone()
+    layers[3](x)
+    assert calls == [3]

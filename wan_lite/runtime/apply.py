@@ -75,7 +75,10 @@ class PlannedPlacement:
             streaming.attach(module, dev, resident=p.resident_blocks, prefetch=max(1, p.prefetch), pinned=p.pinned)
 
     def release(self, name: str, module: nn.Module) -> None:
+        from wan_lite.runtime.quant import release_kept_weights
+
         p = self.plan
+        release_kept_weights()
         if name == "text_encoder":
             streaming.detach_streamer(module)
             module.to("cpu")
@@ -101,6 +104,9 @@ class PlannedPlacement:
         if new is None:
             return False
         log.warning("Out of memory: switching to a leaner plan: %s", new.summary())
+        from wan_lite.runtime.quant import release_kept_weights
+
+        release_kept_weights()
         old, self.plan = self.plan, new
         streaming.move_expert(module, "ram")
         if new.quantization != old.quantization and new.quantization in ("int8", "fp8"):

@@ -21,8 +21,8 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   proj = base + 6*D*L + D*(13.1*c + 14.7*min(c, 4096)) (chunked projections, fp64 RoPE chunk;
   c -> L where the attention is not chunked), ffn = base + c*(6*D + 4*F) (hidden + GELU in bf16).
 - DiT weights on the GPU = non-block (bf16) + all n blocks, or r resident + (prefetch+1) streaming
-  slots; + the largest Linear in bf16 when int8/fp8 weights are dequantized per layer (not with
-  fp8 compute); + the other expert when idle_expert == "gpu". Block bytes: bf16 2/param; int8/fp8
+  slots; + the largest Linear in bf16 (or q, k and v, kept for reuse across token chunks) when
+  int8/fp8 weights are dequantized per layer (not with fp8 compute); + the other expert when idle_expert == "gpu". Block bytes: bf16 2/param; int8/fp8
   1/weight + an fp32 scale per output row, biases/norms bf16, modulation fp32.
 - VAE = weights + tile^2 (or H*W) * per-pixel bytes of one latent frame (K.vae_decode_px, causal
   cache included; ~8 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video).
@@ -211,7 +211,10 @@ def _dit_vram(m: ModelFootprint, ch: Choices, fp8c: bool) -> float:
     """DiT weights on the GPU while denoising (both experts when the idle one waits there)."""
     n, r, b = m.num_layers, min(ch.resident_blocks, m.num_layers), m.block_bytes(ch.quantization)
     blocks = n * b if r >= n else (r + ch.prefetch + 1) * b
-    dequant = 0 if ch.quantization == "bf16" or fp8c else 2 * max(m.ffn_dim * m.dim, m.dim * m.dim)
+    # One layer's bf16 weight while it runs. In token chunks up to 3 are kept (quant._WeightReuse):
+    # q, k, v through the attention, the activation peak; the FFN pair when activations are far lower.
+    square = (3 if ch.ffn_chunk_tokens else 1) * m.dim * m.dim
+    dequant = 0 if ch.quantization == "bf16" or fp8c else 2 * max(m.ffn_dim * m.dim, square)
     other = m.expert_bytes(ch.quantization) if ch.idle_expert == "gpu" else 0
     return m.nonblock_bytes() + blocks + dequant + other
 

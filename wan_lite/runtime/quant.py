@@ -233,6 +233,57 @@ class _ActivationCache:
 _ACT_CACHE = _ActivationCache()
 
 
+class _WeightReuse:
+    """Dequantized weights of layers that are called again right away, as in a block that works
+    in token chunks (`WanAttentionBlock.chunk_tokens`): q, k, v, q, k, v, ... then ffn.0, ffn.2,
+    ffn.0, ... A layer whose previous call was at most `NEAR` layer calls ago is in such a loop:
+    its weight is kept (at most `SIZE` weights, least recently used out), so a block in 10
+    chunks dequantizes each layer twice instead of 10 times. A layer called once per forward
+    (unchunked) is never kept. An entry is valid only for the very weight tensor it came from
+    (a streamed block's weights are new views each time it is loaded) and that tensor's
+    version, so a kept weight can never be stale. The planner counts SIZE bf16 weights."""
+
+    NEAR, SIZE = 4, 3
+
+    def __init__(self) -> None:
+        self._calls = 0
+        self._last: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        self._kept: dict[int, tuple[weakref.ref, weakref.ref, int, torch.dtype, torch.Tensor]] = {}
+
+    @staticmethod
+    def _version(t: torch.Tensor) -> int:
+        return -1 if t.is_inference() else t._version
+
+    def get(self, layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+        self._calls += 1
+        last, self._last[layer] = self._last.get(layer), self._calls
+        key = id(layer)
+        kept = self._kept.pop(key, None)
+        w = layer.weight
+        if kept is not None:
+            layer_ref, w_ref, version, kdtype, value = kept
+            if layer_ref() is layer and w_ref() is w and version == self._version(w) and kdtype == dtype:
+                self._kept[key] = kept  # most recently used last
+                return value
+        value = layer.dequantized(dtype)
+        if last is not None and self._calls - last <= self.NEAR:
+            self._kept[key] = (weakref.ref(layer), weakref.ref(w), self._version(w), dtype, value)
+            while len(self._kept) > self.SIZE:
+                del self._kept[next(iter(self._kept))]
+        return value
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+_REUSE = _WeightReuse()
+
+
+def release_kept_weights() -> None:
+    """Free the dequantized weights kept for reuse (call when a model's stage ends)."""
+    _REUSE.clear()
+
+
 class QuantizedLinear(nn.Module):
     """A Linear layer with int8 or fp8-e4m3 weights and per-output-channel fp32 scales.
 
@@ -307,7 +358,7 @@ class QuantizedLinear(nn.Module):
                 log.warning("fp8 matmul unavailable for %s (%s); using dequantized bf16.", self, err)
         dtype = x.dtype if x.is_floating_point() else torch.bfloat16
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, self.dequantized(dtype), bias)
+        return F.linear(x, _REUSE.get(self, dtype), bias)
 
     def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
         x8, x_scale = _ACT_CACHE.get(x)
