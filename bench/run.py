@@ -139,8 +139,14 @@ def _generic_records(data) -> list[dict]:
 def report(args: argparse.Namespace) -> int:
     records: list[dict] = []
     tests = []
+    attention: list[str] = []
     for folder in map(Path, args.dirs):
         found: list[dict] = []
+        if (d := _load(folder / "attention.json")) is not None:
+            gpu = d.get("meta", {}).get("gpu")
+            attention += [f"| {folder.name} | {r['shape']} | {r['kernel']} | " +
+                          (f"{r['ms']:.1f} | {r['tflops']:.0f} | {r['rel_error']:.4f} | {gpu} |" if "ms" in r
+                           else f"{r.get('error', '?')} | | | {gpu} |") for r in d.get("records", [])]
         if (d := _load(folder / "dit.json")) is not None:
             found += _dit_records(d)
         if (d := _load(folder / "vae.json")) is not None:
@@ -158,14 +164,16 @@ def report(args: argparse.Namespace) -> int:
                 if r["case"].startswith("DiT a14b") and r["case"].endswith("bf16-resident")}
     for r in records:
         if r["case"].startswith("t2v-a14b job") and r.get("s_per_step"):
-            base = resident.get(r["case"].split()[3])
+            base = resident.get(r["case"].split()[2])
             r["ratio_vs_resident"] = r["s_per_step"] / base if base else None
     docs = Path(args.docs)
     (docs / "benchmarks.json").write_text(json.dumps(records, indent=1) + "\n")
     keys = ("run", "case", "peak_vram_gib", "peak_ram_gib", "s_per_step", "decode_s", "ratio_vs_resident",
             "ratio_vs_diffusers", "rel_error")
 
-    def cell(v):
+    def cell(v, key=""):
+        if isinstance(v, float) and key.startswith("ratio"):
+            return f"{v:.3f}"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return "" if v is None else str(v).replace("|", "/")
@@ -183,9 +191,17 @@ def report(args: argparse.Namespace) -> int:
              "of one DiT forward against wan_lite's resident bf16 forward; for the VAE, the mean absolute",
              "error (pixels in [-1, 1]) against the untiled decode in the same dtype. The job rows run the",
              "real pipeline (text encoding, denoising, decoding) with the planner's plan; their `plan`",
-             "field in benchmarks.json says what was chosen.", "",
+             "field in benchmarks.json says what was chosen. The t2v-a14b job rows load ComfyUI-format",
+             "fp8 files from disk under a hard GPU cap (`cap`) and count host RAM as the process's peak",
+             "RSS; their ratio_vs_resident is against the all-resident bf16 DiT forward at the same size",
+             "(latest run), since no GPU holds a resident A14B job's experts and text encoder together.", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in records]
+    lines += ["| " + " | ".join(cell(r.get(k), k) for k in keys) + " |" for r in records]
+    if attention:
+        lines += ["", "Self-attention kernels at the DiT's shapes (bench_attention.py; bf16, head size 128;",
+                  "rel_error against the flash backend):", "",
+                  "| run | shape | kernel | ms | TFLOP/s | rel_error | gpu |", "|---|---|---|---|---|---|---|",
+                  *attention]
     if tests:
         lines += ["", "GPU-marked tests: " + "; ".join(tests)]
     runs = [(Path(f).name, (Path(f) / "command.txt").read_text().strip())
