@@ -158,8 +158,8 @@ def report(args: argparse.Namespace) -> int:
         if (folder / "gpu_tests.log").is_file():
             tail = (folder / "gpu_tests.log").read_text().strip().splitlines()[-1:]
             tests += tail
-    # An A14B job step against the all-resident bf16 DiT forward at its size (bench_dit.py, any run:
-    # the GPU cannot hold a resident A14B job's two bf16 experts and the text encoder at once).
+    # An A14B job step against the all-resident bf16 DiT forward at its size (bench_dit.py, latest
+    # run): the bench's disk holds fp8 files of the experts, not the 57 GB of bf16 ones.
     resident = {r["case"].split()[2]: r["s_per_step"] for r in records
                 if r["case"].startswith("DiT a14b") and r["case"].endswith("bf16-resident")}
     for r in records:
@@ -194,7 +194,8 @@ def report(args: argparse.Namespace) -> int:
              "field in benchmarks.json says what was chosen. The t2v-a14b job rows load ComfyUI-format",
              "fp8 files from disk under a hard GPU cap (`cap`) and count host RAM as the process's peak",
              "RSS; their ratio_vs_resident is against the all-resident bf16 DiT forward at the same size",
-             "(latest run), since no GPU holds a resident A14B job's experts and text encoder together.", "",
+             "(latest run): bf16 files of both experts (57 GB) do not fit the GPU machine's disk beside",
+             "the rest, so no bf16 resident job is run.", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(r.get(k), k) for k in keys) + " |" for r in records]
     if attention:
