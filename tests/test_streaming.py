@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -390,6 +391,51 @@ def test_attention_self_check_accepts_good_and_rejects_bad_kernels(monkeypatch) 
     assert not ok and "shape" in reason
     ok, _, reason = sel.self_check(lambda q, k, v: q * float("nan"), "cpu")
     assert not ok and "non-finite" in reason
+
+
+def test_attention_kernel_is_used_only_when_faster(monkeypatch) -> None:
+    """A correct SageAttention still loses to SDPA where SDPA is faster (cuDNN attention on an
+    H200); it is chosen where it is faster. Timings are stubbed: no GPU needed."""
+    import sys
+    import types
+
+    from wan_lite.models import attention as attn_mod
+    from wan_lite.runtime import attention_select as sel
+
+    fake = types.ModuleType("sageattention")
+    fake.sageattn = _sdpa_stand_in
+    monkeypatch.setitem(sys.modules, "sageattention", fake)
+    monkeypatch.setattr(sel, "self_check", lambda fn, dev: (True, 0.012, "passed"))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(sel, "compare_speed", lambda fn, dev: (21.0, 15.0))
+    slower = sel._decide(cuda, True)
+    assert slower.backend == "sdpa" and not slower.failed and "faster than the installed" in slower.note
+    monkeypatch.setattr(sel, "compare_speed", lambda fn, dev: (10.0, 15.0))
+    faster = sel._decide(cuda, True)
+    assert faster.backend == "sage" and "1.50x" in faster.note
+    attn_mod.set_attention_backend("sdpa")
+
+    def too_big(fn, dev):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(sel, "compare_speed", too_big)
+    broken = sel._decide(cuda, True)
+    assert broken.backend == "sdpa" and broken.failed and "larger input" in broken.note
+
+
+def test_attention_speed_comparison_times_both() -> None:
+    from wan_lite.runtime.attention_select import compare_speed
+
+    calls = []
+
+    def slow(q, k, v):
+        calls.append(q.shape)
+        time.sleep(0.02)
+        return q
+
+    mine, sdpa = compare_speed(slow, "cpu", torch.float32, shape=(64, 2), repeats=2)
+    assert len(calls) == 3 and calls[0] == (1, 64, 2, 128)  # a warm-up and two timed calls
+    assert mine >= 20.0 > sdpa
 
 
 def test_attention_select_falls_back_to_sdpa_with_a_note(caplog) -> None:

@@ -3,7 +3,7 @@
 Importing this package does no work (no device probing, no file access) beyond one default:
 PyTorch's CUDA allocator uses expandable segments unless the user configured it. Without them,
 a streamed A14B step fragments the cache until its reserved memory is ~1.2 GiB above what is
-allocated, and an 8 GB card runs out of memory with 1.2 GiB unused (measured, docs/benchmarks.md).
+allocated, and an 8 GB card runs out of memory with 1.2 GiB unused (bench/results/2026-11-21-d).
 """
 
 from __future__ import annotations

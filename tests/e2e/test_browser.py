@@ -101,11 +101,23 @@ WATCH_PROGRESS = """() => {
 
 
 def _set_slider(page, elem_id: str, value: int) -> None:
-    box = page.locator(f"{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    """Type `value` into a slider's number box. An update still on its way from an earlier
+    change (a mode preset sets the steps) may land after the typing and overwrite it; then the
+    value is typed again, as a user would."""
     from playwright.sync_api import expect
 
+    box = page.locator(f"{elem_id} input[type=number]")
+    for attempt in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        try:
+            expect(box).to_have_value(str(value), timeout=3000)
+            page.wait_for_timeout(300)  # a late overwrite shows within this
+            if box.input_value() == str(value):
+                return
+        except AssertionError:
+            if attempt == 2:
+                raise
     expect(box).to_have_value(str(value))
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from wan_lite.runtime import streaming
 from wan_lite.runtime.planner import Plan, leaner
+from wan_lite.runtime.quant import release_kept_weights
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ class PlannedPlacement:
             streaming.attach(module, dev, resident=p.resident_blocks, prefetch=max(1, p.prefetch), pinned=p.pinned)
 
     def release(self, name: str, module: nn.Module) -> None:
-        from wan_lite.runtime.quant import release_kept_weights
-
         p = self.plan
         release_kept_weights()
         if name == "text_encoder":
@@ -104,8 +103,6 @@ class PlannedPlacement:
         if new is None:
             return False
         log.warning("Out of memory: switching to a leaner plan: %s", new.summary())
-        from wan_lite.runtime.quant import release_kept_weights
-
         release_kept_weights()
         old, self.plan = self.plan, new
         streaming.move_expert(module, "ram")

@@ -1,19 +1,23 @@
-"""Choose the attention kernel once at start: SageAttention when it is installed *and* agrees with
-PyTorch SDPA on a quick check on this GPU, PyTorch SDPA otherwise.
+"""Choose the attention kernel once at start: SageAttention when it is installed, agrees with
+PyTorch SDPA on a quick check on this GPU *and* is faster there; PyTorch SDPA otherwise.
 
 SageAttention quantizes q/k (int8) and p/v (fp8) inside the kernel; its builds are specific to a
 GPU architecture and CUDA version, so an installed wheel can still be wrong or crash on a given
 card. The self-check runs both kernels on small random inputs shaped like the DiT's self- and
 cross-attention (head size 128, a query length that is not a multiple of the kernel's tile, 512
-text keys) and accepts the kernel only within `TOLERANCE` relative L2 error of SDPA. Whatever the
-outcome, one log line says which kernel runs and why; `AttentionChoice.note` carries the same text
-for the UI. Nothing is installed or compiled here.
+text keys) and accepts the kernel only within `TOLERANCE` relative L2 error of SDPA. Then both are
+timed on one self-attention (`_SPEED_SHAPE`): faster is not a given. On an H200 PyTorch's SDPA
+picks cuDNN attention, 1.4x the speed of SageAttention 1.0.6 (bench/bench_attention.py), while on
+GPUs where SDPA runs FlashAttention-2 SageAttention is the faster one. Whatever the outcome, one
+log line says which kernel runs and why; `AttentionChoice.note` carries the same text for the UI.
+Nothing is installed or compiled here.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +36,8 @@ TOLERANCE = 0.05  # sage's own accuracy on random data is ~1-2% relative L2; a b
 # (query tokens, key tokens) of the check: self-attention with a ragged length, text cross-attention.
 _CHECK_SHAPES = ((1000, 1000), (1000, 512))
 _CHECK_HEADS, _CHECK_HEAD_DIM = 4, 128
+_SPEED_SHAPE = (8192, 8)  # tokens, heads of the timed self-attention (~0.3 TFLOP: a few ms on any GPU)
+SPEEDUP = 1.05  # the optional kernel must be at least this much faster than SDPA to be used
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,34 @@ def self_check(fn: AttentionFn, device: torch.device | str, dtype: torch.dtype =
     if worst > TOLERANCE:
         return False, worst, f"its output differs from SDPA by {worst:.1%} (limit {TOLERANCE:.0%})"
     return True, worst, "passed"
+
+
+def compare_speed(fn: AttentionFn, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                  shape: tuple[int, int] = _SPEED_SHAPE, repeats: int = 5) -> tuple[float, float]:
+    """Milliseconds per call of `fn` and of SDPA on one self-attention [1, tokens, heads, 128],
+    after a warm-up call each (a JIT-compiled kernel compiles there). CUDA events on a GPU."""
+    device = torch.device(device)
+    tokens, heads = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, heads, _CHECK_HEAD_DIM, generator=gen, device=device).to(dtype)
+               for _ in range(3))
+
+    def ms(f: AttentionFn) -> float:
+        f(q, k, v)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                f(q, k, v)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / repeats
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            f(q, k, v)
+        return (time.perf_counter() - t0) * 1000 / repeats
+
+    return ms(fn), ms(sdpa_attention)
 
 
 def _sage_backend() -> AttentionFn | None:
@@ -111,6 +145,15 @@ def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
     if not ok:
         return AttentionChoice("sdpa", f"Attention: PyTorch SDPA - SageAttention is installed but failed its "
                                        f"self-check on this GPU ({reason}).", err, failed=True)
+    try:
+        with torch.no_grad():
+            sage_ms, sdpa_ms = compare_speed(fn, dev)
+    except Exception as e:  # a kernel that passed on small inputs but fails on a larger one
+        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA - SageAttention is installed but failed on a "
+                                       f"larger input ({type(e).__name__}: {e}).", err, failed=True)
+    if sage_ms * SPEEDUP > sdpa_ms:
+        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA - faster than the installed SageAttention on this "
+                                       f"GPU ({sdpa_ms:.2f} vs {sage_ms:.2f} ms on a test attention).", err)
     register_attention_backend("sage", fn)
-    return AttentionChoice("sage", f"Attention: SageAttention (self-check against SDPA: {err:.2%} rel. error).",
-                           err)
+    return AttentionChoice("sage", f"Attention: SageAttention ({sdpa_ms / sage_ms:.2f}x the speed of SDPA here; "
+                                   f"self-check against SDPA: {err:.2%} rel. error).", err)

@@ -241,7 +241,8 @@ class _WeightReuse:
     chunks dequantizes each layer twice instead of 10 times. A layer called once per forward
     (unchunked) is never kept. An entry is valid only for the very weight tensor it came from
     (a streamed block's weights are new views each time it is loaded) and that tensor's
-    version, so a kept weight can never be stale. The planner counts SIZE bf16 weights."""
+    version, so a kept weight can never be stale. The planner counts the kept q, k and v (the
+    attention is the activation peak); `release_kept_weights` frees them when a stage ends."""
 
     NEAR, SIZE = 4, 3
 
