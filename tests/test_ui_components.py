@@ -130,13 +130,19 @@ def test_chosen_files_make_the_model_installed_and_generate_like_the_official_fo
     table = models_panel.status_markdown(engine.model_status())
     assert "✅ installed" in table and f"dit `{files['dit']}`" in table
 
+    from wan_lite.runtime.attention_select import AttentionChoice
+
+    engine._attention = AttentionChoice("sdpa", "Attention: PyTorch SDPA (test note).")  # as chosen on a GPU
     ours = engine.generate(GenerateRequest(prompt="a lamp on a desk", model="ti2v-5b", **SMALL))
+    assert "Attention: PyTorch SDPA (test note)." in ours.notes  # said with the first result only
     ref_engine = Engine(files["official"].parent, env / "ref_out", device="cpu", folders={"ti2v-5b": files["official"]})
     assert ref_engine.components == {}  # an explicit folder is used as it is
     ref = ref_engine.generate(GenerateRequest(prompt="a lamp on a desk", model="ti2v-5b", **SMALL))
     a, b = load_file(ours.latents_path)["latents"], load_file(ref.latents_path)["latents"]
     assert a.shape == b.shape and torch.equal(a, b)
     assert ours.video_path.is_file() and ours.sidecar_path.read_text().count(str(files["dit"])) == 1
+    second = engine.generate(GenerateRequest(prompt="a lamp on a desk", model="ti2v-5b", **SMALL))
+    assert not any(n.startswith("Attention:") for n in second.notes + ref.notes)
 
     # Remembered: a new engine (the next start of the app) uses the same files.
     again = Engine(models, env / "out2", device="cpu")

@@ -90,6 +90,8 @@ class Engine:
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._lock = threading.Lock()  # one job at a time, whatever the caller does
+        self._attention = None  # the attention kernel, chosen at the first load on a GPU
+        self._attention_told = False  # its note goes with the first result only
 
     # ------------------------------------------------------------------ models
     def model_folder(self, name: str) -> Path:
@@ -302,6 +304,10 @@ class Engine:
                 self._pipe = WanPipeline.load(model_dir, components=parts, name=name, device=self.device)
             self._pipe_key = key
             log.info("Loaded %s from %s in %.1f s", name, folder, time.perf_counter() - t0)
+            if self._attention is None and self._gpu():
+                from wan_lite.runtime.attention_select import select_attention
+
+                self._attention = select_attention(self.device or "cuda")
         elif plan is not None:
             self._pipe.placement.plan = plan
             self._pipe.placement.bind(self._pipe)
@@ -351,6 +357,9 @@ class Engine:
                 fields.pop(drop)
             result = pipe.generate(**fields, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
             result.timings["load"] = load_s
+            if self._attention is not None and not self._attention_told:
+                notes.append(self._attention.note)  # which attention kernel runs, and why
+                self._attention_told = True
             return self._write(stem, latents_path, result.frames, result.fps, result.settings, result.timings,
                                list(dict.fromkeys(notes + result.notes)), request, pipe, on_progress)
 
