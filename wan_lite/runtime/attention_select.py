@@ -7,8 +7,9 @@ card. The self-check runs both kernels on small random inputs shaped like the Di
 cross-attention (head size 128, a query length that is not a multiple of the kernel's tile, 512
 text keys) and accepts the kernel only within `TOLERANCE` relative L2 error of SDPA. Then both are
 timed on one self-attention (`_SPEED_SHAPE`): faster is not a given. On an H200 PyTorch's SDPA
-picks cuDNN attention, 1.4x the speed of SageAttention 1.0.6 (bench/bench_attention.py), while on
-GPUs where SDPA runs FlashAttention-2 SageAttention is the faster one. Whatever the outcome, one
+picks cuDNN attention, 1.4x the speed of SageAttention 1.0.6, which in turn is 1.2x SDPA's
+FlashAttention-2 backend, what SDPA runs where cuDNN attention is not available
+(bench/bench_attention.py). Whatever the outcome, one
 log line says which kernel runs and why; `AttentionChoice.note` carries the same text for the UI.
 Nothing is installed or compiled here.
 """
