@@ -19,15 +19,13 @@ from wan_lite.runtime import quant
 from wan_lite.runtime.quant import (
     QuantizedLinear,
     dequantize_weight,
-    load_or_quantize,
-    load_quantized,
     quantize_model,
     quantize_weight,
     quantized_modules,
-    save_quantized,
     set_compute,
     weight_bytes,
 )
+from wan_lite.runtime.quant_cache import load_or_quantize, load_quantized, save_quantized
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from tests.test_quant import ToyModel, toy, toy_input
 from tests.tiny_ckpt.dit import write_dit
 from wan_lite.loading.tensors import SafetensorsSource
 from wan_lite.models.dit import WanDiT
-from wan_lite.runtime.quant import load_or_quantize, quantize_model, quantized_modules
+from wan_lite.runtime.quant import quantize_model, quantized_modules
+from wan_lite.runtime.quant_cache import load_or_quantize
 from wan_lite.runtime.streaming import (
     T5_HOST_MODULES,
     BlockStreamer,

@@ -131,7 +131,8 @@ def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Pa
     from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches
     from wan_lite.pipeline import WanPipeline
     from wan_lite.runtime.gguf_linear import stored_format
-    from wan_lite.runtime.quant import load_or_quantize, quantize_model
+    from wan_lite.runtime.quant import quantize_model
+    from wan_lite.runtime.quant_cache import load_or_quantize
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
