@@ -226,14 +226,19 @@ def test_meta_structure_then_fill_matches_direct_quantization(tmp_path) -> None:
     assert model.embed.weight.dtype == torch.bfloat16
 
 
-def test_umt5_encoder_quantized() -> None:
+def tiny_umt5(num_layers: int):
+    """A random bf16 transformers umT5 encoder with `num_layers` blocks and token ids [2, 9] for it."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    cfg = UMT5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+    cfg = UMT5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=num_layers, num_heads=4,
                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
     torch.manual_seed(0)
     model = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
-    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    return model, torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def test_umt5_encoder_quantized() -> None:
+    model, ids = tiny_umt5(2)
     with torch.inference_mode():
         ref = model(input_ids=ids).last_hidden_state
         names = quantize_model(model, "fp8")

@@ -129,6 +129,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def _run_both(ref, ours) -> tuple[float, torch.Tensor]:
+    """Step a diffusers scheduler and ours over the same velocity field from the same start;
+    returns (worst relative difference over the run, our final sample)."""
+    w, c, x = _field((1, 4, 3, 4, 4))
+    x_ref = x_ours = x
+    worst = 0.0
+    for i, t in enumerate(ours.timesteps):
+        x_ref = ref.step(_velocity(x_ref, ref.sigmas[i], w, c), t, x_ref).prev_sample
+        x_ours = ours.step(_velocity(x_ours, ours.sigmas[i], w, c), x_ours)
+        worst = max(worst, _rel(x_ours, x_ref))
+    return worst, x_ours
+
+
 @pytest.mark.parametrize("steps, shift", [(40, 12.0), (12, 5.0)])
 def test_unipc_matches_diffusers(steps, shift):
     from diffusers import UniPCMultistepScheduler
@@ -145,13 +158,7 @@ def test_unipc_matches_diffusers(steps, shift):
     assert torch.equal(ref.timesteps, ours.timesteps)
     assert torch.equal(ref.sigmas, ours.sigmas)
 
-    w, c, x = _field((1, 4, 3, 4, 4))
-    x_ref = x_ours = x
-    worst = 0.0
-    for i, t in enumerate(ours.timesteps):
-        x_ref = ref.step(_velocity(x_ref, ref.sigmas[i], w, c), t, x_ref).prev_sample
-        x_ours = ours.step(_velocity(x_ours, ours.sigmas[i], w, c), x_ours)
-        worst = max(worst, _rel(x_ours, x_ref))
+    worst, x_ours = _run_both(ref, ours)
     assert worst < 1e-5, f"max rel error over the run {worst:.3e}"
     assert torch.isfinite(x_ours).all()
 
@@ -172,13 +179,7 @@ def test_dpmpp_matches_diffusers(steps, shift):
     ref.sigmas = ours.sigmas.clone()
     ref.timesteps = ours.timesteps.clone()
 
-    w, c, x = _field((1, 4, 3, 4, 4))
-    x_ref = x_ours = x
-    worst = 0.0
-    for i, t in enumerate(ours.timesteps):
-        x_ref = ref.step(_velocity(x_ref, ref.sigmas[i], w, c), t, x_ref).prev_sample
-        x_ours = ours.step(_velocity(x_ours, ours.sigmas[i], w, c), x_ours)
-        worst = max(worst, _rel(x_ours, x_ref))
+    worst, _ = _run_both(ref, ours)
     assert worst < 1e-5, f"max rel error over the run {worst:.3e}"
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tests.test_quant import ToyModel, toy, toy_input
+from tests.test_quant import ToyModel, tiny_umt5, toy, toy_input
 from tests.tiny_ckpt.dit import write_dit
 from wan_lite.loading.tensors import SafetensorsSource
 from wan_lite.models.dit import WanDiT
@@ -184,13 +184,7 @@ def test_reattach_and_wan_dit_streaming(tmp_path) -> None:
 
 
 def test_umt5_encoder_streaming() -> None:
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    cfg = UMT5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_heads=4,
-                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
-    torch.manual_seed(0)
-    model = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
-    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    model, ids = tiny_umt5(3)
     with torch.inference_mode():
         ref = model(input_ids=ids).last_hidden_state
         quantize_model(model, "int8")
