@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import host_rss_gib, parse_size, run_meta  # noqa: E402
+from common import bench_device, host_rss_gib, parse_size, run_meta  # noqa: E402
 
 from wan_lite.loading.keymaps import dit_official_to_diffusers  # noqa: E402
 from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches  # noqa: E402
@@ -324,11 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     global DEVICE
-    DEVICE = torch.device("cpu" if args.smoke else "cuda")
-    if not args.smoke and not torch.cuda.is_available():
-        log.error("bench_dit needs a CUDA GPU (or --smoke for a CPU check of the script)")
+    DEVICE = bench_device(args.smoke, "bench_dit")
+    if DEVICE is None:
         return 2
     bench = Bench(args)
     log.info("%s", bench.meta)

@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import host_rss_gib, parse_size, run_meta  # noqa: E402
+from common import bench_device, host_rss_gib, parse_size, run_meta  # noqa: E402
 
 from wan_lite.loading.keymaps import vae_official_to_diffusers  # noqa: E402
 from wan_lite.models.vae22 import LATENT_MEAN_22, LATENT_STD_22, VAE22Config, WanVAE22  # noqa: E402
@@ -371,11 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     args.frames = args.frames or (9 if args.smoke else 121)
     args.tiles = args.tiles or ([6, 8] if args.smoke else [16, 24, 32])
     args.overlap = args.overlap if args.overlap is not None else (2 if args.smoke else 4)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     global DEVICE
-    DEVICE = torch.device("cpu" if args.smoke else "cuda")
-    if not args.smoke and not torch.cuda.is_available():
-        log.error("bench_vae needs a CUDA GPU (or --smoke for a CPU check of the script)")
+    DEVICE = bench_device(args.smoke, "bench_vae")
+    if DEVICE is None:
         return 2
     bench = Bench(args)
     log.info("%s", bench.meta)

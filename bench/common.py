@@ -31,6 +31,19 @@ def run_meta(cuda: bool) -> dict:
     return meta
 
 
+def bench_device(smoke: bool, script: str) -> torch.device | None:
+    """Set up logging; the CPU for `--smoke`, else the GPU, or None (after an error line) without one."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if smoke:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        logging.getLogger(script).error("%s needs a CUDA GPU (or --smoke for a CPU check of the script)", script)
+        return None
+    return torch.device("cuda")
+
+
 def host_rss_gib() -> float | None:
     try:
         import psutil
