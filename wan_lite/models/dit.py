@@ -28,6 +28,7 @@ from wan_lite.errors import CheckpointError, InputError
 from wan_lite.loading.build import fill_module
 from wan_lite.loading.tensors import TensorSource
 from wan_lite.models.attention import attention
+from wan_lite.models.fused import Fused
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,68 @@ def gated_add_(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, table: torch
 
     bf16 operands are promoted exactly by the fp32 gate, as in the reference's fp32 island.
     """
+    same = out.data_ptr() == x.data_ptr() and out.stride() == x.stride() and out.dtype == x.dtype
     for s, e, idx in runs:
-        torch.add(x[:, s:e], y[:, s:e] * table[idx, gate, None], out=out[:, s:e])
+        g = table[idx, gate, None]
+        if same:  # in place: the compiled form must not see two aliased arguments
+            _gated_add_inplace(x[:, s:e], y[:, s:e], g)
+        else:
+            _gated_add_into(out[:, s:e], x[:, s:e], y[:, s:e], g)
+
+
+def norm_modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, scale: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """`modulate(layer_norm(x, eps).float(), ...)` rounded to `dtype`, per run in one kernel on CUDA:
+    x [B, l, D] -> [B, l, D] in dtype."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for s, e, idx in runs:
+        _norm_modulate_into(out[:, s:e], x[:, s:e], table[idx, shift, None], table[idx, scale, None], eps)
+    return out
+
+
+# The single-kernel forms (models/fused.py) of the block's elementwise steps; each is the eager
+# sequence of operations above, written out so torch.compile sees all of it at once.
+def _norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float) -> None:
+    u = F.layer_norm(x.float(), x.shape[-1:], None, None, eps).to(x.dtype).float()
+    out.copy_(u * (1 + scale) + shift)
+
+
+def _gated_add_inplace_fn(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
+    x.add_(y * gate)
+
+
+def _gated_add_into_fn(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
+    out.copy_(x + y * gate)
+
+
+def _rms_norm_fn(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    n = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    # the product's rounding made explicit: a compiled kernel keeps explicit casts only
+    return (n.float() * weight.float()).to(torch.promote_types(x.dtype, weight.dtype))
+
+
+def _rms_norm_rope_into_fn(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                           cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """out [B, l, D] (16-bit) = RoPE(RMSNorm(x) * weight) with fp32 rotation math (as `apply_rope`
+    for a 16-bit result); cos, sin [l, Dh/2]."""
+    n = _rms_norm_fn(x, weight, eps).float().unflatten(-1, (-1, cos.shape[-1], 2))  # [B, l, H, Dh/2, 2]
+    x0, x1 = n[..., 0], n[..., 1]
+    c, sn = cos.float()[None, :, None], sin.float()[None, :, None]
+    out.copy_(torch.stack([x0 * c - x1 * sn, x0 * sn + x1 * c], dim=-1).flatten(2))
+
+
+def _layer_norm_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), x.shape[-1:], w.float(), b.float(), eps).to(x.dtype)
+
+
+_norm_modulate_into = Fused(_norm_modulate_into_fn)
+_gated_add_inplace = Fused(_gated_add_inplace_fn)
+_gated_add_into = Fused(_gated_add_into_fn)
+_rms_norm = Fused(_rms_norm_fn)
+_rms_norm_rope_into = Fused(_rms_norm_rope_into_fn)
+_layer_norm = Fused(_layer_norm_fn)
 
 
 def clip_runs(runs: list[Run], start: int, end: int) -> list[Run]:
@@ -216,15 +277,14 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return _rms_norm(x, self.weight, self.eps)
 
 
 class WanLayerNorm(nn.LayerNorm):
     """Affine LayerNorm (the cross-attention input `norm3`), fp32 math, result in x's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.eps, self.weight, self.bias)
+        return _layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class WanSelfAttention(nn.Module):
@@ -239,9 +299,22 @@ class WanSelfAttention(nn.Module):
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u [B, c, D] modulated tokens (compute dtype), their RoPE angles [c, Dh/2]
         -> q, k (RMS-normed over all heads, then rotated) and v, each [B, c, D] in u's dtype."""
-        q = apply_rope(self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1)), cos, sin, u.dtype)
-        k = apply_rope(self.norm_k(self.k(u)).unflatten(2, (self.num_heads, -1)), cos, sin, u.dtype)
-        return q.flatten(2), k.flatten(2), self.v(u)
+        q, k = torch.empty_like(u), torch.empty_like(u)
+        self.qkv_into(u, cos, sin, q, k, None)
+        return q, k, self.v(u)
+
+    def qkv_into(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor | None) -> None:
+        """`qkv` written into q, k, v [B, c, D] (views of the caller's buffers; v None: skipped).
+        A 16-bit RMSNorm and RoPE run as one kernel on CUDA; fp32 keeps the float64 rotation."""
+        for proj, norm, out in ((self.q, self.norm_q, q), (self.k, self.norm_k, k)):
+            y = proj(u)
+            if u.dtype == torch.float32:
+                out.copy_(apply_rope(norm(y).unflatten(2, (self.num_heads, -1)), cos, sin, u.dtype).flatten(2))
+            else:
+                _rms_norm_rope_into(out, y, norm.weight, norm.eps, cos, sin)
+        if v is not None:
+            v.copy_(self.v(u))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -298,8 +371,7 @@ class WanAttentionBlock(nn.Module):
         for s, e, r in spans:
             xs = x[:, s:e]
             xs.add_(self.cross_attn(self.norm3(xs).to(dtype), k, v))
-            u = modulate(layer_norm(xs, self.eps).float(), m, r, 3, 4).to(dtype)
-            gated_add_(xs, xs, self.ffn(u), m, r, 5)
+            gated_add_(xs, xs, self.ffn(norm_modulate(xs, m, r, 3, 4, self.eps, dtype)), m, r, 5)
         return x
 
     def _self_attention(self, x: torch.Tensor, m: torch.Tensor, spans: list[tuple[int, int, list[Run]]],
@@ -321,8 +393,8 @@ class WanAttentionBlock(nn.Module):
         for s, e, r in spans:
             # norm1's output is rounded to x's dtype before modulation, as in the reference (bf16 in
             # block 0); the fp32 modulated result is rounded to the compute dtype by the projections.
-            u = modulate(layer_norm(x[:, s:e], self.eps).float(), m, r, 0, 1).to(dtype)
-            q[:, s:e], k[:, s:e], v[:, s:e] = sa.qkv(u, cos[s:e], sin[s:e])
+            u = norm_modulate(x[:, s:e], m, r, 0, 1, self.eps, dtype)
+            sa.qkv_into(u, cos[s:e], sin[s:e], q[:, s:e], k[:, s:e], v[:, s:e])
         return attention(*(z.unflatten(2, (sa.num_heads, -1)) for z in (q, k, v)))
 
 
@@ -336,7 +408,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, runs: list[Run]) -> torch.Tensor:
         """x [B, L, D], e [U, D] time embeddings (before the projection) -> [B, L, 4*out_dim] fp32."""
         m = self.modulation.float() + e[:, None]  # [U, 2, D]: shift, scale
-        u = modulate(layer_norm(x.float(), self.eps), m, runs, 0, 1)
+        u = norm_modulate(x.float(), m, runs, 0, 1, self.eps, torch.float32)
         return F.linear(u, self.head.weight.float(), self.head.bias.float())
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from wan_lite.errors import CheckpointError, InputError
 from wan_lite.loading.tensors import TensorSource
+from wan_lite.models.fused import Fused
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,7 @@ def _dequantize_fused(raw: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (raw.to(torch.float32) * scale[:, None]).to(dtype)
 
 
-_compiled_dequantize: Callable | None = None
-_dequant_compile_failed = False
+_fused_dequantize = Fused(_dequantize_fused)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
@@ -125,20 +125,10 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: tor
     version's cast-then-multiply moves 7), when Triton is available. This matters because a
     chunked block (`WanAttentionBlock.chunk_tokens`) dequantizes each layer once per chunk.
     """
-    global _compiled_dequantize, _dequant_compile_failed
     raw = q if fmt == "int8" else q.view(torch.float8_e4m3fn)
-    if not raw.is_cuda or _dequant_compile_failed:
+    if not raw.is_cuda:
         return _dequantize_eager(raw, scale, dtype)
-    try:
-        if _compiled_dequantize is None:
-            _compiled_dequantize = torch.compile(_dequantize_fused, dynamic=True, fullgraph=True)
-        return _compiled_dequantize(raw, scale, dtype)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as err:  # no Triton, no compiler: the eager version gives the same numbers
-        _dequant_compile_failed = True
-        log.info("Weight dequantization is not fused (torch.compile unavailable: %s).", err)
-        return _dequantize_eager(raw, scale, dtype)
+    return _fused_dequantize(raw, scale, dtype)
 
 
 def fp8_scale_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
@@ -178,24 +168,8 @@ def _quantize_rows_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, inv.to(torch.float32).reciprocal()
 
 
-_compiled_quantize_rows: Callable | None = None
-_compile_failed = False
-
-
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise fp8 quantization of activations; on CUDA fused by torch.compile into one kernel
-    (one read of x, one fp8 write) when Triton is available, else the eager three-pass version."""
-    global _compiled_quantize_rows, _compile_failed
-    if not x.is_cuda or _compile_failed:
-        return _quantize_rows_eager(x)
-    try:
-        if _compiled_quantize_rows is None:
-            _compiled_quantize_rows = torch.compile(_quantize_rows_eager, dynamic=True, fullgraph=True)
-        return _compiled_quantize_rows(x)
-    except Exception as err:  # no Triton, no compiler: the eager version gives the same numbers
-        _compile_failed = True
-        log.info("fp8 activation quantization is not fused (torch.compile unavailable: %s).", err)
-        return _quantize_rows_eager(x)
+# Row-wise fp8 quantization of activations: on CUDA one kernel (one read of x, one fp8 write).
+_quantize_rows = Fused(_quantize_rows_eager)
 
 
 class _ActivationCache:

@@ -1,0 +1,149 @@
+"""The single-kernel forms of the DiT's elementwise steps (models/fused.py, CUDA) against their eager
+forms: compiled here on the CPU too, so a form that torch.compile cannot take whole, or that
+writes the wrong memory, fails without a GPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import wan_lite.models.dit as dit
+from wan_lite.models import fused
+from wan_lite.models.fused import Fused
+
+B, L, D, HALF = 2, 37, 256, 64  # 2 heads of 128 channels; a token count no kernel tile divides
+
+
+def _args(name: str) -> tuple:
+    """Fresh arguments for one form; the first is the tensor it writes (where it writes one)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    bf = torch.bfloat16
+    angles = torch.rand(L, HALF, generator=g, dtype=torch.float64) * 6
+    return {
+        "norm_modulate_into": (torch.empty(B, L, D, dtype=bf), r(B, L, D, dtype=bf), r(B, 1, D), r(B, 1, D), 1e-6),
+        "norm_modulate_into_fp32": (torch.empty(B, L, D), r(B, L, D), r(B, 1, D), r(B, 1, D), 1e-6),
+        "gated_add_inplace": (r(B, L, D), r(B, L, D, dtype=bf), r(B, 1, D)),
+        "gated_add_into": (torch.empty(B, L, D), r(B, L, D, dtype=bf), r(B, L, D, dtype=bf), r(B, 1, D)),
+        "rms_norm_rope_into": (torch.empty(B, L, D, dtype=bf), r(B, L, D, dtype=bf), r(D, dtype=bf), 1e-6,
+                               angles.cos(), angles.sin()),
+        "rms_norm": (r(B, L, D, dtype=bf), r(D, dtype=bf), 1e-6),
+        "layer_norm": (r(B, L, D, dtype=bf), r(D), r(D), 1e-6),
+    }[name]
+
+
+FORMS = {
+    "norm_modulate_into": dit._norm_modulate_into_fn,
+    "norm_modulate_into_fp32": dit._norm_modulate_into_fn,
+    "gated_add_inplace": dit._gated_add_inplace_fn,
+    "gated_add_into": dit._gated_add_into_fn,
+    "rms_norm_rope_into": dit._rms_norm_rope_into_fn,
+    "rms_norm": dit._rms_norm_fn,
+    "layer_norm": dit._layer_norm_fn,
+}
+
+
+@torch.inference_mode()
+def test_compiled_forms_match_eager() -> None:
+    """Each form compiles whole (fullgraph, dynamic shapes, the casts kept) and gives the eager
+    numbers, into the memory the eager form writes: also for a slice of a larger buffer."""
+    for name, fn in FORMS.items():
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+        want, got = _args(name), _args(name)
+        r_want, r_got = fn(*want), compiled(*got)
+        if r_want is None:  # writes its first argument
+            r_want, r_got = want[0], got[0]
+        assert r_got.dtype == r_want.dtype and r_got.shape == r_want.shape
+        if r_want.dtype == torch.float32:
+            torch.testing.assert_close(r_got, r_want, rtol=1e-5, atol=1e-5, msg=name)
+        else:  # a statistic summed in another order may flip a rare result's last bf16 bit
+            torch.testing.assert_close(r_got.float(), r_want.float(), rtol=2**-7, atol=1e-6, msg=name)
+            assert (r_got != r_want).float().mean() < 0.01, name
+    # a slice of a bigger buffer (token chunks): only the slice changes
+    compiled = torch.compile(dit._gated_add_inplace_fn, dynamic=True, fullgraph=True)
+    x, y, gate = _args("gated_add_inplace")
+    whole = x.clone()
+    compiled(whole[:, 5:20], y[:, 5:20], gate)
+    expect = x.clone()
+    expect[:, 5:20] += y[:, 5:20] * gate
+    torch.testing.assert_close(whole, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_runs_eager_off_cuda(monkeypatch) -> None:
+    def no_compile(*_a, **_k):
+        raise AssertionError("torch.compile must not run for CPU tensors")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    f = Fused(dit._rms_norm_fn)
+    x, w, eps = _args("rms_norm")
+    assert torch.equal(f(x, w, eps), dit._rms_norm_fn(x, w, eps))
+    assert not f.failed
+
+
+@pytest.mark.gpu
+def test_fused_falls_back_when_compile_fails(monkeypatch, caplog) -> None:
+    def broken(*_a, **_k):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    f = Fused(dit._rms_norm_fn)
+    x, w, eps = (a.cuda() if isinstance(a, torch.Tensor) else a for a in _args("rms_norm"))
+    with caplog.at_level(logging.INFO, logger="wan_lite.models.fused"):
+        out = f(x, w, eps)
+    assert f.failed and "not fused" in caplog.text
+    assert torch.equal(out, dit._rms_norm_fn(x, w, eps))
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_each_form_on_cuda_matches_eager() -> None:
+    """The Triton kernels against the eager forms, on the GPU: fp32 results to float32 rounding,
+    16-bit ones up to a rare last-bit flip (a reduction summed in another order)."""
+    forms = {"norm_modulate_into": dit._norm_modulate_into, "norm_modulate_into_fp32": dit._norm_modulate_into,
+             "gated_add_inplace": dit._gated_add_inplace, "gated_add_into": dit._gated_add_into,
+             "rms_norm_rope_into": dit._rms_norm_rope_into, "rms_norm": dit._rms_norm,
+             "layer_norm": dit._layer_norm}
+    for name, form in forms.items():
+        want = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(name)]
+        got = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(name)]
+        r_want, r_got = FORMS[name](*want), form(*got)
+        assert not form.failed, name
+        if r_want is None:
+            r_want, r_got = want[0], got[0]
+        flips = (r_got != r_want).float().mean().item()
+        diff = (r_got.float() - r_want.float()).abs().max().item()
+        print(f"{name}: {flips:.2e} of the results differ, by at most {diff:.2e}")
+        rtol = 1e-5 if r_want.dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(r_got.float(), r_want.float(), rtol=rtol, atol=1e-5, msg=name)
+        assert r_want.dtype == torch.float32 or flips < 0.01, name
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_fused_block_matches_eager_block_on_gpu() -> None:
+    """A bf16 DiT on CUDA with the single-kernel forms and without: the same numbers up to the
+    float32 rounding of fused multiply-adds, i.e. a rare bf16 rounding flip."""
+    from tests.test_dit import context, latent, ti2v_timesteps, tiny_state
+    from wan_lite.loading.tensors import DictSource
+    from wan_lite.models.dit import WanDiT
+
+    state = {k: v.cuda() for k, v in tiny_state(48, 48, seed=4).items()}
+    model = WanDiT.from_source(DictSource(state), torch.bfloat16)
+    x, ctx, t = latent(2, 48).cuda(), context(2).cuda(), ti2v_timesteps(2, 700.0).cuda()
+    fused_out = model(x, t, ctx)
+    old = fused.set_fusion(False)
+    try:
+        eager_out = model(x, t, ctx)
+    finally:
+        fused.set_fusion(old)
+    forms = (dit._norm_modulate_into, dit._gated_add_inplace, dit._gated_add_into, dit._rms_norm,
+             dit._rms_norm_rope_into, dit._layer_norm)
+    assert not any(f.failed for f in forms), [f.__name__ for f in forms if f.failed]
+    err = ((fused_out - eager_out).norm() / eager_out.norm()).item()
+    print(f"fused vs eager bf16 DiT: rel L2 {err:.2e}")
+    assert err < 2e-3

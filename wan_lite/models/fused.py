@@ -1,0 +1,74 @@
+"""One-kernel forms of the models' small elementwise functions, on CUDA.
+
+Eager PyTorch makes one pass over memory per operation: the DiT's LayerNorm-then-modulate, for
+instance, reads and writes its [tokens, dim] fp32 input about eight times, and its RMSNorm-then-
+RoPE of q and k a dozen times, which at 720p costs as much time as a good part of the matrix
+products. `Fused(fn)` wraps a pure tensor function: on CUDA tensors it runs `torch.compile(fn)`
+(Inductor generates one Triton kernel: each input read once, each output written once); on the
+CPU, and wherever torch.compile cannot run (no Triton, no C compiler), it runs `fn` itself. The
+intermediate casts of `fn` (the reference rounds some results to bf16 before going on in fp32)
+are kept in the compiled form (`emulate_precision_casts`), so the two agree to float32 rounding
+(fused multiply-adds), far below the bf16 rounding of the results.
+
+Compiled with dynamic shapes: one kernel serves every token count; the first call of each
+function on a GPU compiles it (seconds, cached on disk by torch for later starts).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_enabled = True
+
+
+def set_fusion(enabled: bool) -> bool:
+    """Turn the compiled forms on or off (for comparisons); returns the previous setting."""
+    global _enabled
+    old, _enabled = _enabled, enabled
+    return old
+
+
+# Each new combination of argument dtypes (and batch size 1 vs more) is one more compiled
+# variant; torch's default limit of 8 per function would fall back to eager in long sessions.
+RECOMPILE_LIMIT = 64
+
+
+def _allow_recompiles() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+            return
+
+
+class Fused:
+    """`fn`, compiled into one kernel when its first tensor argument is on a CUDA device."""
+
+    def __init__(self, fn: Callable[..., Any], *, exact_casts: bool = True) -> None:
+        self.fn = fn
+        self._options = {"emulate_precision_casts": True} if exact_casts else {}
+        self._compiled: Callable[..., Any] | None = None
+        self.failed = False  # torch.compile could not run here: the eager form is used from now on
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", "fused")
+
+    def __call__(self, *args: Any) -> Any:
+        if not (_enabled and args[0].is_cuda) or self.failed:
+            return self.fn(*args)
+        try:
+            if self._compiled is None:
+                _allow_recompiles()
+                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True, options=self._options)
+            return self._compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # no Triton, no compiler: the eager form gives the same numbers
+            self.failed = True
+            log.info("%s is not fused (torch.compile unavailable: %s).", self.__name__, err)
+            return self.fn(*args)
