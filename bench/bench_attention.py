@@ -4,10 +4,12 @@
 
 For each shape (TI2V-5B at 1280x704x121: 27280 tokens x 24 heads; an A14B expert at 832x480x81:
 32760 x 40, and at 1280x720x81: 75600 x 40; head size 128, bf16) it times PyTorch SDPA as it picks
-its kernel by itself and with each backend forced (flash, cuDNN, memory-efficient) and SageAttention when it is installed,
-and reports milliseconds, TFLOP/s (4 * L^2 * heads * 128 FLOPs) and the relative L2 error
-against the flash backend. wan_lite uses what `wan_lite.runtime.attention_select` picks; this
-script says what the alternatives would give.
+its kernel by itself and with each backend forced (flash, cuDNN, memory-efficient), SageAttention when it is installed
+and cuDNN's fp8 attention ("cudnn-fp8", `wan_lite.runtime.fp8_attention`: the optional cuDNN
+frontend on a Hopper or newer GPU; its time includes quantizing q, k and v to fp8), and reports
+milliseconds, TFLOP/s (4 * L^2 * heads * 128 FLOPs) and the relative L2 error against the flash
+backend. wan_lite uses what `wan_lite.runtime.attention_select` picks; this script says what the
+alternatives would give.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import run_meta  # noqa: E402
+
+from wan_lite.runtime.fp8_attention import cudnn_fp8_backend, cudnn_fp8_unavailable_reason  # noqa: E402
 
 SHAPES = {"5b 1280x704x121": (27280, 24), "a14b 832x480x81": (32760, 40), "a14b 1280x720x81": (75600, 40)}
 BACKENDS = {"sdpa-default": None, "sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -63,6 +68,12 @@ def main() -> int:
         kernels["sageattention"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
     except Exception as err:  # not installed or broken: say so in the results
         print(f"sageattention unavailable: {err}", flush=True)
+    # strict: a shape cuDNN cannot run raises (an "error" record) instead of quietly timing SDPA
+    fp8 = cudnn_fp8_backend(strict=True)
+    if fp8 is not None:
+        kernels["cudnn-fp8"] = fp8
+    else:
+        print(f"cudnn-fp8 unavailable: {cudnn_fp8_unavailable_reason()}", flush=True)
     records = []
     for shape, (tokens, heads) in SHAPES.items():
         gen = torch.Generator("cuda").manual_seed(0)

@@ -11,6 +11,8 @@ output, for:
     int8-resident, int8-streamed          int8 weights, dequantized per layer, bf16 GEMMs
     fp8-dequant-resident                  fp8 weights, dequantized per layer
     fp8-compute-resident, -streamed       fp8 x fp8 torch._scaled_mm (cc >= 8.9)
+    fp8-attn-resident, -streamed          the same with the attention the engine picks for fp8
+                                          compute (cuDNN fp8 attention where it is available)
     diffusers-resident                    diffusers WanTransformer3DModel with the same weights
     diffusers-group-offload               + enable_group_offload(block_level, 1 block/group, use_stream)
 
@@ -41,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_device, host_rss_gib, parse_size, run_meta  # noqa: E402
 
 from wan_lite.loading.keymaps import dit_official_to_diffusers  # noqa: E402
+from wan_lite.models.attention import set_attention_backend  # noqa: E402
 from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches  # noqa: E402
+from wan_lite.runtime.attention_select import select_fp8_attention  # noqa: E402
 from wan_lite.runtime.quant import quantize_model, quantized_modules, set_compute, weight_bytes  # noqa: E402
 from wan_lite.runtime.streaming import attach  # noqa: E402
 
@@ -56,14 +60,16 @@ MODELS = {
     "a14b": (WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16),
              (4, 8, 8), (832, 480), 81),
 }
-WAN_CASES = {  # name: (weight format, quantized matmul path, streamed)
-    "bf16-resident": (None, None, False),
-    "bf16-streamed": (None, None, True),
-    "int8-resident": ("int8", "dequant", False),
-    "int8-streamed": ("int8", "dequant", True),
-    "fp8-dequant-resident": ("fp8", "dequant", False),
-    "fp8-compute-resident": ("fp8", "fp8", False),
-    "fp8-compute-streamed": ("fp8", "fp8", True),
+WAN_CASES = {  # name: (weight format, quantized matmul path, streamed, fp8 attention)
+    "bf16-resident": (None, None, False, False),
+    "bf16-streamed": (None, None, True, False),
+    "int8-resident": ("int8", "dequant", False, False),
+    "int8-streamed": ("int8", "dequant", True, False),
+    "fp8-dequant-resident": ("fp8", "dequant", False, False),
+    "fp8-compute-resident": ("fp8", "fp8", False, False),
+    "fp8-compute-streamed": ("fp8", "fp8", True, False),
+    "fp8-attn-resident": ("fp8", "fp8", False, True),
+    "fp8-attn-streamed": ("fp8", "fp8", True, True),
 }
 DIFFUSERS_CASES = ("diffusers-resident", "diffusers-group-offload")
 TINY = {  # --smoke: same code paths, tiny shapes (text_dim stays 4096: the contexts are real-sized)
@@ -245,12 +251,17 @@ class Bench:
             else:
                 base_q = {}
             for case in cases:
-                _, compute, streamed = WAN_CASES[case]
+                _, compute, streamed, fp8_attention = WAN_CASES[case]
                 if compute is not None:
                     set_compute(model, compute)
+                if fp8_attention:  # as the engine does for a plan with fp8 compute; activates its pick
+                    base_q["attention"] = select_fp8_attention(DEVICE).note
+                else:
+                    set_attention_backend("sdpa")
                 if not streamed:
                     self.record(base, case, lambda m=model: timed(forward(m), {**base_q, "format": fmt or "bf16"}),
                                 current)
+                    base_q.pop("attention", None)
                     continue
 
                 def run_streamed(m: WanDiT = model) -> dict:
@@ -268,6 +279,8 @@ class Bench:
                         streamer.detach()
 
                 self.record(base, case, run_streamed, current)
+                base_q.pop("attention", None)
+            set_attention_backend("sdpa")
             del model
             release()
 

@@ -132,7 +132,7 @@ def test_chosen_files_make_the_model_installed_and_generate_like_the_official_fo
 
     from wan_lite.runtime.attention_select import AttentionChoice
 
-    engine._attention = AttentionChoice("sdpa", "Attention: PyTorch SDPA (test note).")  # as chosen on a GPU
+    engine._attention = {False: AttentionChoice("sdpa", "Attention: PyTorch SDPA (test note).")}  # as on a GPU
     ours = engine.generate(GenerateRequest(prompt="a lamp on a desk", model="ti2v-5b", **SMALL))
     assert "Attention: PyTorch SDPA (test note)." in ours.notes  # said with the first result only
     ref_engine = Engine(files["official"].parent, env / "ref_out", device="cpu", folders={"ti2v-5b": files["official"]})

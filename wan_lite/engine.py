@@ -90,8 +90,11 @@ class Engine:
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._lock = threading.Lock()  # one job at a time, whatever the caller does
-        self._attention = None  # the attention kernel, chosen at the first load on a GPU
-        self._attention_told = False  # its note goes with the first result only
+        # The attention kernel per kind of plan (False: bf16/int8; True: fp8 compute), chosen at the
+        # first load on a GPU of a plan of that kind; each note goes with the first result after it.
+        self._attention: dict[bool, Any] = {}
+        self._attention_told: set[bool] = set()
+        self._attention_kind = False
 
     # ------------------------------------------------------------------ models
     def model_folder(self, name: str) -> Path:
@@ -304,15 +307,29 @@ class Engine:
                 self._pipe = WanPipeline.load(model_dir, components=parts, name=name, device=self.device)
             self._pipe_key = key
             log.info("Loaded %s from %s in %.1f s", name, folder, time.perf_counter() - t0)
-            if self._attention is None and self._gpu():
-                from wan_lite.runtime.attention_select import select_attention
-
-                self._attention = select_attention(self.device or "cuda")
+            self._use_attention(plan)
         elif plan is not None:
             self._pipe.placement.plan = plan
             self._pipe.placement.bind(self._pipe)
+            self._use_attention(plan)
             log.info("Plan: %s", plan.summary())
         return self._pipe
+
+    def _use_attention(self, plan: Any) -> None:
+        """Activate the attention kernel for `plan` on a GPU: cuDNN's fp8 attention goes with the fp8
+        compute path when it is installed, correct and faster (attention_select), else SDPA or
+        SageAttention as `select_attention` decides; each choice is made once per engine."""
+        if not self._gpu():
+            return
+        from wan_lite.models.attention import set_attention_backend
+        from wan_lite.runtime import attention_select
+
+        fp8 = bool(plan is not None and plan.fp8_compute)
+        if fp8 not in self._attention:
+            pick = attention_select.select_fp8_attention if fp8 else attention_select.select_attention
+            self._attention[fp8] = pick(self.device or "cuda")
+        set_attention_backend(self._attention[fp8].backend)
+        self._attention_kind = fp8
 
     def _gpu(self) -> bool:
         import torch
@@ -357,9 +374,10 @@ class Engine:
                 fields.pop(drop)
             result = pipe.generate(**fields, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
             result.timings["load"] = load_s
-            if self._attention is not None and not self._attention_told:
-                notes.append(self._attention.note)  # which attention kernel runs, and why
-                self._attention_told = True
+            kind = self._attention_kind
+            if kind in self._attention and kind not in self._attention_told:
+                notes.append(self._attention[kind].note)  # which attention kernel runs, and why
+                self._attention_told.add(kind)
             return self._write(stem, latents_path, result.frames, result.fps, result.settings, result.timings,
                                list(dict.fromkeys(notes + result.notes)), request, pipe, on_progress)
 

@@ -12,6 +12,12 @@ FlashAttention-2 backend, what SDPA runs where cuDNN attention is not available
 (bench/bench_attention.py). Whatever the outcome, one
 log line says which kernel runs and why; `AttentionChoice.note` carries the same text for the UI.
 Nothing is installed or compiled here.
+
+`select_fp8_attention` is the entry point of the fp8 compute path: it activates cuDNN's fp8
+attention (`wan_lite.runtime.fp8_attention`, backend name "cudnn-fp8") when the optional cuDNN
+frontend is installed, the GPU is a Hopper or newer one, the kernel passes the same self-check
+within `FP8_TOLERANCE` and is faster than SDPA; otherwise it does what `select_attention` does and
+its note adds why the fp8 kernel is not used.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,6 +36,7 @@ from wan_lite.models.attention import (
     sdpa_attention,
     set_attention_backend,
 )
+from wan_lite.runtime.fp8_attention import cudnn_fp8_backend, cudnn_fp8_unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,16 @@ _CHECK_SHAPES = ((1000, 1000), (1000, 512))
 _CHECK_HEADS, _CHECK_HEAD_DIM = 4, 128
 _SPEED_SHAPE = (8192, 8)  # tokens, heads of the timed self-attention (~0.3 TFLOP: a few ms on any GPU)
 SPEEDUP = 1.05  # the optional kernel must be at least this much faster than SDPA to be used
+# fp8 e4m3 keeps 3 mantissa bits: rounding alone gives V and the softmax probabilities P (cuDNN
+# quantizes P too) ~3.6% RMS relative error each and q/k add noise to the logits, ~5% relative L2
+# against bf16 SDPA together on the check's random inputs. A wrong scale, layout or missing
+# descale is off by tens of percent or more, so 8% keeps the honest kernel and rejects a broken one.
+FP8_TOLERANCE = 0.08
+# The fp8 kernel's timed attention: 4x the FLOPs of `_SPEED_SHAPE` (~1.1 TFLOP, ~2 ms in bf16 on an
+# H200), so that its fixed per-call host work (quantization launches, cuDNN's variant pack) weighs
+# about as little as at the DiT's real sizes (27k-76k tokens x 24-40 heads).
+_FP8_SPEED_SHAPE = (16384, 8)
+FP8_BACKEND = "cudnn-fp8"
 
 
 @dataclass(frozen=True)
@@ -54,10 +71,11 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def self_check(fn: AttentionFn, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-               seed: int = 0) -> tuple[bool, float, str]:
+               seed: int = 0, tolerance: float = TOLERANCE) -> tuple[bool, float, str]:
     """Run `fn` and SDPA on random q/k/v [1, L, 4, 128]; returns (passed, worst rel L2, reason).
 
-    Exceptions from `fn` (no kernel for this GPU, bad build) count as a failed check.
+    Exceptions from `fn` (no kernel for this GPU, bad build) count as a failed check. `tolerance`
+    is the accepted relative L2 error (`FP8_TOLERANCE` for an fp8 kernel).
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     worst = 0.0
@@ -73,8 +91,8 @@ def self_check(fn: AttentionFn, device: torch.device | str, dtype: torch.dtype =
         if not torch.isfinite(out).all():
             return False, float("nan"), "it returned non-finite values"
         worst = max(worst, _rel_l2(out, sdpa_attention(q, k, v)))
-    if worst > TOLERANCE:
-        return False, worst, f"its output differs from SDPA by {worst:.1%} (limit {TOLERANCE:.0%})"
+    if worst > tolerance:
+        return False, worst, f"its output differs from SDPA by {worst:.1%} (limit {tolerance:.0%})"
     return True, worst, "passed"
 
 
@@ -158,3 +176,53 @@ def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
     register_attention_backend("sage", fn)
     return AttentionChoice("sage", f"Attention: SageAttention ({sdpa_ms / sage_ms:.2f}x the speed of SDPA here; "
                                    f"self-check against SDPA: {err:.2%} rel. error).", err)
+
+
+# ------------------------------------------------------------------------------------------
+# The fp8 compute path
+
+
+def select_fp8_attention(device: torch.device | str | None = None, *, allow_sage: bool = True) -> AttentionChoice:
+    """Pick and activate cuDNN's fp8 attention ("cudnn-fp8") for `device` when it is available,
+    passes the self-check within `FP8_TOLERANCE` and is faster than SDPA; otherwise what
+    `select_attention(device, allow_sage=allow_sage)` picks, with a note that says why not fp8."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen, why, failed = _decide_fp8(dev)
+    if chosen is not None:
+        set_attention_backend(chosen.backend)
+        log.info("%s", chosen.note)
+        return chosen
+    fallback = select_attention(dev, allow_sage=allow_sage)
+    log.log(logging.WARNING if failed else logging.INFO, "%s", why)
+    return replace(fallback, note=f"{fallback.note} {why}", failed=fallback.failed or failed)
+
+
+def _decide_fp8(dev: torch.device) -> tuple[AttentionChoice | None, str, bool]:
+    """(the choice when the fp8 kernel is used, else None; why it is not; whether it failed a check)."""
+    not_used = "cuDNN fp8 attention is not used:"
+    if dev.type != "cuda":
+        return None, f"{not_used} it needs a CUDA GPU (running on {dev}).", False
+    reason = cudnn_fp8_unavailable_reason(dev)
+    if reason is not None:
+        return None, f"{not_used} {reason}.", False
+    checked = cudnn_fp8_backend(strict=True)  # raises where it would quietly run SDPA: the check sees the kernel
+    if checked is None:
+        return None, f"{not_used} it is not available.", False
+    with torch.no_grad():
+        ok, err, why = self_check(checked, dev, tolerance=FP8_TOLERANCE)
+    if not ok:
+        return None, f"{not_used} it is installed but failed its self-check on this GPU ({why}).", True
+    try:
+        with torch.no_grad():
+            fp8_ms, sdpa_ms = compare_speed(checked, dev, shape=_FP8_SPEED_SHAPE)
+    except Exception as e:  # a kernel that passed on small inputs but fails on a larger one
+        return None, f"{not_used} it failed on a larger input ({type(e).__name__}: {e}).", True
+    if fp8_ms * SPEEDUP > sdpa_ms:
+        return None, (f"{not_used} SDPA is about as fast or faster on this GPU ({sdpa_ms:.2f} vs {fp8_ms:.2f} ms "
+                      f"on a test attention)."), False
+    fn = cudnn_fp8_backend()  # the same kernel, running SDPA for any input it does not take
+    if fn is None:
+        return None, f"{not_used} it is not available.", False
+    register_attention_backend(FP8_BACKEND, fn)
+    return AttentionChoice(FP8_BACKEND, f"Attention: cuDNN fp8 attention ({sdpa_ms / fp8_ms:.2f}x the speed of SDPA "
+                                        f"here; self-check against SDPA: {err:.2%} rel. error).", err), "", False
