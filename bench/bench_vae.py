@@ -15,8 +15,9 @@ weights on the GPU, and the error against wan_lite's untiled decode in the same 
                                 `--frame-chunk` (default 1), the video assembled in CPU memory
     wan-tiled-bf16-tN-nochunk   the same in whole 4-frame chunks (as before frame chunks)
     wan-tiled-bf16-tN-decoder-only   the same with the encoder's weights left in CPU memory
-    wan-tiled-bf16-t32-oK-cC-decoder-only   the 2 GiB candidates: 32 latent px tiles (2 x 3
-                                tiles at 720p), overlap K latent px, frame chunk C, decoder only
+    wan-tiled-bf16-tN-oK-cC-decoder-only   the 2 GiB candidates (`--candidates`): N latent px
+                                tiles (32: 2 x 3 tiles at 720p, 41: 2 x 2 at overlap 2), overlap K
+                                latent px, frame chunk C (0: whole chunks), decoder only
     wan-auto-bf16-2g-decoder-only    choose_tile's pick for a 2 GiB GPU (its memory model and
                                 margins; `tile_latent` says what it chose)
     diffusers-untiled-bf16      AutoencoderKLWan (2.2 config) with the same weights
@@ -246,12 +247,12 @@ class Bench:
                 self.record(f"wan-tiled-bf16-t{tile}-decoder-only", lambda tile=tile: self.decoder_only(
                     vae, lambda: self.tiled(vae, zd, warm.to(dtype), tile, a.overlap, a.frame_chunk)), dname)
             if dname == "bf16":
-                big = 2 if a.smoke else 32  # 720p: 2 x 3 tiles (24 x 30 latent px at overlap 4, 23 x 28 at 2)
-                for overlap, chunk in ((4, 1), (2, 1), (2, 2)):
-                    self.record(f"wan-tiled-bf16-t{big}-o{overlap}-c{chunk}-decoder-only",
-                                lambda overlap=overlap, chunk=chunk: self.decoder_only(vae, lambda: {
-                                    **self.tiled(vae, zd, warm.to(dtype), big, overlap, chunk),
-                                    **estimate(big, overlap, chunk)}), dname)
+                for tile, overlap, chunk in a.candidates:
+                    tile = min(tile, 2) if a.smoke else tile
+                    self.record(f"wan-tiled-bf16-t{tile}-o{overlap}-c{chunk or 0}-decoder-only",
+                                lambda tile=tile, overlap=overlap, chunk=chunk: self.decoder_only(vae, lambda: {
+                                    **self.tiled(vae, zd, warm.to(dtype), tile, overlap, chunk),
+                                    **estimate(tile, overlap, chunk)}), dname)
                 self.record("wan-auto-bf16-2g-decoder-only", lambda: self.decoder_only(
                     vae, lambda: self.auto(vae, zd, warm.to(dtype), 2 * GIB, estimate)), dname)
             if dname == "bf16" and self.wanted("diffusers"):
@@ -360,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frame-chunk", type=int, default=tiled_vae.DEFAULT_FRAME_CHUNK,
                    help="frames the full-resolution levels decode at a time in the tN cases (0: whole chunks)")
+    p.add_argument("--candidates", default=[(32, 4, 1), (32, 2, 1), (32, 2, 2)],
+                   type=lambda s: [tuple(int(v) or None for v in c.split("-")) for c in s.split(",") if c],
+                   help="2 GiB candidates as tile-overlap-chunk (latent px; chunk 0: whole chunks), e.g. 32-2-2,41-2-1")
     p.add_argument("--quick", action="store_true", help="bf16 only, tiles 24, one repeat (~2 minutes)")
     p.add_argument("--smoke", action="store_true", help="a tiny VAE on the CPU: checks the script")
     args = p.parse_args(argv)

@@ -108,19 +108,21 @@ def test_each_form_on_cuda_matches_eager() -> None:
              "gated_add_inplace": dit._gated_add_inplace, "gated_add_into": dit._gated_add_into,
              "rms_norm_rope_into": dit._rms_norm_rope_into, "rms_norm": dit._rms_norm,
              "layer_norm": dit._layer_norm}
+    bad = []
     for name, form in forms.items():
         want = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(name)]
         got = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(name)]
         r_want, r_got = FORMS[name](*want), form(*got)
-        assert not form.failed, name
         if r_want is None:
             r_want, r_got = want[0], got[0]
         flips = (r_got != r_want).float().mean().item()
         diff = (r_got.float() - r_want.float()).abs().max().item()
         print(f"{name}: {flips:.2e} of the results differ, by at most {diff:.2e}")
         rtol = 1e-5 if r_want.dtype == torch.float32 else 2**-7
-        torch.testing.assert_close(r_got.float(), r_want.float(), rtol=rtol, atol=1e-5, msg=name)
-        assert r_want.dtype == torch.float32 or flips < 0.01, name
+        close = torch.allclose(r_got.float(), r_want.float(), rtol=rtol, atol=1e-5)
+        if form.failed or not close or (r_want.dtype != torch.float32 and flips >= 0.01):
+            bad.append(name)
+    assert not bad
 
 
 @pytest.mark.gpu

@@ -296,6 +296,52 @@ def test_choose_tile_picks_the_largest_tile_that_fits(version):
     assert choose_tile(vae, shape, 1, torch.bfloat16) == tiled_vae.MIN_TILE
 
 
+def test_tiles_get_the_idle_decoder_weights(monkeypatch):
+    """choose_tile counts the weights tiled_decode moves out of the way during the tiles (on a
+    CUDA VAE), but not for an untiled decode."""
+    with torch.device("meta"):
+        vae = WanVAE22()
+    shape = (1, vae.z_dim, 31, 704 // 16, 1280 // 16)
+    free = 2**30
+    plain = choose_tile(vae, shape, free, torch.bfloat16)
+    monkeypatch.setattr(tiled_vae, "idle_decoder_bytes", lambda _vae: 224 * 2**20)
+    assert choose_tile(vae, shape, free, torch.bfloat16) > plain
+    fixed, share = tiled_vae.MARGIN
+    untiled = estimate_decode_bytes(vae, shape, None, torch.bfloat16)
+    assert choose_tile(vae, shape, int(untiled * (1 + share) + fixed) - 2**20, torch.bfloat16) is not None
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_cuda_tiled_decode_moves_idle_weights_out_and_back(vaes, monkeypatch):
+    """On a GPU the decoder's conv1 and middle wait in CPU memory during the tiles: the same video
+    bit for bit as with them left on the GPU, less memory at the peak, weights back afterwards."""
+    import contextlib
+
+    vae, z, _ = vaes["2.2"]
+    vae = vae.to("cuda")
+    z = z.cuda()
+    before = {k: v.clone() for k, v in vae.decoder.middle.state_dict().items()}
+    assert tiled_vae.idle_decoder_bytes(vae) == sum(
+        p.numel() * p.element_size() for m in (vae.decoder.conv1, vae.decoder.middle) for p in m.parameters())
+
+    def peak(run):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out = run()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated()
+
+    moved, moved_peak = peak(lambda: tiled_decode(vae, z, TILE, OVERLAP))
+    assert all(p.is_cuda for p in vae.decoder.middle.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in vae.decoder.middle.state_dict().items())
+    monkeypatch.setattr(tiled_vae, "_idle_on_host", lambda _vae: contextlib.nullcontext())
+    kept, kept_peak = peak(lambda: tiled_decode(vae, z, TILE, OVERLAP))
+    assert torch.equal(moved, kept)
+    print(f"tiled decode peak {moved_peak / 2**20:.1f} MiB with conv1+middle moved out, {kept_peak / 2**20:.1f} kept")
+    assert moved_peak < kept_peak
+
+
 # ------------------------------------------------------------------------ traced memory, meta
 class live_bytes(TorchDispatchMode):  # noqa: N801 - used like a function: `with live_bytes(...) as m`
     """Counts the bytes of every storage an op creates while any tensor using it is alive (`peak`);

@@ -145,9 +145,22 @@ def norm_modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: 
 
 # The single-kernel forms (models/fused.py) of the block's elementwise steps; each is the eager
 # sequence of operations above, written out so torch.compile sees all of it at once.
+def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x rounded to `dtype` and back (`x.to(dtype).float()`), for the roundings the reference
+    makes between fp32 steps. For bf16 in integer operations (round to nearest even on the bits;
+    finite values): some torch versions' compilers fold a float32 -> bf16 -> float32 pair away."""
+    if dtype == torch.float32:
+        return x
+    if dtype != torch.bfloat16:
+        return x.to(dtype).float()
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000
+    return bits.view(torch.float32)
+
+
 def _norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                            eps: float) -> None:
-    u = F.layer_norm(x.float(), x.shape[-1:], None, None, eps).to(x.dtype).float()
+    u = _round_to(F.layer_norm(x.float(), x.shape[-1:], None, None, eps), x.dtype)
     out.copy_(u * (1 + scale) + shift)
 
 
@@ -159,18 +172,22 @@ def _gated_add_into_fn(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate
     out.copy_(x + y * gate)
 
 
-def _rms_norm_fn(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """WanRMSNorm's result as float32 values (each exactly representable in the result dtype)."""
     xf = x.float()
-    n = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
-    # the product's rounding made explicit: a compiled kernel keeps explicit casts only
-    return (n.float() * weight.float()).to(torch.promote_types(x.dtype, weight.dtype))
+    n = _round_to(xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps), x.dtype)
+    return _round_to(n * weight.float(), torch.promote_types(x.dtype, weight.dtype))
+
+
+def _rms_norm_fn(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms_norm_f32(x, weight, eps).to(torch.promote_types(x.dtype, weight.dtype))
 
 
 def _rms_norm_rope_into_fn(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
                            cos: torch.Tensor, sin: torch.Tensor) -> None:
     """out [B, l, D] (16-bit) = RoPE(RMSNorm(x) * weight) with fp32 rotation math (as `apply_rope`
     for a 16-bit result); cos, sin [l, Dh/2]."""
-    n = _rms_norm_fn(x, weight, eps).float().unflatten(-1, (-1, cos.shape[-1], 2))  # [B, l, H, Dh/2, 2]
+    n = _rms_norm_f32(x, weight, eps).unflatten(-1, (-1, cos.shape[-1], 2))  # [B, l, H, Dh/2, 2]
     x0, x1 = n[..., 0], n[..., 1]
     c, sn = cos.float()[None, :, None], sin.float()[None, :, None]
     out.copy_(torch.stack([x0 * c - x1 * sn, x0 * sn + x1 * c], dim=-1).flatten(2))

@@ -26,7 +26,8 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   idle_expert == "gpu". Block bytes: bf16 2/param; int8/fp8 1/weight + an fp32 scale per output
   row, biases/norms bf16, modulation fp32.
 - VAE = weights + tile^2 (or H*W) * per-pixel bytes of one latent frame (K.vae_decode_px, causal
-  cache included; ~8 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video).
+  cache included; ~8 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video); a
+  tiled decode holds the decoder without conv1 and middle (K.vae_decoder_idle_share) during tiles.
 - umT5 (5.68e9 params; bf16 11.4 GB, int8 blocks + bf16 embedding 6.7 GB): "gpu" whole, "stream"
   two blocks (embedding lookup on the CPU), "cpu" nothing; + K.t5_act.
 - RAM = K.ram_base + active expert (none with keep_resident: loaded straight to the GPU) + idle
@@ -234,7 +235,9 @@ def _vae_vram(m: ModelFootprint, r: PlanRequest, ch: Choices, part: str) -> floa
     if part == "decoder" and ch.vae_tile:  # no tile video on the GPU: pixels leave per latent frame
         s = m.vae_stride[1]
         px = _tile_side(r.height, ch.vae_tile, s) * _tile_side(r.width, ch.vae_tile, s)
-        return m.vae_bytes(part, ch.vae_dtype) + px * K.vae_tiled_decode_px[m.vae_version, ch.vae_dtype]
+        weights = m.vae_bytes(part, ch.vae_dtype)  # all of them for the global pass; a part off for the tiles
+        tiles = weights * (1 - K.vae_decoder_idle_share[m.vae_version])
+        return max(weights, tiles + px * K.vae_tiled_decode_px[m.vae_version, ch.vae_dtype])
     px = (min(ch.vae_tile, r.height) * min(ch.vae_tile, r.width)) if ch.vae_tile else r.height * r.width
     frames = r.frames if part == "decoder" or m.encodes_video else 1
     per_px = (K.vae_decode_px if part == "decoder" else K.vae_encode_px)[m.vae_version, ch.vae_dtype]

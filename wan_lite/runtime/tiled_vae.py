@@ -145,6 +145,35 @@ def _part(vae: Any, *path: str) -> Any:
     return obj
 
 
+def _idle_parts(vae: Any) -> list[nn.Module]:
+    """The decoder parts a tiled decode runs once, before the tiles (`decoder_middle`)."""
+    return [m for m in (_part(vae, "decoder", "conv1"), _part(vae, "decoder", "middle")) if isinstance(m, nn.Module)]
+
+
+def idle_decoder_bytes(vae: Any) -> int:
+    """Device bytes `tiled_decode` frees while it decodes the tiles of a CUDA VAE: the weights of
+    the decoder's conv1 and middle (a fifth of the decoder), which only the global pass uses."""
+    parts = _idle_parts(vae)
+    if not parts or not all(p.is_cuda for m in parts for p in m.parameters()):
+        return 0
+    return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
+
+
+@contextmanager
+def _idle_on_host(vae: Any) -> Iterator[None]:
+    """While active, the decoder's conv1 and middle weights live in CPU memory (a CUDA VAE only):
+    the tiles have their GPU memory. They come back exactly as they were afterwards."""
+    parts = [m for m in _idle_parts(vae) if all(p.is_cuda for p in m.parameters())]
+    devices = [next(m.parameters()).device for m in parts]
+    for m in parts:
+        m.to("cpu")
+    try:
+        yield
+    finally:
+        for m, dev in zip(parts, devices, strict=True):
+            m.to(dev)
+
+
 def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, 1/std) float32 [1, z, 1, 1, 1], as WanVAEBase computes them."""
     mean = torch.tensor(vae.latent_mean, dtype=torch.float32, device=device)
@@ -217,7 +246,9 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     decoder's middle runs once over the whole latent, each tile runs the rest of the decoder from
     its crop, and every latent frame's weighted pixels go straight into the output: with
     `out_device` "cpu" and a CUDA latent they are copied out asynchronously and added on the CPU
-    while the GPU decodes the next frame, so the device never holds a tile's video.
+    while the GPU decodes the next frame, so the device never holds a tile's video. While the
+    tiles run, the weights of the decoder's conv1 and middle wait in CPU memory
+    (`idle_decoder_bytes` says how much GPU memory that frees).
     """
     s = vae.stride[1]
     overlap = DEFAULT_OVERLAP_PX // s if overlap is None else overlap
@@ -237,19 +268,28 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     with _frame_chunk(vae, frame_chunk):
         for i in range(b):
             middle = decoder_middle(vae, latent[i : i + 1], pin=pin)
-            for (h0, h1), wh in zip(spans_h, weights_h, strict=True):
-                for (w0, w1), ww in zip(spans_w, weights_w, strict=True):
-                    # only the pixels with nonzero weight are weighted and moved
-                    y0, y1 = _support(wh)
-                    x0, x1 = _support(ww)
-                    weight = (wh[y0:y1, None] * ww[None, x0:x1]).to(latent.device)
-                    rows = slice(h0 * s + y0, h0 * s + y1)
-                    cols = slice(w0 * s + x0, w0 * s + x1)
-                    for f, part in _decode_tile(vae, middle, (h0, h1, w0, w1), weight, (y0, y1, x0, x1),
-                                                latent.device):
-                        sink.add(out[i : i + 1, :, f : f + part.shape[2], rows, cols], part)
+            with _idle_on_host(vae):
+                _decode_tiles(vae, middle, spans_h, spans_w, weights_h, weights_w, latent.device, out[i : i + 1],
+                              sink)
     sink.flush()
     return out.clamp_(-1.0, 1.0)  # weights sum to 1 only up to float rounding
+
+
+def _decode_tiles(vae: Any, middle: torch.Tensor, spans_h: list[tuple[int, int]], spans_w: list[tuple[int, int]],
+                  weights_h: list[torch.Tensor], weights_w: list[torch.Tensor], device: torch.device,
+                  out: torch.Tensor, sink: _TileSink) -> None:
+    """Every tile of one sample, blended into `out` [1, 3, F, H, W] through `sink`."""
+    s = vae.stride[1]
+    for (h0, h1), wh in zip(spans_h, weights_h, strict=True):
+        for (w0, w1), ww in zip(spans_w, weights_w, strict=True):
+            # only the pixels with nonzero weight are weighted and moved
+            y0, y1 = _support(wh)
+            x0, x1 = _support(ww)
+            weight = (wh[y0:y1, None] * ww[None, x0:x1]).to(device)
+            rows = slice(h0 * s + y0, h0 * s + y1)
+            cols = slice(w0 * s + x0, w0 * s + x1)
+            for f, part in _decode_tile(vae, middle, (h0, h1, w0, w1), weight, (y0, y1, x0, x1), device):
+                sink.add(out[:, :, f : f + part.shape[2], rows, cols], part)
 
 
 class _TileSink:
@@ -397,13 +437,15 @@ def choose_tile(vae: Any, latent_shape: tuple[int, ...], free_bytes: int, dtype:
                 overlap: int | None = None, out_on_device: bool = False,
                 frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> int | None:
     """The largest tile (latent px) whose estimated decode peak fits in `free_bytes` (free device
-    memory with the VAE's weights already placed) with MARGIN kept free; None when the untiled
-    decode fits. When nothing fits, MIN_TILE (decode_with_retry then handles an OOM)."""
+    memory with the VAE's weights already placed; tiles also get the weights `tiled_decode` moves
+    out of their way, `idle_decoder_bytes`) with MARGIN kept free; None when the untiled decode
+    fits. When nothing fits, MIN_TILE (decode_with_retry then handles an OOM)."""
     fixed, share = MARGIN
+    idle = idle_decoder_bytes(vae)
 
     def fits(tile: int | None) -> bool:
         need = estimate_decode_bytes(vae, latent_shape, tile, dtype, overlap, out_on_device, frame_chunk)
-        return need * (1 + share) + fixed <= free_bytes
+        return need * (1 + share) + fixed <= free_bytes + (0 if tile is None else idle)
 
     if fits(None):
         return None
