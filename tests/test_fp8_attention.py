@@ -115,6 +115,16 @@ def test_zero_tensor_quantizes_to_zeros() -> None:
     assert not x8.float().any() and torch.isfinite(descale).all()
 
 
+def test_short_key_sequences_run_sdpa(stand_in) -> None:
+    """Text cross-attention (512 keys) runs SDPA unless strict; self-attention goes to cuDNN."""
+    cudnn = stand_in()
+    q, k, v = (torch.randn(1, 64, 2, 128).to(torch.bfloat16) for _ in range(3))
+    assert torch.equal(fp8._attention(q, k, v, strict=False), attn_mod.sdpa_attention(q, k, v))
+    assert not cudnn.built
+    fp8._attention(q, k, v, strict=True)
+    assert cudnn.built
+
+
 def test_kernel_falls_back_to_sdpa_on_cpu() -> None:
     q, k, v = (torch.randn(1, 9, 2, 128) for _ in range(3))
     assert torch.equal(fp8._attention(q, k, v, strict=False), attn_mod.sdpa_attention(q, k, v))
@@ -298,6 +308,7 @@ def test_other_graph_variants_where_cudnn_refuses_the_first(stand_in, caplog, re
 
 def test_a_shape_cudnn_refuses_runs_sdpa_with_one_log_line(stand_in, caplog, monkeypatch) -> None:
     stand_in(refuse={"bf16", "fp8"})
+    monkeypatch.setattr(fp8, "MIN_KEYS", 1)  # these short test keys would run SDPA before trying cuDNN
     q, k, v = (torch.randn(1, 64, 2, 128).to(torch.bfloat16) for _ in range(3))
     with caplog.at_level("INFO", logger="wan_lite.runtime.fp8_attention"):
         for _ in range(2):
@@ -400,9 +411,11 @@ def test_cuda_select_fp8_attention() -> None:
     assert attn_mod.get_attention_backend() == choice.backend
     if choice.backend != "cudnn-fp8":
         assert "cuDNN fp8 attention is not used:" in choice.note
-    q, k, v = _qkv(777, 777, batch=1)
+    q, k, v = _qkv(777, fp8.MIN_KEYS + 77, batch=1)
     with torch.no_grad():
         out = attn_mod.attention(q, k, v)
         ref = attn_mod.sdpa_attention(q, k, v)
+        short = _qkv(777, 512, batch=1)  # text cross-attention: SDPA itself
+        assert torch.equal(attn_mod.attention(*short), attn_mod.sdpa_attention(*short))
     assert _rel_l2(out, ref) < sel.FP8_TOLERANCE
     attn_mod.set_attention_backend("sdpa")

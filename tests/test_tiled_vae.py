@@ -333,7 +333,7 @@ def test_cuda_tiled_decode_moves_idle_weights_out_and_back(vaes, monkeypatch):
         return out, torch.cuda.max_memory_allocated()
 
     moved, moved_peak = peak(lambda: tiled_decode(vae, z, TILE, OVERLAP))
-    assert all(p.is_cuda for p in vae.decoder.middle.parameters())
+    assert all(p.is_cuda and not p.is_inference() for p in vae.decoder.middle.parameters())
     assert all(torch.equal(v, before[k]) for k, v in vae.decoder.middle.state_dict().items())
     monkeypatch.setattr(tiled_vae, "_idle_on_host", lambda _vae: contextlib.nullcontext())
     kept, kept_peak = peak(lambda: tiled_decode(vae, z, TILE, OVERLAP))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import threading
@@ -20,6 +21,9 @@ from wan_lite.errors import InputError, WanLiteError
 from wan_lite.registry import MODELS, get_spec
 
 log = logging.getLogger(__name__)
+
+# Set to 1 to let the fp8 compute path use cuDNN's fp8 attention (README, Memory).
+FP8_ATTENTION_ENV = "WAN_LITE_FP8_ATTENTION"
 
 
 @dataclass
@@ -316,15 +320,16 @@ class Engine:
         return self._pipe
 
     def _use_attention(self, plan: Any) -> None:
-        """Activate the attention kernel for `plan` on a GPU: cuDNN's fp8 attention goes with the fp8
-        compute path when it is installed, correct and faster (attention_select), else SDPA or
-        SageAttention as `select_attention` decides; each choice is made once per engine."""
+        """Activate the attention kernel for `plan` on a GPU: SDPA or SageAttention as
+        `select_attention` decides; with WAN_LITE_FP8_ATTENTION=1 and the fp8 compute path, cuDNN's
+        fp8 attention where it is installed, correct and faster (opt-in: it doubles the fp8 path's
+        error, docs/benchmarks.md). Each choice is made once per engine."""
         if not self._gpu():
             return
         from wan_lite.models.attention import set_attention_backend
         from wan_lite.runtime import attention_select
 
-        fp8 = bool(plan is not None and plan.fp8_compute)
+        fp8 = bool(plan is not None and plan.fp8_compute and os.environ.get(FP8_ATTENTION_ENV) == "1")
         if fp8 not in self._attention:
             pick = attention_select.select_fp8_attention if fp8 else attention_select.select_attention
             self._attention[fp8] = pick(self.device or "cuda")

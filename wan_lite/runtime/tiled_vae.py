@@ -165,13 +165,17 @@ def _idle_on_host(vae: Any) -> Iterator[None]:
     the tiles have their GPU memory. They come back exactly as they were afterwards."""
     parts = [m for m in _idle_parts(vae) if all(p.is_cuda for p in m.parameters())]
     devices = [next(m.parameters()).device for m in parts]
-    for m in parts:
-        m.to("cpu")
+    # Outside inference mode: moved there, the parameters would come back as inference tensors,
+    # which later in-place updates (a weight reload) outside inference mode may not touch.
+    with torch.inference_mode(False):
+        for m in parts:
+            m.to("cpu")
     try:
         yield
     finally:
-        for m, dev in zip(parts, devices, strict=True):
-            m.to(dev)
+        with torch.inference_mode(False):
+            for m, dev in zip(parts, devices, strict=True):
+                m.to(dev)
 
 
 def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
