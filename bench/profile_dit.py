@@ -3,8 +3,8 @@
     python bench/profile_dit.py [--layers 4] [--model 5b] [--top 25]
 
 Builds the model with `--layers` blocks at full width (random weights, as bench_dit.py) at the
-model's default size, times a forward of each implementation with CUDA events, then prints the
-profiler's table of CUDA kernels for each.
+model's default size, times a forward of each implementation (and wan_lite's without its fused
+elementwise kernels, models/fused.py), then prints the profiler's table of CUDA kernels for each.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dit import MODELS, build_wan, to_diffusers  # noqa: E402
 
 from wan_lite.models.dit import WanDiTConfig  # noqa: E402
+from wan_lite.models.fused import set_fusion  # noqa: E402
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -53,25 +54,18 @@ def main() -> int:
         "wan_lite": lambda: ours(x, t, ctx),
         "diffusers": lambda: theirs(x.to(torch.bfloat16), t, ctx.to(torch.bfloat16), return_dict=False)[0],
     }
-    import wan_lite.models.dit as dit_module
-
-    reference_rope = dit_module.apply_rope
-
-    def rope_fp32(x, cos, sin, dtype):  # the variant under test: fp32 instead of float64 math
-        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        c, s = cos[None, :, None].float(), sin[None, :, None].float()
-        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(dtype)
-
     with torch.inference_mode():
         for name, fn in runs.items():
             print(f"{name}: {timed(fn) * 1000:.1f} ms per forward of {args.layers} blocks", flush=True)
         ref_out = runs["wan_lite"]().float()
-        dit_module.apply_rope = rope_fp32
-        ms = timed(runs["wan_lite"]) * 1000
-        out = runs["wan_lite"]().float()
+        old = set_fusion(False)  # the same forward with the elementwise steps run eagerly
+        try:
+            ms = timed(runs["wan_lite"]) * 1000
+            out = runs["wan_lite"]().float()
+        finally:
+            set_fusion(old)
         err = ((out - ref_out).norm() / ref_out.norm()).item()
-        print(f"wan_lite with fp32 RoPE: {ms:.1f} ms; rel L2 vs float64 RoPE {err:.2e}", flush=True)
-        dit_module.apply_rope = reference_rope
+        print(f"wan_lite without fused elementwise kernels: {ms:.1f} ms; rel L2 vs fused {err:.2e}", flush=True)
         for name, fn in runs.items():
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 fn()

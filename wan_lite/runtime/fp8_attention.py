@@ -49,13 +49,13 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from wan_lite.models.attention import AttentionFn, sdpa_attention
+from wan_lite.models.fused import Fused
 
 log = logging.getLogger(__name__)
 
@@ -186,27 +186,10 @@ def _quantize_qkv_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
     return q8, k8, v8, dq, dk, dv
 
 
-_compiled_quantize: Callable | None = None
-_compile_failed = False
-
-
-def _quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`_quantize_qkv_eager`, fused by torch.compile on CUDA when Triton is available (per tensor:
-    the max-abs reduction, then one pass that reads x and writes its fp8 copy; eager adds a 16-bit
-    temporary and more launches); the eager version otherwise."""
-    global _compiled_quantize, _compile_failed
-    if not q.is_cuda or _compile_failed:
-        return _quantize_qkv_eager(q, k, v)
-    try:
-        if _compiled_quantize is None:
-            _compiled_quantize = torch.compile(_quantize_qkv_eager, dynamic=True, fullgraph=True)
-        return _compiled_quantize(q, k, v)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as err:  # no Triton, no compiler: the eager version gives the same numbers
-        _compile_failed = True
-        log.info("fp8 attention quantization is not fused (torch.compile unavailable: %s).", err)
-        return _quantize_qkv_eager(q, k, v)
+# `_quantize_qkv_eager`, fused by torch.compile on CUDA when Triton is available (per tensor: the
+# max-abs reduction, then one pass that reads x and writes its fp8 copy; eager adds a 16-bit
+# temporary and more launches); the eager version otherwise.
+_quantize_qkv = Fused(_quantize_qkv_eager, exact_casts=False)
 
 
 # ------------------------------------------------------------------------------------------
