@@ -5,7 +5,10 @@ Numerics follow the reference run under bf16 autocast without using autocast: th
 of the reference (time embedding, modulation arithmetic, modulated norm outputs, gated residual
 adds, norm statistics, head; RoPE in float64) are fp32 here by explicit casts, and every other
 matmul runs in the parameters' dtype (read from `patch_embedding.weight`). An fp32 model is
-therefore plain fp32 and a bf16 model matches the reference's autocast run.
+therefore plain fp32 and a bf16 model matches the reference's autocast run. On CUDA the
+elementwise steps (LayerNorm + modulation, RMSNorm + RoPE, gated residual adds) run as one kernel
+each (models/fused.py) with the same roundings; only a norm statistic summed in another order
+can flip a rare last bit.
 
 Timesteps: the reference embeds t per token ([B, L, 6, D] in fp32, ~9 GB for A14B at 720p). Here
 the embedding and the modulation are computed once per distinct timestep value ("table" rows) and
