@@ -219,6 +219,32 @@ def test_oom_retry_halves_the_tile_and_matches_a_direct_run(vaes):
     assert torch.equal(out, tiled_decode(vae, z, 6, 4))
 
 
+def test_weights_parked_by_an_oom_come_back_before_the_retry(vaes, monkeypatch):
+    """A tile runs out of memory and moving the idle decoder weights back runs out too: they wait
+    in CPU memory, and the retry moves them back before it decodes (as on a GPU; the moves are
+    recorded here, the modules stay on the CPU)."""
+    vae, z, _ = vaes["2.1"]
+    flaky = OOMAbove(vae, max_side=8)
+    moves, fail = [], [True]
+
+    def move(module, device):
+        if device == "cuda:0" and fail[0]:
+            fail[0] = False
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 200.00 MiB")
+        moves.append((module, device))
+
+    monkeypatch.setattr(tiled_vae, "_on_gpu", lambda p: True)
+    monkeypatch.setattr(tiled_vae, "_module_device", lambda m: "cuda:0")
+    monkeypatch.setattr(tiled_vae, "_move", move)
+    out = decode_with_retry(flaky, z, 12, overlap=4, min_tile=4)  # 10 px tiles fail, 6 px tiles fit
+    assert torch.equal(out, tiled_decode(vae, z, 6, 4))
+    idle = [vae.decoder.conv1, vae.decoder.middle]
+    parked, back = [(m, "cpu") for m in idle], [(m, "cuda:0") for m in idle]
+    # park, (moving back fails), back at the retry's start, park again, back
+    assert moves[:8] == parked + back + parked + back
+    assert getattr(flaky, tiled_vae._PARKED) == []
+
+
 def test_oom_retry_gives_up_with_a_wan_lite_error(vaes):
     vae, z, _ = vaes["2.1"]
     with pytest.raises(WanOutOfMemoryError) as info:

@@ -150,32 +150,66 @@ def _idle_parts(vae: Any) -> list[nn.Module]:
     return [m for m in (_part(vae, "decoder", "conv1"), _part(vae, "decoder", "middle")) if isinstance(m, nn.Module)]
 
 
+def _on_gpu(p: torch.Tensor) -> bool:
+    return p.is_cuda
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def idle_decoder_bytes(vae: Any) -> int:
     """Device bytes `tiled_decode` frees while it decodes the tiles of a CUDA VAE: the weights of
     the decoder's conv1 and middle (a fifth of the decoder), which only the global pass uses."""
     parts = _idle_parts(vae)
-    if not parts or not all(p.is_cuda for m in parts for p in m.parameters()):
+    if not parts or not all(_on_gpu(p) for m in parts for p in m.parameters()):
         return 0
     return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
+
+
+def _move(module: nn.Module, device: torch.device | str) -> None:
+    # Outside inference mode: moved there, the parameters would come back as inference tensors,
+    # which later in-place updates (a weight reload) outside inference mode may not touch.
+    with torch.inference_mode(False):
+        module.to(device)
+
+
+_PARKED = "_wan_lite_parked"  # attribute of a VAE: [(module, device)] still waiting in CPU memory
+
+
+def restore_parked(vae: Any, *, strict: bool = True) -> None:
+    """Move back the decoder weights an interrupted tiled decode left in CPU memory (see
+    `_idle_on_host`). strict=False: on an out-of-memory error leave the rest parked (the caller
+    is already handling one) instead of raising."""
+    parked = getattr(vae, _PARKED, None) or []
+    while parked:
+        module, device = parked[0]
+        try:
+            _move(module, device)
+        except torch.OutOfMemoryError:
+            if strict:
+                raise
+            log.info("VAE decoder weights stay in CPU memory until the next decode (GPU memory is full)")
+            return
+        parked.pop(0)
 
 
 @contextmanager
 def _idle_on_host(vae: Any) -> Iterator[None]:
     """While active, the decoder's conv1 and middle weights live in CPU memory (a CUDA VAE only):
-    the tiles have their GPU memory. They come back exactly as they were afterwards."""
-    parts = [m for m in _idle_parts(vae) if all(p.is_cuda for p in m.parameters())]
-    devices = [next(m.parameters()).device for m in parts]
-    # Outside inference mode: moved there, the parameters would come back as inference tensors,
-    # which later in-place updates (a weight reload) outside inference mode may not touch.
-    with torch.inference_mode(False):
-        for m in parts:
-            m.to("cpu")
+    the tiles have their GPU memory. They come back exactly as they were afterwards; when a tile
+    ran out of memory and moving them back does too, they stay parked until the next decode
+    (`restore_parked`, called by `tiled_decode` and `decode_with_retry`) once memory is freed."""
+    restore_parked(vae)
+    parts = [m for m in _idle_parts(vae) if all(_on_gpu(p) for p in m.parameters())]
+    devices = [_module_device(m) for m in parts]
+    for m in parts:
+        _move(m, "cpu")
     try:
         yield
     finally:
-        with torch.inference_mode(False):
-            for m, dev in zip(parts, devices, strict=True):
-                m.to(dev)
+        setattr(vae, _PARKED, list(zip(parts, devices, strict=True)))
+        restore_parked(vae, strict=False)
 
 
 def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +291,7 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     s = vae.stride[1]
     overlap = DEFAULT_OVERLAP_PX // s if overlap is None else overlap
     _check_tiles(tile, overlap)
+    restore_parked(vae)  # weights an interrupted tiled decode left in CPU memory
     b, _, t, h, w = latent.shape
     out_device = torch.device(out_device) if out_device is not None else latent.device
     spans_h, spans_w = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
@@ -505,6 +540,7 @@ def decode_with_retry(vae: Any, latent: torch.Tensor, tile: int | None = None, *
     """`tiled_decode` (or `vae.decode` with tile None); on a CUDA out-of-memory error, again with
     half the tile, down to `min_tile` latent px; then wan_lite.errors.OutOfMemoryError."""
     def run(t: int | None) -> torch.Tensor:
+        restore_parked(vae)  # weights an interrupted tiled decode left in CPU memory
         if t is None:
             return vae.decode(latent).to(out_device or latent.device)
         return tiled_decode(vae, latent, t, overlap, out_device)
