@@ -6,7 +6,9 @@ For each shape (TI2V-5B at 1280x704x121: 27280 tokens x 24 heads; an A14B expert
 32760 x 40, and at 1280x720x81: 75600 x 40; head size 128, bf16) it times PyTorch SDPA as it picks
 its kernel by itself and with each backend forced (flash, cuDNN, memory-efficient), SageAttention when it is installed
 and cuDNN's fp8 attention ("cudnn-fp8", `wan_lite.runtime.fp8_attention`: the optional cuDNN
-frontend on a Hopper or newer GPU; its time includes quantizing q, k and v to fp8), and reports
+frontend on a Hopper or newer GPU; its time includes quantizing q, k and v to fp8) and
+FlashAttention-3 in bf16 and fp8 ("fa3-bf16", "fa3-fp8", `wan_lite.runtime.fa3_attention`: the
+optional fa3-fwd wheel on a Hopper GPU; fp8 time includes the quantization), and reports
 milliseconds, TFLOP/s (4 * L^2 * heads * 128 FLOPs) and the relative L2 error against the flash
 backend. wan_lite uses what `wan_lite.runtime.attention_select` picks; this script says what the
 alternatives would give.
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import run_meta  # noqa: E402
 
+from wan_lite.runtime.fa3_attention import fa3_backend, fa3_unavailable_reason  # noqa: E402
 from wan_lite.runtime.fp8_attention import cudnn_fp8_backend, cudnn_fp8_unavailable_reason  # noqa: E402
 
 SHAPES = {"5b 1280x704x121": (27280, 24), "a14b 832x480x81": (32760, 40), "a14b 1280x720x81": (75600, 40)}
@@ -74,6 +77,12 @@ def main() -> int:
         kernels["cudnn-fp8"] = fp8
     else:
         print(f"cudnn-fp8 unavailable: {cudnn_fp8_unavailable_reason()}", flush=True)
+    for name, fp8_fa3 in (("fa3-bf16", False), ("fa3-fp8", True)):
+        fn = fa3_backend(fp8=fp8_fa3, strict=True)
+        if fn is not None:
+            kernels[name] = fn
+        else:
+            print(f"{name} unavailable: {fa3_unavailable_reason()}", flush=True)
     records = []
     for shape, (tokens, heads) in SHAPES.items():
         gen = torch.Generator("cuda").manual_seed(0)

@@ -12,9 +12,14 @@ output, for:
     fp8-dequant-resident                  fp8 weights, dequantized per layer
     fp8-compute-resident, -streamed       fp8 x fp8 torch._scaled_mm (cc >= 8.9)
     fp8-attn-resident, -streamed          the same with the attention the engine picks for fp8
-                                          compute (cuDNN fp8 attention where it is available)
+                                          compute with WAN_LITE_FP8_ATTENTION=1 (FlashAttention-3
+                                          or cuDNN fp8 attention where available)
     diffusers-resident                    diffusers WanTransformer3DModel with the same weights
     diffusers-group-offload               + enable_group_offload(block_level, 1 block/group, use_stream)
+
+The other wan_lite cases run the attention kernel the engine picks for them (SDPA unless an
+optional kernel is installed, correct and faster: `wan_lite.runtime.attention_select`; `--sdpa`
+forces SDPA); each record's `attention` says which. diffusers runs SDPA.
 
 Weights: built on `meta`, `to_empty` on the GPU, matrices/biases/modulation ~ N(0, 0.02); norm
 gains 1 + N(0, 0.02) (gains of ~0.02 would make every attention uniform). Streamed cases run the FFN
@@ -45,7 +50,7 @@ from common import bench_device, host_rss_gib, parse_size, run_meta  # noqa: E40
 from wan_lite.loading.keymaps import dit_official_to_diffusers  # noqa: E402
 from wan_lite.models.attention import set_attention_backend  # noqa: E402
 from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches  # noqa: E402
-from wan_lite.runtime.attention_select import select_fp8_attention  # noqa: E402
+from wan_lite.runtime.attention_select import select_attention, select_fp8_attention  # noqa: E402
 from wan_lite.runtime.quant import quantize_model, quantized_modules, set_compute, weight_bytes  # noqa: E402
 from wan_lite.runtime.streaming import attach  # noqa: E402
 
@@ -165,6 +170,18 @@ class Bench:
         self.records: list[dict] = []
         cuda = DEVICE.type == "cuda"
         self.meta = run_meta(cuda)
+        self.choices: dict = {}  # fp8 attention or not -> AttentionChoice
+
+    def attention(self, fp8: bool) -> str:
+        """Activate the attention kernel the engine would pick (chosen once per kind; `--sdpa`:
+        PyTorch SDPA for every case that is not fp8-attn); returns its note."""
+        if not fp8 and self.args.sdpa:
+            set_attention_backend("sdpa")
+            return "PyTorch SDPA (--sdpa)"
+        if fp8 not in self.choices:
+            self.choices[fp8] = (select_fp8_attention if fp8 else select_attention)(DEVICE)
+        set_attention_backend(self.choices[fp8].backend)
+        return self.choices[fp8].note
 
     def wanted(self, case: str) -> bool:
         return self.args.cases is None or case in self.args.cases
@@ -254,10 +271,9 @@ class Bench:
                 _, compute, streamed, fp8_attention = WAN_CASES[case]
                 if compute is not None:
                     set_compute(model, compute)
-                if fp8_attention:  # as the engine does for a plan with fp8 compute; activates its pick
-                    base_q["attention"] = select_fp8_attention(DEVICE).note
-                else:
-                    set_attention_backend("sdpa")
+                # As the engine does: the kernel it picks for this kind of plan (fp8 attention only
+                # where fp8 compute is on and the case asks for it, as WAN_LITE_FP8_ATTENTION=1 does).
+                base_q["attention"] = self.attention(fp8_attention)
                 if not streamed:
                     self.record(base, case, lambda m=model: timed(forward(m), {**base_q, "format": fmt or "bf16"}),
                                 current)
@@ -298,6 +314,7 @@ class Bench:
                 return dm(hidden_states=x.to(torch.bfloat16), timestep=t, encoder_hidden_states=ctx.to(torch.bfloat16),
                           return_dict=False)[0]
 
+            set_attention_backend("sdpa")  # diffusers runs SDPA (its default) either way
             if "diffusers-resident" in dcases:
                 self.record(base, "diffusers-resident", lambda: timed(dforward, {"format": "bf16"}), current)
 
@@ -335,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-chunk", type=int, default=8192, help="FFN token chunk in streamed cases (0: off)")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip cases once this much time has passed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sdpa", action="store_true",
+                   help="PyTorch SDPA in every case but fp8-attn (default: the kernel the engine picks)")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     args = p.parse_args(argv)
     global DEVICE

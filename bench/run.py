@@ -1,9 +1,10 @@
 """All of wan_lite's GPU measurements in one command, and the report built from them.
 
-    python bench/run.py measure --out DIR [--parts tests,dit,vae,job,job_a14b] [--budget-s 560]
+    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b] [--budget-s 560]
     python bench/run.py report DIR [DIR ...] [--docs docs]
 
-`measure` (on the GPU) runs the GPU-marked tests and the benchmark scripts (bench_dit.py: one DiT
+`measure` (on the GPU) runs the GPU-marked tests and the benchmark scripts (bench_attention.py:
+the attention kernels at the DiT's shapes; bench_dit.py: one DiT
 forward per plan and format against diffusers; bench_vae.py: Wan2.2 VAE decode; bench_job.py:
 the whole TI2V-5B job under a memory cap; bench_a14b_job.py: the whole T2V-A14B job from
 ComfyUI-format fp8 files with the 8 GB / 32 GB profile), each writing raw JSON into DIR. A device call is
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "dit", "vae", "job", "job_a14b")
+PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b")
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> int:
@@ -53,6 +54,9 @@ def measure(args: argparse.Namespace) -> int:
                            if "mark.gpu" in f.read_text())
             rc = _run([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files,
                        "--junitxml", str(out / "gpu_tests.xml")], min(150, left()), out / "gpu_tests.log")
+        elif part == "attention":
+            rc = _run([py, "bench/bench_attention.py", "--out", str(out / "attention.json")], min(120, left()),
+                      out / "attention.log")
         elif part == "dit":
             rc = _run([py, "bench/bench_dit.py", "--out", str(out / "dit.json"), "--budget-s",
                        str(max(30, min(args.dit_budget_s, left() - 20))), *args.dit_args.split()],

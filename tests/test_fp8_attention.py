@@ -409,7 +409,7 @@ def test_cuda_head_size_64_is_plain_sdpa() -> None:
 def test_cuda_select_fp8_attention() -> None:
     choice = sel.select_fp8_attention("cuda")
     assert attn_mod.get_attention_backend() == choice.backend
-    if choice.backend != "cudnn-fp8":
+    if choice.backend not in ("cudnn-fp8", "fa3-fp8"):  # FlashAttention-3 fp8 may win on Hopper
         assert "cuDNN fp8 attention is not used:" in choice.note
     q, k, v = _qkv(777, fp8.MIN_KEYS + 77, batch=1)
     with torch.no_grad():

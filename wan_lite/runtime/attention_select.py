@@ -1,23 +1,24 @@
-"""Choose the attention kernel once at start: SageAttention when it is installed, agrees with
+"""Choose the attention kernel once at start: an optional kernel when it is installed, agrees with
 PyTorch SDPA on a quick check on this GPU *and* is faster there; PyTorch SDPA otherwise.
 
-SageAttention quantizes q/k (int8) and p/v (fp8) inside the kernel; its builds are specific to a
-GPU architecture and CUDA version, so an installed wheel can still be wrong or crash on a given
-card. The self-check runs both kernels on small random inputs shaped like the DiT's self- and
-cross-attention (head size 128, a query length that is not a multiple of the kernel's tile, 512
-text keys) and accepts the kernel only within `TOLERANCE` relative L2 error of SDPA. Then both are
-timed on one self-attention (`_SPEED_SHAPE`): faster is not a given. On an H200 PyTorch's SDPA
-picks cuDNN attention, 1.4x the speed of SageAttention 1.0.6, which in turn is 1.2x SDPA's
-FlashAttention-2 backend, what SDPA runs where cuDNN attention is not available
-(bench/bench_attention.py). Whatever the outcome, one
-log line says which kernel runs and why; `AttentionChoice.note` carries the same text for the UI.
-Nothing is installed or compiled here.
+The optional bf16 kernels: SageAttention (any CUDA GPU; it quantizes q/k to int8 and p/v to fp8
+inside the kernel) and FlashAttention-3 (Hopper only, `wan_lite.runtime.fa3_attention`). Their
+builds are specific to a GPU architecture and CUDA version, so an installed wheel can still be
+wrong or crash on a given card. The self-check runs a kernel and SDPA on small random inputs shaped
+like the DiT's self- and cross-attention (head size 128, a query length that is not a multiple of
+the kernel's tile, 512 text keys) and accepts the kernel only within `TOLERANCE` relative L2 error
+of SDPA. Then both are timed on one self-attention (`_SPEED_SHAPE`): faster is not a given. On an
+H200 PyTorch's SDPA picks cuDNN attention, 1.4x the speed of SageAttention 1.0.6, which in turn is
+1.2x SDPA's FlashAttention-2 backend, what SDPA runs where cuDNN attention is not available
+(bench/bench_attention.py). The fastest kernel that passes and beats SDPA by `SPEEDUP` runs.
+Whatever the outcome, one log line says which kernel runs and why; `AttentionChoice.note` carries
+the same text for the UI. Nothing is installed or compiled here.
 
-`select_fp8_attention` is the entry point of the fp8 compute path: it activates cuDNN's fp8
-attention (`wan_lite.runtime.fp8_attention`, backend name "cudnn-fp8") when the optional cuDNN
-frontend is installed, the GPU is a Hopper or newer one, the kernel passes the same self-check
-within `FP8_TOLERANCE` and is faster than SDPA; otherwise it does what `select_attention` does and
-its note adds why the fp8 kernel is not used.
+`select_fp8_attention` is the entry point of the fp8 compute path: the same trial among the fp8
+kernels, cuDNN's fp8 attention (`wan_lite.runtime.fp8_attention`, backend "cudnn-fp8": the
+optional cuDNN frontend on a Hopper or newer GPU) and FlashAttention-3's fp8 forward ("fa3-fp8",
+Hopper), within `FP8_TOLERANCE` and timed at the DiT's scale; when none is used it does what
+`select_attention` does and its note adds why.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from wan_lite.models.attention import (
     sdpa_attention,
     set_attention_backend,
 )
+from wan_lite.runtime.fa3_attention import fa3_backend, fa3_unavailable_reason, is_hopper
 from wan_lite.runtime.fp8_attention import cudnn_fp8_backend, cudnn_fp8_unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ FP8_TOLERANCE = 0.08
 # but 1.15x faster at the 5B's 27k x 24 and 1.36x at the A14B's 76k x 40 (bench_attention.py).
 _FP8_SPEED_SHAPE = (32768, 16)
 FP8_BACKEND = "cudnn-fp8"
+FA3_FP8_BACKEND = "fa3-fp8"
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,9 @@ def _sage_backend() -> AttentionFn | None:
 
 
 def select_attention(device: torch.device | str | None = None, *, allow_sage: bool = True) -> AttentionChoice:
-    """Pick and activate the attention kernel for `device` (default: CUDA if present, else CPU)."""
+    """Pick and activate the attention kernel for `device` (default: CUDA if present, else CPU).
+
+    allow_sage=False keeps PyTorch SDPA without trying the optional kernels."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     choice = _decide(dev, allow_sage)
     set_attention_backend(choice.backend)
@@ -152,31 +157,85 @@ def select_attention(device: torch.device | str | None = None, *, allow_sage: bo
     return choice
 
 
-def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
-    if not allow_sage:
-        return AttentionChoice("sdpa", "Attention: PyTorch SDPA (SageAttention disabled by the user).")
-    if dev.type != "cuda":
-        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA (SageAttention needs a CUDA GPU, running on {dev}).")
-    fn = _sage_backend()
-    if fn is None:
-        return AttentionChoice("sdpa", "Attention: PyTorch SDPA (SageAttention is not installed; optional).")
+@dataclass
+class _Trial:
+    """One optional kernel, checked and timed against SDPA."""
+    backend: str
+    label: str  # "SageAttention", "FlashAttention-3", ...
+    ms: float | None = None  # set when it passed the check and was timed
+    sdpa_ms: float | None = None
+    rel_error: float | None = None
+    why_not: str = ""  # a clause ("SageAttention is not installed (optional)") when it cannot be used
+    failed: bool = False  # installed but wrong or broken
+
+
+def _try(backend: str, label: str, fn: AttentionFn, dev: torch.device, check: dict, speed: dict) -> _Trial:
+    """Self-check `fn` (keyword arguments `check`), then time it against SDPA (`speed`)."""
     with torch.no_grad():
-        ok, err, reason = self_check(fn, dev)
+        ok, err, reason = self_check(fn, dev, **check)
     if not ok:
-        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA - SageAttention is installed but failed its "
-                                       f"self-check on this GPU ({reason}).", err, failed=True)
+        return _Trial(backend, label, rel_error=err, failed=True,
+                      why_not=f"{label} is installed but failed its self-check on this GPU ({reason})")
     try:
         with torch.no_grad():
-            sage_ms, sdpa_ms = compare_speed(fn, dev)
+            ms, sdpa_ms = compare_speed(fn, dev, **speed)
     except Exception as e:  # a kernel that passed on small inputs but fails on a larger one
-        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA - SageAttention is installed but failed on a "
-                                       f"larger input ({type(e).__name__}: {e}).", err, failed=True)
-    if sage_ms * SPEEDUP > sdpa_ms:
-        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA - faster than the installed SageAttention on this "
-                                       f"GPU ({sdpa_ms:.2f} vs {sage_ms:.2f} ms on a test attention).", err)
-    register_attention_backend("sage", fn)
-    return AttentionChoice("sage", f"Attention: SageAttention ({sdpa_ms / sage_ms:.2f}x the speed of SDPA here; "
-                                   f"self-check against SDPA: {err:.2%} rel. error).", err)
+        return _Trial(backend, label, rel_error=err, failed=True,
+                      why_not=f"{label} is installed but failed on a larger input ({type(e).__name__}: {e})")
+    trial = _Trial(backend, label, ms, sdpa_ms, err)
+    if ms * SPEEDUP > sdpa_ms:
+        trial.why_not = (f"SDPA is about as fast or faster than the installed {label} on this GPU "
+                         f"({sdpa_ms:.2f} vs {ms:.2f} ms on a test attention)")
+    return trial
+
+
+def _fastest(trials: list[_Trial]) -> _Trial | None:
+    usable = [t for t in trials if t.ms is not None and not t.why_not]
+    return min(usable, key=lambda t: t.ms) if usable else None
+
+
+def _chosen_note(trial: _Trial) -> str:
+    return (f"Attention: {trial.label} ({trial.sdpa_ms / trial.ms:.2f}x the speed of SDPA here; "
+            f"self-check against SDPA: {trial.rel_error:.2%} rel. error).")
+
+
+def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
+    """SDPA, SageAttention (any CUDA GPU) or FlashAttention-3 in bf16 (Hopper): the fastest one
+    that is installed, passes the self-check and beats SDPA by `SPEEDUP`."""
+    if not allow_sage:
+        return AttentionChoice("sdpa", "Attention: PyTorch SDPA (optional kernels disabled by the user).")
+    if dev.type != "cuda":
+        return AttentionChoice("sdpa", f"Attention: PyTorch SDPA (the optional kernels need a CUDA GPU, "
+                                       f"running on {dev}).")
+    trials: list[_Trial] = []
+    kernels: dict[str, AttentionFn] = {}
+    sage = _sage_backend()
+    if sage is None:
+        trials.append(_Trial("sage", "SageAttention", why_not="SageAttention is not installed (optional)"))
+    else:
+        kernels["sage"] = sage
+        trials.append(_try("sage", "SageAttention", sage, dev, {}, {}))
+    if is_hopper(dev):  # FlashAttention-3 exists for Hopper only: elsewhere it is not worth a word
+        reason = fa3_unavailable_reason(dev)
+        checked = fa3_backend(strict=True) if reason is None else None
+        if checked is None:
+            trials.append(_Trial("fa3", "FlashAttention-3", why_not=f"FlashAttention-3 {_clause(reason)}"))
+        else:
+            kernels["fa3"] = fa3_backend()  # the same kernel, running SDPA for any input it does not take
+            trials.append(_try("fa3", "FlashAttention-3", checked, dev, {}, {}))
+    best = _fastest(trials)
+    failed = any(t.failed for t in trials)
+    if best is None:
+        return AttentionChoice("sdpa", "Attention: PyTorch SDPA - " + "; ".join(t.why_not for t in trials) + ".",
+                               max((t.rel_error for t in trials if t.rel_error is not None), default=None),
+                               failed=failed)
+    register_attention_backend(best.backend, kernels[best.backend])
+    return AttentionChoice(best.backend, _chosen_note(best), best.rel_error, failed=failed)
+
+
+def _clause(reason: str | None) -> str:
+    """A reason phrased "it is not installed ..." as a clause after the kernel's name."""
+    return (reason or "is not available").removeprefix("it ")
 
 
 # ------------------------------------------------------------------------------------------
@@ -184,9 +243,10 @@ def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
 
 
 def select_fp8_attention(device: torch.device | str | None = None, *, allow_sage: bool = True) -> AttentionChoice:
-    """Pick and activate cuDNN's fp8 attention ("cudnn-fp8") for `device` when it is available,
-    passes the self-check within `FP8_TOLERANCE` and is faster than SDPA; otherwise what
-    `select_attention(device, allow_sage=allow_sage)` picks, with a note that says why not fp8."""
+    """Pick and activate an fp8 attention kernel for `device`: cuDNN's ("cudnn-fp8") or, on Hopper,
+    FlashAttention-3's ("fa3-fp8"), the fastest that is available, passes the self-check within
+    `FP8_TOLERANCE` and is faster than SDPA; otherwise what `select_attention(device,
+    allow_sage=allow_sage)` picks, with a note that says why not fp8."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen, why, failed = _decide_fp8(dev)
     if chosen is not None:
@@ -199,31 +259,42 @@ def select_fp8_attention(device: torch.device | str | None = None, *, allow_sage
 
 
 def _decide_fp8(dev: torch.device) -> tuple[AttentionChoice | None, str, bool]:
-    """(the choice when the fp8 kernel is used, else None; why it is not; whether it failed a check)."""
-    not_used = "cuDNN fp8 attention is not used:"
+    """(the choice when an fp8 kernel is used, else None; why none is, in sentences; whether one
+    failed a check)."""
     if dev.type != "cuda":
-        return None, f"{not_used} it needs a CUDA GPU (running on {dev}).", False
+        return None, f"cuDNN fp8 attention is not used: it needs a CUDA GPU (running on {dev}).", False
+    trials: list[_Trial] = []
+    kernels: dict[str, Callable[[], AttentionFn | None]] = {}
+    check, speed = {"tolerance": FP8_TOLERANCE}, {"shape": _FP8_SPEED_SHAPE}
     reason = cudnn_fp8_unavailable_reason(dev)
-    if reason is not None:
-        return None, f"{not_used} {reason}.", False
-    checked = cudnn_fp8_backend(strict=True)  # raises where it would quietly run SDPA: the check sees the kernel
+    checked = cudnn_fp8_backend(strict=True) if reason is None else None  # strict: the check sees the kernel
     if checked is None:
-        return None, f"{not_used} it is not available.", False
-    with torch.no_grad():
-        ok, err, why = self_check(checked, dev, tolerance=FP8_TOLERANCE)
-    if not ok:
-        return None, f"{not_used} it is installed but failed its self-check on this GPU ({why}).", True
-    try:
-        with torch.no_grad():
-            fp8_ms, sdpa_ms = compare_speed(checked, dev, shape=_FP8_SPEED_SHAPE)
-    except Exception as e:  # a kernel that passed on small inputs but fails on a larger one
-        return None, f"{not_used} it failed on a larger input ({type(e).__name__}: {e}).", True
-    if fp8_ms * SPEEDUP > sdpa_ms:
-        return None, (f"{not_used} SDPA is about as fast or faster on this GPU ({sdpa_ms:.2f} vs {fp8_ms:.2f} ms "
-                      f"on a test attention)."), False
-    fn = cudnn_fp8_backend()  # the same kernel, running SDPA for any input it does not take
-    if fn is None:
-        return None, f"{not_used} it is not available.", False
-    register_attention_backend(FP8_BACKEND, fn)
-    return AttentionChoice(FP8_BACKEND, f"Attention: cuDNN fp8 attention ({sdpa_ms / fp8_ms:.2f}x the speed of SDPA "
-                                        f"here; self-check against SDPA: {err:.2%} rel. error).", err), "", False
+        trials.append(_Trial(FP8_BACKEND, "cuDNN fp8 attention", why_not=_clause(reason)))
+    else:
+        kernels[FP8_BACKEND] = cudnn_fp8_backend  # the same kernel, running SDPA for any input it does not take
+        trials.append(_try(FP8_BACKEND, "cuDNN fp8 attention", checked, dev, check, speed))
+    if is_hopper(dev):
+        reason = fa3_unavailable_reason(dev)
+        checked = fa3_backend(fp8=True, strict=True) if reason is None else None
+        if checked is None:
+            trials.append(_Trial(FA3_FP8_BACKEND, "FlashAttention-3 fp8", why_not=_clause(reason)))
+        else:
+            kernels[FA3_FP8_BACKEND] = lambda: fa3_backend(fp8=True)
+            trials.append(_try(FA3_FP8_BACKEND, "FlashAttention-3 fp8", checked, dev, check, speed))
+    best = _fastest(trials)
+    fn = kernels[best.backend]() if best is not None else None
+    failed = any(t.failed for t in trials)
+    if best is None or fn is None:
+        return None, " ".join(f"{t.label} is not used: {_reason_sentence(t)}" for t in trials), failed
+    register_attention_backend(best.backend, fn)
+    return AttentionChoice(best.backend, _chosen_note(best), best.rel_error, failed=failed), "", failed
+
+
+def _reason_sentence(trial: _Trial) -> str:
+    """The trial's why_not as the rest of "<kernel> is not used: ...", ending in a full stop."""
+    text = trial.why_not or "it is not available"
+    if text.startswith(trial.label + " "):
+        text = "it " + text.removeprefix(trial.label + " ")
+    elif not text.startswith(("it ", "SDPA ")):
+        text = "it " + text
+    return text.rstrip(".") + "."

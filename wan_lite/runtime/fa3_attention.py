@@ -1,0 +1,233 @@
+"""FlashAttention-3 for the DiT on Hopper GPUs (H100/H200), in bf16 and in fp8 (optional).
+
+`fa3_backend(fp8=False)` returns a kernel with the contract of
+`wan_lite.models.attention.sdpa_attention`, or None where FlashAttention-3 cannot run
+(`fa3_unavailable_reason` says why). Why: on an H200, PyTorch's SDPA runs cuDNN's bf16 attention at
+about 600 TFLOP/s and attention is half of a TI2V-5B forward and three quarters of an A14B one at
+720p; FlashAttention-3 is written for Hopper's tensor-memory-accelerator and warp-group matrix
+instructions, and its fp8 forward is reported at over 1 PFLOP/s.
+
+It comes from a prebuilt wheel, an optional dependency imported only when asked: the upstream
+Hopper build (`flash_attn_interface`, the package flash-attn-3) or the forward-only build on PyPI
+(`pip install fa3-fwd`, module `fa3_fwd_interface`, built against PyTorch's stable ABI and CUDA 13:
+nothing is compiled on the user's machine). Both take [batch, tokens, heads, head_dim], our layout,
+so there are no transposes. FlashAttention-3 runs on compute capability 9.x only: Ampere, Ada
+(RTX 30xx/40xx) and Blackwell keep SDPA.
+
+fp8 (`fp8=True`, for plans that compute in fp8): q, k and v are quantized to float8_e4m3fn with
+one scale per (batch entry, head), the descale layout FlashAttention-3 takes ([batch, heads]
+float32), on the GPU without a host synchronisation: multiplier m = 448 / amax rounded to the
+input dtype (the multiply runs in it), descale = 1 / m. Fused into few kernels by torch.compile
+where Triton is available. The kernel writes bf16. Key sequences shorter than
+`fp8_attention.MIN_KEYS` (the 512-token text cross-attention) run SDPA: quantizing the long q costs
+more than fp8 saves there.
+
+Anything a kernel does not take (other dtypes, head sizes, CPU tensors, autograd) runs
+`sdpa_attention`; a shape whose call raises runs SDPA for the rest of the process after one log
+line; out-of-memory is re-raised for the caller's memory plan. Forward only. Extra memory per fp8
+call: one byte per element of q, k and v.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from wan_lite.models.attention import AttentionFn, sdpa_attention
+from wan_lite.models.fused import Fused
+from wan_lite.runtime.fp8_attention import _E4M3_MAX, _MIN_AMAX, MIN_KEYS, _first_line
+
+log = logging.getLogger(__name__)
+
+# Import names of the builds that provide `flash_attn_func(q, k, v, ..., q_descale=, k_descale=,
+# v_descale=)`, first found wins: upstream's Hopper package, then the forward-only PyPI wheel.
+MODULES = ("flash_attn_interface", "fa3_fwd_interface")
+INSTALL_HINT = "optional: pip install fa3-fwd"
+HEAD_DIMS = (64, 96, 128, 192, 256)
+_DTYPES = (torch.bfloat16,)  # the PyPI build leaves out fp16; the DiT computes in bf16
+
+
+_loaded: dict[str, Any] = {}  # "fn" -> flash_attn_func once imported; "error" -> why not
+
+
+def _flash_attn_func() -> Callable[..., Any]:
+    """The installed build's `flash_attn_func` (imported once); raises when none is installed or loads."""
+    if "fn" in _loaded:
+        return _loaded["fn"]
+    errors = []
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # the package is there but something it needs is not
+                errors.append(f"{name}: {err}")
+            continue
+        except Exception as err:  # a build for another torch or CUDA: its extension does not load
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+            continue
+        fn = getattr(module, "flash_attn_func", None)
+        if callable(fn):
+            _loaded["fn"] = fn
+            return fn
+        errors.append(f"{name} has no flash_attn_func")
+    if errors:
+        raise ImportError("; ".join(errors))
+    raise ModuleNotFoundError("FlashAttention-3 is not installed")
+
+
+def fa3_unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """Why FlashAttention-3 cannot run on `device` (default: the current CUDA device), as a clause
+    for a note ("it ..."); None when it can. The GPU is asked first: on anything but Hopper the
+    package is not even imported."""
+    if not torch.cuda.is_available():
+        return "it needs a CUDA GPU and none is available"
+    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    if dev.type != "cuda":
+        return f"it needs a CUDA GPU (running on {dev})"
+    major, minor = torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())
+    if major != 9:
+        return f"it runs on Hopper GPUs (compute capability 9.x) only; this one is {major}.{minor}"
+    try:
+        _flash_attn_func()
+    except ModuleNotFoundError:
+        return f"it is not installed ({INSTALL_HINT})"
+    except Exception as err:
+        return f"it is installed but does not load ({_first_line(err)})"
+    return None
+
+
+def is_hopper(device: torch.device | str | None = None) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 9.x (where FlashAttention-3 would run)."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    if dev.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())[0] == 9
+
+
+# ------------------------------------------------------------------------------------------
+# Quantization
+
+
+def _quantize_heads_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, H, D] (bf16/fp16/fp32) -> (x8 float8_e4m3fn [B, L, H, D], descale [B, H] fp32),
+    x[b, :, h] ~= x8[b, :, h] * descale[b, h].
+
+    One scale per batch entry and head: the multiplier m = 448 / amax is rounded to x's dtype (the
+    multiply runs in it) and kept below that dtype's largest value, so each head's amax element
+    lands on 448 and descale = 1 / m is amax / 448 up to m's rounding."""
+    amax = x.abs().amax(dim=(1, 3)).float()
+    mult = (_E4M3_MAX / amax.clamp(min=_MIN_AMAX)).clamp(max=torch.finfo(x.dtype).max).to(x.dtype)
+    x8 = (x * mult[:, None, :, None]).to(torch.float8_e4m3fn)
+    return x8, mult.float().reciprocal()
+
+
+def _quantize_qkv_heads_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(q8, k8, v8, descale_q, descale_k, descale_v), each tensor with its own per-head scales."""
+    q8, dq = _quantize_heads_eager(q)
+    k8, dk = _quantize_heads_eager(k)
+    v8, dv = _quantize_heads_eager(v)
+    return q8, k8, v8, dq, dk, dv
+
+
+_quantize_qkv_heads = Fused(_quantize_qkv_heads_eager, exact_casts=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The kernels
+
+
+def _refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these inputs are not for FlashAttention-3; None when they are."""
+    if not (q.is_cuda and k.is_cuda and v.is_cuda) or not (q.device == k.device == v.device):
+        return "the tensors are not all on one CUDA device"
+    if q.dtype not in _DTYPES or not (k.dtype == v.dtype == q.dtype):
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (bf16 only)"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k and v are not [batch, tokens, heads, head_dim]"
+    b, lq, h, d = q.shape
+    if d not in HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
+        return f"head size {d} (FlashAttention-3 is offered for {', '.join(map(str, HEAD_DIMS))})"
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != h:
+        return f"k {list(k.shape)} and v {list(v.shape)} do not fit q {list(q.shape)}"
+    if min(b, lq, h, k.shape[1]) < 1:
+        return "an empty dimension"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "autograd needs a gradient (these kernels are forward only)"
+    return None
+
+
+_LOCK = threading.Lock()
+_FAILED: dict[tuple, str] = {}  # (fp8, device, shapes, dtype) -> why its call raised
+
+
+def _guarded(fp8: bool, strict: bool, run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+             ) -> AttentionFn:
+    """`run` behind the input checks, the short-key rule (fp8), and the fall back to SDPA."""
+    kind = "fp8" if fp8 else "bf16"
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        why = _refusal(q, k, v)
+        if why is not None:
+            if strict:
+                raise ValueError(f"FlashAttention-3 ({kind}) does not take these inputs: {why}")
+            return sdpa_attention(q, k, v)
+        if fp8 and not strict and k.shape[1] < MIN_KEYS:  # strict: the self-check measures the kernel
+            return sdpa_attention(q, k, v)
+        shape = (fp8, q.device.index, tuple(q.shape), tuple(k.shape), q.dtype)
+        failed = _FAILED.get(shape)
+        if failed is not None:
+            if strict:
+                raise RuntimeError(f"FlashAttention-3 ({kind}) failed on this shape before: {failed}")
+            return sdpa_attention(q, k, v)
+        try:
+            return run(q, k, v)
+        except torch.OutOfMemoryError:
+            raise  # the caller's memory plan must react; SDPA would need memory too
+        except Exception as err:
+            reason = _first_line(err)
+            with _LOCK:
+                first = shape not in _FAILED
+                _FAILED[shape] = reason
+            if first:
+                log.info("FlashAttention-3 (%s) is not used for q %s, k %s on %s: %s. This shape runs PyTorch "
+                         "SDPA from now on.", kind, list(q.shape), list(k.shape), q.device, reason)
+            if strict:
+                raise
+            return sdpa_attention(q, k, v)
+
+    return attention
+
+
+def _output(result: Any) -> torch.Tensor:
+    """The attention output: older FlashAttention-3 builds also return the softmax log-sum-exp."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def fa3_backend(*, fp8: bool = False, strict: bool = False) -> AttentionFn | None:
+    """FlashAttention-3 in bf16 (`fp8=False`) or fp8 with the contract of `sdpa_attention`, or None
+    where it cannot run on the current device (`fa3_unavailable_reason` says why).
+
+    strict: raise instead of running SDPA for inputs the kernel does not take, shapes it failed on,
+    and (fp8) short key sequences: for the self-check and the benchmark, which must measure this
+    kernel and nothing else."""
+    if fa3_unavailable_reason() is not None:
+        return None
+    flash_attn_func = _flash_attn_func()
+
+    if not fp8:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return _output(flash_attn_func(q, k, v))
+    else:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q8, k8, v8, dq, dk, dv = _quantize_qkv_heads(q, k, v)
+            out = _output(flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv))
+            return out if out.dtype == q.dtype else out.to(q.dtype)
+
+    return _guarded(fp8, strict, run)
