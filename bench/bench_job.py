@@ -136,6 +136,9 @@ def main() -> int:
     t0 = time.perf_counter()
     pipe = build_pipeline(dev)
     build_s = time.perf_counter() - t0
+    from wan_lite.runtime.attention_select import select_attention
+
+    attention = select_attention(dev).note  # the kernel the engine picks for these (bf16) plans
     records = []
     for case, the_plan, cap in (("low-vram", low, args.cap_gib), ("resident", resident, None)):
         try:
@@ -144,7 +147,7 @@ def main() -> int:
             rec = {"error": f"{type(err).__name__}: {err}"}
         rec.update(case=f"ti2v-5b job 1280x704x121 {case}", planned_peak_vram_gib=the_plan.peak_vram_gib,
                    gpu=torch.cuda.get_device_name(0), torch=torch.__version__,
-                   date=dt.date.today().isoformat(), build_s=build_s)
+                   date=dt.date.today().isoformat(), build_s=build_s, attention=attention)
         records.append(rec)
         print(json.dumps(rec), flush=True)
         args.out.write_text(json.dumps(records, indent=2))

@@ -320,10 +320,11 @@ class Engine:
         return self._pipe
 
     def _use_attention(self, plan: Any) -> None:
-        """Activate the attention kernel for `plan` on a GPU: SDPA or SageAttention as
-        `select_attention` decides; with WAN_LITE_FP8_ATTENTION=1 and the fp8 compute path, cuDNN's
-        fp8 attention where it is installed, correct and faster (opt-in: it doubles the fp8 path's
-        error, docs/benchmarks.md). Each choice is made once per engine."""
+        """Activate the attention kernel for `plan` on a GPU: SDPA, SageAttention or
+        FlashAttention-3 as `select_attention` decides; with WAN_LITE_FP8_ATTENTION=1 and the fp8
+        compute path, an fp8 attention kernel (FlashAttention-3's or cuDNN's) where one is
+        installed, correct and faster (opt-in: it doubles the fp8 path's error,
+        docs/benchmarks.md). Each choice is made once per engine."""
         if not self._gpu():
             return
         from wan_lite.models.attention import set_attention_backend
