@@ -13,14 +13,10 @@ import types
 import pytest
 import torch
 
+from tests.test_fp8_attention import _qkv, _rel_l2
 from wan_lite.models import attention as attn_mod
 from wan_lite.runtime import attention_select as sel
 from wan_lite.runtime import fa3_attention as fa3
-
-
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
 
 # ------------------------------------------------------------------------------ CPU
 
@@ -205,12 +201,6 @@ def kernels():
     if fa3.fa3_unavailable_reason() is not None:
         pytest.skip(f"FlashAttention-3: {fa3.fa3_unavailable_reason()}")
     return {"bf16": fa3.fa3_backend(strict=True), "fp8": fa3.fa3_backend(fp8=True, strict=True)}
-
-
-def _qkv(lq: int, lk: int, heads: int = 4, batch: int = 2, seed: int = 0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return tuple(torch.randn(batch, n, heads, 128, generator=gen, device="cuda").to(torch.bfloat16)
-                 for n in (lq, lk, lk))
 
 
 @pytest.mark.gpu

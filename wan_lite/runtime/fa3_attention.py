@@ -40,7 +40,7 @@ import torch
 
 from wan_lite.models.attention import AttentionFn, sdpa_attention
 from wan_lite.models.fused import Fused
-from wan_lite.runtime.fp8_attention import _E4M3_MAX, _MIN_AMAX, MIN_KEYS, _first_line
+from wan_lite.runtime.fp8_attention import _E4M3_MAX, _MIN_AMAX, MIN_KEYS, _first_line, input_refusal
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +80,27 @@ def _flash_attn_func() -> Callable[..., Any]:
     raise ModuleNotFoundError("FlashAttention-3 is not installed")
 
 
+def _capability(device: torch.device | str | None) -> tuple[int, int] | None:
+    """`device`'s compute capability (default: the current CUDA device); None when it is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        return None
+    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    if dev.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
 def fa3_unavailable_reason(device: torch.device | str | None = None) -> str | None:
     """Why FlashAttention-3 cannot run on `device` (default: the current CUDA device), as a clause
     for a note ("it ..."); None when it can. The GPU is asked first: on anything but Hopper the
     package is not even imported."""
     if not torch.cuda.is_available():
         return "it needs a CUDA GPU and none is available"
-    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    if dev.type != "cuda":
-        return f"it needs a CUDA GPU (running on {dev})"
-    major, minor = torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())
-    if major != 9:
-        return f"it runs on Hopper GPUs (compute capability 9.x) only; this one is {major}.{minor}"
+    capability = _capability(device)
+    if capability is None:
+        return f"it needs a CUDA GPU (running on {device})"
+    if capability[0] != 9:
+        return f"it runs on Hopper GPUs (compute capability 9.x) only; this one is {capability[0]}.{capability[1]}"
     try:
         _flash_attn_func()
     except ModuleNotFoundError:
@@ -103,12 +112,8 @@ def fa3_unavailable_reason(device: torch.device | str | None = None) -> str | No
 
 def is_hopper(device: torch.device | str | None = None) -> bool:
     """Whether `device` is a CUDA GPU of compute capability 9.x (where FlashAttention-3 would run)."""
-    if not torch.cuda.is_available():
-        return False
-    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    if dev.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())[0] == 9
+    capability = _capability(device)
+    return capability is not None and capability[0] == 9
 
 
 # ------------------------------------------------------------------------------------------
@@ -145,22 +150,7 @@ _quantize_qkv_heads = Fused(_quantize_qkv_heads_eager, exact_casts=False)
 
 def _refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why these inputs are not for FlashAttention-3; None when they are."""
-    if not (q.is_cuda and k.is_cuda and v.is_cuda) or not (q.device == k.device == v.device):
-        return "the tensors are not all on one CUDA device"
-    if q.dtype not in _DTYPES or not (k.dtype == v.dtype == q.dtype):
-        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (bf16 only)"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k and v are not [batch, tokens, heads, head_dim]"
-    b, lq, h, d = q.shape
-    if d not in HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
-        return f"head size {d} (FlashAttention-3 is offered for {', '.join(map(str, HEAD_DIMS))})"
-    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != h:
-        return f"k {list(k.shape)} and v {list(v.shape)} do not fit q {list(q.shape)}"
-    if min(b, lq, h, k.shape[1]) < 1:
-        return "an empty dimension"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return "autograd needs a gradient (these kernels are forward only)"
-    return None
+    return input_refusal(q, k, v, _DTYPES, HEAD_DIMS)
 
 
 _LOCK = threading.Lock()

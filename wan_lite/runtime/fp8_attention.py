@@ -332,23 +332,34 @@ def _graph_for(cudnn: Any, handle: Any, key: tuple, dims: dict, strides: dict, o
 # The kernel
 
 
-def _refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why these inputs are not for the fp8 kernel; None when they are."""
+def input_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple[torch.dtype, ...],
+                  head_dims: tuple[int, ...]) -> str | None:
+    """Why q, k, v are not inputs of a forward-only CUDA attention kernel that takes `dtypes` and
+    `head_dims` in our [batch, tokens, heads, head_dim] layout; None when they are."""
     if not (q.is_cuda and k.is_cuda and v.is_cuda) or not (q.device == k.device == v.device):
         return "the tensors are not all on one CUDA device"
-    if q.dtype not in (torch.bfloat16, torch.float16) or not (k.dtype == v.dtype == q.dtype):
-        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (bf16 or fp16 only)"
+    if q.dtype not in dtypes or not (k.dtype == v.dtype == q.dtype):
+        names = " or ".join(str(t).removeprefix("torch.") for t in dtypes)
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} ({names} only)"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k and v are not [batch, tokens, heads, head_dim]"
     b, lq, h, d = q.shape
-    if d != HEAD_DIM or k.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
-        return f"head size {d} (this kernel is offered for {HEAD_DIM} only)"
+    if d not in head_dims or k.shape[-1] != d or v.shape[-1] != d:
+        return f"head size {d} (this kernel is offered for {', '.join(map(str, head_dims))} only)"
     if k.shape != v.shape or k.shape[0] != b or k.shape[2] != h:
         return f"k {list(k.shape)} and v {list(v.shape)} do not fit q {list(q.shape)}"
     if min(b, lq, h, k.shape[1]) < 1:
         return "an empty dimension"
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return "autograd needs a gradient (the fp8 kernel is forward only)"
+        return "autograd needs a gradient (this kernel is forward only)"
+    return None
+
+
+def _refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these inputs are not for the fp8 kernel; None when they are."""
+    why = input_refusal(q, k, v, (torch.bfloat16, torch.float16), (HEAD_DIM,))
+    if why is not None:
+        return why
     if not _capable(q.device.index):
         return f"{q.device} has compute capability below {_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]}"
     return None
