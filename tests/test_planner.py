@@ -15,7 +15,7 @@ from wan_lite.errors import WanLiteError
 from wan_lite.models.dit import WanDiT, WanDiTConfig
 from wan_lite.runtime.hardware import Hardware, ProfileError, get_profile, load_profiles
 from wan_lite.runtime.plan_cli import add_plan_parser, run_plan
-from wan_lite.runtime.planner import QUANTS, ModelFootprint, PlanRequest, leaner, plan
+from wan_lite.runtime.planner import QUANTS, ModelFootprint, PlanRequest, _evaluate, leaner, plan
 
 MODELS = ("ti2v-5b", "t2v-a14b", "i2v-a14b")
 VRAMS = (4, 6, 8, 12, 16, 24, 80)
@@ -322,3 +322,29 @@ def test_forced_fp32_vae_is_tiled_rather_than_dropped() -> None:
     prof = get_profile("80 GB VRAM (datacenter)")
     p = plan(ModelFootprint.full_size("ti2v-5b"), (1280, 704, 121), Hardware.fake(12, 64), profile=prof)
     assert p.vae_dtype == "fp32" and p.vae_tile is not None and dict(p.stage_vram_gib)["decode"] <= p.usable_vram_gib
+
+
+def test_fp8_attention_counts_its_fp8_copies_of_q_k_v(monkeypatch) -> None:
+    """Opting into fp8 attention (WAN_LITE_FP8_ATTENTION=1) adds the fp8 q, k and v beside the bf16
+    ones to the denoise peak (A14B 720p: 3 bytes x 75600 tokens x 5120 = 1.08 GiB, as measured)
+    and only on plans that compute in fp8; the plan command reads the same switch."""
+    m = ModelFootprint.full_size("t2v-a14b")
+    hw = Hardware.fake(80, 64)
+    forced = "8 GB VRAM / 32 GB RAM"
+    off = plan(m, PlanRequest(1280, 720, 81), hw, profile=forced)
+    on = plan(m, PlanRequest(1280, 720, 81, fp8_attention=True), hw, profile=forced)
+    assert off.fp8_compute and on.fp8_attention and not off.fp8_attention and "fp8 attention" in on.summary()
+    assert on.fits and on.peak_vram_gib <= on.usable_vram_gib  # the plan made room for them
+    same = _evaluate(m, PlanRequest(1280, 720, 81), on.hardware, on.choices)  # the same choices without
+    extra = dict(on.stage_vram_gib)["denoise"] - dict(same.stage_vram_gib)["denoise"]
+    fp8_qkv = 3 * 75600 * 5120 / 2**30  # the attention moment becomes the peak: up by nearly all of it
+    assert 0.9 * fp8_qkv <= extra <= fp8_qkv + 0.001
+    assert on.seconds_estimate < same.seconds_estimate  # fp8 attention is faster
+    no_fp8 = plan(m, PlanRequest(1280, 720, 81, fp8_attention=True), Hardware.fake(80, 64, (8, 6)), profile=forced)
+    assert not no_fp8.fp8_attention  # int8 on a GPU without fp8 tensor cores: nothing to count
+    argv = ("--model", "t2v-a14b", "--size", "1280x720", "--frames", "81", "--vram-gb", "80", "--ram-gb", "64",
+            "--profile", forced, "--json")
+    monkeypatch.setenv("WAN_LITE_FP8_ATTENTION", "1")
+    assert json.loads(_cli(*argv)[1])["fp8_attention"]
+    monkeypatch.delenv("WAN_LITE_FP8_ATTENTION")
+    assert not json.loads(_cli(*argv)[1])["fp8_attention"]

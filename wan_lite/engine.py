@@ -22,8 +22,13 @@ from wan_lite.registry import MODELS, get_spec
 
 log = logging.getLogger(__name__)
 
-# Set to 1 to let the fp8 compute path use cuDNN's fp8 attention (README, Memory).
+# Set to 1 to let the fp8 compute path use an fp8 attention kernel (README, Memory).
 FP8_ATTENTION_ENV = "WAN_LITE_FP8_ATTENTION"
+
+
+def fp8_attention_opted_in() -> bool:
+    """Whether the user set WAN_LITE_FP8_ATTENTION=1 (plans then count fp8 attention's memory)."""
+    return os.environ.get(FP8_ATTENTION_ENV) == "1"
 
 
 @dataclass
@@ -263,7 +268,8 @@ class Engine:
         w, h = (request.width or spec.default_size[0], request.height or spec.default_size[1])
         req = PlanRequest(w, h, request.frames or spec.frames, steps=request.steps or spec.steps,
                           image=bool(request.image) or spec.needs_image,
-                          cfg=(request.guidance if request.guidance is not None else spec.guidance[0]) != 1)
+                          cfg=(request.guidance if request.guidance is not None else spec.guidance[0]) != 1,
+                          fp8_attention=fp8_attention_opted_in())
         profile = None if request.memory_profile in (None, "", "auto") else request.memory_profile
         hw = Hardware.probe(self.models_root if self.models_root.is_dir() else ".")
         return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
@@ -330,7 +336,7 @@ class Engine:
         from wan_lite.models.attention import set_attention_backend
         from wan_lite.runtime import attention_select
 
-        fp8 = bool(plan is not None and plan.fp8_compute and os.environ.get(FP8_ATTENTION_ENV) == "1")
+        fp8 = bool(plan is not None and plan.fp8_attention)
         if fp8 not in self._attention:
             pick = attention_select.select_fp8_attention if fp8 else attention_select.select_attention
             self._attention[fp8] = pick(self.device or "cuda")

@@ -26,6 +26,7 @@ class K:
     residual_d = 4.0  # the fp32 residual stream x [B, L, D]
     input_d = 2.0  # block 0's bf16 input (the patch embedding) alive beside it
     qkv_d, attn_out_d = 6.0, 2.0  # q, k, v and the attention output, bf16, whole sequence
+    qkv_fp8_d = 3.0  # fp8 attention: q, k, v quantized beside them (A14B 720p measured +1.08 GiB)
     attn_chunk_d = 13.1  # per chunk token: modulated input, projections, norms
     rope_chunk_d, rope_chunk = 14.7, 4096  # float64 RoPE temporaries of dit.py's 4096-token chunk
     ffn_chunk_d, ffn_chunk_f = 6.0, 4.0  # per chunk token: input, gated add (x D); hidden + GELU (x F)
@@ -52,6 +53,7 @@ class K:
     vram_margin, ram_margin = (0.25 * GIB, 0.04), (1.0 * GIB, 0.03)  # fixed + share of the total
     pin_fraction = 0.5  # pin at most this share of available RAM (pinned pages stall the OS)
     fp8_gain = 1.6  # fp8 tensor cores on the Linear layers
+    fp8_attention_gain = 1.3  # FlashAttention-3 fp8 over bf16 at the DiT's shapes (bench_attention, H200)
     dequant_cost = 1.03  # int8/fp8 weights dequantized per layer before a bf16 GEMM
     batch2_gain = 0.98  # one batch of 2 vs two passes
     chunk_cost = 0.004  # per chunk (measured +0.55 %/chunk on 5B, +0.07 % on A14B)

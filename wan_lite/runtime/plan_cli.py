@@ -67,6 +67,7 @@ def _hardware(args: argparse.Namespace) -> Any:
 
 def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run `plan` for parsed arguments; returns the exit status."""
+    from wan_lite.engine import fp8_attention_opted_in
     from wan_lite.runtime.hardware import load_profiles
     from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
 
@@ -78,7 +79,7 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     spec = get_spec(args.model)
     width, height = _size(args.size) if args.size else spec.default_size
     request = PlanRequest(width, height, args.frames or spec.frames, steps=args.steps,
-                          image=args.image or spec.needs_image)
+                          image=args.image or spec.needs_image, fp8_attention=fp8_attention_opted_in())
     p = plan(ModelFootprint.full_size(spec.name), request, _hardware(args), profile=args.profile)
     if args.json:
         json.dump(p.to_json(), out, indent=2)

@@ -17,7 +17,8 @@ Memory model. L = F_lat*(h/2)*(w/2) tokens (F_lat = 1+(frames-1)//4, h, w = H, W
 c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
 - DiT activations = B*(max(sdpa, proj, ffn) + 512*(4096+D)*2) + L*1024 (float64 RoPE tables), with
   base = 4*D*L (fp32 residual; +2*D*L for block 0's bf16 input unless `chunked_attention`),
-  sdpa = base + 8*D*L (q, k, v and the output in bf16; flash/SDPA needs no L^2),
+  sdpa = base + 8*D*L (q, k, v and the output in bf16; flash/SDPA needs no L^2; +3*D*L for their
+  fp8 copies with `PlanRequest.fp8_attention` and fp8 compute),
   proj = base + 6*D*L + D*(13.1*c + 14.7*min(c, 4096)) (chunked projections, fp64 RoPE chunk;
   c -> L where the attention is not chunked), ffn = base + c*(6*D + 4*F) (hidden + GELU in bf16).
 - DiT weights on the GPU = non-block (bf16) + all n blocks, or r resident + (prefetch+1) streaming
@@ -34,8 +35,8 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   expert if "ram" + VAE + umT5 (the streamer's packed copy while encoding, kept after only with
   keep_text_encoder; a memory-mapped file otherwise) + the decoded video (fp32 + uint8).
 - Usable = free VRAM - (0.25 GiB + 4 % of total); available RAM - (1 GiB + 3 % of total).
-Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention)
-FLOP at `Hardware.speed()`; 2 forwards per step with CFG; streaming costs max(compute, transfer)
+Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention;
+x1.3 with fp8 attention) FLOP at `Hardware.speed()`; 2 forwards per step with CFG; streaming costs max(compute, transfer)
 + one block. VAE and umT5 from measured seconds scaled by throughput; disk reads at DISK_GBPS.
 """
 
@@ -66,6 +67,7 @@ class PlanRequest:
     steps: int | None = None
     cfg: bool = True
     image: bool = False
+    fp8_attention: bool = False  # the user opted in (WAN_LITE_FP8_ATTENTION=1): fp8 q, k, v with fp8 compute
 
     @classmethod
     def of(cls, request: Any) -> PlanRequest:
@@ -124,6 +126,7 @@ class Plan(Choices):
     fits: bool = False
     reason: str | None = None
     fp8_compute: bool = False
+    fp8_attention: bool = False  # fp8 compute with the fp8 attention the request opted into
     peak_vram_gib: float = 0.0
     peak_ram_gib: float = 0.0
     stage_vram_gib: tuple[tuple[str, float], ...] = ()
@@ -145,7 +148,8 @@ class Plan(Choices):
         """One log line: the request, the choices, peaks against what is usable, time, device."""
         m, r, hw = self.model, self.request, self.hardware
         n = m.num_layers if m else 0
-        parts = [self.quantization + (" (fp8 compute)" if self.fp8_compute else ""),
+        parts = [self.quantization + (" (fp8 compute" + (", fp8 attention)" if self.fp8_attention else ")")
+                                      if self.fp8_compute else ""),
                  f"{self.resident_blocks}/{n} blocks resident" + (
                      f", prefetch {self.prefetch} from {'pinned' if self.pinned else 'pageable'} RAM"
                      if self.resident_blocks < n else ""),
@@ -184,14 +188,15 @@ def _usable(hw: Hardware) -> tuple[float, float]:
     return (max(0.0, vram) if hw.has_gpu else 0.0), max(0.0, ram)
 
 
-def _act(m: ModelFootprint, g: _Geo, batch: int, chunk: int | None) -> float:
-    """DiT activation peak of one forward in bytes: the largest of the attention (SDPA) moment,
-    the chunked q/k/v projection and the chunked FFN, + RoPE tables and the text context."""
+def _act(m: ModelFootprint, g: _Geo, batch: int, chunk: int | None, fp8_attention: bool = False) -> float:
+    """DiT activation peak of one forward in bytes: the largest of the attention (SDPA) moment
+    (with `fp8_attention`, the fp8 copies of q, k and v beside the bf16 ones), the chunked q/k/v
+    projection and the chunked FFN, + RoPE tables and the text context."""
     L, d, f = g.tokens, m.dim, m.ffn_dim
     c = min(chunk or L, L)
     # a lean DiT casts the patch embedding to fp32 once, so block 0 holds no bf16 copy beside x
     base = L * d * (K.residual_d + (0.0 if m.chunked_attention else K.input_d))
-    sdpa = base + L * d * (K.qkv_d + K.attn_out_d)
+    sdpa = base + L * d * (K.qkv_d + K.attn_out_d + (K.qkv_fp8_d if fp8_attention else 0.0))
     proj = base + L * d * K.qkv_d + d * ((c if m.chunked_attention else L) * K.attn_chunk_d
                                          + min(c, K.rope_chunk) * K.rope_chunk_d)
     ffn = base + c * (d * K.ffn_chunk_d + f * K.ffn_chunk_f)
@@ -249,8 +254,9 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
     """Stage VRAM (bytes), RAM peak (bytes) and stage seconds of fully specified choices."""
     g, gpu, sp = _Geo.of(m, r), hw.has_gpu, hw.speed()
     fp8c = ch.quantization == "fp8" and hw.fp8_tensor_cores
+    fp8a = fp8c and r.fp8_attention
     batch = 2 if ch.cfg_batch and r.cfg else 1
-    act = _act(m, g, batch, ch.ffn_chunk_tokens)
+    act = _act(m, g, batch, ch.ffn_chunk_tokens, fp8a)
     latents = K.latent_copies * math.prod(g.lat) * max(m.in_dim, m.out_dim) * 4
     dit_all = (m.expert_bytes(ch.quantization) * (2 if ch.idle_expert == "gpu" else 1)) if ch.keep_resident else 0
     vram: dict[str, float] = {}
@@ -281,7 +287,7 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
     tflops = sp.tflops * 1e12
     lin = (2 * L * (6 * d * d + 2 * d * f) + 2 * 512 * 2 * d * d) * n
     attn = (4 * L * L * d + 4 * L * 512 * d) * n
-    fwd = lin / (tflops * (K.fp8_gain if fp8c else 1.0)) + attn / tflops
+    fwd = lin / (tflops * (K.fp8_gain if fp8c else 1.0)) + attn / (tflops * (K.fp8_attention_gain if fp8a else 1.0))
     fwd *= (K.dequant_cost if ch.quantization != "bf16" and not fp8c else 1.0)
     fwd *= 1 + K.chunk_cost * math.ceil(L / min(ch.ffn_chunk_tokens or L, L))
     passes = 2 if r.cfg else 1
@@ -311,7 +317,7 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
             "decode": scale * r.frames * K.vae_decode_s[m.vae_version, ch.vae_dtype]}
     if r.image:
         secs["encode"] = scale * (r.frames if m.encodes_video else 1) * K.vae_encode_s[m.vae_version, ch.vae_dtype]
-    return {"vram": vram, "ram": ram, "secs": secs, "fp8c": fp8c}
+    return {"vram": vram, "ram": ram, "secs": secs, "fp8c": fp8c, "fp8a": fp8a}
 
 
 def _evaluate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices, profile: str | None = None) -> Plan:
@@ -324,7 +330,7 @@ def _evaluate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices, prof
         extra.append("fp8 on a GPU without fp8 tensor cores (compute capability < 8.9): storage only.")
     if not hw.has_gpu:
         extra.append("No CUDA GPU: everything runs on the CPU, which takes hours.")
-    return Plan(**asdict(ch), fits=fits, fp8_compute=e["fp8c"], peak_vram_gib=round(peak_v / GIB, 3),
+    return Plan(**asdict(ch), fits=fits, fp8_compute=e["fp8c"], fp8_attention=e["fp8a"], peak_vram_gib=round(peak_v / GIB, 3),
                 peak_ram_gib=round(e["ram"] / GIB, 3),
                 stage_vram_gib=tuple((k, round(v / GIB, 3)) for k, v in e["vram"].items()),
                 usable_vram_gib=round(uv / GIB, 3), usable_ram_gib=round(ur / GIB, 3),
