@@ -441,3 +441,19 @@ def test_traced_decode_memory_matches_the_model(version, monkeypatch):
         vae.decode(z)  # untiled, whole chunks, the whole video on the device
     model = estimate_decode_bytes(vae, shape, None, torch.bfloat16) - tiled_vae.FIXED_BYTES
     assert trace.peak <= model <= 1.1 * trace.peak
+
+
+@pytest.mark.gpu
+def test_cuda_free_bytes_respect_the_process_memory_fraction():
+    """Under `set_per_process_memory_fraction` (how the benchmarks cap the GPU) the free memory
+    that tile choice sees is the cap's, not the device's."""
+    _, total = torch.cuda.mem_get_info(0)
+    held = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    try:
+        torch.cuda.set_per_process_memory_fraction(0.25, 0)
+        capped = tiled_vae.free_device_bytes("cuda:0")
+        assert capped == int(0.25 * total) - torch.cuda.memory_allocated(0)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert tiled_vae.free_device_bytes("cuda:0") > capped
+    del held

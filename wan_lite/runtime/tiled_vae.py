@@ -499,12 +499,18 @@ def choose_tile(vae: Any, latent_shape: tuple[int, ...], free_bytes: int, dtype:
 
 def free_device_bytes(device: torch.device | str) -> int | None:
     """Bytes a new allocation can get on `device` (CUDA: free memory plus what torch's cache
-    holds unused); None for the CPU (no tiling needed)."""
+    holds unused, within `torch.cuda.set_per_process_memory_fraction`'s cap); None for the CPU
+    (no tiling needed)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d: 1.0)(device)
+    if fraction < 1.0:  # the allocator refuses to reserve past fraction x total
+        available = min(available, int(fraction * total) - allocated)
+    return max(0, available)
 
 
 # ------------------------------------------------------------------------------------ OOM retry
