@@ -167,11 +167,27 @@ def idle_decoder_bytes(vae: Any) -> int:
     return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor's copy in pinned CPU memory (pageable when pinning fails), same strides.
+    Pinned, the copy out is asynchronous and several times faster than into pageable memory
+    (H200: 240 MB of decoder weights took 170 ms pageable), and so is the way back."""
+    if not t.is_cuda:
+        return t
+    try:
+        host = torch.empty_like(t, device="cpu", pin_memory=True)
+    except RuntimeError:  # no page-locked memory to be had
+        return t.to("cpu")
+    return host.copy_(t, non_blocking=True)  # stream-ordered: whatever reuses t's memory runs after
+
+
 def _move(module: nn.Module, device: torch.device | str) -> None:
     # Outside inference mode: moved there, the parameters would come back as inference tensors,
     # which later in-place updates (a weight reload) outside inference mode may not touch.
     with torch.inference_mode(False):
-        module.to(device)
+        if torch.device(device).type == "cpu":
+            module._apply(_to_host)
+        else:
+            module.to(device, non_blocking=True)
 
 
 _PARKED = "_wan_lite_parked"  # attribute of a VAE: [(module, device)] still waiting in CPU memory
