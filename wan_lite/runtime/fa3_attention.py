@@ -127,7 +127,9 @@ def _quantize_heads_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     One scale per batch entry and head: the multiplier m = 448 / amax is rounded to x's dtype (the
     multiply runs in it) and kept below that dtype's largest value, so each head's amax element
     lands on 448 and descale = 1 / m is amax / 448 up to m's rounding."""
-    amax = x.abs().amax(dim=(1, 3)).float()
+    # max |x| over each token's head vector (contiguous rows), then over tokens: the same value as
+    # one reduction over (L, D), which compiles to a slow strided kernel (H200: 3 ms per A14B block)
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=3).amax(dim=1).float()
     mult = (_E4M3_MAX / amax.clamp(min=_MIN_AMAX)).clamp(max=torch.finfo(x.dtype).max).to(x.dtype)
     x8 = (x * mult[:, None, :, None]).to(torch.float8_e4m3fn)
     return x8, mult.float().reciprocal()
