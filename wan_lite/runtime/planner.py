@@ -36,8 +36,8 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   keep_text_encoder; a memory-mapped file otherwise) + the decoded video (fp32 + uint8).
 - Usable = free VRAM - (0.25 GiB + 4 % of total); available RAM - (1 GiB + 3 % of total).
 Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention;
-x1.3 with fp8 attention) FLOP at `Hardware.speed()`; 2 forwards per step with CFG; streaming costs max(compute, transfer)
-+ one block. VAE and umT5 from measured seconds scaled by throughput; disk reads at DISK_GBPS.
+x1.3 with fp8 attention) FLOP at `Hardware.speed()`; 2 forwards per step with CFG; streaming
+costs max(compute, transfer) + one block. VAE and umT5 from measured seconds scaled by throughput; disk reads at DISK_GBPS.
 """
 
 from __future__ import annotations
