@@ -5,8 +5,9 @@
 Builds the full-size Wan 2.2 VAE (random weights, as bench_vae.py; the encoder's weights in CPU
 memory), decodes z [1, 48, 31, 44, 80] (1280x704, 121 frames) and prints the seconds of:
 the untiled decode (video left on the GPU, then with the copy to CPU memory), the decoder's
-global middle pass alone, the tiled decode into CPU memory and into GPU memory; the GPU time of
-each decoder level in the untiled and the tiled decode (CUDA events); then the
+global pass alone (conv1, middle, first upsampling level), the tiled decode into CPU memory and
+into GPU memory; the GPU time of each decoder level in the untiled and the tiled decode (CUDA
+events); then the
 profiler's tables (CUDA kernels; CPU ops by self time) for the tiled decode into CPU memory,
 with the GPU's busy time against the wall time; last, both again with cudnn.benchmark on.
 """
@@ -95,7 +96,7 @@ def main() -> int:
     runs = {
         "untiled (video on GPU)": lambda: vae.decode(z),
         "untiled + copy to CPU": lambda: vae.decode(z).cpu(),
-        "decoder middle (global pass)": lambda: tiled_vae.decoder_middle(vae, z, pin=True),
+        "low-res part (global pass)": lambda: tiled_vae.decoder_low_res(vae, z, pin=True),
         "tiled into CPU memory": tiled("cpu"),
         "tiled into GPU memory": tiled("cuda"),
     }

@@ -302,15 +302,31 @@ class Decoder3d(nn.Module):
         time_up = [i for i, layer in enumerate(upsamples) if any(
             isinstance(m, Resample) and m.mode == "upsample3d" for m in layer.modules())]
         self.time_local_from = time_up[-1] + 1 if time_up else 0  # first level without time upsampling
+        up = [i for i, layer in enumerate(upsamples) if any(
+            isinstance(m, Resample) and m.mode.startswith("upsample") for m in layer.modules())]
+        # `upsamples[:low_res_end]` run at the latent's resolution, up to and including the first
+        # upsampling (Wan 2.2: level 0; Wan 2.1: its three ResidualBlocks and Resample)
+        self.low_res_end = min(up[0] + 1 if up else 0, self.time_local_from)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """[B, z, 1, h, w] -> [B, out, 1 (first chunk) or 4, 8h, 8w] (3 levels up)."""
         return self.upsample(self.middle(self.conv1(x, cache), cache), cache)
 
-    def upsample(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """The part after `middle`: upsamples and head, [B, C_top, 1, h, w] -> [B, out, 1 or 4, 8h, 8w].
-        A tiler calls it with its crop of a `middle` output computed over the whole latent."""
-        for layer in self.upsamples[: self.time_local_from]:
+    def low_res(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """conv1, middle and `upsamples[:low_res_end]`: [B, z, 1, h, w] -> [B, C, 1 or 2, 2h, 2w], the
+        part a tiler runs once over the whole latent (global attention, small convolutions)."""
+        x = self.middle(self.conv1(x, cache), cache)
+        for layer in self.upsamples[: self.low_res_end]:
+            x = layer(x, cache)
+        return x
+
+    def upsample(self, x: torch.Tensor, cache: FeatureCache, start: int = 0) -> torch.Tensor:
+        """The part after `middle` from `upsamples[start]` on (start <= `time_local_from`), and the
+        head: [B, C_top, 1, h, w] -> [B, out, 1 or 4, 8h, 8w] for start 0. A tiler calls it with its
+        crop of a `low_res` output computed over the whole latent, start `low_res_end`."""
+        if not 0 <= start <= self.time_local_from:
+            raise ValueError(f"upsample start {start} is not in [0, {self.time_local_from}]")
+        for layer in self.upsamples[start : self.time_local_from]:
             x = layer(x, cache)
         time_local = [*self.upsamples[self.time_local_from :], self.head]
         n = self.frame_chunk

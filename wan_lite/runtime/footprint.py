@@ -42,8 +42,14 @@ class K:
     vae_decode_s = {("2.2", "bf16"): 0.038, ("2.2", "fp32"): 0.071, ("2.1", "bf16"): 0.037, ("2.1", "fp32"): 0.072}
     vae_encode_s = {("2.2", "bf16"): 0.013, ("2.2", "fp32"): 0.029, ("2.1", "bf16"): 0.026, ("2.1", "fp32"): 0.047}
     ref_tflops = 450.0  # our DiT's measured rate on that H200 (410-480)
-    # share of the decoder's weights (conv1 + middle) a tiled decode keeps in CPU memory during the tiles
-    vae_decoder_idle_share = {"2.2": 0.214, "2.1": 0.228}
+    # share of the decoder's weights (conv1, middle, first upsampling level) a tiled decode keeps in
+    # CPU memory during the tiles (2.2: 609 of 1110 MB; 2.1: 84 of 147 MB)
+    vae_decoder_idle_share = {"2.2": 0.548, "2.1": 0.574}
+    # a tiled decode's global pass over the whole frame (tiled_vae.LOW_RES_PX_PER_BYTE x dtype bytes)
+    vae_low_res_px = {("2.2", "bf16"): 360, ("2.2", "fp32"): 720, ("2.1", "bf16"): 470, ("2.1", "fp32"): 940}
+    # its output, the tiles' input, in RAM per video pixel-frame and dtype byte (2.2: 1024 channels
+    # x 2 frames at 1/8 scale per 4 video frames; 2.1: 192 channels at 1/4 scale)
+    vae_low_res_ram_px = {"2.2": 8.0, "2.1": 6.0}
     vae_tiles = (1024, 768, 512, 384, 256, 192, 128)
     vae_tile_overlap = 64  # pixels a tiler overlaps: decode time x (1 + overlap/tile)^2
     t5_act = 0.35 * GIB  # two prompts of 512 tokens, 64 heads: scores and hidden states

@@ -28,7 +28,9 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   row, biases/norms bf16, modulation fp32.
 - VAE = weights + tile^2 (or H*W) * per-pixel bytes of one latent frame (K.vae_decode_px, causal
   cache included; ~8 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video); a
-  tiled decode holds the decoder without conv1 and middle (K.vae_decoder_idle_share) during tiles.
+  tiled decode first runs the decoder's low-resolution part over the whole frame (weights +
+  H*W * K.vae_low_res_px), then holds the decoder without that part (K.vae_decoder_idle_share)
+  during the tiles, that part's output in RAM (K.vae_low_res_ram_px per pixel-frame).
 - umT5 (5.68e9 params; bf16 11.4 GB, int8 blocks + bf16 embedding 6.7 GB): "gpu" whole, "stream"
   two blocks (embedding lookup on the CPU), "cpu" nothing; + K.t5_act.
 - RAM = K.ram_base + active expert (none with keep_resident: loaded straight to the GPU) + idle
@@ -241,8 +243,9 @@ def _vae_vram(m: ModelFootprint, r: PlanRequest, ch: Choices, part: str) -> floa
         s = m.vae_stride[1]
         px = _tile_side(r.height, ch.vae_tile, s) * _tile_side(r.width, ch.vae_tile, s)
         weights = m.vae_bytes(part, ch.vae_dtype)  # all of them for the global pass; a part off for the tiles
+        low_res = weights + r.height * r.width * K.vae_low_res_px[m.vae_version, ch.vae_dtype]
         tiles = weights * (1 - K.vae_decoder_idle_share[m.vae_version])
-        return max(weights, tiles + px * K.vae_tiled_decode_px[m.vae_version, ch.vae_dtype])
+        return max(low_res, tiles + px * K.vae_tiled_decode_px[m.vae_version, ch.vae_dtype])
     px = (min(ch.vae_tile, r.height) * min(ch.vae_tile, r.width)) if ch.vae_tile else r.height * r.width
     frames = r.frames if part == "decoder" or m.encodes_video else 1
     per_px = (K.vae_decode_px if part == "decoder" else K.vae_encode_px)[m.vae_version, ch.vae_dtype]
@@ -278,6 +281,9 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
     copied = ch.text_encoder == "stream" or (ch.text_encoder == "cpu" and ch.text_encoder_quant != "bf16")
     while_encoding = max(kept, t5 if copied else 0)
     video = r.frames * r.width * r.height * K.video_ram_px
+    if ch.vae_tile and gpu:  # the tiles' input: the global pass's features, in CPU memory
+        low_res_px = K.vae_low_res_ram_px[m.vae_version] * (4 if ch.vae_dtype == "fp32" else 2)
+        video += r.frames * r.width * r.height * low_res_px
     cpu_act = 0.0 if gpu else act + latents
     cpu_vae = 0.0 if gpu else _vae_vram(m, r, ch, "decoder") - m.vae_bytes("decoder", ch.vae_dtype)
     ram = held + max(while_encoding, kept + cpu_act, kept + video + cpu_vae)

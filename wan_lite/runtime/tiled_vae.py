@@ -11,9 +11,12 @@ exact): its causal caches are then most of a tile's memory.
 Two things make tiles match the untiled decode closely (tests: tiny random VAEs, both versions):
 - Global attention. The decoder's `middle` (ResidualBlock, per-frame spatial self-attention over
   the whole frame, ResidualBlock) runs at latent resolution, where it is cheap. It is computed
-  once over the whole latent (kept in CPU memory) and each tile runs the rest of the decoder
-  (`Decoder3d.upsample`) from its crop: otherwise every tile would attend over itself only and
-  differ everywhere, not just near its border. The encoder's attention is at its end: tiles run
+  once over the whole latent, with conv1 before it and the first upsampling level after it
+  (`Decoder3d.low_res`, kept in CPU memory), and each tile runs the rest of the decoder
+  (`Decoder3d.upsample` from `low_res_end`) from its crop: otherwise every tile would attend over
+  itself only and differ everywhere, not just near its border. (Running the first level once
+  also saves time: in tiles its small convolutions took 3x their untiled time on an H200, and
+  the overlap made them redundant work.) The encoder's attention is at its end: tiles run
   the encoder up to `middle[0]` (captured by a hook), those features are blended, and the rest of
   the encoder (attention, ResidualBlock, head) runs once over the whole latent.
 - Blending. Along each axis a tile's weight is 0 in the outer quarter of each overlap (the part
@@ -61,6 +64,11 @@ DECODE_PX_PER_BYTE = {"2.2": 3550.0, "2.1": 4200.0}
 # level's convs) then dominate, and they do not shrink with the chunk.
 DECODE_PX_PER_BYTE_CHUNKED = {1: {"2.2": 2720.0, "2.1": 3220.0}, 2: {"2.2": 3030.0, "2.1": 3600.0}}
 CHUNK_OUT_PX = 2 * 4 * 3 * 4  # a tiled latent frame's fp32 output frames and their weighted copy
+# The global pass of a tiled decode (`decoder_low_res`: conv1, middle, the first upsampling level
+# over the whole frame), per output pixel of the whole frame: traced on meta (2.2 169 per dtype
+# byte, 2.1 223, the attention's score matrix left out: on CUDA, SDPA's memory-efficient kernel,
+# the one for the VAE's head sizes of 384 and 1024, keeps none) + 5 %.
+LOW_RES_PX_PER_BYTE = {"2.2": 180.0, "2.1": 235.0}
 ENCODE_PX_PER_BYTE = {"2.2": 2150.0, "2.1": 4700.0}  # planner K.vae_encode_px / 2
 FIXED_BYTES = 128 * 2**20  # cuDNN workspaces, allocator rounding (measured fit: 33 MB)
 MARGIN = (256 * 2**20, 0.10)  # keep this much free: fixed bytes + a share of the estimate
@@ -146,8 +154,14 @@ def _part(vae: Any, *path: str) -> Any:
 
 
 def _idle_parts(vae: Any) -> list[nn.Module]:
-    """The decoder parts a tiled decode runs once, before the tiles (`decoder_middle`)."""
-    return [m for m in (_part(vae, "decoder", "conv1"), _part(vae, "decoder", "middle")) if isinstance(m, nn.Module)]
+    """The decoder parts a tiled decode runs once, before the tiles (`decoder_low_res`): conv1,
+    middle and the levels up to the first upsampling (`Decoder3d.low_res`)."""
+    decoder = _part(vae, "decoder")
+    if decoder is None:
+        return []
+    low = list(decoder.upsamples[: decoder.low_res_end]) if hasattr(decoder, "low_res_end") else []
+    return [m for m in (_part(vae, "decoder", "conv1"), _part(vae, "decoder", "middle"), *low)
+            if isinstance(m, nn.Module)]
 
 
 def _on_gpu(p: torch.Tensor) -> bool:
@@ -160,7 +174,8 @@ def _module_device(module: nn.Module) -> torch.device:
 
 def idle_decoder_bytes(vae: Any) -> int:
     """Device bytes `tiled_decode` frees while it decodes the tiles of a CUDA VAE: the weights of
-    the decoder's conv1 and middle (a fifth of the decoder), which only the global pass uses."""
+    the decoder's conv1, middle and first upsampling level (Wan 2.2: 610 MB in bf16, over half of
+    the decoder), which only the global pass uses."""
     parts = _idle_parts(vae)
     if not parts or not all(_on_gpu(p) for m in parts for p in m.parameters()):
         return 0
@@ -170,7 +185,8 @@ def idle_decoder_bytes(vae: Any) -> int:
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """A CUDA tensor's copy in pinned CPU memory (pageable when pinning fails), same strides.
     Pinned, the copy out is asynchronous and several times faster than into pageable memory
-    (H200: 240 MB of decoder weights took 170 ms pageable), and so is the way back."""
+    (H200: 240 MB of decoder weights took 170 ms pageable), and so is the way back. The copy may
+    still be running when this returns: the CPU must not read it before the stream is synchronised."""
     if not t.is_cuda:
         return t
     try:
@@ -178,6 +194,19 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     except RuntimeError:  # no page-locked memory to be had
         return t.to("cpu")
     return host.copy_(t, non_blocking=True)  # stream-ordered: whatever reuses t's memory runs after
+
+
+def _to_device(src: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
+    """A CPU view `src` (a tile's crop) as a dense tensor in `layout` on `device`. From pinned
+    memory through a pinned staging copy, so the copy to the GPU is asynchronous (torch's pinned
+    allocator keeps the staging block until that copy is done); else a plain copy."""
+    pin = src.is_pinned() and device.type == "cuda"
+    try:
+        stage = torch.empty(src.shape, dtype=src.dtype, device=src.device, pin_memory=pin, memory_format=layout)
+    except RuntimeError:  # no page-locked memory to be had
+        stage = torch.empty(src.shape, dtype=src.dtype, device=src.device, memory_format=layout)
+    stage.copy_(src)
+    return stage.to(device, non_blocking=True)
 
 
 def _move(module: nn.Module, device: torch.device | str) -> None:
@@ -236,19 +265,21 @@ def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def decoder_middle(vae: Any, latent: torch.Tensor, pin: bool = False) -> torch.Tensor:
-    """The decoder's `middle` output for every latent frame of the whole latent [1, z, T, h, w]
-    -> [1, C, T, h, w] in the VAE dtype and activation layout, on the CPU (pinned when `pin`).
-    Mirrors the start of WanVAEBase._decode_one (decoder_input, then conv1 and middle per frame
-    with one cache)."""
+def decoder_low_res(vae: Any, latent: torch.Tensor, pin: bool = False) -> list[torch.Tensor]:
+    """The decoder's `low_res` part (conv1, middle, the first upsampling level) over the whole
+    latent [1, z, T, h, w]: per latent frame, its output [1, C, 1 or 2, 2h, 2w] in the VAE dtype
+    and activation layout, on the CPU (in pinned memory when `pin` and a CUDA latent, where it
+    can be had). Mirrors the start of WanVAEBase._decode_one: decoder_input, then one cache
+    through the latent frames. Wan 2.2 at 1280x704, 121 frames: 1.76 GB in bf16."""
     x = vae.decoder_input(latent)
-    _, _, t, h, w = x.shape
-    c = vae.decoder.middle[-1].residual[-1].out_channels
-    out = torch.empty((1, c, t, h, w), dtype=x.dtype, pin_memory=pin, memory_format=vae.activation_layout)
     cache = FeatureCache()
-    for i in range(t):
-        out[:, :, i : i + 1].copy_(vae.decoder.middle(vae.decoder.conv1(x[:, :, i : i + 1], cache), cache))
+    out = []
+    for i in range(x.shape[2]):
+        y = vae.decoder.low_res(x[:, :, i : i + 1], cache)
         cache.first_chunk = False
+        out.append(_to_host(y) if pin else y.to("cpu"))
+    if pin and latent.is_cuda:
+        torch.cuda.current_stream(latent.device).synchronize()  # the copies out are done: tiles read them
     return out
 
 
@@ -263,22 +294,23 @@ def _frame_chunk(vae: Any, frames: int | None) -> Iterator[None]:
         vae.decode_frame_chunk = old
 
 
-def _decode_tile(vae: Any, middle: torch.Tensor, box: tuple[int, int, int, int], weight: torch.Tensor,
-                 support: tuple[int, int, int, int], device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
-    """Decode one tile latent frame by latent frame from its crop of the global `middle` [1, C, T, h, w]
-    (CPU); yields (first video frame, weighted frames [1, 3, n, y1-y0, x1-x0] float32 on `device`)
-    for the pixels of `support` (y0, y1, x0, x1) with `weight` [y1-y0, x1-x0] on `device`.
-    Only one latent frame's activations and output frames are on the device at a time."""
+def _decode_tile(vae: Any, low: list[torch.Tensor], scale: int, box: tuple[int, int, int, int],
+                 weight: torch.Tensor, support: tuple[int, int, int, int],
+                 device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """Decode one tile latent frame by latent frame from its crops of the global `low`
+    (`decoder_low_res`, CPU; `scale` of its pixels per latent px); yields (first video frame,
+    weighted frames [1, 3, n, y1-y0, x1-x0] float32 on `device`) for the pixels of `support`
+    (y0, y1, x0, x1) with `weight` [y1-y0, x1-x0] on `device`. Only one latent frame's
+    activations and output frames are on the device at a time."""
     h0, h1, w0, w1 = box
     y0, y1, x0, x1 = support
     s = vae.stride[1]
-    # one contiguous CPU copy of the tile's crop, so each frame's slice goes over as one async copy
-    crop = torch.empty((1, middle.shape[1], middle.shape[2], h1 - h0, w1 - w0), dtype=middle.dtype,
-                       device=middle.device, pin_memory=middle.is_pinned(), memory_format=vae.activation_layout)
-    crop.copy_(middle[:, :, :, h0:h1, w0:w1])
+    start = vae.decoder.low_res_end
     cache, done = FeatureCache(), 0
-    for t in range(crop.shape[2]):
-        y = vae.decoder.upsample(crop[:, :, t : t + 1].to(device, non_blocking=True), cache)
+    for feats in low:
+        crop = _to_device(feats[..., h0 * scale : h1 * scale, w0 * scale : w1 * scale], device, vae.activation_layout)
+        y = vae.decoder.upsample(crop, cache, start)
+        del crop
         cache.first_chunk = False
         frames = torch.empty((1, 3, y.shape[2], (h1 - h0) * s, (w1 - w0) * s), device=device)
         vae.write_frames(frames, y)
@@ -297,12 +329,13 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     decoder's full-resolution levels `frame_chunk` frames at a time (`Decoder3d.frame_chunk`).
 
     A tile at least the latent's size decodes untiled (exactly `vae.decode`). Otherwise the
-    decoder's middle runs once over the whole latent, each tile runs the rest of the decoder from
+    decoder's low-resolution part (conv1, middle with its attention, the first upsampling level)
+    runs once over the whole latent into CPU memory, each tile runs the rest of the decoder from
     its crop, and every latent frame's weighted pixels go straight into the output: with
     `out_device` "cpu" and a CUDA latent they are copied out asynchronously and added on the CPU
     while the GPU decodes the next frame, so the device never holds a tile's video. While the
-    tiles run, the weights of the decoder's conv1 and middle wait in CPU memory
-    (`idle_decoder_bytes` says how much GPU memory that frees).
+    tiles run, the weights of that low-resolution part wait in CPU memory (`idle_decoder_bytes`
+    says how much GPU memory that frees).
     """
     s = vae.stride[1]
     overlap = DEFAULT_OVERLAP_PX // s if overlap is None else overlap
@@ -322,15 +355,18 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     sink = _TileSink()
     with _frame_chunk(vae, frame_chunk):
         for i in range(b):
-            middle = decoder_middle(vae, latent[i : i + 1], pin=pin)
+            low = decoder_low_res(vae, latent[i : i + 1], pin=pin)
+            scale = low[0].shape[-1] // w
             with _idle_on_host(vae):
-                _decode_tiles(vae, middle, spans_h, spans_w, weights_h, weights_w, latent.device, out[i : i + 1],
-                              sink)
+                _decode_tiles(vae, low, scale, spans_h, spans_w, weights_h, weights_w, latent.device,
+                              out[i : i + 1], sink)
+            del low
     sink.flush()
     return out.clamp_(-1.0, 1.0)  # weights sum to 1 only up to float rounding
 
 
-def _decode_tiles(vae: Any, middle: torch.Tensor, spans_h: list[tuple[int, int]], spans_w: list[tuple[int, int]],
+def _decode_tiles(vae: Any, low: list[torch.Tensor], scale: int, spans_h: list[tuple[int, int]],
+                  spans_w: list[tuple[int, int]],
                   weights_h: list[torch.Tensor], weights_w: list[torch.Tensor], device: torch.device,
                   out: torch.Tensor, sink: _TileSink) -> None:
     """Every tile of one sample, blended into `out` [1, 3, F, H, W] through `sink`."""
@@ -343,7 +379,7 @@ def _decode_tiles(vae: Any, middle: torch.Tensor, spans_h: list[tuple[int, int]]
             weight = (wh[y0:y1, None] * ww[None, x0:x1]).to(device)
             rows = slice(h0 * s + y0, h0 * s + y1)
             cols = slice(w0 * s + x0, w0 * s + x1)
-            for f, part in _decode_tile(vae, middle, (h0, h1, w0, w1), weight, (y0, y1, x0, x1), device):
+            for f, part in _decode_tile(vae, low, scale, (h0, h1, w0, w1), weight, (y0, y1, x0, x1), device):
                 sink.add(out[:, :, f : f + part.shape[2], rows, cols], part)
 
 
@@ -470,7 +506,8 @@ def estimate_decode_bytes(vae: Any, latent_shape: tuple[int, ...], tile: int | N
     """Peak device bytes of decoding `latent_shape` [B, z, T, h, w] with `tile` latent px (None:
     untiled, whole chunks, the whole fp32 video on the device), the VAE weights not included.
     Tiled (`tiled_decode` with `frame_chunk`): one tile's activations, one latent frame's output
-    frames and middle crop, the whole video when it is assembled on the device, and FIXED_BYTES."""
+    frames and crop of the low-resolution features, the whole video when it is assembled on the
+    device, and FIXED_BYTES; the global pass before the tiles needs `estimate_low_res_bytes`."""
     s = vae.stride[1]
     _, _, t, h, w = latent_shape
     frames = 1 + vae.stride[0] * (t - 1)
@@ -482,10 +519,20 @@ def estimate_decode_bytes(vae: Any, latent_shape: tuple[int, ...], tile: int | N
     th = max(b - a for a, b in tile_spans(h, tile, overlap))
     tw = max(b - a for a, b in tile_spans(w, tile, overlap))
     px = th * tw * s * s
-    mid = vae.config.dec_dim * vae.config.dim_mult[-1] * th * tw * _elem(dtype)  # one frame's crop
+    # one latent frame's crop of the low-resolution features: <= 2 frames at twice the latent's
+    # resolution, at most the decoder's top width
+    mid = vae.config.dec_dim * vae.config.dim_mult[-1] * 2 * 4 * th * tw * _elem(dtype)
     whole = h * w * s * s * video_px if out_on_device else 0
     per_px = _decode_px_bytes(vae.version, frame_chunk, dtype) + CHUNK_OUT_PX
     return int(px * per_px + mid + whole + FIXED_BYTES)
+
+
+def estimate_low_res_bytes(vae: Any, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Peak device bytes of a tiled decode's global pass (`decoder_low_res`) over the whole latent
+    [B, z, T, h, w], the VAE weights (all on the device then) not included."""
+    s = vae.stride[1]
+    h, w = latent_shape[3], latent_shape[4]
+    return int(h * w * s * s * LOW_RES_PX_PER_BYTE[vae.version] * _elem(dtype) + FIXED_BYTES)
 
 
 def choose_tile(vae: Any, latent_shape: tuple[int, ...], free_bytes: int, dtype: torch.dtype, *,
@@ -494,13 +541,17 @@ def choose_tile(vae: Any, latent_shape: tuple[int, ...], free_bytes: int, dtype:
     """The largest tile (latent px) whose estimated decode peak fits in `free_bytes` (free device
     memory with the VAE's weights already placed; tiles also get the weights `tiled_decode` moves
     out of their way, `idle_decoder_bytes`) with MARGIN kept free; None when the untiled decode
-    fits. When nothing fits, MIN_TILE (decode_with_retry then handles an OOM)."""
+    fits; the global pass before the tiles must fit without the idle weights' memory. When nothing
+    fits, MIN_TILE (decode_with_retry then handles an OOM)."""
     fixed, share = MARGIN
     idle = idle_decoder_bytes(vae)
+    low_res = estimate_low_res_bytes(vae, latent_shape, dtype) * (1 + share) + fixed <= free_bytes
 
     def fits(tile: int | None) -> bool:
         need = estimate_decode_bytes(vae, latent_shape, tile, dtype, overlap, out_on_device, frame_chunk)
-        return need * (1 + share) + fixed <= free_bytes + (0 if tile is None else idle)
+        if tile is None:
+            return need * (1 + share) + fixed <= free_bytes
+        return low_res and need * (1 + share) + fixed <= free_bytes + idle
 
     if fits(None):
         return None
