@@ -18,8 +18,9 @@ weights on the GPU, and the error against wan_lite's untiled decode in the same 
     wan-tiled-bf16-tN-oK-cC-decoder-only   the 2 GiB candidates (`--candidates`): N latent px
                                 tiles (32: 2 x 3 tiles at 720p, 41: 2 x 2 at overlap 2), overlap K
                                 latent px, frame chunk C (0: whole chunks), decoder only
-    wan-auto-bf16-2g-decoder-only    choose_tile's pick for a 2 GiB GPU (its memory model and
-                                margins; `tile_latent` says what it chose)
+    wan-auto-bf16-2g-decoder-only    choose_decode's pick for a 2 GiB GPU, as the pipeline's
+                                decode makes it (memory model, margins, time model;
+                                `tile_latent` and `frame_chunk` say what it chose)
     diffusers-untiled-bf16      AutoencoderKLWan (2.2 config) with the same weights
     diffusers-tiled-bf16        + enable_tiling() (its defaults: 256 px tiles, stride 192)
 
@@ -283,14 +284,13 @@ class Bench:
 
     def auto(self, vae: WanVAE22, z: torch.Tensor, warm: torch.Tensor, budget: int,
              estimate: Callable[..., dict]) -> dict:
-        """What choose_tile picks when the GPU has `budget` bytes in all (weights placed)."""
+        """What choose_decode picks when the GPU has `budget` bytes in all (weights placed)."""
         release()
         free = budget - gpu_bytes()
-        tile = tiled_vae.choose_tile(vae, tuple(z.shape), free, z.dtype)
+        tile, chunk = tiled_vae.choose_decode(vae, tuple(z.shape), free, z.dtype)
         if tile is None:
             return {**self.timed(vae.decode, z, warm), "tile_latent": None, **estimate(None)}
         overlap = tiled_vae.DEFAULT_OVERLAP_PX // 16
-        chunk = tiled_vae.DEFAULT_FRAME_CHUNK
         return {**self.tiled(vae, z, warm, tile, overlap, chunk), **estimate(tile, overlap, chunk),
                 "budget_gib": budget / GIB}
 

@@ -323,6 +323,48 @@ def test_choose_tile_picks_the_largest_tile_that_fits(version):
     assert choose_tile(vae, shape, 1, torch.bfloat16) == tiled_vae.MIN_TILE
 
 
+def test_decode_cost_orders_tiles_and_frame_chunks():
+    shape = (1, 48, 31, 44, 80)  # 1280x704
+    assert tiled_vae.decode_cost(shape, None, 4, None) == tiled_vae.decode_cost(shape, 80, 4, 1) == 1.0
+    assert 1.0 < tiled_vae.decode_cost(shape, 44, 4, None) < tiled_vae.decode_cost(shape, 32, 4, None)
+    assert tiled_vae.decode_cost(shape, 32, 2, None) < tiled_vae.decode_cost(shape, 32, 4, None)
+    costs = [tiled_vae.decode_cost(shape, 32, 4, c) for c in (None, 2, 1)]
+    assert costs == sorted(costs) and costs[0] < costs[-1]
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_choose_decode_takes_the_fastest_fit(version):
+    """The untiled decode where it fits; else the cheapest (tile, frame chunk) among those that
+    fit, never slower than choose_tile's largest 1-frame-chunk tile; a given tile keeps its size
+    and gets the largest frame chunk that fits."""
+    with torch.device("meta"):
+        vae = CLASSES[version]()
+    s = vae.stride[1]
+    shape = (1, vae.z_dim, 31, 704 // s, 1280 // s)
+    fixed, share = tiled_vae.MARGIN
+    o = tiled_vae.DEFAULT_OVERLAP_PX // s
+
+    def fits(tile, chunk, free):
+        need = estimate_decode_bytes(vae, shape, tile, torch.bfloat16, o, frame_chunk=chunk)
+        return need * (1 + share) + fixed <= free
+
+    untiled = estimate_decode_bytes(vae, shape, None, torch.bfloat16)
+    assert tiled_vae.choose_decode(vae, shape, int(untiled * (1 + share) + fixed) + 1, torch.bfloat16) == (None, None)
+    for free_gib in (4, 2, 1.5, 1):
+        free = int(free_gib * 2**30)
+        tile, chunk = tiled_vae.choose_decode(vae, shape, free, torch.bfloat16)
+        assert tile is not None and fits(tile, chunk, free)
+        plain = choose_tile(vae, shape, free, torch.bfloat16, frame_chunk=1)
+        assert tiled_vae.decode_cost(shape, tile, o, chunk) <= tiled_vae.decode_cost(shape, plain, o, 1)
+    # a given tile: whole chunks where they fit, else 2 frames, else 1
+    tile = 384 // s
+    needs = {c: estimate_decode_bytes(vae, shape, tile, torch.bfloat16, o, frame_chunk=c) for c in (None, 2, 1)}
+    assert needs[None] > needs[2] > needs[1] > tiled_vae.estimate_low_res_bytes(vae, shape, torch.bfloat16)
+    for chunk in (None, 2, 1):
+        free = int(needs[chunk] * (1 + share) + fixed) + 1
+        assert tiled_vae.choose_decode(vae, shape, free, torch.bfloat16, tile=tile) == (tile, chunk)
+
+
 def test_tiles_get_the_idle_decoder_weights(monkeypatch):
     """choose_tile counts the weights tiled_decode moves out of the way during the tiles (on a
     CUDA VAE), but not for an untiled decode."""
