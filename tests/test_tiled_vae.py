@@ -220,6 +220,19 @@ def test_oom_retry_halves_the_tile_and_matches_a_direct_run(vaes):
     assert torch.equal(out, tiled_decode(vae, z, 6, 4))
 
 
+def test_oom_retry_drops_to_one_frame_chunks(vaes, monkeypatch):
+    vae, z, _ = vaes["2.1"]
+    calls, real = [], tiled_vae.tiled_decode
+
+    def recording(*args, frame_chunk=None, **kwargs):
+        calls.append((args[2], frame_chunk))
+        return real(*args, frame_chunk=frame_chunk, **kwargs)
+
+    monkeypatch.setattr(tiled_vae, "tiled_decode", recording)
+    decode_with_retry(OOMAbove(vae, max_side=8), z, 12, overlap=4, min_tile=4, frame_chunk=None)
+    assert calls == [(12, None), (6, 1)]
+
+
 def test_weights_parked_by_an_oom_come_back_before_the_retry(vaes, monkeypatch):
     """A tile runs out of memory and moving the idle decoder weights back runs out too: they wait
     in CPU memory, and the retry moves them back before it decodes (as on a GPU; the moves are
