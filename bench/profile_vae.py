@@ -96,7 +96,7 @@ def main() -> int:
     runs = {
         "untiled (video on GPU)": lambda: vae.decode(z),
         "untiled + copy to CPU": lambda: vae.decode(z).cpu(),
-        "low-res part (global pass)": lambda: tiled_vae.decoder_low_res(vae, z, pin=True),
+        "low-res part (global pass)": lambda: tiled_vae.decoder_low_res(vae, z),
         "tiled into CPU memory": tiled("cpu"),
         "tiled into GPU memory": tiled("cuda"),
     }

@@ -422,6 +422,8 @@ def test_cuda_tiled_decode_moves_idle_weights_out_and_back(vaes, monkeypatch):
     kept, kept_peak = peak(lambda: tiled_decode(vae, z, TILE, OVERLAP))
     assert torch.equal(moved, kept)
     assert (moved - vae.decode(z)).abs().mean() < 1e-2  # as on the CPU: close to the untiled decode
+    # into CPU memory (through pinned staging): the same pixels
+    assert torch.allclose(tiled_decode(vae, z, TILE, OVERLAP, out_device="cpu"), moved.cpu(), rtol=0, atol=1e-6)
     print(f"tiled decode peak {moved_peak / 2**20:.1f} MiB with the low-res part moved out, {kept_peak / 2**20:.1f} kept")
     assert moved_peak < kept_peak
 
@@ -465,7 +467,7 @@ class live_bytes(TorchDispatchMode):  # noqa: N801 - used like a function: `with
             del self.live[key]
 
 
-def _meta_low_res(vae, latent, pin=False):
+def _meta_low_res(vae, latent):
     """decoder_low_res on meta, its outputs not counted (the real one gathers them in CPU memory)."""
     x = vae.decoder_input(latent)
     cache, out = tiled_vae.FeatureCache(), []

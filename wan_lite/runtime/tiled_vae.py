@@ -202,10 +202,10 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def _to_device(src: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
-    """A CPU view `src` (a tile's crop) as a dense tensor in `layout` on `device`. From pinned
-    memory through a pinned staging copy, so the copy to the GPU is asynchronous (torch's pinned
-    allocator keeps the staging block until that copy is done); else a plain copy."""
-    pin = src.is_pinned() and device.type == "cuda"
+    """A CPU view `src` (a tile's crop) as a dense tensor in `layout` on `device`. To a GPU through
+    a pinned staging copy, so the copy over is asynchronous (torch's pinned allocator keeps the
+    staging block until that copy is done, then reuses it); else a plain copy."""
+    pin = device.type == "cuda"
     try:
         stage = torch.empty(src.shape, dtype=src.dtype, device=src.device, pin_memory=pin, memory_format=layout)
     except RuntimeError:  # no page-locked memory to be had
@@ -270,21 +270,25 @@ def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def decoder_low_res(vae: Any, latent: torch.Tensor, pin: bool = False) -> list[torch.Tensor]:
+def decoder_low_res(vae: Any, latent: torch.Tensor) -> list[torch.Tensor]:
     """The decoder's `low_res` part (conv1, middle, the first upsampling level) over the whole
     latent [1, z, T, h, w]: per latent frame, its output [1, C, 1 or 2, 2h, 2w] in the VAE dtype
-    and activation layout, on the CPU (in pinned memory when `pin` and a CUDA latent, where it
-    can be had). Mirrors the start of WanVAEBase._decode_one: decoder_input, then one cache
-    through the latent frames. Wan 2.2 at 1280x704, 121 frames: 1.76 GB in bf16."""
+    and activation layout, in (pageable) CPU memory. Mirrors the start of
+    WanVAEBase._decode_one: decoder_input, then one cache through the latent frames. Wan 2.2 at
+    1280x704, 121 frames: 1.76 GB in bf16. From a GPU each frame goes out through pinned staging
+    while the next one is computed (`_HostSink`): pinning all of it would lock that much RAM
+    (torch's pinned allocator keeps what it pinned) or cost its pinning at every decode."""
     x = vae.decoder_input(latent)
-    cache = FeatureCache()
-    out = []
+    cache, out, sink = FeatureCache(), [], _HostSink()
     for i in range(x.shape[2]):
         y = vae.decoder.low_res(x[:, :, i : i + 1], cache)
         cache.first_chunk = False
-        out.append(_to_host(y) if pin else y.to("cpu"))
-    if pin and latent.is_cuda:
-        torch.cuda.current_stream(latent.device).synchronize()  # the copies out are done: tiles read them
+        if y.device.type == "cpu":
+            out.append(y)
+            continue
+        out.append(torch.empty_like(y, device="cpu"))
+        sink.add(out[-1], y, accumulate=False)
+    sink.flush()
     return out
 
 
@@ -355,12 +359,11 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
              len(spans_h), len(spans_w), spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0],
              min(overlap, tile // 2), frame_chunk)
     weights_h, weights_w = blend_weights(spans_h, s), blend_weights(spans_w, s)
-    pin = latent.is_cuda and out_device.type == "cpu"
     out = torch.zeros((b, 3, 1 + vae.stride[0] * (t - 1), h * s, w * s), dtype=torch.float32, device=out_device)
-    sink = _TileSink()
+    sink = _HostSink()
     with _frame_chunk(vae, frame_chunk):
         for i in range(b):
-            low = decoder_low_res(vae, latent[i : i + 1], pin=pin)
+            low = decoder_low_res(vae, latent[i : i + 1])
             scale = low[0].shape[-1] // w
             with _idle_on_host(vae):
                 _decode_tiles(vae, low, scale, spans_h, spans_w, weights_h, weights_w, latent.device,
@@ -373,7 +376,7 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
 def _decode_tiles(vae: Any, low: list[torch.Tensor], scale: int, spans_h: list[tuple[int, int]],
                   spans_w: list[tuple[int, int]],
                   weights_h: list[torch.Tensor], weights_w: list[torch.Tensor], device: torch.device,
-                  out: torch.Tensor, sink: _TileSink) -> None:
+                  out: torch.Tensor, sink: _HostSink) -> None:
     """Every tile of one sample, blended into `out` [1, 3, F, H, W] through `sink`."""
     s = vae.stride[1]
     for (h0, h1), wh in zip(spans_h, weights_h, strict=True):
@@ -388,35 +391,48 @@ def _decode_tiles(vae: Any, low: list[torch.Tensor], scale: int, spans_h: list[t
                 sink.add(out[:, :, f : f + part.shape[2], rows, cols], part)
 
 
-class _TileSink:
-    """Adds weighted tiles into the output. A CUDA tile bound for CPU memory is copied
-    asynchronously into pinned memory and added on the CPU only after the next tile's decode has
-    been launched, so the copy and the add overlap the GPU's work."""
+class _HostSink:
+    """Adds (or copies) results into their destinations. A CUDA result bound for CPU memory is
+    copied asynchronously into pinned staging memory and written on the CPU only after the next
+    result has been queued, so the copy and the CPU's work overlap the GPU's; at most two staging
+    blocks are in use at a time (torch's pinned allocator reuses them)."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None, bool]] = []
 
-    def add(self, dst: torch.Tensor, part: torch.Tensor) -> None:
+    def add(self, dst: torch.Tensor, part: torch.Tensor, accumulate: bool = True) -> None:
         if part.device == dst.device:
-            dst.add_(part)
+            _write(dst, part, accumulate)
             return
         event = None
+        staged = None
         if part.is_cuda and dst.device.type == "cpu":
-            staged = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+            try:
+                staged = torch.empty_like(part, device="cpu", pin_memory=True)
+            except RuntimeError:  # no page-locked memory to be had: a synchronous copy below
+                staged = None
+        if staged is not None:
             staged.copy_(part, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
             staged = part.to(dst.device)
         self.flush()
-        self._pending.append((dst, staged, event))
+        self._pending.append((dst, staged, event, accumulate))
 
     def flush(self) -> None:
         while self._pending:
-            dst, staged, event = self._pending.pop(0)
+            dst, staged, event, accumulate = self._pending.pop(0)
             if event is not None:
                 event.synchronize()
-            dst.add_(staged)
+            _write(dst, staged, accumulate)
+
+
+def _write(dst: torch.Tensor, src: torch.Tensor, accumulate: bool) -> None:
+    if accumulate:
+        dst.add_(src)
+    else:
+        dst.copy_(src)
 
 
 # ----------------------------------------------------------------------------------- tiled encode
