@@ -117,8 +117,8 @@ def _vae_records(data: dict) -> list[dict]:
     for r in recs:
         dtype = "fp32" if "fp32" in r["case"] else "bf16"
         base = by_case.get(f"wan-untiled-{dtype}", {}).get("s")
-        peer = by_case.get("diffusers-tiled-bf16" if "tiled" in r["case"] and "untiled" not in r["case"]
-                           else "diffusers-untiled-bf16", {}).get("s")
+        tiled = r.get("tile_latent") is not None  # the auto case says what it chose
+        peer = by_case.get("diffusers-tiled-bf16" if tiled else "diffusers-untiled-bf16", {}).get("s")
         ours = r["case"].startswith("wan")
         out.append({
             "case": f"VAE 2.2 decode {r.get('size')}x{r.get('frames')} {r['case']}",
