@@ -279,6 +279,32 @@ def test_make_decode_fn_is_a_pipeline_hook(vaes):
     assert torch.equal(make_decode_fn("auto")(vae, z), ref)  # CPU: no device memory to budget
 
 
+def test_make_decode_fn_chooses_by_free_memory(vaes, monkeypatch):
+    """With device memory to budget (as on a GPU), the hook decodes with what choose_decode picks
+    for the free memory: the untiled decode when it fits, else tiles and a frame chunk."""
+    vae, z, ref = vaes["2.2"]
+    s, shape = vae.stride[1], tuple(z.shape)
+    calls, real = [], tiled_vae.tiled_decode
+
+    def recording(*args, frame_chunk=None, **kwargs):
+        calls.append((args[2], frame_chunk))
+        return real(*args, frame_chunk=frame_chunk, **kwargs)
+
+    monkeypatch.setattr(tiled_vae, "tiled_decode", recording)
+    monkeypatch.setattr(tiled_vae, "free_device_bytes", lambda _device: 2**40)
+    assert torch.equal(make_decode_fn("auto")(vae, z), ref) and calls == []
+    free = estimate_decode_bytes(vae, shape, None, vae.dtype) // 2  # the untiled decode does not fit
+    monkeypatch.setattr(tiled_vae, "free_device_bytes", lambda _device: free)
+    o = tiled_vae.DEFAULT_OVERLAP_PX // s
+    tile, chunk = tiled_vae.choose_decode(vae, shape, free, vae.dtype, overlap=o)
+    assert tile is not None
+    out = make_decode_fn("auto", out_device="cpu")(vae, z)
+    assert calls == [(tile, chunk)] and torch.equal(out, real(vae, z, tile, o, "cpu", frame_chunk=chunk))
+    calls.clear()
+    make_decode_fn(6 * s, out_device="cpu")(vae, z)  # a planned tile keeps its size
+    assert calls == [(6, tiled_vae.choose_decode(vae, shape, free, vae.dtype, overlap=o, tile=6)[1])]
+
+
 # ------------------------------------------------------------------------------------- encode
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
 def test_tiled_encode_close_to_untiled(vaes, version):
