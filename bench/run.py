@@ -1,13 +1,14 @@
 """All of wan_lite's GPU measurements in one command, and the report built from them.
 
-    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b] [--budget-s 560]
+    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b,quality] [--budget-s 560]
     python bench/run.py report DIR [DIR ...] [--docs docs]
 
 `measure` (on the GPU) runs the GPU-marked tests and the benchmark scripts (bench_attention.py:
 the attention kernels at the DiT's shapes; bench_dit.py: one DiT
 forward per plan and format against diffusers; bench_vae.py: Wan2.2 VAE decode; bench_job.py:
 the whole TI2V-5B job under a memory cap; bench_a14b_job.py: the whole T2V-A14B job from
-ComfyUI-format fp8 files with the 8 GB / 32 GB profile), each writing raw JSON into DIR. A device call is
+ComfyUI-format fp8 files with the 8 GB / 32 GB profile; bench_quality.py: int8 and fp8 against bf16 over
+a whole tiny-model generation, which also runs on a CPU), each writing raw JSON into DIR. A device call is
 limited to 10 minutes, so the parts can be measured in separate calls into separate folders.
 `report` merges raw folders into docs/benchmarks.json (one record per case: case, plan,
 peak_vram_gib, peak_ram_gib, s_per_step, ratio_vs_resident, ratio_vs_diffusers, rel_error, gpu,
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b")
+PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b", "quality")
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> int:
@@ -71,6 +72,9 @@ def measure(args: argparse.Namespace) -> int:
                                ("job_a14b_streamed.log", ["--cap-gib", "6", "--force", "resident_blocks=0,text_encoder=stream"])):
                 rc = _run([py, "bench/bench_a14b_job.py", "--out", str(out / "job_a14b.json"), *extra],
                           left(), out / log)
+        elif part == "quality":
+            rc = _run([py, "bench/bench_quality.py", "--out", str(out / "quality.json")], min(300, left()),
+                      out / "quality.log")
         else:
             raise SystemExit(f"unknown part {part!r}; parts are {', '.join(PARTS)}")
         print(f"[run.py] {part}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -155,7 +159,7 @@ def report(args: argparse.Namespace) -> int:
             found += _dit_records(d)
         if (d := _load(folder / "vae.json")) is not None:
             found += _vae_records(d)
-        for name in ("job.json", "job_a14b.json"):
+        for name in ("job.json", "job_a14b.json", "quality.json"):
             if (d := _load(folder / name)) is not None:
                 found += _generic_records(d)
         records += [r | {"run": folder.name} for r in found]
@@ -188,7 +192,7 @@ def report(args: argparse.Namespace) -> int:
     torches = sorted({r.get("torch") for r in records if r.get("torch")})
     lines = ["# Benchmarks", "",
              f"Written by `python bench/run.py report` on {dt.date.today().isoformat()} from raw results of",
-             "`python bench/run.py measure` (see bench/). GPU: " + (", ".join(gpus) or "?") +
+             "`python bench/run.py measure` (see bench/). Devices: " + (", ".join(gpus) or "?") +
              "; torch " + (", ".join(torches) or "?") + ".", "",
              "s_per_step counts the two DiT forwards of a guided step. ratio_vs_diffusers compares a",
              "resident case with diffusers all resident and a streamed case with diffusers",
@@ -201,7 +205,9 @@ def report(args: argparse.Namespace) -> int:
              "fp8 files from disk under a hard GPU cap (`cap`) and count host RAM as the process's peak",
              "RSS; their ratio_vs_resident is against the all-resident bf16 DiT forward at the same size",
              "(latest run up to the job's own): bf16 files of both experts (57 GB) do not fit the GPU machine's disk beside",
-             "the rest, so no bf16 resident job is run.", "",
+             "the rest, so no bf16 resident job is run. The tiny generation rows: a whole generation",
+             "(64x64, 9 frames, 4 steps) of tiny random models with int8 or fp8 experts; rel_error is",
+             "that of the final latents against the bf16 run (benchmarks.json: also the video's).", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(r.get(k), k) for k in keys) + " |" for r in records]
     if attention:
