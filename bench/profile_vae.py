@@ -7,9 +7,9 @@ memory), decodes z [1, 48, 31, 44, 80] (1280x704, 121 frames) and prints the sec
 the untiled decode (video left on the GPU, then with the copy to CPU memory), the decoder's
 global pass alone (conv1, middle, first upsampling level), the tiled decode into CPU memory and
 into GPU memory; the GPU time of each decoder level in the untiled and the tiled decode (CUDA
-events); then the
-profiler's tables (CUDA kernels; CPU ops by self time) for the tiled decode into CPU memory,
-with the GPU's busy time against the wall time; last, both again with cudnn.benchmark on.
+events); then the profiler's tables (CUDA kernels; CPU ops by self time) for the tiled decode
+into CPU memory, with the GPU's busy time against the wall time; last, both again with
+cudnn.benchmark on.
 """
 
 from __future__ import annotations
