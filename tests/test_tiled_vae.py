@@ -220,8 +220,8 @@ def test_oom_retry_halves_the_tile_and_matches_a_direct_run(vaes):
     assert torch.equal(out, tiled_decode(vae, z, 6, 4))
 
 
-def test_oom_retry_drops_to_one_frame_chunks(vaes, monkeypatch):
-    vae, z, _ = vaes["2.1"]
+def _record_tiled_decodes(monkeypatch) -> list[tuple[int, int | None]]:
+    """(tile, frame chunk) of every tiled_decode call from now on, in a list that fills as they run."""
     calls, real = [], tiled_vae.tiled_decode
 
     def recording(*args, frame_chunk=None, **kwargs):
@@ -229,6 +229,12 @@ def test_oom_retry_drops_to_one_frame_chunks(vaes, monkeypatch):
         return real(*args, frame_chunk=frame_chunk, **kwargs)
 
     monkeypatch.setattr(tiled_vae, "tiled_decode", recording)
+    return calls
+
+
+def test_oom_retry_drops_to_one_frame_chunks(vaes, monkeypatch):
+    vae, z, _ = vaes["2.1"]
+    calls = _record_tiled_decodes(monkeypatch)
     decode_with_retry(OOMAbove(vae, max_side=8), z, 12, overlap=4, min_tile=4, frame_chunk=None)
     assert calls == [(12, None), (6, 1)]
 
@@ -284,13 +290,8 @@ def test_make_decode_fn_chooses_by_free_memory(vaes, monkeypatch):
     for the free memory: the untiled decode when it fits, else tiles and a frame chunk."""
     vae, z, ref = vaes["2.2"]
     s, shape = vae.stride[1], tuple(z.shape)
-    calls, real = [], tiled_vae.tiled_decode
-
-    def recording(*args, frame_chunk=None, **kwargs):
-        calls.append((args[2], frame_chunk))
-        return real(*args, frame_chunk=frame_chunk, **kwargs)
-
-    monkeypatch.setattr(tiled_vae, "tiled_decode", recording)
+    real = tiled_vae.tiled_decode
+    calls = _record_tiled_decodes(monkeypatch)
     monkeypatch.setattr(tiled_vae, "free_device_bytes", lambda _device: 2**40)
     assert torch.equal(make_decode_fn("auto")(vae, z), ref) and calls == []
     free = estimate_decode_bytes(vae, shape, None, vae.dtype) // 2  # the untiled decode does not fit
