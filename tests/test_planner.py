@@ -15,7 +15,7 @@ from wan_lite.errors import WanLiteError
 from wan_lite.models.dit import WanDiT, WanDiTConfig
 from wan_lite.runtime.hardware import Hardware, ProfileError, get_profile, load_profiles
 from wan_lite.runtime.plan_cli import add_plan_parser, run_plan
-from wan_lite.runtime.planner import QUANTS, ModelFootprint, PlanRequest, _evaluate, leaner, plan
+from wan_lite.runtime.planner import QUANTS, K, ModelFootprint, PlanRequest, _evaluate, leaner, plan
 
 MODELS = ("ti2v-5b", "t2v-a14b", "i2v-a14b")
 VRAMS = (4, 6, 8, 12, 16, 24, 80)
@@ -348,3 +348,18 @@ def test_fp8_attention_counts_its_fp8_copies_of_q_k_v(monkeypatch) -> None:
     assert json.loads(_cli(*argv)[1])["fp8_attention"]
     monkeypatch.delenv("WAN_LITE_FP8_ATTENTION")
     assert not json.loads(_cli(*argv)[1])["fp8_attention"]
+
+
+def test_planner_times_tiled_decodes_as_the_tiler_does() -> None:
+    """The planner's decode time factor is tiled_vae.decode_cost with whole frame chunks (the same
+    time model, kept free of torch in the planner)."""
+    from wan_lite.runtime import planner, tiled_vae
+
+    assert K.vae_tile_cost == tiled_vae.TILE_COST
+    for (w, h), stride in (((1280, 704), 16), ((832, 480), 16), ((1280, 720), 8), ((832, 480), 8)):
+        r = PlanRequest(w, h, 81)
+        for tile in (None, *K.vae_tiles):
+            latent_tile = None if tile is None else tile // stride
+            want = tiled_vae.decode_cost((1, 16, 21, h // stride, w // stride), latent_tile,
+                                         K.vae_tile_overlap // stride, None)
+            assert planner._tiled_time(r, tile, stride) == pytest.approx(want, rel=1e-9), (w, h, stride, tile)

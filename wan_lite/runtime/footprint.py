@@ -51,7 +51,8 @@ class K:
     # x 2 frames at 1/8 scale per 4 video frames; 2.1: 192 channels at 1/4 scale)
     vae_low_res_ram_px = {"2.2": 8.0, "2.1": 6.0}
     vae_tiles = (1024, 768, 512, 384, 256, 192, 128)
-    vae_tile_overlap = 64  # pixels a tiler overlaps: decode time x (1 + overlap/tile)^2
+    vae_tile_overlap = 64  # pixels a tiler overlaps
+    vae_tile_cost = 0.02  # a tiled decode's time per tile, over the untiled decode's (tiled_vae.TILE_COST)
     t5_act = 0.35 * GIB  # two prompts of 512 tokens, 64 heads: scores and hidden states
     latent_copies = 8.0  # fp32 latents alive while denoising: x, noise, sampler history, output
     video_ram_px = 15.0  # decoded video in RAM per pixel-frame: 3 channels x (fp32 + uint8)

@@ -39,7 +39,8 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
 - Usable = free VRAM - (0.25 GiB + 4 % of total); available RAM - (1 GiB + 3 % of total).
 Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention;
 x1.3 with fp8 attention) FLOP at `Hardware.speed()`; 2 forwards per step with CFG; streaming
-costs max(compute, transfer) + one block. VAE and umT5 from measured seconds scaled by throughput; disk reads at DISK_GBPS.
+costs max(compute, transfer) + one block. VAE and umT5 from measured seconds scaled by throughput
+(a tiled decode x `_tiled_time`, tiled_vae's time model); disk reads at DISK_GBPS.
 """
 
 from __future__ import annotations
@@ -228,14 +229,30 @@ def _dit_vram(m: ModelFootprint, ch: Choices, fp8c: bool) -> float:
     return m.nonblock_bytes() + blocks + dequant + other
 
 
-def _tile_side(size: int, tile: int, stride: int) -> int:
-    """Pixels of the equal tiles tiled_vae.tile_spans cuts `size` into (tiles of at most `tile`)."""
+def _tiles(size: int, tile: int, stride: int) -> tuple[int, int]:
+    """(count, pixels) of the equal tiles tiled_vae.tile_spans cuts `size` into (tiles of at most `tile`)."""
     n, t, o = size // stride, max(1, tile // stride), K.vae_tile_overlap // stride
     if t >= n:
-        return size
+        return 1, size
     o = min(o, t // 2)
     count = math.ceil((n - o) / (t - o))
-    return math.ceil((n + (count - 1) * o) / count) * stride
+    return count, math.ceil((n + (count - 1) * o) / count) * stride
+
+
+def _tile_side(size: int, tile: int, stride: int) -> int:
+    return _tiles(size, tile, stride)[1]
+
+
+def _tiled_time(r: PlanRequest, tile: int | None, stride: int) -> float:
+    """A tiled decode's time over the untiled one, as tiled_vae.decode_cost models it with whole
+    frame chunks (what the decode takes where they fit): pixels decoded, overlaps counted twice,
+    over the frame's, plus K.vae_tile_cost per tile."""
+    if not tile:
+        return 1.0
+    (nh, sh), (nw, sw) = _tiles(r.height, tile, stride), _tiles(r.width, tile, stride)
+    if nh == nw == 1:
+        return 1.0
+    return nh * sh * nw * sw / (r.height * r.width) + K.vae_tile_cost * nh * nw
 
 
 def _vae_vram(m: ModelFootprint, r: PlanRequest, ch: Choices, part: str) -> float:
@@ -317,7 +334,7 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
         text_s += t5 / link
     if not ch.keep_text_encoder:
         text_s += t5 / (DISK_GBPS * 1e9)
-    tile = (1 + K.vae_tile_overlap / ch.vae_tile) ** 2 if ch.vae_tile else 1.0
+    tile = _tiled_time(r, ch.vae_tile, m.vae_stride[1])
     scale = K.ref_tflops / sp.tflops * tile * r.width * r.height / 1e6
     secs = {"text": text_s, "denoise": steps * step + upload + switch,
             "decode": scale * r.frames * K.vae_decode_s[m.vae_version, ch.vae_dtype]}

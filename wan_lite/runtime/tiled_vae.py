@@ -73,7 +73,10 @@ ENCODE_PX_PER_BYTE = {"2.2": 2150.0, "2.1": 4700.0}  # planner K.vae_encode_px /
 FIXED_BYTES = 128 * 2**20  # cuDNN workspaces, allocator rounding (measured fit: 33 MB)
 # Time model of a tiled decode relative to the untiled one, for choosing among what fits:
 # (pixels decoded, overlaps counted twice) / frame pixels x FRAME_CHUNK_COST + TILE_COST per tile.
-# H200, Wan 2.2 720p: whole chunks fastest, 2-frame chunks ~7 % slower, 1-frame ~15 %.
+# Fitted to the H200 runs 2026-12-03-s and -t (Wan 2.2, 1280x704x121), all within -4 %..+6 %:
+# tiles 2x3 of 24x30 (overlap 4) 1.35 / 1.43 / 1.53 for whole, 2- and 1-frame chunks (measured
+# 1.33-1.35 / 1.39 / 1.50); 2x4 of 24x23 1.41 (1.47); 1x2 of 44x42 1.09 (1.10); overlap 2: 2x3
+# of 23x28 1.22 (1.21-1.30), 2x2 of 23x41 1.15 (1.15-1.17).
 FRAME_CHUNK_COST = {None: 1.0, 2: 1.07, 1: 1.15}
 TILE_COST = 0.02
 MARGIN = (256 * 2**20, 0.10)  # keep this much free: fixed bytes + a share of the estimate
