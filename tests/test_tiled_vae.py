@@ -211,32 +211,34 @@ def test_oom_retry_halves_the_tile_and_matches_a_direct_run(vaes):
     vae, z, _ = vaes["2.1"]
     flaky = OOMAbove(vae, max_side=8)
     out = decode_with_retry(flaky, z, None, overlap=4, min_tile=4)
-    # untiled (16) fails, then 8 (half the largest side) fits
+    # untiled (16) fails, then 8 (half the largest side) fits; retries decode in 1-frame chunks
+    # with the lean global pass
     assert flaky.calls[0] == 16 and max(flaky.calls[1:]) <= 8
-    assert torch.equal(out, tiled_decode(vae, z, 8, 4))
+    assert torch.equal(out, tiled_decode(vae, z, 8, 4, frame_chunk=1, lean=True))
     flaky.calls.clear()
     out = decode_with_retry(flaky, z, 12, overlap=4, min_tile=4)  # 12 (two tiles of 10) fails, 6 fits
     assert flaky.calls[0] == 10 and max(flaky.calls[1:]) <= 6
-    assert torch.equal(out, tiled_decode(vae, z, 6, 4))
+    assert torch.equal(out, tiled_decode(vae, z, 6, 4, frame_chunk=1, lean=True))
 
 
-def _record_tiled_decodes(monkeypatch) -> list[tuple[int, int | None]]:
-    """(tile, frame chunk) of every tiled_decode call from now on, in a list that fills as they run."""
+def _record_tiled_decodes(monkeypatch) -> list[tuple[int, int | None, bool | None]]:
+    """(tile, frame chunk, lean) of every tiled_decode call from now on, in a list that fills as
+    they run."""
     calls, real = [], tiled_vae.tiled_decode
 
-    def recording(*args, frame_chunk=None, **kwargs):
-        calls.append((args[2], frame_chunk))
-        return real(*args, frame_chunk=frame_chunk, **kwargs)
+    def recording(*args, frame_chunk=None, lean=None, **kwargs):
+        calls.append((args[2], frame_chunk, lean))
+        return real(*args, frame_chunk=frame_chunk, lean=lean, **kwargs)
 
     monkeypatch.setattr(tiled_vae, "tiled_decode", recording)
     return calls
 
 
-def test_oom_retry_drops_to_one_frame_chunks(vaes, monkeypatch):
+def test_oom_retry_drops_to_one_frame_chunks_and_the_lean_global_pass(vaes, monkeypatch):
     vae, z, _ = vaes["2.1"]
     calls = _record_tiled_decodes(monkeypatch)
     decode_with_retry(OOMAbove(vae, max_side=8), z, 12, overlap=4, min_tile=4, frame_chunk=None)
-    assert calls == [(12, None), (6, 1)]
+    assert calls == [(12, None, None), (6, 1, True)]
 
 
 def test_weights_parked_by_an_oom_come_back_before_the_retry(vaes, monkeypatch):
@@ -257,11 +259,14 @@ def test_weights_parked_by_an_oom_come_back_before_the_retry(vaes, monkeypatch):
     monkeypatch.setattr(tiled_vae, "_module_device", lambda m: "cuda:0")
     monkeypatch.setattr(tiled_vae, "_move", move)
     out = decode_with_retry(flaky, z, 12, overlap=4, min_tile=4)  # 10 px tiles fail, 6 px tiles fit
-    assert torch.equal(out, tiled_decode(vae, z, 6, 4))
-    idle = [vae.decoder.conv1, vae.decoder.middle, *vae.decoder.upsamples[: vae.decoder.low_res_end]]
+    lean = [vae.decoder.conv1, vae.decoder.middle]
+    idle = [*lean, *vae.decoder.upsamples[: vae.decoder.low_res_end]]
     parked, back = [(m, "cpu") for m in idle], [(m, "cuda:0") for m in idle]
-    # park, (moving back fails), back at the retry's start, park again, back
-    assert moves[: 4 * len(idle)] == parked + back + parked + back
+    # park, (moving back fails), back at the retry's start, park again (the retry's global pass is
+    # lean: conv1 and middle), back
+    expected = parked + back + [(m, "cpu") for m in lean] + [(m, "cuda:0") for m in lean]
+    assert moves == expected
+    assert torch.equal(out, tiled_decode(vae, z, 6, 4, frame_chunk=1, lean=True))
     assert getattr(flaky, tiled_vae._PARKED) == []
 
 
@@ -300,10 +305,10 @@ def test_make_decode_fn_chooses_by_free_memory(vaes, monkeypatch):
     tile, chunk = tiled_vae.choose_decode(vae, shape, free, vae.dtype, overlap=o)
     assert tile is not None
     out = make_decode_fn("auto", out_device="cpu")(vae, z)
-    assert calls == [(tile, chunk)] and torch.equal(out, real(vae, z, tile, o, "cpu", frame_chunk=chunk))
+    assert calls == [(tile, chunk, None)] and torch.equal(out, real(vae, z, tile, o, "cpu", frame_chunk=chunk))
     calls.clear()
     make_decode_fn(6 * s, out_device="cpu")(vae, z)  # a planned tile keeps its size
-    assert calls == [(6, tiled_vae.choose_decode(vae, shape, free, vae.dtype, overlap=o, tile=6)[1])]
+    assert calls == [(6, tiled_vae.choose_decode(vae, shape, free, vae.dtype, overlap=o, tile=6)[1], None)]
 
 
 # ------------------------------------------------------------------------------------- encode
@@ -405,6 +410,29 @@ def test_choose_decode_takes_the_fastest_fit(version):
         assert tiled_vae.choose_decode(vae, shape, free, torch.bfloat16, tile=tile) == (tile, chunk)
 
 
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_lean_global_pass_where_the_full_one_does_not_fit(vaes, version, monkeypatch):
+    """With free memory short of the full global pass, tiled_decode takes the lean one (conv1 and
+    middle only; the tiles run the first level), which also matches the untiled decode closely,
+    and choose_tile still finds a real tile for that memory."""
+    vae, z, ref = vaes[version]
+    lean = tiled_decode(vae, z, TILE, OVERLAP, lean=True)
+    assert (lean - ref).abs().mean() < 1e-2 and not torch.equal(lean, tiled_decode(vae, z, TILE, OVERLAP))
+    fixed, share = tiled_vae.MARGIN
+    shape = tuple(z.shape)
+    short = int(tiled_vae.estimate_low_res_bytes(vae, shape, vae.dtype) * (1 + share) + fixed) - 1
+    monkeypatch.setattr(tiled_vae, "free_device_bytes", lambda _device: short)
+    assert torch.equal(tiled_decode(vae, z, TILE, OVERLAP), lean)
+    with torch.device("meta"):
+        full = CLASSES[version]()
+    s = full.stride[1]
+    big = (1, full.z_dim, 31, 704 // s, 1280 // s)
+    free = int(tiled_vae.estimate_low_res_bytes(full, big, torch.bfloat16) * (1 + share) + fixed) - 1
+    assert tiled_vae._lean_needed(full, big, free, torch.bfloat16)
+    tile = choose_tile(full, big, free, torch.bfloat16)
+    assert tile is not None and tile > tiled_vae.MIN_TILE
+
+
 def test_tiles_get_the_idle_decoder_weights(monkeypatch):
     """choose_tile counts the weights tiled_decode moves out of the way during the tiles (on a
     CUDA VAE), but not for an untiled decode."""
@@ -413,7 +441,7 @@ def test_tiles_get_the_idle_decoder_weights(monkeypatch):
     shape = (1, vae.z_dim, 31, 704 // 16, 1280 // 16)
     free = 2**30
     plain = choose_tile(vae, shape, free, torch.bfloat16)
-    monkeypatch.setattr(tiled_vae, "idle_decoder_bytes", lambda _vae: 224 * 2**20)
+    monkeypatch.setattr(tiled_vae, "idle_decoder_bytes", lambda _vae, lean=False: 224 * 2**20)
     assert choose_tile(vae, shape, free, torch.bfloat16) > plain
     fixed, share = tiled_vae.MARGIN
     untiled = estimate_decode_bytes(vae, shape, None, torch.bfloat16)
@@ -494,12 +522,12 @@ class live_bytes(TorchDispatchMode):  # noqa: N801 - used like a function: `with
             del self.live[key]
 
 
-def _meta_low_res(vae, latent):
+def _meta_low_res(vae, latent, lean=False):
     """decoder_low_res on meta, its outputs not counted (the real one gathers them in CPU memory)."""
     x = vae.decoder_input(latent)
     cache, out = tiled_vae.FeatureCache(), []
     for i in range(x.shape[2]):
-        y = vae.decoder.low_res(x[:, :, i : i + 1], cache)
+        y = vae.decoder.low_res(x[:, :, i : i + 1], cache, tiled_vae._levels(vae, lean))
         cache.first_chunk = False
         out.append(torch.empty(y.shape, dtype=y.dtype, device="meta"))
     _meta_low_res.nbytes = sum(t.numel() * t.element_size() for t in out)
@@ -519,11 +547,13 @@ class _OutputOnlySDPA:
         return torch.empty_like(q)
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
-def test_traced_decode_memory_matches_the_model(version, monkeypatch):
+def test_traced_decode_memory_matches_the_model(version, lean, monkeypatch):
     """Full-size VAE in bf16 on meta: frame chunks cut a tile's activations by > 20 % (2.2: by 24 %;
     plain decode 6.92 kB/px, tiled in 1-frame chunks 5.33 kB/px), and estimate_decode_bytes covers
-    every traced allocation (but the global pass's features, kept in CPU memory in a real run)."""
+    every traced allocation (but the global pass's features, kept in CPU memory in a real run),
+    with the full global pass and with the lean one (the tiles then run the first level too)."""
     monkeypatch.setattr(tiled_vae, "decoder_low_res", _meta_low_res)
     with torch.device("meta"):
         vae = CLASSES[version]().to(torch.bfloat16).eval()
@@ -533,10 +563,10 @@ def test_traced_decode_memory_matches_the_model(version, monkeypatch):
     peaks = {}
     for chunk in (None, 1):
         with torch.no_grad(), live_bytes(ignore=[*vae.parameters(), z]) as trace:
-            out = tiled_decode(vae, z, 9, 2, frame_chunk=chunk)
+            out = tiled_decode(vae, z, 9, 2, frame_chunk=chunk, lean=lean)
         # the output and the low-resolution features live in CPU memory
         peaks[chunk] = trace.peak - out.numel() * 4 - _meta_low_res.nbytes
-        model = estimate_decode_bytes(vae, shape, 9, torch.bfloat16, 2, frame_chunk=chunk)
+        model = estimate_decode_bytes(vae, shape, 9, torch.bfloat16, 2, frame_chunk=chunk, lean=lean)
         model -= tiled_vae.FIXED_BYTES
         log.info("Wan %s tile traced %.0f B/px, model %.0f B/px (frame chunk %s)", version,
                  peaks[chunk] / (8 * 9 * s * s), model / (8 * 9 * s * s), chunk)
@@ -548,11 +578,13 @@ def test_traced_decode_memory_matches_the_model(version, monkeypatch):
     assert trace.peak <= model <= 1.1 * trace.peak
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
-def test_traced_global_pass_memory_matches_the_model(version, monkeypatch):
-    """A tiled decode's global pass (conv1, middle, first upsampling level over the whole frame)
-    at 1280x704 on meta: estimate_low_res_bytes covers every traced allocation, within 10 %
-    (2.2: 290 MiB in bf16, under a third of one 32 px tile's activations)."""
+def test_traced_global_pass_memory_matches_the_model(version, lean, monkeypatch):
+    """A tiled decode's global pass (conv1, middle, first upsampling level over the whole frame;
+    lean: conv1 and middle) at 1280x704 on meta: estimate_low_res_bytes covers every traced
+    allocation, within 10 % (2.2: 290 MiB in bf16, under a third of one 32 px tile's activations;
+    lean 118 MiB)."""
     from wan_lite.models import vae_common
 
     monkeypatch.setattr(vae_common, "F", _OutputOnlySDPA())
@@ -565,13 +597,14 @@ def test_traced_global_pass_memory_matches_the_model(version, monkeypatch):
         x = vae.decoder_input(z)
         cache = tiled_vae.FeatureCache()
         for i in range(shape[2]):
-            y = vae.decoder.low_res(x[:, :, i : i + 1], cache)
+            y = vae.decoder.low_res(x[:, :, i : i + 1], cache, tiled_vae._levels(vae, lean))
             cache.first_chunk = False
             del y  # in CPU memory in a real run
-    model = tiled_vae.estimate_low_res_bytes(vae, shape, torch.bfloat16) - tiled_vae.FIXED_BYTES
-    log.info("Wan %s global pass traced %.0f MiB, model %.0f MiB", version, trace.peak / 2**20, model / 2**20)
+    model = tiled_vae.estimate_low_res_bytes(vae, shape, torch.bfloat16, lean) - tiled_vae.FIXED_BYTES
+    log.info("Wan %s global pass (lean %s) traced %.0f MiB, model %.0f MiB", version, lean, trace.peak / 2**20,
+             model / 2**20)
     assert trace.peak <= model <= 1.1 * trace.peak
-    if version == "2.2":
+    if version == "2.2" and not lean:
         assert model < estimate_decode_bytes(vae, shape, 32, torch.bfloat16) / 3
 
 

@@ -312,11 +312,12 @@ class Decoder3d(nn.Module):
         """[B, z, 1, h, w] -> [B, out, 1 (first chunk) or 4, 8h, 8w] (3 levels up)."""
         return self.upsample(self.middle(self.conv1(x, cache), cache), cache)
 
-    def low_res(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """conv1, middle and `upsamples[:low_res_end]`: [B, z, 1, h, w] -> [B, C, 1 or 2, 2h, 2w], the
-        part a tiler runs once over the whole latent (global attention, small convolutions)."""
+    def low_res(self, x: torch.Tensor, cache: FeatureCache, levels: int | None = None) -> torch.Tensor:
+        """conv1, middle and `upsamples[:levels]` (default `low_res_end`): [B, z, 1, h, w] ->
+        [B, C, 1 or 2, 2h, 2w], the part a tiler runs once over the whole latent (global attention,
+        small convolutions); levels 0: the middle's output [B, C_top, 1, h, w]."""
         x = self.middle(self.conv1(x, cache), cache)
-        for layer in self.upsamples[: self.low_res_end]:
+        for layer in self.upsamples[: self.low_res_end if levels is None else levels]:
             x = layer(x, cache)
         return x
 

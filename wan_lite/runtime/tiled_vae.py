@@ -69,6 +69,9 @@ CHUNK_OUT_PX = 2 * 4 * 3 * 4  # a tiled latent frame's fp32 output frames and th
 # byte, 2.1 223, the attention's score matrix left out: on CUDA, SDPA's memory-efficient kernel,
 # the one for the VAE's head sizes of 384 and 1024, keeps none) + 5 %.
 LOW_RES_PX_PER_BYTE = {"2.2": 180.0, "2.1": 235.0}
+# The lean global pass (conv1 and middle only, `lean=True`), traced the same way (2.2 69, 2.1 103):
+# where even the full one does not fit, and in retries after an out-of-memory error.
+LEAN_PX_PER_BYTE = {"2.2": 75.0, "2.1": 110.0}
 ENCODE_PX_PER_BYTE = {"2.2": 2150.0, "2.1": 4700.0}  # planner K.vae_encode_px / 2
 FIXED_BYTES = 128 * 2**20  # cuDNN workspaces, allocator rounding (measured fit: 33 MB)
 # Time model of a tiled decode relative to the untiled one, for choosing among what fits:
@@ -161,13 +164,18 @@ def _part(vae: Any, *path: str) -> Any:
     return obj
 
 
-def _idle_parts(vae: Any) -> list[nn.Module]:
+def _levels(vae: Any, lean: bool) -> int:
+    """How many of the decoder's `upsamples` the global pass runs (none when `lean`)."""
+    return 0 if lean else getattr(_part(vae, "decoder"), "low_res_end", 0)
+
+
+def _idle_parts(vae: Any, lean: bool = False) -> list[nn.Module]:
     """The decoder parts a tiled decode runs once, before the tiles (`decoder_low_res`): conv1,
-    middle and the levels up to the first upsampling (`Decoder3d.low_res`)."""
+    middle and (unless `lean`) the levels up to the first upsampling (`Decoder3d.low_res`)."""
     decoder = _part(vae, "decoder")
     if decoder is None:
         return []
-    low = list(decoder.upsamples[: decoder.low_res_end]) if hasattr(decoder, "low_res_end") else []
+    low = list(decoder.upsamples[: _levels(vae, lean)])
     return [m for m in (_part(vae, "decoder", "conv1"), _part(vae, "decoder", "middle"), *low)
             if isinstance(m, nn.Module)]
 
@@ -180,11 +188,11 @@ def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def idle_decoder_bytes(vae: Any) -> int:
+def idle_decoder_bytes(vae: Any, lean: bool = False) -> int:
     """Device bytes `tiled_decode` frees while it decodes the tiles of a CUDA VAE: the weights of
     the decoder's conv1, middle and first upsampling level (Wan 2.2: 610 MB in bf16, over half of
-    the decoder), which only the global pass uses."""
-    parts = _idle_parts(vae)
+    the decoder; `lean`: conv1 and middle, 240 MB), which only the global pass uses."""
+    parts = _idle_parts(vae, lean)
     if not parts or not all(_on_gpu(p) for m in parts for p in m.parameters()):
         return 0
     return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
@@ -248,13 +256,14 @@ def restore_parked(vae: Any, *, strict: bool = True) -> None:
 
 
 @contextmanager
-def _idle_on_host(vae: Any) -> Iterator[None]:
-    """While active, the decoder's conv1 and middle weights live in CPU memory (a CUDA VAE only):
+def _idle_on_host(vae: Any, lean: bool = False) -> Iterator[None]:
+    """While active, the weights of the global pass's part of the decoder (`_idle_parts`) live in
+    CPU memory (a CUDA VAE only):
     the tiles have their GPU memory. They come back exactly as they were afterwards; when a tile
     ran out of memory and moving them back does too, they stay parked until the next decode
     (`restore_parked`, called by `tiled_decode` and `decode_with_retry`) once memory is freed."""
     restore_parked(vae)
-    parts = [m for m in _idle_parts(vae) if all(_on_gpu(p) for p in m.parameters())]
+    parts = [m for m in _idle_parts(vae, lean) if all(_on_gpu(p) for p in m.parameters())]
     devices = [_module_device(m) for m in parts]
     for m in parts:
         _move(m, "cpu")
@@ -273,9 +282,10 @@ def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def decoder_low_res(vae: Any, latent: torch.Tensor) -> list[torch.Tensor]:
-    """The decoder's `low_res` part (conv1, middle, the first upsampling level) over the whole
-    latent [1, z, T, h, w]: per latent frame, its output [1, C, 1 or 2, 2h, 2w] in the VAE dtype
+def decoder_low_res(vae: Any, latent: torch.Tensor, lean: bool = False) -> list[torch.Tensor]:
+    """The decoder's `low_res` part (conv1, middle, the first upsampling level; `lean`: conv1 and
+    middle) over the whole latent [1, z, T, h, w]: per latent frame, its output [1, C, 1 or 2, 2h, 2w]
+    ([1, C, 1, h, w] when lean) in the VAE dtype
     and activation layout, in (pageable) CPU memory. Mirrors the start of
     WanVAEBase._decode_one: decoder_input, then one cache through the latent frames. Wan 2.2 at
     1280x704, 121 frames: 1.76 GB in bf16. From a GPU each frame goes out through pinned staging
@@ -283,8 +293,9 @@ def decoder_low_res(vae: Any, latent: torch.Tensor) -> list[torch.Tensor]:
     (torch's pinned allocator keeps what it pinned) or cost its pinning at every decode."""
     x = vae.decoder_input(latent)
     cache, out, sink = FeatureCache(), [], _HostSink()
+    levels = _levels(vae, lean)
     for i in range(x.shape[2]):
-        y = vae.decoder.low_res(x[:, :, i : i + 1], cache)
+        y = vae.decoder.low_res(x[:, :, i : i + 1], cache, levels)
         cache.first_chunk = False
         if y.device.type == "cpu":
             out.append(y)
@@ -306,18 +317,18 @@ def _frame_chunk(vae: Any, frames: int | None) -> Iterator[None]:
         vae.decode_frame_chunk = old
 
 
-def _decode_tile(vae: Any, low: list[torch.Tensor], scale: int, box: tuple[int, int, int, int],
+def _decode_tile(vae: Any, low: list[torch.Tensor], start: int, scale: int, box: tuple[int, int, int, int],
                  weight: torch.Tensor, support: tuple[int, int, int, int],
                  device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """Decode one tile latent frame by latent frame from its crops of the global `low`
-    (`decoder_low_res`, CPU; `scale` of its pixels per latent px); yields (first video frame,
+    (`decoder_low_res`, CPU; `scale` of its pixels per latent px), the decoder from
+    `upsamples[start]` on; yields (first video frame,
     weighted frames [1, 3, n, y1-y0, x1-x0] float32 on `device`) for the pixels of `support`
     (y0, y1, x0, x1) with `weight` [y1-y0, x1-x0] on `device`. Only one latent frame's
     activations and output frames are on the device at a time."""
     h0, h1, w0, w1 = box
     y0, y1, x0, x1 = support
     s = vae.stride[1]
-    start = vae.decoder.low_res_end
     cache, done = FeatureCache(), 0
     for feats in low:
         crop = _to_device(feats[..., h0 * scale : h1 * scale, w0 * scale : w1 * scale], device, vae.activation_layout)
@@ -334,7 +345,7 @@ def _decode_tile(vae: Any, low: list[torch.Tensor], scale: int, box: tuple[int, 
 @torch.no_grad()
 def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None = None,
                  out_device: torch.device | str | None = None,
-                 frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> torch.Tensor:
+                 frame_chunk: int | None = DEFAULT_FRAME_CHUNK, lean: bool | None = None) -> torch.Tensor:
     """Normalised latent [B, z, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] float32 in [-1, 1]
     on `out_device` (default: the latent's), decoded in spatial tiles of at most `tile` x `tile`
     latent px overlapping by >= `overlap` latent px (default DEFAULT_OVERLAP_PX / stride), the
@@ -347,7 +358,9 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     `out_device` "cpu" and a CUDA latent they are copied out asynchronously and added on the CPU
     while the GPU decodes the next frame, so the device never holds a tile's video. While the
     tiles run, the weights of that low-resolution part wait in CPU memory (`idle_decoder_bytes`
-    says how much GPU memory that frees).
+    says how much GPU memory that frees). `lean` True: the global pass stops after the middle,
+    for less memory (Wan 2.2 at 720p: 0.12 instead of 0.29 GiB), the tiles run the first level;
+    None: lean only on a GPU whose free memory is short of the full global pass.
     """
     s = vae.stride[1]
     overlap = DEFAULT_OVERLAP_PX // s if overlap is None else overlap
@@ -358,25 +371,27 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     spans_h, spans_w = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
     if len(spans_h) == len(spans_w) == 1:
         return vae.decode(latent).to(out_device)
-    log.info("VAE decode in %d x %d tiles of %d x %d latent px (overlap >= %d, frame chunk %s)",
+    if lean is None:
+        lean = _lean_needed(vae, tuple(latent.shape), free_device_bytes(latent.device), vae.dtype)
+    log.info("VAE decode in %d x %d tiles of %d x %d latent px (overlap >= %d, frame chunk %s%s)",
              len(spans_h), len(spans_w), spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0],
-             min(overlap, tile // 2), frame_chunk)
+             min(overlap, tile // 2), frame_chunk, ", lean global pass" if lean else "")
     weights_h, weights_w = blend_weights(spans_h, s), blend_weights(spans_w, s)
     out = torch.zeros((b, 3, 1 + vae.stride[0] * (t - 1), h * s, w * s), dtype=torch.float32, device=out_device)
     sink = _HostSink()
     with _frame_chunk(vae, frame_chunk):
         for i in range(b):
-            low = decoder_low_res(vae, latent[i : i + 1])
+            low = decoder_low_res(vae, latent[i : i + 1], lean)
             scale = low[0].shape[-1] // w
-            with _idle_on_host(vae):
-                _decode_tiles(vae, low, scale, spans_h, spans_w, weights_h, weights_w, latent.device,
-                              out[i : i + 1], sink)
+            with _idle_on_host(vae, lean):
+                _decode_tiles(vae, low, _levels(vae, lean), scale, spans_h, spans_w, weights_h, weights_w,
+                              latent.device, out[i : i + 1], sink)
             del low
     sink.flush()
     return out.clamp_(-1.0, 1.0)  # weights sum to 1 only up to float rounding
 
 
-def _decode_tiles(vae: Any, low: list[torch.Tensor], scale: int, spans_h: list[tuple[int, int]],
+def _decode_tiles(vae: Any, low: list[torch.Tensor], start: int, scale: int, spans_h: list[tuple[int, int]],
                   spans_w: list[tuple[int, int]],
                   weights_h: list[torch.Tensor], weights_w: list[torch.Tensor], device: torch.device,
                   out: torch.Tensor, sink: _HostSink) -> None:
@@ -390,7 +405,8 @@ def _decode_tiles(vae: Any, low: list[torch.Tensor], scale: int, spans_h: list[t
             weight = (wh[y0:y1, None] * ww[None, x0:x1]).to(device)
             rows = slice(h0 * s + y0, h0 * s + y1)
             cols = slice(w0 * s + x0, w0 * s + x1)
-            for f, part in _decode_tile(vae, low, scale, (h0, h1, w0, w1), weight, (y0, y1, x0, x1), device):
+            for f, part in _decode_tile(vae, low, start, scale, (h0, h1, w0, w1), weight, (y0, y1, x0, x1),
+                                        device):
                 sink.add(out[:, :, f : f + part.shape[2], rows, cols], part)
 
 
@@ -526,12 +542,13 @@ def _decode_px_bytes(version: str, frame_chunk: int | None, dtype: torch.dtype) 
 
 def estimate_decode_bytes(vae: Any, latent_shape: tuple[int, ...], tile: int | None, dtype: torch.dtype,
                           overlap: int | None = None, out_on_device: bool = False,
-                          frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> int:
+                          frame_chunk: int | None = DEFAULT_FRAME_CHUNK, lean: bool = False) -> int:
     """Peak device bytes of decoding `latent_shape` [B, z, T, h, w] with `tile` latent px (None:
     untiled, whole chunks, the whole fp32 video on the device), the VAE weights not included.
     Tiled (`tiled_decode` with `frame_chunk`): one tile's activations, one latent frame's output
     frames and crop of the low-resolution features, the whole video when it is assembled on the
-    device, and FIXED_BYTES; the global pass before the tiles needs `estimate_low_res_bytes`."""
+    device, and FIXED_BYTES (`lean`: the tiles after a lean global pass); the global pass before
+    the tiles needs `estimate_low_res_bytes`."""
     s = vae.stride[1]
     _, _, t, h, w = latent_shape
     frames = 1 + vae.stride[0] * (t - 1)
@@ -544,19 +561,28 @@ def estimate_decode_bytes(vae: Any, latent_shape: tuple[int, ...], tile: int | N
     tw = max(b - a for a, b in tile_spans(w, tile, overlap))
     px = th * tw * s * s
     # one latent frame's crop of the low-resolution features: <= 2 frames at twice the latent's
-    # resolution, at most the decoder's top width
-    mid = vae.config.dec_dim * vae.config.dim_mult[-1] * 2 * 4 * th * tw * _elem(dtype)
+    # resolution (lean: the middle's one frame), at most the decoder's top width
+    mid = vae.config.dec_dim * vae.config.dim_mult[-1] * (1 if lean else 2 * 4) * th * tw * _elem(dtype)
     whole = h * w * s * s * video_px if out_on_device else 0
     per_px = _decode_px_bytes(vae.version, frame_chunk, dtype) + CHUNK_OUT_PX
     return int(px * per_px + mid + whole + FIXED_BYTES)
 
 
-def estimate_low_res_bytes(vae: Any, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Peak device bytes of a tiled decode's global pass (`decoder_low_res`) over the whole latent
-    [B, z, T, h, w], the VAE weights (all on the device then) not included."""
+def estimate_low_res_bytes(vae: Any, latent_shape: tuple[int, ...], dtype: torch.dtype, lean: bool = False) -> int:
+    """Peak device bytes of a tiled decode's global pass (`decoder_low_res`, `lean` or not) over the
+    whole latent [B, z, T, h, w], the VAE weights (all on the device then) not included."""
     s = vae.stride[1]
     h, w = latent_shape[3], latent_shape[4]
-    return int(h * w * s * s * LOW_RES_PX_PER_BYTE[vae.version] * _elem(dtype) + FIXED_BYTES)
+    per_px = (LEAN_PX_PER_BYTE if lean else LOW_RES_PX_PER_BYTE)[vae.version]
+    return int(h * w * s * s * per_px * _elem(dtype) + FIXED_BYTES)
+
+
+def _lean_needed(vae: Any, latent_shape: tuple[int, ...], free_bytes: int | None, dtype: torch.dtype) -> bool:
+    """Whether the full global pass would not fit in `free_bytes` (None: no device to budget)."""
+    if free_bytes is None:
+        return False
+    fixed, share = MARGIN
+    return estimate_low_res_bytes(vae, latent_shape, dtype) * (1 + share) + fixed > free_bytes
 
 
 def choose_tile(vae: Any, latent_shape: tuple[int, ...], free_bytes: int, dtype: torch.dtype, *,
@@ -565,14 +591,17 @@ def choose_tile(vae: Any, latent_shape: tuple[int, ...], free_bytes: int, dtype:
     """The largest tile (latent px) whose estimated decode peak fits in `free_bytes` (free device
     memory with the VAE's weights already placed; tiles also get the weights `tiled_decode` moves
     out of their way, `idle_decoder_bytes`) with MARGIN kept free; None when the untiled decode
-    fits; the global pass before the tiles must fit without the idle weights' memory. When nothing
-    fits, MIN_TILE (decode_with_retry then handles an OOM)."""
+    fits; the global pass before the tiles must fit without the idle weights' memory, in full or
+    else lean (as `tiled_decode` decides). When nothing fits, MIN_TILE (decode_with_retry then
+    handles an OOM)."""
     fixed, share = MARGIN
-    idle = idle_decoder_bytes(vae)
-    low_res = estimate_low_res_bytes(vae, latent_shape, dtype) * (1 + share) + fixed <= free_bytes
+    lean = _lean_needed(vae, latent_shape, free_bytes, dtype)
+    idle = idle_decoder_bytes(vae, lean)
+    low_res = estimate_low_res_bytes(vae, latent_shape, dtype, lean) * (1 + share) + fixed <= free_bytes
 
     def fits(tile: int | None) -> bool:
-        need = estimate_decode_bytes(vae, latent_shape, tile, dtype, overlap, out_on_device, frame_chunk)
+        need = estimate_decode_bytes(vae, latent_shape, tile, dtype, overlap, out_on_device, frame_chunk,
+                                     lean=lean and tile is not None)
         if tile is None:
             return need * (1 + share) + fixed <= free_bytes
         return low_res and need * (1 + share) + fixed <= free_bytes + idle
@@ -675,17 +704,17 @@ def decode_with_retry(vae: Any, latent: torch.Tensor, tile: int | None = None, *
                       out_device: torch.device | str | None = None, min_tile: int = MIN_TILE,
                       frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> torch.Tensor:
     """`tiled_decode` (or `vae.decode` with tile None); on a CUDA out-of-memory error, again with
-    half the tile and 1-frame chunks, down to `min_tile` latent px; then
+    half the tile, 1-frame chunks and the lean global pass, down to `min_tile` latent px; then
     wan_lite.errors.OutOfMemoryError."""
     first = [True]
 
     def run(t: int | None) -> torch.Tensor:
         restore_parked(vae)  # weights an interrupted tiled decode left in CPU memory
-        chunk = frame_chunk if first[0] else 1
+        chunk, lean = (frame_chunk, None) if first[0] else (1, True)
         first[0] = False
         if t is None:
             return vae.decode(latent).to(out_device or latent.device)
-        return tiled_decode(vae, latent, t, overlap, out_device, frame_chunk=chunk)
+        return tiled_decode(vae, latent, t, overlap, out_device, frame_chunk=chunk, lean=lean)
 
     hint = ("The latents were saved first: free GPU memory (close other programs using the GPU) and "
             "re-decode them with `python -m wan_lite decode <file>.latents.safetensors`, "
