@@ -284,11 +284,10 @@ def _latent_stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def decoder_low_res(vae: Any, latent: torch.Tensor, lean: bool = False) -> list[torch.Tensor]:
     """The decoder's `low_res` part (conv1, middle, the first upsampling level; `lean`: conv1 and
-    middle) over the whole latent [1, z, T, h, w]: per latent frame, its output [1, C, 1 or 2, 2h, 2w]
-    ([1, C, 1, h, w] when lean) in the VAE dtype
-    and activation layout, in (pageable) CPU memory. Mirrors the start of
-    WanVAEBase._decode_one: decoder_input, then one cache through the latent frames. Wan 2.2 at
-    1280x704, 121 frames: 1.76 GB in bf16. From a GPU each frame goes out through pinned staging
+    middle) over the whole latent [1, z, T, h, w]: per latent frame, its output [1, C, 1 or 2, 2h,
+    2w] ([1, C, 1, h, w] when lean) in the VAE dtype and activation layout, in (pageable) CPU
+    memory. Mirrors the start of WanVAEBase._decode_one: decoder_input, then one cache through the
+    latent frames. Wan 2.2 at 1280x704, 121 frames: 1.76 GB in bf16. From a GPU each frame goes out through pinned staging
     while the next one is computed (`_HostSink`): pinning all of it would lock that much RAM
     (torch's pinned allocator keeps what it pinned) or cost its pinning at every decode."""
     x = vae.decoder_input(latent)
