@@ -239,10 +239,6 @@ def _tiles(size: int, tile: int, stride: int) -> tuple[int, int]:
     return count, math.ceil((n + (count - 1) * o) / count) * stride
 
 
-def _tile_side(size: int, tile: int, stride: int) -> int:
-    return _tiles(size, tile, stride)[1]
-
-
 def _tiled_time(r: PlanRequest, tile: int | None, stride: int) -> float:
     """A tiled decode's time over the untiled one, as tiled_vae.decode_cost models it with whole
     frame chunks (what the decode takes where they fit): pixels decoded, overlaps counted twice,
@@ -258,7 +254,7 @@ def _tiled_time(r: PlanRequest, tile: int | None, stride: int) -> float:
 def _vae_vram(m: ModelFootprint, r: PlanRequest, ch: Choices, part: str) -> float:
     if part == "decoder" and ch.vae_tile:  # no tile video on the GPU: pixels leave per latent frame
         s = m.vae_stride[1]
-        px = _tile_side(r.height, ch.vae_tile, s) * _tile_side(r.width, ch.vae_tile, s)
+        px = _tiles(r.height, ch.vae_tile, s)[1] * _tiles(r.width, ch.vae_tile, s)[1]
         weights = m.vae_bytes(part, ch.vae_dtype)  # all of them for the global pass; a part off for the tiles
         low_res = weights + r.height * r.width * K.vae_low_res_px[m.vae_version, ch.vae_dtype]
         tiles = weights * (1 - K.vae_decoder_idle_share[m.vae_version])

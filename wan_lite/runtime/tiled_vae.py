@@ -205,11 +205,19 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     still be running when this returns: the CPU must not read it before the stream is synchronised."""
     if not t.is_cuda:
         return t
-    try:
-        host = torch.empty_like(t, device="cpu", pin_memory=True)
-    except RuntimeError:  # no page-locked memory to be had
+    host = _pinned_like(t)
+    if host is None:
         return t.to("cpu")
     return host.copy_(t, non_blocking=True)  # stream-ordered: whatever reuses t's memory runs after
+
+
+def _pinned_like(t: torch.Tensor) -> torch.Tensor | None:
+    """An empty pinned CPU tensor with t's shape, dtype and strides; None where no page-locked
+    memory is to be had."""
+    try:
+        return torch.empty_like(t, device="cpu", pin_memory=True)
+    except RuntimeError:
+        return None
 
 
 def _to_device(src: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
@@ -423,12 +431,8 @@ class _HostSink:
             _write(dst, part, accumulate)
             return
         event = None
-        staged = None
-        if part.is_cuda and dst.device.type == "cpu":
-            try:
-                staged = torch.empty_like(part, device="cpu", pin_memory=True)
-            except RuntimeError:  # no page-locked memory to be had: a synchronous copy below
-                staged = None
+        # without page-locked memory (or for other devices): a synchronous copy below
+        staged = _pinned_like(part) if part.is_cuda and dst.device.type == "cpu" else None
         if staged is not None:
             staged.copy_(part, non_blocking=True)
             event = torch.cuda.Event()
