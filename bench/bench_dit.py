@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_device, host_rss_gib, parse_size, run_meta  # noqa: E402
+from common import bench_device, host_rss_gib, parse_size, rel_l2, run_meta  # noqa: E402
 
 from wan_lite.loading.keymaps import dit_official_to_diffusers  # noqa: E402
 from wan_lite.models.attention import set_attention_backend  # noqa: E402
@@ -146,10 +146,6 @@ def measure(fn: Callable[[], torch.Tensor], warmup: int, repeats: int) -> tuple[
         sync()  # the host clock may only stop once the GPU is done
         times.append(time.perf_counter() - t0)
     return out, times, torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else 0
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def release() -> None:

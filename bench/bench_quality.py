@@ -6,10 +6,10 @@ For TI2V-5B and T2V-A14B it writes tiny random models in the official layout (th
 architecture read back from tensor shapes), generates one 64x64, 9-frame video with 4 steps in
 bf16, then again with int8 and with fp8 experts (the planner's quantized plan, everything
 resident), same prompt and seed, and records the relative L2 error of the final latents and of
-the decoded video (its uint8 frames) against the bf16 run. On a GPU with fp8 tensor cores the fp8 run computes in
-fp8 (fp8 x fp8 matmuls: case fp8-compute); elsewhere fp8 is storage only, dequantized per layer
-(fp8-dequant). One DiT forward at
-full size is measured by bench_dit.py (its rel_error column); this is the end-to-end counterpart.
+the decoded video (its uint8 frames) against the bf16 run. On a GPU with fp8 tensor cores the
+fp8 run computes in fp8 (fp8 x fp8 matmuls: case fp8-compute); elsewhere fp8 is storage only,
+dequantized per layer (fp8-dequant). One DiT forward at full size is measured by bench_dit.py
+(its rel_error column); this is the end-to-end counterpart.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import run_meta  # noqa: E402
+from common import rel_l2, run_meta  # noqa: E402
 
 import wan_lite  # noqa: E402
 from tests.tiny_ckpt import write_model  # noqa: E402
@@ -39,11 +39,7 @@ MODELS = ("ti2v-5b", "t2v-a14b")
 PROMPT, SEED = "a boat at dawn", 3
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def quantized_plan(pipe, name: str, fmt: str, size: dict, device: torch.device):
+def quantized_plan(pipe, name: str, fmt: str, size: dict):
     """The planner's plan for a roomy machine, in `fmt`, everything resident and in one place."""
     spec = get_spec(name)
     fp = ModelFootprint.from_config(pipe.dit.config, name=name, vae_version=spec.vae_version,
@@ -74,15 +70,15 @@ def main() -> int:
             pipe = wan_lite.load_pipeline(path, device=device)
             ref = pipe.generate(PROMPT, seed=SEED, **size)
             for fmt in ("int8", "fp8"):
-                p = quantized_plan(pipe, name, fmt, size, device)
+                p = quantized_plan(pipe, name, fmt, size)
                 q = load_planned(path, p, device=device, cache_dir=Path(tmp) / f"cache-{name}-{fmt}")
                 out = q.generate(PROMPT, seed=SEED, **size)
                 label = fmt if fmt == "int8" else ("fp8-compute" if p.fp8_compute else "fp8-dequant")
                 records.append({
                     "case": f"tiny generation {name} {size['width']}x{size['height']}x{size['frames']} {label}",
                     "plan": p.summary(), "fp8_compute": p.fp8_compute,
-                    "rel_error": rel(out.latents, ref.latents),
-                    "rel_error_video": rel(torch.from_numpy(out.frames), torch.from_numpy(ref.frames)),
+                    "rel_error": rel_l2(out.latents, ref.latents),
+                    "rel_error_video": rel_l2(torch.from_numpy(out.frames), torch.from_numpy(ref.frames)),
                     "steps": args.steps, "gpu": meta["gpu"], "torch": meta["torch"], "date": meta["date"][:10],
                 })
                 print(f"{records[-1]['case']}: latents {records[-1]['rel_error']:.4f}, "

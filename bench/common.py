@@ -13,6 +13,11 @@ import torch
 GIB = 1024**3
 
 
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of `a` against the reference `b`."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def run_meta(cuda: bool) -> dict:
     """GPU, torch, diffusers, date and the command line of this run."""
     meta = {
