@@ -36,6 +36,16 @@ def lean_plan(pipe, **force):
     return replace(p, **force)
 
 
+def unbind(pipe) -> None:
+    """Back to the plain path: what PlannedPlacement.bind set, unset."""
+    pipe.placement, pipe.cfg_batch = MovePlacement("cpu"), False
+    for dit in pipe.dits.values():
+        for b in dit.blocks:
+            b.chunk_tokens = None
+    pipe.decode_fn = lambda vae, z: vae.decode(z)
+    pipe.encode_fn = lambda vae, x: vae.encode(x)
+
+
 def test_streamed_chunked_plan_equals_plain(plain):
     pipe, ref = plain
     p = lean_plan(pipe, resident_blocks=0, prefetch=1, ffn_chunk_tokens=16, quantization="bf16",
@@ -45,13 +55,32 @@ def test_streamed_chunked_plan_equals_plain(plain):
     try:
         out = pipe.generate("a boat at dawn", seed=3, **SMALL)
     finally:
-        pipe.placement, pipe.cfg_batch = MovePlacement("cpu"), False
-        for dit in pipe.dits.values():
-            for b in dit.blocks:
-                b.chunk_tokens = None
-        pipe.decode_fn = lambda vae, z: vae.decode(z)
-        pipe.encode_fn = lambda vae, x: vae.encode(x)
+        unbind(pipe)
     assert rel(out.latents, ref.latents) < 1e-5
+
+
+def test_a_new_plan_first_takes_the_dit_back_from_the_last_ones_placement(plain):
+    """The engine re-binds its placement when the plan changes between runs: a DiT the last plan
+    left placed (streamed here; on a GPU also kept resident) goes back to RAM, so the new plan's
+    placement starts from what it assumes; the same plan again moves nothing."""
+    from wan_lite.runtime import streaming
+
+    pipe, _ = plain
+    first = lean_plan(pipe, resident_blocks=0, prefetch=1, quantization="bf16", idle_expert="ram")
+    placement = PlannedPlacement(first, "cpu")
+    placement.bind(pipe)
+    dit = pipe.dits["high"]
+    try:
+        placement.activate("high", dit)
+        assert streaming.streamer_of(dit) is not None
+        placement.bind(pipe)  # the same plan: left as it is
+        assert streaming.streamer_of(dit) is not None
+        placement.plan = replace(first, resident_blocks=1)
+        placement.bind(pipe)
+        assert streaming.streamer_of(dit) is None and streaming.where_is(dit) == "ram"
+    finally:
+        streaming.move_expert(dit, "ram")
+        unbind(pipe)
 
 
 def test_batched_cfg_equals_two_passes(plain):

@@ -33,10 +33,21 @@ class PlannedPlacement:
         self.plan = plan
         self.device = torch.device(device)
         self.pipe: Any = None
+        self._bound: Any = None  # the choices last bound to a pipeline
 
     # ------------------------------------------------------------------ binding
     def bind(self, pipe: Any) -> None:
-        """Set the pipeline-wide knobs of the plan (cfg batching, token chunks, VAE tiles)."""
+        """Set the pipeline-wide knobs of the plan (cfg batching, token chunks, VAE tiles). A DiT
+        an earlier, different plan left on the GPU (kept resident, an idle expert there, or streamed)
+        goes back to RAM first: the new plan places it from there."""
+        before = getattr(getattr(pipe, "placement", None), "_bound", None)
+        if before is not None and before != self.plan.choices:
+            for dit in pipe.dits.values():
+                if streaming.where_is(dit) in ("gpu", "mixed") or streaming.streamer_of(dit) is not None:
+                    streaming.move_expert(dit, "ram")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self._bound = self.plan.choices
         self.pipe = pipe
         pipe.placement = self
         pipe.cfg_batch = bool(self.plan.cfg_batch)
