@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GIB, PeakRSS, run_meta  # noqa: E402
+from common import GIB, PeakRSS, parse_fields, run_meta  # noqa: E402
 
 from tests.tiny_ckpt.dit import official_dit_shapes  # noqa: E402
 from tests.tiny_ckpt.formats import comfy_state  # noqa: E402
@@ -161,9 +161,7 @@ def main() -> int:
     engine = Engine(args.work / "models", args.work / "out", device=str(device), components={"t2v-a14b": parts})
     profile_name = args.profile
     if args.force:
-        pairs = dict(kv.split("=", 1) for kv in args.force.split(","))
-        forced = {k: int(v) if v.isdigit() else v for k, v in pairs.items()}
-        force_plan_fields(args.profile, forced)
+        force_plan_fields(args.profile, parse_fields(args.force))
         profile_name = f"{args.profile} + {args.force}"
     request = GenerateRequest("a red fox trotting through fresh snow, morning light", model="t2v-a14b",
                               width=width, height=height, frames=args.frames, steps=args.steps, seed=0,

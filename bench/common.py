@@ -58,6 +58,14 @@ def host_rss_gib() -> float | None:
         return None
 
 
+def parse_fields(text: str) -> dict:
+    """"resident_blocks=0,text_encoder=stream,ffn_chunk_tokens=None" -> plan fields (ints, None,
+    booleans and strings)."""
+    words = {"none": None, "null": None, "true": True, "false": False}
+    pairs = (kv.split("=", 1) for kv in text.split(",") if kv)
+    return {k: int(v) if v.isdigit() else words.get(v.lower(), v) for k, v in pairs}
+
+
 def parse_size(text: str) -> tuple[int, int]:
     w, h = text.lower().split("x")
     return int(w), int(h)

@@ -66,10 +66,14 @@ def measure(args: argparse.Namespace) -> int:
             rc = _run([py, "bench/bench_vae.py", "--out", str(out / "vae.json"), "--budget-s",
                        str(max(30, left() - 30)), *args.vae_args.split()], left(), out / "vae.log")
         elif part == "job":
-            rc = _run([py, "bench/bench_job.py", "--out", str(out / "job.json")], left(), out / "job.log")
-        elif part == "job_a14b":  # the 8 GB / 32 GB profile's own plan, then every block streamed
+            rc = _run([py, "bench/bench_job.py", "--out", str(out / "job.json"), *args.job_args.split()], left(),
+                      out / "job.log")
+        elif part == "job_a14b":
+            # the 8 GB / 32 GB profile's own plan, then the plan for a GPU with 6 GiB usable (every block
+            # streamed, the text encoder too, 8192-token chunks: the planner's choice there) under a 6 GiB cap
+            six = "resident_blocks=0,text_encoder=stream,ffn_chunk_tokens=8192"
             for log, extra in (("job_a14b.log", ["--cap-gib", "8"]),
-                               ("job_a14b_streamed.log", ["--cap-gib", "6", "--force", "resident_blocks=0,text_encoder=stream"])):
+                               ("job_a14b_streamed.log", ["--cap-gib", "6", "--force", six])):
                 rc = _run([py, "bench/bench_a14b_job.py", "--out", str(out / "job_a14b.json"), *extra],
                           left(), out / log)
         elif part == "quality":
@@ -201,7 +205,10 @@ def report(args: argparse.Namespace) -> int:
              "of one DiT forward against wan_lite's resident bf16 forward; for the VAE, the mean absolute",
              "error (pixels in [-1, 1]) against the untiled decode in the same dtype. The job rows run the",
              "real pipeline (text encoding, denoising, decoding) with the planner's plan; their `plan`",
-             "field in benchmarks.json says what was chosen. The t2v-a14b job rows load ComfyUI-format",
+             "field in benchmarks.json says what was chosen; a ti2v-5b row named `CASE + fields` runs the",
+             "plan of CASE with those fields forced (a choice the planner did not make; empty where it",
+             "failed, its error in benchmarks.json), its ratio against the resident row of its run.",
+             "The t2v-a14b job rows load ComfyUI-format",
              "fp8 files from disk under a hard GPU cap (`cap`) and count host RAM as the process's peak",
              "RSS; their ratio_vs_resident is against the all-resident bf16 DiT forward at the same size",
              "(latest run up to the job's own): bf16 files of both experts (57 GB) do not fit the GPU machine's disk beside",
@@ -237,6 +244,7 @@ def main() -> int:
     m.add_argument("--dit-budget-s", type=float, default=330.0)
     m.add_argument("--dit-args", default="", help="extra arguments for bench_dit.py, e.g. '--size-a14b 1280x720'")
     m.add_argument("--vae-args", default="", help="extra arguments for bench_vae.py")
+    m.add_argument("--job-args", default="", help="extra arguments for bench_job.py, e.g. '--variant ...'")
     r = sub.add_parser("report")
     r.add_argument("dirs", nargs="+")
     r.add_argument("--docs", default=str(ROOT / "docs"))

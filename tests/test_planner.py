@@ -13,9 +13,20 @@ import torch
 
 from wan_lite.errors import WanLiteError
 from wan_lite.models.dit import WanDiT, WanDiTConfig
-from wan_lite.runtime.hardware import Hardware, ProfileError, get_profile, load_profiles
+from wan_lite.runtime.hardware import Hardware, MemoryProfile, ProfileError, get_profile, load_profiles
 from wan_lite.runtime.plan_cli import add_plan_parser, run_plan
-from wan_lite.runtime.planner import QUANTS, K, ModelFootprint, PlanRequest, _evaluate, leaner, plan
+from wan_lite.runtime.planner import (
+    CHUNKS,
+    QUANTS,
+    K,
+    ModelFootprint,
+    PlanRequest,
+    _evaluate,
+    _Geo,
+    default_chunk,
+    leaner,
+    plan,
+)
 
 MODELS = ("ti2v-5b", "t2v-a14b", "i2v-a14b")
 VRAMS = (4, 6, 8, 12, 16, 24, 80)
@@ -120,7 +131,9 @@ def test_datacenter_gpu_keeps_the_5b_model_resident_in_bf16(table) -> None:
     for r in RAMS:
         p = table["ti2v-5b", 80, r]
         assert p.fits and p.quantization == "bf16" and p.resident_blocks == 30
-        assert p.keep_resident and p.vae_tile is None and p.cfg_batch and p.text_encoder == "gpu"
+        assert p.keep_resident and p.vae_tile is None and p.text_encoder == "gpu"
+        # the whole sequence at once, cond and uncond one after the other (a batch of 2 is slower)
+        assert p.ffn_chunk_tokens is None and not p.cfg_batch
 
 
 def test_a14b_on_4gb_and_16gb_ram_is_refused_with_numbers(table) -> None:
@@ -157,6 +170,24 @@ def test_plans_are_deterministic_and_json_serialisable(table) -> None:
         assert p.summary().startswith(f"{name} ") and "GiB VRAM" in p.summary()
 
 
+def test_token_chunk_is_the_fastest_that_fits() -> None:
+    """Token chunks cost time (K.chunk_block_s per block): a GPU with room runs the whole sequence
+    at once, a small one the largest chunk whose denoise fits; no forced chunk is faster."""
+    m, req = ModelFootprint.full_size("ti2v-5b"), PlanRequest(1280, 704, 121)
+    for hw in (Hardware.fake(140, 128, (9, 0), free_vram_gb=139), Hardware.fake(3.5, 128, (9, 0), free_vram_gb=3.0),
+               Hardware.fake(12, 32, (8, 6))):
+        p = plan(m, req, hw)
+        assert p.fits
+        secs = dict(p.stage_seconds)["denoise"]
+        for c in CHUNKS:
+            forced = MemoryProfile("chunk", "", force=(("ffn_chunk_tokens", c),))
+            q = plan(m, req, hw, profile=forced)
+            assert not q.fits or q.quantization != p.quantization or dict(q.stage_seconds)["denoise"] >= secs * 0.999
+    assert plan(m, req, Hardware.fake(140, 128, (9, 0), free_vram_gb=139)).ffn_chunk_tokens is None
+    small = plan(m, req, Hardware.fake(3.5, 128, (9, 0), free_vram_gb=3.0))
+    assert small.quantization == "bf16" and small.ffn_chunk_tokens > default_chunk(m, _Geo.of(m, req))
+
+
 # ------------------------------------------------------------------------------ issue targets
 def test_5b_low_vram_plan_stays_under_3_gib() -> None:
     p = plan(ModelFootprint.full_size("ti2v-5b"), (1280, 704, 121), Hardware.fake(24, 64),
@@ -175,10 +206,19 @@ def test_a14b_720p_in_6_gib_of_gpu_and_32_gb_of_ram(cc: tuple[int, int]) -> None
     assert p.ffn_chunk_tokens is not None
 
 
-def test_forbidding_cfg_batching_and_cpu_only_machines() -> None:
+def test_cfg_batching_where_it_saves_transfers_asked_for_or_forbidden_and_cpu_only_machines() -> None:
+    """A batch of 2 streams each block once per step instead of twice: the planner batches a
+    streamed plan whose transfers it halves, not a resident one (where it is slower);
+    PlanRequest.cfg_batch True asks for it where it fits, False forbids it."""
     m = ModelFootprint.full_size("ti2v-5b")
-    assert plan(m, (1280, 704, 121), Hardware.fake(80, 64)).cfg_batch
-    assert not plan(m, (1280, 704, 121, False), Hardware.fake(80, 64)).cfg_batch
+    small = Hardware.fake(3.5, 64, (9, 0), free_vram_gb=3.0)
+    streamed = plan(m, (832, 480, 49), small)
+    assert streamed.resident_blocks < 30 and streamed.cfg_batch
+    alone = _evaluate(m, streamed.request, small, replace(streamed.choices, cfg_batch=False))
+    assert dict(streamed.stage_seconds)["denoise"] < dict(alone.stage_seconds)["denoise"]
+    assert not plan(m, PlanRequest(832, 480, 49, cfg_batch=False), small).cfg_batch
+    assert not plan(m, (1280, 704, 121), Hardware.fake(80, 64)).cfg_batch
+    assert plan(m, PlanRequest(1280, 704, 121, cfg_batch=True), Hardware.fake(80, 64)).cfg_batch
     cpu = plan(m, (1280, 704, 121), Hardware.fake(0, 64))
     assert cpu.fits and cpu.peak_vram_gib == 0 and cpu.text_encoder == "cpu"
     assert any("CPU" in n for n in cpu.notes) and cpu.seconds_estimate > 3600
@@ -336,8 +376,11 @@ def test_fp8_attention_counts_its_fp8_copies_of_q_k_v(monkeypatch) -> None:
     assert off.fp8_compute and on.fp8_attention and not off.fp8_attention and "fp8 attention" in on.summary()
     assert on.fits and on.peak_vram_gib <= on.usable_vram_gib  # the plan made room for them
     same = _evaluate(m, PlanRequest(1280, 720, 81), on.hardware, on.choices)  # the same choices without
-    extra = dict(on.stage_vram_gib)["denoise"] - dict(same.stage_vram_gib)["denoise"]
-    fp8_qkv = 3 * 75600 * 5120 / 2**30  # the attention moment becomes the peak: up by nearly all of it
+    # in small chunks the attention moment is the peak, and it grows by nearly all of them
+    small = replace(on.choices, ffn_chunk_tokens=2048)
+    extra = (dict(_evaluate(m, on.request, on.hardware, small).stage_vram_gib)["denoise"]
+             - dict(_evaluate(m, same.request, on.hardware, small).stage_vram_gib)["denoise"])
+    fp8_qkv = 3 * 75600 * 5120 / 2**30
     assert 0.9 * fp8_qkv <= extra <= fp8_qkv + 0.001
     assert on.seconds_estimate < same.seconds_estimate  # fp8 attention is faster
     no_fp8 = plan(m, PlanRequest(1280, 720, 81, fp8_attention=True), Hardware.fake(80, 64, (8, 6)), profile=forced)

@@ -62,8 +62,15 @@ class K:
     fp8_gain = 1.6  # fp8 tensor cores on the Linear layers
     fp8_attention_gain = 1.3  # FlashAttention-3 fp8 over bf16 at the DiT's shapes (bench_attention, H200)
     dequant_cost = 1.03  # int8/fp8 weights dequantized per layer before a bf16 GEMM
-    batch2_gain = 0.98  # one batch of 2 vs two passes
-    chunk_cost = 0.004  # per chunk (measured +0.55 %/chunk on 5B, +0.07 % on A14B)
+    # one batch of 2 over two passes (bench/profile_chunks.py, H200, bench/results/2026-12-03-v: 5B
+    # 720p unchunked 1.045, in 2048-token chunks 1.00; the whole 5B job, run w: 1.027): it pays only
+    # where it halves the streamed transfers
+    batch2_cost = 1.02
+    # token chunks, per block and forward: chunking at all costs per token of the batch, each chunk
+    # past the first a fixed time (profile_chunks: 5B 720p +1.0 ms per block for 2 chunks at batch 1,
+    # +3.2 at batch 2, +0.2 ms per further chunk; A14B 720p +1.6..5 ms)
+    chunked_token_s = 3.7e-8
+    chunk_block_s = 1.5e-4
     bf16_slack = 1.25  # bf16 is chosen over int8/fp8 unless it is this much slower
 
 

@@ -4,8 +4,9 @@
 the DiT blocks kept on the GPU (the rest streamed `prefetch` ahead from pinned or pageable RAM),
 where the idle A14B expert waits, the text encoder's placement, VAE tile and dtype, FFN chunk and
 CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight estimate). Choices are
-greedy: quality first (bf16 unless it does not fit or is >25 % slower), then as many resident
-blocks as fit, then CFG batching, then the largest VAE tile. `leaner(plan)` is the next plan to
+greedy: quality first (bf16 unless it does not fit or is >25 % slower), then the token chunk
+whose denoise is fastest with as many resident blocks as fit beside it and CFG batching where it
+fits, then the largest VAE tile. `leaner(plan)` is the next plan to
 drop to after an out-of-memory error mid-run.
 
 Stages run one after another and each gets the whole GPU (the runtime drops the DiT's GPU copies
@@ -38,8 +39,9 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   keep_text_encoder; a memory-mapped file otherwise) + the decoded video (fp32 + uint8).
 - Usable = free VRAM - (0.25 GiB + 4 % of total); available RAM - (1 GiB + 3 % of total).
 Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention;
-x1.3 with fp8 attention) FLOP at `Hardware.speed()`; 2 forwards per step with CFG; streaming
-costs max(compute, transfer) + one block. VAE and umT5 from measured seconds scaled by throughput
+x1.3 with fp8 attention) FLOP at `Hardware.speed()`; in token chunks + per block K.chunked_token_s
+per token of the batch and K.chunk_block_s per chunk past the first; 2 forwards per step with CFG
+(one with a batch of 2, x K.batch2_cost); streaming costs max(compute, transfer) + one block. VAE and umT5 from measured seconds scaled by throughput
 (a tiled decode x `_tiled_time`, tiled_vae's time model); disk reads at DISK_GBPS.
 """
 
@@ -308,9 +310,14 @@ def _estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> d
     attn = (4 * L * L * d + 4 * L * 512 * d) * n
     fwd = lin / (tflops * (K.fp8_gain if fp8c else 1.0)) + attn / (tflops * (K.fp8_attention_gain if fp8a else 1.0))
     fwd *= (K.dequant_cost if ch.quantization != "bf16" and not fp8c else 1.0)
-    fwd *= 1 + K.chunk_cost * math.ceil(L / min(ch.ffn_chunk_tokens or L, L))
     passes = 2 if r.cfg else 1
-    compute = passes * fwd * (K.batch2_gain if batch == 2 else 1.0)
+    # token chunks cost time per block and forward: once per token of the batch for chunking at
+    # all, and per chunk past the first (a batch of 2 runs both prompts' chunks together); as
+    # measured on the reference GPU, scaled by speed
+    chunks = math.ceil(L / min(ch.ffn_chunk_tokens or L, L))
+    chunk_s = 0.0 if chunks == 1 else n * (K.chunked_token_s * batch * L + K.chunk_block_s * (chunks - 1))
+    chunk_s *= K.ref_tflops / sp.tflops
+    compute = passes * fwd * (K.batch2_cost if batch == 2 else 1.0) + passes // batch * chunk_s
     b, streamed = m.block_bytes(ch.quantization), max(0, n - ch.resident_blocks) if gpu else 0
     link = (sp.pinned_gbps if ch.pinned else sp.pageable_gbps) * 1e9 or 1.0
     copies = passes // batch
@@ -398,19 +405,50 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
             ch = replace(ch, idle_expert="ram")
         return ch if ram_ok(ch) or "vae_dtype" in forced else replace(ch, vae_dtype="bf16")
 
-    best = _max_resident(m, r, hw, ch, uv)
-    if best < 0 and "ffn_chunk_tokens" not in forced:
-        for c in CHUNKS[CHUNKS.index(ch.ffn_chunk_tokens) + 1:] if ch.ffn_chunk_tokens in CHUNKS else ():
-            best = _max_resident(m, r, hw, replace(ch, ffn_chunk_tokens=c), uv)
-            if best >= 0:
-                ch = replace(ch, ffn_chunk_tokens=c)
-                break
-    res = min(n, forced.get("resident_blocks", max(best, 0)))
-    ch = fix(replace(ch, resident_blocks=res, prefetch=1 if res < n else 0))
-    if m.experts > 1 and res == n and _stage(m, r, hw, replace(ch, idle_expert="gpu"), "denoise") <= uv:
-        ch = fix(replace(ch, idle_expert="gpu"))
-    if res == n and _stage(m, r, hw, replace(ch, cfg_batch=True), "denoise") <= uv:
-        ch = fix(replace(ch, cfg_batch=True))
+    def pin(ch: Choices) -> Choices:  # streamed blocks wait in pinned RAM unless they would take too much
+        if "pinned" in forced or ch.resident_blocks >= n:
+            return ch
+        streamed = (n - ch.resident_blocks) * m.block_bytes(ch.quantization)
+        return replace(ch, pinned=streamed <= K.pin_fraction * hw.ram_available_gib * GIB)
+
+    def denoise(ch: Choices, chunk: int | None, batch: bool) -> Choices | None:
+        """The most resident blocks with `chunk` and CFG batching or not, then the idle expert on
+        the GPU where it fits; None when the denoise stage does not fit even with every block streamed."""
+        ch = replace(ch, ffn_chunk_tokens=chunk, cfg_batch=batch)
+        best = _max_resident(m, r, hw, ch, uv)
+        if best < 0:
+            return None
+        res = min(n, forced.get("resident_blocks", best))
+        ch = fix(replace(ch, resident_blocks=res, prefetch=1 if res < n else 0))
+        if m.experts > 1 and res == n and _stage(m, r, hw, replace(ch, idle_expert="gpu"), "denoise") <= uv:
+            ch = fix(replace(ch, idle_expert="gpu"))
+        return ch
+
+    # The token chunk and CFG batching: the fastest denoise that fits (chunks cost time; resident
+    # blocks save transfers, and so does a batch of 2, which streams each block once per step),
+    # from the lowest-activation chunk unbatched on; forced ones are taken as given, a requested
+    # batch where it fits.
+    start = ch.ffn_chunk_tokens
+    chunks = [start] if "ffn_chunk_tokens" in forced else [start] + [
+        c for c in CHUNKS if c != start and (c is None or c < _Geo.of(m, r).tokens)]
+    batches = ([forced["cfg_batch"]] if "cfg_batch" in forced else [False] if not r.cfg or r.cfg_batch is False
+               else [True, False] if r.cfg_batch else [False, True])
+    found, best_s = None, math.inf
+    for batch in batches:
+        for c in chunks:
+            o = denoise(ch, c, batch)
+            s = _estimate(m, r, hw, pin(o))["secs"]["denoise"] if o else math.inf
+            if s < best_s * 0.999:
+                found, best_s = o, s
+        if found is not None and r.cfg_batch and batch:
+            break  # batching was asked for, and it fits
+    if found is None:  # nothing fits: the smallest activations, every block streamed
+        c = start if "ffn_chunk_tokens" in forced else CHUNKS[-1]
+        res = min(n, forced.get("resident_blocks", 0))
+        found = fix(replace(ch, ffn_chunk_tokens=c, resident_blocks=res, prefetch=1 if res < n else 0,
+                            cfg_batch=False))
+    ch = found
+    res = ch.resident_blocks
 
     def pick(ch: Choices) -> Choices:
         """VAE (untiled fp32 ... smallest tile) and text encoder options that fit their stages."""
@@ -445,10 +483,7 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
             ch = replace(ch, idle_expert="ram")
     if "keep_text_encoder" not in forced and ram_ok(replace(ch, keep_text_encoder=True)):
         ch = replace(ch, keep_text_encoder=True)
-    if "pinned" not in forced and ch.resident_blocks < n:
-        streamed = (n - ch.resident_blocks) * m.block_bytes(ch.quantization)
-        ch = replace(ch, pinned=streamed <= K.pin_fraction * hw.ram_available_gib * GIB)
-    return ch
+    return pin(ch)
 
 
 def _plan(m: ModelFootprint, r: PlanRequest, hw: Hardware, forced: dict[str, Any], profile: str | None) -> Plan:
