@@ -59,7 +59,7 @@ from common import bench_device, host_rss_gib, parse_size, run_meta  # noqa: E40
 
 from wan_lite.loading.keymaps import vae_official_to_diffusers  # noqa: E402
 from wan_lite.models.vae22 import LATENT_MEAN_22, LATENT_STD_22, VAE22Config, WanVAE22  # noqa: E402
-from wan_lite.runtime import tiled_vae  # noqa: E402
+from wan_lite.runtime import tiled_vae, vae_memory  # noqa: E402
 
 log = logging.getLogger("bench_vae")
 GIB = 1024**3
@@ -230,7 +230,7 @@ class Bench:
             zd = z.to(dtype)
             def estimate(tile: int | None, overlap: int | None = None, chunk: int | None = None,
                          vae: WanVAE22 = vae, dtype: torch.dtype = dtype) -> dict:
-                est = tiled_vae.estimate_decode_bytes(vae, tuple(z.shape), tile, dtype, overlap, frame_chunk=chunk)
+                est = vae_memory.estimate_decode_bytes(vae, tuple(z.shape), tile, dtype, overlap, frame_chunk=chunk)
                 return {"model_estimate_gib": est / GIB}  # the tiler's memory model, weights excluded
 
             self.record(f"wan-untiled-{dname}", lambda: {**self.timed(vae.decode, zd, warm.to(dtype)),
@@ -267,8 +267,8 @@ class Bench:
         def run(x: torch.Tensor) -> torch.Tensor:
             return tiled_vae.tiled_decode(vae, x, tile, overlap, out_device="cpu", frame_chunk=chunk)
 
-        spans_h = tiled_vae.tile_spans(z.shape[3], tile, overlap)
-        spans_w = tiled_vae.tile_spans(z.shape[4], tile, overlap)
+        spans_h = vae_memory.tile_spans(z.shape[3], tile, overlap)
+        spans_w = vae_memory.tile_spans(z.shape[4], tile, overlap)
         return {**self.timed(run, z, warm), "tile_latent": tile, "tile_px": tile * 16, "overlap_latent": overlap,
                 "frame_chunk": chunk, "out_device": "cpu", "tiles": [len(spans_h), len(spans_w)],
                 "tile_shape": [spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0]]}
@@ -287,10 +287,10 @@ class Bench:
         """What choose_decode picks when the GPU has `budget` bytes in all (weights placed)."""
         release()
         free = budget - gpu_bytes()
-        tile, chunk = tiled_vae.choose_decode(vae, tuple(z.shape), free, z.dtype)
+        tile, chunk = vae_memory.choose_decode(vae, tuple(z.shape), free, z.dtype)
         if tile is None:
             return {**self.timed(vae.decode, z, warm), "tile_latent": None, **estimate(None)}
-        overlap = tiled_vae.DEFAULT_OVERLAP_PX // 16
+        overlap = vae_memory.DEFAULT_OVERLAP_PX // 16
         return {**self.tiled(vae, z, warm, tile, overlap, chunk), **estimate(tile, overlap, chunk),
                 "budget_gib": budget / GIB}
 
@@ -341,7 +341,7 @@ class Bench:
                 entry["fit_bytes_per_px"] = slope
                 entry["fit_fixed_bytes"] = my - slope * mx
                 key = "DECODE_PX_PER_BYTE_CHUNKED" if self.args.frame_chunk else "DECODE_PX_PER_BYTE"
-                entry[key] = (slope - tiled_vae.CHUNK_OUT_PX) / DTYPES[dname].itemsize
+                entry[key] = (slope - vae_memory.CHUNK_OUT_PX) / DTYPES[dname].itemsize
             fits[dname] = entry
         return fits
 
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=330.0, help="skip cases once this much time has passed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frame-chunk", type=int, default=tiled_vae.DEFAULT_FRAME_CHUNK,
+    p.add_argument("--frame-chunk", type=int, default=vae_memory.DEFAULT_FRAME_CHUNK,
                    help="frames the full-resolution levels decode at a time in the tN cases (0: whole chunks)")
     p.add_argument("--candidates", default=[(32, 4, 1), (32, 2, 1), (32, 2, 2)],
                    type=lambda s: [tuple(int(v) or None for v in c.split("-")) for c in s.split(",") if c],

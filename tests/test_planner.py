@@ -394,15 +394,15 @@ def test_fp8_attention_counts_its_fp8_copies_of_q_k_v(monkeypatch) -> None:
 
 
 def test_planner_times_tiled_decodes_as_the_tiler_does() -> None:
-    """The planner's decode time factor is tiled_vae.decode_cost with whole frame chunks (the same
+    """The planner's decode time factor is vae_memory.decode_cost with whole frame chunks (the same
     time model, kept free of torch in the planner)."""
-    from wan_lite.runtime import planner, tiled_vae
+    from wan_lite.runtime import planner, vae_memory
 
-    assert K.vae_tile_cost == tiled_vae.TILE_COST
+    assert K.vae_tile_cost == vae_memory.TILE_COST
     for (w, h), stride in (((1280, 704), 16), ((832, 480), 16), ((1280, 720), 8), ((832, 480), 8)):
         r = PlanRequest(w, h, 81)
         for tile in (None, *K.vae_tiles):
             latent_tile = None if tile is None else tile // stride
-            want = tiled_vae.decode_cost((1, 16, 21, h // stride, w // stride), latent_tile,
+            want = vae_memory.decode_cost((1, 16, 21, h // stride, w // stride), latent_tile,
                                          K.vae_tile_overlap // stride, None)
             assert planner._tiled_time(r, tile, stride) == pytest.approx(want, rel=1e-9), (w, h, stride, tile)

@@ -19,18 +19,16 @@ from wan_lite.errors import OutOfMemoryError as WanOutOfMemoryError
 from wan_lite.loading.tensors import open_source
 from wan_lite.models.vae21 import WanVAE21
 from wan_lite.models.vae22 import WanVAE22
-from wan_lite.runtime import tiled_vae
+from wan_lite.runtime import tiled_vae, vae_memory
 from wan_lite.runtime.tiled_vae import (
     blend_weights,
-    choose_tile,
     decode_with_retry,
-    estimate_decode_bytes,
     make_decode_fn,
     make_encode_fn,
-    tile_spans,
     tiled_decode,
     tiled_encode,
 )
+from wan_lite.runtime.vae_memory import choose_tile, estimate_decode_bytes, tile_spans
 
 log = logging.getLogger(__name__)
 CLASSES = {"2.1": WanVAE21, "2.2": WanVAE22}
@@ -255,7 +253,7 @@ def test_weights_parked_by_an_oom_come_back_before_the_retry(vaes, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 200.00 MiB")
         moves.append((module, device))
 
-    monkeypatch.setattr(tiled_vae, "_on_gpu", lambda p: True)
+    monkeypatch.setattr(tiled_vae, "on_gpu", lambda p: True)
     monkeypatch.setattr(tiled_vae, "_module_device", lambda m: "cuda:0")
     monkeypatch.setattr(tiled_vae, "_move", move)
     out = decode_with_retry(flaky, z, 12, overlap=4, min_tile=4)  # 10 px tiles fail, 6 px tiles fit
@@ -301,14 +299,14 @@ def test_make_decode_fn_chooses_by_free_memory(vaes, monkeypatch):
     assert torch.equal(make_decode_fn("auto")(vae, z), ref) and calls == []
     free = estimate_decode_bytes(vae, shape, None, vae.dtype) // 2  # the untiled decode does not fit
     monkeypatch.setattr(tiled_vae, "free_device_bytes", lambda _device: free)
-    o = tiled_vae.DEFAULT_OVERLAP_PX // s
-    tile, chunk = tiled_vae.choose_decode(vae, shape, free, vae.dtype, overlap=o)
+    o = vae_memory.DEFAULT_OVERLAP_PX // s
+    tile, chunk = vae_memory.choose_decode(vae, shape, free, vae.dtype, overlap=o)
     assert tile is not None
     out = make_decode_fn("auto", out_device="cpu")(vae, z)
     assert calls == [(tile, chunk, None)] and torch.equal(out, real(vae, z, tile, o, "cpu", frame_chunk=chunk))
     calls.clear()
     make_decode_fn(6 * s, out_device="cpu")(vae, z)  # a planned tile keeps its size
-    assert calls == [(6, tiled_vae.choose_decode(vae, shape, free, vae.dtype, overlap=o, tile=6)[1], None)]
+    assert calls == [(6, vae_memory.choose_decode(vae, shape, free, vae.dtype, overlap=o, tile=6)[1], None)]
 
 
 # ------------------------------------------------------------------------------------- encode
@@ -349,7 +347,7 @@ def test_choose_tile_picks_the_largest_tile_that_fits(version):
     s = vae.stride[1]
     shape = (1, vae.z_dim, 31, 704 // s, 1280 // s)
     gib = 2**30
-    fixed, share = tiled_vae.MARGIN
+    fixed, share = vae_memory.MARGIN
     untiled = estimate_decode_bytes(vae, shape, None, torch.bfloat16)
     assert untiled > estimate_decode_bytes(vae, shape, 32, torch.bfloat16)
     assert choose_tile(vae, shape, int(untiled * (1 + share) + fixed) + 1, torch.bfloat16) is None
@@ -357,23 +355,23 @@ def test_choose_tile_picks_the_largest_tile_that_fits(version):
     for free_gib in (8, 4, 2, 1, 0.5):
         free = int(free_gib * gib)
         tile = choose_tile(vae, shape, free, torch.bfloat16)
-        assert tile is not None and tiled_vae.MIN_TILE <= tile <= previous
+        assert tile is not None and vae_memory.MIN_TILE <= tile <= previous
         need = estimate_decode_bytes(vae, shape, tile, torch.bfloat16)
-        assert need * (1 + share) + fixed <= free or tile == tiled_vae.MIN_TILE
+        assert need * (1 + share) + fixed <= free or tile == vae_memory.MIN_TILE
         previous = tile
     # fp32 needs more than bf16; assembling the video on the device needs more than on the CPU
     assert choose_tile(vae, shape, 4 * gib, torch.float32) <= choose_tile(vae, shape, 4 * gib, torch.bfloat16)
     assert (estimate_decode_bytes(vae, shape, 16, torch.bfloat16, out_on_device=True)
             > estimate_decode_bytes(vae, shape, 16, torch.bfloat16))
-    assert choose_tile(vae, shape, 1, torch.bfloat16) == tiled_vae.MIN_TILE
+    assert choose_tile(vae, shape, 1, torch.bfloat16) == vae_memory.MIN_TILE
 
 
 def test_decode_cost_orders_tiles_and_frame_chunks():
     shape = (1, 48, 31, 44, 80)  # 1280x704
-    assert tiled_vae.decode_cost(shape, None, 4, None) == tiled_vae.decode_cost(shape, 80, 4, 1) == 1.0
-    assert 1.0 < tiled_vae.decode_cost(shape, 44, 4, None) < tiled_vae.decode_cost(shape, 32, 4, None)
-    assert tiled_vae.decode_cost(shape, 32, 2, None) < tiled_vae.decode_cost(shape, 32, 4, None)
-    costs = [tiled_vae.decode_cost(shape, 32, 4, c) for c in (None, 2, 1)]
+    assert vae_memory.decode_cost(shape, None, 4, None) == vae_memory.decode_cost(shape, 80, 4, 1) == 1.0
+    assert 1.0 < vae_memory.decode_cost(shape, 44, 4, None) < vae_memory.decode_cost(shape, 32, 4, None)
+    assert vae_memory.decode_cost(shape, 32, 2, None) < vae_memory.decode_cost(shape, 32, 4, None)
+    costs = [vae_memory.decode_cost(shape, 32, 4, c) for c in (None, 2, 1)]
     assert costs == sorted(costs) and costs[0] < costs[-1]
 
 
@@ -386,28 +384,28 @@ def test_choose_decode_takes_the_fastest_fit(version):
         vae = CLASSES[version]()
     s = vae.stride[1]
     shape = (1, vae.z_dim, 31, 704 // s, 1280 // s)
-    fixed, share = tiled_vae.MARGIN
-    o = tiled_vae.DEFAULT_OVERLAP_PX // s
+    fixed, share = vae_memory.MARGIN
+    o = vae_memory.DEFAULT_OVERLAP_PX // s
 
     def fits(tile, chunk, free):
         need = estimate_decode_bytes(vae, shape, tile, torch.bfloat16, o, frame_chunk=chunk)
         return need * (1 + share) + fixed <= free
 
     untiled = estimate_decode_bytes(vae, shape, None, torch.bfloat16)
-    assert tiled_vae.choose_decode(vae, shape, int(untiled * (1 + share) + fixed) + 1, torch.bfloat16) == (None, None)
+    assert vae_memory.choose_decode(vae, shape, int(untiled * (1 + share) + fixed) + 1, torch.bfloat16) == (None, None)
     for free_gib in (4, 2, 1.5, 1):
         free = int(free_gib * 2**30)
-        tile, chunk = tiled_vae.choose_decode(vae, shape, free, torch.bfloat16)
+        tile, chunk = vae_memory.choose_decode(vae, shape, free, torch.bfloat16)
         assert tile is not None and fits(tile, chunk, free)
         plain = choose_tile(vae, shape, free, torch.bfloat16, frame_chunk=1)
-        assert tiled_vae.decode_cost(shape, tile, o, chunk) <= tiled_vae.decode_cost(shape, plain, o, 1)
+        assert vae_memory.decode_cost(shape, tile, o, chunk) <= vae_memory.decode_cost(shape, plain, o, 1)
     # a given tile: whole chunks where they fit, else 2 frames, else 1
     tile = 384 // s
     needs = {c: estimate_decode_bytes(vae, shape, tile, torch.bfloat16, o, frame_chunk=c) for c in (None, 2, 1)}
-    assert needs[None] > needs[2] > needs[1] > tiled_vae.estimate_low_res_bytes(vae, shape, torch.bfloat16)
+    assert needs[None] > needs[2] > needs[1] > vae_memory.estimate_low_res_bytes(vae, shape, torch.bfloat16)
     for chunk in (None, 2, 1):
         free = int(needs[chunk] * (1 + share) + fixed) + 1
-        assert tiled_vae.choose_decode(vae, shape, free, torch.bfloat16, tile=tile) == (tile, chunk)
+        assert vae_memory.choose_decode(vae, shape, free, torch.bfloat16, tile=tile) == (tile, chunk)
 
 
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
@@ -418,19 +416,19 @@ def test_lean_global_pass_where_the_full_one_does_not_fit(vaes, version, monkeyp
     vae, z, ref = vaes[version]
     lean = tiled_decode(vae, z, TILE, OVERLAP, lean=True)
     assert (lean - ref).abs().mean() < 1e-2 and not torch.equal(lean, tiled_decode(vae, z, TILE, OVERLAP))
-    fixed, share = tiled_vae.MARGIN
+    fixed, share = vae_memory.MARGIN
     shape = tuple(z.shape)
-    short = int(tiled_vae.estimate_low_res_bytes(vae, shape, vae.dtype) * (1 + share) + fixed) - 1
+    short = int(vae_memory.estimate_low_res_bytes(vae, shape, vae.dtype) * (1 + share) + fixed) - 1
     monkeypatch.setattr(tiled_vae, "free_device_bytes", lambda _device: short)
     assert torch.equal(tiled_decode(vae, z, TILE, OVERLAP), lean)
     with torch.device("meta"):
         full = CLASSES[version]()
     s = full.stride[1]
     big = (1, full.z_dim, 31, 704 // s, 1280 // s)
-    free = int(tiled_vae.estimate_low_res_bytes(full, big, torch.bfloat16) * (1 + share) + fixed) - 1
-    assert tiled_vae._lean_needed(full, big, free, torch.bfloat16)
+    free = int(vae_memory.estimate_low_res_bytes(full, big, torch.bfloat16) * (1 + share) + fixed) - 1
+    assert vae_memory.lean_needed(full, big, free, torch.bfloat16)
     tile = choose_tile(full, big, free, torch.bfloat16)
-    assert tile is not None and tile > tiled_vae.MIN_TILE
+    assert tile is not None and tile > vae_memory.MIN_TILE
 
 
 def test_tiles_get_the_idle_decoder_weights(monkeypatch):
@@ -441,9 +439,9 @@ def test_tiles_get_the_idle_decoder_weights(monkeypatch):
     shape = (1, vae.z_dim, 31, 704 // 16, 1280 // 16)
     free = 2**30
     plain = choose_tile(vae, shape, free, torch.bfloat16)
-    monkeypatch.setattr(tiled_vae, "idle_decoder_bytes", lambda _vae, lean=False: 224 * 2**20)
+    monkeypatch.setattr(vae_memory, "idle_decoder_bytes", lambda _vae, lean=False: 224 * 2**20)
     assert choose_tile(vae, shape, free, torch.bfloat16) > plain
-    fixed, share = tiled_vae.MARGIN
+    fixed, share = vae_memory.MARGIN
     untiled = estimate_decode_bytes(vae, shape, None, torch.bfloat16)
     assert choose_tile(vae, shape, int(untiled * (1 + share) + fixed) - 2**20, torch.bfloat16) is not None
 
@@ -461,7 +459,7 @@ def test_cuda_tiled_decode_moves_idle_weights_out_and_back(vaes, monkeypatch):
     z = z.cuda()
     before = {k: v.clone() for k, v in vae.decoder.middle.state_dict().items()}
     low = [vae.decoder.conv1, vae.decoder.middle, *vae.decoder.upsamples[: vae.decoder.low_res_end]]
-    assert tiled_vae.idle_decoder_bytes(vae) == sum(p.numel() * p.element_size() for m in low for p in m.parameters())
+    assert vae_memory.idle_decoder_bytes(vae) == sum(p.numel() * p.element_size() for m in low for p in m.parameters())
 
     def peak(run):
         torch.cuda.synchronize()
@@ -527,7 +525,7 @@ def _meta_low_res(vae, latent, lean=False):
     x = vae.decoder_input(latent)
     cache, out = tiled_vae.FeatureCache(), []
     for i in range(x.shape[2]):
-        y = vae.decoder.low_res(x[:, :, i : i + 1], cache, tiled_vae._levels(vae, lean))
+        y = vae.decoder.low_res(x[:, :, i : i + 1], cache, vae_memory.global_levels(vae, lean))
         cache.first_chunk = False
         out.append(torch.empty(y.shape, dtype=y.dtype, device="meta"))
     _meta_low_res.nbytes = sum(t.numel() * t.element_size() for t in out)
@@ -567,14 +565,14 @@ def test_traced_decode_memory_matches_the_model(version, lean, monkeypatch):
         # the output and the low-resolution features live in CPU memory
         peaks[chunk] = trace.peak - out.numel() * 4 - _meta_low_res.nbytes
         model = estimate_decode_bytes(vae, shape, 9, torch.bfloat16, 2, frame_chunk=chunk, lean=lean)
-        model -= tiled_vae.FIXED_BYTES
+        model -= vae_memory.FIXED_BYTES
         log.info("Wan %s tile traced %.0f B/px, model %.0f B/px (frame chunk %s)", version,
                  peaks[chunk] / (8 * 9 * s * s), model / (8 * 9 * s * s), chunk)
         assert peaks[chunk] <= model <= 1.1 * peaks[chunk]
     assert peaks[1] < 0.8 * peaks[None]
     with torch.no_grad(), live_bytes(ignore=[*vae.parameters(), z]) as trace:
         vae.decode(z)  # untiled, whole chunks, the whole video on the device
-    model = estimate_decode_bytes(vae, shape, None, torch.bfloat16) - tiled_vae.FIXED_BYTES
+    model = estimate_decode_bytes(vae, shape, None, torch.bfloat16) - vae_memory.FIXED_BYTES
     assert trace.peak <= model <= 1.1 * trace.peak
 
 
@@ -597,10 +595,10 @@ def test_traced_global_pass_memory_matches_the_model(version, lean, monkeypatch)
         x = vae.decoder_input(z)
         cache = tiled_vae.FeatureCache()
         for i in range(shape[2]):
-            y = vae.decoder.low_res(x[:, :, i : i + 1], cache, tiled_vae._levels(vae, lean))
+            y = vae.decoder.low_res(x[:, :, i : i + 1], cache, vae_memory.global_levels(vae, lean))
             cache.first_chunk = False
             del y  # in CPU memory in a real run
-    model = tiled_vae.estimate_low_res_bytes(vae, shape, torch.bfloat16, lean) - tiled_vae.FIXED_BYTES
+    model = vae_memory.estimate_low_res_bytes(vae, shape, torch.bfloat16, lean) - vae_memory.FIXED_BYTES
     log.info("Wan %s global pass (lean %s) traced %.0f MiB, model %.0f MiB", version, lean, trace.peak / 2**20,
              model / 2**20)
     assert trace.peak <= model <= 1.1 * trace.peak
@@ -616,9 +614,9 @@ def test_cuda_free_bytes_respect_the_process_memory_fraction():
     held = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
     try:
         torch.cuda.set_per_process_memory_fraction(0.25, 0)
-        capped = tiled_vae.free_device_bytes("cuda:0")
+        capped = vae_memory.free_device_bytes("cuda:0")
         assert capped == int(0.25 * total) - torch.cuda.memory_allocated(0)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
-    assert tiled_vae.free_device_bytes("cuda:0") > capped
+    assert vae_memory.free_device_bytes("cuda:0") > capped
     del held

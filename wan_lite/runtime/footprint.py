@@ -34,7 +34,7 @@ class K:
     # VAE: bytes per output pixel of one latent frame (4 video frames), and seconds per megapixel-
     # frame on the H200 (ref_tflops), both measured with wan_lite's VAEs (random weights)
     # untiled (whole 4-frame chunks, the whole fp32 video on the GPU besides); tiled: tiled_vae's
-    # 1-frame chunks, each latent frame's pixels sent out at once (its DECODE_PX_PER_BYTE_CHUNKED)
+    # 1-frame chunks, each latent frame's pixels sent out at once (vae_memory.DECODE_PX_PER_BYTE_CHUNKED)
     vae_decode_px = {("2.2", "bf16"): 7100, ("2.2", "fp32"): 14100, ("2.1", "bf16"): 8400, ("2.1", "fp32"): 16800}
     vae_tiled_decode_px = {("2.2", "bf16"): 5550, ("2.2", "fp32"): 10980, ("2.1", "bf16"): 6540,
                            ("2.1", "fp32"): 12980}
@@ -45,14 +45,14 @@ class K:
     # share of the decoder's weights (conv1, middle, first upsampling level) a tiled decode keeps in
     # CPU memory during the tiles (2.2: 609 of 1110 MB; 2.1: 84 of 147 MB)
     vae_decoder_idle_share = {"2.2": 0.548, "2.1": 0.574}
-    # a tiled decode's global pass over the whole frame (tiled_vae.LOW_RES_PX_PER_BYTE x dtype bytes)
+    # a tiled decode's global pass over the whole frame (vae_memory.LOW_RES_PX_PER_BYTE x dtype bytes)
     vae_low_res_px = {("2.2", "bf16"): 360, ("2.2", "fp32"): 720, ("2.1", "bf16"): 470, ("2.1", "fp32"): 940}
     # its output, the tiles' input, in RAM per video pixel-frame and dtype byte (2.2: 1024 channels
     # x 2 frames at 1/8 scale per 4 video frames; 2.1: 192 channels at 1/4 scale)
     vae_low_res_ram_px = {"2.2": 8.0, "2.1": 6.0}
     vae_tiles = (1024, 768, 512, 384, 256, 192, 128)
     vae_tile_overlap = 64  # pixels a tiler overlaps
-    vae_tile_cost = 0.02  # a tiled decode's time per tile, over the untiled decode's (tiled_vae.TILE_COST)
+    vae_tile_cost = 0.02  # a tiled decode's time per tile, over the untiled decode's (vae_memory.TILE_COST)
     t5_act = 0.35 * GIB  # two prompts of 512 tokens, 64 heads: scores and hidden states
     latent_copies = 8.0  # fp32 latents alive while denoising: x, noise, sampler history, output
     video_ram_px = 15.0  # decoded video in RAM per pixel-frame: 3 channels x (fp32 + uint8)

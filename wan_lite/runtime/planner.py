@@ -42,7 +42,7 @@ Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2
 x1.3 with fp8 attention) FLOP at `Hardware.speed()`; in token chunks + per block K.chunked_token_s
 per token of the batch and K.chunk_block_s per chunk past the first; 2 forwards per step with CFG
 (one with a batch of 2, x K.batch2_cost); streaming costs max(compute, transfer) + one block. VAE and umT5 from measured seconds scaled by throughput
-(a tiled decode x `_tiled_time`, tiled_vae's time model); disk reads at DISK_GBPS.
+(a tiled decode x `_tiled_time`, vae_memory's time model); disk reads at DISK_GBPS.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def _dit_vram(m: ModelFootprint, ch: Choices, fp8c: bool) -> float:
 
 
 def _tiles(size: int, tile: int, stride: int) -> tuple[int, int]:
-    """(count, pixels) of the equal tiles tiled_vae.tile_spans cuts `size` into (tiles of at most `tile`)."""
+    """(count, pixels) of the equal tiles vae_memory.tile_spans cuts `size` into (tiles of at most `tile`)."""
     n, t, o = size // stride, max(1, tile // stride), K.vae_tile_overlap // stride
     if t >= n:
         return 1, size
@@ -242,7 +242,7 @@ def _tiles(size: int, tile: int, stride: int) -> tuple[int, int]:
 
 
 def _tiled_time(r: PlanRequest, tile: int | None, stride: int) -> float:
-    """A tiled decode's time over the untiled one, as tiled_vae.decode_cost models it with whole
+    """A tiled decode's time over the untiled one, as vae_memory.decode_cost models it with whole
     frame chunks (what the decode takes where they fit): pixels decoded, overlaps counted twice,
     over the frame's, plus K.vae_tile_cost per tile."""
     if not tile:
