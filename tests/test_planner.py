@@ -254,6 +254,10 @@ def test_leaner_for_one_stage() -> None:
     n = leaner(p, "denoise")
     assert n is not None and dict(n.stage_vram_gib)["denoise"] < dict(p.stage_vram_gib)["denoise"]
     assert leaner(plan(p.model, p.request, Hardware.fake(0, 64))) is None  # nothing to shed on a CPU
+    big = plan(p.model, p.request, Hardware.fake(80, 64))  # all resident, the whole sequence at once
+    assert big.ffn_chunk_tokens is None and not big.cfg_batch
+    n = leaner(big, "denoise")  # token chunks first: a few % slower, where streaming would cost more
+    assert n.ffn_chunk_tokens is not None and n.resident_blocks == big.resident_blocks
 
 
 # ------------------------------------------------------------------------------ profiles

@@ -568,12 +568,14 @@ def _moves(p: Plan, hw: Hardware, stage: str) -> list[Choices]:
             out.append(replace(ch, cfg_batch=False))
         if ch.idle_expert == "gpu":
             out.append(replace(ch, idle_expert="ram", keep_resident=False))
+        # smaller token chunks (a few % slower) before streaming more blocks
+        tokens = _Geo.of(p.model, p.request).tokens if p.model and p.request else 1 << 30
+        smaller = [c for c in CHUNKS[1:] if c < min(ch.ffn_chunk_tokens or tokens, tokens)]
+        if smaller:
+            out.append(replace(ch, ffn_chunk_tokens=smaller[0]))
         step = max(1, math.ceil(ch.resident_blocks / 4))
         out += [replace(ch, resident_blocks=k, prefetch=max(1, ch.prefetch), keep_resident=False)
                 for k in range(ch.resident_blocks - step, -1, -step)]
-        smaller = [c for c in CHUNKS[1:] if c < (ch.ffn_chunk_tokens or 1 << 30)]
-        if smaller:
-            out.append(replace(ch, ffn_chunk_tokens=smaller[0]))
         if ch.quantization == "bf16":
             out.append(replace(ch, quantization="fp8" if hw.fp8_tensor_cores else "int8"))
         if ch.prefetch > 1:
