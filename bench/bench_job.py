@@ -10,9 +10,9 @@ Two runs of the same job (1280x704, 121 frames) through wan_lite's real pipeline
 For each: peak GPU memory over the whole job, peak host RSS, seconds per denoising step (median
 of the steps after the first), the decode and text-encoding times. Each `--variant CASE:FIELDS`
 runs once more the plan of CASE (low-vram or resident) with the plan fields FIELDS forced, to
-compare a choice the planner did not make (its ratio is against the resident run). Weights are random (built on
-meta, filled on the GPU, N(0, 0.02), norm gains ~1); the tokenizer is the tests' tiny one, which
-only changes which embedding rows are read.
+compare a choice the planner did not make (its ratio is against the resident run). Weights are
+random (built on meta, filled on the GPU, N(0, 0.02), norm gains ~1); the tokenizer is the tests'
+tiny one, which only changes which embedding rows are read.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
 
 Builds the model with `--layers` blocks at full width (random weights, as bench_dit.py), then times
 one forward per (batch, chunk) with the attention kernel the engine picks; 0 = no chunking. Prints
-ms per forward and the cost per chunk per block over the unchunked forward, the figure the
-planner's K.chunk_block_s models. `--fp8`: blocks in fp8 with fp8 compute.
+ms per forward and the cost per extra chunk per block over the unchunked forward, what the
+planner's K.chunked_token_s and K.chunk_block_s model. `--fp8`: blocks in fp8 with fp8 compute.
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@
 the DiT blocks kept on the GPU (the rest streamed `prefetch` ahead from pinned or pageable RAM),
 where the idle A14B expert waits, the text encoder's placement, VAE tile and dtype, FFN chunk and
 CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight estimate). Choices are
-greedy: quality first (bf16 unless it does not fit or is >25 % slower), then the token chunk
-whose denoise is fastest with as many resident blocks as fit beside it and CFG batching where it
-fits, then the largest VAE tile. `leaner(plan)` is the next plan to
-drop to after an out-of-memory error mid-run.
+greedy: quality first (bf16 unless it does not fit or is >25 % slower), then the token chunk and
+CFG batching whose denoise is fastest with as many resident blocks as fit beside them, then the
+largest VAE tile. `leaner(plan)` is the next plan to drop to after an out-of-memory error mid-run.
 
 Stages run one after another and each gets the whole GPU (the runtime drops the DiT's GPU copies
 between stages unless `keep_resident`): text -> (VAE encode) -> denoise -> decode; the peaks are
@@ -41,8 +40,9 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
 Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention;
 x1.3 with fp8 attention) FLOP at `Hardware.speed()`; in token chunks + per block K.chunked_token_s
 per token of the batch and K.chunk_block_s per chunk past the first; 2 forwards per step with CFG
-(one with a batch of 2, x K.batch2_cost); streaming costs max(compute, transfer) + one block. VAE and umT5 from measured seconds scaled by throughput
-(a tiled decode x `_tiled_time`, vae_memory's time model); disk reads at DISK_GBPS.
+(one with a batch of 2, x K.batch2_cost); streaming costs max(compute, transfer) + one block.
+VAE and umT5 from measured seconds scaled by throughput (a tiled decode x `_tiled_time`,
+vae_memory's time model); disk reads at DISK_GBPS.
 """
 
 from __future__ import annotations
