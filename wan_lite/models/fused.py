@@ -42,6 +42,10 @@ def set_fusion(enabled: bool) -> bool:
 RECOMPILE_LIMIT = 64
 
 
+# One graph per function; fixed shapes until a dimension changes (see the module's docstring).
+COMPILE = {"dynamic": None, "fullgraph": True}
+
+
 def _allow_recompiles() -> None:
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
@@ -67,7 +71,7 @@ class Fused:
         try:
             if self._compiled is None:
                 _allow_recompiles()
-                self._compiled = torch.compile(self.fn, dynamic=None, fullgraph=True, options=self._options)
+                self._compiled = torch.compile(self.fn, **COMPILE, options=self._options)
             return self._compiled(*args)
         except torch.OutOfMemoryError:
             raise
