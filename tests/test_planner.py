@@ -171,7 +171,7 @@ def test_plans_are_deterministic_and_json_serialisable(table) -> None:
 
 
 def test_token_chunk_is_the_fastest_that_fits() -> None:
-    """Token chunks cost time (K.chunk_block_s per block): a GPU with room runs the whole sequence
+    """Token chunks cost time (K.chunked_token_s, K.chunk_block_s): a GPU with room runs the whole sequence
     at once, a small one the largest chunk whose denoise fits; no forced chunk is faster."""
     m, req = ModelFootprint.full_size("ti2v-5b"), PlanRequest(1280, 704, 121)
     for hw in (Hardware.fake(140, 128, (9, 0), free_vram_gb=139), Hardware.fake(3.5, 128, (9, 0), free_vram_gb=3.0),
