@@ -134,11 +134,11 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t, non_blocking=True)  # stream-ordered: whatever reuses t's memory runs after
 
 
-def _pinned_like(t: torch.Tensor) -> torch.Tensor | None:
-    """An empty pinned CPU tensor with t's shape, dtype and strides; None where no page-locked
-    memory is to be had."""
+def _pinned_like(t: torch.Tensor, layout: torch.memory_format = torch.preserve_format) -> torch.Tensor | None:
+    """An empty pinned CPU tensor with t's shape and dtype, its strides (or dense in `layout`); None
+    where no page-locked memory is to be had."""
     try:
-        return torch.empty_like(t, device="cpu", pin_memory=True)
+        return torch.empty_like(t, device="cpu", pin_memory=True, memory_format=layout)
     except RuntimeError:
         return None
 
@@ -147,11 +147,9 @@ def _to_device(src: torch.Tensor, device: torch.device, layout: torch.memory_for
     """A CPU view `src` (a tile's crop) as a dense tensor in `layout` on `device`. To a GPU through
     a pinned staging copy, so the copy over is asynchronous (torch's pinned allocator keeps the
     staging block until that copy is done, then reuses it); else a plain copy."""
-    pin = device.type == "cuda"
-    try:
-        stage = torch.empty(src.shape, dtype=src.dtype, device=src.device, pin_memory=pin, memory_format=layout)
-    except RuntimeError:  # no page-locked memory to be had
-        stage = torch.empty(src.shape, dtype=src.dtype, device=src.device, memory_format=layout)
+    stage = _pinned_like(src, layout) if device.type == "cuda" else None
+    if stage is None:
+        stage = torch.empty_like(src, memory_format=layout)
     stage.copy_(src)
     return stage.to(device, non_blocking=True)
 
@@ -189,8 +187,7 @@ def restore_parked(vae: Any, *, strict: bool = True) -> None:
 @contextmanager
 def _idle_on_host(vae: Any, lean: bool = False) -> Iterator[None]:
     """While active, the weights of the global pass's part of the decoder (`idle_parts`) live in
-    CPU memory (a CUDA VAE only):
-    the tiles have their GPU memory. They come back exactly as they were afterwards; when a tile
+    CPU memory (a CUDA VAE only): the tiles have their GPU memory. They come back exactly as they were afterwards; when a tile
     ran out of memory and moving them back does too, they stay parked until the next decode
     (`restore_parked`, called by `tiled_decode` and `decode_with_retry`) once memory is freed."""
     restore_parked(vae)
@@ -218,9 +215,10 @@ def decoder_low_res(vae: Any, latent: torch.Tensor, lean: bool = False) -> list[
     middle) over the whole latent [1, z, T, h, w]: per latent frame, its output [1, C, 1 or 2, 2h,
     2w] ([1, C, 1, h, w] when lean) in the VAE dtype and activation layout, in (pageable) CPU
     memory. Mirrors the start of WanVAEBase._decode_one: decoder_input, then one cache through the
-    latent frames. Wan 2.2 at 1280x704, 121 frames: 1.76 GB in bf16. From a GPU each frame goes out through pinned staging
-    while the next one is computed (`_HostSink`): pinning all of it would lock that much RAM
-    (torch's pinned allocator keeps what it pinned) or cost its pinning at every decode."""
+    latent frames. Wan 2.2 at 1280x704, 121 frames: 1.76 GB in bf16. From a GPU each frame goes
+    out through pinned staging while the next one is computed (`_HostSink`): pinning all of it
+    would lock that much RAM (torch's pinned allocator keeps what it pinned) or cost its pinning
+    at every decode."""
     x = vae.decoder_input(latent)
     cache, out, sink = FeatureCache(), [], _HostSink()
     levels = global_levels(vae, lean)
