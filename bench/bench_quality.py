@@ -33,7 +33,8 @@ from tests.tiny_ckpt import write_model  # noqa: E402
 from wan_lite.registry import get_spec  # noqa: E402
 from wan_lite.runtime.apply import load_planned  # noqa: E402
 from wan_lite.runtime.hardware import Hardware  # noqa: E402
-from wan_lite.runtime.planner import ModelFootprint, PlanRequest, _evaluate, plan  # noqa: E402
+from wan_lite.runtime.plan_model import evaluate  # noqa: E402
+from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan  # noqa: E402
 
 MODELS = ("ti2v-5b", "t2v-a14b")
 PROMPT, SEED = "a boat at dawn", 3
@@ -50,7 +51,7 @@ def quantized_plan(pipe, name: str, fmt: str, size: dict):
     choices = replace(plan(fp, req, hw).choices, quantization=fmt, resident_blocks=n, prefetch=0, vae_tile=None,
                       cfg_batch=False, idle_expert="ram" if spec.experts else "none", text_encoder="cpu",
                       text_encoder_quant="bf16", vae_dtype="fp32")
-    return _evaluate(fp, req, hw, choices)
+    return evaluate(fp, req, hw, choices)
 
 
 def main() -> int:

@@ -15,14 +15,13 @@ from wan_lite.errors import WanLiteError
 from wan_lite.models.dit import WanDiT, WanDiTConfig
 from wan_lite.runtime.hardware import Hardware, MemoryProfile, ProfileError, get_profile, load_profiles
 from wan_lite.runtime.plan_cli import add_plan_parser, run_plan
+from wan_lite.runtime.plan_model import Geo, evaluate
 from wan_lite.runtime.planner import (
     CHUNKS,
     QUANTS,
     K,
     ModelFootprint,
     PlanRequest,
-    _evaluate,
-    _Geo,
     default_chunk,
     leaner,
     plan,
@@ -185,7 +184,7 @@ def test_token_chunk_is_the_fastest_that_fits() -> None:
             assert not q.fits or q.quantization != p.quantization or dict(q.stage_seconds)["denoise"] >= secs * 0.999
     assert plan(m, req, Hardware.fake(140, 128, (9, 0), free_vram_gb=139)).ffn_chunk_tokens is None
     small = plan(m, req, Hardware.fake(3.5, 128, (9, 0), free_vram_gb=3.0))
-    assert small.quantization == "bf16" and small.ffn_chunk_tokens > default_chunk(m, _Geo.of(m, req))
+    assert small.quantization == "bf16" and small.ffn_chunk_tokens > default_chunk(m, Geo.of(m, req))
 
 
 # ------------------------------------------------------------------------------ issue targets
@@ -214,7 +213,7 @@ def test_cfg_batching_where_it_saves_transfers_asked_for_or_forbidden_and_cpu_on
     small = Hardware.fake(3.5, 64, (9, 0), free_vram_gb=3.0)
     streamed = plan(m, (832, 480, 49), small)
     assert streamed.resident_blocks < 30 and streamed.cfg_batch
-    alone = _evaluate(m, streamed.request, small, replace(streamed.choices, cfg_batch=False))
+    alone = evaluate(m, streamed.request, small, replace(streamed.choices, cfg_batch=False))
     assert dict(streamed.stage_seconds)["denoise"] < dict(alone.stage_seconds)["denoise"]
     assert not plan(m, PlanRequest(832, 480, 49, cfg_batch=False), small).cfg_batch
     assert not plan(m, (1280, 704, 121), Hardware.fake(80, 64)).cfg_batch
@@ -379,11 +378,11 @@ def test_fp8_attention_counts_its_fp8_copies_of_q_k_v(monkeypatch) -> None:
     on = plan(m, PlanRequest(1280, 720, 81, fp8_attention=True), hw, profile=forced)
     assert off.fp8_compute and on.fp8_attention and not off.fp8_attention and "fp8 attention" in on.summary()
     assert on.fits and on.peak_vram_gib <= on.usable_vram_gib  # the plan made room for them
-    same = _evaluate(m, PlanRequest(1280, 720, 81), on.hardware, on.choices)  # the same choices without
+    same = evaluate(m, PlanRequest(1280, 720, 81), on.hardware, on.choices)  # the same choices without
     # in small chunks the attention moment is the peak, and it grows by nearly all of them
     small = replace(on.choices, ffn_chunk_tokens=2048)
-    extra = (dict(_evaluate(m, on.request, on.hardware, small).stage_vram_gib)["denoise"]
-             - dict(_evaluate(m, same.request, on.hardware, small).stage_vram_gib)["denoise"])
+    extra = (dict(evaluate(m, on.request, on.hardware, small).stage_vram_gib)["denoise"]
+             - dict(evaluate(m, same.request, on.hardware, small).stage_vram_gib)["denoise"])
     fp8_qkv = 3 * 75600 * 5120 / 2**30
     assert 0.9 * fp8_qkv <= extra <= fp8_qkv + 0.001
     assert on.seconds_estimate < same.seconds_estimate  # fp8 attention is faster
@@ -400,7 +399,7 @@ def test_fp8_attention_counts_its_fp8_copies_of_q_k_v(monkeypatch) -> None:
 def test_planner_times_tiled_decodes_as_the_tiler_does() -> None:
     """The planner's decode time factor is vae_memory.decode_cost with whole frame chunks (the same
     time model, kept free of torch in the planner)."""
-    from wan_lite.runtime import planner, vae_memory
+    from wan_lite.runtime import plan_model, vae_memory
 
     assert K.vae_tile_cost == vae_memory.TILE_COST
     for (w, h), stride in (((1280, 704), 16), ((832, 480), 16), ((1280, 720), 8), ((832, 480), 8)):
@@ -409,4 +408,4 @@ def test_planner_times_tiled_decodes_as_the_tiler_does() -> None:
             latent_tile = None if tile is None else tile // stride
             want = vae_memory.decode_cost((1, 16, 21, h // stride, w // stride), latent_tile,
                                          K.vae_tile_overlap // stride, None)
-            assert planner._tiled_time(r, tile, stride) == pytest.approx(want, rel=1e-9), (w, h, stride, tile)
+            assert plan_model.tiled_time(r, tile, stride) == pytest.approx(want, rel=1e-9), (w, h, stride, tile)

@@ -1,5 +1,5 @@
 """Sizes of a model for the planner (`ModelFootprint`) and every constant of the memory and time
-models (`K`), measured on an H200 with full-size random-weight models. See planner.py for how
+models (`K`), measured on an H200 with full-size random-weight models. See plan_model.py for how
 they are used.
 """
 

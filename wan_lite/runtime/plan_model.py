@@ -1,0 +1,355 @@
+"""What a plan is and what it costs: the request (`PlanRequest`), the decisions (`Choices`), a
+plan with its estimates (`Plan`), and the memory and time model that `evaluate` applies to
+fully specified choices. Pure arithmetic, no torch; planner.py makes the choices.
+
+Stages run one after another and each gets the whole GPU (the runtime drops the DiT's GPU copies
+between stages unless `keep_resident`): text -> (VAE encode) -> denoise -> decode; the peaks are
+maxima over stages. Bytes below, GiB in the Plan. Constants live in `K`, measured on an H200 with
+full-size random-weight models (see K).
+
+Memory model. L = F_lat*(h/2)*(w/2) tokens (F_lat = 1+(frames-1)//4, h, w = H, W / VAE stride),
+c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
+- DiT activations = B*(max(sdpa, proj, ffn) + 512*(4096+D)*2) + L*1024 (float64 RoPE tables), with
+  base = 4*D*L (fp32 residual; +2*D*L for block 0's bf16 input unless `chunked_attention`),
+  sdpa = base + 8*D*L (q, k, v and the output in bf16; flash/SDPA needs no L^2; +3*D*L for their
+  fp8 copies with `PlanRequest.fp8_attention` and fp8 compute),
+  proj = base + 6*D*L + D*(13.1*c + 14.7*min(c, 4096)) (chunked projections, fp64 RoPE chunk;
+  c -> L where the attention is not chunked), ffn = base + c*(6*D + 4*F) (hidden + GELU in bf16).
+- DiT weights on the GPU = non-block (bf16) + all n blocks, or r resident + (prefetch+1) streaming
+  slots; + the largest Linear in bf16 (or q, k and v, kept for reuse across token chunks) when
+  int8/fp8 weights are dequantized per layer (not with fp8 compute); + the other expert when
+  idle_expert == "gpu". Block bytes: bf16 2/param; int8/fp8 1/weight + an fp32 scale per output
+  row, biases/norms bf16, modulation fp32.
+- VAE = weights + tile^2 (or H*W) * per-pixel bytes of one latent frame (K.vae_decode_px, causal
+  cache included; ~8 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video); a
+  tiled decode first runs the decoder's low-resolution part over the whole frame (weights +
+  H*W * K.vae_low_res_px), then holds the decoder without that part (K.vae_decoder_idle_share)
+  during the tiles, that part's output in RAM (K.vae_low_res_ram_px per pixel-frame).
+- umT5 (5.68e9 params; bf16 11.4 GB, int8 blocks + bf16 embedding 6.7 GB): "gpu" whole, "stream"
+  two blocks (embedding lookup on the CPU), "cpu" nothing; + K.t5_act.
+- RAM = K.ram_base + active expert (none with keep_resident: loaded straight to the GPU) + idle
+  expert if "ram" + VAE + umT5 (the streamer's packed copy while encoding, kept after only with
+  keep_text_encoder; a memory-mapped file otherwise) + the decoded video (fp32 + uint8).
+- Usable = free VRAM - (0.25 GiB + 4 % of total); available RAM - (1 GiB + 3 % of total).
+Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention;
+x1.3 with fp8 attention) FLOP at `Hardware.speed()`; in token chunks + per block K.chunked_token_s
+per token of the batch and K.chunk_block_s per chunk past the first; 2 forwards per step with CFG
+(one with a batch of 2, x K.batch2_cost); streaming costs max(compute, transfer) + one block.
+VAE and umT5 from measured seconds scaled by throughput (a tiled decode x `tiled_time`,
+vae_memory's time model); disk reads at DISK_GBPS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from wan_lite.errors import InputError
+from wan_lite.runtime.footprint import K, ModelFootprint
+from wan_lite.runtime.hardware import DISK_GBPS, GIB, Hardware
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to make. cfg: guidance > 1 (two DiT passes per step); cfg_batch None lets the planner
+    decide, False forbids batching; image: an input image is encoded (image-to-video)."""
+
+    width: int
+    height: int
+    frames: int
+    cfg_batch: bool | None = None
+    steps: int | None = None
+    cfg: bool = True
+    image: bool = False
+    fp8_attention: bool = False  # the user opted in (WAN_LITE_FP8_ATTENTION=1): fp8 q, k, v with fp8 compute
+
+    @classmethod
+    def of(cls, request: Any) -> PlanRequest:
+        """Accept a PlanRequest, (width, height, frames[, cfg_batch]) or a dict of the fields."""
+        if isinstance(request, PlanRequest):
+            req = request
+        elif isinstance(request, dict):
+            req = cls(**request)
+        else:
+            req = cls(*request)
+        if min(req.width, req.height, req.frames) < 1:
+            raise InputError(f"Cannot plan a {req.width}x{req.height} video of {req.frames} frames.",
+                             "Give a positive width, height and frame count.")
+        return req
+
+
+@dataclass(frozen=True)
+class Geo:
+    lat: tuple[int, int, int]  # latent frames, height, width
+    tokens: int
+
+    @classmethod
+    def of(cls, m: ModelFootprint, r: PlanRequest) -> Geo:
+        st, sh, sw = m.vae_stride
+        t, h, w = 1 + (r.frames - 1) // st, max(1, r.height // sh), max(1, r.width // sw)
+        return cls((t, h, w), t * max(1, h // m.patch[1]) * max(1, w // m.patch[2]))
+
+
+# ------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class Choices:
+    """The decisions of a plan (what a profile may force, what `leaner` changes)."""
+
+    quantization: str = "bf16"
+    resident_blocks: int = 0
+    prefetch: int = 1
+    pinned: bool = True
+    idle_expert: str = "none"  # "gpu" | "ram" | "disk"; "none" for one-model checkpoints
+    keep_resident: bool = False  # DiT stays on the GPU across stages: no copy in RAM
+    text_encoder: str = "stream"  # "gpu" | "cpu" | "stream"
+    text_encoder_quant: str = "bf16"
+    keep_text_encoder: bool = False  # stays in RAM between prompts (else re-read from disk)
+    vae_tile: int | None = None  # tile side in output pixels; None = untiled
+    vae_dtype: str = "bf16"
+    ffn_chunk_tokens: int | None = None
+    cfg_batch: bool = False
+
+
+CHOICE_FIELDS = tuple(f.name for f in fields(Choices))
+
+
+@dataclass(frozen=True)
+class Plan(Choices):
+    """A Choices with its estimates. Sizes in GiB, times in seconds."""
+
+    fits: bool = False
+    reason: str | None = None
+    fp8_compute: bool = False
+    fp8_attention: bool = False  # fp8 compute with the fp8 attention the request opted into
+    peak_vram_gib: float = 0.0
+    peak_ram_gib: float = 0.0
+    stage_vram_gib: tuple[tuple[str, float], ...] = ()
+    usable_vram_gib: float = 0.0
+    usable_ram_gib: float = 0.0
+    seconds_estimate: float = 0.0
+    stage_seconds: tuple[tuple[str, float], ...] = ()
+    notes: tuple[str, ...] = ()
+    profile: str | None = None
+    model: ModelFootprint | None = field(default=None, repr=False)
+    request: PlanRequest | None = field(default=None, repr=False)
+    hardware: Hardware | None = field(default=None, repr=False)
+
+    @property
+    def choices(self) -> Choices:
+        return Choices(**{k: getattr(self, k) for k in CHOICE_FIELDS})
+
+    def summary(self) -> str:
+        """One log line: the request, the choices, peaks against what is usable, time, device."""
+        m, r, hw = self.model, self.request, self.hardware
+        n = m.num_layers if m else 0
+        parts = [self.quantization + (" (fp8 compute" + (", fp8 attention)" if self.fp8_attention else ")")
+                                      if self.fp8_compute else ""),
+                 f"{self.resident_blocks}/{n} blocks resident" + (
+                     f", prefetch {self.prefetch} from {'pinned' if self.pinned else 'pageable'} RAM"
+                     if self.resident_blocks < n else ""),
+                 f"idle expert on {self.idle_expert}" if self.idle_expert != "none" else "",
+                 "cond+uncond batched" if self.cfg_batch else "",
+                 f"chunks of {self.ffn_chunk_tokens} tokens" if self.ffn_chunk_tokens else "",
+                 f"VAE {f'tiles {self.vae_tile}px' if self.vae_tile else 'untiled'} {self.vae_dtype}",
+                 f"text encoder {self.text_encoder} {self.text_encoder_quant}"]
+        head = f"{m.name} {r.width}x{r.height}x{r.frames}" if m and r else "plan"
+        return (f"{head} {'fits' if self.fits else 'does NOT fit'}: {', '.join(p for p in parts if p)} -> "
+                f"peak {self.peak_vram_gib:.1f}/{self.usable_vram_gib:.1f} GiB VRAM, {self.peak_ram_gib:.1f}/"
+                f"{self.usable_ram_gib:.1f} GiB RAM, ~{_human_s(self.seconds_estimate)}"
+                + (f" on {hw.gpu_name or 'the CPU'}" if hw else ""))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict: every choice, the estimates, the request and the machine."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "request", "hardware")}
+        data.update(stage_vram_gib=dict(self.stage_vram_gib), stage_seconds=dict(self.stage_seconds),
+                    notes=list(self.notes), model=self.model.name if self.model else None,
+                    request=asdict(self.request) if self.request else None,
+                    hardware=self.hardware.to_json() if self.hardware else None, summary=self.summary())
+        return data
+
+
+def _human_s(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------ estimates
+def usable(hw: Hardware) -> tuple[float, float]:
+    """(usable VRAM, usable RAM) in bytes."""
+    vram = hw.vram_free_gib * GIB - (K.vram_margin[0] + K.vram_margin[1] * hw.vram_total_gib * GIB)
+    ram = hw.ram_available_gib * GIB - (K.ram_margin[0] + K.ram_margin[1] * hw.ram_total_gib * GIB)
+    return (max(0.0, vram) if hw.has_gpu else 0.0), max(0.0, ram)
+
+
+def _act(m: ModelFootprint, g: Geo, batch: int, chunk: int | None, fp8_attention: bool = False) -> float:
+    """DiT activation peak of one forward in bytes: the largest of the attention (SDPA) moment
+    (with `fp8_attention`, the fp8 copies of q, k and v beside the bf16 ones), the chunked q/k/v
+    projection and the chunked FFN, + RoPE tables and the text context."""
+    L, d, f = g.tokens, m.dim, m.ffn_dim
+    c = min(chunk or L, L)
+    # a lean DiT casts the patch embedding to fp32 once, so block 0 holds no bf16 copy beside x
+    base = L * d * (K.residual_d + (0.0 if m.chunked_attention else K.input_d))
+    sdpa = base + L * d * (K.qkv_d + K.attn_out_d + (K.qkv_fp8_d if fp8_attention else 0.0))
+    proj = base + L * d * K.qkv_d + d * ((c if m.chunked_attention else L) * K.attn_chunk_d
+                                         + min(c, K.rope_chunk) * K.rope_chunk_d)
+    ffn = base + c * (d * K.ffn_chunk_d + f * K.ffn_chunk_f)
+    return batch * (max(sdpa, proj, ffn) + 512 * (m.text_dim + d) * 2) + L * K.rope_per_token
+
+
+CHUNKS = (None, 32768, 16384, 8192, 4096, 2048, 1024)
+
+
+def default_chunk(m: ModelFootprint, g: Geo) -> int | None:
+    """The largest chunk (None = whole sequence) whose activation peak is within 2 % of the lowest
+    any chunk reaches: chunks below that only cost time."""
+    acts = {c: _act(m, g, 1, c) for c in CHUNKS if c is None or c < g.tokens}
+    low = min(acts.values())
+    return next(c for c, a in acts.items() if a <= low * 1.02)
+
+
+def _dit_vram(m: ModelFootprint, ch: Choices, fp8c: bool) -> float:
+    """DiT weights on the GPU while denoising (both experts when the idle one waits there)."""
+    n, r, b = m.num_layers, min(ch.resident_blocks, m.num_layers), m.block_bytes(ch.quantization)
+    blocks = n * b if r >= n else (r + ch.prefetch + 1) * b
+    # One layer's bf16 weight while it runs. In token chunks up to 3 are kept (quant._WeightReuse):
+    # q, k, v through the attention, the activation peak; the FFN pair when activations are far lower.
+    square = (3 if ch.ffn_chunk_tokens else 1) * m.dim * m.dim
+    dequant = 0 if ch.quantization == "bf16" or fp8c else 2 * max(m.ffn_dim * m.dim, square)
+    other = m.expert_bytes(ch.quantization) if ch.idle_expert == "gpu" else 0
+    return m.nonblock_bytes() + blocks + dequant + other
+
+
+def _tiles(size: int, tile: int, stride: int) -> tuple[int, int]:
+    """(count, pixels) of the equal tiles vae_memory.tile_spans cuts `size` into (tiles of at most `tile`)."""
+    n, t, o = size // stride, max(1, tile // stride), K.vae_tile_overlap // stride
+    if t >= n:
+        return 1, size
+    o = min(o, t // 2)
+    count = math.ceil((n - o) / (t - o))
+    return count, math.ceil((n + (count - 1) * o) / count) * stride
+
+
+def tiled_time(r: PlanRequest, tile: int | None, stride: int) -> float:
+    """A tiled decode's time over the untiled one, as vae_memory.decode_cost models it with whole
+    frame chunks (what the decode takes where they fit): pixels decoded, overlaps counted twice,
+    over the frame's, plus K.vae_tile_cost per tile."""
+    if not tile:
+        return 1.0
+    (nh, sh), (nw, sw) = _tiles(r.height, tile, stride), _tiles(r.width, tile, stride)
+    if nh == nw == 1:
+        return 1.0
+    return nh * sh * nw * sw / (r.height * r.width) + K.vae_tile_cost * nh * nw
+
+
+def _vae_vram(m: ModelFootprint, r: PlanRequest, ch: Choices, part: str) -> float:
+    if part == "decoder" and ch.vae_tile:  # no tile video on the GPU: pixels leave per latent frame
+        s = m.vae_stride[1]
+        px = _tiles(r.height, ch.vae_tile, s)[1] * _tiles(r.width, ch.vae_tile, s)[1]
+        weights = m.vae_bytes(part, ch.vae_dtype)  # all of them for the global pass; a part off for the tiles
+        low_res = weights + r.height * r.width * K.vae_low_res_px[m.vae_version, ch.vae_dtype]
+        tiles = weights * (1 - K.vae_decoder_idle_share[m.vae_version])
+        return max(low_res, tiles + px * K.vae_tiled_decode_px[m.vae_version, ch.vae_dtype])
+    px = (min(ch.vae_tile, r.height) * min(ch.vae_tile, r.width)) if ch.vae_tile else r.height * r.width
+    frames = r.frames if part == "decoder" or m.encodes_video else 1
+    per_px = (K.vae_decode_px if part == "decoder" else K.vae_encode_px)[m.vae_version, ch.vae_dtype]
+    io = frames * px * 3 * 4  # the fp32 output video (decode) or input frames (encode) of the tile
+    return m.vae_bytes(part, ch.vae_dtype) + px * per_px + io
+
+
+def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> dict[str, Any]:
+    """Stage VRAM (bytes), RAM peak (bytes) and stage seconds of fully specified choices."""
+    g, gpu, sp = Geo.of(m, r), hw.has_gpu, hw.speed()
+    fp8c = ch.quantization == "fp8" and hw.fp8_tensor_cores
+    fp8a = fp8c and r.fp8_attention
+    batch = 2 if ch.cfg_batch and r.cfg else 1
+    act = _act(m, g, batch, ch.ffn_chunk_tokens, fp8a)
+    latents = K.latent_copies * math.prod(g.lat) * max(m.in_dim, m.out_dim) * 4
+    dit_all = (m.expert_bytes(ch.quantization) * (2 if ch.idle_expert == "gpu" else 1)) if ch.keep_resident else 0
+    vram: dict[str, float] = {}
+    if gpu:
+        t5_gpu = {"gpu": m.text_bytes(ch.text_encoder_quant), "stream": 2 * m.text_block_bytes(ch.text_encoder_quant)}
+        vram["text"] = (t5_gpu[ch.text_encoder] + K.t5_act if ch.text_encoder in t5_gpu else 0.0) + dit_all
+        if r.image:
+            vram["encode"] = _vae_vram(m, r, ch, "encoder") + dit_all
+        vram["denoise"] = _dit_vram(m, ch, fp8c) + act + latents
+        vram["decode"] = _vae_vram(m, r, ch, "decoder") + dit_all + latents
+    # RAM: what lives in host memory through the job, plus each stage's own
+    expert = m.expert_bytes(ch.quantization)
+    held = K.ram_base + (0 if ch.keep_resident and gpu else expert) + (expert if ch.idle_expert == "ram" else 0)
+    held += m.vae_bytes("encoder", ch.vae_dtype) + m.vae_bytes("decoder", ch.vae_dtype)
+    t5 = m.text_bytes(ch.text_encoder_quant)
+    kept = t5 if ch.keep_text_encoder else 0
+    # a streamed encoder is packed into its own RAM buffers; one loaded straight to the GPU, or a
+    # bf16 one run on the CPU, is read through the memory-mapped file (reclaimable page cache)
+    copied = ch.text_encoder == "stream" or (ch.text_encoder == "cpu" and ch.text_encoder_quant != "bf16")
+    while_encoding = max(kept, t5 if copied else 0)
+    video = r.frames * r.width * r.height * K.video_ram_px
+    if ch.vae_tile and gpu:  # the tiles' input: the global pass's features, in CPU memory
+        low_res_px = K.vae_low_res_ram_px[m.vae_version] * (4 if ch.vae_dtype == "fp32" else 2)
+        video += r.frames * r.width * r.height * low_res_px
+    cpu_act = 0.0 if gpu else act + latents
+    cpu_vae = 0.0 if gpu else _vae_vram(m, r, ch, "decoder") - m.vae_bytes("decoder", ch.vae_dtype)
+    ram = held + max(while_encoding, kept + cpu_act, kept + video + cpu_vae)
+
+    # time
+    n, L, d, f = m.num_layers, g.tokens, m.dim, m.ffn_dim
+    tflops = sp.tflops * 1e12
+    lin = (2 * L * (6 * d * d + 2 * d * f) + 2 * 512 * 2 * d * d) * n
+    attn = (4 * L * L * d + 4 * L * 512 * d) * n
+    fwd = lin / (tflops * (K.fp8_gain if fp8c else 1.0)) + attn / (tflops * (K.fp8_attention_gain if fp8a else 1.0))
+    fwd *= (K.dequant_cost if ch.quantization != "bf16" and not fp8c else 1.0)
+    passes = 2 if r.cfg else 1
+    # token chunks cost time per block and forward: once per token of the batch for chunking at
+    # all, and per chunk past the first (a batch of 2 runs both prompts' chunks together); as
+    # measured on the reference GPU, scaled by speed
+    chunks = math.ceil(L / min(ch.ffn_chunk_tokens or L, L))
+    chunk_s = 0.0 if chunks == 1 else n * (K.chunked_token_s * batch * L + K.chunk_block_s * (chunks - 1))
+    chunk_s *= K.ref_tflops / sp.tflops
+    compute = passes * fwd * (K.batch2_cost if batch == 2 else 1.0) + passes // batch * chunk_s
+    b, streamed = m.block_bytes(ch.quantization), max(0, n - ch.resident_blocks) if gpu else 0
+    link = (sp.pinned_gbps if ch.pinned else sp.pageable_gbps) * 1e9 or 1.0
+    copies = passes // batch
+    step = compute
+    if streamed:
+        step = max(compute, streamed * b * copies / link) + copies * b / link  # first slot is never hidden
+    steps = r.steps or m.steps
+    resident = (expert - streamed * b) / link if gpu else 0.0  # seconds to put the resident part on the GPU
+    upload = 0.0 if ch.keep_resident else resident  # once per job, unless it never leaves the GPU
+    switch = 0.0
+    if m.experts > 1 and ch.idle_expert != "gpu":
+        on_disk = expert if ch.quantization != "bf16" else m.params * m.source_bytes  # cache or source
+        switch = resident + (on_disk / (DISK_GBPS * 1e9) if ch.idle_expert == "disk" else 0.0)
+    text_flops = 2 * (m.text_params - m.text_embed_params) * 512 * 2
+    text_s = text_flops / ((sp.tflops if ch.text_encoder != "cpu" else sp.cpu_tflops) * 1e12)
+    if ch.text_encoder != "cpu":
+        text_s += t5 / link
+    if not ch.keep_text_encoder:
+        text_s += t5 / (DISK_GBPS * 1e9)
+    tile = tiled_time(r, ch.vae_tile, m.vae_stride[1])
+    scale = K.ref_tflops / sp.tflops * tile * r.width * r.height / 1e6
+    secs = {"text": text_s, "denoise": steps * step + upload + switch,
+            "decode": scale * r.frames * K.vae_decode_s[m.vae_version, ch.vae_dtype]}
+    if r.image:
+        secs["encode"] = scale * (r.frames if m.encodes_video else 1) * K.vae_encode_s[m.vae_version, ch.vae_dtype]
+    return {"vram": vram, "ram": ram, "secs": secs, "fp8c": fp8c, "fp8a": fp8a}
+
+
+def evaluate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices, profile: str | None = None) -> Plan:
+    e = estimate(m, r, hw, ch)
+    uv, ur = usable(hw)
+    peak_v = max(e["vram"].values(), default=0.0)
+    fits = peak_v <= uv and e["ram"] <= ur
+    extra = []
+    if ch.quantization == "fp8" and hw.has_gpu and not e["fp8c"]:
+        extra.append("fp8 on a GPU without fp8 tensor cores (compute capability < 8.9): storage only.")
+    if not hw.has_gpu:
+        extra.append("No CUDA GPU: everything runs on the CPU, which takes hours.")
+    return Plan(**asdict(ch), fits=fits, fp8_compute=e["fp8c"], fp8_attention=e["fp8a"], peak_vram_gib=round(peak_v / GIB, 3),
+                peak_ram_gib=round(e["ram"] / GIB, 3),
+                stage_vram_gib=tuple((k, round(v / GIB, 3)) for k, v in e["vram"].items()),
+                usable_vram_gib=round(uv / GIB, 3), usable_ram_gib=round(ur / GIB, 3),
+                seconds_estimate=round(sum(e["secs"].values()), 1),
+                stage_seconds=tuple((k, round(v, 1)) for k, v in e["secs"].items()),
+                notes=tuple(dict.fromkeys(extra)), profile=profile, model=m, request=r, hardware=hw)
