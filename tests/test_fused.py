@@ -33,7 +33,8 @@ def _args(name: str) -> tuple:
         "rms_norm_rope_into": (torch.empty(B, L, D, dtype=bf), r(B, L, D, dtype=bf), r(D, dtype=bf), 1e-6,
                                angles.cos(), angles.sin()),
         "rms_norm": (r(B, L, D, dtype=bf), r(D, dtype=bf), 1e-6),
-        "layer_norm": (r(B, L, D, dtype=bf), r(D), r(D), 1e-6),
+        "layer_norm": (r(B, L, D, dtype=bf), r(D), r(D), 1e-6, bf),
+        "layer_norm_fp32_in": (r(B, L, D), r(D), r(D), 1e-6, bf),  # the block's norm3: fp32 residual in
     }[name]
 
 
@@ -45,6 +46,7 @@ FORMS = {
     "rms_norm_rope_into": dit._rms_norm_rope_into_fn,
     "rms_norm": dit._rms_norm_fn,
     "layer_norm": dit._layer_norm_fn,
+    "layer_norm_fp32_in": dit._layer_norm_fn,
 }
 
 
@@ -108,7 +110,7 @@ def test_each_form_on_cuda_matches_eager() -> None:
     forms = {"norm_modulate_into": dit._norm_modulate_into, "norm_modulate_into_fp32": dit._norm_modulate_into,
              "gated_add_inplace": dit._gated_add_inplace, "gated_add_into": dit._gated_add_into,
              "rms_norm_rope_into": dit._rms_norm_rope_into, "rms_norm": dit._rms_norm,
-             "layer_norm": dit._layer_norm}
+             "layer_norm": dit._layer_norm, "layer_norm_fp32_in": dit._layer_norm}
     bad = []
     for name, form in forms.items():
         want = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(name)]

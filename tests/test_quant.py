@@ -174,6 +174,57 @@ def test_activation_quantization_is_shared_and_released() -> None:
     assert (x8[0].float() * s[0]).sub(torch.tensor([1.0, -2.0, 0.5])).abs().max() < 0.1
 
 
+def test_gelu_folds_into_the_quantized_layer_after_it() -> None:
+    """quantize_model moves the FFN's GELU into the second FFN layer: bit-identical outputs on the
+    dequant path; on the fp8 path its row scale comes from a bound, as precise as the exact one."""
+    x = toy_input()
+    model, plain = toy(), toy()
+    with torch.inference_mode():
+        ref = model(x)
+    quantize_model(model, "fp8", compute="fp8")
+    quantize_model(plain, "fp8", compute="fp8")
+    for block in plain.blocks:  # undo the fold: GELU back as a module of its own
+        block.ffn[1], block.ffn[2].input_gelu = nn.GELU(approximate="tanh"), None
+    for block in model.blocks:
+        assert isinstance(block.ffn[1], nn.Identity) and block.ffn[2].input_gelu == "tanh"
+        assert isinstance(block.ffn[0], QuantizedLinear) and block.ffn[0].input_gelu is None
+    assert "input_gelu=tanh" in repr(model.blocks[0].ffn[2])
+    assert quant.fold_activations(model) == 0  # idempotent (quantize_model runs again after an OOM)
+    with torch.inference_mode():
+        folded, unfolded = model(x), plain(x)
+        assert not any(m._fp8_broken for m in quantized_modules(model).values())  # fp8 really ran
+        assert rel_err(folded, ref) < 1.15 * rel_err(unfolded, ref) + 1e-3
+        quant.set_compute(model, "dequant")
+        quant.set_compute(plain, "dequant")
+        assert torch.equal(model(x), plain(x))
+
+
+def test_gelu_row_quantization_scale_bound() -> None:
+    """The GELU-first row quantization: its scale is max(max(x), 0.171) / 440, no value leaves
+    e4m3's range (rows all negative, all zero, or with a huge maximum), and x8 * scale is
+    GELU(x) to e4m3 precision."""
+    torch.manual_seed(3)
+    h = torch.randn(6, 512, dtype=torch.bfloat16) * 3
+    h[1] = -h[1].abs()  # all negative: GELU within [-0.17, 0]
+    h[2] = 0
+    h[3, 7] = 3.0e4  # an outlier far above the rest
+    h[4] = torch.linspace(-0.75, 0.1, 512)  # the GELU minimum, and a max below the negative bound
+    x8, s = quant._quantize_rows_eager(h, "tanh")
+    bound = h.float().amax(dim=1, keepdim=True).clamp(min=quant._GELU_NEG_BOUND)
+    torch.testing.assert_close(s, bound / quant._FP8_ACT_TARGET, rtol=2**-7, atol=0)
+    assert torch.isfinite(x8.float()).all() and x8.float().abs().max() <= 448
+    g = F.gelu(h, approximate="tanh").float()
+    deq = x8.float() * s
+    for row in (0, 1, 3, 4, 5):
+        assert rel_err(deq[row], g[row]) < 0.035, row
+    assert torch.equal(deq[2], torch.zeros(512))
+    # Without a GELU the scale is the row's own max-abs.
+    x8, s = quant._quantize_rows_eager(h)
+    torch.testing.assert_close(s[0], h[0].float().abs().max()[None] / quant._FP8_ACT_TARGET, rtol=2**-7, atol=0)
+    # The activation cache tells a GELU-first quantization from a plain one of the same tensor.
+    assert not torch.equal(quant._ACT_CACHE.get(h, "tanh")[0].float(), quant._ACT_CACHE.get(h)[0].float())
+
+
 # ------------------------------------------------------------------------------ whole models
 @pytest.mark.parametrize("fmt,tol", [("int8", 0.02), ("fp8", 0.06)])
 def test_quantize_toy_model(fmt: str, tol: float) -> None:
@@ -401,6 +452,21 @@ def test_cuda_quantized_linear(fmt: str) -> None:
         assert not ql._fp8_broken  # the fp8 tensor-core path really ran
         ql.compute = "dequant"
         assert rel_err(out, ql(x)) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gelu", [None, "tanh"])
+def test_cuda_fused_activation_quantization(gelu: str | None) -> None:
+    """The compiled row quantization (GELU first for the FFN's second layer) gives the eager
+    numbers: the same scales and fp8 values up to a rare last-bit flip of the fp32 GELU."""
+    torch.manual_seed(0)
+    x = torch.randn(3000, 1536, device="cuda", dtype=torch.bfloat16) * 2
+    x8, s = quant._quantize_rows(x, gelu)
+    assert not quant._quantize_rows.failed  # the compiled kernel really ran
+    e8, es = quant._quantize_rows_eager(x, gelu)
+    assert x8.dtype == torch.float8_e4m3fn and s.shape == (3000, 1)
+    assert torch.allclose(s, es, rtol=1e-2)
+    assert rel_err(x8.float() * s, e8.float() * es) < 1e-3
 
 
 def test_fused_dequantization_is_the_eager_one() -> None:

@@ -196,8 +196,11 @@ def _rms_norm_rope_into_fn(out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     out.copy_(torch.stack([x0 * c - x1 * sn, x0 * sn + x1 * c], dim=-1).flatten(2))
 
 
-def _layer_norm_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x.float(), x.shape[-1:], w.float(), b.float(), eps).to(x.dtype)
+def _layer_norm_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The reference's result in x's dtype, then cast to `dtype` (the block's compute dtype), in
+    one pass: fp32 residual in, bf16 out, without writing and re-reading an fp32 copy."""
+    return F.layer_norm(x.float(), x.shape[-1:], w.float(), b.float(), eps).to(x.dtype).to(dtype)
 
 
 _norm_modulate_into = Fused(_norm_modulate_into_fn)
@@ -301,10 +304,11 @@ class WanRMSNorm(nn.Module):
 
 
 class WanLayerNorm(nn.LayerNorm):
-    """Affine LayerNorm (the cross-attention input `norm3`), fp32 math, result in x's dtype."""
+    """Affine LayerNorm (the cross-attention input `norm3`), fp32 math, result in x's dtype, or
+    that result cast to `dtype` (the same numbers as `.to(dtype)` after it, in the same kernel)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _layer_norm(x, self.weight, self.bias, self.eps, dtype or x.dtype)
 
 
 class WanSelfAttention(nn.Module):
@@ -390,7 +394,7 @@ class WanAttentionBlock(nn.Module):
         k, v = self.cross_attn.context_kv(context)
         for s, e, r in spans:
             xs = x[:, s:e]
-            xs.add_(self.cross_attn(self.norm3(xs).to(dtype), k, v))
+            xs.add_(self.cross_attn(self.norm3(xs, dtype), k, v))
             gated_add_(xs, xs, self.ffn(norm_modulate(xs, m, r, 3, 4, self.eps, dtype)), m, r, 5)
         return x
 

@@ -31,7 +31,13 @@ from torch import nn
 from wan_lite.errors import CheckpointError
 from wan_lite.loading.sources import fp8_weight, quantized, stored_type
 from wan_lite.loading.tensors import TensorSource
-from wan_lite.runtime.quant import SCALE_SUFFIX, QuantizedLinear, fp8_scale_rows, quantizable_linears
+from wan_lite.runtime.quant import (
+    SCALE_SUFFIX,
+    QuantizedLinear,
+    fold_activations,
+    fp8_scale_rows,
+    quantizable_linears,
+)
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +331,7 @@ def load_stored(model: nn.Module, source: TensorSource, dtype: torch.dtype | Non
         _replace(model, name, new)
         layers[key] = kind
         counts[kind] = counts.get(kind, 0) + 1
+    fold_activations(model)
     stored = StoredSource(source, layers)
 
     def keep(name: str) -> bool:  # fp8 scales stay float32 whatever the model dtype
