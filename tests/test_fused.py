@@ -28,6 +28,8 @@ def _args(name: str) -> tuple:
     return {
         "norm_modulate_into": (torch.empty(B, L, D, dtype=bf), r(B, L, D, dtype=bf), r(B, 1, D), r(B, 1, D), 1e-6),
         "norm_modulate_into_fp32": (torch.empty(B, L, D), r(B, L, D), r(B, 1, D), r(B, 1, D), 1e-6),
+        "add_norm_modulate_into": (torch.empty(B, L, D, dtype=bf), r(B, L, D), r(B, L, D, dtype=bf), r(B, 1, D),
+                                   r(B, 1, D), 1e-6),
         "gated_add_inplace": (r(B, L, D), r(B, L, D, dtype=bf), r(B, 1, D)),
         "gated_add_into": (torch.empty(B, L, D), r(B, L, D, dtype=bf), r(B, L, D, dtype=bf), r(B, 1, D)),
         "rms_norm_rope_into": (torch.empty(B, L, D, dtype=bf), r(B, L, D, dtype=bf), r(D, dtype=bf), 1e-6,
@@ -41,6 +43,7 @@ def _args(name: str) -> tuple:
 FORMS = {
     "norm_modulate_into": dit._norm_modulate_into_fn,
     "norm_modulate_into_fp32": dit._norm_modulate_into_fn,
+    "add_norm_modulate_into": dit._add_norm_modulate_into_fn,
     "gated_add_inplace": dit._gated_add_inplace_fn,
     "gated_add_into": dit._gated_add_into_fn,
     "rms_norm_rope_into": dit._rms_norm_rope_into_fn,
@@ -66,6 +69,9 @@ def test_compiled_forms_match_eager() -> None:
         else:  # a statistic summed in another order may flip a rare result's last bf16 bit
             torch.testing.assert_close(r_got.float(), r_want.float(), rtol=2**-7, atol=1e-6, msg=name)
             assert (r_got != r_want).float().mean() < 0.01, name
+        for a, b in zip(want[1:], got[1:], strict=True):  # inputs updated in place (residual adds) alike
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=f"{name}: an input")
     # slices of a bigger buffer (token chunks), compiled as Fused compiles: fixed shapes for the
     # first, then (a last chunk's other length) the token dimension dynamic; only the slices change
     compiled = torch.compile(dit._gated_add_inplace_fn, **fused.COMPILE)
@@ -108,6 +114,7 @@ def test_each_form_on_cuda_matches_eager() -> None:
     """The Triton kernels against the eager forms, on the GPU: fp32 results to float32 rounding,
     16-bit ones up to a rare last-bit flip (a reduction summed in another order)."""
     forms = {"norm_modulate_into": dit._norm_modulate_into, "norm_modulate_into_fp32": dit._norm_modulate_into,
+             "add_norm_modulate_into": dit._add_norm_modulate_into,
              "gated_add_inplace": dit._gated_add_inplace, "gated_add_into": dit._gated_add_into,
              "rms_norm_rope_into": dit._rms_norm_rope_into, "rms_norm": dit._rms_norm,
              "layer_norm": dit._layer_norm, "layer_norm_fp32_in": dit._layer_norm}
@@ -123,7 +130,9 @@ def test_each_form_on_cuda_matches_eager() -> None:
         print(f"{name}: {flips:.2e} of the results differ, by at most {diff:.2e}")
         rtol = 1e-5 if r_want.dtype == torch.float32 else 2**-7
         close = torch.allclose(r_got.float(), r_want.float(), rtol=rtol, atol=1e-5)
-        if form.failed or not close or (r_want.dtype != torch.float32 and flips >= 0.01):
+        inputs = all(torch.allclose(b, a, rtol=1e-6, atol=1e-6) for a, b in zip(want[1:], got[1:], strict=True)
+                     if isinstance(a, torch.Tensor))  # those updated in place (residual adds) alike
+        if form.failed or not close or not inputs or (r_want.dtype != torch.float32 and flips >= 0.01):
             bad.append(name)
     assert not bad
 
@@ -146,8 +155,8 @@ def test_fused_block_matches_eager_block_on_gpu() -> None:
         eager_out = model(x, t, ctx)
     finally:
         fused.set_fusion(old)
-    forms = (dit._norm_modulate_into, dit._gated_add_inplace, dit._gated_add_into, dit._rms_norm,
-             dit._rms_norm_rope_into, dit._layer_norm)
+    forms = (dit._norm_modulate_into, dit._add_norm_modulate_into, dit._gated_add_inplace, dit._gated_add_into,
+             dit._rms_norm, dit._rms_norm_rope_into, dit._layer_norm)
     assert not any(f.failed for f in forms), [f.__name__ for f in forms if f.failed]
     err = ((fused_out - eager_out).norm() / eager_out.norm()).item()
     print(f"fused vs eager bf16 DiT: rel L2 {err:.2e}")

@@ -6,7 +6,7 @@ of the reference (time embedding, modulation arithmetic, modulated norm outputs,
 adds, norm statistics, head; RoPE in float64) are fp32 here by explicit casts, and every other
 matmul runs in the parameters' dtype (read from `patch_embedding.weight`). An fp32 model is
 therefore plain fp32 and a bf16 model matches the reference's autocast run. On CUDA the
-elementwise steps (LayerNorm + modulation, RMSNorm + RoPE, gated residual adds) run as one kernel
+elementwise steps (LayerNorm + modulation, RMSNorm + RoPE, residual adds) run as one kernel
 each (models/fused.py) with the same roundings; only a norm statistic summed in another order
 can flip a rare last bit.
 
@@ -137,12 +137,19 @@ def gated_add_(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, table: torch
 
 
 def norm_modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, scale: int, eps: float,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, add: torch.Tensor | None = None) -> torch.Tensor:
     """`modulate(layer_norm(x, eps).float(), ...)` rounded to `dtype`, per run in one kernel on CUDA:
-    x [B, l, D] -> [B, l, D] in dtype."""
+    x [B, l, D] -> [B, l, D] in dtype.
+
+    add: y [B, l, D] added to x in place first (`x.add_(y)`, a residual), in the same kernel, so
+    the fp32 x is read and written once for both steps."""
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for s, e, idx in runs:
-        _norm_modulate_into(out[:, s:e], x[:, s:e], table[idx, shift, None], table[idx, scale, None], eps)
+        sh, sc = table[idx, shift, None], table[idx, scale, None]
+        if add is None:
+            _norm_modulate_into(out[:, s:e], x[:, s:e], sh, sc, eps)
+        else:
+            _add_norm_modulate_into(out[:, s:e], x[:, s:e], add[:, s:e], sh, sc, eps)
     return out
 
 
@@ -165,6 +172,12 @@ def _norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, shift: torch.Tens
                            eps: float) -> None:
     u = _round_to(F.layer_norm(x.float(), x.shape[-1:], None, None, eps), x.dtype)
     out.copy_(u * (1 + scale) + shift)
+
+
+def _add_norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor, eps: float) -> None:
+    x.add_(y)
+    _norm_modulate_into_fn(out, x, shift, scale, eps)
 
 
 def _gated_add_inplace_fn(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
@@ -204,6 +217,7 @@ def _layer_norm_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float
 
 
 _norm_modulate_into = Fused(_norm_modulate_into_fn)
+_add_norm_modulate_into = Fused(_add_norm_modulate_into_fn)
 _gated_add_inplace = Fused(_gated_add_inplace_fn)
 _gated_add_into = Fused(_gated_add_into_fn)
 _rms_norm = Fused(_rms_norm_fn)
@@ -394,8 +408,9 @@ class WanAttentionBlock(nn.Module):
         k, v = self.cross_attn.context_kv(context)
         for s, e, r in spans:
             xs = x[:, s:e]
-            xs.add_(self.cross_attn(self.norm3(xs, dtype), k, v))
-            gated_add_(xs, xs, self.ffn(norm_modulate(xs, m, r, 3, 4, self.eps, dtype)), m, r, 5)
+            y = self.cross_attn(self.norm3(xs, dtype), k, v)
+            u = norm_modulate(xs, m, r, 3, 4, self.eps, dtype, add=y)  # xs += y, then the FFN's input
+            gated_add_(xs, xs, self.ffn(u), m, r, 5)
         return x
 
     def _self_attention(self, x: torch.Tensor, m: torch.Tensor, spans: list[tuple[int, int, list[Run]]],
