@@ -428,12 +428,16 @@ class WanAttentionBlock(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Self-attention over all L tokens, q/k/v built chunk by chunk -> [B, L, heads, Dh] in dtype."""
         sa, (cos, sin) = self.self_attn, rope
-        q, k, v = (torch.empty(x.shape, dtype=dtype, device=x.device) for _ in range(3))
+        q, k = (torch.empty(x.shape, dtype=dtype, device=x.device) for _ in range(2))
+        # in one span (unchunked) v is its projection's own output, not a copy of it in a buffer
+        v = torch.empty(x.shape, dtype=dtype, device=x.device) if len(spans) > 1 else None
         for s, e, r in spans:
             # norm1's output is rounded to x's dtype before modulation, as in the reference (bf16 in
             # block 0); the fp32 modulated result is rounded to the compute dtype by the projections.
             u = norm_modulate(x[:, s:e], m, r, 0, 1, self.eps, dtype)
-            sa.qkv_into(u, cos[s:e], sin[s:e], q[:, s:e], k[:, s:e], v[:, s:e])
+            sa.qkv_into(u, cos[s:e], sin[s:e], q[:, s:e], k[:, s:e], None if v is None else v[:, s:e])
+            if v is None:
+                v = sa.v(u)
         return attention(*(z.unflatten(2, (sa.num_heads, -1)) for z in (q, k, v)))
 
 
