@@ -426,3 +426,34 @@ def test_bf16_matches_reference_autocast_run_on_gpu(kind: str) -> None:
     # ... and otherwise off only by fp32 matmul rounding in e0, amplified by later bf16 roundings.
     assert err < gap / 4
     assert err32 < 1e-5
+
+
+def test_static_fp8_scales_bound_q_and_k() -> None:
+    """`fp8_qk_scales` bounds every value the RMSNorm + RoPE kernel can write, so its e4m3 output
+    is always finite (a token with all its energy in one channel reaches sqrt(D) * |w|), and the
+    e4m3 q and k equal the bf16 ones to e4m3 precision."""
+    import wan_lite.models.dit as dit
+
+    torch.manual_seed(0)
+    sa = dit.WanSelfAttention(DIM, DIM // 128, 1e-6)
+    sa.norm_q.weight.data = (torch.randn(DIM) * 2).to(torch.bfloat16)
+    sa.norm_k.weight.data = torch.rand(DIM).to(torch.bfloat16)
+    y = torch.randn(1, 40, DIM).to(torch.bfloat16)
+    top = sa.norm_q.weight.float().abs().argmax().item()
+    y[0, 0] = 0
+    y[0, 0, top] = 1000.0  # all the energy in the channel of the largest weight: |n| = sqrt(D)
+    y[0, 1] *= 1e-3
+    angles = torch.rand(40, 64, dtype=torch.float64) * 6
+    mults, descales = sa.fp8_qk_scales()
+    assert mults.shape == (2, DIM) and descales.shape == (2, DIM // 128)
+    torch.testing.assert_close(mults[:, ::128].reciprocal(), descales)
+    for row, norm in enumerate((sa.norm_q, sa.norm_k)):
+        out8 = torch.empty(y.shape, dtype=torch.float8_e4m3fn)
+        dit._rms_norm_rope_fp8_into_fn(out8, y, norm.weight, norm.eps, angles.cos(), angles.sin(), mults[row])
+        assert torch.isfinite(out8.float()).all()
+        out16 = torch.empty(y.shape, dtype=torch.bfloat16)
+        dit._rms_norm_rope_into_fn(out16, y, norm.weight, norm.eps, angles.cos(), angles.sin())
+        deq = out8.float() / mults[row]
+        assert rel_err(deq, out16.float()) < 0.04
+        if row == 0:  # the one-hot token lands near the top of e4m3's range, not past it
+            assert 300 < out8[0, 0].float().abs().max() <= 448

@@ -117,6 +117,101 @@ def test_fp8_plumbing_against_a_stand_in(stand_in) -> None:
     assert _rel_l2(bf16, ref) < 1e-2
 
 
+def _static_fp8(x: torch.Tensor, loose: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, H, D] in e4m3 with a per-(batch, head) scale `loose` times above its max-abs, as
+    the DiT's bound-based q and k scales are (`WanSelfAttention.fp8_qk_scales`)."""
+    mult = 448.0 / (x.float().abs().amax(dim=(1, 3)) * loose)  # [B, H]
+    return (x.float() * mult[:, None, :, None]).to(torch.float8_e4m3fn), mult.reciprocal()
+
+
+def test_fp8_qk_entry_against_a_stand_in(stand_in, monkeypatch, caplog) -> None:
+    """The fp8 kernel's entry for q and k already in e4m3 (scales 20x looser than their max, as
+    the DiT's bounds): SDPA's result within fp8 rounding, only v quantized here; inputs it does not
+    take, and a kernel that fails, run SDPA on the dequantized q and k."""
+    monkeypatch.setattr(fa3, "_qk8_refusal", lambda q8, k8, v, dq, dk: None if v.dtype == torch.bfloat16 else "v")
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, n, 3, 128, generator=gen).to(torch.bfloat16) for n in (300, 5000, 5000))
+    ref = attn_mod.sdpa_attention(q, k, v)
+    (q8, dq), (k8, dk) = _static_fp8(q, 20.0), _static_fp8(k, 20.0)
+    fn = fa3.fa3_backend(fp8=True)
+    assert fa3.fa3_backend().__dict__.get("fp8_qk") is None  # the bf16 kernel has no such entry
+    out = fn.fp8_qk(q8, k8, v, dq, dk)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    err = _rel_l2(out, ref)
+    assert 1e-4 < err < sel.FP8_TOLERANCE, err
+    assert err < 1.2 * _rel_l2(fn(q, k, v), ref) + 1e-3  # as precise as quantizing q and k by their max
+    v32 = v.float()  # not taken: SDPA on the dequantized q and k
+    want = attn_mod.sdpa_attention(attn_mod.dequantize_heads(q8, dq, v32.dtype),
+                                   attn_mod.dequantize_heads(k8, dk, v32.dtype), v32)
+    assert torch.equal(fn.fp8_qk(q8, k8, v32, dq, dk), want)
+    with pytest.raises(ValueError, match="does not take"):
+        fa3.fa3_backend(fp8=True, strict=True).fp8_qk(q8, k8, v32, dq, dk)
+
+    def broken(*a, **kw):
+        raise RuntimeError("FlashAttention only supports ... this shape")
+
+    monkeypatch.setattr(stand_in, "flash_attn_func", broken)
+    monkeypatch.setattr(fa3, "_loaded", {})
+    fn = fa3.fa3_backend(fp8=True)
+    want = attn_mod.sdpa_attention(attn_mod.dequantize_heads(q8, dq, v.dtype),
+                                   attn_mod.dequantize_heads(k8, dk, v.dtype), v)
+    with caplog.at_level("INFO", logger="wan_lite.runtime.fa3_attention"):
+        assert torch.equal(fn.fp8_qk(q8, k8, v, dq, dk), want)
+        assert torch.equal(fn.fp8_qk(q8, k8, v, dq, dk), want)
+    assert caplog.text.count("This shape runs PyTorch SDPA from now on") == 1
+
+
+def test_qk8_refusals() -> None:
+    q8 = torch.zeros(1, 10, 2, 128, dtype=torch.float8_e4m3fn)
+    v = torch.zeros(1, 10, 2, 128, dtype=torch.bfloat16)
+    d = torch.ones(1, 2)
+    assert "not float8_e4m3fn" in fa3._qk8_refusal(v, q8, v, d, d)
+    assert "bfloat16 only" in fa3._qk8_refusal(q8, q8, v.float(), d, d)
+    assert "CUDA" in fa3._qk8_refusal(q8, q8, v, d, d)  # these are CPU tensors
+
+
+def test_dit_hands_fp8_q_and_k_to_a_kernel_that_takes_them(stand_in, monkeypatch) -> None:
+    """With an fp8 kernel that `takes_fp8_qk`, the DiT's RoPE kernel writes q and k in e4m3 with
+    the static per-head scales, unchunked and in token chunks, TI2V's two timestep runs included;
+    the forward stays within fp8 error of SDPA's."""
+    from tests.test_dit import context, latent, rel_err, ti2v_timesteps, tiny_state
+    from wan_lite.loading.tensors import DictSource
+    from wan_lite.models.dit import WanDiT
+
+    monkeypatch.setattr(fa3, "_qk8_refusal", lambda q8, k8, v, dq, dk: None)
+    model = WanDiT.from_source(DictSource(tiny_state(48, 48, seed=5)), torch.bfloat16)
+    x, ctx, t = latent(2, 48), context(2), ti2v_timesteps(2, 700.0)
+    with torch.inference_mode():
+        ref = model(x, t, ctx)
+    kernel = fa3.fa3_backend(fp8=True)
+    seen = []
+
+    def qk8(q8, k8, v, dq, dk):
+        seen.append((q8.dtype, k8.dtype, tuple(dq.shape)))
+        return kernel.fp8_qk(q8, k8, v, dq, dk)
+
+    kernel_fn = lambda q, k, v: kernel(q, k, v)  # noqa: E731
+    kernel_fn.fp8_qk = qk8
+    attn_mod.register_attention_backend("fa3-fp8-test", kernel_fn)
+    attn_mod.set_attention_backend("fa3-fp8-test")
+    try:
+        assert attn_mod.takes_fp8_qk()
+        with torch.inference_mode():
+            out = model(x, t, ctx)
+            for block in model.blocks:
+                block.chunk_tokens = 5
+            chunked = model(x, t, ctx)
+    finally:
+        attn_mod.set_attention_backend("sdpa")
+        for block in model.blocks:
+            block.chunk_tokens = None
+    assert not attn_mod.takes_fp8_qk()
+    assert seen == [(torch.float8_e4m3fn, torch.float8_e4m3fn, (2, 2))] * (2 * len(model.blocks))
+    err = rel_err(out, ref)
+    assert 1e-4 < err < 0.05, err
+    assert rel_err(chunked, out) < 1e-2
+
+
 def test_short_keys_and_other_inputs_run_sdpa(stand_in, monkeypatch, caplog) -> None:
     calls = []
     real = stand_in.flash_attn_func
@@ -217,6 +312,22 @@ def test_cuda_fa3_matches_sdpa(kernels, kind, lk) -> None:
         assert err < 1e-2, err
     else:
         assert 1e-4 < err < sel.FP8_TOLERANCE, err
+
+
+@pytest.mark.gpu
+def test_cuda_fa3_fp8_qk_entry(kernels) -> None:
+    """q and k handed over in e4m3 with loose static scales (the DiT's way): SDPA's result within
+    fp8 rounding, as precise as the entry that quantizes q and k by their own max."""
+    q, k, v = _qkv(1000, 1000)
+    (q8, dq), (k8, dk) = _static_fp8(q, 20.0), _static_fp8(k, 20.0)
+    with torch.no_grad():
+        out = kernels["fp8"].fp8_qk(q8, k8, v, dq, dk)
+        ref = attn_mod.sdpa_attention(q, k, v)
+        full = kernels["fp8"](q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    err = _rel_l2(out, ref)
+    assert 1e-4 < err < sel.FP8_TOLERANCE, err
+    assert err < 1.2 * _rel_l2(full, ref) + 1e-3
 
 
 @pytest.mark.gpu

@@ -20,7 +20,10 @@ float32), on the GPU without a host synchronisation: multiplier m = 448 / amax r
 input dtype (the multiply runs in it), descale = 1 / m. Fused into few kernels by torch.compile
 where Triton is available. The kernel writes bf16. Key sequences shorter than
 `fp8_attention.MIN_KEYS` (the 512-token text cross-attention) run SDPA: quantizing the long q costs
-more than fp8 saves there.
+more than fp8 saves there. The fp8 kernel also takes q and k already in e4m3 with their
+[batch, heads] descales (its `fp8_qk` entry, `models.attention.attention_fp8_qk`): the DiT then
+writes them so from its RoPE kernel with static per-head scales (`WanSelfAttention.fp8_qk_scales`)
+and only v is quantized here.
 
 Anything a kernel does not take (other dtypes, head sizes, CPU tensors, autograd) runs
 `sdpa_attention`; a shape whose call raises runs SDPA for the rest of the process after one log
@@ -38,7 +41,7 @@ from typing import Any
 
 import torch
 
-from wan_lite.models.attention import AttentionFn, sdpa_attention
+from wan_lite.models.attention import AttentionFn, Fp8QKFn, dequantize_heads, sdpa_attention
 from wan_lite.models.fused import Fused
 from wan_lite.runtime.fp8_attention import _E4M3_MAX, _MIN_AMAX, MIN_KEYS, _first_line, input_refusal
 
@@ -144,6 +147,7 @@ def _quantize_qkv_heads_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
 
 
 _quantize_qkv_heads = Fused(_quantize_qkv_heads_eager, exact_casts=False)
+_quantize_heads = Fused(_quantize_heads_eager, exact_casts=False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,6 +201,68 @@ def _guarded(fp8: bool, strict: bool, run: Callable[[torch.Tensor, torch.Tensor,
     return attention
 
 
+def _qk8_refusal(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
+                 dk: torch.Tensor) -> str | None:
+    """Why e4m3 q8/k8 with [B, H] descales and a 16-bit v are not for the kernel; None when they are."""
+    if q8.dtype != torch.float8_e4m3fn or k8.dtype != torch.float8_e4m3fn:
+        return f"q and k are {q8.dtype}/{k8.dtype}, not float8_e4m3fn"
+    if v.dtype not in _DTYPES:
+        return f"v is {v.dtype} (bfloat16 only)"
+    if not (q8.is_cuda and k8.is_cuda and v.is_cuda and dq.is_cuda and dk.is_cuda) or not (
+            q8.device == k8.device == v.device):
+        return "the tensors are not all on one CUDA device"
+    if q8.dim() != 4 or k8.shape != v.shape or k8.shape[0] != q8.shape[0] or k8.shape[2:] != q8.shape[2:]:
+        return f"q {list(q8.shape)}, k {list(k8.shape)} and v {list(v.shape)} do not fit"
+    if q8.shape[-1] not in HEAD_DIMS:
+        return f"head size {q8.shape[-1]} (this kernel is offered for {', '.join(map(str, HEAD_DIMS))} only)"
+    if tuple(dq.shape) != (q8.shape[0], q8.shape[2]) or dk.shape != dq.shape:
+        return f"descales {list(dq.shape)} / {list(dk.shape)} are not [batch, heads]"
+    if min(q8.shape[:3]) < 1 or k8.shape[1] < 1:
+        return "an empty dimension"
+    return None
+
+
+def _guarded_qk8(strict: bool, run: Fp8QKFn) -> Fp8QKFn:
+    """`run` (q and k given in fp8) behind its input checks and the fall back to SDPA on the
+    dequantized q and k, as `_guarded` does for the 16-bit entry."""
+
+    def fallback(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
+                 dk: torch.Tensor) -> torch.Tensor:
+        return sdpa_attention(dequantize_heads(q8, dq, v.dtype), dequantize_heads(k8, dk, v.dtype), v)
+
+    def attention_qk8(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
+                      dk: torch.Tensor) -> torch.Tensor:
+        why = _qk8_refusal(q8, k8, v, dq, dk)
+        if why is not None:
+            if strict:
+                raise ValueError(f"FlashAttention-3 (fp8) does not take these inputs: {why}")
+            return fallback(q8, k8, v, dq, dk)
+        shape = ("fp8-qk", q8.device.index, tuple(q8.shape), tuple(k8.shape), v.dtype)
+        failed = _FAILED.get(shape)
+        if failed is not None:
+            if strict:
+                raise RuntimeError(f"FlashAttention-3 (fp8) failed on this shape before: {failed}")
+            return fallback(q8, k8, v, dq, dk)
+        try:
+            return run(q8, k8, v, dq, dk)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            reason = _first_line(err)
+            with _LOCK:
+                first = shape not in _FAILED
+                _FAILED[shape] = reason
+            if first:
+                log.info("FlashAttention-3 (fp8, q and k given in fp8) is not used for q %s, k %s on %s: %s. "
+                         "This shape runs PyTorch SDPA from now on.", list(q8.shape), list(k8.shape), q8.device,
+                         reason)
+            if strict:
+                raise
+            return fallback(q8, k8, v, dq, dk)
+
+    return attention_qk8
+
+
 def _output(result: Any) -> torch.Tensor:
     """The attention output: older FlashAttention-3 builds also return the softmax log-sum-exp."""
     return result[0] if isinstance(result, tuple) else result
@@ -222,4 +288,13 @@ def fa3_backend(*, fp8: bool = False, strict: bool = False) -> AttentionFn | Non
             out = _output(flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv))
             return out if out.dtype == q.dtype else out.to(q.dtype)
 
-    return _guarded(fp8, strict, run)
+        def run_qk8(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, dq: torch.Tensor,
+                    dk: torch.Tensor) -> torch.Tensor:
+            v8, dv = _quantize_heads(v)
+            out = _output(flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv))
+            return out if out.dtype == v.dtype else out.to(v.dtype)
+
+    fn = _guarded(fp8, strict, run)
+    if fp8:
+        fn.fp8_qk = _guarded_qk8(strict, run_qk8)  # type: ignore[attr-defined]
+    return fn

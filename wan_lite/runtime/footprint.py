@@ -26,7 +26,9 @@ class K:
     residual_d = 4.0  # the fp32 residual stream x [B, L, D]
     input_d = 2.0  # block 0's bf16 input (the patch embedding) alive beside it
     qkv_d, attn_out_d = 6.0, 2.0  # q, k, v and the attention output, bf16, whole sequence
-    qkv_fp8_d = 3.0  # fp8 attention: q, k, v quantized beside them (A14B 720p measured +1.08 GiB)
+    # fp8 attention: q, k, v quantized beside them (A14B 720p measured +1.08 GiB, run q); an upper
+    # bound since FlashAttention-3 fp8 takes q and k written in e4m3 instead of bf16 (not yet measured)
+    qkv_fp8_d = 3.0
     attn_chunk_d = 13.1  # per chunk token: modulated input, projections, norms
     rope_chunk_d, rope_chunk = 14.7, 4096  # float64 RoPE temporaries of dit.py's 4096-token chunk
     ffn_chunk_d, ffn_chunk_f = 6.0, 4.0  # per chunk token: input, gated add (x D); hidden + GELU (x F)
