@@ -103,24 +103,6 @@ class WanDiTConfig:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def layer_norm(x: torch.Tensor, eps: float,
-               w: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
-    """LayerNorm over the last dim with fp32 statistics, result in x's dtype (reference WanLayerNorm)."""
-    w, b = (w.float(), b.float()) if w is not None and b is not None else (None, None)
-    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
-
-
-def modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, scale: int) -> torch.Tensor:
-    """x [B, L, D] fp32 -> x * (1 + scale) + shift, with table [U, K, D] rows picked per run."""
-    if len(runs) == 1:
-        _, _, idx = runs[0]
-        return (x * (1 + table[idx, scale, None])).add_(table[idx, shift, None])
-    out = torch.empty_like(x)
-    for s, e, idx in runs:
-        out[:, s:e] = x[:, s:e] * (1 + table[idx, scale, None]) + table[idx, shift, None]
-    return out
-
-
 def gated_add_(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, runs: list[Run],
                gate: int) -> None:
     """out = x + y * gate in fp32, per run (out [B, l, D] fp32, may be x itself; x, y any float dtype).
@@ -138,8 +120,9 @@ def gated_add_(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, table: torch
 
 def norm_modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, scale: int, eps: float,
                   dtype: torch.dtype, add: torch.Tensor | None = None) -> torch.Tensor:
-    """`modulate(layer_norm(x, eps).float(), ...)` rounded to `dtype`, per run in one kernel on CUDA:
-    x [B, l, D] -> [B, l, D] in dtype.
+    """LayerNorm(x) (no affine, fp32 statistics, rounded to x's dtype) * (1 + scale) + shift with
+    the run's rows of `table`, rounded to `dtype`, per run in one kernel on CUDA: x [B, l, D] ->
+    [B, l, D] in dtype.
 
     add: y [B, l, D] added to x in place first (`x.add_(y)`, a residual), in the same kernel, so
     the fp32 x is read and written once for both steps."""
