@@ -457,3 +457,25 @@ def test_static_fp8_scales_bound_q_and_k() -> None:
         assert rel_err(deq, out16.float()) < 0.04
         if row == 0:  # the one-hot token lands near the top of e4m3's range, not past it
             assert 300 < out8[0, 0].float().abs().max() <= 448
+
+
+def test_modulated_fp8_scale_bounds_every_value() -> None:
+    """The e4m3 form of the modulated LayerNorm (the fp8 GEMMs' input) stays finite for a token
+    with all its energy in the channel of the largest modulation, and equals the bf16 form to e4m3
+    precision."""
+    import wan_lite.models.dit as dit
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, DIM, generator=gen)
+    shift, scale = torch.randn(2, 1, DIM, generator=gen) * 0.5, torch.randn(2, 1, DIM, generator=gen) * 3
+    scale[0, 0, 3] = 50.0
+    x[0, 0] = 0
+    x[0, 0, 3] = 1.0e4  # |n| = sqrt(D - 1) in the channel scaled by 51
+    mult = dit._modulated_multiplier(shift, scale)
+    assert mult.shape == (2, 1, 1)
+    out8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+    dit._norm_modulate_fp8_into_fn(out8, x, shift, scale, 1e-6, mult)
+    assert torch.isfinite(out8.float()).all() and 300 < out8[0, 0].float().abs().max() <= 448
+    out16 = torch.empty(x.shape, dtype=torch.bfloat16)
+    dit._norm_modulate_into_fn(out16, x, shift, scale, 1e-6)
+    assert rel_err(out8.float() / mult, out16.float()) < 0.04

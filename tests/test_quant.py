@@ -424,6 +424,69 @@ def test_wan_dit_quantized_forward(tmp_path, fmt: str, tol: float) -> None:
         assert torch.equal(again.eval()(x, t, ctx), out)
 
 
+def test_wan_dit_fp8_inputs_from_the_modulation_kernel(monkeypatch) -> None:
+    """With fp8 GEMMs (forced on the CPU) the modulation kernel hands q, k, v and ffn.0 their input
+    in e4m3 (Fp8Rows, one static scale per batch row and timestep run): as precise as quantizing
+    each row by its own max, unchunked and in token chunks, TI2V's two timestep runs included."""
+    from tests.test_dit import context, latent, ti2v_timesteps, tiny_state
+    from wan_lite.loading.tensors import DictSource
+    from wan_lite.models.fp8_rows import Fp8Rows
+
+    state = tiny_state(48, 48, seed=6)
+    x, ctx, t = latent(2, 48), context(2), ti2v_timesteps(2, 700.0)
+    with torch.inference_mode():
+        ref = WanDiT.from_source(DictSource(state), torch.bfloat16)(x, t, ctx)
+    model = WanDiT.from_source(DictSource(state), torch.bfloat16)
+    quantize_model(model, "fp8", WanDiT.no_quantize_patterns, compute="fp8")
+    seen: list[str] = []
+    real = QuantizedLinear._forward_fp8
+
+    def spy(self, inp):
+        seen.append(type(inp).__name__)
+        return real(self, inp)
+
+    monkeypatch.setattr(QuantizedLinear, "_forward_fp8", spy)
+    with torch.inference_mode():
+        rows = model(x, t, ctx)
+        for block in model.blocks:
+            block.chunk_tokens = 5
+        chunked = model(x, t, ctx)
+        for block in model.blocks:
+            block.chunk_tokens = None
+        assert seen.count(Fp8Rows.__name__) == 4 * len(model.blocks) * (1 + 4)  # q, k, v, ffn.0; 4 chunks
+        monkeypatch.setattr(QuantizedLinear, "accepts_fp8_rows", lambda self, device: False)
+        plain = model(x, t, ctx)
+    assert not any(m._fp8_broken for m in quantized_modules(model).values())
+    err_rows, err_plain = rel_err(rows, ref), rel_err(plain, ref)
+    log.info("tiny WanDiT fp8 inputs from the modulation kernel %.4f, quantized by row max %.4f", err_rows, err_plain)
+    assert err_rows < 1.2 * err_plain + 1e-3
+    assert rel_err(chunked, rows) < 1e-2
+
+
+def test_fp8_rows_input_is_the_quantized_input() -> None:
+    """A QuantizedLinear given Fp8Rows runs the GEMM on exactly those bytes and scales (the same
+    result as the bf16 input whose row quantization they are); where it cannot take them (dequant
+    compute, a GELU in front) it uses their values."""
+    from wan_lite.models.fp8_rows import Fp8Rows, takes_fp8_rows
+
+    torch.manual_seed(4)
+    ql = QuantizedLinear.from_linear(nn.Linear(256, 192).to(torch.bfloat16), "fp8", compute="fp8")
+    x = torch.randn(3, 11, 256, dtype=torch.bfloat16)
+    x8, s = quant._quantize_rows_eager(x.reshape(-1, 256))
+    rows = Fp8Rows(x8.reshape(3, 11, 256), s, torch.bfloat16)
+    cpu = torch.device("cpu")
+    assert ql.accepts_fp8_rows(cpu) and takes_fp8_rows(ql, cpu) and not takes_fp8_rows(nn.Linear(4, 4), cpu)
+    with torch.inference_mode():
+        assert torch.equal(ql(rows), ql(x))
+        ql.compute = "dequant"
+        assert not ql.accepts_fp8_rows(cpu)
+        assert torch.equal(ql(rows), F.linear(rows.dequantized(), ql.dequantized(torch.bfloat16), ql.bias))
+        ql.compute, ql.input_gelu = "fp8", "tanh"
+        assert not ql.accepts_fp8_rows(cpu)
+        assert torch.equal(ql(rows), ql(rows.dequantized()))
+    assert not QuantizedLinear.from_linear(nn.Linear(256, 192), "int8", compute="fp8").accepts_fp8_rows(cpu)
+
+
 def test_unknown_format_is_a_user_error() -> None:
     from wan_lite.errors import InputError
 

@@ -31,6 +31,7 @@ from wan_lite.errors import CheckpointError, InputError
 from wan_lite.loading.build import fill_module
 from wan_lite.loading.tensors import TensorSource
 from wan_lite.models.attention import attention, attention_fp8_qk, takes_fp8_qk
+from wan_lite.models.fp8_rows import Fp8Rows, takes_fp8_rows
 from wan_lite.models.fused import Fused
 
 logger = logging.getLogger(__name__)
@@ -119,21 +120,47 @@ def gated_add_(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, table: torch
 
 
 def norm_modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: int, scale: int, eps: float,
-                  dtype: torch.dtype, add: torch.Tensor | None = None) -> torch.Tensor:
+                  dtype: torch.dtype, add: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     """LayerNorm(x) (no affine, fp32 statistics, rounded to x's dtype) * (1 + scale) + shift with
     the run's rows of `table`, rounded to `dtype`, per run in one kernel on CUDA: x [B, l, D] ->
     [B, l, D] in dtype.
 
     add: y [B, l, D] added to x in place first (`x.add_(y)`, a residual), in the same kernel, so
-    the fp32 x is read and written once for both steps."""
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    the fp32 x is read and written once for both steps.
+    fp8: the result as `Fp8Rows` for layers that take it, written in e4m3 by the same kernel with
+    one scale per (batch row, run) from a bound of the values (`_modulated_multiplier`), so no
+    pass over the result is needed to find its scale."""
+    if fp8:
+        out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        row_scale = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for s, e, idx in runs:
-        sh, sc = table[idx, shift, None], table[idx, scale, None]
-        if add is None:
+        sh, sc = table[idx, shift, None], table[idx, scale, None]  # [B, 1, D]
+        if fp8:
+            mult = _modulated_multiplier(sh, sc)  # [B, 1, 1]
+            row_scale[:, s:e] = mult.reciprocal()[:, :, 0]
+            if add is None:
+                _norm_modulate_fp8_into(out[:, s:e], x[:, s:e], sh, sc, eps, mult)
+            else:
+                _add_norm_modulate_fp8_into(out[:, s:e], x[:, s:e], add[:, s:e], sh, sc, eps, mult)
+        elif add is None:
             _norm_modulate_into(out[:, s:e], x[:, s:e], sh, sc, eps)
         else:
             _add_norm_modulate_into(out[:, s:e], x[:, s:e], add[:, s:e], sh, sc, eps)
-    return out
+    return Fp8Rows(out, row_scale.reshape(-1, 1), dtype) if fp8 else out
+
+
+def _modulated_multiplier(shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """shift, scale [B, 1, D] fp32 -> the e4m3 multiplier [B, 1, 1] of the modulated LayerNorm.
+
+    LayerNorm (no affine) leaves every token with sum(n^2) <= D, so |n_i| <= sqrt(D), and each
+    modulated value within sqrt(D) * |1 + scale_i| + |shift_i| (times 1 + 2^-6 for the bf16
+    rounding of n): 448 over the largest of these maps every value to a finite e4m3 number. The
+    bound lies some 10-20x above the largest value on random data; e4m3 keeps its relative
+    precision at any scale, and only values below about 0.2 % of the RMS become subnormal."""
+    bound = (math.sqrt(shift.shape[-1]) * (1 + scale).abs() + shift.abs()).amax(dim=-1, keepdim=True)
+    return 448.0 / (bound * (1 + 2**-6)).clamp(min=1e-30)
 
 
 # The single-kernel forms (models/fused.py) of the block's elementwise steps; each is the eager
@@ -161,6 +188,19 @@ def _add_norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, y: torch.Tens
                                scale: torch.Tensor, eps: float) -> None:
     x.add_(y)
     _norm_modulate_into_fn(out, x, shift, scale, eps)
+
+
+def _norm_modulate_fp8_into_fn(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                               eps: float, mult: torch.Tensor) -> None:
+    """The modulated LayerNorm in fp32 times mult [B, 1, 1], written in e4m3 into out."""
+    u = _round_to(F.layer_norm(x.float(), x.shape[-1:], None, None, eps), x.dtype)
+    out.copy_(((u * (1 + scale) + shift) * mult).to(torch.float8_e4m3fn))
+
+
+def _add_norm_modulate_fp8_into_fn(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                                   scale: torch.Tensor, eps: float, mult: torch.Tensor) -> None:
+    x.add_(y)
+    _norm_modulate_fp8_into_fn(out, x, shift, scale, eps, mult)
 
 
 def _gated_add_inplace_fn(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
@@ -212,6 +252,8 @@ def _layer_norm_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float
 
 _norm_modulate_into = Fused(_norm_modulate_into_fn)
 _add_norm_modulate_into = Fused(_add_norm_modulate_into_fn)
+_norm_modulate_fp8_into = Fused(_norm_modulate_fp8_into_fn)
+_add_norm_modulate_fp8_into = Fused(_add_norm_modulate_fp8_into_fn)
 _gated_add_inplace = Fused(_gated_add_inplace_fn)
 _gated_add_into = Fused(_gated_add_into_fn)
 _rms_norm = Fused(_rms_norm_fn)
@@ -336,9 +378,11 @@ class WanSelfAttention(nn.Module):
         self.qkv_into(u, cos, sin, q, k, None)
         return q, k, self.v(u)
 
-    def qkv_into(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor | None, fp8_mult: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def qkv_into(self, u: torch.Tensor | Fp8Rows, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor | None,
+                 fp8_mult: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """`qkv` written into q, k, v [B, c, D] (views of the caller's buffers; v None: skipped).
+        u may be an `Fp8Rows` where the projections take one (`norm_modulate(..., fp8=True)`).
         A 16-bit RMSNorm and RoPE run as one kernel on CUDA; fp32 keeps the float64 rotation.
         fp8_mult: (for q, for k) from `fp8_qk_scales`: q and k are float8_e4m3fn buffers, written
         as the rotated values times these multipliers (16-bit u only)."""
@@ -423,11 +467,12 @@ class WanAttentionBlock(nn.Module):
         n = self.chunk_tokens or L
         spans = [(s, min(s + n, L), clip_runs(runs, s, min(s + n, L))) for s in range(0, L, n)]
         x = self._self_attention(x, m, spans, rope, dtype)
+        ffn_fp8 = dtype == torch.bfloat16 and takes_fp8_rows(self.ffn[0], x.device)
         k, v = self.cross_attn.context_kv(context)
         for s, e, r in spans:
             xs = x[:, s:e]
             y = self.cross_attn(self.norm3(xs, dtype), k, v)
-            u = norm_modulate(xs, m, r, 3, 4, self.eps, dtype, add=y)  # xs += y, then the FFN's input
+            u = norm_modulate(xs, m, r, 3, 4, self.eps, dtype, add=y, fp8=ffn_fp8)  # xs += y, the FFN's input
             gated_add_(xs, xs, self.ffn(u), m, r, 5)
         return x
 
@@ -453,10 +498,12 @@ class WanAttentionBlock(nn.Module):
         q, k = (torch.empty(x.shape, dtype=qk_dtype, device=x.device) for _ in range(2))
         # in one span (unchunked) v is its projection's own output, not a copy of it in a buffer
         v = torch.empty(x.shape, dtype=dtype, device=x.device) if len(spans) > 1 else None
+        # fp8 GEMMs get their input in e4m3 from the modulation kernel
+        rows = dtype == torch.bfloat16 and all(takes_fp8_rows(p, x.device) for p in (sa.q, sa.k, sa.v))
         for s, e, r in spans:
             # norm1's output is rounded to x's dtype before modulation, as in the reference (bf16 in
             # block 0); the fp32 modulated result is rounded to the compute dtype by the projections.
-            u = norm_modulate(x[:, s:e], m, r, 0, 1, self.eps, dtype)
+            u = norm_modulate(x[:, s:e], m, r, 0, 1, self.eps, dtype, fp8=rows)
             sa.qkv_into(u, cos[s:e], sin[s:e], q[:, s:e], k[:, s:e], None if v is None else v[:, s:e],
                         fp8_mult=None if mults is None else (mults[0], mults[1]))
             if v is None:

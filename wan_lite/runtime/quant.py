@@ -29,6 +29,7 @@ from torch import nn
 
 from wan_lite.errors import CheckpointError, InputError
 from wan_lite.loading.tensors import TensorSource
+from wan_lite.models.fp8_rows import Fp8Rows
 from wan_lite.models.fused import Fused
 
 log = logging.getLogger(__name__)
@@ -328,15 +329,25 @@ class QuantizedLinear(nn.Module):
         """The weight [out, in] in `dtype`."""
         return dequantize_weight(self.weight, self.weight_scale, self.fmt, dtype)
 
-    def _use_fp8(self, x: torch.Tensor) -> bool:
+    def _use_fp8(self, device: torch.device) -> bool:
         if self.fmt != "fp8" or self._fp8_broken or self.compute == "dequant":
+            return False
+        if self.in_features % 16 or self.out_features % 16:  # _scaled_mm's alignment
             return False
         if self.compute == "fp8":
             return True
-        return x.is_cuda and _fp8_tensor_cores(x.device)
+        return device.type == "cuda" and _fp8_tensor_cores(device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_fp8(x) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+    def accepts_fp8_rows(self, device: torch.device) -> bool:
+        """Whether this layer would run its fp8 x fp8 GEMM on `device`, so that a producer may hand
+        it an `Fp8Rows` (no GELU in front: the GELU must see the real values)."""
+        return self.input_gelu is None and self._use_fp8(device)
+
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        rows = x if isinstance(x, Fp8Rows) else None
+        if rows is not None and self.input_gelu is not None:  # the GELU must see the real values
+            x, rows = rows.dequantized(), None
+        if self._use_fp8(x.data.device if rows is not None else x.device):
             try:
                 return self._forward_fp8(x)
             except torch.OutOfMemoryError:
@@ -344,21 +355,27 @@ class QuantizedLinear(nn.Module):
             except RuntimeError as err:  # a shape/dtype this torch build's fp8 GEMM rejects
                 self._fp8_broken = True
                 log.warning("fp8 matmul unavailable for %s (%s); using dequantized bf16.", self, err)
+        if rows is not None:
+            x = rows.dequantized()
         if self.input_gelu is not None:
             x = F.gelu(x, approximate=self.input_gelu)
         dtype = x.dtype if x.is_floating_point() else torch.bfloat16
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x, _REUSE.get(self, dtype), bias)
 
-    def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
-        x8, x_scale = _ACT_CACHE.get(x, self.input_gelu)
+    def _forward_fp8(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):
+            x8, x_scale = x.data.reshape(-1, x.data.shape[-1]), x.scale
+        else:
+            x8, x_scale = _ACT_CACHE.get(x, self.input_gelu)
         # _scaled_mm wants the second operand column-major: the [out, in] row-major weight
         # transposed is exactly that, so no copy is made.
         w8 = self.weight.view(torch.float8_e4m3fn).t()
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         out = torch._scaled_mm(x8, w8, scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
                                bias=bias, out_dtype=torch.bfloat16)
-        out = out.reshape(*x.shape[:-1], self.out_features)
+        shape = x.data.shape if isinstance(x, Fp8Rows) else x.shape
+        out = out.reshape(*shape[:-1], self.out_features)
         return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
