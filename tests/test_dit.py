@@ -433,6 +433,7 @@ def test_static_fp8_scales_bound_q_and_k() -> None:
     is always finite (a token with all its energy in one channel reaches sqrt(D) * |w|), and the
     e4m3 q and k equal the bf16 ones to e4m3 precision."""
     import wan_lite.models.dit as dit
+    import wan_lite.models.dit_ops as ops
 
     torch.manual_seed(0)
     sa = dit.WanSelfAttention(DIM, DIM // 128, 1e-6)
@@ -449,10 +450,10 @@ def test_static_fp8_scales_bound_q_and_k() -> None:
     torch.testing.assert_close(mults[:, ::128].reciprocal(), descales)
     for row, norm in enumerate((sa.norm_q, sa.norm_k)):
         out8 = torch.empty(y.shape, dtype=torch.float8_e4m3fn)
-        dit._rms_norm_rope_fp8_into_fn(out8, y, norm.weight, norm.eps, angles.cos(), angles.sin(), mults[row])
+        ops.rms_norm_rope_fp8_into_fn(out8, y, norm.weight, norm.eps, angles.cos(), angles.sin(), mults[row])
         assert torch.isfinite(out8.float()).all()
         out16 = torch.empty(y.shape, dtype=torch.bfloat16)
-        dit._rms_norm_rope_into_fn(out16, y, norm.weight, norm.eps, angles.cos(), angles.sin())
+        ops.rms_norm_rope_into_fn(out16, y, norm.weight, norm.eps, angles.cos(), angles.sin())
         deq = out8.float() / mults[row]
         assert rel_err(deq, out16.float()) < 0.04
         if row == 0:  # the one-hot token lands near the top of e4m3's range, not past it
@@ -463,7 +464,7 @@ def test_modulated_fp8_scale_bounds_every_value() -> None:
     """The e4m3 form of the modulated LayerNorm (the fp8 GEMMs' input) stays finite for a token
     with all its energy in the channel of the largest modulation, and equals the bf16 form to e4m3
     precision."""
-    import wan_lite.models.dit as dit
+    import wan_lite.models.dit_ops as ops
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, DIM, generator=gen)
@@ -471,11 +472,11 @@ def test_modulated_fp8_scale_bounds_every_value() -> None:
     scale[0, 0, 3] = 50.0
     x[0, 0] = 0
     x[0, 0, 3] = 1.0e4  # |n| = sqrt(D - 1) in the channel scaled by 51
-    mult = dit._modulated_multiplier(shift, scale)
+    mult = ops.modulated_multiplier(shift, scale)
     assert mult.shape == (2, 1, 1)
     out8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
-    dit._norm_modulate_fp8_into_fn(out8, x, shift, scale, 1e-6, mult)
+    ops.norm_modulate_fp8_into_fn(out8, x, shift, scale, 1e-6, mult)
     assert torch.isfinite(out8.float()).all() and 300 < out8[0, 0].float().abs().max() <= 448
     out16 = torch.empty(x.shape, dtype=torch.bfloat16)
-    dit._norm_modulate_into_fn(out16, x, shift, scale, 1e-6)
+    ops.norm_modulate_into_fn(out16, x, shift, scale, 1e-6)
     assert rel_err(out8.float() / mult, out16.float()) < 0.04

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-import wan_lite.models.dit as dit
+import wan_lite.models.dit_ops as ops
 from wan_lite.models import fused
 from wan_lite.models.fused import Fused
 
@@ -47,18 +47,18 @@ def _args(name: str) -> tuple:
 
 
 FORMS = {
-    "norm_modulate_into": dit._norm_modulate_into_fn,
-    "norm_modulate_into_fp32": dit._norm_modulate_into_fn,
-    "add_norm_modulate_into": dit._add_norm_modulate_into_fn,
-    "norm_modulate_fp8_into": dit._norm_modulate_fp8_into_fn,
-    "add_norm_modulate_fp8_into": dit._add_norm_modulate_fp8_into_fn,
-    "gated_add_inplace": dit._gated_add_inplace_fn,
-    "gated_add_into": dit._gated_add_into_fn,
-    "rms_norm_rope_into": dit._rms_norm_rope_into_fn,
-    "rms_norm_rope_fp8_into": dit._rms_norm_rope_fp8_into_fn,
-    "rms_norm": dit._rms_norm_fn,
-    "layer_norm": dit._layer_norm_fn,
-    "layer_norm_fp32_in": dit._layer_norm_fn,
+    "norm_modulate_into": ops.norm_modulate_into_fn,
+    "norm_modulate_into_fp32": ops.norm_modulate_into_fn,
+    "add_norm_modulate_into": ops.add_norm_modulate_into_fn,
+    "norm_modulate_fp8_into": ops.norm_modulate_fp8_into_fn,
+    "add_norm_modulate_fp8_into": ops.add_norm_modulate_fp8_into_fn,
+    "gated_add_inplace": ops.gated_add_inplace_fn,
+    "gated_add_into": ops.gated_add_into_fn,
+    "rms_norm_rope_into": ops.rms_norm_rope_into_fn,
+    "rms_norm_rope_fp8_into": ops.rms_norm_rope_fp8_into_fn,
+    "rms_norm": ops.rms_norm_fn,
+    "layer_norm": ops.layer_norm_fn,
+    "layer_norm_fp32_in": ops.layer_norm_fn,
 }
 
 
@@ -86,7 +86,7 @@ def test_compiled_forms_match_eager() -> None:
                 torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=f"{name}: an input")
     # slices of a bigger buffer (token chunks), compiled as Fused compiles: fixed shapes for the
     # first, then (a last chunk's other length) the token dimension dynamic; only the slices change
-    compiled = torch.compile(dit._gated_add_inplace_fn, **fused.COMPILE)
+    compiled = torch.compile(ops.gated_add_inplace_fn, **fused.COMPILE)
     x, y, gate = _args("gated_add_inplace")
     whole, expect = x.clone(), x.clone()
     for s, e in ((0, 16), (16, 32), (32, L)):
@@ -100,9 +100,9 @@ def test_fused_runs_eager_off_cuda(monkeypatch) -> None:
         raise AssertionError("torch.compile must not run for CPU tensors")
 
     monkeypatch.setattr(torch, "compile", no_compile)
-    f = Fused(dit._rms_norm_fn)
+    f = Fused(ops.rms_norm_fn)
     x, w, eps = _args("rms_norm")
-    assert torch.equal(f(x, w, eps), dit._rms_norm_fn(x, w, eps))
+    assert torch.equal(f(x, w, eps), ops.rms_norm_fn(x, w, eps))
     assert not f.failed
 
 
@@ -112,12 +112,12 @@ def test_fused_falls_back_when_compile_fails(monkeypatch, caplog) -> None:
         raise RuntimeError("no Triton here")
 
     monkeypatch.setattr(torch, "compile", broken)
-    f = Fused(dit._rms_norm_fn)
+    f = Fused(ops.rms_norm_fn)
     x, w, eps = (a.cuda() if isinstance(a, torch.Tensor) else a for a in _args("rms_norm"))
     with caplog.at_level(logging.INFO, logger="wan_lite.models.fused"):
         out = f(x, w, eps)
     assert f.failed and "not fused" in caplog.text
-    assert torch.equal(out, dit._rms_norm_fn(x, w, eps))
+    assert torch.equal(out, ops.rms_norm_fn(x, w, eps))
 
 
 @pytest.mark.gpu
@@ -125,14 +125,14 @@ def test_fused_falls_back_when_compile_fails(monkeypatch, caplog) -> None:
 def test_each_form_on_cuda_matches_eager() -> None:
     """The Triton kernels against the eager forms, on the GPU: fp32 results to float32 rounding,
     16-bit ones up to a rare last-bit flip (a reduction summed in another order)."""
-    forms = {"norm_modulate_into": dit._norm_modulate_into, "norm_modulate_into_fp32": dit._norm_modulate_into,
-             "add_norm_modulate_into": dit._add_norm_modulate_into,
-             "norm_modulate_fp8_into": dit._norm_modulate_fp8_into,
-             "add_norm_modulate_fp8_into": dit._add_norm_modulate_fp8_into,
-             "gated_add_inplace": dit._gated_add_inplace, "gated_add_into": dit._gated_add_into,
-             "rms_norm_rope_into": dit._rms_norm_rope_into, "rms_norm_rope_fp8_into": dit._rms_norm_rope_fp8_into,
-             "rms_norm": dit._rms_norm,
-             "layer_norm": dit._layer_norm, "layer_norm_fp32_in": dit._layer_norm}
+    forms = {"norm_modulate_into": ops.norm_modulate_into, "norm_modulate_into_fp32": ops.norm_modulate_into,
+             "add_norm_modulate_into": ops.add_norm_modulate_into,
+             "norm_modulate_fp8_into": ops.norm_modulate_fp8_into,
+             "add_norm_modulate_fp8_into": ops.add_norm_modulate_fp8_into,
+             "gated_add_inplace": ops.gated_add_inplace, "gated_add_into": ops.gated_add_into,
+             "rms_norm_rope_into": ops.rms_norm_rope_into, "rms_norm_rope_fp8_into": ops.rms_norm_rope_fp8_into,
+             "rms_norm": ops.rms_norm,
+             "layer_norm": ops.layer_norm, "layer_norm_fp32_in": ops.layer_norm}
     bad = []
     for name, form in forms.items():
         want = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(name)]
@@ -170,8 +170,8 @@ def test_fused_block_matches_eager_block_on_gpu() -> None:
         eager_out = model(x, t, ctx)
     finally:
         fused.set_fusion(old)
-    forms = (dit._norm_modulate_into, dit._add_norm_modulate_into, dit._gated_add_inplace, dit._gated_add_into,
-             dit._rms_norm, dit._rms_norm_rope_into, dit._layer_norm)
+    forms = (ops.norm_modulate_into, ops.add_norm_modulate_into, ops.gated_add_inplace, ops.gated_add_into,
+             ops.rms_norm, ops.rms_norm_rope_into, ops.layer_norm)
     assert not any(f.failed for f in forms), [f.__name__ for f in forms if f.failed]
     err = ((fused_out - eager_out).norm() / eager_out.norm()).item()
     print(f"fused vs eager bf16 DiT: rel L2 {err:.2e}")
