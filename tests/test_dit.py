@@ -480,3 +480,22 @@ def test_modulated_fp8_scale_bounds_every_value() -> None:
     out16 = torch.empty(x.shape, dtype=torch.bfloat16)
     ops.norm_modulate_into_fn(out16, x, shift, scale, 1e-6)
     assert rel_err(out8.float() / mult, out16.float()) < 0.04
+
+
+def test_affine_layer_norm_fp8_scale_bounds_every_value() -> None:
+    """norm3's e4m3 form (the cross-attention q's input) is finite for a one-hot token in the
+    channel of the largest weight and equals the bf16 form to e4m3 precision."""
+    import wan_lite.models.dit_ops as ops
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 30, DIM, generator=gen)
+    w, b = torch.randn(DIM, generator=gen) * 2, torch.randn(DIM, generator=gen) * 0.1
+    top = w.abs().argmax().item()
+    x[0, 0] = 0
+    x[0, 0, top] = 1.0e4
+    mult = ops.affine_multiplier(w, b)
+    out8 = ops.layer_norm_fp8_fn(x, w, b, 1e-6, mult)
+    assert out8.dtype == torch.float8_e4m3fn
+    assert torch.isfinite(out8.float()).all() and 300 < out8[0, 0].float().abs().max() <= 448
+    ref = ops.layer_norm_fn(x, w, b, 1e-6, torch.bfloat16)
+    assert rel_err(out8.float() / mult, ref.float()) < 0.04

@@ -43,6 +43,7 @@ def _args(name: str) -> tuple:
         "rms_norm": (r(B, L, D, dtype=bf), r(D, dtype=bf), 1e-6),
         "layer_norm": (r(B, L, D, dtype=bf), r(D), r(D), 1e-6, bf),
         "layer_norm_fp32_in": (r(B, L, D), r(D), r(D), 1e-6, bf),  # the block's norm3: fp32 residual in
+        "layer_norm_fp8": (r(B, L, D), r(D), r(D), 1e-6, torch.tensor(20.0)),
     }[name]
 
 
@@ -59,6 +60,7 @@ FORMS = {
     "rms_norm": ops.rms_norm_fn,
     "layer_norm": ops.layer_norm_fn,
     "layer_norm_fp32_in": ops.layer_norm_fn,
+    "layer_norm_fp8": ops.layer_norm_fp8_fn,
 }
 
 
@@ -132,7 +134,8 @@ def test_each_form_on_cuda_matches_eager() -> None:
              "gated_add_inplace": ops.gated_add_inplace, "gated_add_into": ops.gated_add_into,
              "rms_norm_rope_into": ops.rms_norm_rope_into, "rms_norm_rope_fp8_into": ops.rms_norm_rope_fp8_into,
              "rms_norm": ops.rms_norm,
-             "layer_norm": ops.layer_norm, "layer_norm_fp32_in": ops.layer_norm}
+             "layer_norm": ops.layer_norm, "layer_norm_fp32_in": ops.layer_norm,
+             "layer_norm_fp8": ops.layer_norm_fp8}
     bad = []
     for name, form in forms.items():
         want = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(name)]

@@ -425,9 +425,10 @@ def test_wan_dit_quantized_forward(tmp_path, fmt: str, tol: float) -> None:
 
 
 def test_wan_dit_fp8_inputs_from_the_modulation_kernel(monkeypatch) -> None:
-    """With fp8 GEMMs (forced on the CPU) the modulation kernel hands q, k, v and ffn.0 their input
-    in e4m3 (Fp8Rows, one static scale per batch row and timestep run): as precise as quantizing
-    each row by its own max, unchunked and in token chunks, TI2V's two timestep runs included."""
+    """With fp8 GEMMs (forced on the CPU) the modulation kernels hand q, k, v and ffn.0 (and norm3
+    the cross-attention's q) their input in e4m3 (Fp8Rows, static scales per batch row and timestep
+    run): as precise as quantizing each row by its own max, unchunked and in token chunks, TI2V's
+    two timestep runs included."""
     from tests.test_dit import context, latent, ti2v_timesteps, tiny_state
     from wan_lite.loading.tensors import DictSource
     from wan_lite.models.fp8_rows import Fp8Rows
@@ -453,7 +454,8 @@ def test_wan_dit_fp8_inputs_from_the_modulation_kernel(monkeypatch) -> None:
         chunked = model(x, t, ctx)
         for block in model.blocks:
             block.chunk_tokens = None
-        assert seen.count(Fp8Rows.__name__) == 4 * len(model.blocks) * (1 + 4)  # q, k, v, ffn.0; 4 chunks
+        # q, k, v, ffn.0 and the cross-attention's q, unchunked and in 4 chunks
+        assert seen.count(Fp8Rows.__name__) == 5 * len(model.blocks) * (1 + 4)
         monkeypatch.setattr(QuantizedLinear, "accepts_fp8_rows", lambda self, device: False)
         plain = model(x, t, ctx)
     assert not any(m._fp8_broken for m in quantized_modules(model).values())

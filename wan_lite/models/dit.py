@@ -33,10 +33,12 @@ from wan_lite.loading.tensors import TensorSource
 from wan_lite.models.attention import attention, attention_fp8_qk, takes_fp8_qk
 from wan_lite.models.dit_ops import (
     Run,
+    affine_multiplier,
     apply_rope,
     clip_runs,
     gated_add_,
     layer_norm,
+    layer_norm_fp8,
     norm_modulate,
     rms_norm,
     rms_norm_rope_fp8_into,
@@ -126,10 +128,18 @@ class WanRMSNorm(nn.Module):
 
 class WanLayerNorm(nn.LayerNorm):
     """Affine LayerNorm (the cross-attention input `norm3`), fp32 math, result in x's dtype, or
-    that result cast to `dtype` (the same numbers as `.to(dtype)` after it, in the same kernel)."""
+    that result cast to `dtype` (the same numbers as `.to(dtype)` after it, in the same kernel).
+    fp8: the result as `Fp8Rows` standing for `dtype`, written in e4m3 by the same kernel with one
+    scale from a bound of its values (`dit_ops.affine_multiplier`), for an fp8 GEMM that takes it."""
 
-    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return layer_norm(x, self.weight, self.bias, self.eps, dtype or x.dtype)
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None,
+                fp8: bool = False) -> torch.Tensor | Fp8Rows:
+        if not fp8:
+            return layer_norm(x, self.weight, self.bias, self.eps, dtype or x.dtype)
+        mult = affine_multiplier(self.weight, self.bias)
+        rows = math.prod(x.shape[:-1])
+        scale = mult.reciprocal().reshape(1, 1).expand(rows, 1).contiguous()
+        return Fp8Rows(layer_norm_fp8(x, self.weight, self.bias, self.eps, mult), scale, dtype or x.dtype)
 
 
 class WanSelfAttention(nn.Module):
@@ -196,8 +206,9 @@ class WanCrossAttention(WanSelfAttention):
         heads = self.num_heads
         return self.norm_k(self.k(context)).unflatten(2, (heads, -1)), self.v(context).unflatten(2, (heads, -1))
 
-    def forward(self, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """u [B, c, D] video tokens (compute dtype), k/v from `context_kv` -> [B, c, D]."""
+    def forward(self, u: torch.Tensor | Fp8Rows, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u [B, c, D] video tokens (compute dtype; `Fp8Rows` where q takes it), k/v from
+        `context_kv` -> [B, c, D]."""
         q = self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1))
         return self.o(attention(q.to(v.dtype), k.to(v.dtype), v).flatten(2))
 
@@ -238,10 +249,11 @@ class WanAttentionBlock(nn.Module):
         spans = [(s, min(s + n, L), clip_runs(runs, s, min(s + n, L))) for s in range(0, L, n)]
         x = self._self_attention(x, m, spans, rope, dtype)
         ffn_fp8 = dtype == torch.bfloat16 and takes_fp8_rows(self.ffn[0], x.device)
+        cross_fp8 = dtype == torch.bfloat16 and takes_fp8_rows(self.cross_attn.q, x.device)
         k, v = self.cross_attn.context_kv(context)
         for s, e, r in spans:
             xs = x[:, s:e]
-            y = self.cross_attn(self.norm3(xs, dtype), k, v)
+            y = self.cross_attn(self.norm3(xs, dtype, fp8=cross_fp8), k, v)
             u = norm_modulate(xs, m, r, 3, 4, self.eps, dtype, add=y, fp8=ffn_fp8)  # xs += y, the FFN's input
             gated_add_(xs, xs, self.ffn(u), m, r, 5)
         return x

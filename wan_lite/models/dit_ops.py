@@ -170,6 +170,20 @@ def layer_norm_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
     return F.layer_norm(x.float(), x.shape[-1:], w.float(), b.float(), eps).to(x.dtype).to(dtype)
 
 
+def layer_norm_fp8_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
+                      mult: torch.Tensor) -> torch.Tensor:
+    """The reference's result in x's dtype, in fp32 times mult ([] float32), in e4m3."""
+    y = F.layer_norm(x.float(), x.shape[-1:], w.float(), b.float(), eps).to(x.dtype)
+    return (y.float() * mult).to(torch.float8_e4m3fn)
+
+
+def affine_multiplier(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The e4m3 multiplier ([] float32) of an affine LayerNorm's output: every value lies within
+    sqrt(D) * |w_i| + |b_i| (`modulated_multiplier`'s argument, with w for 1 + scale)."""
+    bound = (math.sqrt(w.shape[-1]) * w.float().abs() + b.float().abs()).amax()
+    return 448.0 / (bound * (1 + 2**-6)).clamp(min=1e-30)
+
+
 norm_modulate_into = Fused(norm_modulate_into_fn)
 add_norm_modulate_into = Fused(add_norm_modulate_into_fn)
 norm_modulate_fp8_into = Fused(norm_modulate_fp8_into_fn)
@@ -180,6 +194,7 @@ rms_norm = Fused(rms_norm_fn)
 rms_norm_rope_into = Fused(rms_norm_rope_into_fn)
 rms_norm_rope_fp8_into = Fused(rms_norm_rope_fp8_into_fn)
 layer_norm = Fused(layer_norm_fn)
+layer_norm_fp8 = Fused(layer_norm_fp8_fn)
 
 
 def clip_runs(runs: list[Run], start: int, end: int) -> list[Run]:
