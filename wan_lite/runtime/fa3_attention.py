@@ -160,7 +160,34 @@ def _refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
 
 
 _LOCK = threading.Lock()
-_FAILED: dict[tuple, str] = {}  # (fp8, device, shapes, dtype) -> why its call raised
+_FAILED: dict[tuple, str] = {}  # (kind, device, shapes, dtype) -> why its call raised
+
+
+def _attempt(key: tuple, kind: str, q: torch.Tensor, k: torch.Tensor, strict: bool,
+             run: Callable[[], torch.Tensor], fallback: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`run()`, unless this shape (`key`) raised before; when it raises (not out-of-memory, which
+    the caller's memory plan must handle: SDPA would need memory too) the shape is remembered and
+    logged once, and `fallback()` runs now and from then on (strict: raise instead)."""
+    failed = _FAILED.get(key)
+    if failed is not None:
+        if strict:
+            raise RuntimeError(f"FlashAttention-3 ({kind}) failed on this shape before: {failed}")
+        return fallback()
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:
+        reason = _first_line(err)
+        with _LOCK:
+            first = key not in _FAILED
+            _FAILED[key] = reason
+        if first:
+            log.info("FlashAttention-3 (%s) is not used for q %s, k %s on %s: %s. This shape runs PyTorch "
+                     "SDPA from now on.", kind, list(q.shape), list(k.shape), q.device, reason)
+        if strict:
+            raise
+        return fallback()
 
 
 def _guarded(fp8: bool, strict: bool, run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -176,27 +203,8 @@ def _guarded(fp8: bool, strict: bool, run: Callable[[torch.Tensor, torch.Tensor,
             return sdpa_attention(q, k, v)
         if fp8 and not strict and k.shape[1] < MIN_KEYS:  # strict: the self-check measures the kernel
             return sdpa_attention(q, k, v)
-        shape = (fp8, q.device.index, tuple(q.shape), tuple(k.shape), q.dtype)
-        failed = _FAILED.get(shape)
-        if failed is not None:
-            if strict:
-                raise RuntimeError(f"FlashAttention-3 ({kind}) failed on this shape before: {failed}")
-            return sdpa_attention(q, k, v)
-        try:
-            return run(q, k, v)
-        except torch.OutOfMemoryError:
-            raise  # the caller's memory plan must react; SDPA would need memory too
-        except Exception as err:
-            reason = _first_line(err)
-            with _LOCK:
-                first = shape not in _FAILED
-                _FAILED[shape] = reason
-            if first:
-                log.info("FlashAttention-3 (%s) is not used for q %s, k %s on %s: %s. This shape runs PyTorch "
-                         "SDPA from now on.", kind, list(q.shape), list(k.shape), q.device, reason)
-            if strict:
-                raise
-            return sdpa_attention(q, k, v)
+        key = (kind, q.device.index, tuple(q.shape), tuple(k.shape), q.dtype)
+        return _attempt(key, kind, q, k, strict, lambda: run(q, k, v), lambda: sdpa_attention(q, k, v))
 
     return attention
 
@@ -237,28 +245,9 @@ def _guarded_qk8(strict: bool, run: Fp8QKFn) -> Fp8QKFn:
             if strict:
                 raise ValueError(f"FlashAttention-3 (fp8) does not take these inputs: {why}")
             return fallback(q8, k8, v, dq, dk)
-        shape = ("fp8-qk", q8.device.index, tuple(q8.shape), tuple(k8.shape), v.dtype)
-        failed = _FAILED.get(shape)
-        if failed is not None:
-            if strict:
-                raise RuntimeError(f"FlashAttention-3 (fp8) failed on this shape before: {failed}")
-            return fallback(q8, k8, v, dq, dk)
-        try:
-            return run(q8, k8, v, dq, dk)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:
-            reason = _first_line(err)
-            with _LOCK:
-                first = shape not in _FAILED
-                _FAILED[shape] = reason
-            if first:
-                log.info("FlashAttention-3 (fp8, q and k given in fp8) is not used for q %s, k %s on %s: %s. "
-                         "This shape runs PyTorch SDPA from now on.", list(q8.shape), list(k8.shape), q8.device,
-                         reason)
-            if strict:
-                raise
-            return fallback(q8, k8, v, dq, dk)
+        key = ("fp8, q and k given in fp8", q8.device.index, tuple(q8.shape), tuple(k8.shape), v.dtype)
+        return _attempt(key, key[0], q8, k8, strict, lambda: run(q8, k8, v, dq, dk),
+                        lambda: fallback(q8, k8, v, dq, dk))
 
     return attention_qk8
 
