@@ -36,6 +36,7 @@ from wan_lite.models.dit_ops import (
     affine_multiplier,
     apply_rope,
     clip_runs,
+    e4m3_multiplier,
     gated_add_,
     layer_norm,
     layer_norm_fp8,
@@ -192,8 +193,8 @@ class WanSelfAttention(nn.Module):
         the RMS there) become subnormal."""
         w = torch.stack([self.norm_q.weight, self.norm_k.weight]).float()
         dim = w.shape[1]
-        bound = w.abs().unflatten(1, (self.num_heads, -1)).amax(dim=2) * (math.sqrt(dim) * (1 + 2**-6))
-        mult = 448.0 / bound.clamp(min=1e-30)  # [2, H]
+        head_max = w.abs().unflatten(1, (self.num_heads, -1)).amax(dim=2)  # [2, H]
+        mult = e4m3_multiplier(head_max * math.sqrt(dim))
         return mult.repeat_interleave(dim // self.num_heads, dim=1), mult.reciprocal()
 
 

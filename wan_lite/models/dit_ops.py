@@ -55,19 +55,19 @@ def norm_modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: 
         row_scale = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
     else:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if fp8:
+        kernel = norm_modulate_fp8_into if add is None else add_norm_modulate_fp8_into
+    else:
+        kernel = norm_modulate_into if add is None else add_norm_modulate_into
     for s, e, idx in runs:
         sh, sc = table[idx, shift, None], table[idx, scale, None]  # [B, 1, D]
+        residual = () if add is None else (add[:, s:e],)
         if fp8:
             mult = modulated_multiplier(sh, sc)  # [B, 1, 1]
             row_scale[:, s:e] = mult.reciprocal()[:, :, 0]
-            if add is None:
-                norm_modulate_fp8_into(out[:, s:e], x[:, s:e], sh, sc, eps, mult)
-            else:
-                add_norm_modulate_fp8_into(out[:, s:e], x[:, s:e], add[:, s:e], sh, sc, eps, mult)
-        elif add is None:
-            norm_modulate_into(out[:, s:e], x[:, s:e], sh, sc, eps)
+            kernel(out[:, s:e], x[:, s:e], *residual, sh, sc, eps, mult)
         else:
-            add_norm_modulate_into(out[:, s:e], x[:, s:e], add[:, s:e], sh, sc, eps)
+            kernel(out[:, s:e], x[:, s:e], *residual, sh, sc, eps)
     return Fp8Rows(out, row_scale.reshape(-1, 1), dtype) if fp8 else out
 
 
@@ -80,6 +80,12 @@ def modulated_multiplier(shift: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     bound lies some 10-20x above the largest value on random data; e4m3 keeps its relative
     precision at any scale, and only values below about 0.2 % of the RMS become subnormal."""
     bound = (math.sqrt(shift.shape[-1]) * (1 + scale).abs() + shift.abs()).amax(dim=-1, keepdim=True)
+    return e4m3_multiplier(bound)
+
+
+def e4m3_multiplier(bound: torch.Tensor) -> torch.Tensor:
+    """448 (the largest e4m3 value) over `bound` raised by 2^-6 for the bf16 roundings on the way:
+    the multiplier that maps every value within `bound` to a finite e4m3 number."""
     return 448.0 / (bound * (1 + 2**-6)).clamp(min=1e-30)
 
 
@@ -98,10 +104,15 @@ def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                           eps: float) -> None:
+def _modulated_f32(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(x) rounded to x's dtype, then * (1 + scale) + shift, in float32."""
     u = _round_to(F.layer_norm(x.float(), x.shape[-1:], None, None, eps), x.dtype)
-    out.copy_(u * (1 + scale) + shift)
+    return u * (1 + scale) + shift
+
+
+def norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                          eps: float) -> None:
+    out.copy_(_modulated_f32(x, shift, scale, eps))
 
 
 def add_norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -113,8 +124,7 @@ def add_norm_modulate_into_fn(out: torch.Tensor, x: torch.Tensor, y: torch.Tenso
 def norm_modulate_fp8_into_fn(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                eps: float, mult: torch.Tensor) -> None:
     """The modulated LayerNorm in fp32 times mult [B, 1, 1], written in e4m3 into out."""
-    u = _round_to(F.layer_norm(x.float(), x.shape[-1:], None, None, eps), x.dtype)
-    out.copy_(((u * (1 + scale) + shift) * mult).to(torch.float8_e4m3fn))
+    out.copy_((_modulated_f32(x, shift, scale, eps) * mult).to(torch.float8_e4m3fn))
 
 
 def add_norm_modulate_fp8_into_fn(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
@@ -142,25 +152,27 @@ def rms_norm_fn(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     return _rms_norm_f32(x, weight, eps).to(torch.promote_types(x.dtype, weight.dtype))
 
 
-def rms_norm_rope_into_fn(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                           cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """out [B, l, D] (16-bit) = RoPE(RMSNorm(x) * weight) with fp32 rotation math (as `apply_rope`
-    for a 16-bit result); cos, sin [l, Dh/2]."""
+def _rms_norm_rope_f32(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+    """RoPE(RMSNorm(x) * weight) [B, l, D] in float32, the rotation in fp32; cos, sin [l, Dh/2]."""
     n = _rms_norm_f32(x, weight, eps).unflatten(-1, (-1, cos.shape[-1], 2))  # [B, l, H, Dh/2, 2]
     x0, x1 = n[..., 0], n[..., 1]
     c, sn = cos.float()[None, :, None], sin.float()[None, :, None]
-    out.copy_(torch.stack([x0 * c - x1 * sn, x0 * sn + x1 * c], dim=-1).flatten(2))
+    return torch.stack([x0 * c - x1 * sn, x0 * sn + x1 * c], dim=-1).flatten(2)
+
+
+def rms_norm_rope_into_fn(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                          cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """out [B, l, D] (16-bit) = RoPE(RMSNorm(x) * weight) with fp32 rotation math (as `apply_rope`
+    for a 16-bit result); cos, sin [l, Dh/2]."""
+    out.copy_(_rms_norm_rope_f32(x, weight, eps, cos, sin))
 
 
 def rms_norm_rope_fp8_into_fn(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
                                cos: torch.Tensor, sin: torch.Tensor, mult: torch.Tensor) -> None:
     """`rms_norm_rope_into_fn`'s rotation (fp32), times `mult` [D] (a multiplier per channel) and
     written in e4m3 into out [B, l, D] float8_e4m3fn: q or k for an fp8 attention kernel."""
-    n = _rms_norm_f32(x, weight, eps).unflatten(-1, (-1, cos.shape[-1], 2))  # [B, l, H, Dh/2, 2]
-    x0, x1 = n[..., 0], n[..., 1]
-    c, sn = cos.float()[None, :, None], sin.float()[None, :, None]
-    rot = torch.stack([x0 * c - x1 * sn, x0 * sn + x1 * c], dim=-1).flatten(2)
-    out.copy_((rot * mult).to(torch.float8_e4m3fn))
+    out.copy_((_rms_norm_rope_f32(x, weight, eps, cos, sin) * mult).to(torch.float8_e4m3fn))
 
 
 def layer_norm_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
@@ -180,8 +192,7 @@ def layer_norm_fp8_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: fl
 def affine_multiplier(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The e4m3 multiplier ([] float32) of an affine LayerNorm's output: every value lies within
     sqrt(D) * |w_i| + |b_i| (`modulated_multiplier`'s argument, with w for 1 + scale)."""
-    bound = (math.sqrt(w.shape[-1]) * w.float().abs() + b.float().abs()).amax()
-    return 448.0 / (bound * (1 + 2**-6)).clamp(min=1e-30)
+    return e4m3_multiplier((math.sqrt(w.shape[-1]) * w.float().abs() + b.float().abs()).amax())
 
 
 norm_modulate_into = Fused(norm_modulate_into_fn)
