@@ -526,8 +526,8 @@ def test_cuda_fused_activation_quantization(gelu: str | None) -> None:
     numbers: the same scales and fp8 values up to a rare last-bit flip of the fp32 GELU."""
     torch.manual_seed(0)
     x = torch.randn(3000, 1536, device="cuda", dtype=torch.bfloat16) * 2
-    x8, s = quant._quantize_rows(x, gelu)
-    assert not quant._quantize_rows.failed  # the compiled kernel really ran
+    x8, s = quant._quantize_rows_fused(x, gelu)
+    assert not quant._quantize_rows_fused.failed  # the compiled kernel really ran
     e8, es = quant._quantize_rows_eager(x, gelu)
     assert x8.dtype == torch.float8_e4m3fn and s.shape == (3000, 1)
     assert torch.allclose(s, es, rtol=1e-2)

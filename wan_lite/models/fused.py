@@ -37,6 +37,11 @@ def set_fusion(enabled: bool) -> bool:
     return old
 
 
+def fusion_enabled() -> bool:
+    """Whether the compiled forms (and the hand-written kernels that stand in for some) run."""
+    return _enabled
+
+
 # Each new combination of argument dtypes (and batch size 1 vs more) is one more compiled
 # variant; torch's default limit of 8 per function would fall back to eager in long sessions.
 RECOMPILE_LIMIT = 64

@@ -31,6 +31,7 @@ from wan_lite.errors import CheckpointError, InputError
 from wan_lite.loading.tensors import TensorSource
 from wan_lite.models.fp8_rows import Fp8Rows
 from wan_lite.models.fused import Fused
+from wan_lite.runtime import fp8_row_kernel
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,24 @@ def _quantize_rows_eager(x: torch.Tensor, gelu: str | None = None) -> tuple[torc
     return x8, inv.to(torch.float32).reciprocal()
 
 
-# Row-wise fp8 quantization of activations: on CUDA one kernel (one read of x, one fp8 write).
-_quantize_rows = Fused(_quantize_rows_eager)
+# Row-wise fp8 quantization of activations, compiled on CUDA into one kernel.
+_quantize_rows_fused = Fused(_quantize_rows_eager)
+_row_kernel_failed = False
+
+
+def _quantize_rows(x: torch.Tensor, gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_quantize_rows_eager`'s result, by the hand-written Triton kernel where it runs (at the
+    memory-traffic time, `fp8_row_kernel`), else by the compiled form (`Fused`)."""
+    global _row_kernel_failed
+    if not _row_kernel_failed and fp8_row_kernel.takes(x, gelu):
+        try:
+            return fp8_row_kernel.quantize_rows(x, gelu, _FP8_ACT_TARGET, _GELU_NEG_BOUND)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # a Triton build that cannot compile it: the compiled form is as exact
+            _row_kernel_failed = True
+            log.info("fp8 row quantization kernel unavailable (%s); using the compiled form.", err)
+    return _quantize_rows_fused(x, gelu)
 
 
 class _ActivationCache:

@@ -1,19 +1,24 @@
 """A/B on the H200: (1) FA3 fp8 with q/k from the RoPE kernel (static scales) vs dynamically
 re-quantized q/k; (2) GELU + fp8 row quantization: compiled form vs hand-written Triton kernels."""
 from __future__ import annotations
+
 import sys
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_dit import MODELS, build_wan  # noqa: E402
+
 from wan_lite.models import dit  # noqa: E402
-from wan_lite.models.attention import set_attention_backend, dequantize_heads  # noqa: E402
+from wan_lite.models.attention import dequantize_heads, set_attention_backend  # noqa: E402
 from wan_lite.models.dit import WanDiTConfig  # noqa: E402
-from wan_lite.runtime import fa3_attention as fa3, quant  # noqa: E402
+from wan_lite.runtime import fa3_attention as fa3  # noqa: E402
+from wan_lite.runtime import quant
 from wan_lite.runtime.attention_select import select_fp8_attention  # noqa: E402
 
 
@@ -21,10 +26,12 @@ def ms(fn, reps=10):
     for _ in range(3):
         fn()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(); a.record()
+    torch.cuda.synchronize()
+    a.record()
     for _ in range(reps):
         fn()
-    b.record(); torch.cuda.synchronize()
+    b.record()
+    torch.cuda.synchronize()
     return a.elapsed_time(b) / reps
 
 
@@ -54,9 +61,13 @@ def fa_part(model_name, size=None):
         qd, kd = dequantize_heads(q8, dq, torch.bfloat16), dequantize_heads(k8, dk, torch.bfloat16)
         q8d, dqd = fa3._quantize_heads(qd)
         k8d, dkd = fa3._quantize_heads(kd)
-        sub = lambda z: (z.float().abs() < 2 ** -6).float().mean().item()
+        def sub(z):
+            return (z.float().abs() < 2 ** -6).float().mean().item()
+
         print(f"  subnormal fraction static q {sub(q8):.3f} k {sub(k8):.3f}; dynamic q {sub(q8d):.3f}; static/dynamic descale q {(dq / dqd).mean().item():.1f} k {(dk / dkd).mean().item():.1f}")
-        run = lambda a, b, da, db: f(a, b, v8, q_descale=da, k_descale=db, v_descale=dv)
+        def run(a, b, da, db):
+            return f(a, b, v8, q_descale=da, k_descale=db, v_descale=dv)
+
         print(f"  FA3 fp8 static q/k {ms(lambda: run(q8, k8, dq, dk)):.3f} ms; dynamic q/k {ms(lambda: run(q8d, k8d, dqd, dkd)):.3f} ms; "
               f"static q/k contiguous copies {ms(lambda: run(q8.contiguous(), k8.contiguous(), dq, dk)):.3f} ms (incl. copy)")
         zq = torch.zeros_like(q8)
@@ -120,7 +131,9 @@ def gelu_part(M, K):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16) * 2
     ref = F.gelu(x.float(), approximate="tanh")
     cur8, cur_s = quant._quantize_rows(x, "tanh")
-    err = lambda o: ((o[0].float() * o[1] - ref).norm() / ref.norm()).item()
+    def err(o):
+        return ((o[0].float() * o[1] - ref).norm() / ref.norm()).item()
+
     print(f"GELU+quant {M}x{K}: bytes-time at 4.0 TB/s {M*K*3/4e12*1e6:.0f} us")
     print(f"  compiled current {ms(lambda: quant._quantize_rows(x, 'tanh')) * 1000:.0f} us err {err((cur8, cur_s)):.5f}")
     print(f"  compiled no gelu {ms(lambda: quant._quantize_rows(x)) * 1000:.0f} us")
