@@ -207,7 +207,8 @@ def test_a14b_720p_in_6_gib_of_gpu_and_32_gb_of_ram(cc: tuple[int, int]) -> None
 
 def test_cfg_batching_where_it_saves_transfers_asked_for_or_forbidden_and_cpu_only_machines() -> None:
     """A batch of 2 streams each block once per step instead of twice: the planner batches a
-    streamed plan whose transfers it halves, not a resident one (where it is slower);
+    streamed plan whose transfers it halves, and a resident one only at short sequences on a
+    fast GPU (elsewhere it is slower);
     PlanRequest.cfg_batch True asks for it where it fits, False forbids it."""
     m = ModelFootprint.full_size("ti2v-5b")
     small = Hardware.fake(3.5, 64, (9, 0), free_vram_gb=3.0)
@@ -218,6 +219,11 @@ def test_cfg_batching_where_it_saves_transfers_asked_for_or_forbidden_and_cpu_on
     assert not plan(m, PlanRequest(832, 480, 49, cfg_batch=False), small).cfg_batch
     assert not plan(m, (1280, 704, 121), Hardware.fake(80, 64)).cfg_batch
     assert plan(m, PlanRequest(1280, 704, 121, cfg_batch=True), Hardware.fake(80, 64)).cfg_batch
+    # short sequences: a batch of 2 beats two passes where one pass leaves the GPU underused
+    # (run 2026-12-04-zi on an H200: 0.97x at 12090 tokens), not on a GPU a few times slower
+    h200 = Hardware.fake(141, 256, (9, 0), gpu_name="NVIDIA H200")
+    assert plan(m, (832, 480, 121), h200).cfg_batch and not plan(m, (1280, 704, 121), h200).cfg_batch
+    assert not plan(m, (832, 480, 121), Hardware.fake(24, 64, (8, 9), gpu_name="NVIDIA GeForce RTX 4060 Ti")).cfg_batch
     cpu = plan(m, (1280, 704, 121), Hardware.fake(0, 64))
     assert cpu.fits and cpu.peak_vram_gib == 0 and cpu.text_encoder == "cpu"
     assert any("CPU" in n for n in cpu.notes) and cpu.seconds_estimate > 3600

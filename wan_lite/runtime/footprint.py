@@ -72,8 +72,12 @@ class K:
     dequant_cost = 1.03  # int8/fp8 weights dequantized per layer before a bf16 GEMM
     # one batch of 2 over two passes (bench/profile_chunks.py, H200, bench/results/2026-12-03-v: 5B
     # 720p unchunked 1.045, in 2048-token chunks 1.00; the whole 5B job, run w: 1.027): it pays only
-    # where it halves the streamed transfers
+    # where it halves the streamed transfers. Below `batch2_short_tokens` it is faster than two
+    # passes (run 2026-12-04-zi, SDPA, unchunked: 5B 12090 tokens 0.97 in bf16 and fp8, 6820 tokens
+    # 1.00 bf16 / 0.79 fp8; A14B 32760 tokens 1.025): each kernel has too little work to fill the GPU.
+    # That length is the H200's (ref_tflops); plan_model scales it with the GPU's speed
     batch2_cost = 1.02
+    batch2_cost_short, batch2_short_tokens = 0.97, 16384
     # token chunks, per block and forward: chunking at all costs per token of the batch, each chunk
     # past the first a fixed time (profile_chunks: 5B 720p +1.0 ms per block for 2 chunks at batch 1,
     # +3.2 at batch 2, +0.2 ms per further chunk; A14B 720p +1.6..5 ms)

@@ -31,10 +31,11 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   expert if "ram" + VAE + umT5 (the streamer's packed copy while encoding, kept after only with
   keep_text_encoder; a memory-mapped file otherwise) + the decoded video (fp32 + uint8).
 - Usable = free VRAM - (0.25 GiB + 4 % of total); available RAM - (1 GiB + 3 % of total).
-Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x1.6 with fp8 compute) + 4*L^2*D*n (attention;
-x1.3 with fp8 attention) FLOP at `Hardware.speed()`; in token chunks + per block K.chunked_token_s
-per token of the batch and K.chunk_block_s per chunk past the first; 2 forwards per step with CFG
-(one with a batch of 2, x K.batch2_cost); streaming costs max(compute, transfer) + one block.
+Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x K.fp8_gain faster with fp8 compute) +
+4*L^2*D*n (attention; x K.fp8_attention_gain with fp8 attention) FLOP at `Hardware.speed()`; in
+token chunks + per block K.chunked_token_s per token of the batch and K.chunk_block_s per chunk past
+the first; 2 forwards per step with CFG (one with a batch of 2: x K.batch2_cost, x
+K.batch2_cost_short for short sequences); streaming costs max(compute, transfer) + one block.
 VAE and umT5 from measured seconds scaled by throughput (a tiled decode x `tiled_time`,
 vae_memory's time model); disk reads at DISK_GBPS.
 """
@@ -307,7 +308,10 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
     chunks = math.ceil(L / min(ch.ffn_chunk_tokens or L, L))
     chunk_s = 0.0 if chunks == 1 else n * (K.chunked_token_s * batch * L + K.chunk_block_s * (chunks - 1))
     chunk_s *= K.ref_tflops / sp.tflops
-    compute = passes * fwd * (K.batch2_cost if batch == 2 else 1.0) + passes // batch * chunk_s
+    # too little work per kernel to fill the GPU: a length that scales with the GPU's speed
+    short = L <= K.batch2_short_tokens * sp.tflops / K.ref_tflops
+    batch_cost = K.batch2_cost_short if short else K.batch2_cost
+    compute = passes * fwd * (batch_cost if batch == 2 else 1.0) + passes // batch * chunk_s
     b, streamed = m.block_bytes(ch.quantization), max(0, n - ch.resident_blocks) if gpu else 0
     link = (sp.pinned_gbps if ch.pinned else sp.pageable_gbps) * 1e9 or 1.0
     copies = passes // batch
