@@ -260,9 +260,10 @@ def test_fa3_is_chosen_when_fastest(monkeypatch) -> None:
     cudnn_kernel = lambda q, k, v: kernel(q, k, v)  # noqa: E731
     monkeypatch.setattr(sel, "cudnn_fp8_backend", lambda strict=False: cudnn_kernel)
     monkeypatch.setattr(sel, "self_check", lambda fn, dev, tolerance=sel.TOLERANCE: (True, 0.01, "passed"))
-    times = {}
+    times, shapes = {}, set()
 
     def speed(fn, dev, shape=None):
+        shapes.add(shape)
         for (fp8, strict), f in fa3_kernels.items():
             if f is fn:
                 return times["fa3-fp8" if fp8 else "fa3"], 15.0
@@ -275,6 +276,7 @@ def test_fa3_is_chosen_when_fastest(monkeypatch) -> None:
     assert choice.backend == "fa3" and attn_mod.get_attention_backend() == "fa3"
     assert choice.note.startswith("Attention: FlashAttention-3 (1.50x the speed of SDPA")
     assert sel.select_fp8_attention(cuda).backend == "fa3-fp8"
+    assert shapes == {sel._DIT_SPEED_SHAPE}  # on Hopper every kernel is timed at the DiT's scale
     times.update({"sage": 9.0, "cudnn-fp8": 7.0})
     assert sel.select_attention(cuda).backend == "sage"
     assert sel.select_fp8_attention(cuda).backend == "cudnn-fp8"

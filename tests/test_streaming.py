@@ -405,15 +405,15 @@ def test_attention_kernel_is_used_only_when_faster(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "sageattention", fake)
     monkeypatch.setattr(sel, "self_check", lambda fn, dev: (True, 0.012, "passed"))
     cuda = torch.device("cuda")
-    monkeypatch.setattr(sel, "compare_speed", lambda fn, dev: (21.0, 15.0))
+    monkeypatch.setattr(sel, "compare_speed", lambda fn, dev, **kw: (21.0, 15.0))
     slower = sel._decide(cuda, True)
     assert slower.backend == "sdpa" and not slower.failed and "faster than the installed" in slower.note
-    monkeypatch.setattr(sel, "compare_speed", lambda fn, dev: (10.0, 15.0))
+    monkeypatch.setattr(sel, "compare_speed", lambda fn, dev, **kw: (10.0, 15.0))
     faster = sel._decide(cuda, True)
     assert faster.backend == "sage" and "1.50x" in faster.note
     attn_mod.set_attention_backend("sdpa")
 
-    def too_big(fn, dev):
+    def too_big(fn, dev, **kw):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(sel, "compare_speed", too_big)

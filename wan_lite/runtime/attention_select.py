@@ -7,7 +7,8 @@ builds are specific to a GPU architecture and CUDA version, so an installed whee
 wrong or crash on a given card. The self-check runs a kernel and SDPA on small random inputs shaped
 like the DiT's self- and cross-attention (head size 128, a query length that is not a multiple of
 the kernel's tile, 512 text keys) and accepts the kernel only within `TOLERANCE` relative L2 error
-of SDPA. Then both are timed on one self-attention (`_SPEED_SHAPE`): faster is not a given. On an
+of SDPA. Then both are timed on one self-attention (`_SPEED_SHAPE`; on Hopper the DiT-scale
+`_DIT_SPEED_SHAPE`, as for the fp8 kernels): faster is not a given. On an
 H200 PyTorch's SDPA picks cuDNN attention, 1.4x the speed of SageAttention 1.0.6, which in turn is
 1.2x SDPA's FlashAttention-2 backend, what SDPA runs where cuDNN attention is not available
 (bench/bench_attention.py). The fastest kernel that passes and beats SDPA by `SPEEDUP` runs.
@@ -53,11 +54,15 @@ SPEEDUP = 1.05  # the optional kernel must be at least this much faster than SDP
 # against bf16 SDPA together on the check's random inputs. A wrong scale, layout or missing
 # descale is off by tens of percent or more, so 8% keeps the honest kernel and rejects a broken one.
 FP8_TOLERANCE = 0.08
-# The fp8 kernel's timed attention: the DiT's own scale (27k-76k tokens x 24-40 heads; this one is
-# ~8.8 TFLOP, ~15 ms in bf16 on an H200), because the kernel's fixed per-call work (quantizing q, k
-# and v, cuDNN's launch) decides small cases: on an H200 it is 1.3x slower than SDPA at 16k x 8
-# but 1.15x faster at the 5B's 27k x 24 and 1.36x at the A14B's 76k x 40 (bench_attention.py).
-_FP8_SPEED_SHAPE = (32768, 16)
+# The timed attention at the DiT's own scale (27k-76k tokens x 24-40 heads; this one is ~8.8 TFLOP,
+# ~15 ms in bf16 on an H200), where small cases mislead:
+# - fp8 kernels always: their fixed per-call work (quantizing q, k and v, cuDNN's launch) decides
+#   small cases. On an H200 cuDNN fp8 is 1.3x slower than SDPA at 16k x 8 but 1.15x faster at the
+#   5B's 27k x 24 and 1.36x at the A14B's 76k x 40 (bench_attention.py).
+# - bf16 kernels on Hopper (fast enough that it takes a fraction of a second): FlashAttention-3
+#   makes whole bf16 forwards 1.14-1.16x faster there, but on `_SPEED_SHAPE` it measured 1.00-1.10x
+#   against the 1.05x it needs, so SDPA ran in some runs (bench/results/2026-12-04-zh, -zj).
+_DIT_SPEED_SHAPE = (32768, 16)
 FP8_BACKEND = "cudnn-fp8"
 FA3_FP8_BACKEND = "fa3-fp8"
 
@@ -209,12 +214,13 @@ def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
                                        f"running on {dev}).")
     trials: list[_Trial] = []
     kernels: dict[str, AttentionFn] = {}
+    speed = {"shape": _DIT_SPEED_SHAPE} if is_hopper(dev) else {}
     sage = _sage_backend()
     if sage is None:
         trials.append(_Trial("sage", "SageAttention", why_not="SageAttention is not installed (optional)"))
     else:
         kernels["sage"] = sage
-        trials.append(_try("sage", "SageAttention", sage, dev, {}, {}))
+        trials.append(_try("sage", "SageAttention", sage, dev, {}, speed))
     if is_hopper(dev):  # FlashAttention-3 exists for Hopper only: elsewhere it is not worth a word
         reason = fa3_unavailable_reason(dev)
         checked = fa3_backend(strict=True) if reason is None else None
@@ -222,7 +228,7 @@ def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
             trials.append(_Trial("fa3", "FlashAttention-3", why_not=f"FlashAttention-3 {_clause(reason)}"))
         else:
             kernels["fa3"] = fa3_backend()  # the same kernel, running SDPA for any input it does not take
-            trials.append(_try("fa3", "FlashAttention-3", checked, dev, {}, {}))
+            trials.append(_try("fa3", "FlashAttention-3", checked, dev, {}, speed))
     best = _fastest(trials)
     failed = any(t.failed for t in trials)
     if best is None:
@@ -265,7 +271,7 @@ def _decide_fp8(dev: torch.device) -> tuple[AttentionChoice | None, str, bool]:
         return None, f"cuDNN fp8 attention is not used: it needs a CUDA GPU (running on {dev}).", False
     trials: list[_Trial] = []
     kernels: dict[str, Callable[[], AttentionFn | None]] = {}
-    check, speed = {"tolerance": FP8_TOLERANCE}, {"shape": _FP8_SPEED_SHAPE}
+    check, speed = {"tolerance": FP8_TOLERANCE}, {"shape": _DIT_SPEED_SHAPE}
     reason = cudnn_fp8_unavailable_reason(dev)
     checked = cudnn_fp8_backend(strict=True) if reason is None else None  # strict: the check sees the kernel
     if checked is None:
