@@ -53,11 +53,9 @@ def norm_modulate(x: torch.Tensor, table: torch.Tensor, runs: list[Run], shift: 
     if fp8:
         out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
         row_scale = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    if fp8:
         kernel = norm_modulate_fp8_into if add is None else add_norm_modulate_fp8_into
     else:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
         kernel = norm_modulate_into if add is None else add_norm_modulate_into
     for s, e, idx in runs:
         sh, sc = table[idx, shift, None], table[idx, scale, None]  # [B, 1, D]

@@ -1,8 +1,8 @@
 """fp8 row quantization of a GEMM's input in one hand-written Triton kernel, GELU first if asked.
 
-`quant._quantize_rows` hands an [M, K] activation here when `takes(x)`: Triton is installed, x is
-on a GPU with fp8 tensor cores, its rows are contiguous, and the fused forms are on
-(`models.fused.set_fusion`). Everywhere else the compiled (or eager) `quant._quantize_rows_eager`
+`quant._quantize_rows` hands an [M, K] activation here when `takes(x)` (Triton is installed, x is
+on a CUDA GPU, its rows are contiguous, and the fused forms are on: `models.fused.set_fusion`) and
+the GPU has fp8 tensor cores (`quant._fp8_tensor_cores`). Everywhere else the compiled (or eager) `quant._quantize_rows_eager`
 runs. One program per row reads the row once into registers (up to `ONE_PASS_MAX` values, every
 width of the Wan DiTs; wider rows are read twice), takes its bound, and writes the e4m3 values
 and the row's scale: x ~= x8 * scale.
@@ -36,19 +36,14 @@ from wan_lite.models import fused
 ONE_PASS_MAX = 16384  # row width read once into registers (8 warps: 64 fp32 values per thread)
 _TWO_PASS_BLOCK = 2048
 _GELUS = {None: 0, "tanh": 1, "none": 2}  # `approximate` of nn.GELU -> the kernel's GELU code
-_CAPABLE: dict[int, bool] = {}
 
 
 def takes(x: torch.Tensor, gelu: str | None = None) -> bool:
-    """Whether this kernel quantizes x (2-d, rows contiguous, 16/32-bit float, on a cc >= 8.9 GPU)."""
+    """Whether this kernel quantizes x (2-d, rows contiguous, 16/32-bit float, on a CUDA GPU; the
+    caller checks that it has fp8 tensor cores)."""
     if triton is None or not x.is_cuda or not fused.fusion_enabled() or gelu not in _GELUS:
         return False
-    if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABLE:
-        _CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 9)
-    return _CAPABLE[index]
+    return x.dim() == 2 and x.stride(1) == 1 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 if triton is not None:

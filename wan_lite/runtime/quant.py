@@ -193,7 +193,7 @@ def _quantize_rows(x: torch.Tensor, gelu: str | None = None) -> tuple[torch.Tens
     """`_quantize_rows_eager`'s result, by the hand-written Triton kernel where it runs (at the
     memory-traffic time, `fp8_row_kernel`), else by the compiled form (`Fused`)."""
     global _row_kernel_failed
-    if not _row_kernel_failed and fp8_row_kernel.takes(x, gelu):
+    if not _row_kernel_failed and fp8_row_kernel.takes(x, gelu) and _fp8_tensor_cores(x.device):
         try:
             return fp8_row_kernel.quantize_rows(x, gelu, _FP8_ACT_TARGET, _GELU_NEG_BOUND)
         except torch.OutOfMemoryError:
