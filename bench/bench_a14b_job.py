@@ -166,8 +166,8 @@ def main() -> int:
     request = GenerateRequest("a red fox trotting through fresh snow, morning light", model="t2v-a14b",
                               width=width, height=height, frames=args.frames, steps=args.steps, seed=0,
                               memory_profile=args.profile)
-    request, _ = engine.normalize(request)
-    estimate = engine.preflight(request)
+    job = engine.resolve(request)
+    estimate = engine.preflight(job)
     stamps: list[tuple[str, int, float]] = []
 
     def progress(p) -> None:
@@ -180,12 +180,9 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with PeakRSS() as rss:
-        pipe = engine.pipeline(request.model, progress, request)
+        pipe = engine.pipeline(job.spec.name, progress, job)
         load_s = time.perf_counter() - t0
-        fields = request.to_dict()
-        for drop in ("model", "memory_profile"):
-            fields.pop(drop)
-        result = pipe.generate(**fields, on_progress=progress)
+        result = pipe.generate(job, on_progress=progress)
     wall = time.perf_counter() - t0
     per_stage: dict[str, list[float]] = {}
     for (s0, _, a), (s1, _, b) in zip(stamps, stamps[1:]):

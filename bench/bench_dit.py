@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_device, host_rss_gib, parse_size, rel_l2, run_meta  # noqa: E402
 
 from wan_lite.loading.keymaps import dit_official_to_diffusers  # noqa: E402
-from wan_lite.models.attention import set_attention_backend  # noqa: E402
+from wan_lite.models.attention import sdpa_attention  # noqa: E402
 from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches  # noqa: E402
 from wan_lite.runtime.attention_select import select_attention, select_fp8_attention  # noqa: E402
 from wan_lite.runtime.quant import quantize_model, quantized_modules, set_compute, weight_bytes  # noqa: E402
@@ -168,15 +168,15 @@ class Bench:
         self.meta = run_meta(cuda)
         self.choices: dict = {}  # fp8 attention or not -> AttentionChoice
 
-    def attention(self, fp8: bool) -> str:
-        """Activate the attention kernel the engine would pick (chosen once per kind; `--sdpa`:
+    def attention(self, model: WanDiT, fp8: bool) -> str:
+        """Give `model` the attention kernel the engine would pick (chosen once per kind; `--sdpa`:
         PyTorch SDPA for every case that is not fp8-attn); returns its note."""
         if not fp8 and self.args.sdpa:
-            set_attention_backend("sdpa")
+            model.set_attention(sdpa_attention)
             return "PyTorch SDPA (--sdpa)"
         if fp8 not in self.choices:
             self.choices[fp8] = (select_fp8_attention if fp8 else select_attention)(DEVICE)
-        set_attention_backend(self.choices[fp8].backend)
+        model.set_attention(self.choices[fp8].fn)
         return self.choices[fp8].note
 
     def wanted(self, case: str) -> bool:
@@ -269,7 +269,7 @@ class Bench:
                     set_compute(model, compute)
                 # As the engine does: the kernel it picks for this kind of plan (fp8 attention only
                 # where fp8 compute is on and the case asks for it, as WAN_LITE_FP8_ATTENTION=1 does).
-                base_q["attention"] = self.attention(fp8_attention)
+                base_q["attention"] = self.attention(model, fp8_attention)
                 if not streamed:
                     self.record(base, case, lambda m=model: timed(forward(m), {**base_q, "format": fmt or "bf16"}),
                                 current)
@@ -292,7 +292,6 @@ class Bench:
 
                 self.record(base, case, run_streamed, current)
                 base_q.pop("attention", None)
-            set_attention_backend("sdpa")
             del model
             release()
 
@@ -310,7 +309,7 @@ class Bench:
                 return dm(hidden_states=x.to(torch.bfloat16), timestep=t, encoder_hidden_states=ctx.to(torch.bfloat16),
                           return_dict=False)[0]
 
-            set_attention_backend("sdpa")  # diffusers runs SDPA (its default) either way
+            # diffusers runs SDPA (its default) either way
             if "diffusers-resident" in dcases:
                 self.record(base, "diffusers-resident", lambda: timed(dforward, {"format": "bf16"}), current)
 

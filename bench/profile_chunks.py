@@ -25,7 +25,6 @@ from bench_dit import MODELS, build_wan  # noqa: E402
 from common import parse_size  # noqa: E402
 from profile_dit import timed  # noqa: E402
 
-from wan_lite.models.attention import set_attention_backend  # noqa: E402
 from wan_lite.models.dit import WanDiTConfig  # noqa: E402
 from wan_lite.runtime.attention_select import select_attention  # noqa: E402
 from wan_lite.runtime.quant import quantize_model  # noqa: E402
@@ -58,7 +57,7 @@ def main() -> int:
     pick = select_attention("cuda")
     print(f"{args.model} {w}x{h}x{frames}: {tokens} tokens, {args.layers} blocks{' fp8' if args.fp8 else ''}; "
           f"attention: {pick.note}", flush=True)
-    set_attention_backend(pick.backend)
+    model.set_attention(pick.fn)
     with torch.inference_mode():
         for b in args.batch:
             x = torch.randn(b, *latent, device="cuda")
@@ -76,7 +75,6 @@ def main() -> int:
                 per = (ms - base) / ((n - 1) * args.layers) if base and n > 1 else float("nan")
                 print(f"batch {b} chunk {c or 'none':>5} ({n:2d} chunks): {ms:8.1f} ms, peak {peak:5.2f} GiB, "
                       f"{per:6.3f} ms per extra chunk per block", flush=True)
-    set_attention_backend("sdpa")
     return 0
 
 

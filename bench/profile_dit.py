@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dit import MODELS, build_wan, to_diffusers  # noqa: E402
 from common import parse_size  # noqa: E402
 
-from wan_lite.models.attention import set_attention_backend  # noqa: E402
 from wan_lite.models.dit import WanDiTConfig  # noqa: E402
 from wan_lite.models.fused import set_fusion  # noqa: E402
 from wan_lite.runtime.attention_select import select_attention, select_fp8_attention  # noqa: E402
@@ -64,12 +63,10 @@ def main() -> int:
     pick = (select_fp8_attention if args.fp8 else select_attention)("cuda")
     print(f"attention: {pick.note}", flush=True)
 
+    ours.set_attention(pick.fn)
+
     def wan_lite() -> torch.Tensor:
-        set_attention_backend(pick.backend)
-        try:
-            return ours(x, t, ctx)
-        finally:
-            set_attention_backend("sdpa")
+        return ours(x, t, ctx)
 
     runs = {
         "wan_lite": wan_lite,

@@ -262,8 +262,8 @@ def chunks_exact_here(model: WanDiT, n: int) -> bool:
         if not all(torch.equal(linear(z[:, s:s + n].contiguous()), full[:, s:s + n]) for s in range(0, L, n)):
             return False
     q, k, v = (torch.randn(2, rows, DIM // 128, 128, generator=gen) for rows in (L, 512, 512))
-    full = attn_mod.attention(q, k, v)
-    return all(torch.equal(attn_mod.attention(q[:, s:s + n], k, v), full[:, s:s + n]) for s in range(0, L, n))
+    full = attn_mod.sdpa_attention(q, k, v)
+    return all(torch.equal(attn_mod.sdpa_attention(q[:, s:s + n], k, v), full[:, s:s + n]) for s in range(0, L, n))
 
 
 @pytest.mark.parametrize("kind", ["ti2v", "random"])
@@ -379,23 +379,33 @@ def test_declared_patterns() -> None:
 
 
 # ------------------------------------------------------------------------- attention backend switch
-def test_attention_backend_switch() -> None:
+def test_sdpa_attention_is_softmax_attention() -> None:
     q, k, v = (torch.randn(1, 5, 2, 128, generator=torch.Generator().manual_seed(i)) for i in range(3))
     ref = torch.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / math.sqrt(128), -1)
     ref = (ref @ v.transpose(1, 2)).transpose(1, 2)
-    assert attn_mod.get_attention_backend() == "sdpa"
-    assert torch.allclose(attn_mod.attention(q, k, v), ref, atol=1e-5)
-    calls = []
-    attn_mod.register_attention_backend("spy", lambda *a: calls.append(1) or attn_mod.sdpa_attention(*a))
-    try:
-        attn_mod.set_attention_backend("spy")
-        attn_mod.attention(q, k, v)
-        assert calls == [1]
-    finally:
-        attn_mod.set_attention_backend("sdpa")
-        attn_mod._BACKENDS.pop("spy")
-    with pytest.raises(InputError, match="sdpa"):
-        attn_mod.set_attention_backend("nope")
+    assert torch.allclose(attn_mod.sdpa_attention(q, k, v), ref, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_attention_kernel_belongs_to_each_model() -> None:
+    """Two DiTs in one process run two kernels: each model's blocks call the kernel it was given
+    (self- and cross-attention), the other model keeps SDPA, and the outputs stay the same."""
+    state = tiny_state(48, 48, seed=3)
+    spied, plain = (WanDiT.from_source(DictSource(state), torch.float32) for _ in range(2))
+    x, ctx, t = latent(1, 48), context(1), torch.tensor([500.0])
+    ref = plain(x, t, ctx)
+    calls: list[tuple[int, ...]] = []
+
+    def spy(q, k, v):
+        calls.append(tuple(k.shape))
+        return attn_mod.sdpa_attention(q, k, v)
+
+    spied.set_attention(spy)
+    assert torch.equal(spied(x, t, ctx), ref)
+    n = len(spied.blocks)
+    assert len(calls) == 2 * n and sum(s[1] == 512 for s in calls) == n  # n cross-attentions over the text
+    calls.clear()
+    assert torch.equal(plain(x, t, ctx), ref) and calls == []  # the other model never calls it
 
 
 # ------------------------------------------------------------------------- GPU: the reference's bf16 run

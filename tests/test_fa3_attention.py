@@ -192,20 +192,19 @@ def test_dit_hands_fp8_q_and_k_to_a_kernel_that_takes_them(stand_in, monkeypatch
 
     kernel_fn = lambda q, k, v: kernel(q, k, v)  # noqa: E731
     kernel_fn.fp8_qk = qk8
-    attn_mod.register_attention_backend("fa3-fp8-test", kernel_fn)
-    attn_mod.set_attention_backend("fa3-fp8-test")
+    model.set_attention(kernel_fn)
     try:
-        assert attn_mod.takes_fp8_qk()
+        assert attn_mod.takes_fp8_qk(kernel_fn)
         with torch.inference_mode():
             out = model(x, t, ctx)
             for block in model.blocks:
                 block.chunk_tokens = 5
             chunked = model(x, t, ctx)
     finally:
-        attn_mod.set_attention_backend("sdpa")
+        model.set_attention(attn_mod.sdpa_attention)
         for block in model.blocks:
             block.chunk_tokens = None
-    assert not attn_mod.takes_fp8_qk()
+    assert not attn_mod.takes_fp8_qk(attn_mod.sdpa_attention)
     assert seen == [(torch.float8_e4m3fn, torch.float8_e4m3fn, (2, 2))] * (2 * len(model.blocks))
     err = rel_err(out, ref)
     assert 1e-4 < err < 0.05, err
@@ -273,7 +272,7 @@ def test_fa3_is_chosen_when_fastest(monkeypatch) -> None:
     cuda = torch.device("cuda")
     times.update({"sage": 12.0, "fa3": 10.0, "cudnn-fp8": 11.0, "fa3-fp8": 8.0})
     choice = sel.select_attention(cuda)
-    assert choice.backend == "fa3" and attn_mod.get_attention_backend() == "fa3"
+    assert choice.backend == "fa3"
     assert choice.note.startswith("Attention: FlashAttention-3 (1.50x the speed of SDPA")
     assert sel.select_fp8_attention(cuda).backend == "fa3-fp8"
     assert shapes == {sel._DIT_SPEED_SHAPE}  # on Hopper every kernel is timed at the DiT's scale
@@ -287,7 +286,6 @@ def test_fa3_is_chosen_when_fastest(monkeypatch) -> None:
     monkeypatch.setattr(sel, "fa3_unavailable_reason", lambda dev=None: "it is not installed (optional: pip install fa3-fwd)")
     absent = sel.select_attention(cuda)
     assert absent.backend == "sdpa" and "FlashAttention-3 is not installed (optional: pip install fa3-fwd)" in absent.note
-    attn_mod.set_attention_backend("sdpa")
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -358,8 +356,6 @@ def test_cuda_attention_choices_run() -> None:
     q, k, v = _qkv(777, 5000, batch=1)
     for pick, limit in ((sel.select_attention, 0.05), (sel.select_fp8_attention, sel.FP8_TOLERANCE)):
         choice = pick("cuda")
-        assert attn_mod.get_attention_backend() == choice.backend
         with torch.no_grad():
-            err = _rel_l2(attn_mod.attention(q, k, v), attn_mod.sdpa_attention(q, k, v))
+            err = _rel_l2(choice.fn(q, k, v), attn_mod.sdpa_attention(q, k, v))
         assert err < limit, (choice.note, err)
-    attn_mod.set_attention_backend("sdpa")

@@ -44,7 +44,7 @@ def test_backend_is_none_without_the_cudnn_frontend(monkeypatch) -> None:
 def test_select_fp8_attention_on_cpu_falls_back_with_a_note(caplog) -> None:
     with caplog.at_level("INFO", logger="wan_lite.runtime.attention_select"):
         choice = sel.select_fp8_attention("cpu")
-    assert choice.backend == "sdpa" and attn_mod.get_attention_backend() == "sdpa" and not choice.failed
+    assert choice.backend == "sdpa" and choice.fn is attn_mod.sdpa_attention and not choice.failed
     assert choice.note.startswith("Attention: PyTorch SDPA")
     assert "cuDNN fp8 attention is not used: it needs a CUDA GPU (running on cpu)." in choice.note
     assert "cuDNN fp8 attention is not used" in caplog.text
@@ -70,10 +70,9 @@ def test_fp8_attention_is_used_only_when_correct_and_faster(monkeypatch) -> None
 
     monkeypatch.setattr(sel, "compare_speed", lambda fn, dev, shape: (10.0, 15.0))
     faster = sel.select_fp8_attention(cuda)
-    assert faster.backend == "cudnn-fp8" and attn_mod.get_attention_backend() == "cudnn-fp8"
+    assert faster.backend == "cudnn-fp8"
     assert "cuDNN fp8 attention (1.50x the speed of SDPA" in faster.note and "4.50% rel. error" in faster.note
     assert checks == [sel.FP8_TOLERANCE]
-    attn_mod.set_attention_backend("sdpa")
 
     monkeypatch.setattr(sel, "compare_speed", lambda fn, dev, shape: (15.0, 15.0))
     slower = sel.select_fp8_attention(cuda)
@@ -408,14 +407,12 @@ def test_cuda_head_size_64_is_plain_sdpa() -> None:
 @pytest.mark.gpu
 def test_cuda_select_fp8_attention() -> None:
     choice = sel.select_fp8_attention("cuda")
-    assert attn_mod.get_attention_backend() == choice.backend
     if choice.backend not in ("cudnn-fp8", "fa3-fp8"):  # FlashAttention-3 fp8 may win on Hopper
         assert "cuDNN fp8 attention is not used:" in choice.note
     q, k, v = _qkv(777, fp8.MIN_KEYS + 77, batch=1)
     with torch.no_grad():
-        out = attn_mod.attention(q, k, v)
+        out = choice.fn(q, k, v)
         ref = attn_mod.sdpa_attention(q, k, v)
         short = _qkv(777, 512, batch=1)  # text cross-attention: SDPA itself
-        assert torch.equal(attn_mod.attention(*short), attn_mod.sdpa_attention(*short))
+        assert torch.equal(choice.fn(*short), attn_mod.sdpa_attention(*short))
     assert _rel_l2(out, ref) < sel.FP8_TOLERANCE
-    attn_mod.set_attention_backend("sdpa")

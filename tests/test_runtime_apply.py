@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import wan_lite
-from wan_lite.job import resolve_job
+from wan_lite.api import GenerateRequest
+from wan_lite.job import resolve
 from wan_lite.pipeline import MovePlacement
 from wan_lite.runtime.apply import PlannedPlacement, load_planned
 from wan_lite.runtime.hardware import Hardware
@@ -188,5 +189,5 @@ def test_experts_are_never_in_ram_together_while_loading(tiny_models, plain, tmp
 
 def test_job_resolution_is_shared(plain):
     pipe, _ = plain
-    job = resolve_job(pipe.spec, "x", width=70, height=60, frames=10)
+    job = resolve(GenerateRequest("x", model=pipe.spec.name, width=70, height=60, frames=10))
     assert (job.width, job.height, job.frames) == (64, 64, 9)

@@ -397,7 +397,6 @@ def test_attention_kernel_is_used_only_when_faster(monkeypatch) -> None:
     import sys
     import types
 
-    from wan_lite.models import attention as attn_mod
     from wan_lite.runtime import attention_select as sel
 
     fake = types.ModuleType("sageattention")
@@ -411,7 +410,6 @@ def test_attention_kernel_is_used_only_when_faster(monkeypatch) -> None:
     monkeypatch.setattr(sel, "compare_speed", lambda fn, dev, **kw: (10.0, 15.0))
     faster = sel._decide(cuda, True)
     assert faster.backend == "sage" and "1.50x" in faster.note
-    attn_mod.set_attention_backend("sdpa")
 
     def too_big(fn, dev, **kw):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -442,7 +440,7 @@ def test_attention_select_falls_back_to_sdpa_with_a_note(caplog) -> None:
 
     with caplog.at_level("INFO", logger="wan_lite.runtime.attention_select"):
         choice = select_attention("cpu")
-    assert choice.backend == "sdpa" and attn_mod.get_attention_backend() == "sdpa"
+    assert choice.backend == "sdpa" and choice.fn is attn_mod.sdpa_attention
     assert "SDPA" in choice.note and choice.note in caplog.text
     assert select_attention("cpu", allow_sage=False).note.endswith("disabled by the user).")
 
@@ -453,9 +451,7 @@ def test_cuda_attention_select() -> None:
     from wan_lite.runtime.attention_select import select_attention
 
     choice = select_attention("cuda")
-    assert attn_mod.get_attention_backend() == choice.backend
     q, k, v = (torch.randn(1, 777, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = attn_mod.attention(q, k, v)
+    out = choice.fn(q, k, v)
     ref = attn_mod.sdpa_attention(q, k, v)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 0.05
-    attn_mod.set_attention_backend("sdpa")

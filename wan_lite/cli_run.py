@@ -95,12 +95,12 @@ def run_generate(args: argparse.Namespace) -> int:
                               guidance_low=args.guidance_low, shift=args.shift, seed=args.seed,
                               sampler=args.sampler, memory_profile=args.profile)
     engine = _engine(args.model_dir, name, args.out, args.device, components)
-    request, notes = engine.normalize(request)
-    for note in notes:
+    job = engine.resolve(request)
+    for note in job.notes:
         print(f"note: {note}", file=sys.stderr)
     bar = _ProgressBar()
     try:
-        result = engine.generate(request, on_progress=bar, out_path=args.out)
+        result = engine.generate(job, on_progress=bar, out_path=args.out)
     finally:
         bar.close()
     _summary(result, notes=False)

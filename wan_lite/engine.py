@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress, ProgressCallback
 from wan_lite.errors import InputError, WanLiteError
+from wan_lite.job import Job, as_job
 from wan_lite.registry import MODELS, get_spec
 
 log = logging.getLogger(__name__)
@@ -239,63 +238,44 @@ class Engine:
         return self.chosen_components(spec.name)
 
     # ------------------------------------------------------------------ requests
-    def normalize(self, request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
-        """Fill defaults, snap size/frames to valid values; returns the request and notes."""
-        from wan_lite.job import resolve_job
+    def resolve(self, request: GenerateRequest | Job) -> Job:
+        """The request resolved once (`wan_lite.job.resolve`): defaults filled, sizes snapped, the
+        image opened and the size following it, the seed drawn. Pass the Job on to `generate`."""
+        return as_job(request)
 
-        spec = get_spec(request.model)
-        if request.image and spec.task == "t2v":  # an image with the A14B family selects I2V-A14B
-            spec = get_spec("i2v-a14b")
-        job = resolve_job(spec, request.prompt, negative_prompt=request.negative_prompt, image=request.image,
-                          width=request.width, height=request.height, frames=request.frames, steps=request.steps,
-                          guidance=request.guidance, guidance_low=request.guidance_low, shift=request.shift,
-                          seed=request.seed, sampler=request.sampler)
-        filled = replace(request, model=spec.name, width=job.width, height=job.height, frames=job.frames,
-                         steps=job.steps, guidance=job.guidance[0], guidance_low=job.guidance[1], shift=job.shift,
-                         seed=request.seed if request.seed is not None and request.seed >= 0 else None)
-        if spec.name != request.model:
-            job.notes.insert(0, f"An image was given, so {spec.name} is used.")
-        return filled, job.notes
+    def _plan(self, job: Job, footprint=None):
+        """The memory plan for `job` on this machine."""
+        from wan_lite.runtime.hardware import Hardware
+        from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
 
-    def _plan(self, request: GenerateRequest, footprint=None):
-        """The memory plan for `request` on this machine (None without the planner or a GPU)."""
-        try:
-            from wan_lite.runtime.hardware import Hardware
-            from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
-        except ImportError:
-            return None
-        spec = get_spec(request.model)
-        w, h = (request.width or spec.default_size[0], request.height or spec.default_size[1])
-        req = PlanRequest(w, h, request.frames or spec.frames, steps=request.steps or spec.steps,
-                          image=bool(request.image) or spec.needs_image,
-                          cfg=(request.guidance if request.guidance is not None else spec.guidance[0]) != 1,
-                          fp8_attention=fp8_attention_opted_in())
-        profile = None if request.memory_profile in (None, "", "auto") else request.memory_profile
+        spec = job.spec
+        req = PlanRequest(job.width, job.height, job.frames, steps=job.steps,
+                          image=job.image is not None or spec.needs_image,
+                          cfg=any(g != 1 for g in job.guidance), fp8_attention=fp8_attention_opted_in())
+        profile = job.request.memory_profile
+        profile = None if profile in (None, "", "auto") else profile
         hw = Hardware.probe(self.models_root if self.models_root.is_dir() else ".")
         return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
 
-    def preflight(self, request: GenerateRequest) -> Estimate:
+    def preflight(self, request: GenerateRequest | Job) -> Estimate:
         """What the request will use on this machine, before anything is loaded."""
-        p = self._plan(request)
-        if p is None:
-            return Estimate(True, 0.0, 0.0, 0.0, "No memory planner in this build.")
+        p = self._plan(as_job(request))
         data = p.to_json()
         return Estimate(fits=data["fits"], peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=data["peak_ram_gib"],
                         seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
 
-    def pipeline(self, name: str, on_progress: ProgressCallback | None = None,
-                 request: GenerateRequest | None = None):
+    def pipeline(self, name: str, on_progress: ProgressCallback | None = None, job: Job | None = None):
         """The loaded pipeline for `name`, loading it (and unloading another) when needed.
 
-        On a GPU the pipeline follows the memory plan for `request`: what is fixed at load time
-        (weight formats) reloads when it changes; the rest is re-planned per request."""
+        On a GPU the pipeline follows the memory plan for `job`: what is fixed at load time
+        (weight formats) reloads when it changes; the rest is re-planned per job."""
         from wan_lite.pipeline import WanPipeline
 
         folder = self.model_folder(name)
         parts = self.components.get(name, {})
         plan = None
-        if request is not None and self._gpu():
-            plan = self._plan(replace(request, model=name), self._footprint(name, folder, parts))
+        if job is not None and self._gpu():
+            plan = self._plan(job, self._footprint(name, folder, parts))
             if plan is not None and not plan.fits:
                 from wan_lite.errors import OutOfMemoryError
 
@@ -333,14 +313,13 @@ class Engine:
         docs/benchmarks.md). Each choice is made once per engine."""
         if not self._gpu():
             return
-        from wan_lite.models.attention import set_attention_backend
         from wan_lite.runtime import attention_select
 
         fp8 = bool(plan is not None and plan.fp8_attention)
         if fp8 not in self._attention:
             pick = attention_select.select_fp8_attention if fp8 else attention_select.select_attention
             self._attention[fp8] = pick(self.device or "cuda")
-        set_attention_backend(self._attention[fp8].backend)
+        self._pipe.set_attention(self._attention[fp8].fn)
         self._attention_kind = fp8
 
     def _gpu(self) -> bool:
@@ -362,36 +341,33 @@ class Engine:
         return ModelFootprint.from_config(cfg, name=name, vae_version=spec.vae_version,
                                           experts=2 if spec.experts else 1)
 
-    def generate(self, request: GenerateRequest, on_progress: ProgressCallback | None = None,
+    def generate(self, request: GenerateRequest | Job, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerateResult:
+        """Run one job: a request is resolved here; a Job from `resolve` runs as it is."""
         from wan_lite.output import output_stem, save_latents
 
         with self._lock:
-            request, notes = self.normalize(request)
-            if request.seed is None:  # drawn here so the file names carry the seed used
-                request = replace(request, seed=random.randint(0, sys.maxsize))
+            job = as_job(request)
+            notes = list(job.notes)
             t0 = time.perf_counter()
-            pipe = self.pipeline(request.model, on_progress, request)
+            pipe = self.pipeline(job.spec.name, on_progress, job)
             load_s = time.perf_counter() - t0
             stem = (out_path.with_suffix("") if out_path else
-                    output_stem(self.output_dir, request.prompt, request.seed, request.model))
+                    output_stem(self.output_dir, job.prompt, job.seed, job.spec.name))
             stem.parent.mkdir(parents=True, exist_ok=True)
             latents_path = stem.with_name(stem.name + ".latents.safetensors")
 
             def keep_latents(latents, settings):
-                save_latents(latents_path, latents, self._record(settings, request, pipe))
+                save_latents(latents_path, latents, self._record(settings, job.request, pipe))
 
-            fields = request.to_dict()
-            for drop in ("model", "memory_profile"):
-                fields.pop(drop)
-            result = pipe.generate(**fields, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
+            result = pipe.generate(job, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
             result.timings["load"] = load_s
             kind = self._attention_kind
             if kind in self._attention and kind not in self._attention_told:
                 notes.append(self._attention[kind].note)  # which attention kernel runs, and why
                 self._attention_told.add(kind)
             return self._write(stem, latents_path, result.frames, result.fps, result.settings, result.timings,
-                               list(dict.fromkeys(notes + result.notes)), request, pipe, on_progress)
+                               list(dict.fromkeys(notes + result.notes)), job.request, pipe, on_progress)
 
     def decode_latents(self, latents_path: Path, out_path: Path | None = None,
                        model_dir: Path | None = None) -> GenerateResult:
@@ -432,7 +408,7 @@ class Engine:
         return {"wan_lite": wan_lite.__version__, "settings": settings, "request": request.to_dict(),
                 "model_dir": str(self.model_folder(name)),
                 "components": {k: str(v) for k, v in self.components.get(name, {}).items()},
-                "image": request.image}
+                "image": request.image if isinstance(request.image, str) else None}
 
     def _write(self, stem: Path, latents_path: Path, frames, fps: int, settings: dict[str, Any],
                timings: dict[str, float], notes: list[str], request: GenerateRequest, pipe,
@@ -498,4 +474,4 @@ def _disk_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-__all__ = ["Engine", "Estimate", "FoundFile", "ModelStatus", "WanLiteError"]
+__all__ = ["Engine", "Estimate", "FoundFile", "Job", "ModelStatus", "WanLiteError"]

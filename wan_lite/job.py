@@ -1,51 +1,97 @@
-"""A request resolved against a model's defaults: every field filled in and checked."""
+"""A request resolved once: `resolve(request) -> Job`, for the UI, the CLI and the Python API alike.
+
+`resolve` is the one place where a user's request meets the model's facts: the model is chosen
+(an image given to T2V-A14B selects I2V-A14B), sizes are snapped, the start image is opened once
+and the output size follows it by the official rule, the seed is drawn, and every default is
+filled in from the registry. The engine, the planner and the pipeline read the resulting `Job`
+and never resolve again, so a new user-facing setting is one `GenerateRequest` field, its check
+here, one widget and one CLI flag.
+"""
 
 from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from wan_lite.api import GenerateRequest
 from wan_lite.errors import InputError
-from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, ModelSpec
+from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, ModelSpec, get_spec
 from wan_lite.sizing import check_size, image_output_size
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """A fully resolved request: every default filled in, sizes valid."""
+    """A fully resolved request: `request` has every field filled (model, size, frames, steps,
+    guidance of both experts, shift, seed, sampler); `image` is the opened start image."""
 
-    prompt: str
-    negative_prompt: str
-    image: Any | None  # PIL.Image (RGB) or None
-    width: int
-    height: int
-    frames: int
-    steps: int
-    guidance: tuple[float, float]  # (high-noise / only, low-noise)
-    shift: float
-    seed: int
-    sampler: str
-    notes: list[str]
+    request: GenerateRequest
+    spec: ModelSpec
+    image: Any | None = None  # PIL.Image (RGB) or None
+    notes: list[str] = field(default_factory=list)
 
-    def settings(self, spec: ModelSpec) -> dict[str, Any]:
+    # The fields the pipeline reads, by name (all filled in by `resolve`).
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt
+
+    @property
+    def negative_prompt(self) -> str:
+        return self.request.negative_prompt or DEFAULT_NEGATIVE_PROMPT
+
+    @property
+    def width(self) -> int:
+        return int(self.request.width)  # type: ignore[arg-type]
+
+    @property
+    def height(self) -> int:
+        return int(self.request.height)  # type: ignore[arg-type]
+
+    @property
+    def frames(self) -> int:
+        return int(self.request.frames)  # type: ignore[arg-type]
+
+    @property
+    def steps(self) -> int:
+        return int(self.request.steps)  # type: ignore[arg-type]
+
+    @property
+    def guidance(self) -> tuple[float, float]:
+        """(high-noise expert or the only DiT, low-noise expert)."""
+        return float(self.request.guidance), float(self.request.guidance_low)  # type: ignore[arg-type]
+
+    @property
+    def shift(self) -> float:
+        return float(self.request.shift)  # type: ignore[arg-type]
+
+    @property
+    def seed(self) -> int:
+        return int(self.request.seed)  # type: ignore[arg-type]
+
+    @property
+    def sampler(self) -> str:
+        return self.request.sampler
+
+    def settings(self) -> dict[str, Any]:
+        """What the job ran with, as recorded in the latents, the mp4 and the sidecar JSON."""
+        r = self.request
         return {
-            "model": spec.name,
+            "model": self.spec.name,
             "mode": "i2v" if self.image is not None else "t2v",
-            "prompt": self.prompt,
+            "prompt": r.prompt,
             "negative_prompt": self.negative_prompt,
             "width": self.width,
             "height": self.height,
             "frames": self.frames,
-            "fps": spec.fps,
+            "fps": self.spec.fps,
             "steps": self.steps,
             "guidance": self.guidance[0],
             "guidance_low": self.guidance[1],
             "shift": self.shift,
             "seed": self.seed,
-            "sampler": self.sampler,
+            "sampler": r.sampler,
         }
 
 
@@ -72,47 +118,52 @@ def load_image(image: Any) -> Any:
     return img.convert("RGB")
 
 
-def resolve_job(
-    spec: ModelSpec,
-    prompt: str,
-    *,
-    negative_prompt: str | None = None,
-    image: Any = None,
-    width: int | None = None,
-    height: int | None = None,
-    frames: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    guidance_low: float | None = None,
-    shift: float | None = None,
-    seed: int | None = None,
-    sampler: str = "unipc",
-) -> Job:
-    """Fill in the registry defaults and check every field; InputError for what cannot be used."""
+def resolve(request: GenerateRequest) -> Job:
+    """Fill in the registry defaults, open the image, draw the seed and check every field.
+    Raises InputError for what cannot be used. A `Job` passed in again is not re-resolved
+    (see `as_job`)."""
+    spec = get_spec(request.model)
+    notes: list[str] = []
+    if request.image is not None and spec.task == "t2v":  # the A14B family: an image selects I2V
+        spec = get_spec("i2v-a14b")
+        notes.append(f"An image was given, so {spec.name} is used.")
+    prompt = request.prompt
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("The prompt is empty.", "Describe the video you want, e.g. 'a red fox running through snow'.")
-    if spec.needs_image and image is None:
+    if spec.needs_image and request.image is None:
         raise InputError(f"{spec.name} turns an image into a video: give a start image.")
+    width, height = request.width, request.height
     w0, h0 = spec.default_size if width is None and height is None else (width or height, height or width)
-    w, h, f, notes = check_size(spec, int(w0), int(h0), int(frames or spec.frames))
-    n = int(steps or spec.steps)
+    w, h, f, size_notes = check_size(spec, int(w0), int(h0), int(request.frames or spec.frames))
+    notes += size_notes
+    n = int(request.steps or spec.steps)
     if n < 1 or n > 1000:
         raise InputError(f"steps must be between 1 and 1000, got {n}.")
-    g_high = spec.guidance[0] if guidance is None else float(guidance)
-    g_low = (spec.guidance[1] if guidance is None else g_high) if guidance_low is None else float(guidance_low)
+    g_high = spec.guidance[0] if request.guidance is None else float(request.guidance)
+    if request.guidance_low is not None:
+        g_low = float(request.guidance_low)
+    else:
+        g_low = spec.guidance[1] if request.guidance is None else g_high
     if not spec.experts:
         g_low = g_high
-    s = spec.shift if shift is None else float(shift)
+    s = spec.shift if request.shift is None else float(request.shift)
     if s <= 0:
         raise InputError(f"shift must be positive, got {s}.")
+    seed = request.seed
     if seed is None or int(seed) < 0:
         seed = random.randint(0, sys.maxsize)
-    img = load_image(image) if image is not None else None
+    img = load_image(request.image) if request.image is not None else None
     if img is not None:
         ow, oh = image_output_size(spec, img.width, img.height, w, h)
         if (ow, oh) != (w, h):
             notes.append(f"Output size follows the image's aspect ratio: {ow}x{oh}.")
         w, h = ow, oh
-    return Job(prompt=prompt, negative_prompt=negative_prompt or DEFAULT_NEGATIVE_PROMPT, image=img,
-               width=w, height=h, frames=f, steps=n, guidance=(g_high, g_low), shift=s, seed=int(seed),
-               sampler=sampler, notes=notes)
+    filled = replace(request, model=spec.name, negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
+                     width=w, height=h, frames=f, steps=n, guidance=g_high, guidance_low=g_low, shift=s,
+                     seed=int(seed))
+    return Job(request=filled, spec=spec, image=img, notes=notes)
+
+
+def as_job(request: GenerateRequest | Job) -> Job:
+    """A Job as it is; a request resolved (once)."""
+    return request if isinstance(request, Job) else resolve(request)

@@ -12,11 +12,12 @@ release it after. Initial noise is drawn exactly like the official code: one
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wan_lite.api import CancelToken, Progress, ProgressCallback
+from wan_lite.api import CancelToken, GenerateRequest, Progress, ProgressCallback
 from wan_lite.errors import Cancelled
-from wan_lite.job import Job, load_image, resolve_job
+from wan_lite.job import Job, as_job, load_image, resolve
 from wan_lite.loading.components import (
     build_dit,
     check_compatible,
@@ -38,6 +39,7 @@ from wan_lite.loading.components import (
     resolve_sources,
 )
 from wan_lite.registry import ModelSpec
+from wan_lite.sampling import StepInfo
 from wan_lite.sizing import centre_crop_box
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,10 @@ class MovePlacement:
         return False
 
 
+# hook(info, call) -> velocity of that DiT call; `call()` runs the next hook or the DiT itself.
+StepHook = Callable[[StepInfo, Callable[[], torch.Tensor]], torch.Tensor]
+
+
 @dataclass
 class PipelineResult:
     frames: np.ndarray  # uint8 [F, H, W, 3]
@@ -86,7 +92,7 @@ class PipelineResult:
     seed: int
     latents: torch.Tensor  # float32 [z, T, h, w] on the CPU
     timings: dict[str, float]
-    settings: dict[str, Any]
+    settings: dict[str, Any]  # incl. "dit_forwards": {"computed": N, "skipped": M}
     notes: list[str] = field(default_factory=list)
 
 
@@ -153,6 +159,9 @@ class WanPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.placement: Placement = placement or MovePlacement(device)
         self.cfg_batch = False  # cond + uncond as one batch of 2 (the runtime may switch it on)
+        # Around every DiT call of the denoising loop, first registered outermost (see StepHook).
+        self.step_hooks: list[StepHook] = []
+        self._forwards = 0  # DiT forwards (batch rows) of the running denoise, skipped ones included
         self.decode_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda vae, z: vae.decode(z)
         self.encode_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda vae, x: vae.encode(x)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -162,12 +171,13 @@ class WanPipeline:
         return self.placement.device
 
     @property
-    def experts(self) -> dict[str, nn.Module]:
-        return self.dits
-
-    @property
     def dit(self) -> nn.Module:
         return self.dits.get("main") or self.dits["high"]
+
+    def set_attention(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """The attention kernel of this pipeline's DiTs (another pipeline keeps its own)."""
+        for dit in self.dits.values():
+            dit.set_attention(fn)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -234,26 +244,39 @@ class WanPipeline:
             return "main"
         return "high" if t >= self.spec.boundary else "low"
 
-    def _velocity(self, dit: nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
-                  ctx_null: torch.Tensor, y: torch.Tensor | None, g: float) -> torch.Tensor:
-        """Classifier-free guided velocity for latent x [z, T, h, w]."""
+    def _velocity(self, role: str, info: StepInfo, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
+                  ctx_null: torch.Tensor | None, y: torch.Tensor | None, g: float) -> torch.Tensor:
+        """Classifier-free guided velocity for latent x [z, T, h, w]. Guidance 1 is one pass of
+        the prompt alone (no unconditional pass, not one weighted by 0)."""
+        dit = self.dits[role]
         xb, yb = x[None], (y[None] if y is not None else None)
+        if g == 1:
+            return self._call(replace(info, branches=("cond",)), lambda: dit(xb, t, ctx, y=yb))[0].float()
         if self.cfg_batch:
             two = torch.cat([xb, xb])
-            out = dit(two, torch.cat([t, t]), torch.cat([ctx, ctx_null]),
-                      y=torch.cat([yb, yb]) if yb is not None else None)
+            out = self._call(replace(info, branches=("cond", "uncond")),
+                             lambda: dit(two, torch.cat([t, t]), torch.cat([ctx, ctx_null]),
+                                         y=torch.cat([yb, yb]) if yb is not None else None))
             v_c, v_u = out[:1], out[1:]
         else:
-            v_c = dit(xb, t, ctx, y=yb)
-            v_u = dit(xb, t, ctx_null, y=yb)
+            v_c = self._call(replace(info, branches=("cond",)), lambda: dit(xb, t, ctx, y=yb))
+            v_u = self._call(replace(info, branches=("uncond",)), lambda: dit(xb, t, ctx_null, y=yb))
         return (v_u + g * (v_c - v_u))[0].float()
+
+    def _call(self, info: StepInfo, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One DiT call through the step hooks, counted (per batch row) once it returned."""
+        for hook in reversed(self.step_hooks):
+            call = functools.partial(hook, info, call)
+        out = call()
+        self._forwards += len(info.branches)
+        return out
 
     def _guarded_velocity(self, role: str, *args: Any) -> torch.Tensor:
         """_velocity, retried with a leaner placement after an out-of-memory error."""
         dit = self.dits[role]
         while True:
             try:
-                return self._velocity(dit, *args)
+                return self._velocity(role, *args)
             except torch.OutOfMemoryError:
                 pass  # handled below, outside the except block, so the failed tensors are freed
             if self.device.type == "cuda":
@@ -271,30 +294,30 @@ class WanPipeline:
     @torch.no_grad()
     def generate(
         self,
-        prompt: str,
-        negative_prompt: str | None = None,
-        image: Any = None,
-        width: int | None = None,
-        height: int | None = None,
-        frames: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        guidance_low: float | None = None,
-        shift: float | None = None,
-        seed: int | None = None,
-        sampler: str = "unipc",
+        job: Job | GenerateRequest | str,
+        *,
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         on_latents: Callable[[torch.Tensor, dict[str, Any]], None] | None = None,
         preview_every: int = 5,
+        **fields: Any,
     ) -> PipelineResult:
-        """Make one video. `on_latents(latents, settings)` runs after denoising and before the
-        decode (the engine saves the latents there, so a failed decode loses nothing)."""
-        job = resolve_job(self.spec, prompt, negative_prompt=negative_prompt, image=image, width=width,
-                          height=height, frames=frames, steps=steps, guidance=guidance,
-                          guidance_low=guidance_low, shift=shift, seed=seed, sampler=sampler)
-        latents, clock = self.denoise(job, on_progress=on_progress, cancel=cancel, preview_every=preview_every)
-        settings = job.settings(self.spec)
+        """Make one video from a resolved `Job` (`wan_lite.job.resolve`). For scripts, a prompt
+        and GenerateRequest fields as keywords (`generate("a fox", seed=7, steps=30)`) or a
+        GenerateRequest are resolved here, once, for this pipeline's model.
+        `on_latents(latents, settings)` runs after denoising and before the decode (the engine
+        saves the latents there, so a failed decode loses nothing)."""
+        if isinstance(job, str):
+            job = resolve(GenerateRequest(prompt=job, model=self.spec.name, **fields))
+        job = as_job(job)
+        if job.spec.name != self.spec.name:
+            from wan_lite.errors import InputError
+
+            raise InputError(f"This job is for {job.spec.name}, but this pipeline runs {self.spec.name}.",
+                             f"Load {job.spec.name}, or leave out what selects it (an image selects I2V-A14B).")
+        latents, clock, forwards = self.denoise(job, on_progress=on_progress, cancel=cancel,
+                                                preview_every=preview_every)
+        settings = job.settings() | {"dit_forwards": forwards}
         if on_latents is not None:
             on_latents(latents, settings)
         self._report(on_progress, "decode", 0, 1, clock)
@@ -304,7 +327,8 @@ class WanPipeline:
         self._report(on_progress, "decode", 1, 1, clock)
         settings["timings"] = dict(clock.timings)
         return PipelineResult(frames=video_to_frames(video), fps=self.spec.fps, seed=job.seed,
-                              latents=latents, timings=dict(clock.timings), settings=settings, notes=job.notes)
+                              latents=latents, timings=dict(clock.timings), settings=settings,
+                              notes=list(job.notes))
 
     def _report(self, cb: ProgressCallback | None, stage: str, step: int, total: int, clock: _Clock,
                 eta: float | None = None, preview: np.ndarray | None = None) -> None:
@@ -313,8 +337,10 @@ class WanPipeline:
 
     @torch.no_grad()
     def denoise(self, job: Job, *, on_progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                preview_every: int = 5) -> tuple[torch.Tensor, _Clock]:
-        """Run the sampler; returns the final latent [z, T, h, w] (float32, CPU)."""
+                preview_every: int = 5) -> tuple[torch.Tensor, _Clock, dict[str, int]]:
+        """Run the sampler; returns the final latent [z, T, h, w] (float32, CPU), the clock and
+        the DiT forwards {"computed": N, "skipped": M} (one per guidance branch and step; a
+        forward whose blocks a hook skipped counts as skipped)."""
         from wan_lite.models.text_encoder import pad_context
         from wan_lite.sampling import make_sampler
 
@@ -327,7 +353,11 @@ class WanPipeline:
 
         self._report(on_progress, "text", 0, 1, clock)
         t0 = time.perf_counter()
-        ctx, ctx_null = (pad_context([e]).to(dev) for e in self.encode_text([job.prompt, job.negative_prompt]))
+        # guidance 1 everywhere: no unconditional pass, so the negative prompt is not encoded
+        cfg = any(g != 1 for g in job.guidance)
+        texts = [job.prompt, job.negative_prompt] if cfg else [job.prompt]
+        embedded = [pad_context([e]).to(dev) for e in self.encode_text(texts)]
+        ctx, ctx_null = embedded[0], (embedded[1] if cfg else None)
         clock.add("text", time.perf_counter() - t0)
 
         y = z0 = mask = None
@@ -344,6 +374,8 @@ class WanPipeline:
         active: str | None = None
         denoise_start = time.perf_counter()
         n = len(sampler.timesteps)
+        rows_before = sum(d.rows_through_blocks for d in self.dits.values())
+        self._forwards = 0
         for i in range(n):
             if cancel is not None and cancel.cancelled:
                 for role in filter(None, [active]):
@@ -363,7 +395,8 @@ class WanPipeline:
             else:
                 tt = torch.tensor([t], device=dev, dtype=torch.int64 if spec.experts else torch.float32)
             step_start = time.perf_counter()
-            v = self._guarded_velocity(role, latent, tt, ctx, ctx_null, y, g)
+            info = StepInfo(index=i, total=n, timestep=t, expert=role, branches=())
+            v = self._guarded_velocity(role, info, latent, tt, ctx, ctx_null, y, g)
             x0_pred = latent - float(sampler.sigmas[i]) * v if preview_every and (i + 1) % preview_every == 0 else None
             latent = sampler.step(v, latent)
             if z0 is not None:
@@ -376,7 +409,8 @@ class WanPipeline:
             self._report(on_progress, stage, i + 1, n, clock, eta=eta, preview=preview)
         if active is not None:
             self.placement.release(active, self.dits[active])
-        return latent.float().cpu(), clock
+        computed = sum(d.rows_through_blocks for d in self.dits.values()) - rows_before
+        return latent.float().cpu(), clock, {"computed": computed, "skipped": self._forwards - computed}
 
     def _image_condition(self, job: Job, lat_shape: tuple[int, ...]):
         """TI2V: (None, z0, mask) with latent frame 0 held to the image latent.
@@ -400,5 +434,5 @@ class WanPipeline:
         return torch.cat([m, z]), None, None
 
 
-__all__ = ["Job", "MovePlacement", "Placement", "PipelineResult", "WanPipeline", "build_dit", "check_compatible",
-           "load_image", "load_text_encoder", "load_vae", "resolve_job", "resolve_sources"]
+__all__ = ["Job", "MovePlacement", "Placement", "PipelineResult", "StepHook", "WanPipeline", "build_dit",
+           "check_compatible", "load_image", "load_text_encoder", "load_vae", "resolve", "resolve_sources"]

@@ -337,3 +337,18 @@ def make_sampler(name: str, steps: int, shift: float) -> Sampler:
     if cls is None:
         raise InputError(f"Unknown sampler {name!r}.", f"Choose one of: {', '.join(SAMPLERS)}.")
     return cls(steps, shift)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One DiT call of the denoising loop, as the pipeline's step hooks see it.
+
+    index: the step (0-based) of `total`; timestep: what the DiT sees (int, the expert switch's
+    scale); expert: "main" (TI2V-5B), "high" or "low" (A14B); branches: what each batch row of
+    this call is, "cond" (the prompt) or "uncond" (the negative prompt), in batch order."""
+
+    index: int
+    total: int
+    timestep: int
+    expert: str
+    branches: tuple[str, ...]

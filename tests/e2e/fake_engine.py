@@ -1,6 +1,6 @@
 """A scripted stand-in for wan_lite.engine.Engine, for UI tests only.
 
-It follows the Engine interface exactly (model_status, model_folder, preflight, normalize,
+It follows the Engine interface exactly (model_status, model_folder, preflight, resolve,
 generate, unload) and produces real files (an H.264 mp4 and a sidecar JSON) so the page can be
 exercised end to end before the real engine exists. It does no model math at all: the UI is what
 is under test here. The real-engine variant of the browser test uses wan_lite.engine.Engine.
@@ -9,9 +9,7 @@ is under test here. The real-engine variant of the browser test uses wan_lite.en
 from __future__ import annotations
 
 import json
-import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -20,6 +18,7 @@ import numpy as np
 from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress, ProgressCallback
 from wan_lite.engine import Engine, Estimate, ModelStatus
 from wan_lite.errors import Cancelled, InputError
+from wan_lite.job import Job
 from wan_lite.registry import MODELS, get_spec
 
 
@@ -57,25 +56,10 @@ class FakeEngine(Engine):
                         seconds=(request.steps or spec.steps) * 3.0, summary=f"fake plan for {spec.name}",
                         reason=None if vram < 24 else "Too big for the fake 24 GiB GPU: choose a smaller size.")
 
-    def normalize(self, request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
-        spec = get_spec(request.model)
-        notes = []
-        frames = request.frames or spec.frames
-        if (frames - 1) % 4:
-            frames = 4 * round((frames - 1) / 4) + 1
-            notes.append(f"Frames snapped to {frames}.")
-        filled = replace(
-            request,
-            width=request.width or spec.default_size[0], height=request.height or spec.default_size[1],
-            frames=frames, steps=request.steps or spec.steps, shift=request.shift or spec.shift,
-            guidance=request.guidance or spec.guidance[0],
-            seed=request.seed if request.seed is not None and request.seed >= 0 else random.randrange(2**31),
-        )
-        return filled, notes
-
-    def generate(self, request: GenerateRequest, on_progress: ProgressCallback | None = None,
+    def generate(self, request: GenerateRequest | Job, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerateResult:
-        request, notes = self.normalize(request)
+        job = self.resolve(request)  # the real, model-free resolution
+        request, notes = job.request, job.notes
         self.requests.append(request)
         if "FAIL" in request.prompt:
             raise InputError("The fake engine was asked to fail.", "Remove FAIL from the prompt.")

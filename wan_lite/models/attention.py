@@ -1,9 +1,9 @@
-"""Multi-head attention entry point shared by the models, with a swappable kernel.
+"""The attention kernel contract shared by the models, and its default, PyTorch SDPA.
 
-`attention(q, k, v)` runs the active backend on tensors laid out [B, L, heads, head_dim] (the
-layout of the official Wan code). Only PyTorch SDPA is implemented here; the runtime may
-register a faster kernel (flash / sage attention) with `register_attention_backend` and select
-it with `set_attention_backend`, without the models knowing.
+A kernel is a function `(q, k, v) -> out` on tensors laid out [B, L, heads, head_dim] (the layout
+of the official Wan code). Only SDPA is implemented here; the runtime hands a model a faster one
+(SageAttention, FlashAttention-3, an fp8 kernel: `WanDiT.set_attention`), so each loaded model
+has its own kernel and two models with different kernels coexist in one process.
 
 Inputs are used in the caller's dtype: the DiT casts q/k/v to its compute dtype first (bf16 for a
 bf16 model, as the reference's flash-attention call does; fp32 for an fp32 model).
@@ -11,15 +11,10 @@ bf16 model, as the reference's flash-attention call does; fp32 for an fp32 model
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-from wan_lite.errors import InputError
-
-logger = logging.getLogger(__name__)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (q8, k8, v, descale_q, descale_k) -> out: a backend's entry for q and k already in fp8.
@@ -36,56 +31,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return out.transpose(1, 2)
 
 
-_BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention}
-_active: str = "sdpa"
-
-
-def register_attention_backend(name: str, fn: AttentionFn) -> None:
-    """Make `fn` (same contract as `sdpa_attention`) selectable under `name`. An fp8 kernel may
-    also take q and k already quantized: it says so with an attribute `fn.fp8_qk` (an `Fp8QKFn`,
-    the contract of `attention_fp8_qk`)."""
-    _BACKENDS[name] = fn
-
-
-def available_attention_backends() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
-
-
-def set_attention_backend(name: str) -> None:
-    """Select the kernel every later `attention` call uses."""
-    global _active
-    if name not in _BACKENDS:
-        raise InputError(
-            f"Unknown attention backend {name!r}.",
-            f"Choose one of: {', '.join(_BACKENDS)}.",
-        )
-    if name != _active:
-        logger.info("attention backend: %s", name)
-    _active = name
-
-
-def get_attention_backend() -> str:
-    return _active
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, H, Dh], with the active backend."""
-    return _BACKENDS[_active](q, k, v)
-
-
-def takes_fp8_qk() -> bool:
-    """Whether the active backend also takes q and k in fp8 (`attention_fp8_qk`): the DiT then
-    writes them in e4m3 straight from its RMSNorm + RoPE kernel, instead of in bf16 for the
-    kernel to read, reduce and quantize again."""
-    return getattr(_BACKENDS[_active], "fp8_qk", None) is not None
-
-
-def attention_fp8_qk(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,
-                     descale_k: torch.Tensor) -> torch.Tensor:
-    """q8 [B, Lq, H, Dh] and k8 [B, Lk, H, Dh] float8_e4m3fn with q ~= q8 * descale_q[b, h] (descales
-    [B, H] float32), v [B, Lk, H, Dh] in the compute dtype -> [B, Lq, H, Dh] in v's dtype, with the
-    active backend (which must `takes_fp8_qk`)."""
-    return _BACKENDS[_active].fp8_qk(q8, k8, v, descale_q, descale_k)  # type: ignore[attr-defined]
+def takes_fp8_qk(fn: AttentionFn) -> bool:
+    """Whether the kernel `fn` also takes q and k in fp8: it says so with an attribute `fn.fp8_qk`
+    (an `Fp8QKFn`). The DiT then writes them in e4m3 straight from its RMSNorm + RoPE kernel,
+    instead of in bf16 for the kernel to read, reduce and quantize again."""
+    return getattr(fn, "fp8_qk", None) is not None
 
 
 def dequantize_heads(x8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

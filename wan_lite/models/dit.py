@@ -17,20 +17,23 @@ applied per contiguous token run sharing one value per batch row ("runs"): O(run
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from wan_lite.errors import CheckpointError, InputError
 from wan_lite.loading.build import fill_module
 from wan_lite.loading.tensors import TensorSource
-from wan_lite.models.attention import attention, attention_fp8_qk, takes_fp8_qk
+from wan_lite.models.attention import AttentionFn, sdpa_attention, takes_fp8_qk
 from wan_lite.models.dit_ops import (
     Run,
     affine_multiplier,
@@ -207,9 +210,10 @@ class WanCrossAttention(WanSelfAttention):
         heads = self.num_heads
         return self.norm_k(self.k(context)).unflatten(2, (heads, -1)), self.v(context).unflatten(2, (heads, -1))
 
-    def forward(self, u: torch.Tensor | Fp8Rows, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor | Fp8Rows, k: torch.Tensor, v: torch.Tensor,
+                attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         """u [B, c, D] video tokens (compute dtype; `Fp8Rows` where q takes it), k/v from
-        `context_kv` -> [B, c, D]."""
+        `context_kv` -> [B, c, D], through the attention kernel `attention`."""
         q = self.norm_q(self.q(u)).unflatten(2, (self.num_heads, -1))
         return self.o(attention(q.to(v.dtype), k.to(v.dtype), v).flatten(2))
 
@@ -221,9 +225,11 @@ class WanAttentionBlock(nn.Module):
     RoPE, cross-attention, FFN, residual adds) in token chunks of that size; only the
     self-attention itself sees all tokens at once. Same result (same math per token), while the
     temporaries shrink from [B, L, ...] to [B, chunk, ...] (the FFN hidden is [B, chunk, ffn_dim]).
+    `attention`: the attention kernel, set for the whole model by `WanDiT.set_attention`.
     """
 
     chunk_tokens: int | None = None
+    attention: AttentionFn = staticmethod(sdpa_attention)
 
     def __init__(self, cfg: WanDiTConfig) -> None:
         super().__init__()
@@ -254,7 +260,7 @@ class WanAttentionBlock(nn.Module):
         k, v = self.cross_attn.context_kv(context)
         for s, e, r in spans:
             xs = x[:, s:e]
-            y = self.cross_attn(self.norm3(xs, dtype, fp8=cross_fp8), k, v)
+            y = self.cross_attn(self.norm3(xs, dtype, fp8=cross_fp8), k, v, self.attention)
             u = norm_modulate(xs, m, r, 3, 4, self.eps, dtype, add=y, fp8=ffn_fp8)  # xs += y, the FFN's input
             gated_add_(xs, xs, self.ffn(u), m, r, 5)
         return x
@@ -275,7 +281,7 @@ class WanAttentionBlock(nn.Module):
         """Self-attention over all L tokens, q/k/v built chunk by chunk -> [B, L, heads, Dh] in dtype."""
         sa, (cos, sin) = self.self_attn, rope
         # an fp8 kernel that takes q and k in e4m3 gets them so from the RoPE kernel (half the bytes)
-        fp8 = dtype != torch.float32 and takes_fp8_qk()
+        fp8 = dtype != torch.float32 and takes_fp8_qk(self.attention)
         mults, descales = sa.fp8_qk_scales() if fp8 else (None, None)
         qk_dtype = torch.float8_e4m3fn if fp8 else dtype
         q, k = (torch.empty(x.shape, dtype=qk_dtype, device=x.device) for _ in range(2))
@@ -293,9 +299,9 @@ class WanAttentionBlock(nn.Module):
                 v = sa.v(u)
         q, k, v = (z.unflatten(2, (sa.num_heads, -1)) for z in (q, k, v))
         if descales is None:
-            return attention(q, k, v)
+            return self.attention(q, k, v)
         dq, dk = (d.expand(x.shape[0], -1).contiguous() for d in descales)  # [B, H] each
-        return attention_fp8_qk(q, k, v, dq, dk)
+        return self.attention.fp8_qk(q, k, v, dq, dk)  # type: ignore[attr-defined]
 
 
 class Head(nn.Module):
@@ -312,9 +318,34 @@ class Head(nn.Module):
         return F.linear(u, self.head.weight.float(), self.head.bias.float())
 
 
+@dataclass
+class DiTState:
+    """What `WanDiT.embed` hands the block loop and the head: x [B, L, D] the residual stream,
+    context [B, 512, D] embedded text, e [U, D] time embeddings and e0 [U, 6, D] their
+    projections (one row per distinct timestep value), the token runs sharing a timestep, the
+    RoPE table [L, Dh/2] (cos, sin), the token grid (f, h, w) and the latent shape (B, T, H, W)."""
+
+    x: torch.Tensor
+    context: torch.Tensor
+    e: torch.Tensor
+    e0: torch.Tensor
+    runs: list[Run]
+    rope: tuple[torch.Tensor, torch.Tensor]
+    grid: tuple[int, int, int]
+    shape: tuple[int, int, int, int]
+
+
+# hook(state, inner) -> x after the blocks; `inner(state)` runs the next hook or the blocks.
+BlockLoopHook = Callable[..., torch.Tensor]
+
+
 class WanDiT(nn.Module):
     """x [B, C_in, F, h, w], t [B] or [B, L], context [B, 512, text_dim], y=None
-    -> velocity [B, C_out, F, h, w] float32."""
+    -> velocity [B, C_out, F, h, w] float32.
+
+    The forward is three steps, `embed` -> `run_blocks` -> `unembed`; the block loop is the seam
+    where runtime features attach (`register_block_loop_hook`), and `set_attention` hands the
+    blocks their attention kernel. Streaming and token chunking attach per block from outside."""
 
     # fnmatch patterns over parameter / module names (see `name_matches`).
     no_quantize_patterns: tuple[str, ...] = ("patch_embedding*", "text_embedding*", "time_embedding*",
@@ -336,6 +367,10 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.requires_grad_(False)  # inference only: the blocks update the residual stream in place
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._block_loop_hooks: OrderedDict[int, BlockLoopHook] = OrderedDict()
+        # Batch rows that went through the blocks (one DiT forward each): a forward whose blocks a
+        # hook skipped does not count, so the pipeline can report computed and skipped forwards.
+        self.rows_through_blocks = 0
 
     @classmethod
     def from_source(cls, source: TensorSource, dtype: torch.dtype | None, *,
@@ -363,8 +398,16 @@ class WanDiT(nn.Module):
             self._rope_cache[key] = rope_table(grid, self.config.head_dim, device)
         return self._rope_cache[key]
 
+    # ------------------------------------------------------------------ forward: embed / blocks / head
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
+        state = self.embed(x, t, context, y)
+        state.x = self.run_blocks(state)
+        return self.unembed(state)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+              y: torch.Tensor | None = None) -> DiTState:
+        """Patches, time embedding (once per distinct timestep value), text embedding, RoPE table."""
         cfg = self.config
         if y is not None:  # I2V: [noise | mask | image latent] on channels
             x = torch.cat([x, y.expand(x.shape[0], *y.shape[1:])], dim=1)
@@ -375,7 +418,7 @@ class WanDiT(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         L = math.prod(grid)
 
-        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, L, D], (f, h, w)
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, L, D], (f, h, w)
 
         values, runs = timestep_runs(t, B, L)
         te = self.time_embedding
@@ -387,14 +430,47 @@ class WanDiT(nn.Module):
         if context.shape[1] < cfg.text_len:  # zero rows are what the reference pads with
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype)).to(dtype)
+        return DiTState(x=tokens, context=context, e=e, e0=e0, runs=runs, rope=self._rope(grid, x.device),
+                        grid=grid, shape=(B, T, H, W))
 
-        rope = self._rope(grid, x.device)
+    def run_blocks(self, state: DiTState) -> torch.Tensor:
+        """The block loop, through the registered block-loop hooks (the first registered is the
+        outermost): each is called as `hook(state, inner)` and returns the residual stream after
+        the blocks, by calling `inner(state)` (the next hook, then the blocks themselves) or not."""
+        call: Callable[[DiTState], torch.Tensor] = self._blocks
+        for hook in reversed(self._block_loop_hooks.values()):
+            call = functools.partial(hook, inner=call)
+        return call(state)
+
+    def _blocks(self, state: DiTState) -> torch.Tensor:
+        x = state.x
         for block in self.blocks:
-            x = block(x, context, e0, runs, rope)
+            x = block(x, state.context, state.e0, state.runs, state.rope)
+        self.rows_through_blocks += x.shape[0]
+        return x
 
-        out = self.head(x, e, runs)  # [B, L, pt*ph*pw*C]
-        out = out.view(B, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    def unembed(self, state: DiTState) -> torch.Tensor:
+        """Head and unpatchify: [B, L, D] -> velocity [B, C_out, F, h, w] float32."""
+        cfg = self.config
+        B, T, H, W = state.shape
+        pt, ph, pw = cfg.patch_size
+        out = self.head(state.x, state.e, state.runs)  # [B, L, pt*ph*pw*C]
+        out = out.view(B, *state.grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, cfg.out_dim, T, H, W)
+
+    # ------------------------------------------------------------------ seams for the runtime
+    def register_block_loop_hook(self, hook: BlockLoopHook) -> RemovableHandle:
+        """Wrap the block loop with `hook(state, inner) -> x` (a step cache skips `inner` and adds
+        a cached residual; sequence parallelism shards `state` before `inner` and gathers after).
+        Returns a handle whose `remove()` takes the hook off again."""
+        handle = RemovableHandle(self._block_loop_hooks)
+        self._block_loop_hooks[handle.id] = hook
+        return handle
+
+    def set_attention(self, fn: AttentionFn) -> None:
+        """The attention kernel this model's blocks run (self- and cross-attention)."""
+        for block in self.blocks:
+            block.attention = fn
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor) -> None:
         cfg = self.config

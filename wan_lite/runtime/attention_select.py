@@ -32,12 +32,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from wan_lite.models.attention import (
-    AttentionFn,
-    register_attention_backend,
-    sdpa_attention,
-    set_attention_backend,
-)
+from wan_lite.models.attention import AttentionFn, sdpa_attention
 from wan_lite.runtime.fa3_attention import fa3_backend, fa3_unavailable_reason, is_hopper
 from wan_lite.runtime.fp8_attention import cudnn_fp8_backend, cudnn_fp8_unavailable_reason
 
@@ -69,10 +64,11 @@ FA3_FP8_BACKEND = "fa3-fp8"
 
 @dataclass(frozen=True)
 class AttentionChoice:
-    backend: str  # the name given to set_attention_backend
+    backend: str  # the kernel's name: "sdpa", "sage", "fa3", "cudnn-fp8", "fa3-fp8"
     note: str  # one sentence for the log and the UI
     rel_error: float | None = None  # the self-check's worst relative L2 error, when one ran
     failed: bool = False  # an installed kernel was rejected by the self-check
+    fn: AttentionFn = sdpa_attention  # the kernel, for `WanPipeline.set_attention` / `WanDiT.set_attention`
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,12 +147,12 @@ def _sage_backend() -> AttentionFn | None:
 
 
 def select_attention(device: torch.device | str | None = None, *, allow_sage: bool = True) -> AttentionChoice:
-    """Pick and activate the attention kernel for `device` (default: CUDA if present, else CPU).
+    """Pick the attention kernel for `device` (default: CUDA if present, else CPU); the caller
+    hands `choice.fn` to the models that run it.
 
     allow_sage=False keeps PyTorch SDPA without trying the optional kernels."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     choice = _decide(dev, allow_sage)
-    set_attention_backend(choice.backend)
     # A kernel that is installed but wrong deserves a warning; everything else is an info line.
     log.log(logging.WARNING if choice.failed else logging.INFO, "%s", choice.note)
     return choice
@@ -235,8 +231,7 @@ def _decide(dev: torch.device, allow_sage: bool) -> AttentionChoice:
         return AttentionChoice("sdpa", "Attention: PyTorch SDPA - " + "; ".join(t.why_not for t in trials) + ".",
                                max((t.rel_error for t in trials if t.rel_error is not None), default=None),
                                failed=failed)
-    register_attention_backend(best.backend, kernels[best.backend])
-    return AttentionChoice(best.backend, _chosen_note(best), best.rel_error, failed=failed)
+    return AttentionChoice(best.backend, _chosen_note(best), best.rel_error, failed=failed, fn=kernels[best.backend])
 
 
 def _clause(reason: str | None) -> str:
@@ -249,14 +244,13 @@ def _clause(reason: str | None) -> str:
 
 
 def select_fp8_attention(device: torch.device | str | None = None, *, allow_sage: bool = True) -> AttentionChoice:
-    """Pick and activate an fp8 attention kernel for `device`: cuDNN's ("cudnn-fp8") or, on Hopper,
+    """Pick an fp8 attention kernel for `device`: cuDNN's ("cudnn-fp8") or, on Hopper,
     FlashAttention-3's ("fa3-fp8"), the fastest that is available, passes the self-check within
     `FP8_TOLERANCE` and is faster than SDPA; otherwise what `select_attention(device,
     allow_sage=allow_sage)` picks, with a note that says why not fp8."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen, why, failed = _decide_fp8(dev)
     if chosen is not None:
-        set_attention_backend(chosen.backend)
         log.info("%s", chosen.note)
         return chosen
     fallback = select_attention(dev, allow_sage=allow_sage)
@@ -292,8 +286,7 @@ def _decide_fp8(dev: torch.device) -> tuple[AttentionChoice | None, str, bool]:
     failed = any(t.failed for t in trials)
     if best is None or fn is None:
         return None, " ".join(f"{t.label} is not used: {_reason_sentence(t)}" for t in trials), failed
-    register_attention_backend(best.backend, fn)
-    return AttentionChoice(best.backend, _chosen_note(best), best.rel_error, failed=failed), "", failed
+    return AttentionChoice(best.backend, _chosen_note(best), best.rel_error, failed=failed, fn=fn), "", failed
 
 
 def _reason_sentence(trial: _Trial) -> str:

@@ -146,17 +146,15 @@ def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[st
         yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
         return
     ui.store.save(form.settings_from_values(values, ui.presets))
-    notes: list[str] = []
     try:
-        request, notes = ui.engine.normalize(request)
-    except NotImplementedError:
-        pass
+        job = ui.engine.resolve(request)  # once: the runner and the engine take this Job as it is
+        notes = job.notes
     except Exception as err:
         yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
         return
     yield {**idle, "status": "\n".join(f"- {n}" for n in notes),
            "progress": form.progress_html(None, "Starting…", "running"), "preview": None}
-    for event in ui.runner.run(session, request):
+    for event in ui.runner.run(session, job):
         if isinstance(event, Progress):
             stopping = ui.runner.cancelling(session)
             update = {"progress": form.progress_html(event, "stopping after this step…" if stopping else "")}

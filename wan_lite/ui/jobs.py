@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress
-from wan_lite.engine import Engine
+from wan_lite.engine import Engine, Job
 from wan_lite.errors import Cancelled, WanLiteError
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class JobRunner:
         with self._lock:
             self._pending_cancel.discard(session)
 
-    def run(self, session: str, request: GenerateRequest, min_interval_s: float = 0.2) -> Iterator[Event]:
+    def run(self, session: str, request: GenerateRequest | Job, min_interval_s: float = 0.2) -> Iterator[Event]:
         """Yield Progress events (at most one per `min_interval_s`, the newest wins, previews kept),
         then exactly one Finished or Failed."""
         token = CancelToken()
