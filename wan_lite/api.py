@@ -24,6 +24,12 @@ STAGE_TITLES = {
 }
 
 
+# Step cache settings (wan_lite.runtime.step_cache): "off" runs every DiT forward.
+CACHE_MODES = ("off", "balanced", "fast")
+# Below this many steps the step cache has too little to skip and stays off.
+CACHE_MIN_STEPS = 10
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """One video to make. Fields left as None take the model's defaults from the registry."""
@@ -42,6 +48,7 @@ class GenerateRequest:
     seed: int | None = None  # None or negative -> random
     sampler: str = "unipc"
     memory_profile: str = "auto"
+    cache: str = "off"  # step cache: "off", "balanced" or "fast" (CACHE_MODES)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from wan_lite.api import CACHE_MODES
 from wan_lite.errors import WanLiteError
 from wan_lite.registry import MODELS
 
@@ -49,6 +50,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shift", type=float, default=None, help="noise schedule shift (5.0; 12.0 for T2V-A14B)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed at the end)")
     p.add_argument("--sampler", default="unipc", choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--cache", default="off", choices=list(CACHE_MODES),
+                   help="step cache: skip DiT forwards that would change little and reuse their result "
+                        "(balanced: about half the forwards; fast: about a third; off: every forward)")
     p.add_argument("--profile", default="auto", help="memory profile name or 'auto' (see `plan`)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
     p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: a new name in ./outputs)")

@@ -247,11 +247,14 @@ class Engine:
         """The memory plan for `job` on this machine."""
         from wan_lite.runtime.hardware import Hardware
         from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
+        from wan_lite.runtime.step_cache import computed_share
 
-        spec = job.spec
+        spec, cache = job.spec, job.request.cache
+        share = computed_share(spec.name, cache, job.steps, job.shift, job.sampler, image=job.image is not None)
         req = PlanRequest(job.width, job.height, job.frames, steps=job.steps,
                           image=job.image is not None or spec.needs_image,
-                          cfg=any(g != 1 for g in job.guidance), fp8_attention=fp8_attention_opted_in())
+                          cfg=any(g != 1 for g in job.guidance), fp8_attention=fp8_attention_opted_in(),
+                          cache=cache, cache_share=share)
         profile = job.request.memory_profile
         profile = None if profile in (None, "", "auto") else profile
         hw = Hardware.probe(self.models_root if self.models_root.is_dir() else ".")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from wan_lite.api import GenerateRequest
+from wan_lite.api import CACHE_MIN_STEPS, CACHE_MODES, GenerateRequest
 from wan_lite.errors import InputError
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, ModelSpec, get_spec
 from wan_lite.sizing import check_size, image_output_size
@@ -92,6 +92,7 @@ class Job:
             "shift": self.shift,
             "seed": self.seed,
             "sampler": r.sampler,
+            "cache": r.cache,
         }
 
 
@@ -149,6 +150,13 @@ def resolve(request: GenerateRequest) -> Job:
     s = spec.shift if request.shift is None else float(request.shift)
     if s <= 0:
         raise InputError(f"shift must be positive, got {s}.")
+    cache = request.cache or "off"
+    if cache not in CACHE_MODES:
+        raise InputError(f"Unknown step cache setting {cache!r}.", f"Use one of: {', '.join(CACHE_MODES)}.")
+    if cache != "off" and n < CACHE_MIN_STEPS:
+        notes.append(f"The step cache is off for runs of fewer than {CACHE_MIN_STEPS} steps: "
+                     "every step matters there.")
+        cache = "off"
     seed = request.seed
     if seed is None or int(seed) < 0:
         seed = random.randint(0, sys.maxsize)
@@ -160,7 +168,7 @@ def resolve(request: GenerateRequest) -> Job:
         w, h = ow, oh
     filled = replace(request, model=spec.name, negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                      width=w, height=h, frames=f, steps=n, guidance=g_high, guidance_low=g_low, shift=s,
-                     seed=int(seed))
+                     seed=int(seed), cache=cache)
     return Job(request=filled, spec=spec, image=img, notes=notes)
 
 

@@ -370,12 +370,39 @@ class WanPipeline:
                 latent = (1 - mask) * z0 + mask * noise
         self.placement.release("vae", self.vae)
 
+        rows_before = sum(d.rows_through_blocks for d in self.dits.values())
+        self._forwards = 0
+        cache = self._step_cache(job, [self._expert(int(t)) for t in sampler.timesteps])
+        try:
+            latent = self._loop(job, sampler, latent, ctx, ctx_null, y, z0, mask, lat_shape, clock,
+                                on_progress, cancel, preview_every)
+        finally:
+            if cache is not None:
+                cache.detach()
+        computed = sum(d.rows_through_blocks for d in self.dits.values()) - rows_before
+        return latent.float().cpu(), clock, {"computed": computed, "skipped": self._forwards - computed}
+
+    def _step_cache(self, job: Job, experts: list[str]) -> Any:
+        """The job's step cache attached to this pipeline (None when off). Residuals stay on the
+        compute device where the plan keeps the DiT's blocks there, else in host memory."""
+        if job.request.cache == "off":
+            return None
+        from wan_lite.runtime.step_cache import StepCache
+
+        device = getattr(self.placement, "step_cache_device", None)
+        return StepCache(self.spec.name, job.request.cache, experts, image=job.image is not None,
+                         residual_device=device).attach(self)
+
+    def _loop(self, job: Job, sampler: Any, latent: torch.Tensor, ctx: torch.Tensor, ctx_null: torch.Tensor | None,
+              y: torch.Tensor | None, z0: torch.Tensor | None, mask: torch.Tensor | None,
+              lat_shape: tuple[int, ...], clock: _Clock, on_progress: ProgressCallback | None,
+              cancel: CancelToken | None, preview_every: int) -> torch.Tensor:
+        """The denoising steps, from `latent` (noise, or noise with the image frame held)."""
+        spec, dev = self.spec, self.device
         tokens_per_frame = (lat_shape[2] // spec.patch_size[1]) * (lat_shape[3] // spec.patch_size[2])
         active: str | None = None
         denoise_start = time.perf_counter()
         n = len(sampler.timesteps)
-        rows_before = sum(d.rows_through_blocks for d in self.dits.values())
-        self._forwards = 0
         for i in range(n):
             if cancel is not None and cancel.cancelled:
                 for role in filter(None, [active]):
@@ -409,8 +436,7 @@ class WanPipeline:
             self._report(on_progress, stage, i + 1, n, clock, eta=eta, preview=preview)
         if active is not None:
             self.placement.release(active, self.dits[active])
-        computed = sum(d.rows_through_blocks for d in self.dits.values()) - rows_before
-        return latent.float().cpu(), clock, {"computed": computed, "skipped": self._forwards - computed}
+        return latent
 
     def _image_condition(self, job: Job, lat_shape: tuple[int, ...]):
         """TI2V: (None, z0, mask) with latent frame 0 held to the image latent.

@@ -108,6 +108,13 @@ class PlannedPlacement:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @property
+    def step_cache_device(self) -> torch.device | None:
+        """Where a step cache keeps its residuals: with the DiT's blocks on the GPU, there (None:
+        beside the tokens); with streamed blocks, in host memory, leaving the GPU to the plan."""
+        streamed = self.plan.model is None or self.plan.resident_blocks < self.plan.model.num_layers
+        return torch.device("cpu") if self.device.type == "cuda" and streamed else None
+
     def on_oom(self, name: str, module: nn.Module) -> bool:
         """Drop to the next leaner plan for denoising and re-place `module` accordingly."""
         new = leaner(self.plan, "denoise")

@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from wan_lite.api import CACHE_MODES
 from wan_lite.errors import InputError
 from wan_lite.registry import DEFAULT_MODEL, MODELS, get_spec
 
@@ -25,6 +26,7 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, help="frame count (default: the model's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--image", action="store_true", help="image-to-video (an input image is encoded)")
+    p.add_argument("--cache", default="off", choices=list(CACHE_MODES), help="step cache setting (see generate)")
     p.add_argument("--vram-gb", type=float, help="plan for a GPU with this much memory instead of this one's")
     p.add_argument("--ram-gb", type=float, help="plan for this much RAM instead of this machine's")
     p.add_argument("--cc", help="compute capability of the hypothetical GPU, e.g. 8.6 (default 8.9)")
@@ -76,10 +78,15 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
         for profile in load_profiles().values():
             out.write(f"{profile.name}\n    {profile.description}\n")
         return 0
+    from wan_lite.runtime.step_cache import computed_share
+
     spec = get_spec(args.model)
     width, height = _size(args.size) if args.size else spec.default_size
-    request = PlanRequest(width, height, args.frames or spec.frames, steps=args.steps,
-                          image=args.image or spec.needs_image, fp8_attention=fp8_attention_opted_in())
+    steps = args.steps or spec.steps
+    share = computed_share(spec.name, args.cache, steps, spec.shift, image=args.image)
+    request = PlanRequest(width, height, args.frames or spec.frames, steps=steps,
+                          image=args.image or spec.needs_image, fp8_attention=fp8_attention_opted_in(),
+                          cache=args.cache, cache_share=share)
     p = plan(ModelFootprint.full_size(spec.name), request, _hardware(args), profile=args.profile)
     if args.json:
         json.dump(p.to_json(), out, indent=2)

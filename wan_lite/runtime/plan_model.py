@@ -64,6 +64,8 @@ class PlanRequest:
     cfg: bool = True
     image: bool = False
     fp8_attention: bool = False  # the user opted in (WAN_LITE_FP8_ATTENTION=1): fp8 q, k, v with fp8 compute
+    cache: str = "off"  # the step cache setting (runtime/step_cache.py)
+    cache_share: float = 1.0  # the share of DiT forwards the step cache computes (step_cache.computed_share)
 
     @classmethod
     def of(cls, request: Any) -> PlanRequest:
@@ -153,7 +155,9 @@ class Plan(Choices):
                  "cond+uncond batched" if self.cfg_batch else "",
                  f"chunks of {self.ffn_chunk_tokens} tokens" if self.ffn_chunk_tokens else "",
                  f"VAE {f'tiles {self.vae_tile}px' if self.vae_tile else 'untiled'} {self.vae_dtype}",
-                 f"text encoder {self.text_encoder} {self.text_encoder_quant}"]
+                 f"text encoder {self.text_encoder} {self.text_encoder_quant}",
+                 f"step cache {r.cache} ({r.cache_share:.0%} of DiT forwards computed)" if r and r.cache != "off"
+                 else ""]
         head = f"{m.name} {r.width}x{r.height}x{r.frames}" if m and r else "plan"
         return (f"{head} {'fits' if self.fits else 'does NOT fit'}: {', '.join(p for p in parts if p)} -> "
                 f"peak {self.peak_vram_gib:.1f}/{self.usable_vram_gib:.1f} GiB VRAM, {self.peak_ram_gib:.1f}/"
@@ -276,6 +280,12 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
             vram["encode"] = _vae_vram(m, r, ch, "encoder") + dit_all
         vram["denoise"] = _dit_vram(m, ch, fp8c) + act + latents
         vram["decode"] = _vae_vram(m, r, ch, "decoder") + dit_all + latents
+    # a step cache keeps one residual [L, D] per guidance branch in bf16: on the GPU where every
+    # block is resident there, else in host memory (runtime/apply.py step_cache_device)
+    residuals = (2 if r.cfg else 1) * g.tokens * m.dim * 2 if r.cache != "off" else 0.0
+    on_gpu = gpu and ch.resident_blocks >= m.num_layers
+    if on_gpu:
+        vram["denoise"] += residuals
     # RAM: what lives in host memory through the job, plus each stage's own
     expert = m.expert_bytes(ch.quantization)
     held = K.ram_base + (0 if ch.keep_resident and gpu else expert) + (expert if ch.idle_expert == "ram" else 0)
@@ -292,7 +302,7 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
         video += r.frames * r.width * r.height * low_res_px
     cpu_act = 0.0 if gpu else act + latents
     cpu_vae = 0.0 if gpu else _vae_vram(m, r, ch, "decoder") - m.vae_bytes("decoder", ch.vae_dtype)
-    ram = held + max(while_encoding, kept + cpu_act, kept + video + cpu_vae)
+    ram = held + max(while_encoding, kept + cpu_act + (0 if on_gpu else residuals), kept + video + cpu_vae)
 
     # time
     n, L, d, f = m.num_layers, g.tokens, m.dim, m.ffn_dim
@@ -333,7 +343,8 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
         text_s += t5 / (DISK_GBPS * 1e9)
     tile = tiled_time(r, ch.vae_tile, m.vae_stride[1])
     scale = K.ref_tflops / sp.tflops * tile * r.width * r.height / 1e6
-    secs = {"text": text_s, "denoise": steps * step + upload + switch,
+    # a skipped forward runs no block and streams none: the step costs its share of forwards
+    secs = {"text": text_s, "denoise": steps * step * r.cache_share + upload + switch,
             "decode": scale * r.frames * K.vae_decode_s[m.vae_version, ch.vae_dtype]}
     if r.image:
         secs["encode"] = scale * (r.frames if m.encodes_video else 1) * K.vae_encode_s[m.vae_version, ch.vae_dtype]
