@@ -143,6 +143,9 @@ def main() -> int:
     ap.add_argument("--cap-gib", type=float, default=8.0, help="GPU memory cap (the profile's card)")
     ap.add_argument("--profile", default="08gb-vram-32gb-ram")
     ap.add_argument("--force", default="", help="plan fields to force, e.g. resident_blocks=0,text_encoder=stream")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="guidance of both experts (1: one DiT pass per step, Turbo-shaped; default: official)")
+    ap.add_argument("--cache", default="off", help="step cache: off, balanced or fast")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (checks the script)")
     args = ap.parse_args()
     cuda = not args.smoke
@@ -165,7 +168,8 @@ def main() -> int:
         profile_name = f"{args.profile} + {args.force}"
     request = GenerateRequest("a red fox trotting through fresh snow, morning light", model="t2v-a14b",
                               width=width, height=height, frames=args.frames, steps=args.steps, seed=0,
-                              memory_profile=args.profile)
+                              memory_profile=args.profile, guidance=args.guidance, guidance_low=args.guidance,
+                              cache=args.cache)
     job = engine.resolve(request)
     estimate = engine.preflight(job)
     stamps: list[tuple[str, int, float]] = []
@@ -190,8 +194,11 @@ def main() -> int:
             per_stage.setdefault(s1, []).append(b - a)
     frames = torch.as_tensor(result.frames)
     rec = {
-        "case": f"t2v-a14b job {width}x{height}x{args.frames} {profile_name}, cap {args.cap_gib:g} GiB",
+        "case": f"t2v-a14b job {width}x{height}x{args.frames} {profile_name}, cap {args.cap_gib:g} GiB"
+                + (f", {args.steps} steps guidance {args.guidance:g}" if args.guidance is not None else "")
+                + (f", cache {args.cache}" if args.cache != "off" else ""),
         "profile": profile_name, "cap_gib": args.cap_gib, "steps": args.steps,
+        "dit_forwards": result.settings.get("dit_forwards"),
         "preflight": {"peak_vram_gib": estimate.peak_vram_gib, "peak_ram_gib": estimate.peak_ram_gib,
                       "seconds": estimate.seconds, "fits": estimate.fits},
         "plan": pipe.placement.plan.summary() if getattr(pipe.placement, "plan", None) else None,

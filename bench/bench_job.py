@@ -148,7 +148,9 @@ def main() -> int:
     build_s = time.perf_counter() - t0
     from wan_lite.runtime.attention_select import select_attention
 
-    attention = select_attention(dev).note  # the kernel the engine picks for these (bf16) plans
+    choice = select_attention(dev)  # the kernel the engine picks for these (bf16) plans
+    pipe.set_attention(choice.fn)
+    attention = choice.note
     records = []
     for case, the_plan, cap in cases:
         try:

@@ -1,12 +1,13 @@
 """All of wan_lite's GPU measurements in one command, and the report built from them.
 
-    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b,quality] [--budget-s 560]
+    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b,video,quality] [--budget-s 560]
     python bench/run.py report DIR [DIR ...] [--docs docs]
 
 `measure` (on the GPU) runs the GPU-marked tests and the benchmark scripts (bench_attention.py:
 the attention kernels at the DiT's shapes; bench_dit.py: one DiT
 forward per plan and format against diffusers; bench_vae.py: Wan2.2 VAE decode; bench_job.py:
-the whole TI2V-5B job under a memory cap; bench_a14b_job.py: the whole T2V-A14B job from
+the whole TI2V-5B job under a memory cap; bench_video.py: request to mp4 of TI2V-5B 720p, with and
+without the step cache, and Turbo-shaped; bench_a14b_job.py: the whole T2V-A14B job from
 ComfyUI-format fp8 files with the 8 GB / 32 GB profile; bench_quality.py: int8 and fp8 against bf16 over
 a whole tiny-model generation, which also runs on a CPU), each writing raw JSON into DIR. A device call is
 limited to 10 minutes, so the parts can be measured in separate calls into separate folders.
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b", "quality")
+PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b", "video", "quality")
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> int:
@@ -76,6 +77,9 @@ def measure(args: argparse.Namespace) -> int:
                                ("job_a14b_streamed.log", ["--cap-gib", "6", "--force", six])):
                 rc = _run([py, "bench/bench_a14b_job.py", "--out", str(out / "job_a14b.json"), *extra],
                           left(), out / log)
+        elif part == "video":
+            rc = _run([py, "bench/bench_video.py", "--out", str(out / "video.json"), *args.video_args.split()],
+                      left(), out / "video.log")
         elif part == "quality":
             rc = _run([py, "bench/bench_quality.py", "--out", str(out / "quality.json")], min(300, left()),
                       out / "quality.log")
@@ -163,7 +167,7 @@ def report(args: argparse.Namespace) -> int:
             found += _dit_records(d)
         if (d := _load(folder / "vae.json")) is not None:
             found += _vae_records(d)
-        for name in ("job.json", "job_a14b.json", "quality.json"):
+        for name in ("job.json", "job_a14b.json", "video.json", "quality.json"):
             if (d := _load(folder / name)) is not None:
                 found += _generic_records(d)
         records += [r | {"run": folder.name} for r in found]
@@ -182,7 +186,8 @@ def report(args: argparse.Namespace) -> int:
             r["ratio_vs_resident"] = r["s_per_step"] / base[-1] if base else None
     docs = Path(args.docs)
     (docs / "benchmarks.json").write_text(json.dumps(records, indent=1) + "\n")
-    keys = ("run", "case", "peak_vram_gib", "peak_ram_gib", "s_per_step", "decode_s", "ratio_vs_resident",
+    keys = ("run", "case", "peak_vram_gib", "peak_ram_gib", "s_per_step", "decode_s", "wall_s", "ratio_vs_quality_off",
+            "ratio_vs_resident",
             "ratio_vs_diffusers", "rel_error")
 
     def cell(v, key=""):
@@ -245,6 +250,7 @@ def main() -> int:
     m.add_argument("--dit-args", default="", help="extra arguments for bench_dit.py, e.g. '--size-a14b 1280x720'")
     m.add_argument("--vae-args", default="", help="extra arguments for bench_vae.py")
     m.add_argument("--job-args", default="", help="extra arguments for bench_job.py, e.g. '--variant ...'")
+    m.add_argument("--video-args", default="", help="extra arguments for bench_video.py, e.g. '--cases turbo'")
     r = sub.add_parser("report")
     r.add_argument("dirs", nargs="+")
     r.add_argument("--docs", default=str(ROOT / "docs"))
