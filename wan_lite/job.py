@@ -10,6 +10,7 @@ here, one widget and one CLI flag.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,16 @@ from typing import Any
 from wan_lite.api import CACHE_MIN_STEPS, CACHE_MODES, GenerateRequest
 from wan_lite.errors import InputError
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, ModelSpec, get_spec
-from wan_lite.sizing import check_size, image_output_size
+from wan_lite.sizing import (
+    MAX_ASPECT,
+    MAX_IMAGE_PIXELS,
+    MAX_STEPS,
+    check_size,
+    image_output_size,
+    max_frames,
+    max_side,
+    trained_size_note,
+)
 
 
 @dataclass(frozen=True)
@@ -97,32 +107,80 @@ class Job:
 
 
 def load_image(image: Any) -> Any:
-    """A PIL RGB image from a path or a PIL image; InputError when it cannot be read."""
+    """A PIL RGB image from a path or a PIL image; InputError when it cannot be read or is too
+    large (checked from the header, before the pixels are decoded). 16-bit greyscale keeps its
+    levels (scaled to 8 bits, not clipped); transparency is laid over white."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
         img = image
+        _check_pixels(img.width, img.height, "The image")
     else:
         try:
             with Image.open(Path(image)) as opened:
+                _check_pixels(opened.width, opened.height, str(image))
                 opened.load()
                 img = ImageOps.exif_transpose(opened)
         except FileNotFoundError:
             raise InputError(f"Image not found: {image}") from None
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except IsADirectoryError:
+            raise InputError(f"{image} is a folder, not an image.", "Give the path of a PNG, JPEG or WebP file.") from None
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             raise InputError(f"Cannot read {image} as an image ({err}).",
                              "Use a PNG, JPEG or WebP picture.") from None
-    if img.mode in ("RGBA", "LA", "P"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import numpy as np
+
+        levels = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or levels.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(levels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
 
 
+def _check_pixels(width: int, height: int, what: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{what} is {width}x{height} pixels ({width * height / 1e6:.0f} MP); wan_lite takes start "
+                         f"images up to {MAX_IMAGE_PIXELS / 1e6:.0f} MP.", "Scale the image down first.")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise InputError(f"{what} is {width}x{height} pixels: its sides differ by more than {MAX_ASPECT:g}:1.",
+                         f"Crop it to a shape within {MAX_ASPECT:g}:1 (a video frame is 16:9 or 9:16).")
+
+
+def _whole(name: str, value: Any, low: int, high: int, unit: str = "") -> int:
+    """`value` as a whole number in [low, high], or InputError naming the field and the range."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        number = int(value)
+    if number is None or not low <= number <= high:
+        raise InputError(f"{name} must be a whole number from {low} to {high}{unit}, got {value!r}.")
+    return number
+
+
+def _real(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    """`value` as a finite number in [low, high] ((low, high] with low_open), or InputError."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    ok = math.isfinite(number) and (number > low if low_open else number >= low) and number <= high
+    if not ok or isinstance(value, bool):
+        bound = f"above {low:g} and at most {high:g}" if low_open else f"from {low:g} to {high:g}"
+        raise InputError(f"{name} must be a number {bound}, got {value!r}.")
+    return number
+
+
 def resolve(request: GenerateRequest) -> Job:
     """Fill in the registry defaults, open the image, draw the seed and check every field.
-    Raises InputError for what cannot be used. A `Job` passed in again is not re-resolved
-    (see `as_job`)."""
+    Raises InputError for what cannot be used, before anything is allocated. A `Job` passed
+    in again is not re-resolved (see `as_job`)."""
     spec = get_spec(request.model)
     notes: list[str] = []
     if request.image is not None and spec.task == "t2v":  # the A14B family: an image selects I2V
@@ -133,23 +191,25 @@ def resolve(request: GenerateRequest) -> Job:
         raise InputError("The prompt is empty.", "Describe the video you want, e.g. 'a red fox running through snow'.")
     if spec.needs_image and request.image is None:
         raise InputError(f"{spec.name} turns an image into a video: give a start image.")
+    side = max_side(spec)
     width, height = request.width, request.height
-    w0, h0 = spec.default_size if width is None and height is None else (width or height, height or width)
-    w, h, f, size_notes = check_size(spec, int(w0), int(h0), int(request.frames or spec.frames))
+    if width is None and height is None:
+        width, height = spec.default_size
+    w0 = _whole("The width", width if width is not None else height, 1, side, f" px for {spec.name}")
+    h0 = _whole("The height", height if height is not None else width, 1, side, f" px for {spec.name}")
+    f0 = _whole("The frame count", spec.frames if request.frames is None else request.frames, 1, max_frames(spec),
+                f" for {spec.name} (about 10 s)")
+    w, h, f, size_notes = check_size(spec, w0, h0, f0, trained_note=False)
     notes += size_notes
-    n = int(request.steps or spec.steps)
-    if n < 1 or n > 1000:
-        raise InputError(f"steps must be between 1 and 1000, got {n}.")
-    g_high = spec.guidance[0] if request.guidance is None else float(request.guidance)
+    n = _whole("The step count", spec.steps if request.steps is None else request.steps, 1, MAX_STEPS)
+    g_high = spec.guidance[0] if request.guidance is None else _real("The guidance", request.guidance, 0, 30)
     if request.guidance_low is not None:
-        g_low = float(request.guidance_low)
+        g_low = _real("The low-noise guidance", request.guidance_low, 0, 30)
     else:
         g_low = spec.guidance[1] if request.guidance is None else g_high
     if not spec.experts:
         g_low = g_high
-    s = spec.shift if request.shift is None else float(request.shift)
-    if s <= 0:
-        raise InputError(f"shift must be positive, got {s}.")
+    s = spec.shift if request.shift is None else _real("The shift", request.shift, 0, 100, low_open=True)
     cache = request.cache or "off"
     if cache not in CACHE_MODES:
         raise InputError(f"Unknown step cache setting {cache!r}.", f"Use one of: {', '.join(CACHE_MODES)}.")
@@ -158,17 +218,19 @@ def resolve(request: GenerateRequest) -> Job:
                      "every step matters there.")
         cache = "off"
     seed = request.seed
-    if seed is None or int(seed) < 0:
+    if seed is None or (not isinstance(seed, str) and isinstance(seed, (int, float)) and seed < 0):
         seed = random.randint(0, sys.maxsize)
+    seed = _whole("The seed", seed, 0, 2**64 - 1)
     img = load_image(request.image) if request.image is not None else None
     if img is not None:
         ow, oh = image_output_size(spec, img.width, img.height, w, h)
         if (ow, oh) != (w, h):
             notes.append(f"Output size follows the image's aspect ratio: {ow}x{oh}.")
         w, h = ow, oh
+    notes += trained_size_note(spec, w, h)
     filled = replace(request, model=spec.name, negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                      width=w, height=h, frames=f, steps=n, guidance=g_high, guidance_low=g_low, shift=s,
-                     seed=int(seed), cache=cache)
+                     seed=seed, cache=cache)
     return Job(request=filled, spec=spec, image=img, notes=notes)
 
 

@@ -9,6 +9,21 @@ import math
 
 from wan_lite.registry import ModelSpec
 
+# What wan_lite makes at most, whatever the machine: each side up to twice the model's largest
+# trained side, sides within 4:1 of each other, up to twice the trained frame count (about 10 s),
+# and start images up to 60 megapixels (a larger one is refused before it is decoded).
+MAX_ASPECT = 4.0
+MAX_IMAGE_PIXELS = 60_000_000
+MAX_STEPS = 1000
+
+
+def max_side(spec: ModelSpec) -> int:
+    return 2 * max(max(size) for size in spec.sizes)
+
+
+def max_frames(spec: ModelSpec) -> int:
+    return 2 * spec.frames - 1
+
 
 def snap_multiple(value: int, multiple: int) -> int:
     """Nearest positive multiple of `multiple` (ties go up)."""
@@ -20,8 +35,11 @@ def snap_frames(frames: int) -> int:
     return max(1, 4 * int(math.floor((frames - 1) / 4 + 0.5)) + 1)
 
 
-def check_size(spec: ModelSpec, width: int, height: int, frames: int) -> tuple[int, int, int, list[str]]:
-    """Snap width/height to the model's granularity and frames to 4n+1, with notes for people."""
+def check_size(spec: ModelSpec, width: int, height: int, frames: int,
+               trained_note: bool = True) -> tuple[int, int, int, list[str]]:
+    """Snap width/height to the model's granularity and frames to 4n+1, with notes for people
+    (and one when the size is not a trained one, unless `trained_note` is False: image-to-video
+    tells it of the size that follows the image)."""
     notes: list[str] = []
     m = spec.size_multiple
     w, h, f = snap_multiple(width, m), snap_multiple(height, m), snap_frames(frames)
@@ -29,22 +47,27 @@ def check_size(spec: ModelSpec, width: int, height: int, frames: int) -> tuple[i
         notes.append(f"Size {width}x{height} is not a multiple of {m} px for {spec.name}; using {w}x{h}.")
     if f != frames:
         notes.append(f"{frames} frames is not of the form 4n+1; using {f}.")
-    if (w, h) not in spec.sizes:
-        trained = ", ".join(f"{a}x{b}" for a, b in spec.sizes)
-        notes.append(f"{w}x{h} is not a trained size of {spec.name} ({trained}); quality may suffer.")
-    return w, h, f, notes
+    return w, h, f, notes + (trained_size_note(spec, w, h) if trained_note else [])
+
+
+def trained_size_note(spec: ModelSpec, w: int, h: int) -> list[str]:
+    if (w, h) in spec.sizes:
+        return []
+    trained = ", ".join(f"{a}x{b}" for a, b in spec.sizes)
+    return [f"{w}x{h} is not a trained size of {spec.name} ({trained}); quality may suffer."]
 
 
 def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
     """The official TI2V output size for an image of w x h: the (width, height) with the closest
-    aspect ratio among two candidates of area <= expected_area divisible by (dw, dh)."""
+    aspect ratio among two candidates of area <= expected_area divisible by (dw, dh). A side
+    the official rule would round down to 0 (a small area for a long image) is one step instead."""
     ratio = w / h
     ow = math.sqrt(expected_area * ratio)
     oh = expected_area / ow
-    ow1 = int(ow // dw * dw)
-    oh1 = int(expected_area / ow1 // dh * dh)
-    oh2 = int(oh // dh * dh)
-    ow2 = int(expected_area / oh2 // dw * dw)
+    ow1 = max(dw, int(ow // dw * dw))
+    oh1 = max(dh, int(expected_area / ow1 // dh * dh))
+    oh2 = max(dh, int(oh // dh * dh))
+    ow2 = max(dw, int(expected_area / oh2 // dw * dw))
 
     def err(r: float) -> float:
         return max(ratio / r, r / ratio)
@@ -54,10 +77,11 @@ def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tu
 
 def i2v_a14b_size(image_w: int, image_h: int, max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
     """The official I2V-A14B output (width, height): keeps the image's aspect within max_area,
-    latent sides rounded down to even numbers (the image is then stretched, not cropped)."""
+    latent sides rounded down to even numbers (the image is then stretched, not cropped); a side
+    rounded down to 0 is one patch instead."""
     ar = image_h / image_w
-    lat_h = round(math.floor(math.floor(math.sqrt(max_area * ar) / stride) / patch) * patch)
-    lat_w = round(math.floor(math.floor(math.sqrt(max_area / ar) / stride) / patch) * patch)
+    lat_h = max(patch, round(math.floor(math.floor(math.sqrt(max_area * ar) / stride) / patch) * patch))
+    lat_w = max(patch, round(math.floor(math.floor(math.sqrt(max_area / ar) / stride) / patch) * patch))
     return lat_w * stride, lat_h * stride
 
 
