@@ -270,7 +270,7 @@ def test_peft_metadata_alpha_and_patterns(tmp_path, state) -> None:
 # ------------------------------------------------------------------------------------ bad files
 def test_a_14b_lora_on_the_5b_model_names_both(tmp_path) -> None:
     shapes = official_dit_shapes(in_dim=48, out_dim=48, dim=3072, ffn_dim=14336, num_layers=30)
-    big = {"blocks.0.self_attn.q": {"down": torch.zeros(2, 5120), "up": torch.zeros(5120, 2)}}
+    big = {f"blocks.{n}.self_attn.q": {"down": torch.zeros(2, 5120), "up": torch.zeros(5120, 2)} for n in (0, 35)}
     lf = read_lora(write_lora(tmp_path / "wan14b_style.safetensors", big, "comfy"))
     with pytest.raises(CheckpointError, match=r"(?s)wan14b_style.*5120 wide.*14B.*3072 wide.*TI2V-5B"):
         lf.check(shapes)

@@ -110,7 +110,7 @@ _SUFFIX = re.compile(
 _UNSUPPORTED = {"dora_scale": "DoRA", "lora_mid": "LoCon (Tucker)", "hada_": "LoHa", "lokr_": "LoKr",
                 ".set_weight": "a weight replacement (set)", "oft_": "OFT"}
 _WIDTHS = {1536: "Wan 2.1 T2V-1.3B", 3072: "Wan 2.2 TI2V-5B",
-           5120: "a 14B Wan model (Wan 2.2 T2V-A14B / I2V-A14B, Wan 2.1 14B)"}
+           5120: "a 14B Wan model: Wan 2.2 T2V-A14B / I2V-A14B or Wan 2.1 14B"}
 
 
 def official_module(module: str) -> str | None:
@@ -190,9 +190,9 @@ class LoRAFile:
 
     path: Path
     layers: dict[str, LoRALayer]
+    source: SafetensorsSource = field(repr=False)
     notes: tuple[str, ...] = ()
     convention: str = "official"
-    source: SafetensorsSource = field(repr=False, default=None)  # type: ignore[assignment]
 
     @property
     def name(self) -> str:
@@ -265,6 +265,12 @@ class LoRAFile:
                     ok = math.prod(have) == math.prod(target) and _squeezed(have) == _squeezed(target)
                 if not ok:
                     wrong.append((key, have, target))
+        mine = self.width()
+        dim = next((v[-1] for k, v in shapes.items() if k.endswith("modulation")), None)
+        if (missing or wrong) and mine is not None and dim is not None and mine != dim:
+            model = f" ({_WIDTHS[dim]})" if dim in _WIDTHS else ""
+            raise CheckpointError(f"The LoRA {self.path} is for a DiT {mine} wide ({_WIDTHS.get(mine, 'another model')});"
+                                  f" this {what} is {dim} wide{model}.", "Use a LoRA made for this model.")
         if missing:
             blocks = sum(1 for k in shapes if re.fullmatch(r"blocks\.\d+\.modulation", k))
             raise CheckpointError(
@@ -273,8 +279,9 @@ class LoRAFile:
                 "The LoRA is for another model; use a LoRA made for this one.",
             )
         if wrong:
-            raise CheckpointError(self._wrong_model(shapes, wrong, what),
-                                  "Use a LoRA trained for this model.")
+            shown = [f"{k} {_shape_text(h)} vs {_shape_text(t) if t else 'no such tensor'}" for k, h, t in wrong]
+            raise CheckpointError(f"The LoRA {self.path} does not fit this {what}'s shapes: {_listing(shown, 4)}.",
+                                  "Use a LoRA made for this model.")
 
     def width(self) -> int | None:
         """The DiT width this LoRA was made for, from its attention layers (None if it has none)."""
@@ -286,16 +293,6 @@ class LoRAFile:
             if _is_param(layer.module) and layer.diff:
                 return self.source.shape(layer.diff)[-1]
         return None
-
-    def _wrong_model(self, shapes: dict[str, tuple[int, ...]], wrong: list, what: str) -> str:
-        mine = self.width()
-        dim = next((v[-1] for k, v in shapes.items() if k.endswith("modulation")), None)
-        if mine is not None and dim is not None and mine != dim:
-            lora_for = _WIDTHS.get(mine, "another model")
-            model = f" ({_WIDTHS[dim]})" if dim in _WIDTHS else ""
-            return (f"The LoRA {self.path} is for a DiT {mine} wide ({lora_for}); this {what} is {dim} wide{model}.")
-        shown = [f"{k} {_shape_text(h)} vs {_shape_text(t) if t else 'no such tensor'}" for k, h, t in wrong]
-        return f"The LoRA {self.path} does not fit this {what}'s shapes: {_listing(shown, 4)}."
 
 
 def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
@@ -407,7 +404,8 @@ def read_lora(path: Path | str) -> LoRAFile:
         if "alpha" in roles:
             alpha = float(source.read(roles["alpha"], torch.float32).reshape(-1)[0])
         elif rank and peft_alpha is not None:
-            alpha = _pattern_alpha(alpha_pattern, spelled[official]) or peft_alpha
+            alpha = _pattern_alpha(alpha_pattern, spelled[official])
+            alpha = peft_alpha if alpha is None else alpha
         if alpha is not None and not math.isfinite(alpha):
             lone.append(f"{roles['alpha']} = {alpha}")
             continue
@@ -422,7 +420,7 @@ def read_lora(path: Path | str) -> LoRAFile:
     if not layers:
         raise CheckpointError(f"The LoRA {path} holds nothing for a Wan 2.2 DiT ({'; '.join(notes)}).",
                               "Use a LoRA made for a Wan 2.2 model.")
-    return LoRAFile(path, layers, tuple(notes), _convention(names), source)
+    return LoRAFile(path, layers, source, tuple(notes), _convention(names))
 
 
 def _convention(names: Sequence[str]) -> str:
