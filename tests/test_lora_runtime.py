@@ -1,0 +1,184 @@
+"""LoRAs unmerged at run time (wan_lite.runtime.lora) on the tiny DiT: the same output as the
+LoRA merged as read (loading.lora.LoRASource, checked against diffusers in test_lora.py), on float,
+int8 / fp8 (`QuantizedLinear`) and GGUF layers; detach gives the base back bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_ckpt.lora import (
+    BLOCK_LINEARS,
+    DIM,
+    FFN,
+    LAYERS,
+    full_lora,
+    make_lora,
+    tiny_inputs,
+    tiny_state,
+    write_lora,
+)
+from wan_lite.errors import CheckpointError
+from wan_lite.loading.lora import LoRASource, read_lora
+from wan_lite.loading.tensors import DictSource
+from wan_lite.models.dit import WanDiT
+from wan_lite.runtime.lora import attach_loras, attached_loras, detach_loras, lora_bytes, loras_to
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return tiny_state()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tiny_inputs()
+
+
+def run(model, inputs) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(*inputs).float()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dit(source_or_state, dtype: torch.dtype = torch.float32) -> WanDiT:
+    src = source_or_state if not isinstance(source_or_state, dict) else DictSource(source_or_state)
+    return WanDiT.from_source(src, dtype)
+
+
+def test_unmerged_equals_merged_and_detach_restores(tmp_path, state, inputs) -> None:
+    lora = full_lora(state, seed=9)
+    lf = read_lora(write_lora(tmp_path / "x.safetensors", lora, "comfy_ab"))
+    want = run(dit(LoRASource(DictSource(state), [(lf, 0.8)])), inputs)
+    model = dit(state)
+    before = run(model, inputs)
+    attachment = attach_loras(model, [lf], [0.8], dtype=torch.float32)
+    assert set(attachment.hooks) == {f"blocks.{n}.{m}" for n in range(LAYERS) for m in BLOCK_LINEARS}
+    # outside the blocks (read with F.linear by the DiT), norms, modulation and biases: merged
+    assert {"head.head.weight", "text_embedding.0.weight", "patch_embedding.weight", "blocks.0.norm3.weight",
+            "blocks.1.modulation", "blocks.0.self_attn.q.bias"} <= set(attachment.merged)
+    factors = sum(t.numel() * 4 for h in attachment.hooks.values() for t in (h.down, h.up))
+    assert lora_bytes(model) == factors == attachment.factor_bytes()
+    assert rel_err(run(model, inputs), want) < 1e-5
+    loras_to(model, "cpu")
+    assert attachment.hooks["blocks.0.ffn.2"].up.device.type == "cpu"
+
+    detach_loras(model)
+    assert attached_loras(model) is None and lora_bytes(model) == 0
+    assert torch.equal(run(model, inputs), before)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.02), ("fp8", 0.06)])
+def test_quantized_base_with_unmerged_lora_is_close_to_the_bf16_merge(tmp_path, state, inputs, fmt, tol) -> None:
+    from wan_lite.runtime.quant import QuantizedLinear, quantize_model
+
+    lora = full_lora(state, seed=10)
+    lf = read_lora(write_lora(tmp_path / "x.safetensors", lora, "kohya", dtype=torch.bfloat16))
+    want = run(dit(LoRASource(DictSource(state), [(lf, 1.0)]), torch.bfloat16), inputs)
+    model = dit(state, torch.bfloat16)
+    quantize_model(model, fmt)
+    assert isinstance(model.blocks[0].ffn[2], QuantizedLinear) and model.blocks[0].ffn[2].input_gelu  # GELU folded
+    without = run(model, inputs)
+    attach_loras(model, [lf], [1.0])
+    assert lora_bytes(model) == lf.unmerged_bytes(torch.bfloat16)  # what the planner can count beforehand
+    got = run(model, inputs)
+    assert rel_err(got, want) < min(tol, rel_err(without, want) / 3)
+
+
+def test_hook_sees_fp8_rows_and_gguf_layers() -> None:
+    gguf = pytest.importorskip("gguf")
+    from wan_lite.models.fp8_rows import Fp8Rows
+    from wan_lite.runtime.gguf_linear import GGUFLinear
+    from wan_lite.runtime.lora import _LowRank
+    from wan_lite.runtime.quant import QuantizedLinear
+
+    gen = torch.Generator().manual_seed(11)
+    w, b, x = torch.randn(64, 128, generator=gen) / 11, torch.randn(64, generator=gen), torch.randn(5, 128, generator=gen)
+    down, up = torch.randn(3, 128, generator=gen) / 11, torch.randn(64, 3, generator=gen)
+    data = torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0))
+    layers = [GGUFLinear.from_blocks(data.reshape(64, -1), "Q8_0", (64, 128), b),
+              QuantizedLinear.from_linear(torch.nn.Linear(128, 64).requires_grad_(False), "fp8")]
+    for layer in layers:
+        plain = layer(x)
+        layer.register_forward_hook(_LowRank(down, up, None))
+        torch.testing.assert_close(layer(x), plain + x @ down.T @ up.T)
+    scale = x.abs().amax(dim=1, keepdim=True) / 448
+    rows = Fp8Rows((x / scale).to(torch.float8_e4m3fn), scale, torch.float32)
+    xr = rows.dequantized()
+    torch.testing.assert_close(layers[1](rows), layers[1](xr))  # the hook used the rows' values
+
+
+def test_refill_from_disk_keeps_the_lora(tmp_path, state, inputs) -> None:
+    from wan_lite.runtime import streaming
+    from wan_lite.runtime.quant import quantize_model
+
+    lf = read_lora(write_lora(tmp_path / "x.safetensors", full_lora(state, seed=12), "comfy"))
+    model = dit(state, torch.bfloat16)
+    quantize_model(model, "int8")
+    base = DictSource({k: v.clone() for k, v in model.state_dict().items()})  # as the quantized cache holds it
+    attachment = attach_loras(model, [lf], [1.0])
+    before = run(model, inputs)
+    source = attachment.refill_source(base)
+    assert source.changed == set(attachment.merged)
+    streaming.set_expert_source(model, source)
+    streaming.move_expert(model, "disk")
+    streaming.move_expert(model, "ram")
+    assert torch.equal(run(model, inputs), before)
+
+
+def test_attach_refuses_a_streamed_model(tmp_path, state) -> None:
+    from wan_lite.runtime import streaming
+
+    lf = read_lora(write_lora(tmp_path / "x.safetensors", make_lora(state, ["blocks.1.ffn.0"]), "comfy"))
+    model = dit(state)
+    streaming.attach(model, "cpu")
+    with pytest.raises(RuntimeError, match="streamer"):
+        attach_loras(model, [lf], [1.0])
+    streaming.detach_streamer(model)
+    attach_loras(model, [lf], [1.0])
+    streaming.attach(model, "cpu")
+    with pytest.raises(RuntimeError, match="streamer"):
+        detach_loras(model)
+
+
+def test_strength_zero_attaches_nothing(tmp_path, state, inputs) -> None:
+    lf = read_lora(write_lora(tmp_path / "x.safetensors", full_lora(state), "kohya"))
+    model = dit(state)
+    before = run(model, inputs)
+    attachment = attach_loras(model, [lf], [0.0])
+    assert not attachment.hooks and not attachment.merged and lora_bytes(model) == 0
+    assert torch.equal(run(model, inputs), before)
+
+
+def test_several_loras_stack_into_one_pair_per_layer(tmp_path, state, inputs) -> None:
+    a = make_lora(state, ["blocks.0.self_attn.q", "blocks.1.ffn.0", "text_embedding.0"], seed=7,
+                  diffs=["blocks.0.norm3"])
+    b = make_lora(state, ["blocks.0.self_attn.q", "blocks.0.cross_attn.v", "head.head"], rank=2, alpha=4.0, seed=8,
+                  diff_bs=["blocks.0.self_attn.q"])
+    fa = read_lora(write_lora(tmp_path / "a.safetensors", a, "comfy"))
+    fb = read_lora(write_lora(tmp_path / "b.safetensors", b, "peft_default"))
+    want = run(dit(LoRASource(DictSource(state), [(fa, 0.5), (fb, -0.7)])), inputs)
+    model = dit(state)
+    attachment = attach_loras(model, [fa, fb], [0.5, -0.7], dtype=torch.float32)
+    assert attachment.hooks["blocks.0.self_attn.q"].down.shape == (3 + 2, DIM)  # both LoRAs, one pair of GEMMs
+    assert rel_err(run(model, inputs), want) < 1e-5
+    attach_loras(model, [fb], [1.0], dtype=torch.float32)  # attaching again replaces, never stacks
+    assert set(attached_loras(model).hooks) == {"blocks.0.self_attn.q", "blocks.0.cross_attn.v"}
+    assert rel_err(run(model, inputs), run(dit(LoRASource(DictSource(state), [(fb, 1.0)])), inputs)) < 1e-5
+
+
+def test_a_bad_lora_leaves_the_model_as_it_was(tmp_path, state, inputs) -> None:
+    good = read_lora(write_lora(tmp_path / "good.safetensors", full_lora(state), "comfy"))
+    wide = {"blocks.0.ffn.0": {"down": torch.zeros(2, 2 * DIM), "up": torch.zeros(FFN, 2)}}
+    bad = read_lora(write_lora(tmp_path / "bad.safetensors", wide, "comfy"))
+    model = dit(state)
+    before = run(model, inputs)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        attach_loras(model, [good, bad], [1.0, 1.0])
+    assert attached_loras(model) is None
+    assert torch.equal(run(model, inputs), before)
