@@ -49,6 +49,9 @@ class GenerateRequest:
     sampler: str = "unipc"
     memory_profile: str = "auto"
     cache: str = "off"  # step cache: "off", "balanced" or "fast" (CACHE_MODES)
+    # LoRAs: "FILE[:STRENGTH|:HIGH,LOW]", (FILE, STRENGTH) or (FILE, HIGH, LOW); resolved to
+    # (absolute path, high-noise strength, low-noise strength). 0 leaves that expert alone.
+    loras: tuple = ()
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -50,6 +50,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shift", type=float, default=None, help="noise schedule shift (5.0; 12.0 for T2V-A14B)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed at the end)")
     p.add_argument("--sampler", default="unipc", choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH|:HIGH,LOW]",
+                   help="apply a LoRA (.safetensors, any common key layout); repeatable. STRENGTH defaults to 1; "
+                        "for A14B, HIGH,LOW are the high- and low-noise experts' strengths (0 leaves one alone)")
     p.add_argument("--cache", default="off", choices=list(CACHE_MODES),
                    help="step cache: skip DiT forwards that would change little and reuse their result "
                         "(balanced: about half the forwards; fast: about a third; off: every forward)")

@@ -15,7 +15,7 @@ import random
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from wan_lite.api import CACHE_MIN_STEPS, CACHE_MODES, GenerateRequest
 from wan_lite.errors import InputError
@@ -103,6 +103,7 @@ class Job:
             "seed": self.seed,
             "sampler": r.sampler,
             "cache": r.cache,
+            "loras": [{"file": p, "strength_high": hi, "strength_low": lo} for p, hi, lo in r.loras],
         }
 
 
@@ -221,6 +222,7 @@ def resolve(request: GenerateRequest) -> Job:
     if seed is None or (not isinstance(seed, str) and isinstance(seed, (int, float)) and seed < 0):
         seed = random.randint(0, sys.maxsize)
     seed = _whole("The seed", seed, 0, 2**64 - 1)
+    loras = _loras(request.loras, spec)
     img = load_image(request.image) if request.image is not None else None
     if img is not None:
         ow, oh = image_output_size(spec, img.width, img.height, w, h)
@@ -230,8 +232,75 @@ def resolve(request: GenerateRequest) -> Job:
     notes += trained_size_note(spec, w, h)
     filled = replace(request, model=spec.name, negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                      width=w, height=h, frames=f, steps=n, guidance=g_high, guidance_low=g_low, shift=s,
-                     seed=seed, cache=cache)
+                     seed=seed, cache=cache, loras=loras)
     return Job(request=filled, spec=spec, image=img, notes=notes)
+
+
+# ------------------------------------------------------------------------ LoRAs: FILE[:STRENGTH]
+class LoRAArg(NamedTuple):
+    """A LoRA as asked for: its file and its strength on the high- and low-noise experts (the
+    single-DiT models use `high`). 0 leaves that expert alone."""
+
+    path: Path
+    high: float
+    low: float
+
+
+_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin")
+_FORM = "FILE, FILE:STRENGTH or FILE:HIGH,LOW (e.g. style.safetensors:0.8, lightning.safetensors:1,0)"
+
+
+def parse_lora_arg(arg: str) -> LoRAArg:
+    """"FILE" -> (FILE, 1, 1); "FILE:0.8" -> (FILE, 0.8, 0.8); "FILE:1,0.5" -> per expert.
+
+    The strength is split off at the last colon, and only when what follows it is no part of a
+    path (no slash, no file extension), so `C:\\loras\\x.safetensors:0.8` keeps its drive letter.
+    Raises InputError naming the argument for a strength that is not a finite number.
+    """
+    text = arg.strip()
+    path, sep, suffix = text.rpartition(":")
+    if not sep or "/" in suffix or "\\" in suffix or suffix.lower().endswith(_EXTENSIONS):
+        path, suffix = text, None
+    if not path:
+        raise InputError(f"LoRA argument {arg!r} names no file.", f"Write {_FORM}.")
+    if suffix is None:
+        return LoRAArg(Path(path), 1.0, 1.0)
+    parts = suffix.split(",")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or len(parts) > 2:
+            raise InputError(f"LoRA argument {arg!r}: the strength {suffix!r} is not one or two finite numbers.",
+                             f"Write {_FORM}.")
+        values.append(value)
+    return LoRAArg(Path(path), values[0], values[-1])
+
+
+def _loras(value: Any, spec: ModelSpec) -> tuple[tuple[str, float, float], ...]:
+    """The request's LoRAs as (absolute path, high-noise strength, low-noise strength): each given
+    as "FILE[:S|:HIGH,LOW]", (path, strength) or (path, high, low). Only the file's presence and
+    the strengths are checked here; the file itself is read, checked against the model and
+    applied whole or not at all when the model loads."""
+    out = []
+    for item in value or ():
+        if isinstance(item, str):
+            arg = parse_lora_arg(item)
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            strengths = [_real(f"LoRA {item[0]}: the strength", v, -10, 10) for v in item[1:]]
+            arg = LoRAArg(Path(str(item[0])), strengths[0], strengths[-1])
+        else:
+            raise InputError(f"LoRA {item!r} is not FILE, (FILE, STRENGTH) or (FILE, HIGH, LOW).", f"Write {_FORM}.")
+        path = arg.path.expanduser()
+        if not path.is_file():
+            raise InputError(f"LoRA file not found: {path}", "Check the path; LoRA files end in .safetensors.")
+        for v in (arg.high, arg.low):
+            _real(f"LoRA {path.name}: the strength", v, -10, 10)
+        low = arg.low if spec.experts else arg.high
+        out.append((str(path.resolve()), float(arg.high), float(low)))
+    return tuple(out)
 
 
 def as_job(request: GenerateRequest | Job) -> Job:

@@ -162,6 +162,9 @@ class WanPipeline:
         # Around every DiT call of the denoising loop, first registered outermost (see StepHook).
         self.step_hooks: list[StepHook] = []
         self._forwards = 0  # DiT forwards (batch rows) of the running denoise, skipped ones included
+        self._lora_files: dict[tuple, Any] = {}  # (path, size, mtime) -> a read LoRA file
+        self._loras: dict[str, list[tuple[Any, float]]] = {}  # role -> the job's (LoRA, strength) pairs
+        self.lora_use: dict[str, str] = {}  # role -> how its LoRAs were applied: "merged", "unmerged", "none"
         self.decode_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda vae, z: vae.decode(z)
         self.encode_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda vae, x: vae.encode(x)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -315,9 +318,12 @@ class WanPipeline:
 
             raise InputError(f"This job is for {job.spec.name}, but this pipeline runs {self.spec.name}.",
                              f"Load {job.spec.name}, or leave out what selects it (an image selects I2V-A14B).")
+        lora_notes = self._prepare_loras(job)
         latents, clock, forwards = self.denoise(job, on_progress=on_progress, cancel=cancel,
                                                 preview_every=preview_every)
         settings = job.settings() | {"dit_forwards": forwards}
+        for entry in settings["loras"]:
+            entry["applied"] = {role: self.lora_use.get(role, "none") for role in self.dits}
         if on_latents is not None:
             on_latents(latents, settings)
         self._report(on_progress, "decode", 0, 1, clock)
@@ -328,7 +334,47 @@ class WanPipeline:
         settings["timings"] = dict(clock.timings)
         return PipelineResult(frames=video_to_frames(video), fps=self.spec.fps, seed=job.seed,
                               latents=latents, timings=dict(clock.timings), settings=settings,
-                              notes=list(job.notes))
+                              notes=list(job.notes) + lora_notes)
+
+    def _prepare_loras(self, job: Job) -> list[str]:
+        """Read the job's LoRA files (once per file version) and check each against every DiT
+        before any of them changes: a LoRA that does not fit stops the job with nothing applied.
+        Each expert takes them on when it becomes active (`_use_loras`)."""
+        if not job.request.loras and not any(self._loras.values()):
+            return []
+        from wan_lite.loading.lora import read_lora
+        from wan_lite.runtime.lora import layer_shapes
+
+        files = []
+        for path, _hi, _lo in job.request.loras:
+            stat = Path(path).stat()
+            key = (path, stat.st_size, stat.st_mtime_ns)
+            if key not in self._lora_files:
+                self._lora_files[key] = read_lora(path)
+            files.append(self._lora_files[key])
+        for role, dit in self.dits.items():
+            shapes = layer_shapes(dit)
+            for lora in files:
+                lora.check(shapes, what=f"{role} DiT" if role != "main" else "DiT")
+        self._loras = {role: [(lora, hi if role in ("main", "high") else lo)
+                              for lora, (_p, hi, lo) in zip(files, job.request.loras, strict=True)]
+                       for role in self.dits}
+        notes = [n for lora in files for n in lora.notes]
+        return list(dict.fromkeys(notes))
+
+    def _use_loras(self, role: str) -> None:
+        """The job's LoRAs on expert `role`, merged or unmerged (runtime/lora.py use_loras), before
+        the placement puts it on the device. An unmerged LoRA needs the expert's tensors: an
+        expert waiting on disk is read first (activate would do it anyway)."""
+        pairs = self._loras.get(role, [])
+        from wan_lite.runtime import lora as lora_rt
+        from wan_lite.runtime import streaming
+
+        dit = self.dits[role]
+        if pairs and streaming.where_is(dit) == "disk" and not lora_rt.mergeable(dit):
+            streaming.move_expert(dit, "ram")
+        how = lora_rt.use_loras(dit, [lora for lora, _s in pairs], [s for _l, s in pairs])
+        self.lora_use[role] = how
 
     def _report(self, cb: ProgressCallback | None, stage: str, step: int, total: int, clock: _Clock,
                 eta: float | None = None, preview: np.ndarray | None = None) -> None:
@@ -413,6 +459,8 @@ class WanPipeline:
             if role != active:
                 if active is not None:
                     self.placement.release(active, self.dits[active])
+                if role in self._loras:
+                    self._use_loras(role)
                 self.placement.activate(role, self.dits[role])
                 active = role
             g = job.guidance[0] if role in ("main", "high") else job.guidance[1]

@@ -33,11 +33,11 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-from wan_lite.errors import CheckpointError, InputError
+from wan_lite.errors import CheckpointError
+from wan_lite.job import LoRAArg, parse_lora_arg
 from wan_lite.loading.keymaps import recognise
 from wan_lite.loading.tensors import SafetensorsSource, TensorSource, read_safetensors_header
 
@@ -517,44 +517,5 @@ class LoRASource(TensorSource):
         return f"{self.base.describe()} + LoRA {loras}" if loras else self.base.describe()
 
 
-# ------------------------------------------------------------------------ FILE[:STRENGTH] syntax
-class LoRAArg(NamedTuple):
-    """A LoRA as asked for: its file and its strength on the high- and low-noise experts (the
-    single-DiT models use `high`). 0 leaves that expert alone."""
-
-    path: Path
-    high: float
-    low: float
-
-
-_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin")
-_FORM = "FILE, FILE:STRENGTH or FILE:HIGH,LOW (e.g. style.safetensors:0.8, lightning.safetensors:1,0)"
-
-
-def parse_lora_arg(arg: str) -> LoRAArg:
-    """"FILE" -> (FILE, 1, 1); "FILE:0.8" -> (FILE, 0.8, 0.8); "FILE:1,0.5" -> per expert.
-
-    The strength is split off at the last colon, and only when what follows it is no part of a
-    path (no slash, no file extension), so `C:\\loras\\x.safetensors:0.8` keeps its drive letter.
-    Raises InputError naming the argument for a strength that is not a finite number.
-    """
-    text = arg.strip()
-    path, sep, suffix = text.rpartition(":")
-    if not sep or "/" in suffix or "\\" in suffix or suffix.lower().endswith(_EXTENSIONS):
-        path, suffix = text, None
-    if not path:
-        raise InputError(f"LoRA argument {arg!r} names no file.", f"Write {_FORM}.")
-    if suffix is None:
-        return LoRAArg(Path(path), 1.0, 1.0)
-    parts = suffix.split(",")
-    values = []
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or len(parts) > 2:
-            raise InputError(f"LoRA argument {arg!r}: the strength {suffix!r} is not one or two finite numbers.",
-                             f"Write {_FORM}.")
-        values.append(value)
-    return LoRAArg(Path(path), values[0], values[-1])
+__all__ = ["LoRAArg", "LoRAFile", "LoRALayer", "LoRASource", "load_lora", "official_module", "parse_lora_arg",
+           "read_lora"]

@@ -255,3 +255,95 @@ def loras_to(model: nn.Module, device: torch.device | str) -> None:
     attachment = _ATTACHED.get(model)
     for hook in [] if attachment is None else attachment.hooks.values():
         hook.to(device)
+
+
+# ------------------------------------------------------------------------ a job's LoRAs on a model
+@dataclass
+class _InUse:
+    """What `use_loras` last put on a model: the (file, strength) pairs, how, and the base source."""
+
+    key: tuple[tuple[str, float], ...]
+    how: str  # "merged", "unmerged" or "none"
+    base: TensorSource | None
+    params: tuple[str, ...] = ()  # merged: the parameters that hold merged values
+
+
+_IN_USE: weakref.WeakKeyDictionary[nn.Module, _InUse] = weakref.WeakKeyDictionary()
+
+
+def _float_blocks(model: nn.Module) -> bool:
+    """Every Linear in the blocks is a plain float nn.Linear (nothing quantized to re-quantize)."""
+    _prefix, blocks = find_block_list(model)
+    return all(type(m) is nn.Linear and m.weight.is_floating_point() for m in blocks.modules()
+               if isinstance(m, _LINEARS))
+
+
+def use_loras(model: nn.Module, loras: Sequence[LoRAFile], strengths: Sequence[float]) -> str:
+    """Make `model` carry exactly `loras` at `strengths` (a strength of 0 drops that LoRA), whatever
+    it carried before; returns how: "merged", "unmerged" or "none".
+
+    Merged where the blocks are float and the model was loaded from a source that can be read
+    again (`streaming.set_expert_source`): each tensor a LoRA changes is read again from that
+    source with the LoRAs merged as it is read (float32, rounded once) and copied into the model's
+    tensor where it is (RAM, GPU, or a block's packed host buffer); a LoRA taken off is undone the
+    same way, from the source, so no copy of the originals is kept and strength 0 is the plain
+    model bit for bit. The model's refill source becomes the merging one, so an expert dropped to
+    disk comes back merged. Otherwise (quantized or GGUF blocks: merging would mean quantizing
+    again) the LoRAs are attached unmerged (`attach_loras`). Every LoRA is checked against the
+    model before anything changes. No block streamer may be attached (between jobs it is not)."""
+    from wan_lite.runtime import streaming
+
+    active = [(lora, float(s)) for lora, s in zip(loras, strengths, strict=True) if s != 0]
+    key = tuple((str(lora.path), s) for lora, s in active)
+    state = _IN_USE.get(model)
+    if state is not None and state.key == key:
+        return state.how
+    shapes = layer_shapes(model)
+    for lora, _s in active:
+        lora.check(shapes)
+    _no_streamer(model)
+    source = streaming._SOURCES.get(model)
+    base = state.base if state is not None else (source[0] if source is not None and source[1] is None else None)
+    merged_before = state.params if state is not None and state.how == "merged" else ()
+    if state is not None and state.how == "unmerged":
+        detach_loras(model)
+    if active and base is not None and _float_blocks(model):
+        how = "merged"
+        params = tuple(sorted({p for lora, _s in active for p in lora.params()}))
+        _refill(model, base, [p for p in merged_before if p not in params])
+        _refill(model, LoRASource(base, active), params)
+    else:
+        params = ()
+        if merged_before:
+            _refill(model, base, merged_before)  # type: ignore[arg-type]
+        how = "unmerged" if active else "none"
+        if active:
+            attachment = attach_loras(model, [lora for lora, _s in active], [s for _l, s in active])
+    if base is not None:
+        refill = (attachment.refill_source(base) if how == "unmerged"  # type: ignore[possibly-undefined]
+                  else LoRASource(base, active) if active else base)
+        streaming.set_expert_source(model, refill)
+    _IN_USE[model] = _InUse(key, how, base, params)
+    if active:
+        log.info("LoRA %s %s", ", ".join(f"{lora.name} x{s:g}" for lora, s in active), how)
+    return how
+
+
+def _refill(model: nn.Module, source: TensorSource, params: Sequence[str]) -> None:
+    """Read `params` from `source` again into the model's own tensors, in their dtypes and places."""
+    for name in params:
+        current = _get(model, name)
+        if current.device.type == "meta":  # the model waits on disk: its refill source is set instead
+            continue
+        with torch.no_grad():
+            current.data.copy_(source.read(name, current.dtype))
+
+
+def mergeable(model: nn.Module) -> bool:
+    """Whether `use_loras` merges into `model` (float blocks and a source to read them from again)."""
+    from wan_lite.runtime import streaming
+
+    state = _IN_USE.get(model)
+    source = streaming._SOURCES.get(model)
+    has_base = state.base is not None if state is not None else source is not None and source[1] is None
+    return has_base and _float_blocks(model)
