@@ -111,3 +111,42 @@ def test_sidecar_names_the_lora(a14b, lora_file) -> None:
     assert out.settings["loras"] == [{"file": str(path.resolve()), "strength_high": 0.5, "strength_low": 0.25,
                                       "applied": {"high": "merged", "low": "merged"}}]
     run(a14b)
+
+
+def test_turbo_fills_what_the_user_left_unset() -> None:
+    job = resolve(GenerateRequest("x", model="t2v-a14b", turbo=True, shift=3.0))
+    r = job.request
+    assert (r.steps, r.guidance, r.guidance_low, r.shift, r.sampler, r.turbo) == (4, 1.0, 1.0, 3.0, "euler", True)
+    assert any(n.startswith("Turbo: steps 4, guidance 1, guidance low 1, sampler euler") for n in job.notes)
+    off = resolve(GenerateRequest("x", model="t2v-a14b")).request
+    assert (off.steps, off.sampler, off.turbo) == (40, "unipc", False)
+
+
+def test_a_speed_lora_turns_turbo_on_by_its_name_or_metadata(tmp_path, lora_file, tiny_models) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from wan_lite.engine import Engine
+
+    path, _ = lora_file
+    named = shutil.copy(path, tmp_path / "Wan2.2-Lightning_T2V-A14B-4steps-lora_HIGH_fp16.safetensors")
+    tagged = tmp_path / "my_lora.safetensors"
+    save_file(load_file(path), tagged, metadata={"ss_output_name": "wan22_lightx2v_distill_rank64"})
+    engine = Engine(tiny_models["t2v-a14b"].parent, tmp_path / "out", device="cpu")
+    for lora in (named, tagged):
+        job = engine.resolve(GenerateRequest("x", model="t2v-a14b", loras=(str(lora),)))
+        assert job.request.turbo and job.steps == 4 and job.guidance == (1.0, 1.0)
+        assert "is a speed LoRA" in job.notes[0]
+    plain = engine.resolve(GenerateRequest("x", model="t2v-a14b", loras=(str(path),)))
+    assert not plain.request.turbo and plain.steps == 40
+    kept = engine.resolve(GenerateRequest("x", model="t2v-a14b", loras=(str(named),), turbo=False))
+    assert not kept.request.turbo and kept.steps == 40  # --no-turbo wins
+
+
+def test_turbo_job_runs_one_pass_per_step(a14b, lora_file) -> None:
+    path, _ = lora_file
+    out = a14b.generate(resolve(GenerateRequest("a boat", model="t2v-a14b", turbo=True, loras=(str(path),),
+                                                width=64, height=64, frames=9, seed=1)))
+    assert out.settings["dit_forwards"] == {"computed": 4, "skipped": 0} and out.settings["sampler"] == "euler"
+    run(a14b)

@@ -24,10 +24,15 @@ STAGE_TITLES = {
 }
 
 
+SAMPLERS = ("unipc", "dpm++", "euler")  # wan_lite.sampling's flow samplers; unipc is the official default
 # Step cache settings (wan_lite.runtime.step_cache): "off" runs every DiT forward.
 CACHE_MODES = ("off", "balanced", "fast")
 # Below this many steps the step cache has too little to skip and stays off.
 CACHE_MIN_STEPS = 10
+# How the step-distilled speed LoRAs (Wan2.2-Lightning, lightx2v distill) were trained to run: 4
+# steps (the expert switch stays at the model's boundary), no classifier-free guidance, shift 5,
+# the Euler flow sampler.
+TURBO = {"steps": 4, "guidance": 1.0, "guidance_low": 1.0, "shift": 5.0, "sampler": "euler"}
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,16 @@ class GenerateRequest:
     guidance_low: float | None = None  # A14B only: the low-noise expert's scale
     shift: float | None = None
     seed: int | None = None  # None or negative -> random
-    sampler: str = "unipc"
+    sampler: str | None = None  # "unipc" (the default), "dpm++" or "euler"; Turbo runs Euler
     memory_profile: str = "auto"
     cache: str = "off"  # step cache: "off", "balanced" or "fast" (CACHE_MODES)
     # LoRAs: "FILE[:STRENGTH|:HIGH,LOW]", (FILE, STRENGTH) or (FILE, HIGH, LOW); resolved to
     # (absolute path, high-noise strength, low-noise strength). 0 leaves that expert alone.
     loras: tuple = ()
+    # Turbo: run a speed (step-distilled) LoRA as it was trained: 4 steps, guidance 1, shift 5,
+    # Euler, for every one of those fields left unset. None: on when the engine recognises a
+    # speed LoRA among `loras` (Engine.resolve), else off.
+    turbo: bool | None = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from wan_lite.api import CACHE_MODES
+from wan_lite.api import CACHE_MODES, SAMPLERS
 from wan_lite.errors import WanLiteError
 from wan_lite.registry import MODELS
 
@@ -49,7 +49,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance-low", type=float, default=None, help="A14B only: the low-noise expert's guidance")
     p.add_argument("--shift", type=float, default=None, help="noise schedule shift (5.0; 12.0 for T2V-A14B)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed at the end)")
-    p.add_argument("--sampler", default="unipc", choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="flow sampler (default: unipc; euler with --turbo)")
+    p.add_argument("--turbo", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a speed LoRA as trained: 4 steps, guidance 1, shift 5, euler, for every option not "
+                        "given (default: on when a --lora is a known speed LoRA: Lightning, lightx2v distill)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH|:HIGH,LOW]",
                    help="apply a LoRA (.safetensors, any common key layout); repeatable. STRENGTH defaults to 1; "
                         "for A14B, HIGH,LOW are the high- and low-noise experts' strengths (0 leaves one alone)")

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +240,26 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def resolve(self, request: GenerateRequest | Job) -> Job:
         """The request resolved once (`wan_lite.job.resolve`): defaults filled, sizes snapped, the
-        image opened and the size following it, the seed drawn. Pass the Job on to `generate`."""
-        return as_job(request)
+        image opened and the size following it, the seed drawn. Pass the Job on to `generate`.
+        Turbo left open (None) is switched on when a LoRA of the request is a speed LoRA."""
+        if isinstance(request, Job):
+            return request
+        note = None
+        if request.turbo is None and request.loras:
+            from wan_lite.job import lora_arg
+            from wan_lite.loading.lora import speed_lora
+
+            for item in request.loras:
+                arg = lora_arg(item)
+                why = speed_lora(arg.path) if max(abs(arg.high), abs(arg.low)) > 0 else None
+                if why:
+                    note = f"{arg.path.name} is a speed LoRA ({why}): Turbo is on."
+                    request = replace(request, turbo=True)
+                    break
+        job = as_job(request)
+        if note:
+            job.notes.insert(0, note)
+        return job
 
     def _plan(self, job: Job, footprint=None):
         """The memory plan for `job` on this machine."""
@@ -262,7 +280,7 @@ class Engine:
 
     def preflight(self, request: GenerateRequest | Job) -> Estimate:
         """What the request will use on this machine, before anything is loaded."""
-        p = self._plan(as_job(request))
+        p = self._plan(self.resolve(request))
         data = p.to_json()
         return Estimate(fits=data["fits"], peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=data["peak_ram_gib"],
                         seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
@@ -350,7 +368,7 @@ class Engine:
         from wan_lite.output import output_stem, save_latents
 
         with self._lock:
-            job = as_job(request)
+            job = self.resolve(request)
             notes = list(job.notes)
             t0 = time.perf_counter()
             pipe = self.pipeline(job.spec.name, on_progress, job)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from wan_lite.api import CACHE_MIN_STEPS, CACHE_MODES, GenerateRequest
+from wan_lite.api import CACHE_MIN_STEPS, CACHE_MODES, SAMPLERS, TURBO, GenerateRequest
 from wan_lite.errors import InputError
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, ModelSpec, get_spec
 from wan_lite.sizing import (
@@ -103,6 +103,7 @@ class Job:
             "seed": self.seed,
             "sampler": r.sampler,
             "cache": r.cache,
+            "turbo": bool(r.turbo),
             "loras": [{"file": p, "strength_high": hi, "strength_low": lo} for p, hi, lo in r.loras],
         }
 
@@ -192,6 +193,12 @@ def resolve(request: GenerateRequest) -> Job:
         raise InputError("The prompt is empty.", "Describe the video you want, e.g. 'a red fox running through snow'.")
     if spec.needs_image and request.image is None:
         raise InputError(f"{spec.name} turns an image into a video: give a start image.")
+    turbo = bool(request.turbo)
+    if turbo:  # the speed LoRA's own settings, for every field the user left unset
+        unset = {k: v for k, v in TURBO.items() if getattr(request, k) is None}
+        request = replace(request, **unset)
+        notes.append("Turbo: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in unset.items()) + " (how speed LoRAs were trained).")
     side = max_side(spec)
     width, height = request.width, request.height
     if width is None and height is None:
@@ -211,6 +218,9 @@ def resolve(request: GenerateRequest) -> Job:
     if not spec.experts:
         g_low = g_high
     s = spec.shift if request.shift is None else _real("The shift", request.shift, 0, 100, low_open=True)
+    sampler = request.sampler or "unipc"
+    if sampler not in SAMPLERS:
+        raise InputError(f"Unknown sampler {sampler!r}.", f"Use one of: {', '.join(SAMPLERS)}.")
     cache = request.cache or "off"
     if cache not in CACHE_MODES:
         raise InputError(f"Unknown step cache setting {cache!r}.", f"Use one of: {', '.join(CACHE_MODES)}.")
@@ -232,7 +242,7 @@ def resolve(request: GenerateRequest) -> Job:
     notes += trained_size_note(spec, w, h)
     filled = replace(request, model=spec.name, negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                      width=w, height=h, frames=f, steps=n, guidance=g_high, guidance_low=g_low, shift=s,
-                     seed=seed, cache=cache, loras=loras)
+                     seed=seed, cache=cache, loras=loras, sampler=sampler, turbo=turbo)
     return Job(request=filled, spec=spec, image=img, notes=notes)
 
 
@@ -279,6 +289,16 @@ def parse_lora_arg(arg: str) -> LoRAArg:
     return LoRAArg(Path(path), values[0], values[-1])
 
 
+def lora_arg(item: Any) -> LoRAArg:
+    """One of a request's LoRAs ("FILE[:S|:HIGH,LOW]", (FILE, S) or (FILE, HIGH, LOW)) as a LoRAArg."""
+    if isinstance(item, str):
+        return parse_lora_arg(item)
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        strengths = [_real(f"LoRA {item[0]}: the strength", v, -10, 10) for v in item[1:]]
+        return LoRAArg(Path(str(item[0])), strengths[0], strengths[-1])
+    raise InputError(f"LoRA {item!r} is not FILE, (FILE, STRENGTH) or (FILE, HIGH, LOW).", f"Write {_FORM}.")
+
+
 def _loras(value: Any, spec: ModelSpec) -> tuple[tuple[str, float, float], ...]:
     """The request's LoRAs as (absolute path, high-noise strength, low-noise strength): each given
     as "FILE[:S|:HIGH,LOW]", (path, strength) or (path, high, low). Only the file's presence and
@@ -286,13 +306,7 @@ def _loras(value: Any, spec: ModelSpec) -> tuple[tuple[str, float, float], ...]:
     applied whole or not at all when the model loads."""
     out = []
     for item in value or ():
-        if isinstance(item, str):
-            arg = parse_lora_arg(item)
-        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
-            strengths = [_real(f"LoRA {item[0]}: the strength", v, -10, 10) for v in item[1:]]
-            arg = LoRAArg(Path(str(item[0])), strengths[0], strengths[-1])
-        else:
-            raise InputError(f"LoRA {item!r} is not FILE, (FILE, STRENGTH) or (FILE, HIGH, LOW).", f"Write {_FORM}.")
+        arg = lora_arg(item)
         path = arg.path.expanduser()
         if not path.is_file():
             raise InputError(f"LoRA file not found: {path}", "Check the path; LoRA files end in .safetensors.")

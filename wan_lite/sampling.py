@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from wan_lite.api import SAMPLERS
 from wan_lite.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ NUM_TRAIN_TIMESTEPS = 1000
 # The reference's training grid ends at sigma 1 - 1/1000, stored in float32; as a Python float
 # this is 0.9990000128746033 and it is where the UniPC schedule starts.
 UNIPC_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
-SAMPLERS = ("unipc", "dpm++", "euler")
 
 
 def flow_schedule(steps: int, shift: float, kind: str = "unipc") -> tuple[torch.Tensor, torch.Tensor]:

@@ -518,4 +518,31 @@ class LoRASource(TensorSource):
 
 
 __all__ = ["LoRAArg", "LoRAFile", "LoRALayer", "LoRASource", "load_lora", "official_module", "parse_lora_arg",
-           "read_lora"]
+           "read_lora", "speed_lora"]
+
+
+# Words that name the step-distilled speed LoRAs people use with Wan (Wan2.2-Lightning, the lightx2v
+# distill and CFG-step-distill LoRAs, CausVid, AccVid, FastWan), in file names or in the file's
+# safetensors metadata.
+_SPEED_WORDS = ("lightning", "lightx2v", "distill", "causvid", "accvid", "fastwan", "4step", "4-step", "4_step",
+                "8step", "8-step", "8_step", "turbo")
+
+
+def speed_lora(path: str | Path) -> str | None:
+    """Why the LoRA file at `path` looks like a step-distilled speed LoRA (None when it does not):
+    its name or its metadata names one. Reads the header only; a file that cannot be read is not
+    one (it is refused later, with the reason, when the LoRAs are read)."""
+    path = Path(path)
+    name = path.name.lower()
+    for word in _SPEED_WORDS:
+        if word in name:
+            return f"its name says {word!r}"
+    try:
+        metadata = read_safetensors_header(path).get("__metadata__") or {}
+    except (OSError, ValueError, CheckpointError):
+        return None
+    text = " ".join(f"{k} {v}" for k, v in metadata.items() if isinstance(v, str)).lower()
+    for word in _SPEED_WORDS:
+        if word in text:
+            return f"its metadata says {word!r}"
+    return None
