@@ -12,7 +12,6 @@ from wan_lite.ui.settings import (
     MODES,
     SettingsStore,
     clean_settings,
-    config_dir,
     frames_for_seconds,
     infer_mode,
     max_frames,
@@ -122,7 +121,5 @@ def test_unwritable_settings_do_not_raise(tmp_path):
     SettingsStore(blocker / "settings.json").save({"steps": 3})  # parent is a file: logged, not raised
 
 
-def test_config_dir_override(tmp_path, monkeypatch):
-    monkeypatch.setenv("WAN_LITE_CONFIG_DIR", str(tmp_path))
-    assert config_dir() == tmp_path
+def test_modes_are_plain_data():
     assert json.loads(json.dumps(MODES["draft"].__dict__))["key"] == "draft"

@@ -17,19 +17,12 @@ from typing import Any
 
 import platformdirs
 
+from wan_lite.paths import APP_NAME, config_dir, config_path, write_json_atomic
 from wan_lite.registry import MODELS, ModelSpec
-from wan_lite.ui.presets import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "wan_lite"
 MIN_FRAMES = 5
-
-
-def config_dir() -> Path:
-    """The user's wan_lite config folder; WAN_LITE_CONFIG_DIR overrides it (tests, portable installs)."""
-    override = os.environ.get("WAN_LITE_CONFIG_DIR")
-    return Path(override) if override else platformdirs.user_config_path(APP_NAME)
 
 
 def default_output_dir() -> Path:
@@ -227,21 +220,25 @@ def clean_settings(data: Any) -> dict[str, Any]:
 
 
 class SettingsStore:
-    """Last-used settings in one JSON file. A corrupt file is set aside (renamed) and ignored."""
+    """Last-used settings in one JSON file. A corrupt file is set aside (renamed) and ignored.
+
+    By default they are saved in the config folder and read from there, or from where an earlier
+    version kept them until they are first saved (`wan_lite.paths.config_path`)."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path if path is not None else config_dir() / "settings.json"
+        self.source = path if path is not None else config_path("settings.json")
 
     def load(self) -> dict[str, Any]:
-        if not self.path.is_file():
+        if not self.source.is_file():
             return {}
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(self.source.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
-            log.warning("Settings file %s is unreadable (%s); starting with defaults, kept it as %s", self.path, err, aside)
+            aside = self.source.with_name(f"{self.source.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.warning("Settings file %s is unreadable (%s); starting with defaults, kept it as %s", self.source, err, aside)
             try:
-                os.replace(self.path, aside)
+                os.replace(self.source, aside)
             except OSError:
                 pass
             return {}
@@ -251,5 +248,6 @@ class SettingsStore:
         data = {"version": 1, **clean_settings(values)}
         try:
             write_json_atomic(self.path, data)
+            self.source = self.path
         except OSError as err:  # a read-only config folder must not break generation
             log.warning("Could not save settings to %s: %s", self.path, err)
