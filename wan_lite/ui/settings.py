@@ -19,6 +19,7 @@ import platformdirs
 
 from wan_lite.paths import APP_NAME, config_dir, config_path, write_json_atomic
 from wan_lite.registry import MODELS, ModelSpec
+from wan_lite.sizing import snap_frames
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,9 @@ def max_frames(spec: ModelSpec) -> int:
     return 2 * spec.frames - 1
 
 
-def snap_frames(frames: float, spec: ModelSpec | None = None) -> int:
-    """The nearest frame count of the form 4n+1 (the VAE packs 4 frames per latent after the first);
-    ties go up. Clamped to [MIN_FRAMES, max_frames(spec)]."""
-    n = int((float(frames) - 1) / 4 + 0.5)
-    snapped = max(MIN_FRAMES, 4 * n + 1)
-    return min(snapped, max_frames(spec)) if spec is not None else snapped
+def offered_frames(frames: float, spec: ModelSpec) -> int:
+    """`sizing.snap_frames` within what the UI offers: [MIN_FRAMES, max_frames(spec)]."""
+    return snap_frames(frames, MIN_FRAMES, max_frames(spec))
 
 
 def seconds_for_frames(frames: int, fps: int) -> float:
@@ -101,7 +99,7 @@ def seconds_for_frames(frames: int, fps: int) -> float:
 
 
 def frames_for_seconds(seconds: float, spec: ModelSpec) -> int:
-    return snap_frames(seconds * spec.fps + 1, spec)
+    return offered_frames(seconds * spec.fps + 1, spec)
 
 
 # ---------------------------------------------------------------------------------------------
