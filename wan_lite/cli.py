@@ -168,9 +168,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from wan_lite.loading.discovery import Choices, content_hash, default_places, find_copies, scan
+    from wan_lite.loading.discovery import RememberedChoices, content_hash, default_places, find_copies, scan
 
-    choices = Choices()
+    choices = RememberedChoices()
     for folder in args.comfy:
         choices.add_comfy_dir(folder)
     if args.comfy:

@@ -72,10 +72,10 @@ def _which_model(args: argparse.Namespace, components: dict[str, Path]) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     from wan_lite.cli import components_from_args
-    from wan_lite.loading.discovery import Choices
+    from wan_lite.loading.discovery import RememberedChoices
 
     components = components_from_args(args)
-    choices = Choices()
+    choices = RememberedChoices()
     name = _which_model(args, components)
     if not components and args.model_dir is None:
         components = choices.resolve(name)  # the files remembered for this model

@@ -149,9 +149,9 @@ class Engine:
         explicitly by the caller are left alone). A remembered file that moved is found again
         by its header fingerprint among the last scan's results."""
         try:
-            from wan_lite.loading.discovery import Choices
+            from wan_lite.loading.discovery import RememberedChoices
 
-            choices = Choices()
+            choices = RememberedChoices()
             for name in MODELS:
                 if name in self._explicit:
                     continue
@@ -165,18 +165,24 @@ class Engine:
 
     def comfy_dirs(self) -> list[Path]:
         """The ComfyUI folders the user named (remembered)."""
-        from wan_lite.loading.discovery import Choices
+        from wan_lite.loading.discovery import RememberedChoices
 
-        return Choices().comfy_dirs
+        return RememberedChoices().comfy_dirs
 
     def scan_components(self, comfy_dirs: list[str | Path] | None = None) -> list[FoundFile]:
         """Find model files in the Hugging Face cache, the ComfyUI folders and models_root.
 
         comfy_dirs: when given, they replace the remembered ComfyUI folders (an empty list
         forgets them); each must exist (InputError otherwise)."""
-        from wan_lite.loading.discovery import Choices, candidates, default_places, find_copies, scan
+        from wan_lite.loading.discovery import (
+            RememberedChoices,
+            candidates,
+            default_places,
+            find_copies,
+            scan,
+        )
 
-        choices = Choices()
+        choices = RememberedChoices()
         if comfy_dirs is not None:
             choices.data["comfy_dirs"] = []
             for folder in comfy_dirs:
@@ -207,7 +213,7 @@ class Engine:
         any supported format; empty = the model folder's own file). Nothing is saved unless every
         file fits its slot: a wrong one raises CheckpointError saying what it is and what was
         expected. Returns the components now in use."""
-        from wan_lite.loading.discovery import Choices, config_dir, slot_names
+        from wan_lite.loading.discovery import RememberedChoices, config_dir, slot_names
         from wan_lite.loading.formats import detect, load_component, pick, tokenizer_folder
 
         spec = get_spec(name)
@@ -226,7 +232,7 @@ class Engine:
             else:
                 load_component(path, role, model=spec.name, expert=expert)  # opens headers only
             chosen[slot] = pick(detect(path), role, expert)
-        choices = Choices()
+        choices = RememberedChoices()
         choices.data["models"].pop(spec.name, None)  # the new picks replace the old ones whole
         for slot, component in chosen.items():
             choices.choose(spec.name, slot, component)

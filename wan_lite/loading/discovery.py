@@ -6,8 +6,9 @@ folder. Only headers are read (a few KB per file), so scanning 100+ GB of checkp
 seconds. Files are identified by header and size (`fingerprint`), so a renamed or moved copy is
 recognised and nothing needs downloading twice; a full `content_hash` is computed only on request.
 
-Choices (which file fills which slot of which model, and the ComfyUI folders to scan) are kept
-in `choices.json` in the user's config folder (`wan_lite.paths.config_dir`).
+The user's choices (`RememberedChoices`: which file fills which slot of which model, and the
+ComfyUI folders to scan) are kept in `choices.json` in the user's config folder
+(`wan_lite.paths.config_dir`).
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def find_copies(found: Iterable[Found]) -> dict[str, list[Found]]:
 # Remembered choices
 
 
-class Choices:
+class RememberedChoices:
     """The user's component choices per model and the ComfyUI folders to scan, kept as JSON:
 
         {"comfy_dirs": ["/data/ComfyUI/models"],
