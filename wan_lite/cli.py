@@ -59,6 +59,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_component_args(p: argparse.ArgumentParser) -> None:
+    """The component-file options (`cli_run.components_from_args` reads them into slots)."""
     g = p.add_argument_group("component files", "use files you already have, in any supported format "
                              "(official, diffusers folders, ComfyUI single files incl. fp8_scaled, GGUF); "
                              "they replace the matching part of --model-dir")
@@ -68,12 +69,6 @@ def _add_component_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", type=Path, help="VAE file or folder")
     g.add_argument("--text-encoder", type=Path, help="umT5-XXL encoder file or folder")
     g.add_argument("--tokenizer", type=Path, help="tokenizer folder (or a ComfyUI umT5 file that carries one)")
-
-
-def components_from_args(args: argparse.Namespace) -> dict[str, Path]:
-    pairs = {"dit": args.dit, "dit_high": args.high_noise, "dit_low": args.low_noise, "vae": args.vae,
-             "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
-    return {slot: path for slot, path in pairs.items() if path is not None}
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
