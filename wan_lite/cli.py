@@ -1,4 +1,4 @@
-"""Command line: `python -m wan_lite generate | decode | info | plan`.
+"""Command line: `python -m wan_lite generate | decode | info | models | plan`.
 
 User mistakes (bad paths, empty prompts, missing files, memory that cannot fit) print a plain
 message and exit with status 2; only genuine bugs show a traceback.
@@ -94,6 +94,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wan_lite.runtime.plan_cli import add_plan_parser
+
     parser = argparse.ArgumentParser(prog="python -m wan_lite",
                                      description="Run the Wan 2.2 video models (TI2V-5B, T2V-A14B, I2V-A14B).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -102,12 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode(sub)
     _add_info(sub)
     _add_models(sub)
-    try:
-        from wan_lite.runtime.plan_cli import add_plan_parser
-
-        add_plan_parser(sub)
-    except ImportError:  # planner not installed in this build
-        pass
+    add_plan_parser(sub)
     return parser
 
 
