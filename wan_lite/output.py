@@ -4,8 +4,7 @@ Every file is written to a hidden temporary file in the target folder and then m
 with `os.replace`, so a crash, a full disk or a cancelled job never leaves a half-written file
 under the final name (and never destroys an older file of that name).
 
-Video encoding follows the reference's `save_video` (shared/reference/wan22-dit-pipelines-schedulers.md,
-section 8): [-1, 1] -> [0, 255] by truncation, H.264 (libx264) at imageio's quality 8 (crf 10),
+Video encoding follows the official `save_video`: [-1, 1] -> [0, 255] by truncation, H.264 (libx264) at imageio's quality 8 (crf 10),
 yuv420p, through imageio-ffmpeg's bundled ffmpeg.
 """
 
