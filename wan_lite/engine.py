@@ -20,6 +20,7 @@ from wan_lite.errors import InputError, WanLiteError
 from wan_lite.job import Job, as_job
 from wan_lite.library import FoundFile, ModelLibrary, ModelStatus
 from wan_lite.registry import MODELS, get_spec
+from wan_lite.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +254,8 @@ class Engine:
             return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe, None)
 
     def _record(self, settings: dict[str, Any], request: GenerateRequest, pipe) -> dict[str, Any]:
-        import wan_lite
-
         name = pipe.spec.name
-        return {"wan_lite": wan_lite.__version__, "settings": settings, "request": request.to_dict(),
+        return {"wan_lite": __version__, "settings": settings, "request": request.to_dict(),
                 "model_dir": str(self.model_folder(name)),
                 "components": {k: str(v) for k, v in self.library.components.get(name, {}).items()},
                 "image": request.image if isinstance(request.image, str) else None}
