@@ -1,7 +1,7 @@
 """The Wan 2.2 DiT against independent references, on tiny random checkpoints (CPU, fp32).
 
 Oracle: diffusers' WanTransformer3DModel (test-only dependency) loaded with the same weights,
-renamed per the formats spec section 6.1. A naive per-token forward written here from the spec
+renamed to diffusers' names. A naive per-token forward written here from the official forward
 checks the once-per-distinct-timestep modulation.
 """
 
@@ -57,7 +57,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------- diffusers oracle
 def diffusers_name(key: str) -> str:
-    """Official WanModel key -> diffusers WanTransformer3DModel key (formats spec, section 6.1)."""
+    """Official WanModel key -> diffusers WanTransformer3DModel key."""
     top = {
         "text_embedding.0.": "condition_embedder.text_embedder.linear_1.",
         "text_embedding.2.": "condition_embedder.text_embedder.linear_2.",

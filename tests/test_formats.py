@@ -441,12 +441,12 @@ def test_discovery_finds_components_everywhere_and_remembers_choices(tmp_path, t
     copies = discovery.find_copies(found)
     assert len(copies) == 1 and len(next(iter(copies.values()))) == 2
 
-    choices = discovery.Choices()
+    choices = discovery.RememberedChoices()
     choices.add_comfy_dir(comfy)
     chosen = next(f.component for f in slots["dit"] if f.location == "comfyui")
     choices.choose("ti2v-5b", "dit", chosen)
     choices.save()
-    again = discovery.Choices()
+    again = discovery.RememberedChoices()
     assert again.comfy_dirs == [comfy.resolve()] and again.resolve("ti2v-5b") == {"dit": chosen.path}
     moved = tmp_path / "elsewhere" / "renamed.safetensors"
     moved.parent.mkdir()

@@ -592,3 +592,13 @@ def test_chunked_layers_reuse_their_dequantized_weight(monkeypatch) -> None:
     layers[3].weight = layers[3].weight.clone()
     layers[3](x)
     assert calls == [3]
+
+
+def test_one_name_pattern_rule() -> None:
+    from wan_lite.models.dit import name_matches
+
+    assert quant.matches is name_matches
+    assert name_matches("blocks.3.modulation", ["modulation"]) and name_matches("head.head", ["head"])
+    assert name_matches("blocks.7.ffn.2", ["blocks.*.ffn.2"]) and not name_matches("heads", ["head"])
+    assert name_matches("encoder.block.0.layer.1.DenseReluDense.wo", ["wo"])  # umT5's fp32 module
+    assert not name_matches("encoder.block.0.layer.1.DenseReluDense.wo", ["w"])

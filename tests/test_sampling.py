@@ -1,4 +1,4 @@
-"""Samplers: reference schedules (spec 6.2 / 6.4), the straight-line sanity check, diffusers as an
+"""Samplers: the official UniPC and DPM++ schedules, the straight-line sanity check, diffusers as an
 independent oracle for UniPC and DPM++, and snapshot/restore."""
 
 from __future__ import annotations

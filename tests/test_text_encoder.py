@@ -1,7 +1,7 @@
 """umT5 text encoder: key mapping, config inference, loading, tokenisation and encoding.
 
 The oracle is transformers' UMT5EncoderModel built the ordinary way (random init, then
-`load_state_dict` under HF names converted here independently from the spec's table), run like
+`load_state_dict` under HF names converted here independently from the official -> HF key table), run like
 the official code: 512 padded ids with the attention mask, eager attention, trimmed afterwards.
 """
 
@@ -36,7 +36,7 @@ PROMPTS = [
     "close-up &amp;lt;portrait&amp;gt; of an old man,\n\tfilm grain",
 ]
 
-# Official -> HF substitutions, written out from table 5.2 of the spec (independent of the module).
+# Official -> HF substitutions, written out independently of the module.
 _SUBS = [
     (".norm1.", ".layer.0.layer_norm."),
     (".attn.", ".layer.0.SelfAttention."),
@@ -129,7 +129,7 @@ def test_key_mapping_table_and_round_trip():
         assert hf_to_official_key(hf) == official
     assert hf_to_official_key("encoder.embed_tokens.weight") == "token_embedding.weight"
     keys = _xxl_official_shapes()
-    assert len(keys) == 242  # the spec's tensor count
+    assert len(keys) == 242  # the official file's tensor count
     hf_keys = {official_to_hf_key(k) for k in keys}
     assert len(hf_keys) == 242 and all(hf_to_official_key(official_to_hf_key(k)) == k for k in keys)
     for bad in ("blocks.0.attn.q.bias", "head.weight", "shared.weight"):
@@ -159,7 +159,7 @@ def test_config_from_xxl_shapes_matches_spec():
     assert (cfg.pad_token_id, cfg.eos_token_id) == (0, 1)
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
-    assert sum(p.numel() for p in model.parameters()) == 5_680_910_336  # spec 5.2; tied embedding once
+    assert sum(p.numel() for p in model.parameters()) == 5_680_910_336  # umT5-XXL encoder; tied embedding once
     hf = {official_to_hf_key(k): v for k, v in shapes.items()} | {"spiece_model": (4_548_313,)}
     assert umt5_config_from_shapes(hf, official=False).to_dict() == cfg.to_dict()
 

@@ -136,7 +136,7 @@ def test_chosen_files_make_the_model_installed_and_generate_like_the_official_fo
     ours = engine.generate(GenerateRequest(prompt="a lamp on a desk", model="ti2v-5b", **SMALL))
     assert "Attention: PyTorch SDPA (test note)." in ours.notes  # said with the first result only
     ref_engine = Engine(files["official"].parent, env / "ref_out", device="cpu", folders={"ti2v-5b": files["official"]})
-    assert ref_engine.components == {}  # an explicit folder is used as it is
+    assert ref_engine.library.components == {}  # an explicit folder is used as it is
     ref = ref_engine.generate(GenerateRequest(prompt="a lamp on a desk", model="ti2v-5b", **SMALL))
     a, b = load_file(ours.latents_path)["latents"], load_file(ref.latents_path)["latents"]
     assert a.shape == b.shape and torch.equal(a, b)

@@ -8,20 +8,21 @@ import pytest
 
 from wan_lite.errors import InputError
 from wan_lite.registry import MODELS, get_spec
+from wan_lite.sizing import snap_frames
 from wan_lite.ui.settings import (
+    MIN_FRAMES,
     MODES,
     SettingsStore,
     clean_settings,
-    config_dir,
     frames_for_seconds,
     infer_mode,
     max_frames,
     mode_values,
+    offered_frames,
     parse_size,
     quality_notes,
     seconds_for_frames,
     size_choices,
-    snap_frames,
     snap_size,
 )
 
@@ -29,13 +30,14 @@ from wan_lite.ui.settings import (
 @pytest.mark.parametrize(("frames", "snapped"), [(121, 121), (120, 121), (119, 121), (118, 117), (123, 125), (3, 5), (1, 5),
                                                  (82, 81), (83, 85), (0, 5), (-7, 5), (97.9, 97)])
 def test_snap_frames_to_4n_plus_1(frames, snapped):
-    assert snap_frames(frames) == snapped
+    assert snap_frames(frames, MIN_FRAMES) == snapped
+    assert snap_frames(frames) == (snapped if frames >= 3 else 1)  # the CLI keeps 1 frame
 
 
 def test_snapped_frames_are_always_4n_plus_1_and_bounded():
     for spec in MODELS.values():
         for n in range(-3, 400):
-            f = snap_frames(n, spec)
+            f = offered_frames(n, spec)
             assert (f - 1) % 4 == 0 and 5 <= f <= max_frames(spec)
     assert max_frames(get_spec("ti2v-5b")) == 241 and max_frames(get_spec("t2v-a14b")) == 161
 
@@ -122,7 +124,5 @@ def test_unwritable_settings_do_not_raise(tmp_path):
     SettingsStore(blocker / "settings.json").save({"steps": 3})  # parent is a file: logged, not raised
 
 
-def test_config_dir_override(tmp_path, monkeypatch):
-    monkeypatch.setenv("WAN_LITE_CONFIG_DIR", str(tmp_path))
-    assert config_dir() == tmp_path
+def test_modes_are_plain_data():
     assert json.loads(json.dumps(MODES["draft"].__dict__))["key"] == "draft"

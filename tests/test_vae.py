@@ -27,7 +27,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-# ---- official -> diffusers key names (spec section 6.1) ----------------------------------------
+# ---- official -> diffusers key names ------------------------------------------------------------
 
 _RES = {"residual.0.gamma": "norm1.gamma", "residual.2.": "conv1.", "residual.3.gamma": "norm2.gamma",
         "residual.6.": "conv2.", "shortcut.": "conv_shortcut."}
@@ -194,7 +194,7 @@ def test_detect_version(tiny):
 
 
 def test_real_sizes_build_on_meta():
-    """The released configs reproduce the published tensor and parameter counts (spec section 7)."""
+    """The released configs reproduce the published tensor and parameter counts."""
     for cls, tensors, params in ((WanVAE21, 194, 126_892_531), (WanVAE22, 196, 704_688_668)):
         with torch.device("meta"):
             model = cls()

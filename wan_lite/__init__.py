@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from wan_lite.version import __version__ as __version__
+
 if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # read at the first CUDA allocation
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from wan_lite.pipeline import WanPipeline

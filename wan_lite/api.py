@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("load", "text", "denoise", "high_noise", "low_noise", "decode", "save")
 STAGE_TITLES = {
     "load": "Loading models",
     "text": "Text encoding",

@@ -1,4 +1,4 @@
-"""Command line: `python -m wan_lite generate | decode | info | plan`.
+"""Command line: `python -m wan_lite generate | decode | info | models | plan`.
 
 User mistakes (bad paths, empty prompts, missing files, memory that cannot fit) print a plain
 message and exit with status 2; only genuine bugs show a traceback.
@@ -65,6 +65,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_component_args(p: argparse.ArgumentParser) -> None:
+    """The component-file options (`cli_run.components_from_args` reads them into slots)."""
     g = p.add_argument_group("component files", "use files you already have, in any supported format "
                              "(official, diffusers folders, ComfyUI single files incl. fp8_scaled, GGUF); "
                              "they replace the matching part of --model-dir")
@@ -74,12 +75,6 @@ def _add_component_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", type=Path, help="VAE file or folder")
     g.add_argument("--text-encoder", type=Path, help="umT5-XXL encoder file or folder")
     g.add_argument("--tokenizer", type=Path, help="tokenizer folder (or a ComfyUI umT5 file that carries one)")
-
-
-def components_from_args(args: argparse.Namespace) -> dict[str, Path]:
-    pairs = {"dit": args.dit, "dit_high": args.high_noise, "dit_low": args.low_noise, "vae": args.vae,
-             "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
-    return {slot: path for slot, path in pairs.items() if path is not None}
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -105,6 +100,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wan_lite.runtime.plan_cli import add_plan_parser
+
     parser = argparse.ArgumentParser(prog="python -m wan_lite",
                                      description="Run the Wan 2.2 video models (TI2V-5B, T2V-A14B, I2V-A14B).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -113,12 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode(sub)
     _add_info(sub)
     _add_models(sub)
-    try:
-        from wan_lite.runtime.plan_cli import add_plan_parser
-
-        add_plan_parser(sub)
-    except ImportError:  # planner not installed in this build
-        pass
+    add_plan_parser(sub)
     return parser
 
 
@@ -174,9 +166,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from wan_lite.loading.discovery import Choices, content_hash, default_places, find_copies, scan
+    from wan_lite.loading.discovery import RememberedChoices, content_hash, default_places, find_copies, scan
 
-    choices = Choices()
+    choices = RememberedChoices()
     for folder in args.comfy:
         choices.add_comfy_dir(folder)
     if args.comfy:

@@ -70,12 +70,18 @@ def _which_model(args: argparse.Namespace, components: dict[str, Path]) -> str:
     return resolve_sources(args.model_dir, components)[0].name
 
 
+def components_from_args(args: argparse.Namespace) -> dict[str, Path]:
+    """The component files given on the command line (`cli._add_component_args`), slot -> path."""
+    pairs = {"dit": args.dit, "dit_high": args.high_noise, "dit_low": args.low_noise, "vae": args.vae,
+             "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
+    return {slot: path for slot, path in pairs.items() if path is not None}
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    from wan_lite.cli import components_from_args
-    from wan_lite.loading.discovery import Choices
+    from wan_lite.loading.discovery import RememberedChoices
 
     components = components_from_args(args)
-    choices = Choices()
+    choices = RememberedChoices()
     name = _which_model(args, components)
     if not components and args.model_dir is None:
         components = choices.resolve(name)  # the files remembered for this model

@@ -1,4 +1,5 @@
-"""Engine: the one object the UI and the CLI drive. Finds model folders, keeps one pipeline
+"""Engine: the one object the UI and the CLI drive. Its `library` (wan_lite.library.ModelLibrary)
+knows where each model's files are; the engine plans memory per request, keeps one pipeline
 loaded, runs requests one at a time and writes the outputs (latents first, then the mp4 and its
 sidecar JSON, all atomically).
 """
@@ -17,7 +18,9 @@ from typing import Any
 from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress, ProgressCallback
 from wan_lite.errors import InputError, WanLiteError
 from wan_lite.job import Job, as_job
+from wan_lite.library import FoundFile, ModelLibrary, ModelStatus
 from wan_lite.registry import MODELS, get_spec
+from wan_lite.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -28,36 +31,6 @@ FP8_ATTENTION_ENV = "WAN_LITE_FP8_ATTENTION"
 def fp8_attention_opted_in() -> bool:
     """Whether the user set WAN_LITE_FP8_ATTENTION=1 (plans then count fp8 attention's memory)."""
     return os.environ.get(FP8_ATTENTION_ENV) == "1"
-
-
-@dataclass
-class ModelStatus:
-    name: str  # registry name, e.g. "ti2v-5b"
-    title: str
-    hf_repo: str
-    folder: Path  # where it is (or is expected)
-    state: str  # "installed", "partial" or "missing"
-    size_bytes: int
-    missing: list[str] = field(default_factory=list)  # files missing or broken, with the reason
-    problems: list[str] = field(default_factory=list)
-    components: dict[str, Path] = field(default_factory=dict)  # slot -> file used instead of the folder's
-
-
-@dataclass
-class FoundFile:
-    """A model file (or component folder) found on this machine, in plain terms for the UI."""
-
-    path: Path
-    what: str  # "the DiT of Wan2.2 TI2V-5B", "the Wan 2.2 VAE", "a LoRA", ...
-    role: str  # "dit", "vae", "text_encoder", "tokenizer", "lora", "unknown" or "broken"
-    format: str  # "official", "diffusers", "comfy", "gguf"
-    precision: str  # "bf16", "fp8_scaled", "gguf-Q4_K", ...
-    size_bytes: int
-    location: str  # "hf-cache", "comfyui", "wan_lite"
-    repo: str | None = None  # the Hugging Face repo, for files in its cache
-    serves: list[tuple[str, str]] = field(default_factory=list)  # (model, slot) pairs it can fill
-    copies: list[Path] = field(default_factory=list)  # the same file (header and size) elsewhere
-    problem: str | None = None  # why it cannot be used
 
 
 @dataclass
@@ -73,10 +46,6 @@ class Estimate:
     plan: dict[str, Any] = field(default_factory=dict)
 
 
-def default_folder_name(name: str) -> str:
-    return MODELS[name].hf_repo.split("/")[-1]
-
-
 class Engine:
     def __init__(self, models_root: Path, output_dir: Path, device: str | None = None,
                  folders: dict[str, Path] | None = None,
@@ -87,13 +56,7 @@ class Engine:
         self.models_root = Path(models_root)
         self.output_dir = Path(output_dir)
         self.device = device
-        self.folders = {k: Path(v) for k, v in (folders or {}).items()}
-        self.components = {k: dict(v) for k, v in (components or {}).items()}
-        # Models the caller set up explicitly keep exactly that; the others get the component
-        # files the user chose earlier (remembered in choices.json).
-        self._explicit = set(self.folders) | set(self.components)
-        self._scan: list = []  # the last discovery scan (wan_lite.loading.discovery.Found)
-        self.refresh_components()
+        self.library = ModelLibrary(self.models_root, folders, components)
         self.cache_dir = self.models_root / ".cache"  # quantized weights, keyed by source file and format
         self._pipe = None
         self._pipe_key: tuple | None = None
@@ -104,138 +67,24 @@ class Engine:
         self._attention_told: set[bool] = set()
         self._attention_kind = False
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ model files (the library's)
     def model_folder(self, name: str) -> Path:
-        spec = get_spec(name)
-        return self.folders.get(spec.name) or self.models_root / default_folder_name(spec.name)
+        return self.library.model_folder(name)
 
     def model_status(self) -> list[ModelStatus]:
-        """Each model's state: its folder plus the chosen component files, checked from headers
-        (nothing is loaded)."""
-        from wan_lite.loading.layout import inspect_folder
-
-        out = []
-        for spec in MODELS.values():
-            folder = self.model_folder(spec.name)
-            report = inspect_folder(folder, spec.name)
-            status = ModelStatus(name=spec.name, title=spec.title, hf_repo=spec.hf_repo, folder=report.root,
-                                 state=report.state, size_bytes=report.size_bytes, missing=list(report.problems),
-                                 problems=list(report.problems))
-            parts = self.components.get(spec.name)
-            if parts:
-                status.components = dict(parts)
-                # a file may fill two slots (umT5 + its tokenizer): count it once
-                outside = {p.resolve() for p in parts.values() if not p.is_relative_to(folder)}
-                status.size_bytes += sum(_disk_size(p) for p in outside)
-                status.missing = status.problems = self._check_parts(spec.name, folder, parts)
-                status.state = "partial" if status.problems else "installed"
-            out.append(status)
-        return out
-
-    def _check_parts(self, name: str, folder: Path, parts: dict[str, Path]) -> list[str]:
-        """Why the folder plus `parts` cannot make model `name` (empty when they can)."""
-        from wan_lite.errors import CheckpointError
-        from wan_lite.loading.components import resolve_sources
-
-        try:
-            resolve_sources(folder if folder.is_dir() else None, parts, name)
-        except (CheckpointError, OSError, ValueError) as err:  # headers only: a bad file, not a bug
-            return [str(err)]
-        return []
-
-    # ------------------------------------------------------------------ component files
-    def refresh_components(self) -> None:
-        """Take the remembered component choices into `self.components` (models set up
-        explicitly by the caller are left alone). A remembered file that moved is found again
-        by its header fingerprint among the last scan's results."""
-        try:
-            from wan_lite.loading.discovery import Choices
-
-            choices = Choices()
-            for name in MODELS:
-                if name in self._explicit:
-                    continue
-                chosen = choices.resolve(name, self._scan)
-                if chosen:
-                    self.components[name] = chosen
-                else:
-                    self.components.pop(name, None)
-        except (OSError, WanLiteError) as err:  # the engine must still start
-            log.warning("Remembered component choices not applied: %s", err)
+        return self.library.model_status()
 
     def comfy_dirs(self) -> list[Path]:
-        """The ComfyUI folders the user named (remembered)."""
-        from wan_lite.loading.discovery import Choices
-
-        return Choices().comfy_dirs
+        return self.library.comfy_dirs()
 
     def scan_components(self, comfy_dirs: list[str | Path] | None = None) -> list[FoundFile]:
-        """Find model files in the Hugging Face cache, the ComfyUI folders and models_root.
-
-        comfy_dirs: when given, they replace the remembered ComfyUI folders (an empty list
-        forgets them); each must exist (InputError otherwise)."""
-        from wan_lite.loading.discovery import Choices, candidates, default_places, find_copies, scan
-
-        choices = Choices()
-        if comfy_dirs is not None:
-            choices.data["comfy_dirs"] = []
-            for folder in comfy_dirs:
-                choices.add_comfy_dir(Path(folder))
-            choices.save()
-        self._scan = scan(default_places(self.models_root, choices.comfy_dirs))
-        serves: dict[int, list[tuple[str, str]]] = {}
-        for name in MODELS:
-            for slot, items in candidates(self._scan, name).items():
-                for f in items:
-                    serves.setdefault(id(f), []).append((name, slot))
-        copies = {id(f): group for group in find_copies(self._scan).values() for f in group}
-        self.refresh_components()  # remembered files that moved are found again
-        return [FoundFile(path=f.component.path, what=f.component.what(), role=f.component.role,
-                          format=f.component.format, precision=f.component.precision,
-                          size_bytes=f.component.size_bytes, location=f.location, repo=f.repo,
-                          serves=serves.get(id(f), []),
-                          copies=[g.component.path for g in copies.get(id(f), []) if g is not f],
-                          problem=f.component.problem)
-                for f in self._scan]
+        return self.library.scan_components(comfy_dirs)
 
     def chosen_components(self, name: str) -> dict[str, Path]:
-        """The component files model `name` uses instead of its folder's (slot -> path)."""
-        return dict(self.components.get(get_spec(name).name) or {})
+        return self.library.chosen_components(name)
 
     def choose_components(self, name: str, picks: dict[str, str | Path | None]) -> dict[str, Path]:
-        """Check, remember and apply the files chosen for model `name` (slot -> file or folder in
-        any supported format; empty = the model folder's own file). Nothing is saved unless every
-        file fits its slot: a wrong one raises CheckpointError saying what it is and what was
-        expected. Returns the components now in use."""
-        from wan_lite.loading.discovery import Choices, config_dir, slot_names
-        from wan_lite.loading.formats import detect, load_component, pick, tokenizer_folder
-
-        spec = get_spec(name)
-        chosen = {}
-        for slot, raw in picks.items():
-            if slot not in slot_names(spec.name):
-                raise InputError(f"{spec.name} has no slot {slot!r}.",
-                                 f"Use one of: {', '.join(slot_names(spec.name))}.")
-            if raw is None or not str(raw).strip():
-                continue
-            path = Path(str(raw).strip()).expanduser()
-            role = "dit" if slot.startswith("dit") else slot
-            expert = slot.removeprefix("dit_") if slot.startswith("dit_") else None
-            if role == "tokenizer":
-                tokenizer_folder(path, config_dir() / "tokenizers")
-            else:
-                load_component(path, role, model=spec.name, expert=expert)  # opens headers only
-            chosen[slot] = pick(detect(path), role, expert)
-        choices = Choices()
-        choices.data["models"].pop(spec.name, None)  # the new picks replace the old ones whole
-        for slot, component in chosen.items():
-            choices.choose(spec.name, slot, component)
-        choices.save()
-        self._explicit.discard(spec.name)
-        self.refresh_components()
-        log.info("Component files for %s: %s", spec.name,
-                 ", ".join(f"{k}={v}" for k, v in self.chosen_components(spec.name).items()) or "the model folder's")
-        return self.chosen_components(spec.name)
+        return self.library.choose_components(name, picks)
 
     # ------------------------------------------------------------------ requests
     def resolve(self, request: GenerateRequest | Job) -> Job:
@@ -293,7 +142,7 @@ class Engine:
         from wan_lite.pipeline import WanPipeline
 
         folder = self.model_folder(name)
-        parts = self.components.get(name, {})
+        parts = self.library.components.get(name, {})
         plan = None
         if job is not None and self._gpu():
             plan = self._plan(job, self._footprint(name, folder, parts))
@@ -403,15 +252,15 @@ class Engine:
             if name not in MODELS:
                 raise InputError(f"{latents_path} does not say which model made it.")
             if model_dir is not None:
-                self.folders[name] = Path(model_dir)
-            elif meta.get("model_dir") and name not in self.folders:
-                self.folders[name] = Path(meta["model_dir"])
+                self.library.folders[name] = Path(model_dir)
+            elif meta.get("model_dir") and name not in self.library.folders:
+                self.library.folders[name] = Path(meta["model_dir"])
                 recorded = {k: Path(v) for k, v in (meta.get("components") or {}).items()}
-                if name in self._explicit:
-                    self.components.setdefault(name, recorded)
+                if name in self.library.explicit:
+                    self.library.components.setdefault(name, recorded)
                 else:  # what made these latents, not today's remembered choices
-                    self.components[name] = recorded
-                    self._explicit.add(name)
+                    self.library.components[name] = recorded
+                    self.library.explicit.add(name)
             pipe = self.pipeline(name)
             t0 = time.perf_counter()
             frames = video_to_frames(pipe.decode(latents))
@@ -423,12 +272,10 @@ class Engine:
             return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe, None)
 
     def _record(self, settings: dict[str, Any], request: GenerateRequest, pipe) -> dict[str, Any]:
-        import wan_lite
-
         name = pipe.spec.name
-        return {"wan_lite": wan_lite.__version__, "settings": settings, "request": request.to_dict(),
+        return {"wan_lite": __version__, "settings": settings, "request": request.to_dict(),
                 "model_dir": str(self.model_folder(name)),
-                "components": {k: str(v) for k, v in self.components.get(name, {}).items()},
+                "components": {k: str(v) for k, v in self.library.components.get(name, {}).items()},
                 "image": request.image if isinstance(request.image, str) else None}
 
     def _write(self, stem: Path, latents_path: Path, frames, fps: int, settings: dict[str, Any],
@@ -485,14 +332,6 @@ class Engine:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
-
-
-def _disk_size(path: Path) -> int:
-    """Bytes of a file, or of the files under a folder (0 when it is gone)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 __all__ = ["Engine", "Estimate", "FoundFile", "Job", "ModelStatus", "WanLiteError"]

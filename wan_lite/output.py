@@ -4,20 +4,17 @@ Every file is written to a hidden temporary file in the target folder and then m
 with `os.replace`, so a crash, a full disk or a cancelled job never leaves a half-written file
 under the final name (and never destroys an older file of that name).
 
-Video encoding follows the reference's `save_video` (shared/reference/wan22-dit-pipelines-schedulers.md,
-section 8): [-1, 1] -> [0, 255] by truncation, H.264 (libx264) at imageio's quality 8 (crf 10),
+Video encoding follows the official `save_video`: [-1, 1] -> [0, 255] by truncation, H.264 (libx264) at imageio's quality 8 (crf 10),
 yuv420p, through imageio-ffmpeg's bundled ffmpeg.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging
 import os
 import re
-import secrets
 import subprocess
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -29,6 +26,8 @@ import numpy as np
 import torch
 
 from wan_lite.errors import InputError
+from wan_lite.paths import atomic_path, json_text
+from wan_lite.paths import write_json_atomic as write_json_atomic  # re-exported: sidecars
 
 logger = logging.getLogger(__name__)
 
@@ -37,59 +36,6 @@ LATENTS_FORMAT = "wan_lite.latents"
 LATENTS_SUFFIX = ".latents.safetensors"
 # Linux caps one command-line argument at 128 KiB; the settings JSON goes through one.
 _MAX_METADATA_BYTES = 100_000
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success move it onto `path`, on error delete it.
-
-    The temporary name is hidden and does not end in the target's suffix, so galleries that list
-    `*.mp4` never show a half-written video.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
-    try:
-        yield tmp
-        if not tmp.is_file():
-            raise OSError(f"writing {target.name} produced no file")
-        with open(tmp, "r+b") as f:  # flush to disk before the rename makes it visible (r+: Windows)
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _json_default(obj: Any) -> Any:
-    """JSON for the few non-JSON types settings carry (paths, numpy scalars, tensors of one value)."""
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray) and obj.size == 1:
-        return obj.item()
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _dumps(obj: Any, indent: int | None = None) -> str:
-    return json.dumps(obj, ensure_ascii=False, indent=indent, default=_json_default)
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write `obj` as UTF-8 JSON (indented, non-ASCII kept readable) atomically; returns the path."""
-    text = _dumps(obj, indent=2) + "\n"
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,13 +109,13 @@ def write_mp4(
     enc_w, enc_h = w + w % 2, h + h % 2
     output_params = ["-f", "mp4"]  # the temporary name has no .mp4 suffix to infer it from
     if metadata:
-        text = _dumps(metadata)
+        text = json_text(metadata)
         if len(text.encode("utf-8")) <= _MAX_METADATA_BYTES:
             output_params += ["-metadata", f"comment={text}"]
         else:
             logger.warning("Settings are %d bytes, too long to embed in %s; they stay in the sidecar "
                            "JSON only.", len(text.encode("utf-8")), target.name)
-    with _atomic_path(target) as tmp:
+    with atomic_path(target) as tmp:
         writer = imageio_ffmpeg.write_frames(
             str(tmp), (enc_w, enc_h), fps=fps, codec="libx264", quality=MP4_QUALITY, pix_fmt_out="yuv420p",
             # 16 is the reference's value; with even sizes that are not multiples of 16, 2 keeps the
@@ -187,7 +133,7 @@ def write_mp4(
                 writer.send(np.ascontiguousarray(_even(frame)))
                 count += 1
         finally:
-            writer.close()  # ffmpeg finishes the file; on error _atomic_path then deletes it
+            writer.close()  # ffmpeg finishes the file; on error atomic_path then deletes it
         # write_frames does not report ffmpeg's exit status; an mp4 whose index (written last)
         # is missing or broken does not open, so opening it catches a failed finish (disk full).
         probe = _ffmpeg(["-v", "error", "-i", str(tmp), "-f", "ffmetadata", "-"])
@@ -291,9 +237,9 @@ def save_latents(path: str | os.PathLike[str], latents: torch.Tensor, metadata: 
     """Save final latents as safetensors (one tensor "latents"), settings as JSON in the header."""
     from safetensors.torch import save_file
 
-    header = {"format": LATENTS_FORMAT, "version": "1", "wan_lite": _dumps(metadata)}
+    header = {"format": LATENTS_FORMAT, "version": "1", "wan_lite": json_text(metadata)}
     tensor = latents.detach().to("cpu").contiguous()
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file({"latents": tensor}, str(tmp), metadata=header)
     return Path(path)
 

@@ -1,7 +1,7 @@
 """The three Wan 2.2 models wan_lite runs, with their official defaults (one place for all of them).
 
-Values come from the official configs (see ../shared/reference/wan22-dit-pipelines-schedulers.md,
-section 1). Sizes are (width, height).
+Values come from the official Wan 2.2 configs and the official command line's defaults.
+Sizes are (width, height).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The model predicts the velocity ``v = noise - x0`` of the straight path
 ``x_sigma = (1 - sigma) * x0 + sigma * noise``; every sampler turns it into the data prediction
 ``m = x - sigma * v`` (UniPC, DPM++) or integrates it directly (Euler).
 
-Numerics follow the reference (``wan/utils/fm_solvers_unipc.py`` and ``fm_solvers.py``, see
-shared/reference/wan22-dit-pipelines-schedulers.md section 6): sigmas are float32, every scalar
+Numerics follow the official schedulers (FlowUniPCMultistepScheduler and
+FlowDPMSolverMultistepScheduler, as Wan 2.2 configures them): sigmas are float32, every scalar
 coefficient (lambda, h, the B(h) terms, the corrector's rho) is computed with 0-dim float32 CPU
 tensors in the reference's order of operations, and the tensor updates are float32. Because the
 coefficients depend only on the schedule, they are computed once per sampler, not per step.

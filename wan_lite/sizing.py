@@ -30,9 +30,11 @@ def snap_multiple(value: int, multiple: int) -> int:
     return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)
 
 
-def snap_frames(frames: int) -> int:
-    """Nearest frame count of the form 4n + 1 (ties go up), at least 1."""
-    return max(1, 4 * int(math.floor((frames - 1) / 4 + 0.5)) + 1)
+def snap_frames(frames: float, low: int = 1, high: int | None = None) -> int:
+    """Nearest frame count of the form 4n + 1 (the VAE packs 4 frames per latent after the first;
+    ties go up), within [low, high] (both of the form 4n + 1)."""
+    snapped = max(low, 4 * int(math.floor((frames - 1) / 4 + 0.5)) + 1)
+    return snapped if high is None else min(snapped, high)
 
 
 def check_size(spec: ModelSpec, width: int, height: int, frames: int,

@@ -1,8 +1,8 @@
 """A tiny random Wan 2.2 DiT in the official release layout.
 
-The key list is written out from the spec (wan22-dit-pipelines-schedulers.md, section 2.1), not
-taken from wan_lite, so loading these files checks our module's names against the official ones.
-Layout (section 4): config.json, diffusion_pytorch_model.safetensors.index.json (weight_map and
+The key list is written out from the official state-dict layout, not taken from wan_lite, so
+loading these files checks our module's names against the official ones.
+Layout of the official release: config.json, diffusion_pytorch_model.safetensors.index.json (weight_map and
 metadata.total_size) and shards diffusion_pytorch_model-0000K-of-0000N.safetensors, float32.
 """
 

@@ -5,10 +5,10 @@
   names come from diffusers' own single-file converters, so the writer does not share code
   with the maps under test (the Wan 2.2 VAE has no diffusers converter: wan_lite's map, checked
   by a strict load and by comparing decoded video with diffusers').
-- ComfyUI single files (spec 6.2): fp16 / bf16, optional `model.diffusion_model.` prefix,
+- ComfyUI single files: fp16 / bf16, optional `model.diffusion_model.` prefix,
   plain fp8_e4m3fn, fp8_scaled (legacy `scale_weight` + `scaled_fp8` marker) and the newer
   `weight_scale` + `comfy_quant` layout; the umT5 file with HF names and `spiece_model`.
-- GGUF (spec 6.3) through the gguf package's GGUFWriter: 5-D patch embedding flattened with
+- GGUF through the gguf package's GGUFWriter: 5-D patch embedding flattened with
   `comfy.gguf.orig_shape`, small tensors F32, the rest in the requested type. gguf-py cannot
   quantize the K types, so Q4_K / Q5_K / Q6_K blocks are encoded here (simple min/max scales)
   and decoded by gguf's own dequantizer in the tests.
@@ -261,7 +261,7 @@ def gguf_encode(array: np.ndarray, qtype: str) -> tuple[np.ndarray, object]:
 
 def write_gguf(path: Path, official: dict[str, torch.Tensor], qtype: str, *, arch: str = "wan",
                prefix: str = "", rename=None) -> Path:
-    """A GGUF file the way ComfyUI-GGUF's converter lays it out (spec 6.3).
+    """A GGUF file the way ComfyUI-GGUF's converter lays it out.
 
     Tensors > 4-D are stored flattened to 2-D, F32, with `comfy.gguf.orig_shape.<name>`; 1-D tensors,
     tensors of <= 1024 values and `*modulation` stay F32; 2-D tensors whose rows fit the block size

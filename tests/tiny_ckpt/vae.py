@@ -1,7 +1,6 @@
 """Tiny random Wan 2.1 / 2.2 VAE checkpoints in the official `.pth` layout and key names.
 
-The key list is written out from the spec tables (shared/reference/wan22-vae-t5-checkpoint-formats.md
-sections 2 and 3), independently of wan_lite's modules, so a naming slip in the model shows up as
+The key list is written out from the official module trees of the two VAEs, independently of wan_lite's modules, so a naming slip in the model shows up as
 a load error. Structure is the real one (dim_mult [1, 2, 4, 4], 2 res blocks, time schedule
 [False, True, True], real z_dim); only the base widths are small.
 """

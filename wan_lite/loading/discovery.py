@@ -6,8 +6,9 @@ folder. Only headers are read (a few KB per file), so scanning 100+ GB of checkp
 seconds. Files are identified by header and size (`fingerprint`), so a renamed or moved copy is
 recognised and nothing needs downloading twice; a full `content_hash` is computed only on request.
 
-Choices (which file fills which slot of which model, and the ComfyUI folders to scan) are kept
-in `choices.json` under platformdirs' user config dir (`WAN_LITE_CONFIG_DIR` overrides it).
+The user's choices (`RememberedChoices`: which file fills which slot of which model, and the
+ComfyUI folders to scan) are kept in `choices.json` in the user's config folder
+(`wan_lite.paths.config_dir`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from wan_lite.errors import InputError
 from wan_lite.loading.formats import WEIGHT_SUFFIXES, Component, detect, detect_folder
+from wan_lite.paths import config_dir, write_json_atomic
 from wan_lite.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -190,15 +192,7 @@ def find_copies(found: Iterable[Found]) -> dict[str, list[Found]]:
 # Remembered choices
 
 
-def config_dir() -> Path:
-    if os.environ.get("WAN_LITE_CONFIG_DIR"):
-        return Path(os.environ["WAN_LITE_CONFIG_DIR"])
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir("wan_lite", appauthor=False))
-
-
-class Choices:
+class RememberedChoices:
     """The user's component choices per model and the ComfyUI folders to scan, kept as JSON:
 
         {"comfy_dirs": ["/data/ComfyUI/models"],
@@ -220,10 +214,7 @@ class Choices:
                             self.path, err)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True), encoding="utf-8")
-        tmp.replace(self.path)
+        write_json_atomic(self.path, self.data)
 
     @property
     def comfy_dirs(self) -> list[Path]:

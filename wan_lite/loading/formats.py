@@ -1,8 +1,7 @@
 """Recognise model files and folders by their headers, and open them under the official names.
 
 A *component* is one DiT (or one A14B expert), VAE, text encoder or tokenizer, in one of the
-formats people already have on disk (spec: ../shared/reference/wan22-vae-t5-checkpoint-formats.md,
-sections 6 and 7):
+formats people already have on disk:
 
 | format      | what it looks like                                                              |
 |-------------|---------------------------------------------------------------------------------|
@@ -296,7 +295,7 @@ def _tokenizer_component(folder: Path) -> Component | None:
 
 def _diffusers_expert(folder: Path) -> str | None:
     """In an A14B diffusers pipeline, transformer/ is the high-noise and transformer_2/ the
-    low-noise expert (spec 6.1); a TI2V pipeline has only transformer/."""
+    low-noise expert; a TI2V pipeline has only transformer/."""
     if folder.name in ("transformer", "transformer_2") and (folder.parent / "transformer_2").is_dir():
         return "low" if folder.name == "transformer_2" else "high"
     return None

@@ -3,8 +3,7 @@
 Every map is a function `key -> key | None` (None: the key has no counterpart and is dropped).
 Maps are written as explicit patterns, one per tensor family, never as chained substring
 replacements: diffusers' own converter swaps `norm2`/`norm3` through a placeholder, which is easy
-to get wrong when reversed. Reference: ../shared/reference/wan22-vae-t5-checkpoint-formats.md
-sections 5.2 and 6.
+to get wrong when reversed.
 
 `recognise(tensor table, path)` tells which component a checkpoint is from its names and shapes.
 
@@ -73,7 +72,7 @@ class _Rules:
 
 
 # --------------------------------------------------------------------------------------------
-# DiT: official WanModel <-> diffusers WanTransformer3DModel (spec 6.1).
+# DiT: official WanModel <-> diffusers WanTransformer3DModel.
 
 _DIT = _Rules(
     [
@@ -112,7 +111,7 @@ def dit_diffusers_to_official(key: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# VAE: official <-> diffusers AutoencoderKLWan (spec 6.1). Both versions share the leaf names;
+# VAE: official <-> diffusers AutoencoderKLWan. Both versions share the leaf names;
 # they differ in how residual blocks and resamplers are nested.
 
 # Inside a residual block (official `residual` Sequential: 0 norm, 1 SiLU, 2 conv, 3 norm,
@@ -243,7 +242,7 @@ def vae_diffusers_to_official(key: str, version: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# umT5-XXL encoder (spec 5.2): llama.cpp GGUF `t5encoder` names, and the HF names.
+# umT5-XXL encoder: llama.cpp GGUF `t5encoder` names, and the HF names.
 
 _T5_GGUF = _Rules(
     [
@@ -300,7 +299,8 @@ def t5_official_to_gguf(key: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Recognising a checkpoint from its tensor names and shapes (spec 6.4, plus the bad cases)
+# Recognising a checkpoint from its tensor names and shapes (and what wan_lite cannot run: LoRAs,
+# Wan 2.1 and VACE DiTs, unknown shapes)
 
 _LORA_KEY = re.compile(r"lora_[AB]\b|lora_(?:up|down)\b|\.lora\.|\.alpha$|\.diff(?:_b)?$|\.(?:lokr|hada)_")
 _DIT_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")

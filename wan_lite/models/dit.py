@@ -59,8 +59,14 @@ HEAD_DIM = 128  # every released Wan model uses 128-channel heads; num_heads = d
 
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:
-    """True if a parameter or module name matches one of the fnmatch-style `patterns`."""
-    return any(fnmatchcase(name, p) for p in patterns)
+    """True when a glob pattern matches the dotted parameter / module name or any dotted run
+    inside it (the one rule for the name patterns models declare, used by the runtime too).
+
+    "modulation" matches "blocks.3.modulation", "blocks.*.ffn.2" matches "blocks.7.ffn.2",
+    "head" matches "head.head" but not "heads".
+    """
+    return any(fnmatchcase(name, candidate) for pat in patterns
+               for candidate in (pat, f"*.{pat}", f"{pat}.*", f"*.{pat}.*"))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """umT5-XXL text encoder (transformers' `UMT5EncoderModel`) and its tokenizer, as Wan 2.2 uses them.
 
 The network is transformers' UMT5 encoder: it computes the same function as the official
-`wan/modules/t5.py` (no attention scaling, a relative-position table in every layer, gated-GELU
+umT5 encoder (no attention scaling, a relative-position table in every layer, gated-GELU
 with the tanh approximation, RMS norms in fp32). Only the key names differ; the official
 `models_t5_umt5-xxl-enc-bf16.pth` is mapped onto HF names on load, and files that already use HF
 names (ComfyUI, Diffusers) load as they are.
@@ -37,7 +37,7 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.
 TEXT_LEN = 512  # the official seq_len: prompts are cut to 511 pieces + </s>
 PAD_ID, EOS_ID = 0, 1
 
-# (official suffix after `blocks.i.`, HF suffix after `encoder.block.i.`); table 5.2 of the spec.
+# (official suffix after `blocks.i.`, HF suffix after `encoder.block.i.`).
 # `ffn.gate.0` is the GELU branch (wi_0), `ffn.fc1` the linear branch (wi_1).
 _LAYER_KEYS: tuple[tuple[str, str], ...] = (
     ("norm1.weight", "layer.0.layer_norm.weight"),
@@ -65,7 +65,7 @@ _GLOBAL_HF_TO_OFFICIAL = {
 }
 _OFFICIAL_LAYER = re.compile(r"blocks\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"encoder\.block\.(\d+)\.(.+)")
-# Present in a file with official names / with HF names (format detection, spec 6.4).
+# Present in a file with official names / with HF names (format detection).
 OFFICIAL_MARKER = "blocks.0.pos_embedding.embedding.weight"
 HF_MARKER = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 

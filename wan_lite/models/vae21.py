@@ -2,7 +2,6 @@
 
 Encoder ladder 96, 96, 192, 384, 384 with flat `encoder.downsamples.{i}`; the decoder's upsample
 convs halve the channels, so its levels 1..3 start from half the previous width.
-Spec: shared/reference/wan22-vae-t5-checkpoint-formats.md sections 1, 2 and 4.
 """
 
 from __future__ import annotations

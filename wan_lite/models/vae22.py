@@ -3,7 +3,6 @@
 Differences from Wan 2.1: pixels are patchified 2x2 into 12 channels around the network; each
 encoder level adds a parameter-free average-pool shortcut (AvgDown3D) and each decoder level a
 replication shortcut (DupUp3D); upsample convs keep their width; encoder width 160, decoder 256.
-Spec: shared/reference/wan22-vae-t5-checkpoint-formats.md sections 1, 3 and 4.
 """
 
 from __future__ import annotations

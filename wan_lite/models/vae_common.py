@@ -4,7 +4,7 @@ Both VAEs are causal in time and run over a video in chunks (encode: frame 0, th
 time; decode: one latent frame at a time). Each causal layer needs input frames of the previous
 chunk; a `FeatureCache` passed down the forward calls holds them, keyed by layer, so modules stay
 stateless (one cache per stream; a spatial tile is its own stream). Attribute names and
-`nn.Sequential` indices follow the official `wan/modules/vae2_*.py`, so `state_dict()` keys equal
+`nn.Sequential` indices follow the official VAE code, so `state_dict()` keys equal
 those of `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth`. Tensors are `[B, C, T, H, W]`.
 """
 

@@ -9,7 +9,7 @@ It comes from NVIDIA's cuDNN frontend (the prebuilt wheel `nvidia-cudnn-frontend
 `cudnn`; nothing is compiled on the user's machine), an optional dependency: this module imports it
 only when asked, and everything works without it (then SDPA runs).
 
-What cuDNN supports (its Attention.md support matrix and the frontend's fp8 SDPA node): the fp8
+What cuDNN supports (its attention support matrix and the frontend's fp8 SDPA node): the fp8
 attention forward needs compute capability 9.0 or newer - Hopper (H100/H200, sm_90) and Blackwell
 (sm_100, sm_120) - and a cuDNN backend library of 9.1 or newer. Ampere and Ada (sm_80-sm_89, so the
 RTX 30xx and 40xx) get fp16/bf16 attention only: the frontend refuses an fp8 SDPA graph below cc 9.0,

@@ -5,7 +5,7 @@
 declares in `no_quantize_patterns` / `keep_fp32_patterns`; everything outside the blocks keeps its dtype.
 
 Why our own module and not optimum-quanto: quanto's runtime Linear is slower than bf16 (int8
-1.2-1.4x, fp8 2.4-2.9x, shared/BENCHMARKS.md), its tensor subclasses would need special cases in the
+1.2-1.4x, fp8 2.4-2.9x its time for one DiT Linear at 27k tokens on an H200), its tensor subclasses would need special cases in the
 block streamer, and it does not serialise to a plain state dict. What we need is small: 1 byte per
 weight + one fp32 scale per output row (the ideal size); a forward that dequantizes the weight once
 into the activation dtype (one read-int8/write-bf16 pass, cheap next to the GEMM) and runs the bf16
@@ -18,7 +18,6 @@ Quantized models are cached on disk by `wan_lite.runtime.quant_cache.load_or_qua
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import weakref
 from collections.abc import Callable, Iterable
@@ -29,6 +28,7 @@ from torch import nn
 
 from wan_lite.errors import CheckpointError, InputError
 from wan_lite.loading.tensors import TensorSource
+from wan_lite.models.dit import name_matches as matches  # the one name-pattern rule (streaming uses it too)
 from wan_lite.models.fp8_rows import Fp8Rows
 from wan_lite.models.fused import Fused
 from wan_lite.runtime import fp8_row_kernel
@@ -63,19 +63,6 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(obj, nn.ModuleList):
             return path, obj
     raise TypeError(f"{type(model).__name__} has no `blocks` or `encoder.block` ModuleList.")
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    """True when a glob pattern matches the dotted module name or any dotted run inside it.
-
-    "modulation" matches "blocks.3.modulation", "blocks.*.ffn.2" matches "blocks.7.ffn.2",
-    "head" matches "head.head" but not "heads".
-    """
-    for pat in patterns:
-        for candidate in (pat, f"*.{pat}", f"{pat}.*", f"*.{pat}.*"):
-            if fnmatch.fnmatchcase(name, candidate):
-                return True
-    return False
 
 
 def _check_format(fmt: str) -> None:

@@ -12,6 +12,7 @@
 - components_panel.py  its "Use files you already have" section (scan, choices per slot)
 - handlers.py / app.py   the page's handlers, layout and wiring (the only modules importing Gradio)
 
-Only wan_lite.api, wan_lite.engine, wan_lite.registry, wan_lite.errors and wan_lite.sizing (pure
-arithmetic shared with the engine) are imported from the rest of wan_lite; never torch.
+Only wan_lite.api, wan_lite.engine, wan_lite.registry, wan_lite.errors, wan_lite.sizing (pure
+arithmetic shared with the engine) and wan_lite.paths (the config folder, atomic writes) are
+imported from the rest of wan_lite; never torch.
 """

@@ -17,7 +17,7 @@ from wan_lite.errors import WanLiteError
 from wan_lite.registry import DEFAULT_MODEL, DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
 from wan_lite.ui.composer import Composition, compose
 from wan_lite.ui.presets import Presets, ordered
-from wan_lite.ui.settings import DEFAULT_MODE, mode_values, parse_size, snap_frames
+from wan_lite.ui.settings import DEFAULT_MODE, mode_values, offered_frames, parse_size
 
 TERM_PREFIX = "terms__"  # one CheckboxGroup per vocabulary category: "terms__light_source", ...
 # Widgets that set a GenerateRequest field of the same name.
@@ -105,7 +105,7 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
         image=values.get("image") or None,
         width=width,
         height=height,
-        frames=snap_frames(frames, spec) if frames is not None else None,
+        frames=offered_frames(frames, spec) if frames is not None else None,
         steps=_number(values.get("steps"), int),
         guidance=_number(values.get("guidance"), float),
         guidance_low=_number(values.get("guidance_low"), float) if spec.experts else None,

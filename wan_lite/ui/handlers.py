@@ -120,10 +120,7 @@ def estimate_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
         lines = [f"{frames} frames = **{seconds_for_frames(frames, spec.fps):.1f} s** at {spec.fps} fps."]
         lines += [f"- {n}" for n in quality_notes(spec, request.width or 0, request.height or 0,
                                                    request.steps or spec.steps, frames)]
-        try:
-            lines.append(form.estimate_text(ui.engine.preflight(request)))
-        except NotImplementedError:
-            lines.append("_Memory and time estimate: not available yet (the planner is not finished)._")
+        lines.append(form.estimate_text(ui.engine.preflight(request)))
         return {"estimate": "\n\n".join(lines)}
     except Exception as err:
         return {"estimate": f"⛔ {error_message(err)}"}

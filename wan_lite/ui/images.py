@@ -1,10 +1,10 @@
 """Start images for image-to-video: content checks before anything decodes them, normalisation
 (EXIF orientation, alpha flattened, size bounded) and the exact frame the model will use.
 
-Size rules (../shared/reference/wan22-dit-pipelines-schedulers.md; computed by wan_lite.sizing):
-- TI2V-5B (5.3, 8): `best_output_size` picks a size of about the chosen area, multiples of 32, close
+Size rules of the official pipelines (computed by wan_lite.sizing):
+- TI2V-5B: `best_output_size` picks a size of about the chosen area, multiples of 32, close
   to the image's aspect ratio; the image is scaled to cover it (Lanczos) and centre-cropped.
-- I2V-A14B (5.2): the latent size comes from the area and the aspect ratio (multiples of 16 pixels);
+- I2V-A14B: the latent size comes from the area and the aspect ratio (multiples of 16 pixels);
   the image is resized to exactly that size, a slight stretch and no crop.
 """
 

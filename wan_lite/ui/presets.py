@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from wan_lite.paths import config_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,9 @@ class Presets:
 
 
 def user_presets_dir() -> Path:
-    """The folder for the user's own preset files (inside the wan_lite config folder)."""
-    from wan_lite.ui.settings import config_dir
-
-    return config_dir() / "presets"
+    """The folder for the user's own preset files (inside the wan_lite config folder, or where an
+    earlier version kept them: `wan_lite.paths.config_path`)."""
+    return config_path("presets")
 
 
 class _Problem(Exception):
@@ -284,14 +284,6 @@ def save_user_bundle(user_dir: Path, bundle: Bundle, presets: Presets) -> Path:
     data["bundles"] = [*bundles, entry]
     write_json_atomic(path, data)
     return path
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def term_choices(category: Category) -> list[tuple[str, str]]:

@@ -17,19 +17,13 @@ from typing import Any
 
 import platformdirs
 
+from wan_lite.paths import APP_NAME, config_dir, config_path, write_json_atomic
 from wan_lite.registry import MODELS, ModelSpec
-from wan_lite.ui.presets import write_json_atomic
+from wan_lite.sizing import snap_frames
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "wan_lite"
 MIN_FRAMES = 5
-
-
-def config_dir() -> Path:
-    """The user's wan_lite config folder; WAN_LITE_CONFIG_DIR overrides it (tests, portable installs)."""
-    override = os.environ.get("WAN_LITE_CONFIG_DIR")
-    return Path(override) if override else platformdirs.user_config_path(APP_NAME)
 
 
 def default_output_dir() -> Path:
@@ -94,12 +88,9 @@ def max_frames(spec: ModelSpec) -> int:
     return 2 * spec.frames - 1
 
 
-def snap_frames(frames: float, spec: ModelSpec | None = None) -> int:
-    """The nearest frame count of the form 4n+1 (the VAE packs 4 frames per latent after the first);
-    ties go up. Clamped to [MIN_FRAMES, max_frames(spec)]."""
-    n = int((float(frames) - 1) / 4 + 0.5)
-    snapped = max(MIN_FRAMES, 4 * n + 1)
-    return min(snapped, max_frames(spec)) if spec is not None else snapped
+def offered_frames(frames: float, spec: ModelSpec) -> int:
+    """`sizing.snap_frames` within what the UI offers: [MIN_FRAMES, max_frames(spec)]."""
+    return snap_frames(frames, MIN_FRAMES, max_frames(spec))
 
 
 def seconds_for_frames(frames: int, fps: int) -> float:
@@ -108,7 +99,7 @@ def seconds_for_frames(frames: int, fps: int) -> float:
 
 
 def frames_for_seconds(seconds: float, spec: ModelSpec) -> int:
-    return snap_frames(seconds * spec.fps + 1, spec)
+    return offered_frames(seconds * spec.fps + 1, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,21 +218,25 @@ def clean_settings(data: Any) -> dict[str, Any]:
 
 
 class SettingsStore:
-    """Last-used settings in one JSON file. A corrupt file is set aside (renamed) and ignored."""
+    """Last-used settings in one JSON file. A corrupt file is set aside (renamed) and ignored.
+
+    By default they are saved in the config folder and read from there, or from where an earlier
+    version kept them until they are first saved (`wan_lite.paths.config_path`)."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path if path is not None else config_dir() / "settings.json"
+        self.source = path if path is not None else config_path("settings.json")
 
     def load(self) -> dict[str, Any]:
-        if not self.path.is_file():
+        if not self.source.is_file():
             return {}
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(self.source.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
-            log.warning("Settings file %s is unreadable (%s); starting with defaults, kept it as %s", self.path, err, aside)
+            aside = self.source.with_name(f"{self.source.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.warning("Settings file %s is unreadable (%s); starting with defaults, kept it as %s", self.source, err, aside)
             try:
-                os.replace(self.path, aside)
+                os.replace(self.source, aside)
             except OSError:
                 pass
             return {}
@@ -251,5 +246,6 @@ class SettingsStore:
         data = {"version": 1, **clean_settings(values)}
         try:
             write_json_atomic(self.path, data)
+            self.source = self.path
         except OSError as err:  # a read-only config folder must not break generation
             log.warning("Could not save settings to %s: %s", self.path, err)
