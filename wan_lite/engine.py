@@ -354,13 +354,9 @@ class Engine:
         from wan_lite.models.dit import WanDiTConfig
         from wan_lite.runtime.planner import ModelFootprint
 
-        spec = get_spec(name)
         _, sources, _ = resolve_sources(folder if folder.is_dir() or not parts else None, parts, name)
         cfg = WanDiTConfig.from_shapes(next(v for k, v in sources.items() if k.startswith("dit_")).shapes())
-        if (cfg.dim, cfg.num_layers) in ((3072, 30), (5120, 40)):
-            return ModelFootprint.full_size(name)
-        return ModelFootprint.from_config(cfg, name=name, vae_version=spec.vae_version,
-                                          experts=2 if spec.experts else 1)
+        return ModelFootprint.of_model(name, cfg)  # the released sizes when the DiT has them
 
     def generate(self, request: GenerateRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerateResult:
