@@ -296,15 +296,19 @@ def _tokenizer_component(folder: Path) -> Component | None:
                      precision="-", size_bytes=size, details="tokenizer folder")
 
 
-def _diffusers_expert(folder: Path) -> str | None:
-    """The expert a diffusers pipeline's DiT subfolder holds (A14B: transformer/ the high-noise,
-    transformer_2/ the low-noise expert, spec 6.1), when the pipeline has every expert folder;
-    a TI2V pipeline has only transformer/."""
+def _folder_expert(folder: Path) -> str | None:
+    """The expert a folder holds by its place in a model's layout (`ModelSpec.dits`): an official
+    expert folder (high_noise_model/, low_noise_model/), or a diffusers pipeline's DiT subfolder
+    when the pipeline has every expert's (A14B: transformer/ the high-noise, transformer_2/ the
+    low-noise expert, spec 6.1; a TI2V pipeline has only transformer/)."""
     for spec in MODELS.values():
         parts = spec.dits if spec.experts else ()
-        if folder.name in (p.diffusers_folder for p in parts) and all(
-                (folder.parent / p.diffusers_folder).is_dir() for p in parts):
-            return next(p.role for p in parts if p.diffusers_folder == folder.name)
+        for p in parts:
+            official = Path(p.folder).parts
+            if official and folder.parts[-len(official):] == official:
+                return p.role
+            if folder.name == p.diffusers_folder and all((folder.parent / q.diffusers_folder).is_dir() for q in parts):
+                return p.role
     return None
 
 
@@ -312,7 +316,7 @@ def detect_folder(folder: Path, expert: str | None = None) -> list[Component]:
     """Components stored directly in `folder` (not in its subfolders). `expert` overrides the
     side read from names."""
     folder = Path(folder)
-    expert = expert or _diffusers_expert(folder)
+    expert = expert or _folder_expert(folder)
     has_config = (folder / "config.json").is_file()
     out: list[Component] = []
     sets, used = _shard_sets(folder)
