@@ -124,10 +124,12 @@ def _shapes_of(folder: Path) -> tuple[int, int, int, int] | None:
 
 
 def _spec_of(folder: Path, experts: bool) -> ModelSpec | None:
-    """The registry model whose DiT (or expert) is in `folder`."""
+    """The registry model whose DiT (or expert) is in `folder`: by channels and size, else by
+    config.json's model_type (a mismatch is then named when the DiT is loaded)."""
     shapes = _shapes_of(folder)
-    if shapes is not None:
-        return match_dit(*shapes, experts=experts)
+    spec = match_dit(*shapes, experts=experts) if shapes is not None else None
+    if spec is not None:
+        return spec
     try:
         task = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
         return spec_for_task(task, experts=experts)
