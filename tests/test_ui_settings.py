@@ -85,7 +85,7 @@ def test_quality_notes_warn_about_5b_quirks():
     spec = get_spec("ti2v-5b")
     assert quality_notes(spec, 1280, 704, 50, 121) == []
     notes = quality_notes(spec, 640, 352, 12, 161)
-    assert len(notes) == 3 and "720p" in notes[0] and "30" in notes[1]
+    assert len(notes) == 3 and "1280×704" in notes[0] and "30" in notes[1]
 
 
 def test_settings_round_trip(tmp_path):

@@ -19,7 +19,7 @@ from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress,
 from wan_lite.errors import InputError, WanLiteError
 from wan_lite.job import Job, as_job
 from wan_lite.library import FoundFile, ModelLibrary, ModelStatus
-from wan_lite.registry import MODELS, get_spec
+from wan_lite.registry import MODELS
 from wan_lite.version import __version__
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,9 @@ class Engine:
         from wan_lite.models.dit import WanDiTConfig
         from wan_lite.runtime.planner import ModelFootprint
 
-        spec = get_spec(name)
         _, sources, _ = resolve_sources(folder if folder.is_dir() or not parts else None, parts, name)
         cfg = WanDiTConfig.from_shapes(next(v for k, v in sources.items() if k.startswith("dit_")).shapes())
-        if (cfg.dim, cfg.num_layers) in ((3072, 30), (5120, 40)):
-            return ModelFootprint.full_size(name)
-        return ModelFootprint.from_config(cfg, name=name, vae_version=spec.vae_version,
-                                          experts=2 if spec.experts else 1)
+        return ModelFootprint.of_model(name, cfg)  # the released sizes when the DiT has them
 
     def generate(self, request: GenerateRequest | Job, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerateResult:

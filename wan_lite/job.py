@@ -185,8 +185,8 @@ def resolve(request: GenerateRequest) -> Job:
     in again is not re-resolved (see `as_job`)."""
     spec = get_spec(request.model)
     notes: list[str] = []
-    if request.image is not None and spec.task == "t2v":  # the A14B family: an image selects I2V
-        spec = get_spec("i2v-a14b")
+    if request.image is not None and spec.image_variant:  # T2V-A14B: an image selects I2V-A14B
+        spec = get_spec(spec.image_variant)
         notes.append(f"An image was given, so {spec.name} is used.")
     prompt = request.prompt
     if not isinstance(prompt, str) or not prompt.strip():

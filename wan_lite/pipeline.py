@@ -175,7 +175,7 @@ class WanPipeline:
 
     @property
     def dit(self) -> nn.Module:
-        return self.dits.get("main") or self.dits["high"]
+        return self.dits[self.spec.dit_roles[0]]
 
     def set_attention(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """The attention kernel of this pipeline's DiTs (another pipeline keeps its own)."""
@@ -243,9 +243,7 @@ class WanPipeline:
             self.placement.release("vae", self.vae)
 
     def _expert(self, t: int) -> str:
-        if "main" in self.dits:
-            return "main"
-        return "high" if t >= self.spec.boundary else "low"
+        return self.spec.dit_role_at(t)
 
     def _velocity(self, role: str, info: StepInfo, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
                   ctx_null: torch.Tensor | None, y: torch.Tensor | None, g: float) -> torch.Tensor:
@@ -356,7 +354,7 @@ class WanPipeline:
             shapes = layer_shapes(dit)
             for lora in files:
                 lora.check(shapes, what=f"{role} DiT" if role != "main" else "DiT")
-        self._loras = {role: [(lora, hi if role in ("main", "high") else lo)
+        self._loras = {role: [(lora, (hi, lo)[self.spec.guidance_index(role)])
                               for lora, (_p, hi, lo) in zip(files, job.request.loras, strict=True)]
                        for role in self.dits}
         notes = [n for lora in files for n in lora.notes]
@@ -463,12 +461,12 @@ class WanPipeline:
                     self._use_loras(role)
                 self.placement.activate(role, self.dits[role])
                 active = role
-            g = job.guidance[0] if role in ("main", "high") else job.guidance[1]
+            g = job.guidance[spec.guidance_index(role)]
             if z0 is not None:  # TI2V image-to-video: frame-0 tokens are clean (t = 0)
                 tt = torch.full((1, lat_shape[1] * tokens_per_frame), float(t), device=dev)
                 tt[:, :tokens_per_frame] = 0.0
             else:
-                tt = torch.tensor([t], device=dev, dtype=torch.int64 if spec.experts else torch.float32)
+                tt = torch.tensor([t], device=dev, dtype=getattr(torch, spec.timestep_dtype))
             step_start = time.perf_counter()
             info = StepInfo(index=i, total=n, timestep=t, expert=role, branches=())
             v = self._guarded_velocity(role, info, latent, tt, ctx, ctx_null, y, g)
@@ -492,7 +490,7 @@ class WanPipeline:
         from PIL import Image
 
         dev, img = self.device, job.image
-        if self.spec.task == "ti2v":
+        if self.spec.conditioning == "first_latent":
             (rw, rh), box = centre_crop_box(img.width, img.height, job.width, job.height)
             img = img.resize((rw, rh), Image.LANCZOS).crop(box)
             z = self.vae_encode(image_to_tensor(img)[:, None])  # [z, 1, h, w]
@@ -503,7 +501,7 @@ class WanPipeline:
         pixels = F.interpolate(pixels, size=(job.height, job.width), mode="bicubic", align_corners=False)[0]
         video = torch.cat([pixels[:, None], torch.zeros(3, job.frames - 1, job.height, job.width)], dim=1)
         z = self.vae_encode(video)
-        m = torch.zeros(4, lat_shape[1], lat_shape[2], lat_shape[3], device=dev)
+        m = torch.zeros(self.spec.mask_channels, lat_shape[1], lat_shape[2], lat_shape[3], device=dev)
         m[:, 0] = 1
         return torch.cat([m, z]), None, None
 

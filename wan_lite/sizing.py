@@ -90,7 +90,7 @@ def i2v_a14b_size(image_w: int, image_h: int, max_area: int, stride: int = 8, pa
 def image_output_size(spec: ModelSpec, image_w: int, image_h: int, width: int, height: int) -> tuple[int, int]:
     """Output (width, height) of image-to-video for a requested size (only its area is used)."""
     area = width * height
-    if spec.task == "i2v":
+    if not spec.crops_image:  # I2V-A14B: the official size rule for the image's aspect ratio
         return i2v_a14b_size(image_w, image_h, area, spec.vae_stride[1], spec.patch_size[1])
     m = spec.size_multiple
     return best_output_size(image_w, image_h, m, m, area)

@@ -21,13 +21,9 @@ def write_model(root: Path, name: str, *, seed: int = 0, dim: int = 128, ffn_dim
     spec = MODELS[name]
     root = Path(root)
     t5 = write_t5(root, seed=seed)
-    in_dim = {"ti2v": spec.z_dim, "t2v": spec.z_dim, "i2v": 2 * spec.z_dim + 4}[spec.task]
-    common = dict(in_dim=in_dim, out_dim=spec.z_dim, dim=dim, ffn_dim=ffn_dim, num_layers=num_layers,
-                  model_type=spec.task, text_dim=t5["d_model"])
-    if spec.experts:
-        write_dit(root / "high_noise_model", seed=seed + 1, **common)
-        write_dit(root / "low_noise_model", seed=seed + 2, **common)
-    else:
-        write_dit(root, seed=seed + 1, **common)
+    common = dict(in_dim=spec.dit_in_dim, out_dim=spec.dit_out_dim, dim=dim, ffn_dim=ffn_dim,
+                  num_layers=num_layers, model_type=spec.task, text_dim=t5["d_model"])
+    for i, part in enumerate(spec.dits):
+        write_dit(root / part.folder, seed=seed + 1 + i, **common)
     write_vae(root / spec.vae_file, spec.vae_version, seed=seed + 3)
     return root

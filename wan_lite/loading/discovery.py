@@ -155,18 +155,19 @@ def scan(places: Iterable[tuple[str, Path]], max_depth: int = 6) -> list[Found]:
 
 
 def candidates(found: Iterable[Found], model: str) -> dict[str, list[Found]]:
-    """Usable components per slot of `model`: "dit" (TI2V-5B) or "dit_high" / "dit_low" (A14B;
-    an expert of unknown side is offered for both), "vae", "text_encoder", "tokenizer"."""
+    """Usable components per slot of `model` (`ModelSpec.slots`): "dit", or one slot per expert
+    ("dit_high" / "dit_low"; an expert of unknown side is offered for each), "vae",
+    "text_encoder", "tokenizer"."""
     spec = MODELS[model]
-    slots: dict[str, list[Found]] = {s: [] for s in slot_names(model)}
+    slots: dict[str, list[Found]] = {s: [] for s in spec.slots}
     for f in found:
         c = f.component
         if model not in c.models or not c.usable:
             continue
-        if c.role == "dit" and spec.experts:
-            for side in ("high", "low"):
-                if c.expert in (side, None):
-                    slots[f"dit_{side}"].append(f)
+        if c.role == "dit":
+            for part in spec.dits:
+                if not spec.experts or c.expert in (part.role, None):
+                    slots[part.slot].append(f)
         elif c.role in slots:
             slots[c.role].append(f)
         if c.has_tokenizer:
@@ -175,8 +176,7 @@ def candidates(found: Iterable[Found], model: str) -> dict[str, list[Found]]:
 
 
 def slot_names(model: str) -> tuple[str, ...]:
-    dits = ("dit_high", "dit_low") if MODELS[model].experts else ("dit",)
-    return (*dits, "vae", "text_encoder", "tokenizer")
+    return MODELS[model].slots
 
 
 def find_copies(found: Iterable[Found]) -> dict[str, list[Found]]:

@@ -62,18 +62,20 @@ ROLE_TEXT = {
     "unknown": "not a model file wan_lite knows",
     "broken": "an unreadable file",
 }
-_VAE_FILES = {
-    "2.1": "Wan2.1_VAE.pth or wan_2.1_vae.safetensors",
-    "2.2": "Wan2.2_VAE.pth or wan2.2_vae.safetensors",
-}
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".pth", ".pt", ".bin", ".ckpt")
-_DIFFUSERS_SUBFOLDERS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer")
-_OFFICIAL_SUBFOLDERS = ("high_noise_model", "low_noise_model", "google/umt5-xxl")
+_DIFFUSERS_SHARED = ("vae", "text_encoder", "tokenizer")  # a diffusers pipeline's other subfolders
 
 
-def _short_title(model: str) -> str:
-    """ "Wan2.2 T2V-A14B" from the registry title."""
-    return MODELS[model].title.split(" (")[0]
+def _diffusers_subfolders() -> tuple[str, ...]:
+    """The subfolders of a diffusers pipeline root that hold components, from the registry."""
+    dits = (p.diffusers_folder for s in MODELS.values() for p in s.dits)
+    return tuple(dict.fromkeys((*dits, *_DIFFUSERS_SHARED)))
+
+
+def _official_subfolders() -> tuple[str, ...]:
+    """The subfolders of an official model folder that hold components (experts, tokenizer)."""
+    dirs = [p.folder for s in MODELS.values() for p in s.dits if p.folder]
+    return tuple(dict.fromkeys([*dirs, *(s.tokenizer_dir for s in MODELS.values())]))
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class Component:
 
     path: what a user names (a file, or the folder of a sharded / diffusers component).
     role: "dit", "vae", "text_encoder", "tokenizer", or "lora" / "unknown" / "broken".
-    variant: dit -> registry model ("ti2v-5b", "t2v-a14b", "i2v-a14b"); vae -> "2.1" / "2.2";
+    variant: dit -> registry model name ("ti2v-5b", ...); vae -> "2.1" / "2.2";
       text_encoder / tokenizer -> "umt5".
     expert: "high" / "low" for A14B experts when the name or folder says so, else None.
     naming: the tensor names inside: "official", "diffusers", "hf" (umT5) or "llama.cpp".
@@ -124,11 +126,11 @@ class Component:
     def what(self) -> str:
         """A short phrase for messages: "the Wan 2.1 VAE", "the low-noise expert of T2V-A14B"..."""
         if self.role == "dit" and self.variant in MODELS:
-            title = _short_title(self.variant)
-            if MODELS[self.variant].experts:
-                which = f"the {self.expert}-noise expert" if self.expert else "an expert"
-                return f"{which} of {title}"
-            return f"the DiT of {title}"
+            spec = MODELS[self.variant]
+            if spec.experts:
+                which = spec.dit_part(self.expert).label if self.expert in spec.dit_roles else "an expert"
+                return f"{which} of {spec.short_title}"
+            return f"the DiT of {spec.short_title}"
         if self.role == "vae" and self.variant:
             return f"the Wan {self.variant} VAE"
         return ROLE_TEXT.get(self.role, self.role)
@@ -293,11 +295,19 @@ def _tokenizer_component(folder: Path) -> Component | None:
                      precision="-", size_bytes=size, details="tokenizer folder")
 
 
-def _diffusers_expert(folder: Path) -> str | None:
-    """In an A14B diffusers pipeline, transformer/ is the high-noise and transformer_2/ the
-    low-noise expert; a TI2V pipeline has only transformer/."""
-    if folder.name in ("transformer", "transformer_2") and (folder.parent / "transformer_2").is_dir():
-        return "low" if folder.name == "transformer_2" else "high"
+def _folder_expert(folder: Path) -> str | None:
+    """The expert a folder holds by its place in a model's layout (`ModelSpec.dits`): an official
+    expert folder (high_noise_model/, low_noise_model/), or a diffusers pipeline's DiT subfolder
+    when the pipeline has every expert's (A14B: transformer/ the high-noise, transformer_2/ the
+    low-noise expert; a TI2V pipeline has only transformer/)."""
+    for spec in MODELS.values():
+        parts = spec.dits if spec.experts else ()
+        for p in parts:
+            official = Path(p.folder).parts
+            if official and folder.parts[-len(official):] == official:
+                return p.role
+            if folder.name == p.diffusers_folder and all((folder.parent / q.diffusers_folder).is_dir() for q in parts):
+                return p.role
     return None
 
 
@@ -305,7 +315,7 @@ def detect_folder(folder: Path, expert: str | None = None) -> list[Component]:
     """Components stored directly in `folder` (not in its subfolders). `expert` overrides the
     side read from names."""
     folder = Path(folder)
-    expert = expert or _diffusers_expert(folder)
+    expert = expert or _folder_expert(folder)
     has_config = (folder / "config.json").is_file()
     out: list[Component] = []
     sets, used = _shard_sets(folder)
@@ -335,7 +345,7 @@ def detect(path: Path) -> list[Component]:
     if path.is_file():
         return [detect_files([path])]
     out = detect_folder(path)
-    subs = _DIFFUSERS_SUBFOLDERS if (path / "model_index.json").is_file() else _OFFICIAL_SUBFOLDERS
+    subs = _diffusers_subfolders() if (path / "model_index.json").is_file() else _official_subfolders()
     for sub in subs:
         if (path / sub).is_dir():
             out.extend(detect_folder(path / sub))
@@ -354,9 +364,10 @@ def check_component(c: Component, role: str, *, model: str | None = None, expert
     name = c.path.name
     spec = MODELS.get(model) if model else None
     slot = ROLE_TEXT[role]
-    title = _short_title(spec.name) if spec is not None else ""
+    title = spec.short_title if spec is not None else ""
     if spec is not None and role == "dit":
-        slot = f"the {expert}-noise expert of {title}" if spec.experts and expert else f"the DiT of {title}"
+        which = spec.dit_part(expert).label if spec.experts and expert in spec.dit_roles else "the DiT"
+        slot = f"{which} of {title}"
     if c.role == "broken":
         raise CheckpointError(c.problem or f"{c.path} cannot be read.")
     if c.role == "lora":
@@ -389,7 +400,7 @@ def check_component(c: Component, role: str, *, model: str | None = None, expert
                 "Swap the two expert files.",
             )
     if role == "vae" and c.variant != spec.vae_version:
-        right = _VAE_FILES[spec.vae_version]
+        right = f"{spec.vae.file} or {spec.vae.comfy_file}"
         raise CheckpointError(
             f"{name} is the Wan {c.variant} VAE ({c.details}); {title} needs the Wan "
             f"{spec.vae_version} VAE.",

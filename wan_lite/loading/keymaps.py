@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wan_lite.loading.sources import is_quant_aux
+from wan_lite.registry import MODELS, VAES, match_dit
 
 # Placeholders usable in the rule templates below, with the text each one matches.
 _SLOTS = {
@@ -308,9 +309,8 @@ _VAE_PREFIXES = ("", "vae.", "first_stage_model.")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _VERSION_IN_NAME = re.compile(r"wan[\s_.-]?2[._-]?([12])(?!\d)", re.IGNORECASE)
 _EXPERT_IN_NAME = re.compile(r"(high|low)[\s_.-]?noise", re.IGNORECASE)
-_DIT_BY_CHANNELS = {(48, 48): "ti2v-5b", (16, 16): "t2v-a14b", (36, 16): "i2v-a14b"}
-_DIT_SIZES = {"ti2v-5b": (3072, 30), "t2v-a14b": (5120, 40), "i2v-a14b": (5120, 40)}
-_VAE_Z = {"2.1": 16, "2.2": 48}
+# DiTs that are not Wan 2.2 models but have no extra tensors: (dim, layers, in_dim) -> what they are
+_OTHER_DITS = {(1536, 30, 16): "Wan 2.1 T2V-1.3B"}
 # Wan 2.1 I2V / FLF2V CLIP-image layers, official and diffusers names.
 _WAN21_IMAGE_LAYERS = ("img_emb", "k_img", "v_img", "image_embedder", "add_k_proj", "add_v_proj")
 # umT5 naming -> (embedding keys, relative-position table of layer N, any key of layer N)
@@ -356,7 +356,7 @@ def _classify_dit(shapes: dict[str, tuple[int, ...]], path: Path) -> Recognised:
     layers = len({int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))})
     details = f"dim {dim}, {layers} layers, {in_dim} input channels"
     extras = [k for k in shapes if dit_official_to_diffusers(k) is None and not is_quant_aux(k)]
-    variant = _DIT_BY_CHANNELS.get((in_dim, out_dim))
+    spec = match_dit(in_dim, out_dim, dim, layers)
     hint = _name_hint(path, _VERSION_IN_NAME)
     expert = m.group(1).lower() if (m := _name_hint(path, _EXPERT_IN_NAME)) else None
     problem = None
@@ -368,18 +368,18 @@ def _classify_dit(shapes: dict[str, tuple[int, ...]], path: Path) -> Recognised:
     elif extras:
         problem = (f"it has {len(extras)} tensor(s) no Wan 2.2 DiT has (e.g. {extras[0]}): "
                    "another Wan variant, which wan_lite does not run.")
-    elif (dim, layers, in_dim) == (1536, 30, 16):
-        problem = "it is Wan 2.1 T2V-1.3B; wan_lite runs the Wan 2.2 models."
-    elif variant is None:
-        problem = (f"its {in_dim} input / {out_dim} output channels match no Wan 2.2 model "
-                   "(TI2V-5B 48/48, T2V-A14B 16/16, I2V-A14B 36/16).")
-    elif variant == "t2v-a14b" and hint and hint.group(1) == "1":
-        problem = ("it is named as Wan 2.1 T2V-14B, whose shapes equal a Wan 2.2 T2V expert's; Wan 2.1 "
-                   "weights do not work as a Wan 2.2 expert. Rename the file if it really is Wan 2.2.")
-    elif _DIT_SIZES[variant] != (dim, layers):
+    elif (dim, layers, in_dim) in _OTHER_DITS:
+        problem = f"it is {_OTHER_DITS[dim, layers, in_dim]}; wan_lite runs the Wan 2.2 models."
+    elif spec is None:
+        known = ", ".join(f"{s.label} {s.dit_in_dim}/{s.dit_out_dim}" for s in MODELS.values())
+        problem = f"its {in_dim} input / {out_dim} output channels match no Wan 2.2 model ({known})."
+    elif spec.wan21_lookalike and hint and hint.group(1) == "1":
+        problem = (f"it is named as {spec.wan21_lookalike}, whose shapes equal a Wan 2.2 {spec.label} expert's; "
+                   "Wan 2.1 weights do not work as a Wan 2.2 expert. Rename the file if it really is Wan 2.2.")
+    elif (spec.dit.dim, spec.dit.num_layers) != (dim, layers):
         details += " (not the released size)"
-    expert = expert if variant in ("t2v-a14b", "i2v-a14b") else None
-    return Recognised("dit", variant=variant, expert=expert, details=details, problem=problem)
+    expert = expert if spec is not None and spec.experts else None
+    return Recognised("dit", variant=spec.name if spec else None, expert=expert, details=details, problem=problem)
 
 
 def _classify_vae(keys: Mapping[str, tuple[tuple[int, ...], str]], prefix: str, naming: str) -> Recognised:
@@ -391,8 +391,8 @@ def _classify_vae(keys: Mapping[str, tuple[tuple[int, ...], str]], prefix: str, 
         z_key = "post_quant_conv.weight"
     z = keys[z_key][0][0] if z_key in keys else 0
     problem = None
-    if z != _VAE_Z[version]:
-        problem = f"it has the Wan {version} VAE structure but z_dim {z} (expected {_VAE_Z[version]})."
+    if z != VAES[version].z_dim:
+        problem = f"it has the Wan {version} VAE structure but z_dim {z} (expected {VAES[version].z_dim})."
     return Recognised("vae", naming=naming, variant=version, prefix=prefix, details=f"z_dim {z}",
                       problem=problem)
 

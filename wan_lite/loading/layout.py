@@ -9,8 +9,10 @@
       models_t5_umt5-xxl-enc-bf16.pth         models_t5_umt5-xxl-enc-bf16.pth
       google/umt5-xxl/  (tokenizer)           google/umt5-xxl/
 
-The kind of model is read from the DiT's config.json (`model_type`) and, when that is absent,
-from the patch embedding's input channels (48 -> ti2v, 16 -> t2v, 36 -> i2v).
+Which folders and files a model has comes from its registry record (`ModelSpec.dits`, `vae`,
+`t5_file`, `tokenizer_dir`). Which model a folder holds is read from the DiT's channels and size
+(config.json, else the weights' header) and matched against the registry (`registry.match_dit`);
+config.json's `model_type` is the last resort.
 """
 
 from __future__ import annotations
@@ -21,19 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wan_lite.errors import CheckpointError
-from wan_lite.registry import MODELS, T5_FILE, TOKENIZER_DIR, ModelSpec, spec_for_task
+from wan_lite.registry import MODELS, VAES, ModelSpec, match_dit, spec_for_task
 
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
-EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either is enough for AutoTokenizer
-_IN_DIM_TASK = {48: "ti2v", 16: "t2v", 36: "i2v"}
 
 
 @dataclass
 class ModelFiles:
-    """Where each component of one model lives. `dit` holds one entry ("main") for TI2V-5B and
-    two ("high", "low") for the A14B models; each entry is the list of safetensors shards."""
+    """Where each component of one model lives. `dit` holds one entry per DiT role of the model
+    (`spec.dit_roles`: "main", or "high" and "low"); each entry is the list of safetensors shards."""
 
     spec: ModelSpec
     root: Path
@@ -51,14 +51,25 @@ class ModelFiles:
         return sum(p.stat().st_size for p in self.all_files() if p.exists())
 
 
+def _dit_layout(spec: ModelSpec) -> str:
+    folders = [p.folder for p in spec.dits if p.folder]
+    if not folders:
+        return f"config.json, {INDEX_FILE} and its shards at the top of the folder"
+    return f"{' and '.join(f + '/' for f in folders)}, each with config.json, the index and its shards"
+
+
 def layout_help(spec: ModelSpec | None = None) -> str:
-    if spec is None or not spec.experts:
-        dit = f"config.json, {INDEX_FILE} and its shards at the top of the folder"
-    else:
-        dit = "high_noise_model/ and low_noise_model/, each with config.json, the index and its shards"
-    vae = spec.vae_file if spec else "Wan2.2_VAE.pth (TI2V-5B) or Wan2.1_VAE.pth (A14B)"
-    repo = f" (as downloaded from huggingface.co/{spec.hf_repo})" if spec else ""
-    return f"Expected layout{repo}: {dit}; {vae}; {T5_FILE}; the tokenizer folder {TOKENIZER_DIR}/."
+    """The expected official layout of `spec` (of any model when None), for error messages."""
+    if spec is not None:
+        return (f"Expected layout (as downloaded from huggingface.co/{spec.hf_repo}): {_dit_layout(spec)}; "
+                f"{spec.vae_file}; {spec.t5_file}; the tokenizer folder {spec.tokenizer_dir}/.")
+    specs = list(MODELS.values())
+    dits = " or ".join(dict.fromkeys(_dit_layout(s) for s in specs))
+    vaes = " or ".join(f"{v.file} ({', '.join(s.label for s in specs if s.vae == v)})"
+                       for v in dict.fromkeys(s.vae for s in specs))
+    t5 = " or ".join(dict.fromkeys(s.t5_file for s in specs))
+    tok = " or ".join(dict.fromkeys(s.tokenizer_dir + "/" for s in specs))
+    return f"Expected layout: {dits}; {vaes}; {t5}; the tokenizer folder {tok}."
 
 
 def _dit_shards(folder: Path, spec: ModelSpec | None) -> list[Path]:
@@ -86,15 +97,16 @@ def _dit_shards(folder: Path, spec: ModelSpec | None) -> list[Path]:
     raise CheckpointError(f"No DiT weights in {folder}: {INDEX_FILE} is missing.", layout_help(spec))
 
 
-def _task_of(folder: Path) -> str | None:
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        try:
-            task = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-        except ValueError:
-            task = None
-        if task in ("ti2v", "t2v", "i2v"):
-            return task
+def _shapes_of(folder: Path) -> tuple[int, int, int, int] | None:
+    """(in_dim, out_dim, dim, num_layers) of the DiT in `folder`: from config.json, else from the
+    weights' header; None when neither says."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    keys = ("in_dim", "out_dim", "dim", "num_layers")
+    if isinstance(cfg, dict) and all(isinstance(cfg.get(k), int) for k in keys):
+        return tuple(cfg[k] for k in keys)  # type: ignore[return-value]
     try:
         shards = _dit_shards(folder, None)
     except CheckpointError:
@@ -102,54 +114,72 @@ def _task_of(folder: Path) -> str | None:
     from wan_lite.loading.tensors import SafetensorsSource
 
     source = SafetensorsSource(shards)
-    if "patch_embedding.weight" in source:
-        return _IN_DIM_TASK.get(source.shape("patch_embedding.weight")[1])
-    return None
+    head = next((k for k in ("head.head.weight", "proj_out.weight") if k in source), None)  # official, diffusers
+    if "patch_embedding.weight" not in source or head is None:
+        return None
+    dim, in_dim = source.shape("patch_embedding.weight")[:2]
+    out_dim = source.shape(head)[0] // 4  # (1, 2, 2) patches
+    layers = len({k.split(".")[1] for k in source if k.startswith("blocks.")})
+    return in_dim, out_dim, dim, layers
+
+
+def _spec_of(folder: Path, experts: bool) -> ModelSpec | None:
+    """The registry model whose DiT (or expert) is in `folder`: by channels and size, else by
+    config.json's model_type (a mismatch is then named when the DiT is loaded)."""
+    shapes = _shapes_of(folder)
+    spec = match_dit(*shapes, experts=experts) if shapes is not None else None
+    if spec is not None:
+        return spec
+    try:
+        task = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        return spec_for_task(task, experts=experts)
+    except (OSError, ValueError, AttributeError, KeyError):
+        return None
 
 
 def detect_spec(root: Path) -> ModelSpec:
-    """Which of the three models a folder holds, from its files."""
+    """Which registry model a folder holds, from its files."""
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"Model folder not found: {root}", layout_help())
-    if (root / EXPERT_DIRS["high"]).is_dir() or (root / EXPERT_DIRS["low"]).is_dir():
-        for sub in EXPERT_DIRS.values():
-            task = _task_of(root / sub)
-            if task in ("t2v", "i2v"):
-                return spec_for_task(task)
-        raise CheckpointError(f"Cannot tell whether {root} holds T2V-A14B or I2V-A14B: "
+    expert_dirs = dict.fromkeys(p.folder for s in MODELS.values() for p in s.dits if p.folder)
+    if any((root / sub).is_dir() for sub in expert_dirs):
+        for sub in expert_dirs:
+            spec = _spec_of(root / sub, experts=True) if (root / sub).is_dir() else None
+            if spec is not None:
+                return spec
+        names = " or ".join(s.label for s in MODELS.values() if s.experts)
+        raise CheckpointError(f"Cannot tell whether {root} holds {names}: "
                               "the expert folders have no readable config.json or weights.",
-                              layout_help(MODELS["t2v-a14b"]))
-    task = _task_of(root)
-    if task is None:
+                              layout_help(next(s for s in MODELS.values() if s.experts)))
+    spec = _spec_of(root, experts=False)
+    if spec is None:
         raise CheckpointError(f"{root} does not look like a Wan 2.2 model folder.", layout_help())
-    return spec_for_task(task)
+    return spec
 
 
 def find_model(root: Path, name: str | None = None, skip: Collection[str] = ()) -> ModelFiles:
     """Resolve every component file of the model in `root`; raise CheckpointError naming the
-    first missing file and the expected layout. Slots in `skip` ("dit", "dit_high", "dit_low",
-    "vae", "text_encoder", "tokenizer") come from elsewhere and are not required here."""
+    first missing file and the expected layout. Slots in `skip` (of `spec.slots`: "dit" or
+    "dit_high" / "dit_low", "vae", "text_encoder", "tokenizer") come from elsewhere and are not
+    required here."""
     root = Path(root)
     spec = MODELS[name] if name else detect_spec(root)
     if not root.is_dir():
         raise CheckpointError(f"Model folder not found: {root}", layout_help(spec))
-    if spec.experts:
-        dit = {}
-        for role, sub in EXPERT_DIRS.items():
-            if f"dit_{role}" in skip:
-                continue
-            if not (root / sub).is_dir():
-                raise CheckpointError(f"{root} has no {sub}/ folder.", layout_help(spec))
-            dit[role] = _dit_shards(root / sub, spec)
-    else:
-        dit = {} if "dit" in skip else {"main": _dit_shards(root, spec)}
-    vae, t5, tok = root / spec.vae_file, root / T5_FILE, root / TOKENIZER_DIR
+    dit = {}
+    for part in spec.dits:
+        if part.slot in skip:
+            continue
+        if part.folder and not (root / part.folder).is_dir():
+            raise CheckpointError(f"{root} has no {part.folder}/ folder.", layout_help(spec))
+        dit[part.role] = _dit_shards(root / part.folder, spec)
+    vae, t5, tok = root / spec.vae_file, root / spec.t5_file, root / spec.tokenizer_dir
     for slot, path in (("vae", vae), ("text_encoder", t5)):
         if slot not in skip and not path.is_file():
-            other = "Wan2.1_VAE.pth" if spec.vae_file == "Wan2.2_VAE.pth" else "Wan2.2_VAE.pth"
-            extra = (f" {root / other} is there, but {spec.title} needs {spec.vae_file}."
-                     if path == vae and (root / other).is_file() else "")
+            others = [v.file for v in VAES.values() if v != spec.vae and (root / v.file).is_file()]
+            extra = (f" {root / others[0]} is there, but {spec.title} needs {spec.vae_file}."
+                     if path == vae and others else "")
             raise CheckpointError(f"Missing file: {path}.{extra}", layout_help(spec))
     if "tokenizer" not in skip and (not tok.is_dir() or not any((tok / f).is_file() for f in TOKENIZER_FILES)):
         raise CheckpointError(f"Missing tokenizer folder: {tok} (needs spiece.model or tokenizer.json).",

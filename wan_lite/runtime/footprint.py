@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from wan_lite.registry import VAES, get_spec, vae_for
 from wan_lite.runtime.hardware import GIB
 
 QUANTS = ("bf16", "int8", "fp8")
@@ -88,12 +89,7 @@ class K:
 
 # ------------------------------------------------------------------------------ model sizes
 T5_PARAMS, T5_EMBED, T5_BLOCKS = 5_680_910_336, 256_384 * 4096, 24
-VAE_PARAMS = {"2.1": (53_596_928, 73_295_603), "2.2": (149_637_088, 555_051_580)}  # (encoder, decoder)
-_RELEASED = {  # dim, ffn_dim, heads, layers, in_dim, out_dim
-    "ti2v-5b": (3072, 14336, 24, 30, 48, 48),
-    "t2v-a14b": (5120, 13824, 40, 40, 16, 16),
-    "i2v-a14b": (5120, 13824, 40, 40, 36, 16),
-}
+VAE_PARAMS = {version: vae.params for version, vae in VAES.items()}  # (encoder, decoder)
 
 
 @dataclass(frozen=True)
@@ -171,24 +167,33 @@ class ModelFootprint:
 
     @classmethod
     def full_size(cls, name: str) -> ModelFootprint:
-        """A released model by registry name: ti2v-5b, t2v-a14b, i2v-a14b."""
-        from wan_lite.registry import get_spec
-
+        """A model of the registry at its released size, by name (ti2v-5b, t2v-a14b, i2v-a14b)."""
         spec = get_spec(name)
-        d, f, heads, layers, in_dim, out_dim = _RELEASED[spec.name]
-        return cls(spec.name, d, f, heads, layers, in_dim, out_dim, patch=spec.patch_size,
-                   experts=2 if spec.experts else 1, vae_version=spec.vae_version, vae_stride=spec.vae_stride,
-                   vae_params=VAE_PARAMS[spec.vae_version], steps=spec.steps, encodes_video=spec.task == "i2v",
-                   sizes=spec.sizes)
+        d = spec.dit
+        return cls(spec.name, d.dim, d.ffn_dim, d.num_heads, d.num_layers, spec.dit_in_dim, spec.dit_out_dim,
+                   text_dim=d.text_dim, freq_dim=d.freq_dim, patch=spec.patch_size, experts=len(spec.dits),
+                   vae_version=spec.vae_version, vae_stride=spec.vae_stride, vae_params=spec.vae.params,
+                   steps=spec.steps, encodes_video=spec.encodes_video, sizes=spec.sizes)
+
+    @classmethod
+    def of_model(cls, name: str, cfg: Any = None) -> ModelFootprint:
+        """A registry model whose DiT on disk has config `cfg`: the released footprint when the DiT
+        has the released size (or `cfg` is None), else one counted from `cfg` with the model's
+        VAE and experts."""
+        spec = get_spec(name)
+        if cfg is None or spec.dit.same_size(cfg):
+            return cls.full_size(spec.name)
+        return cls.from_config(cfg, name=spec.name, vae_version=spec.vae_version, experts=len(spec.dits))
 
     @classmethod
     def from_config(cls, cfg: Any, *, name: str = "custom", vae_version: str = "2.2", **sizes: Any) -> ModelFootprint:
         """From a loaded DiT's config (anything with dim, ffn_dim, num_heads, num_layers, in_dim,
         out_dim; text_dim, freq_dim, patch_size optional). `sizes` sets any other field (experts,
         vae_params, text_params, ...); the VAE and text encoder default to the released ones."""
-        sizes.setdefault("vae_params", VAE_PARAMS[vae_version])
+        vae = vae_for(vae_version)
+        sizes.setdefault("vae_params", vae.params)
         sizes.setdefault("source_bytes", 2.0)
         return cls(name, cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim, cfg.out_dim,
                    text_dim=getattr(cfg, "text_dim", 4096), freq_dim=getattr(cfg, "freq_dim", 256),
                    patch=tuple(getattr(cfg, "patch_size", (1, 2, 2))), vae_version=vae_version,
-                   vae_stride=(4, 16, 16) if vae_version == "2.2" else (4, 8, 8), **sizes)
+                   vae_stride=vae.stride, **sizes)

@@ -220,6 +220,8 @@ class StepCache:
                  residual_device: torch.device | str | None = None) -> None:
         if mode not in SETTINGS:
             raise InputError(f"Unknown step cache setting {mode!r}.", f"Use one of: {', '.join(CACHE_MODES)}.")
+        if model not in SETTINGS[mode]:
+            raise InputError(f"The step cache has no calibration for {model}.", "Run it with the cache off.")
         self.setting = SETTINGS[mode][model]
         self.mode = mode
         self.experts = list(experts)
@@ -324,10 +326,7 @@ def step_experts(model: str, steps: int, shift: float, sampler: str = "unipc") -
     from wan_lite.sampling import make_sampler
 
     spec = get_spec(model)
-    timesteps = make_sampler(sampler, steps, shift).timesteps
-    if not spec.experts:
-        return ["main"] * len(timesteps)
-    return ["high" if int(t) >= spec.boundary else "low" for t in timesteps]
+    return [spec.dit_role_at(int(t)) for t in make_sampler(sampler, steps, shift).timesteps]
 
 
 def computed_share(model: str, mode: str, steps: int, shift: float, sampler: str = "unipc", *,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from wan_lite.engine import Engine, FoundFile
 from wan_lite.errors import WanLiteError
-from wan_lite.registry import MODELS, get_spec
+from wan_lite.registry import MODELS, all_slots, get_spec
 from wan_lite.ui.downloads import human_bytes
 from wan_lite.ui.jobs import error_message
 
@@ -29,7 +29,7 @@ SLOT_LABELS = {
     "text_encoder": "Text encoder (umT5-XXL)",
     "tokenizer": "Tokenizer (a ComfyUI umT5 file carries one)",
 }
-ALL_SLOTS = tuple(SLOT_LABELS)
+ALL_SLOTS = all_slots()  # one dropdown per slot any model has; a model's own are shown
 FROM_FOLDER = ("From the model folder", "")
 LOCATIONS = {"hf-cache": "Hugging Face cache", "comfyui": "ComfyUI", "wan_lite": "wan_lite models/",
              "user": "your folder", "folder": "your folder"}
@@ -37,8 +37,11 @@ LOCATIONS = {"hf-cache": "Hugging Face cache", "comfyui": "ComfyUI", "wan_lite":
 
 def slots_of(model: str) -> tuple[str, ...]:
     """The component slots of `model`: one DiT, or the two experts of an A14B model."""
-    dits = ("dit_high", "dit_low") if get_spec(model).experts else ("dit",)
-    return (*dits, "vae", "text_encoder", "tokenizer")
+    return get_spec(model).slots
+
+
+def slot_label(slot: str) -> str:
+    return SLOT_LABELS.get(slot, slot)
 
 
 def parse_dirs(text: str | None) -> list[str]:
@@ -50,16 +53,12 @@ def dirs_text(dirs: Iterable[Path]) -> str:
     return "; ".join(str(d) for d in dirs)
 
 
-def _short(model: str) -> str:
-    return MODELS[model].title.split(" (")[0].removeprefix("Wan2.2 ")
-
-
 def serves_text(f: FoundFile) -> str:
     """ "TI2V-5B DiT; T2V-A14B high/low-noise expert" from the (model, slot) pairs."""
     by_model: dict[str, list[str]] = {}
     for model, slot in f.serves:
-        by_model.setdefault(model, []).append(SLOT_LABELS[slot].split(" (")[0])
-    return "; ".join(f"{_short(m)}: {', '.join(s)}" for m, s in by_model.items())
+        by_model.setdefault(model, []).append(slot_label(slot).split(" (")[0])
+    return "; ".join(f"{MODELS[m].label}: {', '.join(s)}" for m, s in by_model.items())
 
 
 def found_markdown(found: list[FoundFile], note: str = "") -> str:
@@ -149,8 +148,8 @@ def save(engine: Engine, model: str, picks: dict[str, str | None]) -> str:
         if not isinstance(err, WanLiteError):
             log.exception("Saving the component choices failed")
         return f"⛔ {html.escape(error_message(err))}"
-    title = get_spec(model).title.split(" (")[0]
-    parts = ", ".join(f"{SLOT_LABELS[k].split(' (')[0]}: `{html.escape(str(v))}`" for k, v in used.items())
+    title = get_spec(model).short_title
+    parts = ", ".join(f"{slot_label(k).split(' (')[0]}: `{html.escape(str(v))}`" for k, v in used.items())
     text = f"✅ Saved for {title}: " + (parts or "every part from the model folder") + "."
     if status is not None and status.state == "installed":
         text += f"\n\n{title} is ready to use."

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wan_lite.errors import WanLiteError
-from wan_lite.registry import T5_FILE, TOKENIZER_DIR, ModelSpec
+from wan_lite.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,10 @@ class DownloadError(WanLiteError):
 
 def allow_patterns(spec: ModelSpec) -> list[str]:
     """Files of the official repo that wan_lite reads (no examples, assets or docs)."""
-    dit = (["high_noise_model/*", "low_noise_model/*"] if spec.experts
-           else ["config.json", "diffusion_pytorch_model*.safetensors*"])
-    return [*dit, spec.vae_file, T5_FILE, f"{TOKENIZER_DIR}/*"]
+    dit: list[str] = []
+    for part in spec.dits:
+        dit += [f"{part.folder}/*"] if part.folder else ["config.json", "diffusion_pytorch_model*.safetensors*"]
+    return [*dit, spec.vae_file, spec.t5_file, f"{spec.tokenizer_dir}/*"]
 
 
 def human_bytes(n: float) -> str:

@@ -15,6 +15,7 @@ from wan_lite.api import STAGE_TITLES, GenerateRequest, Progress
 from wan_lite.engine import Estimate
 from wan_lite.errors import WanLiteError
 from wan_lite.registry import DEFAULT_MODEL, DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
+from wan_lite.registry import model_for_image as _registry_model_for_image
 from wan_lite.ui.composer import Composition, compose
 from wan_lite.ui.presets import Presets, ordered
 from wan_lite.ui.settings import DEFAULT_MODE, mode_values, offered_frames, parse_size
@@ -48,11 +49,7 @@ def split_terms(term_ids: list[str], presets: Presets) -> dict[str, list[str]]:
 
 def model_for_image(model: str, has_image: bool) -> str:
     """An image turns T2V-A14B into I2V-A14B and back; TI2V-5B does both itself."""
-    if model == "t2v-a14b" and has_image:
-        return "i2v-a14b"
-    if model == "i2v-a14b" and not has_image:
-        return "t2v-a14b"
-    return model
+    return _registry_model_for_image(model, has_image) if model in MODELS else model
 
 
 def _number(value: Any, kind: type) -> Any:
@@ -147,8 +144,7 @@ def default_values(model: str = DEFAULT_MODEL) -> dict[str, Any]:
 def values_from_settings(saved: Mapping[str, Any], presets: Presets) -> dict[str, Any]:
     """Widget values for a fresh page: defaults, overridden by the saved settings."""
     model = saved.get("model") if saved.get("model") in MODELS else DEFAULT_MODEL
-    if model == "i2v-a14b":
-        model = "t2v-a14b"  # the start image is not restored, so start from the text model
+    model = model_for_image(model, False)  # the start image is not restored: the text model
     values = default_values(model)
     values.update({k: v for k, v in saved.items() if k != "terms" and k != "model"})
     values["seed"] = str(values.get("seed", -1))

@@ -99,7 +99,7 @@ def crop_preview(ui: AppUI, image: str | None, model: str, size: str | None) -> 
         frame, framing = images.model_frame(Path(image), spec, w * h)
     except Exception as err:
         return {"crop": None, "crop_note": f"⛔ {error_message(err)}"}
-    how = "centre crop" if framing.cropped else ("resized, no crop" if spec.task == "i2v" else "whole image")
+    how = "centre crop" if framing.cropped else ("whole image" if spec.crops_image else "resized, no crop")
     return {"crop": frame, "crop_note": f"The video will be **{framing.width}×{framing.height}** ({how}); "
                                          "this is exactly the first frame the model gets."}
 

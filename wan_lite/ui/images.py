@@ -129,7 +129,7 @@ class Framing:
 def model_framing(spec: ModelSpec, image_w: int, image_h: int, area: int) -> Framing:
     """How `spec` turns a image_w x image_h picture into its first frame, for a size of `area` pixels."""
     ow, oh = image_output_size(spec, image_w, image_h, area, 1)  # only the area of the size is used
-    if spec.task == "ti2v":
+    if spec.crops_image:
         (sw, sh), (left, top, right, bottom) = centre_crop_box(image_w, image_h, ow, oh)
         scale = sw / image_w
         # The crop box in the uploaded image's pixels (for drawing; the frame itself is cut after scaling).
@@ -143,7 +143,7 @@ def model_frame(path: Path, spec: ModelSpec, area: int) -> tuple[Image.Image, Fr
     with Image.open(path) as im:
         rgb = im.convert("RGB")
     framing = model_framing(spec, rgb.width, rgb.height, area)
-    if spec.task == "ti2v":
+    if spec.crops_image:
         resized, box = centre_crop_box(rgb.width, rgb.height, framing.width, framing.height)
         return rgb.resize(resized, Image.Resampling.LANCZOS).crop(box), framing
     # The pipeline uses torch bicubic interpolation; PIL's bicubic is a faithful preview of it.

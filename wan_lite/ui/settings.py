@@ -60,8 +60,9 @@ def parse_size(value: str) -> tuple[int, int]:
 
 
 def draft_size(spec: ModelSpec, portrait: bool = False) -> tuple[int, int]:
-    """The smallest size offered: 480p for A14B (trained there); about 360p for TI2V-5B (quick look only)."""
-    w, h = min(spec.sizes, key=lambda s: s[0] * s[1]) if spec.experts else (640, 352)
+    """The smallest size offered (`spec.draft_size`: 480p for A14B, trained there; about 360p for
+    TI2V-5B, a quick look only)."""
+    w, h = spec.draft_size
     return (min(w, h), max(w, h)) if portrait else (max(w, h), min(w, h))
 
 
@@ -163,12 +164,16 @@ def infer_mode(spec: ModelSpec, size: str | None, frames: int | None, steps: int
 def quality_notes(spec: ModelSpec, width: int, height: int, steps: int, frames: int) -> list[str]:
     """Gentle warnings for settings known to give poor results (the models' quirks)."""
     notes = []
-    if spec.name == "ti2v-5b" and width * height < 1280 * 704:
-        notes.append("TI2V-5B looks much worse below 720p; use 1280×704 for the final video.")
-    if spec.name == "ti2v-5b" and steps < 30:
-        notes.append("TI2V-5B needs about 30–50 steps for clean detail; fewer steps are fine for a draft.")
+    if spec.quality_floor is not None:
+        area, min_steps = spec.quality_floor
+        if width * height < area:
+            w, h = spec.default_size
+            notes.append(f"{spec.label} looks much worse below its trained size; use {w}×{h} for the final video.")
+        if steps < min_steps:
+            notes.append(f"{spec.label} needs about {min_steps}–{spec.steps} steps for clean detail; "
+                         "fewer steps are fine for a draft.")
     if frames > spec.frames:
-        notes.append(f"More than {spec.frames} frames is beyond what {spec.title.split(' (')[0]} was trained on.")
+        notes.append(f"More than {spec.frames} frames is beyond what {spec.short_title} was trained on.")
     return notes
 
 
