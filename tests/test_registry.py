@@ -143,7 +143,8 @@ def test_checkpoint_detection_follows_the_record(variants, tmp_path: Path) -> No
 
 
 def test_sizes_follow_the_record(variants) -> None:
-    from wan_lite.job import resolve_job
+    from wan_lite.api import GenerateRequest
+    from wan_lite.job import resolve
     from wan_lite.sizing import best_output_size, i2v_a14b_size, image_output_size
     from wan_lite.ui import form, settings
 
@@ -153,7 +154,7 @@ def test_sizes_follow_the_record(variants) -> None:
     quality = settings.mode_values("quality", MINI)
     assert (quality["size"], quality["frames"], quality["steps"]) == ("960x544", 49, 20)
     assert settings.quality_notes(MINI, 480, 288, 4, 49) == []  # no quality floor in this record
-    job = resolve_job(DUO, "a fox", image=_image())
+    job = resolve(GenerateRequest("a fox", model=DUO.name, image=_image()))
     assert (job.width, job.height) == i2v_a14b_size(640, 480, 1024 * 576, 16, 2) == (864, 640)
     assert job.width % DUO.size_multiple == 0 and job.frames == DUO.frames
     assert image_output_size(MINI, 640, 480, 960, 544) == best_output_size(640, 480, 32, 32, 960 * 544)
