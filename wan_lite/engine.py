@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import sys
 import threading
@@ -19,16 +18,9 @@ from typing import Any
 from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress, ProgressCallback
 from wan_lite.errors import InputError, WanLiteError
 from wan_lite.registry import MODELS, get_spec
+from wan_lite.runtime.planner import FP8_ATTENTION_ENV, fp8_attention_opted_in  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-# Set to 1 to let the fp8 compute path use an fp8 attention kernel (README, Memory).
-FP8_ATTENTION_ENV = "WAN_LITE_FP8_ATTENTION"
-
-
-def fp8_attention_opted_in() -> bool:
-    """Whether the user set WAN_LITE_FP8_ATTENTION=1 (plans then count fp8 attention's memory)."""
-    return os.environ.get(FP8_ATTENTION_ENV) == "1"
 
 
 @dataclass

@@ -7,6 +7,8 @@ CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight estim
 greedy: quality first (bf16 unless it does not fit or is >25 % slower), then the token chunk and
 CFG batching whose denoise is fastest with as many resident blocks as fit beside them, then the
 largest VAE tile. `leaner(plan)` is the next plan to drop to after an out-of-memory error mid-run.
+`fp8_attention_opted_in()` reads the user's fp8-attention switch that `PlanRequest.fp8_attention`
+carries.
 
 The memory and time model each choice is estimated with is plan_model.py's.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +37,15 @@ from wan_lite.runtime.plan_model import (
 )
 
 log = logging.getLogger(__name__)
+
+# Set to 1 to let the fp8 compute path use an fp8 attention kernel (README, Memory); the plans
+# then count its fp8 copies of q, k and v (`PlanRequest.fp8_attention`).
+FP8_ATTENTION_ENV = "WAN_LITE_FP8_ATTENTION"
+
+
+def fp8_attention_opted_in() -> bool:
+    """Whether the user set WAN_LITE_FP8_ATTENTION=1 (plans then count fp8 attention's memory)."""
+    return os.environ.get(FP8_ATTENTION_ENV) == "1"
 
 
 # ------------------------------------------------------------------------------ choosing
