@@ -23,9 +23,10 @@ from tests.tiny_ckpt import formats as tf
 from tests.tiny_ckpt.dit import official_dit_shapes, random_dit_state
 from wan_lite.errors import CheckpointError
 from wan_lite.loading import formats
+from wan_lite.loading.build import build_dit as float_dit
+from wan_lite.loading.build import build_text_encoder
 from wan_lite.loading.components import build_dit, load_text_encoder
 from wan_lite.loading.tensors import DictSource, SafetensorsSource, open_source
-from wan_lite.models.dit import WanDiT
 from wan_lite.pipeline import WanPipeline
 from wan_lite.runtime import gguf_linear, streaming
 from wan_lite.runtime.gguf_linear import GGUF_BLOCKS, GGUF_TYPES, GGUFLinear, dequantize_gguf
@@ -166,13 +167,13 @@ def test_fp8_dit_holds_the_stored_bytes(tmp_path, official, inputs, layout: str)
     assert weight_bytes == n and total / n < 1.04 and float_matrix_bytes(model) == 0
     assert "blocks.0.self_attn.q.weight_scale" in refill
 
-    want = run(WanDiT.from_source(DictSource(official), torch.float32), inputs)
-    on_read = run(WanDiT.from_source(source, torch.float32), inputs)  # dequantized on read
+    want = run(float_dit(DictSource(official), torch.float32), inputs)
+    on_read = run(float_dit(source, torch.float32), inputs)  # dequantized on read
     got = run(model, inputs)
     print(f"fp8 {layout}: vs dequantize-on-read {rel_err(got, on_read):.2e}, vs official {rel_err(got, want):.4f}")
     assert rel_err(got, on_read) < 1e-6 and rel_err(got, want) < OUT_TOL["fp8"]
     got16 = run(build_dit(source, torch.bfloat16)[0], inputs)
-    assert rel_err(got16, run(WanDiT.from_source(source, torch.bfloat16), inputs)) < 1e-6
+    assert rel_err(got16, run(float_dit(source, torch.bfloat16), inputs)) < 1e-6
 
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
@@ -189,8 +190,8 @@ def test_gguf_dit_holds_only_the_blocks(tmp_path, official, inputs, qtype: str) 
     raw = formats.open_component(formats.detect(path)[0])
     assert torch.equal(layers["blocks.0.ffn.0"].weight.flatten(), raw.quantized("blocks.0.ffn.0.weight").data.flatten())
 
-    want = run(WanDiT.from_source(DictSource(official), torch.float32), inputs)
-    on_read = run(WanDiT.from_source(source, torch.float32), inputs)
+    want = run(float_dit(DictSource(official), torch.float32), inputs)
+    on_read = run(float_dit(source, torch.float32), inputs)
     got = run(model, inputs)
     print(f"{qtype}: {stored / n:.3f} B/weight; vs dequantize-on-read {rel_err(got, on_read):.2e}, "
           f"vs official {rel_err(got, want):.4f}")
@@ -248,8 +249,6 @@ def ti2v_files(tiny_models, tmp_path_factory):
 
 @torch.inference_mode()
 def test_fp8_text_encoder_stays_fp8(ti2v_files) -> None:
-    from wan_lite.models.text_encoder import TextEncoder
-
     source = formats.load_component(ti2v_files["t5_fp8"], "text_encoder")
     enc = load_text_encoder(source, ti2v_files["tokenizer"], torch.float32)
     layers = [m for n, m in enc.model.named_modules() if n.startswith("encoder.block.") and
@@ -257,9 +256,9 @@ def test_fp8_text_encoder_stays_fp8(ti2v_files) -> None:
     assert layers and all(isinstance(m, QuantizedLinear) and m.weight.dtype == torch.int8 for m in layers)
     assert enc.model.encoder.embed_tokens is enc.model.shared  # the tied embedding is held once
     prompts = ["a red fox jumps over the lazy dog", "一只猫在草地上奔跑"]
-    on_read = TextEncoder.load(source, ti2v_files["tokenizer"], dtype=torch.float32).encode(prompts)
-    float_model = TextEncoder.load(ti2v_files["root"] / "models_t5_umt5-xxl-enc-bf16.pth", ti2v_files["tokenizer"],
-                                   dtype=torch.float32).encode(prompts)
+    on_read = build_text_encoder(source, ti2v_files["tokenizer"], dtype=torch.float32).encode(prompts)
+    float_model = build_text_encoder(ti2v_files["root"] / "models_t5_umt5-xxl-enc-bf16.pth",
+                                     ti2v_files["tokenizer"], dtype=torch.float32).encode(prompts)
     for got, same, want in zip(enc.encode(prompts), on_read, float_model, strict=True):
         assert rel_err(got, same) < 1e-6 and rel_err(got, want) < 0.08
 

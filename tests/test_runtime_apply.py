@@ -169,17 +169,17 @@ def test_experts_are_never_in_ram_together_while_loading(tiny_models, plain, tmp
     p = lean_plan(pipe, quantization="bf16", idle_expert="disk", text_encoder="cpu", text_encoder_quant="bf16")
     built: list = []
     in_ram_at_build: list[int] = []
-    from wan_lite.models.dit import WanDiT
+    from wan_lite.loading import build
 
-    real = WanDiT.from_source.__func__
+    real = build.build_dit
 
-    def from_source(cls, source, dtype, **kw):
+    def build_dit(source, dtype, **kw):
         in_ram_at_build.append(sum(streaming.where_is(m) == "ram" for m in built))
-        model = real(cls, source, dtype, **kw)
+        model = real(source, dtype, **kw)
         built.append(model)
         return model
 
-    monkeypatch.setattr(WanDiT, "from_source", classmethod(from_source))
+    monkeypatch.setattr(build, "build_dit", build_dit)
     q = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     assert len(built) == 2 and in_ram_at_build == [0, 0]
     assert list(q.dits) == ["high", "low"]

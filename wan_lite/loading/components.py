@@ -86,15 +86,13 @@ def build_dit(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
     """A DiT from `source`. fp8 (ComfyUI) and GGUF files keep their block weights as stored
     (fp8 QuantizedLinear / GGUFLinear, ~1 or fewer bytes per weight, no float copy); other
     sources load in `dtype`. Returns (model, the TensorSource to re-fill it from)."""
-    from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches
+    from wan_lite.loading import build
     from wan_lite.runtime.gguf_linear import load_stored, stored_format
 
     if stored_format(source) is None:
-        return WanDiT.from_source(source, dtype), source
-    with torch.device("meta"):
-        model = WanDiT(WanDiTConfig.from_shapes(source.shapes()))
-    keep = lambda n: name_matches(n, WanDiT.keep_fp32_patterns)  # noqa: E731
-    stored = load_stored(model, source, dtype, keep_fp32=keep, what="DiT")
+        return build.build_dit(source, dtype), source
+    model = build.dit_on_meta(source)
+    stored = load_stored(model, source, dtype, keep_fp32=build.keep_dit_fp32, what="DiT")
     return model.eval(), stored
 
 
@@ -102,53 +100,33 @@ def load_text_encoder(source: Any, tokenizer: Path, dtype: torch.dtype) -> Any:
     """The umT5 encoder; the Linear layers of an fp8 file stay fp8 (QuantizedLinear). GGUF
     encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of a
     non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
-    from transformers import UMT5EncoderModel
-
+    from wan_lite.loading.build import build_text_encoder, fill_module
     from wan_lite.loading.tensors import TensorSource, open_source
-    from wan_lite.models.text_encoder import (
-        OFFICIAL_MARKER,
-        TextEncoder,
-        hf_to_official_key,
-        load_tokenizer,
-        umt5_config_from_shapes,
-    )
     from wan_lite.runtime.gguf_linear import load_stored, stored_format
 
     if not isinstance(source, TensorSource):
         source = open_source(Path(source))
-    if stored_format(source) != "fp8":
-        return TextEncoder.load(source, tokenizer, dtype=dtype)
-    # As models.text_encoder.build_umt5, with load_stored filling the model.
-    official = OFFICIAL_MARKER in source
-    config = umt5_config_from_shapes(source.shapes(), official=official)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = UMT5EncoderModel(config)
-    emb = "shared.weight" if "shared.weight" in source else "encoder.embed_tokens.weight"
-    key_map = hf_to_official_key if official else (lambda n: emb if n == "shared.weight" else n)
-    model.encoder.embed_tokens = None  # the tied alias is filled once, through `shared`
-    load_stored(model, source, dtype, key_map=key_map, what="text encoder")
-    model.encoder.embed_tokens = model.shared
-    return TextEncoder(model.eval().requires_grad_(False), load_tokenizer(tokenizer))
+    fill = load_stored if stored_format(source) == "fp8" else fill_module
+    return build_text_encoder(source, tokenizer, dtype, fill=fill)
 
 
 def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    """The VAE `spec` needs, from `source` (a TensorSource or a file), in `dtype`."""
     from wan_lite.errors import CheckpointError
+    from wan_lite.loading.build import build_vae
     from wan_lite.loading.tensors import TensorSource, open_source
-    from wan_lite.models.vae21 import WanVAE21
-    from wan_lite.models.vae22 import WanVAE22
+    from wan_lite.models.vae_common import WanVAEBase
 
     if not isinstance(source, TensorSource):
         source = open_source(source)
-    version = WanVAE22.detect_version(source.shapes())
+    version = WanVAEBase.detect_version(source.shapes())
     if version != spec.vae_version:
         raise CheckpointError(
             f"{source.describe()} is a Wan {version} VAE, but {spec.name} needs the Wan {spec.vae_version} VAE "
             f"({spec.vae_file}).",
             f"Download {spec.vae_file} from huggingface.co/{spec.hf_repo}.",
         )
-    cls = WanVAE22 if version == "2.2" else WanVAE21
-    return cls.from_source(source, dtype)
+    return build_vae(source, dtype, version=version)
 
 
 def check_compatible(spec: ModelSpec, dits: dict[str, nn.Module], vae: nn.Module, text_encoder: Any) -> None:

@@ -131,6 +131,7 @@ def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Pa
                  name: str | None = None, device: torch.device | str | None = None,
                  cache_dir: Path | None = None) -> Any:
     """Load a pipeline with weights in the plan's formats and a PlannedPlacement bound to it."""
+    from wan_lite.loading import build
     from wan_lite.loading.components import (
         build_dit,
         check_compatible,
@@ -179,7 +180,7 @@ def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Pa
 
                 streaming.set_expert_source(model, SafetensorsSource([cache]))
         else:
-            model = WanDiT.from_source(source, torch.bfloat16)
+            model = build.build_dit(source, torch.bfloat16)
             streaming.set_expert_source(model, source)
         dits[role] = model
         if role in to_disk:
