@@ -11,8 +11,8 @@ import torch
 
 import wan_lite
 from wan_lite.job import resolve_job
-from wan_lite.pipeline import MovePlacement
-from wan_lite.runtime.apply import PlannedPlacement, load_planned
+from wan_lite.pipeline import MovePlacement, WanPipeline
+from wan_lite.runtime.apply import PlannedPlacement
 from wan_lite.runtime.hardware import Hardware
 from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
 
@@ -151,12 +151,12 @@ def test_quantized_plan_within_tolerance(tiny_models, plain, tmp_path, fmt):
     pipe, ref = plain
     p = lean_plan(pipe, quantization=fmt, resident_blocks=0, idle_expert="disk", vae_tile=None,
                   text_encoder="cpu", text_encoder_quant="bf16", vae_dtype="fp32", cfg_batch=False)
-    q = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    q = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     out = q.generate("a boat at dawn", seed=3, **SMALL)
     err = rel(out.latents, ref.latents)
     assert err < (0.02 if fmt == "int8" else 0.05), err
     assert list(tmp_path.glob("*.safetensors")), "the quantized weights were not cached on disk"
-    again = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    again = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     assert torch.equal(again.generate("a boat at dawn", seed=3, **SMALL).latents, out.latents)
 
 
@@ -169,9 +169,9 @@ def test_experts_are_never_in_ram_together_while_loading(tiny_models, plain, tmp
     p = lean_plan(pipe, quantization="bf16", idle_expert="disk", text_encoder="cpu", text_encoder_quant="bf16")
     built: list = []
     in_ram_at_build: list[int] = []
-    from wan_lite.loading import build
+    from wan_lite.runtime import loader
 
-    real = build.build_dit
+    real = loader.build_dit
 
     def build_dit(source, dtype, **kw):
         in_ram_at_build.append(sum(streaming.where_is(m) == "ram" for m in built))
@@ -179,8 +179,8 @@ def test_experts_are_never_in_ram_together_while_loading(tiny_models, plain, tmp
         built.append(model)
         return model
 
-    monkeypatch.setattr(build, "build_dit", build_dit)
-    q = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    monkeypatch.setattr(loader, "build_dit", build_dit)
+    q = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     assert len(built) == 2 and in_ram_at_build == [0, 0]
     assert list(q.dits) == ["high", "low"]
     assert streaming.where_is(q.dits["high"]) == "ram" and streaming.where_is(q.dits["low"]) == "disk"
@@ -190,3 +190,4 @@ def test_job_resolution_is_shared(plain):
     pipe, _ = plain
     job = resolve_job(pipe.spec, "x", width=70, height=60, frames=10)
     assert (job.width, job.height, job.frames) == (64, 64, 9)
+

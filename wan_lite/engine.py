@@ -301,10 +301,8 @@ class Engine:
                 on_progress(Progress(stage="load", step=0, total=1, elapsed_s=0.0, message=f"Loading {name}"))
             t0 = time.perf_counter()
             if plan is not None:
-                from wan_lite.runtime.apply import load_planned
-
-                self._pipe = load_planned(model_dir, plan, components=parts, name=name, device=self.device,
-                                          cache_dir=self.cache_dir)
+                self._pipe = WanPipeline.load_planned(model_dir, plan, components=parts, name=name,
+                                                      device=self.device, cache_dir=self.cache_dir)
             else:
                 self._pipe = WanPipeline.load(model_dir, components=parts, name=name, device=self.device)
             self._pipe_key = key

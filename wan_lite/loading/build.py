@@ -88,7 +88,7 @@ def fill_module(
 # ------------------------------------------------------------------------------ the models
 # Each model is built on `meta` from the tensor shapes of its source (`Config.from_shapes`) and
 # filled by a fill step: `fill_module` (float weights in `dtype`), or one the runtime passes in
-# for files whose weights it keeps as stored (fp8 / GGUF: loading/components.py, with the runtime's layers).
+# for files whose weights it keeps as stored (fp8 / GGUF: runtime/loader.py).
 
 
 def keep_dit_fp32(name: str) -> bool:
@@ -112,7 +112,7 @@ def build_dit(source: TensorSource, dtype: torch.dtype | None, *, keep_fp32: boo
     """A float DiT from `source`, cast to `dtype` as read (None: as stored).
 
     keep_fp32: keep the `WanDiT.keep_fp32_patterns` parameters float32 whatever `dtype` is.
-    Stored-format DiTs: loading/components.py `build_dit`.
+    Quantized and stored-format DiTs: the runtime loader's `load_dit`.
     """
     model = dit_on_meta(source)
     fill_module(model, source, dtype, keep_fp32=keep_dit_fp32 if keep_fp32 else None, what="DiT")

@@ -1,8 +1,10 @@
-"""Where each component of a model comes from, and building the components from there.
+"""Where each component of a model comes from (`resolve_sources`), and whether they fit together.
 
 A model is a set of components (one DiT or two experts, VAE, text encoder, tokenizer); each may
 come from the official folder or from a file or folder of another format (diffusers, ComfyUI
-single files incl. fp8, GGUF), given per slot. Stored fp8 / GGUF weights stay as stored.
+single files incl. fp8, GGUF), given per slot. Building the DiT and the text encoder in the
+formats a plan asks for (stored fp8 / GGUF weights kept as stored, int8 / fp8 quantized) is the
+runtime's loader (runtime/loader.py).
 """
 
 from __future__ import annotations
@@ -80,34 +82,6 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
     else:
         tokenizer = files.tokenizer
     return spec, sources, tokenizer
-
-
-def build_dit(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
-    """A DiT from `source`. fp8 (ComfyUI) and GGUF files keep their block weights as stored
-    (fp8 QuantizedLinear / GGUFLinear, ~1 or fewer bytes per weight, no float copy); other
-    sources load in `dtype`. Returns (model, the TensorSource to re-fill it from)."""
-    from wan_lite.loading import build
-    from wan_lite.runtime.gguf_linear import load_stored, stored_format
-
-    if stored_format(source) is None:
-        return build.build_dit(source, dtype), source
-    model = build.dit_on_meta(source)
-    stored = load_stored(model, source, dtype, keep_fp32=build.keep_dit_fp32, what="DiT")
-    return model.eval(), stored
-
-
-def load_text_encoder(source: Any, tokenizer: Path, dtype: torch.dtype) -> Any:
-    """The umT5 encoder; the Linear layers of an fp8 file stay fp8 (QuantizedLinear). GGUF
-    encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of a
-    non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
-    from wan_lite.loading.build import build_text_encoder, fill_module
-    from wan_lite.loading.tensors import TensorSource, open_source
-    from wan_lite.runtime.gguf_linear import load_stored, stored_format
-
-    if not isinstance(source, TensorSource):
-        source = open_source(Path(source))
-    fill = load_stored if stored_format(source) == "fp8" else fill_module
-    return build_text_encoder(source, tokenizer, dtype, fill=fill)
 
 
 def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
