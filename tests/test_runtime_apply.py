@@ -191,3 +191,38 @@ def test_job_resolution_is_shared(plain):
     job = resolve_job(pipe.spec, "x", width=70, height=60, frames=10)
     assert (job.width, job.height, job.frames) == (64, 64, 9)
 
+
+def test_engine_on_a_cpu_runs_the_plan_that_plan_reports(tiny_models, plain, tmp_path, monkeypatch):
+    """Without a GPU (or with device="cpu") the engine's pipeline comes from the planned loader
+    too: its placement holds the plan `planner.plan` makes for the request on this machine (the
+    one `python -m wan_lite plan` prints for it), in the CPU's formats (bf16 DiT and umT5, fp32
+    VAE, nothing quantized), and the video is the plain pipeline's."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.test_planner import _cli
+    from wan_lite.api import GenerateRequest
+    from wan_lite.engine import Engine
+    from wan_lite.runtime.quant import quantized_modules
+
+    machine = Hardware.fake(vram_gb=0, ram_gb=64)  # what a probe of a 64 GB machine without a GPU says
+    monkeypatch.setattr(Hardware, "probe", classmethod(lambda cls, *args, **kw: machine))
+    monkeypatch.delenv("WAN_LITE_FP8_ATTENTION", raising=False)
+    _, ref = plain
+    engine = Engine(tmp_path / "models", tmp_path / "out", device="cpu", folders={"t2v-a14b": tiny_models["t2v-a14b"]})
+    request = GenerateRequest(prompt="a boat at dawn", model="t2v-a14b", seed=3, **SMALL)
+    result = engine.generate(request)
+    pipe = engine._pipe
+    assert isinstance(pipe.placement, PlannedPlacement) and pipe.device.type == "cpu"
+    footprint = ModelFootprint.from_config(pipe.dit.config, name="t2v-a14b", vae_version="2.1", experts=2)
+    want = plan(footprint, PlanRequest(64, 64, 9, steps=4), machine)
+    assert pipe.placement.plan == want and want.fits and want.quantization == "bf16"
+    assert not any(quantized_modules(m) for m in (*pipe.dits.values(), pipe.text_encoder.model))
+    assert {p.dtype for d in pipe.dits.values() for n, p in d.named_parameters() if "modulation" not in n} == {
+        torch.bfloat16}
+    assert pipe.vae.dtype == torch.float32 and pipe.text_encoder.model.dtype == torch.bfloat16
+    assert torch.equal(load_file(result.latents_path)["latents"], ref.latents)
+    # `plan` plans the released model's sizes on the same machine as the engine's preflight does
+    rc, text = _cli("--model", "t2v-a14b", "--size", "64x64", "--frames", "9", "--steps", "4", "--json")
+    assert rc == 0 and json.loads(text) == engine.preflight(request).plan

@@ -250,7 +250,7 @@ class Engine:
         return filled, job.notes
 
     def _plan(self, request: GenerateRequest, footprint=None):
-        """The memory plan for `request` on this machine (None without the planner or a GPU)."""
+        """The memory plan for `request` on this machine: for its CPU without a GPU or with device="cpu"."""
         try:
             from wan_lite.runtime.hardware import Hardware
             from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
@@ -264,6 +264,8 @@ class Engine:
                           fp8_attention=fp8_attention_opted_in())
         profile = None if request.memory_profile in (None, "", "auto") else request.memory_profile
         hw = Hardware.probe(self.models_root if self.models_root.is_dir() else ".")
+        if not self._gpu():  # a run on the CPU (no GPU, or device="cpu") is planned for the CPU
+            hw = hw.without_gpu()
         return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
 
     def preflight(self, request: GenerateRequest) -> Estimate:
@@ -276,23 +278,26 @@ class Engine:
                         seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
 
     def pipeline(self, name: str, on_progress: ProgressCallback | None = None,
-                 request: GenerateRequest | None = None):
+                 request: GenerateRequest | None = None, *, check_fit: bool = True):
         """The loaded pipeline for `name`, loading it (and unloading another) when needed.
 
-        On a GPU the pipeline follows the memory plan for `request`: what is fixed at load time
-        (weight formats) reloads when it changes; the rest is re-planned per request."""
+        Every pipeline follows the memory plan for `request` (the model's defaults without one)
+        on this machine, its GPU or its CPU alike: the plan `python -m wan_lite plan` prints.
+        What is fixed at load time (weight formats) reloads when it changes; the rest is
+        re-planned per request. A request that does not fit is refused before anything loads,
+        unless `check_fit` is False (decoding saved latents runs only the decode stage, which
+        retries in smaller tiles)."""
         from wan_lite.pipeline import WanPipeline
 
         folder = self.model_folder(name)
         parts = self.components.get(name, {})
-        plan = None
-        if request is not None and self._gpu():
-            plan = self._plan(replace(request, model=name), self._footprint(name, folder, parts))
-            if plan is not None and not plan.fits:
-                from wan_lite.errors import OutOfMemoryError
+        wanted = replace(request, model=name) if request is not None else GenerateRequest(prompt="", model=name)
+        plan = self._plan(wanted, self._footprint(name, folder, parts))
+        if request is not None and check_fit and not plan.fits:
+            from wan_lite.errors import OutOfMemoryError
 
-                raise OutOfMemoryError(f"This request does not fit this machine: {plan.reason}")
-        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant) if plan is not None else None
+            raise OutOfMemoryError(f"This request does not fit this machine: {plan.reason}")
+        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant)
         key = (name, folder.resolve(), tuple(sorted((k, str(v)) for k, v in parts.items())), fixed)
         model_dir = folder if folder.is_dir() or not parts else None
         if self._pipe_key != key:
@@ -300,19 +305,15 @@ class Engine:
             if on_progress:
                 on_progress(Progress(stage="load", step=0, total=1, elapsed_s=0.0, message=f"Loading {name}"))
             t0 = time.perf_counter()
-            if plan is not None:
-                self._pipe = WanPipeline.load_planned(model_dir, plan, components=parts, name=name,
-                                                      device=self.device, cache_dir=self.cache_dir)
-            else:
-                self._pipe = WanPipeline.load(model_dir, components=parts, name=name, device=self.device)
+            self._pipe = WanPipeline.load_planned(model_dir, plan, components=parts, name=name, device=self.device,
+                                                  cache_dir=self.cache_dir)
             self._pipe_key = key
             log.info("Loaded %s from %s in %.1f s", name, folder, time.perf_counter() - t0)
-            self._use_attention(plan)
-        elif plan is not None:
+        else:
             self._pipe.placement.plan = plan
             self._pipe.placement.bind(self._pipe)
-            self._use_attention(plan)
             log.info("Plan: %s", plan.summary())
+        self._use_attention(plan)
         return self._pipe
 
     def _use_attention(self, plan: Any) -> None:
@@ -405,14 +406,14 @@ class Engine:
                 else:  # what made these latents, not today's remembered choices
                     self.components[name] = recorded
                     self._explicit.add(name)
-            pipe = self.pipeline(name)
+            request = GenerateRequest.from_dict(settings | {"model": name})
+            pipe = self.pipeline(name, request=request, check_fit=False)  # planned for their own video
             t0 = time.perf_counter()
             frames = video_to_frames(pipe.decode(latents))
             timings = dict(settings.get("timings") or {})
             timings["decode"] = time.perf_counter() - t0
             stem = (out_path.with_suffix("") if out_path else
                     Path(str(latents_path).removesuffix(".latents.safetensors")))
-            request = GenerateRequest.from_dict(settings | {"model": name})
             return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe, None)
 
     def _record(self, settings: dict[str, Any], request: GenerateRequest, pipe) -> dict[str, Any]:
