@@ -30,8 +30,8 @@ from common import rel_l2, run_meta  # noqa: E402
 
 import wan_lite  # noqa: E402
 from tests.tiny_ckpt import write_model  # noqa: E402
+from wan_lite.pipeline import WanPipeline  # noqa: E402
 from wan_lite.registry import get_spec  # noqa: E402
-from wan_lite.runtime.apply import load_planned  # noqa: E402
 from wan_lite.runtime.hardware import Hardware  # noqa: E402
 from wan_lite.runtime.plan_model import evaluate  # noqa: E402
 from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> int:
             ref = pipe.generate(PROMPT, seed=SEED, **size)
             for fmt in ("int8", "fp8"):
                 p = quantized_plan(pipe, name, fmt, size)
-                q = load_planned(path, p, device=device, cache_dir=Path(tmp) / f"cache-{name}-{fmt}")
+                q = WanPipeline.load_planned(path, p, device=device, cache_dir=Path(tmp) / f"cache-{name}-{fmt}")
                 out = q.generate(PROMPT, seed=SEED, **size)
                 label = fmt if fmt == "int8" else ("fp8-compute" if p.fp8_compute else "fp8-dequant")
                 records.append({

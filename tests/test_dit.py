@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from tests.tiny_ckpt.dit import official_dit_shapes, random_dit_state, write_dit
 from wan_lite.errors import CheckpointError, InputError
+from wan_lite.loading.build import build_dit
 from wan_lite.loading.tensors import DictSource, SafetensorsSource
 from wan_lite.models import attention as attn_mod
 from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches, timestep_runs
@@ -34,7 +35,7 @@ def tiny_state(in_dim: int, out_dim: int, seed: int = 0) -> dict[str, torch.Tens
 
 
 def ours(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> WanDiT:
-    return WanDiT.from_source(DictSource(state), dtype)
+    return build_dit(DictSource(state), dtype)
 
 
 def context(batch: int, real_rows: tuple[int, ...] = (7, 11), seed: int = 1) -> torch.Tensor:
@@ -318,7 +319,7 @@ def test_written_checkpoint_loads_identically(tmp_path) -> None:
     cfg = WanDiTConfig.from_shapes(source.shapes())
     assert cfg == WanDiTConfig(dim=DIM, ffn_dim=FFN, num_heads=2, num_layers=3, in_dim=36, out_dim=16,
                                text_dim=TEXT_DIM, freq_dim=256)
-    from_file = WanDiT.from_source(source, torch.float32)
+    from_file = build_dit(source, torch.float32)
     assert set(from_file.state_dict()) == set(state) and len(state) == 27 * 3 + 15
     in_memory = WanDiT(cfg)
     in_memory.load_state_dict(state)
@@ -421,12 +422,12 @@ def test_bf16_matches_reference_autocast_run_on_gpu(kind: str) -> None:
     sd32 = {k: v.to(dev) for k, v in state.items()}
     t = (ti2v_timesteps(2, 700.0) if kind == "ti2v" else torch.tensor([700.0, 700.0])).to(dev)
     x, ctx = latent(2, 48).to(dev), context(2).to(dev)
-    got = WanDiT.from_source(DictSource(sd16), torch.bfloat16, keep_fp32=False)(x, t, ctx.bfloat16())
+    got = build_dit(DictSource(sd16), torch.bfloat16, keep_fp32=False)(x, t, ctx.bfloat16())
     with torch.autocast("cuda", dtype=torch.bfloat16):
         literal = naive_forward(sd16, x, t, ctx.bfloat16())
         same_rows = naive_forward(sd16, x, t, ctx.bfloat16(), distinct_time_rows=True)
     ideal = naive_forward(sd32, x, t, ctx)
-    got32 = WanDiT.from_source(DictSource(sd32), torch.float32)(x, t, ctx)
+    got32 = build_dit(DictSource(sd32), torch.float32)(x, t, ctx)
     err, gap, err32 = rel_err(got, literal), rel_err(literal, ideal), rel_err(got32, ideal)
     print(f"gpu: bf16 vs reference bf16 run {err:.2e} (bf16 vs fp32 gap {gap:.2e}); fp32 vs reference {err32:.2e}")
     assert got.device.type == "cuda" and got.dtype == torch.float32

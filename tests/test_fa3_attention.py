@@ -175,11 +175,11 @@ def test_dit_hands_fp8_q_and_k_to_a_kernel_that_takes_them(stand_in, monkeypatch
     the static per-head scales, unchunked and in token chunks, TI2V's two timestep runs included;
     the forward stays within fp8 error of SDPA's."""
     from tests.test_dit import context, latent, rel_err, ti2v_timesteps, tiny_state
+    from wan_lite.loading.build import build_dit
     from wan_lite.loading.tensors import DictSource
-    from wan_lite.models.dit import WanDiT
 
     monkeypatch.setattr(fa3, "_qk8_refusal", lambda q8, k8, v, dq, dk: None)
-    model = WanDiT.from_source(DictSource(tiny_state(48, 48, seed=5)), torch.bfloat16)
+    model = build_dit(DictSource(tiny_state(48, 48, seed=5)), torch.bfloat16)
     x, ctx, t = latent(2, 48), context(2), ti2v_timesteps(2, 700.0)
     with torch.inference_mode():
         ref = model(x, t, ctx)

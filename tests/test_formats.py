@@ -24,6 +24,7 @@ from tests.tiny_ckpt.t5 import official_t5_state_dict, write_tokenizer
 from tests.tiny_ckpt.vae import random_vae_state
 from wan_lite.errors import CheckpointError
 from wan_lite.loading import discovery, formats, keymaps, sources
+from wan_lite.loading.build import build_dit, build_text_encoder, build_vae
 from wan_lite.loading.tensors import DictSource
 
 DIM, FFN, LAYERS, TEXT_DIM = 256, 512, 2, 256  # rows of 256: every Linear can take K-quants
@@ -184,8 +185,6 @@ def test_gguf_dequantises_per_tensor(t2v, qtype: str) -> None:
 def test_every_dit_format_gives_the_official_output(t2v) -> None:
     from diffusers import WanTransformer3DModel
 
-    from wan_lite.models.dit import WanDiT
-
     root, official = t2v
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(1, 16, *GRID, generator=gen)
@@ -194,7 +193,7 @@ def test_every_dit_format_gives_the_official_output(t2v) -> None:
     ctx[0, :9] = torch.randn(9, TEXT_DIM, generator=gen)
 
     def run(source) -> torch.Tensor:
-        return WanDiT.from_source(source, torch.float32)(x, t, ctx)
+        return build_dit(source, torch.float32)(x, t, ctx)
 
     want = run(DictSource(official))
     folder = tf.write_diffusers_dit(root / "out_transformer", official)
@@ -219,12 +218,10 @@ def test_every_dit_format_gives_the_official_output(t2v) -> None:
 
 
 def test_fp8_dit_stays_fp8_in_memory(t2v) -> None:
-    from wan_lite.models.dit import WanDiT
-
     root, official = t2v
     path = tf.write_comfy(root / "keep_fp8.safetensors", official, fp8="scale_weight", prefix=tf.PREFIX)
     source = formats.load_component(path, "dit", fp8_dequantize=False)
-    model = WanDiT.from_source(source, None)
+    model = build_dit(source, None)
     q = model.blocks[0].self_attn.q.weight
     assert q.dtype == torch.float8_e4m3fn and q.untyped_storage().nbytes() == q.numel()
     fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
@@ -245,12 +242,12 @@ def test_vae_formats_decode_like_official(tmp_path, version: str) -> None:
     cls = WanVAE21 if version == "2.1" else WanVAE22
     official = random_vae_state(version)
     z = torch.randn(1, official["conv2.weight"].shape[0], 2, 2, 2, generator=torch.Generator().manual_seed(4))
-    want = cls.from_source(DictSource(official)).decode(z)
+    want = build_vae(DictSource(official), version=version).decode(z)
     folder = tf.write_diffusers_vae(tmp_path / "vae", official, version)
     c = only(folder)
     assert (c.format, c.role, c.variant) == ("diffusers", "vae", version)
     same_tensors(formats.open_component(c), official)
-    ours = cls.from_source(formats.load_component(folder, "vae")).decode(z)
+    ours = build_vae(formats.load_component(folder, "vae"), version=version).decode(z)
     assert torch.equal(ours, want)
     # diffusers' decoder on the folder (no latent normalisation configured: mean 0, std 1)
     mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (cls.latent_mean, cls.latent_std))
@@ -295,7 +292,7 @@ def test_t5_formats_present_official_tensors(t5) -> None:
 
 @torch.inference_mode()
 def test_comfy_umt5_file_encodes_like_official(t5, tmp_path) -> None:
-    from wan_lite.models.text_encoder import TextEncoder, load_tokenizer
+    from wan_lite.models.text_encoder import load_tokenizer
 
     root, official, tok = t5
     half = {k: v.half() for k, v in official.items()}
@@ -307,9 +304,9 @@ def test_comfy_umt5_file_encodes_like_official(t5, tmp_path) -> None:
     reference, from_file = load_tokenizer(tok), load_tokenizer(built)
     for p in prompts:
         assert from_file(p).input_ids == reference(p).input_ids
-    want = TextEncoder.load(DictSource(half), tok, dtype=torch.float32).encode(prompts)
+    want = build_text_encoder(DictSource(half), tok, dtype=torch.float32).encode(prompts)
     source = formats.load_component(path, "text_encoder")
-    got = TextEncoder.load(source, built, dtype=torch.float32).encode(prompts)
+    got = build_text_encoder(source, built, dtype=torch.float32).encode(prompts)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 

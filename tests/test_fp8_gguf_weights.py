@@ -6,7 +6,8 @@
 - fp8: a DiT / umT5 built from a ComfyUI fp8 file holds the stored e4m3 bytes and scales in
   QuantizedLinear layers (1 byte per weight), same output as dequantizing on read.
 - Both stream with BlockStreamer and re-fill from the file after `move_expert(..., "disk")`, and
-  the pipeline (`WanPipeline.load`, `load_planned`) builds them from the components it is given.
+  the pipeline (`WanPipeline.load`, `WanPipeline.load_planned`) builds them from the components
+  it is given (`runtime.loader.load_dit` / `load_text_encoder`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from tests.tiny_ckpt import formats as tf
 from tests.tiny_ckpt.dit import official_dit_shapes, random_dit_state
 from wan_lite.errors import CheckpointError
 from wan_lite.loading import formats
-from wan_lite.loading.components import build_dit, load_text_encoder
+from wan_lite.loading.build import build_dit, build_text_encoder
 from wan_lite.loading.tensors import DictSource, SafetensorsSource, open_source
-from wan_lite.models.dit import WanDiT
 from wan_lite.pipeline import WanPipeline
 from wan_lite.runtime import gguf_linear, streaming
 from wan_lite.runtime.gguf_linear import GGUF_BLOCKS, GGUF_TYPES, GGUFLinear, dequantize_gguf
+from wan_lite.runtime.loader import load_dit, load_text_encoder
 from wan_lite.runtime.quant import QuantizedLinear
 
 DIM, FFN, LAYERS, TEXT_DIM = 256, 512, 2, 256  # rows of 256 values: every block Linear takes K-quants
@@ -154,7 +155,7 @@ def test_quantized_linear_from_fp8_keeps_the_bytes(per_row: bool) -> None:
 def test_fp8_dit_holds_the_stored_bytes(tmp_path, official, inputs, layout: str) -> None:
     path = tf.write_comfy(tmp_path / f"wan_fp8_{layout}.safetensors", official, fp8=layout, prefix=tf.PREFIX)
     source = formats.load_component(path, "dit")
-    model, refill = build_dit(source, torch.float32)
+    model, refill = load_dit(source, torch.float32)
     layers = block_linears(model)
     assert all(isinstance(m, QuantizedLinear) and m.fmt == "fp8" for m in layers.values())
     w8, _ = tf.to_fp8(official["blocks.1.ffn.2.weight"], scaled=layout != "plain")
@@ -166,20 +167,20 @@ def test_fp8_dit_holds_the_stored_bytes(tmp_path, official, inputs, layout: str)
     assert weight_bytes == n and total / n < 1.04 and float_matrix_bytes(model) == 0
     assert "blocks.0.self_attn.q.weight_scale" in refill
 
-    want = run(WanDiT.from_source(DictSource(official), torch.float32), inputs)
-    on_read = run(WanDiT.from_source(source, torch.float32), inputs)  # dequantized on read
+    want = run(build_dit(DictSource(official), torch.float32), inputs)
+    on_read = run(build_dit(source, torch.float32), inputs)  # dequantized on read
     got = run(model, inputs)
     print(f"fp8 {layout}: vs dequantize-on-read {rel_err(got, on_read):.2e}, vs official {rel_err(got, want):.4f}")
     assert rel_err(got, on_read) < 1e-6 and rel_err(got, want) < OUT_TOL["fp8"]
-    got16 = run(build_dit(source, torch.bfloat16)[0], inputs)
-    assert rel_err(got16, run(WanDiT.from_source(source, torch.bfloat16), inputs)) < 1e-6
+    got16 = run(load_dit(source, torch.bfloat16)[0], inputs)
+    assert rel_err(got16, run(build_dit(source, torch.bfloat16), inputs)) < 1e-6
 
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_gguf_dit_holds_only_the_blocks(tmp_path, official, inputs, qtype: str) -> None:
     path = tf.write_gguf(tmp_path / f"Wan2.2-T2V-A14B-LowNoise-{qtype}.gguf", official, qtype)
     source = formats.load_component(path, "dit")
-    model, _ = build_dit(source, torch.float32)
+    model, _ = load_dit(source, torch.float32)
     layers = block_linears(model)
     assert all(isinstance(m, GGUFLinear) and m.qtype == qtype for m in layers.values())
     n = sum(m.in_features * m.out_features for m in layers.values())
@@ -189,8 +190,8 @@ def test_gguf_dit_holds_only_the_blocks(tmp_path, official, inputs, qtype: str) 
     raw = formats.open_component(formats.detect(path)[0])
     assert torch.equal(layers["blocks.0.ffn.0"].weight.flatten(), raw.quantized("blocks.0.ffn.0.weight").data.flatten())
 
-    want = run(WanDiT.from_source(DictSource(official), torch.float32), inputs)
-    on_read = run(WanDiT.from_source(source, torch.float32), inputs)
+    want = run(build_dit(DictSource(official), torch.float32), inputs)
+    on_read = run(build_dit(source, torch.float32), inputs)
     got = run(model, inputs)
     print(f"{qtype}: {stored / n:.3f} B/weight; vs dequantize-on-read {rel_err(got, on_read):.2e}, "
           f"vs official {rel_err(got, want):.4f}")
@@ -203,7 +204,7 @@ def test_stored_dit_streams_and_refills_from_disk(tmp_path, official, inputs, fm
         path = tf.write_comfy(tmp_path / "stream_fp8.safetensors", official, fp8="scale_weight")
     else:
         path = tf.write_gguf(tmp_path / "stream.gguf", official, fmt)
-    model, refill = build_dit(formats.load_component(path, "dit"), torch.bfloat16)
+    model, refill = load_dit(formats.load_component(path, "dit"), torch.bfloat16)
     want = run(model, inputs)
     streamer = streaming.attach(model, "cpu", resident=0, prefetch=1, pinned=False)
     try:
@@ -248,8 +249,6 @@ def ti2v_files(tiny_models, tmp_path_factory):
 
 @torch.inference_mode()
 def test_fp8_text_encoder_stays_fp8(ti2v_files) -> None:
-    from wan_lite.models.text_encoder import TextEncoder
-
     source = formats.load_component(ti2v_files["t5_fp8"], "text_encoder")
     enc = load_text_encoder(source, ti2v_files["tokenizer"], torch.float32)
     layers = [m for n, m in enc.model.named_modules() if n.startswith("encoder.block.") and
@@ -257,9 +256,9 @@ def test_fp8_text_encoder_stays_fp8(ti2v_files) -> None:
     assert layers and all(isinstance(m, QuantizedLinear) and m.weight.dtype == torch.int8 for m in layers)
     assert enc.model.encoder.embed_tokens is enc.model.shared  # the tied embedding is held once
     prompts = ["a red fox jumps over the lazy dog", "一只猫在草地上奔跑"]
-    on_read = TextEncoder.load(source, ti2v_files["tokenizer"], dtype=torch.float32).encode(prompts)
-    float_model = TextEncoder.load(ti2v_files["root"] / "models_t5_umt5-xxl-enc-bf16.pth", ti2v_files["tokenizer"],
-                                   dtype=torch.float32).encode(prompts)
+    on_read = build_text_encoder(source, ti2v_files["tokenizer"], dtype=torch.float32).encode(prompts)
+    float_model = build_text_encoder(ti2v_files["root"] / "models_t5_umt5-xxl-enc-bf16.pth",
+                                     ti2v_files["tokenizer"], dtype=torch.float32).encode(prompts)
     for got, same, want in zip(enc.encode(prompts), on_read, float_model, strict=True):
         assert rel_err(got, same) < 1e-6 and rel_err(got, want) < 0.08
 
@@ -281,7 +280,6 @@ def test_pipeline_builds_stored_dits(ti2v_files, plain_ti2v) -> None:
 
 
 def test_load_planned_keeps_the_stored_format_over_the_plan(ti2v_files, plain_ti2v, tmp_path, caplog) -> None:
-    from wan_lite.runtime.apply import load_planned
     from wan_lite.runtime.hardware import Hardware
     from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
 
@@ -290,10 +288,10 @@ def test_load_planned_keeps_the_stored_format_over_the_plan(ti2v_files, plain_ti
     p = replace(plan(fp, PlanRequest(32, 32, 5, steps=2), Hardware.fake(vram_gb=4, ram_gb=16)),
                 quantization="int8", resident_blocks=0, vae_tile=None, text_encoder="cpu",
                 text_encoder_quant="bf16", vae_dtype="fp32", cfg_batch=False)
-    with caplog.at_level(logging.INFO, logger="wan_lite.runtime.apply"):
-        pipe = load_planned(ti2v_files["root"], p, device="cpu", cache_dir=tmp_path,
-                            components={"dit": ti2v_files["fp8"], "text_encoder": ti2v_files["t5_fp8"],
-                                        "tokenizer": ti2v_files["tokenizer"]})
+    with caplog.at_level(logging.INFO, logger="wan_lite.runtime.loader"):
+        pipe = WanPipeline.load_planned(ti2v_files["root"], p, device="cpu", cache_dir=tmp_path,
+                                        components={"dit": ti2v_files["fp8"], "text_encoder": ti2v_files["t5_fp8"],
+                                                    "tokenizer": ti2v_files["tokenizer"]})
     assert "weights stay fp8 as stored" in caplog.text and "(int8) is not applied" in caplog.text
     layers = block_linears(pipe.dit)
     assert all(isinstance(m, QuantizedLinear) and m.fmt == "fp8" for m in layers.values())
@@ -323,7 +321,7 @@ def test_cuda_stored_dit_streams_like_resident(tmp_path, official, inputs, fmt: 
         path = tf.write_comfy(tmp_path / "cuda_fp8.safetensors", official, fp8="scale_weight")
     else:
         path = tf.write_gguf(tmp_path / "cuda.gguf", official, fmt)
-    model, _ = build_dit(formats.load_component(path, "dit"), torch.bfloat16)
+    model, _ = load_dit(formats.load_component(path, "dit"), torch.bfloat16)
     on_cpu = run(model, inputs)  # dequantized bf16 weights
     cuda_inputs = tuple(t.cuda() for t in inputs)
     streamer = streaming.attach(model, "cuda", resident=0, prefetch=1, pinned=True)

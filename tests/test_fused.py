@@ -161,11 +161,11 @@ def test_fused_block_matches_eager_block_on_gpu() -> None:
     """A bf16 DiT on CUDA with the single-kernel forms and without: the same numbers up to the
     float32 rounding of fused multiply-adds, i.e. a rare bf16 rounding flip."""
     from tests.test_dit import context, latent, ti2v_timesteps, tiny_state
+    from wan_lite.loading.build import build_dit
     from wan_lite.loading.tensors import DictSource
-    from wan_lite.models.dit import WanDiT
 
     state = {k: v.cuda() for k, v in tiny_state(48, 48, seed=4).items()}
-    model = WanDiT.from_source(DictSource(state), torch.bfloat16)
+    model = build_dit(DictSource(state), torch.bfloat16)
     x, ctx, t = latent(2, 48).cuda(), context(2).cuda(), ti2v_timesteps(2, 700.0).cuda()
     fused_out = model(x, t, ctx)
     old = fused.set_fusion(False)

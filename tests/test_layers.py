@@ -24,19 +24,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli", "cli_run", "__main__", "ui/", "__init__"),
 )
 
-# Upward imports that exist today and are being removed; nothing may be added here.
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    # removed by the seams-loader branch
-    ("wan_lite.models.dit", "wan_lite.loading.build"),
-    ("wan_lite.models.dit", "wan_lite.loading.tensors"),
-    ("wan_lite.models.text_encoder", "wan_lite.loading.build"),
-    ("wan_lite.models.text_encoder", "wan_lite.loading.tensors"),
-    ("wan_lite.models.vae_common", "wan_lite.loading.build"),
-    ("wan_lite.models.vae_common", "wan_lite.loading.tensors"),
-    ("wan_lite.loading.components", "wan_lite.runtime.gguf_linear"),
-    ("wan_lite.runtime.apply", "wan_lite.pipeline"),
-    ("wan_lite.runtime.plan_cli", "wan_lite.engine"),
-}
+# Upward imports that are allowed for now: none. Nothing may be added here.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 # ------------------------------------------------------------------------------------------ reading

@@ -104,7 +104,7 @@ def test_loading_fp32_dit_as_bf16_stays_under_1_3x_of_bf16_size(tmp_path):
         from pathlib import Path
         import torch
         from wan_lite.loading.tensors import SafetensorsSource
-        from wan_lite.models.dit import WanDiT
+        from wan_lite.loading.build import build_dit
 
         def hwm():
             for line in open("/proc/self/status"):
@@ -115,7 +115,7 @@ def test_loading_fp32_dit_as_bf16_stays_under_1_3x_of_bf16_size(tmp_path):
         source = SafetensorsSource(sorted(folder.glob("*.safetensors")))
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
         base = hwm()
-        model = WanDiT.from_source(source, torch.bfloat16)
+        model = build_dit(source, torch.bfloat16)
         print(json.dumps({{"base": base, "peak": hwm()}}))
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.tiny_ckpt.dit import write_dit
+from wan_lite.loading.build import build_dit
 from wan_lite.loading.tensors import SafetensorsSource
 from wan_lite.models.dit import WanDiT
 from wan_lite.runtime import quant
@@ -382,7 +383,7 @@ def test_stale_or_foreign_cache_is_refused(tmp_path) -> None:
 def test_wan_dit_quantized_forward(tmp_path, fmt: str, tol: float) -> None:
     write_dit(tmp_path / "dit", in_dim=16, out_dim=16, dim=256, ffn_dim=512, num_layers=2, text_dim=64)
     src = SafetensorsSource(sorted((tmp_path / "dit").glob("*.safetensors")))
-    bf16 = WanDiT.from_source(src, torch.bfloat16)
+    bf16 = build_dit(src, torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 3, 4, 6, generator=gen)
     ctx = torch.zeros(1, 512, 64)
@@ -436,8 +437,8 @@ def test_wan_dit_fp8_inputs_from_the_modulation_kernel(monkeypatch) -> None:
     state = tiny_state(48, 48, seed=6)
     x, ctx, t = latent(2, 48), context(2), ti2v_timesteps(2, 700.0)
     with torch.inference_mode():
-        ref = WanDiT.from_source(DictSource(state), torch.bfloat16)(x, t, ctx)
-    model = WanDiT.from_source(DictSource(state), torch.bfloat16)
+        ref = build_dit(DictSource(state), torch.bfloat16)(x, t, ctx)
+    model = build_dit(DictSource(state), torch.bfloat16)
     quantize_model(model, "fp8", WanDiT.no_quantize_patterns, compute="fp8")
     seen: list[str] = []
     real = QuantizedLinear._forward_fp8

@@ -12,8 +12,8 @@ import torch
 import wan_lite
 from wan_lite.api import GenerateRequest
 from wan_lite.job import resolve
-from wan_lite.pipeline import MovePlacement
-from wan_lite.runtime.apply import PlannedPlacement, load_planned
+from wan_lite.pipeline import MovePlacement, WanPipeline
+from wan_lite.runtime.apply import PlannedPlacement
 from wan_lite.runtime.hardware import Hardware
 from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
 
@@ -152,12 +152,12 @@ def test_quantized_plan_within_tolerance(tiny_models, plain, tmp_path, fmt):
     pipe, ref = plain
     p = lean_plan(pipe, quantization=fmt, resident_blocks=0, idle_expert="disk", vae_tile=None,
                   text_encoder="cpu", text_encoder_quant="bf16", vae_dtype="fp32", cfg_batch=False)
-    q = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    q = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     out = q.generate("a boat at dawn", seed=3, **SMALL)
     err = rel(out.latents, ref.latents)
     assert err < (0.02 if fmt == "int8" else 0.05), err
     assert list(tmp_path.glob("*.safetensors")), "the quantized weights were not cached on disk"
-    again = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    again = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     assert torch.equal(again.generate("a boat at dawn", seed=3, **SMALL).latents, out.latents)
 
 
@@ -170,18 +170,18 @@ def test_experts_are_never_in_ram_together_while_loading(tiny_models, plain, tmp
     p = lean_plan(pipe, quantization="bf16", idle_expert="disk", text_encoder="cpu", text_encoder_quant="bf16")
     built: list = []
     in_ram_at_build: list[int] = []
-    from wan_lite.models.dit import WanDiT
+    from wan_lite.runtime import loader
 
-    real = WanDiT.from_source.__func__
+    real = loader.build_dit
 
-    def from_source(cls, source, dtype, **kw):
+    def build_dit(source, dtype, **kw):
         in_ram_at_build.append(sum(streaming.where_is(m) == "ram" for m in built))
-        model = real(cls, source, dtype, **kw)
+        model = real(source, dtype, **kw)
         built.append(model)
         return model
 
-    monkeypatch.setattr(WanDiT, "from_source", classmethod(from_source))
-    q = load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
+    monkeypatch.setattr(loader, "build_dit", build_dit)
+    q = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     assert len(built) == 2 and in_ram_at_build == [0, 0]
     assert list(q.dits) == ["high", "low"]
     assert streaming.where_is(q.dits["high"]) == "ram" and streaming.where_is(q.dits["low"]) == "disk"
@@ -191,3 +191,39 @@ def test_job_resolution_is_shared(plain):
     pipe, _ = plain
     job = resolve(GenerateRequest("x", model=pipe.spec.name, width=70, height=60, frames=10))
     assert (job.width, job.height, job.frames) == (64, 64, 9)
+
+
+def test_engine_on_a_cpu_runs_the_plan_that_plan_reports(tiny_models, plain, tmp_path, monkeypatch):
+    """Without a GPU (or with device="cpu") the engine's pipeline comes from the planned loader
+    too: its placement holds the plan `planner.plan` makes for the request on this machine (the
+    one `python -m wan_lite plan` prints for it), in the CPU's formats (bf16 DiT and umT5, fp32
+    VAE, nothing quantized), and the video is the plain pipeline's."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.test_planner import _cli
+    from wan_lite.api import GenerateRequest
+    from wan_lite.engine import Engine
+    from wan_lite.runtime.quant import quantized_modules
+
+    machine = Hardware.fake(vram_gb=0, ram_gb=64)  # what a probe of a 64 GB machine without a GPU says
+    monkeypatch.setattr(Hardware, "probe", classmethod(lambda cls, *args, **kw: machine))
+    monkeypatch.delenv("WAN_LITE_FP8_ATTENTION", raising=False)
+    _, ref = plain
+    engine = Engine(tmp_path / "models", tmp_path / "out", device="cpu", folders={"t2v-a14b": tiny_models["t2v-a14b"]})
+    request = GenerateRequest(prompt="a boat at dawn", model="t2v-a14b", seed=3, **SMALL)
+    result = engine.generate(request)
+    pipe = engine._pipe
+    assert isinstance(pipe.placement, PlannedPlacement) and pipe.device.type == "cpu"
+    footprint = ModelFootprint.from_config(pipe.dit.config, name="t2v-a14b", vae_version="2.1", experts=2)
+    want = plan(footprint, PlanRequest(64, 64, 9, steps=4), machine)
+    assert pipe.placement.plan == want and want.fits and want.quantization == "bf16"
+    assert not any(quantized_modules(m) for m in (*pipe.dits.values(), pipe.text_encoder.model))
+    assert {p.dtype for d in pipe.dits.values() for n, p in d.named_parameters() if "modulation" not in n} == {
+        torch.bfloat16}
+    assert pipe.vae.dtype == torch.float32 and pipe.text_encoder.model.dtype == torch.bfloat16
+    assert torch.equal(load_file(result.latents_path)["latents"], ref.latents)
+    # `plan` plans the released model's sizes on the same machine as the engine's preflight does
+    rc, text = _cli("--model", "t2v-a14b", "--size", "64x64", "--frames", "9", "--steps", "4", "--json")
+    assert rc == 0 and json.loads(text) == engine.preflight(request).plan

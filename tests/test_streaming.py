@@ -12,8 +12,8 @@ from torch import nn
 
 from tests.test_quant import ToyModel, tiny_umt5, toy, toy_input
 from tests.tiny_ckpt.dit import write_dit
+from wan_lite.loading.build import build_dit
 from wan_lite.loading.tensors import SafetensorsSource
-from wan_lite.models.dit import WanDiT
 from wan_lite.runtime.quant import quantize_model, quantized_modules
 from wan_lite.runtime.quant_cache import load_or_quantize
 from wan_lite.runtime.streaming import (
@@ -165,7 +165,7 @@ def test_out_of_order_calls_and_failed_forward_recover() -> None:
 def test_reattach_and_wan_dit_streaming(tmp_path) -> None:
     state = write_dit(tmp_path / "dit", in_dim=16, out_dim=16, dim=128, ffn_dim=256, num_layers=3, text_dim=32)
     src = SafetensorsSource(sorted((tmp_path / "dit").glob("*.safetensors")))
-    model = WanDiT.from_source(src, torch.bfloat16)
+    model = build_dit(src, torch.bfloat16)
     assert set(state) == set(model.state_dict())
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 2, 4, 4, generator=gen)

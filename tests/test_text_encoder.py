@@ -17,11 +17,10 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from tests.tiny_ckpt.t5 import sentencepiece_ids, write_t5
 from wan_lite.errors import CheckpointError
+from wan_lite.loading.build import build_text_encoder, build_umt5
 from wan_lite.loading.tensors import DictSource, PthSource
 from wan_lite.models.text_encoder import (
     TOKENIZER_FILES,
-    TextEncoder,
-    build_umt5,
     clean_prompt,
     hf_to_official_key,
     load_tokenizer,
@@ -92,7 +91,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def enc32(ckpt):
-    return TextEncoder.load(PthSource(ckpt["t5_path"]), ckpt["tokenizer_dir"], dtype=torch.float32)
+    return build_text_encoder(PthSource(ckpt["t5_path"]), ckpt["tokenizer_dir"], dtype=torch.float32)
 
 
 def _xxl_official_shapes() -> dict[str, tuple[int, ...]]:
@@ -191,7 +190,7 @@ def test_fp32_encode_matches_hf_reference(ckpt, enc32):
 
 
 def test_bf16_encode_close_to_reference(ckpt):
-    enc = TextEncoder.load(ckpt["t5_path"], ckpt["tokenizer_dir"])  # default dtype bfloat16
+    enc = build_text_encoder(ckpt["t5_path"], ckpt["tokenizer_dir"])  # default dtype bfloat16
     assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
     ids, mask = enc.tokenize(PROMPTS)
     got = enc.encode(PROMPTS)
@@ -241,7 +240,7 @@ def test_tokenizer_larger_than_embedding_is_refused(ckpt):
     sd = dict(ckpt["state_dict"])
     sd["token_embedding.weight"] = sd["token_embedding.weight"][:100]
     with pytest.raises(CheckpointError, match="different models"):
-        TextEncoder.load(DictSource(sd), ckpt["tokenizer_dir"])
+        build_text_encoder(DictSource(sd), ckpt["tokenizer_dir"])
 
 
 # --- tokenizer, cleaning, trimming ---------------------------------------------------------------
@@ -293,7 +292,7 @@ def test_missing_or_broken_tokenizer_folder(ckpt, tmp_path):
     missing = tmp_path / "google" / "umt5-xxl"
     for folder in (missing, tmp_path):
         with pytest.raises(CheckpointError) as err:
-            TextEncoder.load(ckpt["t5_path"], folder)
+            build_text_encoder(ckpt["t5_path"], folder)
         assert str(folder) in str(err.value) and all(f in str(err.value) for f in TOKENIZER_FILES)
     broken = tmp_path / "broken"
     broken.mkdir()

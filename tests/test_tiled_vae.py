@@ -13,6 +13,7 @@ import torch
 from tests.tiny_ckpt.vae import write_vae
 from wan_lite.errors import InputError
 from wan_lite.errors import OutOfMemoryError as WanOutOfMemoryError
+from wan_lite.loading.build import build_vae
 from wan_lite.loading.tensors import open_source
 from wan_lite.models.vae21 import WanVAE21
 from wan_lite.models.vae22 import WanVAE22
@@ -38,10 +39,10 @@ def vaes(tmp_path_factory):
     """{version: (vae, latent [1, z, 2, 16, 16], untiled video [1, 3, 5, H, W])}."""
     root = tmp_path_factory.mktemp("tiled_vae")
     out = {}
-    for version, cls in CLASSES.items():
+    for version in CLASSES:
         path = root / f"vae{version}.pth"
         write_vae(path, version, seed=3)
-        vae = cls.from_source(open_source(path))
+        vae = build_vae(open_source(path), version=version)
         z = torch.randn(1, vae.z_dim, 2, *LATENT_HW, generator=torch.Generator().manual_seed(1))
         out[version] = (vae, z, vae.decode(z))
     return out

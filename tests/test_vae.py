@@ -10,6 +10,7 @@ import torch
 
 from tests.tiny_ckpt.vae import random_vae_state, write_vae
 from wan_lite.errors import CheckpointError, InputError
+from wan_lite.loading.build import build_vae
 from wan_lite.loading.tensors import DictSource, PthSource, open_source
 from wan_lite.models.vae21 import VAE21Config, WanVAE21
 from wan_lite.models.vae22 import VAE22Config, WanVAE22
@@ -94,7 +95,7 @@ def tiny(request, tmp_path_factory):
     version = request.param
     path = tmp_path_factory.mktemp("vae") / f"Wan{version}_VAE.pth"
     state = write_vae(path, version, seed=1)
-    model = CLASSES[version].from_source(PthSource(path), torch.float32)
+    model = build_vae(PthSource(path), torch.float32, version=version)
     return version, state, path, model
 
 
@@ -163,7 +164,7 @@ def test_pth_source_loads_identical(tiny):
     version, state, path, model = tiny
     src = open_source(path)
     assert isinstance(src, PthSource)
-    from_dict = CLASSES[version].from_source(DictSource(state), torch.float32)
+    from_dict = build_vae(DictSource(state), torch.float32, version=version)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     z = torch.randn(1, model.z_dim, 2, 3, 2, generator=torch.Generator().manual_seed(4))
@@ -177,7 +178,7 @@ def test_shape_mismatch_names_key_and_shapes(tiny):
     good_shape = list(bad[key].shape)
     bad[key] = torch.zeros(good_shape[0] + 1, *good_shape[1:])
     with pytest.raises(CheckpointError) as err:
-        CLASSES[version].from_source(DictSource(bad), torch.float32)
+        build_vae(DictSource(bad), torch.float32, version=version)
     msg = str(err.value)
     assert key in msg and str(good_shape) in msg and str([good_shape[0] + 1, *good_shape[1:]]) in msg
 
@@ -188,7 +189,7 @@ def test_detect_version(tiny):
     assert WanVAE21.detect_version(shapes) == version == WanVAE22.detect_version(shapes)
     other = WanVAE22 if version == "2.1" else WanVAE21
     with pytest.raises(CheckpointError, match=f"Wan {version} VAE"):
-        other.from_source(DictSource(state), torch.float32)
+        build_vae(DictSource(state), torch.float32, version=other.version)
     with pytest.raises(CheckpointError, match="not a Wan VAE"):
         WanVAE21.detect_version({"blocks.0.self_attn.q.weight": (8, 8)})
 
@@ -229,7 +230,7 @@ def test_decode_in_frame_chunks_equals_whole_chunks(tiny):
     causal caches) changes memory, not the result; bf16 too."""
     version, state, _, model = tiny
     z = torch.randn(1, model.z_dim, 3, 3, 4, generator=torch.Generator().manual_seed(12))
-    half = CLASSES[version].from_source(DictSource(state), torch.bfloat16)
+    half = build_vae(DictSource(state), torch.bfloat16, version=version)
     for vae in (model, half):
         ref = vae.decode(z)
         for frames in (1, 2, 3):
@@ -259,7 +260,7 @@ def test_encode_drops_incomplete_chunk_and_rejects_bad_sizes(tiny):
 
 def test_bfloat16_close_to_float32(tiny):
     version, state, _, model = tiny
-    half = CLASSES[version].from_source(DictSource(state), torch.bfloat16)
+    half = build_vae(DictSource(state), torch.bfloat16, version=version)
     assert half.dtype == torch.bfloat16
     z = torch.randn(1, model.z_dim, 2, 2, 2, generator=torch.Generator().manual_seed(11))
     out = half.decode(z)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -19,18 +18,11 @@ from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress,
 from wan_lite.errors import InputError, WanLiteError
 from wan_lite.job import Job, as_job
 from wan_lite.library import FoundFile, ModelLibrary, ModelStatus
-from wan_lite.registry import MODELS
+from wan_lite.registry import MODELS, get_spec
+from wan_lite.runtime.planner import FP8_ATTENTION_ENV, fp8_attention_opted_in  # noqa: F401  (re-exported)
 from wan_lite.version import __version__
 
 log = logging.getLogger(__name__)
-
-# Set to 1 to let the fp8 compute path use an fp8 attention kernel (README, Memory).
-FP8_ATTENTION_ENV = "WAN_LITE_FP8_ATTENTION"
-
-
-def fp8_attention_opted_in() -> bool:
-    """Whether the user set WAN_LITE_FP8_ATTENTION=1 (plans then count fp8 attention's memory)."""
-    return os.environ.get(FP8_ATTENTION_ENV) == "1"
 
 
 @dataclass
@@ -110,21 +102,30 @@ class Engine:
             job.notes.insert(0, note)
         return job
 
-    def _plan(self, job: Job, footprint=None):
-        """The memory plan for `job` on this machine."""
+    def _plan(self, job: Job | None, name: str | None = None, footprint=None, plan_request=None):
+        """The memory plan on this machine (its CPU without a GPU or with device="cpu") for `job`;
+        without one, for `plan_request` (a PlanRequest) or the model's defaults."""
         from wan_lite.runtime.hardware import Hardware
         from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
         from wan_lite.runtime.step_cache import computed_share
 
-        spec, cache = job.spec, job.request.cache
-        share = computed_share(spec.name, cache, job.steps, job.shift, job.sampler, image=job.image is not None)
-        req = PlanRequest(job.width, job.height, job.frames, steps=job.steps,
-                          image=job.image is not None or spec.needs_image,
-                          cfg=any(g != 1 for g in job.guidance), fp8_attention=fp8_attention_opted_in(),
-                          cache=cache, cache_share=share)
-        profile = job.request.memory_profile
+        spec = job.spec if job is not None else get_spec(name or "")
+        profile = job.request.memory_profile if job is not None else None
+        if job is not None:
+            cache = job.request.cache
+            share = computed_share(spec.name, cache, job.steps, job.shift, job.sampler, image=job.image is not None)
+            req = PlanRequest(job.width, job.height, job.frames, steps=job.steps,
+                              image=job.image is not None or spec.needs_image,
+                              cfg=any(g != 1 for g in job.guidance), fp8_attention=fp8_attention_opted_in(),
+                              cache=cache, cache_share=share)
+        else:
+            w, h = spec.default_size
+            req = plan_request or PlanRequest(w, h, spec.frames, steps=spec.steps, image=spec.needs_image,
+                                              fp8_attention=fp8_attention_opted_in())
         profile = None if profile in (None, "", "auto") else profile
         hw = Hardware.probe(self.models_root if self.models_root.is_dir() else ".")
+        if not self._gpu():  # a run on the CPU (no GPU, or device="cpu") is planned for the CPU
+            hw = hw.without_gpu()
         return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
 
     def preflight(self, request: GenerateRequest | Job) -> Estimate:
@@ -134,23 +135,26 @@ class Engine:
         return Estimate(fits=data["fits"], peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=data["peak_ram_gib"],
                         seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
 
-    def pipeline(self, name: str, on_progress: ProgressCallback | None = None, job: Job | None = None):
+    def pipeline(self, name: str, on_progress: ProgressCallback | None = None, job: Job | None = None,
+                 *, plan_request=None, check_fit: bool = True):
         """The loaded pipeline for `name`, loading it (and unloading another) when needed.
 
-        On a GPU the pipeline follows the memory plan for `job`: what is fixed at load time
-        (weight formats) reloads when it changes; the rest is re-planned per job."""
+        Every pipeline follows the memory plan for `job` (without one, for `plan_request` or the
+        model's defaults) on this machine, its GPU or its CPU alike: the plan `python -m wan_lite
+        plan` prints. What is fixed at load time (weight formats) reloads when it changes; the rest
+        is re-planned per job. A job that does not fit is refused before anything loads, unless
+        `check_fit` is False (decoding saved latents runs only the decode stage, which retries in
+        smaller tiles)."""
         from wan_lite.pipeline import WanPipeline
 
         folder = self.model_folder(name)
         parts = self.library.components.get(name, {})
-        plan = None
-        if job is not None and self._gpu():
-            plan = self._plan(job, self._footprint(name, folder, parts))
-            if plan is not None and not plan.fits:
-                from wan_lite.errors import OutOfMemoryError
+        plan = self._plan(job, name, self._footprint(name, folder, parts), plan_request)
+        if job is not None and check_fit and not plan.fits:
+            from wan_lite.errors import OutOfMemoryError
 
-                raise OutOfMemoryError(f"This request does not fit this machine: {plan.reason}")
-        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant) if plan is not None else None
+            raise OutOfMemoryError(f"This request does not fit this machine: {plan.reason}")
+        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant)
         key = (name, folder.resolve(), tuple(sorted((k, str(v)) for k, v in parts.items())), fixed)
         model_dir = folder if folder.is_dir() or not parts else None
         if self._pipe_key != key:
@@ -158,21 +162,15 @@ class Engine:
             if on_progress:
                 on_progress(Progress(stage="load", step=0, total=1, elapsed_s=0.0, message=f"Loading {name}"))
             t0 = time.perf_counter()
-            if plan is not None:
-                from wan_lite.runtime.apply import load_planned
-
-                self._pipe = load_planned(model_dir, plan, components=parts, name=name, device=self.device,
-                                          cache_dir=self.cache_dir)
-            else:
-                self._pipe = WanPipeline.load(model_dir, components=parts, name=name, device=self.device)
+            self._pipe = WanPipeline.load_planned(model_dir, plan, components=parts, name=name, device=self.device,
+                                                  cache_dir=self.cache_dir)
             self._pipe_key = key
             log.info("Loaded %s from %s in %.1f s", name, folder, time.perf_counter() - t0)
-            self._use_attention(plan)
-        elif plan is not None:
+        else:
             self._pipe.placement.plan = plan
             self._pipe.placement.bind(self._pipe)
-            self._use_attention(plan)
             log.info("Plan: %s", plan.summary())
+        self._use_attention(plan)
         return self._pipe
 
     def _use_attention(self, plan: Any) -> None:
@@ -257,14 +255,21 @@ class Engine:
                 else:  # what made these latents, not today's remembered choices
                     self.library.components[name] = recorded
                     self.library.explicit.add(name)
-            pipe = self.pipeline(name)
+            from wan_lite.runtime.planner import PlanRequest
+
+            spec = get_spec(name)
+            size = [settings.get(k) for k in ("width", "height", "frames")]
+            if not all(isinstance(v, int) and v > 0 for v in size):
+                size = [*spec.default_size, spec.frames]
+            request = GenerateRequest.from_dict(settings | {"model": name})
+            pipe = self.pipeline(name, plan_request=PlanRequest(*size, image=False),  # planned for their own video
+                                 check_fit=False)
             t0 = time.perf_counter()
             frames = video_to_frames(pipe.decode(latents))
             timings = dict(settings.get("timings") or {})
             timings["decode"] = time.perf_counter() - t0
             stem = (out_path.with_suffix("") if out_path else
                     Path(str(latents_path).removesuffix(".latents.safetensors")))
-            request = GenerateRequest.from_dict(settings | {"model": name})
             return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe, None)
 
     def _record(self, settings: dict[str, Any], request: GenerateRequest, pipe) -> dict[str, Any]:

@@ -29,16 +29,10 @@ from torch import nn
 from wan_lite.api import CancelToken, GenerateRequest, Progress, ProgressCallback
 from wan_lite.errors import Cancelled
 from wan_lite.job import Job, as_job, load_image, resolve
-from wan_lite.loading.components import (
-    build_dit,
-    check_compatible,
-    dit_roles,
-    load_text_encoder,
-    load_vae,
-    module_of,
-    resolve_sources,
-)
+from wan_lite.loading.components import module_of
 from wan_lite.registry import ModelSpec
+from wan_lite.runtime.loader import Formats, LoadedParts, load_parts, load_planned_parts
+from wan_lite.runtime.planner import Plan
 from wan_lite.sampling import StepInfo
 from wan_lite.sizing import centre_crop_box
 
@@ -198,14 +192,35 @@ class WanPipeline:
     ) -> WanPipeline:
         """Load a model: an official-layout folder, and/or per-component files or folders in
         any supported format (`components` slots: "dit" or "dit_high"/"dit_low", "vae",
-        "text_encoder", "tokenizer"). Weights stay on the CPU until a stage needs them.
-        Raises CheckpointError naming any missing, broken or mismatched file."""
-        spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
-        text_encoder = load_text_encoder(sources["text_encoder"], tokenizer, text_dtype)
-        vae = load_vae(sources["vae"], spec, vae_dtype)
-        dits = {role: build_dit(sources[f"dit_{role}"], dtype)[0] for role in dit_roles(spec)}
-        check_compatible(spec, dits, vae, text_encoder)
-        return cls(spec, text_encoder, vae, dits, placement=placement, device=device)
+        "text_encoder", "tokenizer"), in the dtypes given (fp8 / GGUF DiT weights stay as
+        stored). Weights stay on the CPU until a stage needs them; `placement` (plain moves by
+        default) puts them where they run. Raises CheckpointError naming any missing, broken or
+        mismatched file."""
+        parts = load_parts(model_dir, Formats(dit_dtype=dtype, vae_dtype=vae_dtype, text_dtype=text_dtype),
+                           components=components, name=name)
+        return cls.of_parts(parts, placement=placement, device=device)
+
+    @classmethod
+    def load_planned(cls, model_dir: str | Path | None, plan: Plan, *, components: dict[str, str | Path] | None = None,
+                     name: str | None = None, device: torch.device | str | None = None,
+                     cache_dir: Path | None = None) -> WanPipeline:
+        """Load a model in the formats of `plan` (for a GPU or the CPU alike), run as the plan
+        says by its PlannedPlacement (int8 / fp8 weights cached in `cache_dir`)."""
+        parts = load_planned_parts(model_dir, plan, components=components, name=name, device=device,
+                                   cache_dir=cache_dir)
+        return cls.of_parts(parts)
+
+    @classmethod
+    def of_parts(cls, parts: LoadedParts, *, placement: Placement | None = None,
+                 device: torch.device | str | None = None) -> WanPipeline:
+        """The pipeline of loaded parts, run by their own PlannedPlacement (bound here) when they
+        bring one, else by `placement` (default: plain moves to `device`)."""
+        pipe = cls(parts.spec, parts.text_encoder, parts.vae, parts.dits, placement=parts.placement or placement,
+                   device=device)
+        if parts.placement is not None:
+            parts.placement.bind(pipe)
+            log.info("Plan: %s", parts.placement.plan.summary())
+        return pipe
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
@@ -506,5 +521,4 @@ class WanPipeline:
         return torch.cat([m, z]), None, None
 
 
-__all__ = ["Job", "MovePlacement", "Placement", "PipelineResult", "StepHook", "WanPipeline", "build_dit",
-           "check_compatible", "load_image", "load_text_encoder", "load_vae", "resolve", "resolve_sources"]
+__all__ = ["Job", "MovePlacement", "Placement", "PipelineResult", "StepHook", "WanPipeline", "load_image", "resolve"]

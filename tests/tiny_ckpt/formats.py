@@ -85,8 +85,8 @@ def write_diffusers_vae(folder: Path, official: dict[str, torch.Tensor], version
 
 def write_diffusers_text_encoder(folder: Path, official: dict[str, torch.Tensor]) -> Path:
     """`text_encoder/` written by transformers' save_pretrained (HF UMT5 names)."""
+    from wan_lite.loading.build import build_umt5
     from wan_lite.loading.tensors import DictSource
-    from wan_lite.models.text_encoder import build_umt5
 
     build_umt5(DictSource(official), dtype=None).save_pretrained(folder, max_shard_size="200KB")
     return Path(folder)

@@ -1,8 +1,10 @@
-"""Where each component of a model comes from, and building the components from there.
+"""Where each component of a model comes from (`resolve_sources`), and whether they fit together.
 
 A model is a set of components (one DiT or two experts, VAE, text encoder, tokenizer); each may
 come from the official folder or from a file or folder of another format (diffusers, ComfyUI
-single files incl. fp8, GGUF), given per slot. Stored fp8 / GGUF weights stay as stored.
+single files incl. fp8, GGUF), given per slot. Building the DiT and the text encoder in the
+formats a plan asks for (stored fp8 / GGUF weights kept as stored, int8 / fp8 quantized) is the
+runtime's loader (runtime/loader.py).
 """
 
 from __future__ import annotations
@@ -21,11 +23,7 @@ def module_of(component: Any) -> nn.Module:
 
 
 def dit_roles(spec: ModelSpec) -> tuple[str, ...]:
-    return ("high", "low") if spec.experts else ("main",)
-
-
-def _slot(role: str) -> str:
-    return "dit" if role == "main" else f"dit_{role}"
+    return spec.dit_roles
 
 
 def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Path],
@@ -37,7 +35,7 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
     from wan_lite.loading.formats import detect, load_component, pick, tokenizer_folder
     from wan_lite.loading.layout import detect_spec, find_model, layout_help
     from wan_lite.loading.tensors import SafetensorsSource, open_source
-    from wan_lite.registry import MODELS
+    from wan_lite.registry import MODELS, dit_slots
 
     given = {k: Path(v) for k, v in components.items() if v}
     if name:
@@ -45,12 +43,12 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
     elif model_dir is not None:
         spec = detect_spec(Path(model_dir))
     else:
-        dit_path = given.get("dit") or given.get("dit_high") or given.get("dit_low")
+        dit_path = next((given[s] for s in dit_slots() if s in given), None)
         found = pick(detect(dit_path), "dit") if dit_path else None
         if found is None or found.variant not in MODELS:
             raise CheckpointError("Say which model to run: give a model folder, a model name or a DiT file.")
         spec = MODELS[found.variant]
-    slots = [_slot(r) for r in dit_roles(spec)] + ["vae", "text_encoder", "tokenizer"]
+    slots = list(spec.slots)
     official = [s for s in slots if s not in given]
     # a ComfyUI umT5 file carries its tokenizer
     if "tokenizer" in official and "text_encoder" in given:
@@ -64,17 +62,17 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
             raise CheckpointError(f"No file given for: {', '.join(official)}.", layout_help(spec))
         files = find_model(Path(model_dir), spec.name, skip=set(given))
     sources: dict[str, Any] = {}
-    for role in dit_roles(spec):
-        slot = _slot(role)
+    for role in spec.dit_roles:
+        slot = spec.slot_of(role)
         sources[f"dit_{role}"] = (
-            load_component(given[slot], "dit", model=spec.name, expert=None if role == "main" else role)
+            load_component(given[slot], "dit", model=spec.name, expert=role if spec.experts else None)
             if slot in given else SafetensorsSource(files.dit[role]))
     sources["vae"] = (load_component(given["vae"], "vae", model=spec.name) if "vae" in given
                       else open_source(files.vae))
     sources["text_encoder"] = (load_component(given["text_encoder"], "text_encoder") if "text_encoder" in given
                                else open_source(files.t5))
     if "tokenizer" in given:
-        from wan_lite.loading.discovery import config_dir
+        from wan_lite.paths import config_dir
 
         tokenizer = tokenizer_folder(given["tokenizer"], config_dir() / "tokenizers")
     else:
@@ -82,86 +80,36 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
     return spec, sources, tokenizer
 
 
-def build_dit(source: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
-    """A DiT from `source`. fp8 (ComfyUI) and GGUF files keep their block weights as stored
-    (fp8 QuantizedLinear / GGUFLinear, ~1 or fewer bytes per weight, no float copy); other
-    sources load in `dtype`. Returns (model, the TensorSource to re-fill it from)."""
-    from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches
-    from wan_lite.runtime.gguf_linear import load_stored, stored_format
-
-    if stored_format(source) is None:
-        return WanDiT.from_source(source, dtype), source
-    with torch.device("meta"):
-        model = WanDiT(WanDiTConfig.from_shapes(source.shapes()))
-    keep = lambda n: name_matches(n, WanDiT.keep_fp32_patterns)  # noqa: E731
-    stored = load_stored(model, source, dtype, keep_fp32=keep, what="DiT")
-    return model.eval(), stored
-
-
-def load_text_encoder(source: Any, tokenizer: Path, dtype: torch.dtype) -> Any:
-    """The umT5 encoder; the Linear layers of an fp8 file stay fp8 (QuantizedLinear). GGUF
-    encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of a
-    non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
-    from transformers import UMT5EncoderModel
-
-    from wan_lite.loading.tensors import TensorSource, open_source
-    from wan_lite.models.text_encoder import (
-        OFFICIAL_MARKER,
-        TextEncoder,
-        hf_to_official_key,
-        load_tokenizer,
-        umt5_config_from_shapes,
-    )
-    from wan_lite.runtime.gguf_linear import load_stored, stored_format
-
-    if not isinstance(source, TensorSource):
-        source = open_source(Path(source))
-    if stored_format(source) != "fp8":
-        return TextEncoder.load(source, tokenizer, dtype=dtype)
-    # As models.text_encoder.build_umt5, with load_stored filling the model.
-    official = OFFICIAL_MARKER in source
-    config = umt5_config_from_shapes(source.shapes(), official=official)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = UMT5EncoderModel(config)
-    emb = "shared.weight" if "shared.weight" in source else "encoder.embed_tokens.weight"
-    key_map = hf_to_official_key if official else (lambda n: emb if n == "shared.weight" else n)
-    model.encoder.embed_tokens = None  # the tied alias is filled once, through `shared`
-    load_stored(model, source, dtype, key_map=key_map, what="text encoder")
-    model.encoder.embed_tokens = model.shared
-    return TextEncoder(model.eval().requires_grad_(False), load_tokenizer(tokenizer))
-
-
 def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    """The VAE `spec` needs, from `source` (a TensorSource or a file), in `dtype`."""
     from wan_lite.errors import CheckpointError
+    from wan_lite.loading.build import build_vae
     from wan_lite.loading.tensors import TensorSource, open_source
-    from wan_lite.models.vae21 import WanVAE21
-    from wan_lite.models.vae22 import WanVAE22
+    from wan_lite.models.vae_common import WanVAEBase
 
     if not isinstance(source, TensorSource):
         source = open_source(source)
-    version = WanVAE22.detect_version(source.shapes())
+    version = WanVAEBase.detect_version(source.shapes())
     if version != spec.vae_version:
         raise CheckpointError(
             f"{source.describe()} is a Wan {version} VAE, but {spec.name} needs the Wan {spec.vae_version} VAE "
             f"({spec.vae_file}).",
             f"Download {spec.vae_file} from huggingface.co/{spec.hf_repo}.",
         )
-    cls = WanVAE22 if version == "2.2" else WanVAE21
-    return cls.from_source(source, dtype)
+    return build_vae(source, dtype, version=version)
 
 
 def check_compatible(spec: ModelSpec, dits: dict[str, nn.Module], vae: nn.Module, text_encoder: Any) -> None:
     """The DiT's channels must fit the model kind, the VAE and the text encoder."""
     from wan_lite.errors import CheckpointError
 
-    in_dim = {"ti2v": spec.z_dim, "t2v": spec.z_dim, "i2v": 2 * spec.z_dim + 4}[spec.task]
+    in_dim, out_dim = spec.dit_in_dim, spec.dit_out_dim
     for role, dit in dits.items():
         cfg = dit.config
-        if cfg.in_dim != in_dim or cfg.out_dim != spec.z_dim:
+        if cfg.in_dim != in_dim or cfg.out_dim != out_dim:
             raise CheckpointError(
                 f"The {role} DiT has {cfg.in_dim} input / {cfg.out_dim} output channels; "
-                f"{spec.name} needs {in_dim} / {spec.z_dim}.",
+                f"{spec.name} needs {in_dim} / {out_dim}.",
                 "The folder mixes files of different models.",
             )
     if getattr(vae, "z_dim", spec.z_dim) != spec.z_dim:

@@ -12,7 +12,7 @@
 - `spiece_model_bytes` / `materialize_tokenizer`: the tokenizer ComfyUI stores in its umT5 file.
 
 Every adapter forwards `fp8_weight` / `quantized` / `stored_type` through renaming, so the runtime
-can reach the raw storage from the official name (wan_lite.runtime.gguf_linear keeps it as is).
+can reach the raw storage from the official name (runtime/gguf_linear.py keeps it as is).
 """
 
 from __future__ import annotations

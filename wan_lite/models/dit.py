@@ -31,8 +31,6 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from wan_lite.errors import CheckpointError, InputError
-from wan_lite.loading.build import fill_module
-from wan_lite.loading.tensors import TensorSource
 from wan_lite.models.attention import AttentionFn, sdpa_attention, takes_fp8_qk
 from wan_lite.models.dit_ops import (
     Run,
@@ -377,24 +375,6 @@ class WanDiT(nn.Module):
         # Batch rows that went through the blocks (one DiT forward each): a forward whose blocks a
         # hook skipped does not count, so the pipeline can report computed and skipped forwards.
         self.rows_through_blocks = 0
-
-    @classmethod
-    def from_source(cls, source: TensorSource, dtype: torch.dtype | None, *,
-                    keep_fp32: bool = True) -> WanDiT:
-        """Build on meta from the source's shapes and fill it, casting to `dtype` as read.
-
-        keep_fp32: keep the `keep_fp32_patterns` parameters float32 whatever `dtype` is.
-        """
-        cfg = WanDiTConfig.from_shapes(source.shapes())
-        logger.debug("DiT config from %s: %s", source.describe(), cfg)
-        with torch.device("meta"):
-            model = cls(cfg)
-        extra = sorted(set(source) - set(model.state_dict()))
-        if extra:
-            logger.warning("Ignoring %d tensor(s) unused by the Wan 2.2 DiT: %s", len(extra), extra[:3])
-        keep = (lambda name: name_matches(name, cls.keep_fp32_patterns)) if keep_fp32 else None
-        fill_module(model, source, dtype, keep_fp32=keep, what="DiT")
-        return model.eval()
 
     def _rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, *grid)

@@ -18,7 +18,7 @@ import html
 import importlib.util
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,6 @@ import torch
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_lite.errors import CheckpointError
-from wan_lite.loading.build import fill_module
-from wan_lite.loading.tensors import TensorSource, open_source
 
 log = logging.getLogger(__name__)
 
@@ -142,39 +140,6 @@ def umt5_config_from_shapes(shapes: Mapping[str, Sequence[int]], official: bool 
     )
 
 
-def build_umt5(
-    source: TensorSource,
-    dtype: torch.dtype | None = torch.bfloat16,
-    *,
-    convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-) -> UMT5EncoderModel:
-    """A UMT5EncoderModel built on meta and filled from `source` (official or HF key names).
-
-    The token embedding is held once: `encoder.embed_tokens` is the same module as `shared`.
-    convert: per-tensor transform after reading (e.g. fp8 dequantisation), see `fill_module`.
-    """
-    official = OFFICIAL_MARKER in source
-    config = umt5_config_from_shapes(source.shapes(), official=official)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = UMT5EncoderModel(config)
-    if official:
-        key_map = hf_to_official_key
-    else:
-        # HF-named files may keep the embedding under either alias (or both).
-        emb = "shared.weight" if "shared.weight" in source else "encoder.embed_tokens.weight"
-
-        def key_map(name: str) -> str:
-            return emb if name == "shared.weight" else name
-
-    # Detach the tied alias while filling so the embedding is read, cast and stored once (a
-    # second state-dict entry would make a second full-size copy); re-tie to the same module.
-    model.encoder.embed_tokens = None
-    fill_module(model, source, dtype, key_map=key_map, what="text encoder", convert=convert)
-    model.encoder.embed_tokens = model.shared
-    return model.eval().requires_grad_(False)
-
-
 def clean_prompt(text: str) -> str:
     """The official clean='whitespace': ftfy repair, HTML-unescape twice, collapse whitespace."""
     import ftfy
@@ -249,24 +214,6 @@ class TextEncoder:
                 f"The tokenizer has {len(tokenizer)} ids but the text encoder only {rows} embedding rows.",
                 "The tokenizer folder and the text encoder file come from different models.",
             )
-
-    @classmethod
-    def load(
-        cls,
-        t5_path: Path | str | TensorSource,
-        tokenizer_dir: Path | str,
-        dtype: torch.dtype = torch.bfloat16,
-    ) -> TextEncoder:
-        """Load the encoder weights (.pth, .safetensors or a TensorSource) and the tokenizer folder."""
-        tokenizer = load_tokenizer(tokenizer_dir)
-        source = t5_path if isinstance(t5_path, TensorSource) else open_source(Path(t5_path))
-        model = build_umt5(source, dtype)
-        cfg = model.config
-        log.info(
-            "umT5 encoder: %d layers, d_model %d, %d heads, vocab %d, %s, from %s",
-            cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.vocab_size, dtype, source.describe(),
-        )
-        return cls(model, tokenizer)
 
     @property
     def d_model(self) -> int:

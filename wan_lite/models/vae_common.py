@@ -13,15 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wan_lite.errors import CheckpointError, InputError
-from wan_lite.loading.build import fill_module
-from wan_lite.loading.tensors import TensorSource
 
 logger = logging.getLogger(__name__)
 
@@ -370,9 +368,6 @@ def shape_of(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]
     return tuple(shapes[key])
 
 
-_VAE = TypeVar("_VAE", bound="WanVAEBase")
-
-
 class WanVAEBase(nn.Module):
     """Chunked encode / decode shared by both versions. Subclasses build `encoder`, `conv1`,
     `conv2`, `decoder` and set `version`, `latent_mean`, `latent_std`; Wan 2.2 adds patchify."""
@@ -390,22 +385,6 @@ class WanVAEBase(nn.Module):
     # Layout of the activations (layers keep their input's layout). NDHWC is cuDNN's native 3-D
     # conv layout: on an H200 encode ran 10-20 % faster with 20 % less peak memory, decode equal.
     activation_layout: torch.memory_format = torch.channels_last_3d
-
-    @classmethod
-    def from_source(cls: type[_VAE], source: TensorSource, dtype: torch.dtype = torch.float32) -> _VAE:
-        """Build on meta from the checkpoint's shapes, then fill tensor by tensor (cast to dtype)."""
-        shapes = source.shapes()
-        found = cls.detect_version(shapes)
-        if found != cls.version:
-            raise CheckpointError(
-                f"{source.describe()} is a Wan {found} VAE, not a Wan {cls.version} VAE.",
-                "Use Wan2.1_VAE.pth for T2V-A14B / I2V-A14B and Wan2.2_VAE.pth for TI2V-5B.",
-            )
-        config = cls.config_class.from_shapes(shapes)  # type: ignore[attr-defined]
-        with torch.device("meta"):
-            model = cls(config)  # type: ignore[call-arg]
-        fill_module(model, source, dtype, what="VAE")
-        return model.eval()
 
     @classmethod
     def detect_version(cls, shapes: Mapping[str, tuple[int, ...]]) -> str:

@@ -1,8 +1,7 @@
 """Apply a memory plan (wan_lite.runtime.planner.Plan) to a pipeline, from the outside.
 
-Loading: DiT weights in the plan's format (bf16, or int8 / fp8 through the quantized disk cache),
-the VAE in the plan's dtype, the text encoder quantized when asked. Running: a `PlannedPlacement`
-puts each component where the plan says for its stage (whole on the GPU, blocks streamed with
+Loading in the plan's formats is wan_lite.runtime.loader's. Running: a `PlannedPlacement` puts
+each component where the plan says for its stage (whole on the GPU, blocks streamed with
 prefetch, or on the CPU), keeps only one A14B expert on the GPU and sends the idle one to RAM or
 back to its memory-mapped file, decodes the VAE in tiles, and after an out-of-memory error
 switches to the planner's next leaner plan and carries on from the same step.
@@ -11,7 +10,6 @@ switches to the planner's next leaner plan and carries on from the same step.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +20,6 @@ from wan_lite.runtime.planner import Plan, leaner
 from wan_lite.runtime.quant import release_kept_weights
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class PlannedPlacement:
@@ -132,70 +128,3 @@ class PlannedPlacement:
             self.bind(self.pipe)
         self.activate(name, module)
         return True
-
-
-def load_planned(model_dir: Path | None, plan: Plan, *, components: dict[str, Path] | None = None,
-                 name: str | None = None, device: torch.device | str | None = None,
-                 cache_dir: Path | None = None) -> Any:
-    """Load a pipeline with weights in the plan's formats and a PlannedPlacement bound to it."""
-    from wan_lite.loading.components import (
-        build_dit,
-        check_compatible,
-        dit_roles,
-        load_text_encoder,
-        load_vae,
-        resolve_sources,
-    )
-    from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches
-    from wan_lite.pipeline import WanPipeline
-    from wan_lite.runtime.gguf_linear import stored_format
-    from wan_lite.runtime.quant import quantize_model
-    from wan_lite.runtime.quant_cache import load_or_quantize
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
-    text_encoder = load_text_encoder(sources["text_encoder"], tokenizer, torch.bfloat16)
-    if plan.text_encoder_quant in ("int8", "fp8"):
-        quantize_model(text_encoder.model, plan.text_encoder_quant)  # layers stored as fp8 stay so
-    vae = load_vae(sources["vae"], spec, _DTYPES.get(plan.vae_dtype, torch.bfloat16))
-    dits: dict[str, nn.Module] = {}
-    roles = dit_roles(spec)
-    to_disk = {"low"} if spec.experts and plan.idle_expert == "disk" else set()
-    # The expert that waits on disk is loaded (and its quantized cache made) first and dropped at
-    # once, so that the two experts are never in RAM together, not even while loading.
-    for role in sorted(roles, key=lambda r: r not in to_disk):
-        source = sources[f"dit_{role}"]
-        stored = stored_format(source)
-        if stored is not None:
-            # The file's own quantization is kept (no float copy, no re-quantization): it wins
-            # over the plan's choice for the layers it covers; the rest load in bf16.
-            log.info("%s DiT: weights stay %s as stored in %s; the plan's quantization (%s) is not applied",
-                     role, stored, source.describe(), plan.quantization)
-            model, refill = build_dit(source, torch.bfloat16)
-            streaming.set_expert_source(model, refill)
-        elif plan.quantization in ("int8", "fp8"):
-            with torch.device("meta"):
-                model = WanDiT(WanDiTConfig.from_shapes(source.shapes()))
-            keep = lambda n: name_matches(n, WanDiT.keep_fp32_patterns)  # noqa: E731
-            model, cache = load_or_quantize(model, source, plan.quantization, dtype=torch.bfloat16,
-                                            cache_dir=cache_dir, keep_fp32=keep, skip=WanDiT.no_quantize_patterns,
-                                            what=f"{role} DiT")
-            model.requires_grad_(False).eval()
-            if cache is not None:
-                from wan_lite.loading.tensors import SafetensorsSource
-
-                streaming.set_expert_source(model, SafetensorsSource([cache]))
-        else:
-            model = WanDiT.from_source(source, torch.bfloat16)
-            streaming.set_expert_source(model, source)
-        dits[role] = model
-        if role in to_disk:
-            streaming.move_expert(model, "disk")
-    dits = {role: dits[role] for role in roles}
-    streaming.trim_host_memory()
-    check_compatible(spec, dits, vae, text_encoder)
-    placement = PlannedPlacement(plan, device)
-    pipe = WanPipeline(spec, text_encoder, vae, dits, placement=placement, device=device)
-    placement.bind(pipe)
-    log.info("Plan: %s", plan.summary())
-    return pipe

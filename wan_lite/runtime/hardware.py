@@ -179,6 +179,10 @@ class Hardware:
         log.debug("hardware: %s", hw.summary())
         return hw
 
+    def without_gpu(self) -> Hardware:
+        """This machine as a run on its CPU sees it (a GPU it has is not used)."""
+        return replace(self, gpu_name=None, vram_total_gib=0.0, vram_free_gib=0.0, compute_capability=None)
+
     # ------------------------------------------------------------------ output
     def summary(self) -> str:
         """One line for people, e.g. 'NVIDIA GeForce RTX 4090 (cc 8.9), 23.6/24.0 GiB VRAM free, 27.1/32.0 GiB RAM'."""

@@ -69,9 +69,8 @@ def _hardware(args: argparse.Namespace) -> Any:
 
 def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run `plan` for parsed arguments; returns the exit status."""
-    from wan_lite.engine import fp8_attention_opted_in
     from wan_lite.runtime.hardware import load_profiles
-    from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
+    from wan_lite.runtime.planner import ModelFootprint, PlanRequest, fp8_attention_opted_in, plan
 
     out = out or sys.stdout
     if args.list_profiles:

@@ -4,9 +4,11 @@
 the DiT blocks kept on the GPU (the rest streamed `prefetch` ahead from pinned or pageable RAM),
 where the idle A14B expert waits, the text encoder's placement, VAE tile and dtype, FFN chunk and
 CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight estimate). Choices are
-greedy: quality first (bf16 unless it does not fit or is >25 % slower), then the token chunk and
-CFG batching whose denoise is fastest with as many resident blocks as fit beside them, then the
-largest VAE tile. `leaner(plan)` is the next plan to drop to after an out-of-memory error mid-run.
+greedy: quality first (bf16 unless it does not fit or is >25 % slower; on a CPU bf16 unless a
+profile forces a quantization), then the token chunk and CFG batching whose denoise is fastest
+with as many resident blocks as fit beside them, then the largest VAE tile. `leaner(plan)` is the
+next plan to drop to after an out-of-memory error mid-run. `fp8_attention_opted_in()` reads the
+user's fp8-attention switch that `PlanRequest.fp8_attention` carries.
 
 The memory and time model each choice is estimated with is plan_model.py's.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +37,15 @@ from wan_lite.runtime.plan_model import (
 )
 
 log = logging.getLogger(__name__)
+
+# Set to 1 to let the fp8 compute path use an fp8 attention kernel (README, Memory); the plans
+# then count its fp8 copies of q, k and v (`PlanRequest.fp8_attention`).
+FP8_ATTENTION_ENV = "WAN_LITE_FP8_ATTENTION"
+
+
+def fp8_attention_opted_in() -> bool:
+    """Whether the user set WAN_LITE_FP8_ATTENTION=1 (plans then count fp8 attention's memory)."""
+    return os.environ.get(FP8_ATTENTION_ENV) == "1"
 
 
 # ------------------------------------------------------------------------------ choosing
@@ -159,7 +171,8 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
 
 def _plan(m: ModelFootprint, r: PlanRequest, hw: Hardware, forced: dict[str, Any], profile: str | None) -> Plan:
     fast = "fp8" if hw.fp8_tensor_cores else "int8"
-    order = [forced["quantization"]] if "quantization" in forced else ["bf16", fast]
+    # A CPU runs the weights as loaded (bf16): it quantizes only when a memory profile asks.
+    order = [forced["quantization"]] if "quantization" in forced else ["bf16", fast] if hw.has_gpu else ["bf16"]
     plans = [evaluate(m, r, hw, _choose_for(m, r, hw, q, forced), profile) for q in order]
     fitting = [p for p in plans if p.fits]
     if not fitting:

@@ -1,0 +1,154 @@
+"""The one loader: a model's parts built in the formats a plan (or a caller) asks for.
+
+`load_parts` finds the sources (wan_lite.loading.components.resolve_sources) and builds every
+part with the same builders, whoever asks: `load_dit` (float in a dtype, int8 / fp8 through the
+quantized disk cache, or stored fp8 / GGUF weights kept as stored, which win over any asked
+quantization) and `load_text_encoder` (an fp8 file kept fp8; int8 / fp8 quantization on
+request). `load_planned_parts` does it for a `Plan` (GPU or CPU alike) and adds the
+`PlannedPlacement` that runs it. The parts come back as `LoadedParts`, which the pipeline is
+made of (`WanPipeline.of_parts`). Quantized and stored-format layers are runtime layers
+(QuantizedLinear, GGUFLinear), which is why building them lives here and not in wan_lite.loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wan_lite.loading.build import build_dit, build_text_encoder, dit_on_meta, fill_module, keep_dit_fp32
+from wan_lite.loading.components import check_compatible, dit_roles, load_vae, resolve_sources
+from wan_lite.loading.tensors import SafetensorsSource, TensorSource, open_source
+from wan_lite.models.dit import WanDiT
+from wan_lite.registry import ModelSpec
+from wan_lite.runtime import streaming
+from wan_lite.runtime.apply import PlannedPlacement
+from wan_lite.runtime.gguf_linear import load_stored, stored_format
+from wan_lite.runtime.planner import Plan
+from wan_lite.runtime.quant import quantize_model
+from wan_lite.runtime.quant_cache import load_or_quantize
+
+log = logging.getLogger(__name__)
+
+QUANTIZED = ("int8", "fp8")  # what `quantization` may ask for; anything else loads float
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Formats:
+    """What is fixed when the weights are loaded. quantization / text_quant: "int8" or "fp8" to
+    quantize (the DiT through the disk cache), None to load the floats in the dtype."""
+
+    dit_dtype: torch.dtype = torch.bfloat16
+    quantization: str | None = None
+    vae_dtype: torch.dtype = torch.float32
+    text_dtype: torch.dtype = torch.bfloat16
+    text_quant: str | None = None
+
+    @classmethod
+    def of_plan(cls, plan: Plan) -> Formats:
+        """The formats `plan` runs in: bf16 DiT and umT5, each quantized as the plan says."""
+        return cls(dit_dtype=torch.bfloat16,
+                   quantization=plan.quantization if plan.quantization in QUANTIZED else None,
+                   vae_dtype=_DTYPES.get(plan.vae_dtype, torch.bfloat16), text_dtype=torch.bfloat16,
+                   text_quant=plan.text_encoder_quant if plan.text_encoder_quant in QUANTIZED else None)
+
+
+@dataclass
+class LoadedParts:
+    """A loaded model, not yet a pipeline. placement: a PlannedPlacement (unbound) or None."""
+
+    spec: ModelSpec
+    text_encoder: Any  # wan_lite.models.text_encoder.TextEncoder
+    vae: nn.Module
+    dits: dict[str, nn.Module]  # {"main": dit} or {"high": ..., "low": ...}
+    placement: PlannedPlacement | None = None
+
+
+def load_dit(source: TensorSource, dtype: torch.dtype | None = torch.bfloat16, *, quantization: str | None = None,
+             cache_dir: Path | None = None, what: str = "DiT") -> tuple[nn.Module, TensorSource]:
+    """The DiT of `source` and the TensorSource to re-fill it from (`streaming.move_expert`).
+
+    fp8 (ComfyUI) and GGUF files keep their block weights as stored (fp8 QuantizedLinear /
+    GGUFLinear, ~1 or fewer bytes per weight, no float copy) whatever `quantization` asks; the
+    rest loads in `dtype`. Otherwise `quantization` "int8" / "fp8" quantizes the Linear layers
+    (through the cache in `cache_dir`, re-filled from it; without one, from `source`, quantized
+    again as read), and None loads the floats in `dtype`.
+    """
+    stored = stored_format(source)
+    if stored is None and quantization not in QUANTIZED:
+        return build_dit(source, dtype), source
+    model = dit_on_meta(source)
+    if stored is not None:
+        # The file's own quantization is kept (no float copy, no re-quantization): it wins over
+        # the asked one for the layers it covers.
+        if quantization in QUANTIZED:
+            log.info("%s: weights stay %s as stored in %s; the asked quantization (%s) is not applied",
+                     what, stored, source.describe(), quantization)
+        refill = load_stored(model, source, dtype, keep_fp32=keep_dit_fp32, what=what)
+    else:
+        model, cache = load_or_quantize(model, source, quantization, dtype=dtype, cache_dir=cache_dir,
+                                        keep_fp32=keep_dit_fp32, skip=WanDiT.no_quantize_patterns, what=what)
+        refill = source if cache is None else SafetensorsSource([cache])
+    return model.requires_grad_(False).eval(), refill
+
+
+def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, dtype: torch.dtype = torch.bfloat16,
+                      *, quantization: str | None = None) -> Any:
+    """The umT5 encoder (a TextEncoder); the Linear layers of an fp8 file stay fp8
+    (QuantizedLinear), and `quantization` "int8" / "fp8" quantizes the others. GGUF encoders are
+    dequantized on read: transformers' T5 casts its FFN input to the dtype of a non-int8 `wo`
+    weight, which a uint8 GGUFLinear would turn into a byte cast."""
+    if not isinstance(source, TensorSource):
+        source = open_source(Path(source))
+    fill = load_stored if stored_format(source) == "fp8" else fill_module
+    encoder = build_text_encoder(source, tokenizer, dtype, fill=fill)
+    if quantization in QUANTIZED:
+        quantize_model(encoder.model, quantization)  # layers stored as fp8 stay so
+    return encoder
+
+
+def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
+               components: dict[str, str | Path] | None = None, name: str | None = None,
+               cache_dir: Path | None = None, idle_on_disk: bool = False) -> LoadedParts:
+    """Load a model: an official-layout folder, and/or per-component files or folders in any
+    supported format (`components` slots: "dit" or "dit_high"/"dit_low", "vae",
+    "text_encoder", "tokenizer"), in `formats`. Weights stay on the CPU.
+
+    idle_on_disk: the A14B low-noise expert, idle first, is dropped to its file (or quantized
+    cache) once loaded; it is loaded first, so the two experts are never in RAM together.
+    Raises CheckpointError naming any missing, broken or mismatched file."""
+    spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
+    text_encoder = load_text_encoder(sources["text_encoder"], tokenizer, formats.text_dtype,
+                                     quantization=formats.text_quant)
+    vae = load_vae(sources["vae"], spec, formats.vae_dtype)
+    roles = dit_roles(spec)
+    to_disk = {"low"} if spec.experts and idle_on_disk else set()
+    dits: dict[str, nn.Module] = {}
+    for role in sorted(roles, key=lambda r: r not in to_disk):
+        model, refill = load_dit(sources[f"dit_{role}"], formats.dit_dtype, quantization=formats.quantization,
+                                 cache_dir=cache_dir, what=f"{role} DiT")
+        streaming.set_expert_source(model, refill)
+        dits[role] = model
+        if role in to_disk:
+            streaming.move_expert(model, "disk")
+    dits = {role: dits[role] for role in roles}
+    streaming.trim_host_memory()
+    check_compatible(spec, dits, vae, text_encoder)
+    return LoadedParts(spec, text_encoder, vae, dits)
+
+
+def load_planned_parts(model_dir: str | Path | None, plan: Plan, *, components: dict[str, str | Path] | None = None,
+                       name: str | None = None, device: torch.device | str | None = None,
+                       cache_dir: Path | None = None) -> LoadedParts:
+    """The parts in `plan`'s formats, with the PlannedPlacement (on `device`: the GPU when there
+    is one, else the CPU) that runs them as the plan says; the pipeline binds it."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parts = load_parts(model_dir, Formats.of_plan(plan), components=components, name=name, cache_dir=cache_dir,
+                       idle_on_disk=plan.idle_expert == "disk")
+    parts.placement = PlannedPlacement(plan, device)
+    return parts
