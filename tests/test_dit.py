@@ -392,7 +392,7 @@ def test_attention_kernel_belongs_to_each_model() -> None:
     """Two DiTs in one process run two kernels: each model's blocks call the kernel it was given
     (self- and cross-attention), the other model keeps SDPA, and the outputs stay the same."""
     state = tiny_state(48, 48, seed=3)
-    spied, plain = (WanDiT.from_source(DictSource(state), torch.float32) for _ in range(2))
+    spied, plain = (build_dit(DictSource(state), torch.float32) for _ in range(2))
     x, ctx, t = latent(1, 48), context(1), torch.tensor([500.0])
     ref = plain(x, t, ctx)
     calls: list[tuple[int, ...]] = []

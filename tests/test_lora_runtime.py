@@ -19,6 +19,7 @@ from tests.tiny_ckpt.lora import (
     write_lora,
 )
 from wan_lite.errors import CheckpointError
+from wan_lite.loading.build import build_dit
 from wan_lite.loading.lora import LoRASource, read_lora
 from wan_lite.loading.tensors import DictSource
 from wan_lite.models.dit import WanDiT
@@ -46,7 +47,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def dit(source_or_state, dtype: torch.dtype = torch.float32) -> WanDiT:
     src = source_or_state if not isinstance(source_or_state, dict) else DictSource(source_or_state)
-    return WanDiT.from_source(src, dtype)
+    return build_dit(src, dtype)
 
 
 def test_unmerged_equals_merged_and_detach_restores(tmp_path, state, inputs) -> None:

@@ -13,6 +13,7 @@ import wan_lite.job as job_mod
 from wan_lite.api import GenerateRequest
 from wan_lite.engine import Engine
 from wan_lite.job import Job, resolve
+from wan_lite.loading.build import build_dit
 from wan_lite.loading.tensors import DictSource
 from wan_lite.models.dit import WanDiT
 
@@ -67,7 +68,7 @@ def test_a_job_for_another_model_is_refused(pipes) -> None:
 def _tiny_dit() -> WanDiT:
     from tests.test_dit import tiny_state
 
-    return WanDiT.from_source(DictSource(tiny_state(48, 48, seed=7)), torch.float32)
+    return build_dit(DictSource(tiny_state(48, 48, seed=7)), torch.float32)
 
 
 @torch.inference_mode()
