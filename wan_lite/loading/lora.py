@@ -219,24 +219,30 @@ class LoRAFile:
                 for k in (layer.down, layer.up, layer.diff) if k]
         return sum(math.prod(self.source.shape(k)) for k in keys) * dtype.itemsize
 
-    def delta(self, param: str, shape: Sequence[int], strength: float) -> torch.Tensor | None:
-        """The float32 delta of `param` (shaped `shape`) at `strength`; None if this LoRA has none."""
+    def delta(self, param: str, shape: Sequence[int], strength: float,
+              device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The float32 delta of `param` (shaped `shape`) at `strength`, computed on `device`;
+        None if this LoRA has none."""
         found = self.params().get(param)
         if found is None or strength == 0:
             return None
         layer, kind = found
-        out = torch.zeros(tuple(shape), dtype=torch.float32)
+        out = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+
+        def get(key: str) -> torch.Tensor:
+            return self.tensor(key).to(device)
+
         if kind == "bias":
             if layer.diff_b:
-                out += strength * self.tensor(layer.diff_b).reshape(out.shape)
+                out += strength * get(layer.diff_b).reshape(out.shape)
             if layer.up_bias:
-                out += layer.scale(strength) * self.tensor(layer.up_bias).reshape(out.shape)
+                out += layer.scale(strength) * get(layer.up_bias).reshape(out.shape)
             return out
         if layer.down:
-            down, up = self.tensor(layer.down), self.tensor(layer.up)
+            down, up = get(layer.down), get(layer.up)
             out += layer.scale(strength) * (up.reshape(up.shape[0], layer.rank) @ down.reshape(layer.rank, -1)).reshape(out.shape)
         if layer.diff:
-            out += strength * self.tensor(layer.diff).reshape(out.shape)
+            out += strength * get(layer.diff).reshape(out.shape)
         return out
 
     def check(self, shapes: Mapping[str, Sequence[int]], what: str = "DiT") -> None:
@@ -481,14 +487,16 @@ class LoRASource(TensorSource):
                         "strength": strength})
         return out
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor with the LoRAs merged (float32, rounded once to `dtype`), the merge done on
+        `device` (a GPU merges a 14B expert's layers in a fraction of the CPU's time)."""
         deltas = self._deltas.get(name)
         if not deltas:
             return self.base.read(name, dtype)
         shape = self.base.shape(name)
-        merged = self.base.read(name, torch.float32)  # may be the base's own tensor: never add in place
+        merged = self.base.read(name, torch.float32).to(device)  # may be the base's own tensor: never add in place
         for lora, strength in deltas:
-            merged = merged + lora.delta(name, shape, strength)
+            merged = merged + lora.delta(name, shape, strength, device)
         return merged.to(dtype or self.base.dtype(name))
 
     def __getitem__(self, name: str) -> torch.Tensor:
