@@ -258,3 +258,33 @@ def test_the_ui_modules_import_no_torch_and_only_the_engines_small_api():
                 assert name.split(".")[0] != "torch", f"{path.name} imports {name}"
                 if name.startswith("wan_lite"):
                     assert any(name == a or name.startswith(a + ".") for a in allowed), f"{path.name} imports {name}"
+
+
+def test_cache_turbo_and_loras_map_to_the_request(presets, tmp_path):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"x")
+    values = form.default_values("t2v-a14b") | {"user_prompt": PROMPT, "cache": "balanced",
+                                                 "loras": [[str(lora), 0.8, None], ["", 1, 1], [str(lora), "", 0]]}
+    request, _ = form.request_from_values(values, presets)
+    assert request.cache == "balanced" and request.turbo is None and request.steps == values["steps"]
+    assert request.loras == ((str(lora), 0.8, 0.8), (str(lora), 1.0, 0))
+    turbo, _ = form.request_from_values(values | {"turbo": True}, presets)
+    assert turbo.turbo is True and (turbo.steps, turbo.guidance, turbo.shift, turbo.sampler) == (None,) * 4
+    # what a result records comes back into the form
+    back = form.values_from_history({"model": "t2v-a14b", "cache": "fast", "turbo": True,
+                                     "loras": [{"file": str(lora), "strength_high": 1.0, "strength_low": 0.0}]},
+                                    presets)
+    assert back["cache"] == "fast" and back["turbo"] is True and back["loras"] == [[str(lora), 1.0, 0.0]]
+
+
+def test_adding_a_speed_lora_switches_turbo_on(ui, tmp_path):
+    from wan_lite.ui.handlers import add_lora
+
+    plain, speed = tmp_path / "style.safetensors", tmp_path / "Wan2.2-Lightning-4steps.safetensors"
+    for f in (plain, speed):
+        f.write_bytes(b"not read for the name check")
+    out = add_lora(ui, str(plain), [], False)
+    assert out["loras"] == [[str(plain), 1.0, 1.0]] and out["turbo"] is False
+    out = add_lora(ui, str(speed), out["loras"], False)
+    assert len(out["loras"]) == 2 and out["turbo"] is True and "Turbo is on" in out["status"]
+    assert "not found" in add_lora(ui, str(tmp_path / "nope.safetensors"), [], False)["status"]

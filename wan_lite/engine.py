@@ -79,6 +79,17 @@ class Engine:
         return self.library.choose_components(name, picks)
 
     # ------------------------------------------------------------------ requests
+    def lora_files(self) -> list[Path]:
+        """The LoRA files found in models/loras and the ComfyUI folders (see ModelLibrary)."""
+        return self.library.lora_files()
+
+    @staticmethod
+    def speed_lora(path: str | Path) -> str | None:
+        """Why a LoRA file looks like a speed (step-distilled) LoRA, or None (header only)."""
+        from wan_lite.loading.lora import speed_lora
+
+        return speed_lora(path)
+
     def resolve(self, request: GenerateRequest | Job) -> Job:
         """The request resolved once (`wan_lite.job.resolve`): defaults filled, sizes snapped, the
         image opened and the size following it, the seed drawn. Pass the Job on to `generate`.

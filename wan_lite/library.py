@@ -127,6 +127,22 @@ class ModelLibrary:
         except (OSError, WanLiteError) as err:  # the engine (and the UI) must still start
             log.warning("Remembered component choices not applied: %s", err)
 
+    def lora_files(self) -> list[Path]:
+        """LoRA files (.safetensors) in models/loras and in each remembered ComfyUI folder's
+        loras/ (a ComfyUI "models" folder or its root), newest first; names only, nothing read."""
+        folders = [self.models_root / "loras"]
+        for comfy in self.comfy_dirs():
+            folders += [Path(comfy) / "loras", Path(comfy) / "models" / "loras"]
+        found: dict[Path, float] = {}
+        for folder in folders:
+            try:
+                for path in folder.rglob("*.safetensors"):
+                    if path.is_file():
+                        found[path.resolve()] = path.stat().st_mtime
+            except OSError:  # an unreadable folder hides only its own files
+                continue
+        return sorted(found, key=lambda p: -found[p])
+
     def comfy_dirs(self) -> list[Path]:
         """The ComfyUI folders the user named (remembered)."""
         from wan_lite.loading.discovery import RememberedChoices

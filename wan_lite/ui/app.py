@@ -19,9 +19,11 @@ from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
 from wan_lite.ui import components_panel, form, history, images, models_panel
 from wan_lite.ui.handlers import (
     AppUI,
+    add_lora,
     crop_preview,
     estimate_updates,
     history_updates,
+    lora_choices,
     model_updates,
     override,
     prompt_updates,
@@ -190,6 +192,21 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
                                     info="Or type WIDTHxHEIGHT; it is rounded to what the model accepts.")
             w["frames"] = gr.Slider(5, max_frames(spec), value=defaults["frames"], step=4, label="Frames (4n+1)",
                                     elem_id="wl-frames")
+            with gr.Row():
+                w["cache"] = gr.Radio([("Off", "off"), ("Balanced", "balanced"), ("Fast", "fast")], value="off",
+                                      label="Step cache", elem_id="wl-cache",
+                                      info="Skips DiT steps that would change little: balanced about 2x faster, "
+                                           "fast about 2.5x; off computes every step.")
+                w["turbo"] = gr.Checkbox(False, label="Turbo (speed LoRA: 4 steps, guidance 1)", elem_id="wl-turbo",
+                                         info="Switched on when you add a speed LoRA (Lightning, lightx2v).")
+            with gr.Accordion("LoRAs", open=False, elem_id="wl-loras-box"):
+                w["lora_add"] = gr.Dropdown([], value=None, label="Add a LoRA from models/loras or ComfyUI",
+                                            allow_custom_value=True, elem_id="wl-lora-add",
+                                            info="Or type the path of a .safetensors file.")
+                w["loras"] = gr.Dataframe(headers=form.LORA_COLUMNS, datatype=["str", "number", "number"],
+                                          value=[], row_count=0,
+                                          label="Strength per expert (A14B: high- and low-noise; 0 leaves one alone)",
+                                          interactive=True, elem_id="wl-loras")
             w["memory_profile"] = gr.Dropdown(memory_profiles(), value="auto", label="Memory profile",
                                               elem_id="wl-memory")
             w["estimate"] = gr.Markdown(elem_id="wl-estimate")
@@ -224,7 +241,7 @@ def _wire(ui: AppUI) -> None:
     # itself, by chaining `refresh` with .then(). Listening to .change instead fires one request
     # per widget a handler touches, and their answers can arrive out of order (a stale prompt).
     prompt_inputs = ["user_prompt", "style", "language", "negative_prompt", *ui.term_names]
-    estimate_inputs = ["size", "frames", "steps", "memory_profile", "guidance", "shift", "sampler"]
+    estimate_inputs = ["size", "frames", "steps", "memory_profile", "guidance", "shift", "sampler", "cache", "turbo"]
     derived = ["final_prompt", "prompt_notes", "estimate", "crop", "crop_note"]
     mode_outputs = ["model", "size", "frames", "steps", "guidance", "guidance_low", "shift"]
 
@@ -248,6 +265,10 @@ def _wire(ui: AppUI) -> None:
     w["size"].input(named(lambda image, model, size: crop_preview(ui, image, model, size)),
                     inputs_kwargs=ui.kw(["image", "model", "size"]), outputs=ui.comps(["crop", "crop_note"]),
                     queue=False, trigger_mode="always_last")
+
+    w["lora_add"].input(named(lambda lora_add, loras, turbo: add_lora(ui, lora_add, loras, turbo)),
+                        inputs_kwargs=ui.kw(["lora_add", "loras", "turbo"]),
+                        outputs=ui.comps(["lora_add", "loras", "turbo", "status"]), queue=False).then(**then_refresh)
 
     def on_model(model: str, mode: str, size: str, image: str | None) -> dict[str, Any]:
         return model_updates(form.model_for_image(model, bool(image)), mode, size)
@@ -336,7 +357,7 @@ def _wire(ui: AppUI) -> None:
     w["history"].select(select_history, inputs=w["history_paths"],
                         outputs=ui.comps(["history_index", "history_details"]), queue=False)
     reuse_out = ["status", "image", "mode", "seed", "bundle", "tabs", "user_prompt", "negative_prompt", "style",
-                 "sampler", "memory_profile", *ui.term_names, *mode_outputs]
+                 "sampler", "memory_profile", "cache", "turbo", "loras", *ui.term_names, *mode_outputs]
     w["reuse"].click(named(lambda history_paths, history_index: reuse_history(ui, history_paths, history_index)),
                      inputs_kwargs=ui.kw(["history_paths", "history_index"]), outputs=ui.comps(reuse_out),
                      queue=False).then(**then_refresh)
@@ -361,7 +382,7 @@ def _wire(ui: AppUI) -> None:
 
     # A fresh page: the last settings, the history and the model folders.
     load_out = [n for n in form_names if n != "image"] + ["history", "history_paths", "models_table",
-                                                         "final_prompt", "prompt_notes", "estimate"]
+                                                         "final_prompt", "prompt_notes", "estimate", "lora_add"]
 
     def on_load() -> dict[Any, Any]:
         values = form.values_from_settings(ui.store.load(), ui.presets)
@@ -371,6 +392,7 @@ def _wire(ui: AppUI) -> None:
         updates.update(history_updates(ui))
         updates.update(prompt_updates(ui, values))
         updates.update(estimate_updates(ui, values))
+        updates["lora_add"] = gr.update(choices=lora_choices(ui), value=None)
         return ui.out(updates) | models_table()
 
     ui.demo.load(on_load, outputs=ui.comps(load_out), queue=False)

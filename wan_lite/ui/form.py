@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from wan_lite.api import STAGE_TITLES, GenerateRequest, Progress
@@ -23,7 +24,13 @@ from wan_lite.ui.settings import DEFAULT_MODE, mode_values, offered_frames, pars
 TERM_PREFIX = "terms__"  # one CheckboxGroup per vocabulary category: "terms__light_source", ...
 # Widgets that set a GenerateRequest field of the same name.
 REQUEST_WIDGETS = ("model", "negative_prompt", "image", "frames", "steps", "guidance", "guidance_low",
-                   "shift", "seed", "sampler", "memory_profile")
+                   "shift", "seed", "sampler", "memory_profile", "cache", "turbo", "loras")
+# The request fields a widget sets as it is, with how its value is read (empty: the default).
+PLAIN_FIELDS = {"steps": int, "guidance": float, "shift": float, "sampler": str, "memory_profile": str,
+                "cache": str}
+# What Turbo fills in itself (the speed LoRA's own settings): the form leaves them unset.
+TURBO_FIELDS = ("steps", "guidance", "guidance_low", "shift", "sampler")
+LORA_COLUMNS = ["LoRA file", "Strength", "Low-noise strength (A14B)"]
 UI_ONLY = ("user_prompt", "size", "style", "language", "mode")
 
 
@@ -95,6 +102,9 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
         width, height = parse_size(values["size"])
     seed = parse_seed(values.get("seed"))
     frames = _number(values.get("frames"), float)
+    plain = {name: _number(values.get(name), kind) for name, kind in PLAIN_FIELDS.items()}
+    plain = {name: v for name, v in plain.items() if v is not None}  # unset: the request's default
+    turbo = bool(values.get("turbo"))
     request = GenerateRequest(
         prompt=comp.prompt,
         model=spec.name,
@@ -103,15 +113,54 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
         width=width,
         height=height,
         frames=offered_frames(frames, spec) if frames is not None else None,
-        steps=_number(values.get("steps"), int),
-        guidance=_number(values.get("guidance"), float),
         guidance_low=_number(values.get("guidance_low"), float) if spec.experts else None,
-        shift=_number(values.get("shift"), float),
         seed=seed,
-        sampler=values.get("sampler") or "unipc",
-        memory_profile=values.get("memory_profile") or "auto",
+        loras=loras_from_rows(values.get("loras")),
+        turbo=True if turbo else None,
+        **plain,
     )
+    if turbo:  # the speed LoRA's own settings, not the sliders'
+        request = replace(request, **dict.fromkeys(TURBO_FIELDS))
     return request, comp
+
+
+def _rows(table: Any) -> list[list[Any]]:
+    """A Dataframe's value (a pandas frame, {"data": rows}, or rows) as a list of rows."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        return [list(r) for r in table.values.tolist()]
+    if isinstance(table, Mapping):
+        return [list(r) for r in table.get("data") or []]
+    return [list(r) for r in table]
+
+
+def loras_from_rows(table: Any) -> tuple[tuple[str, Any, Any], ...]:
+    """The LoRA table's rows (file, strength, low-noise strength) as the request's LoRAs; rows
+    with no file are skipped, an empty strength is 1 and an empty low-noise one is the strength.
+    The strengths are checked where every request is (job.resolve)."""
+    out = []
+    for row in _rows(table):
+        row = [*row, None, None, None][:3]
+        path = str(row[0] or "").strip()
+        if not path:
+            continue
+        high = 1.0 if row[1] in (None, "") or row[1] != row[1] else row[1]
+        low = high if row[2] in (None, "") or row[2] != row[2] else row[2]
+        out.append((path, high, low))
+    return tuple(out)
+
+
+def lora_rows(loras: Any) -> list[list[Any]]:
+    """Recorded LoRAs (the sidecar's [{"file", "strength_high", "strength_low"}] or the request's
+    tuples) as the LoRA table's rows."""
+    rows = []
+    for item in loras or []:
+        if isinstance(item, Mapping):
+            rows.append([item.get("file", ""), item.get("strength_high", 1.0), item.get("strength_low", 1.0)])
+        elif isinstance(item, (list, tuple)) and item:
+            rows.append([str(item[0]), *(list(item[1:]) + [1.0, 1.0])[:2]])
+    return rows
 
 
 def settings_from_values(values: Mapping[str, Any], presets: Presets) -> dict[str, Any]:
@@ -137,6 +186,7 @@ def default_values(model: str = DEFAULT_MODEL) -> dict[str, Any]:
     return {
         "model": spec.name, "user_prompt": "", "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "seed": "-1",
         "sampler": "unipc", "memory_profile": "auto", "mode": DEFAULT_MODE, "style": None, "language": "en",
+        "cache": "off", "turbo": False, "loras": [],
         **mode_values(DEFAULT_MODE, spec),
     }
 
@@ -162,9 +212,11 @@ def values_from_history(settings: Mapping[str, Any], presets: Presets) -> dict[s
     model = settings.get("model") if settings.get("model") in MODELS else DEFAULT_MODEL
     values: dict[str, Any] = {"model": model, "style": None, "user_prompt": settings.get("prompt") or ""}
     values.update(split_terms([], presets))
-    for key in ("frames", "steps", "guidance", "guidance_low", "shift", "sampler", "memory_profile"):
+    for key in ("frames", "guidance_low", *PLAIN_FIELDS):
         if settings.get(key) is not None:
             values[key] = settings[key]
+    values["turbo"] = bool(settings.get("turbo"))
+    values["loras"] = lora_rows(settings.get("loras"))
     values["negative_prompt"] = settings.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT
     if isinstance(settings.get("seed"), int):
         values["seed"] = str(settings["seed"])

@@ -126,6 +126,33 @@ def estimate_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
         return {"estimate": f"⛔ {error_message(err)}"}
 
 
+def lora_choices(ui: AppUI) -> list[tuple[str, str]]:
+    """(file name, path) of the LoRA files found, for the "Add a LoRA" menu."""
+    try:
+        return [(p.name, str(p)) for p in ui.engine.lora_files()]
+    except OSError:
+        return []
+
+
+def add_lora(ui: AppUI, path: str | None, table: Any, turbo: bool) -> dict[str, Any]:
+    """"Add a LoRA": a new row at strength 1 (a file already listed is not added twice); a speed
+    LoRA switches Turbo on, with a word saying so."""
+    rows = form.lora_rows(form.loras_from_rows(table))
+    path = str(path or "").strip()
+    if not path:
+        return {"lora_add": None}
+    if not Path(path).expanduser().is_file():
+        return {"lora_add": None, "status": f"⛔ LoRA file not found: {path}"}
+    status = f"LoRA {Path(path).name} added at strength 1; change the strength in the table."
+    if all(r[0] != path for r in rows):
+        rows.append([path, 1.0, 1.0])
+    why = ui.engine.speed_lora(path)
+    if why and not turbo:
+        turbo = True
+        status += f" It is a speed LoRA ({why}), so Turbo is on: 4 steps, guidance 1."
+    return {"lora_add": None, "loras": rows, "turbo": turbo, "status": status}
+
+
 def history_updates(ui: AppUI) -> dict[str, Any]:
     entries = history.read_history(ui.engine.output_dir)
     return {"history": [(str(e.video), e.caption()) for e in entries],

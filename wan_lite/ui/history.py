@@ -111,10 +111,16 @@ def describe(entry: HistoryEntry) -> str:
 
     s = entry.settings
     rows = [f"**Prompt:** {html.escape(entry.prompt) or '(none)'}", f"**Seed:** {entry.seed}"]
-    keys = ("model", "width", "height", "frames", "steps", "guidance", "guidance_low", "shift", "sampler", "memory_profile")
+    keys = ("model", "width", "height", "frames", "steps", "guidance", "guidance_low", "shift", "sampler", "cache",
+            "turbo", "memory_profile")
     shown = ", ".join(f"{k} {s[k]}" for k in keys if s.get(k) is not None)
     if shown:
         rows.append(f"**Settings:** {html.escape(shown)}")
+    loras = [x for x in s.get("loras") or [] if isinstance(x, dict) and x.get("file")]
+    if loras:
+        rows.append("**LoRAs:** " + html.escape(", ".join(
+            f"{Path(str(x['file'])).name} ×{x.get('strength_high')}"
+            + (f"/{x.get('strength_low')}" if x.get("strength_low") != x.get("strength_high") else "") for x in loras)))
     if s.get("image"):
         rows.append(f"**Start image:** {html.escape(Path(str(s['image'])).name)}")
     if entry.timings:
