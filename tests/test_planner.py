@@ -130,7 +130,7 @@ def test_datacenter_gpu_keeps_the_5b_model_resident_in_bf16(table) -> None:
     for r in RAMS:
         p = table["ti2v-5b", 80, r]
         assert p.fits and p.quantization == "bf16" and p.resident_blocks == 30
-        assert p.keep_resident and p.vae_tile is None and p.text_encoder == "gpu"
+        assert p.keep_resident and p.vae_tile is None and p.text_encoder == "resident"  # room for umT5 beside every stage
         # the whole sequence at once, cond and uncond one after the other (a batch of 2 is slower)
         assert p.ffn_chunk_tokens is None and not p.cfg_batch
 
@@ -261,7 +261,9 @@ def test_leaner_for_one_stage() -> None:
     assert leaner(plan(p.model, p.request, Hardware.fake(0, 64))) is None  # nothing to shed on a CPU
     big = plan(p.model, p.request, Hardware.fake(80, 64))  # all resident, the whole sequence at once
     assert big.ffn_chunk_tokens is None and not big.cfg_batch
-    n = leaner(big, "denoise")  # token chunks first: a few % slower, where streaming would cost more
+    n = leaner(big, "denoise")  # first the text encoder kept on the GPU gives its place back
+    assert n.text_encoder == "gpu" and n.ffn_chunk_tokens is None and big.text_encoder == "resident"
+    n = leaner(n, "denoise")  # then token chunks: a few % slower, where streaming would cost more
     assert n.ffn_chunk_tokens is not None and n.resident_blocks == big.resident_blocks
 
 
@@ -415,3 +417,18 @@ def test_planner_times_tiled_decodes_as_the_tiler_does() -> None:
             want = vae_memory.decode_cost((1, 16, 21, h // stride, w // stride), latent_tile,
                                          K.vae_tile_overlap // stride, None)
             assert plan_model.tiled_time(r, tile, stride) == pytest.approx(want, rel=1e-9), (w, h, stride, tile)
+
+
+def test_text_encoder_stays_on_a_gpu_with_room_for_it_beside_every_stage() -> None:
+    from wan_lite.runtime.planner import leaner
+
+    fp = ModelFootprint.full_size("ti2v-5b")
+    big = plan(fp, (1280, 704, 121), Hardware.fake(80, 128))
+    assert big.text_encoder == "resident" and big.fits
+    t5 = fp.text_bytes(big.text_encoder_quant) / 1024**3
+    stages = dict(big.stage_vram_gib)
+    assert stages["denoise"] > t5 and stages["decode"] > t5  # counted beside the DiT and the VAE
+    small = plan(fp, (1280, 704, 121), Hardware.fake(24, 64))
+    assert small.text_encoder != "resident"
+    for stage in ("denoise", "decode"):  # after an OOM there, the first thing given back
+        assert leaner(big, stage).text_encoder == "gpu"

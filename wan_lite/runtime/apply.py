@@ -41,6 +41,10 @@ class PlannedPlacement:
             for dit in pipe.dits.values():
                 if streaming.where_is(dit) in ("gpu", "mixed") or streaming.streamer_of(dit) is not None:
                     streaming.move_expert(dit, "ram")
+            if before.text_encoder == "resident" and self.plan.text_encoder != "resident":
+                from wan_lite.loading.components import module_of
+
+                module_of(pipe.text_encoder).to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self._bound = self.plan.choices
@@ -63,7 +67,7 @@ class PlannedPlacement:
     def activate(self, name: str, module: nn.Module) -> None:
         p, dev = self.plan, self.device
         if name == "text_encoder":
-            if p.text_encoder == "gpu":
+            if p.text_encoder in ("gpu", "resident"):
                 module.to(dev)
             elif p.text_encoder == "stream":
                 streaming.attach(module, dev, resident=0, prefetch=max(1, p.prefetch), pinned=p.pinned,
@@ -86,6 +90,8 @@ class PlannedPlacement:
         p = self.plan
         release_kept_weights()
         if name == "text_encoder":
+            if p.text_encoder == "resident":  # it stays for the next prompt
+                return
             streaming.detach_streamer(module)
             module.to("cpu")
             streaming.trim_host_memory()  # the streamer's page-locked copy is gone

@@ -105,7 +105,7 @@ class Choices:
     pinned: bool = True
     idle_expert: str = "none"  # "gpu" | "ram" | "disk"; "none" for one-model checkpoints
     keep_resident: bool = False  # DiT stays on the GPU across stages: no copy in RAM
-    text_encoder: str = "stream"  # "gpu" | "cpu" | "stream"
+    text_encoder: str = "stream"  # "resident" (on the GPU for good) | "gpu" (there while encoding) | "cpu" | "stream"
     text_encoder_quant: str = "bf16"
     keep_text_encoder: bool = False  # stays in RAM between prompts (else re-read from disk)
     vae_tile: int | None = None  # tile side in output pixels; None = untiled
@@ -274,12 +274,14 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
     dit_all = (m.expert_bytes(ch.quantization) * (2 if ch.idle_expert == "gpu" else 1)) if ch.keep_resident else 0
     vram: dict[str, float] = {}
     if gpu:
-        t5_gpu = {"gpu": m.text_bytes(ch.text_encoder_quant), "stream": 2 * m.text_block_bytes(ch.text_encoder_quant)}
+        t5_gpu = {"gpu": m.text_bytes(ch.text_encoder_quant), "stream": 2 * m.text_block_bytes(ch.text_encoder_quant),
+                  "resident": m.text_bytes(ch.text_encoder_quant)}
         vram["text"] = (t5_gpu[ch.text_encoder] + K.t5_act if ch.text_encoder in t5_gpu else 0.0) + dit_all
+        t5_kept = t5_gpu["resident"] if ch.text_encoder == "resident" else 0.0  # beside every other stage
         if r.image:
-            vram["encode"] = _vae_vram(m, r, ch, "encoder") + dit_all
-        vram["denoise"] = _dit_vram(m, ch, fp8c) + act + latents
-        vram["decode"] = _vae_vram(m, r, ch, "decoder") + dit_all + latents
+            vram["encode"] = _vae_vram(m, r, ch, "encoder") + dit_all + t5_kept
+        vram["denoise"] = _dit_vram(m, ch, fp8c) + act + latents + t5_kept
+        vram["decode"] = _vae_vram(m, r, ch, "decoder") + dit_all + latents + t5_kept
     # a step cache keeps one residual [L, D] per guidance branch in bf16: on the GPU where every
     # block is resident there, else in host memory (runtime/apply.py step_cache_device)
     residuals = (2 if r.cfg else 1) * g.tokens * m.dim * 2 if r.cache != "off" else 0.0
@@ -337,9 +339,9 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
         switch = resident + (on_disk / (DISK_GBPS * 1e9) if ch.idle_expert == "disk" else 0.0)
     text_flops = 2 * (m.text_params - m.text_embed_params) * 512 * 2
     text_s = text_flops / ((sp.tflops if ch.text_encoder != "cpu" else sp.cpu_tflops) * 1e12)
-    if ch.text_encoder != "cpu":
+    if ch.text_encoder not in ("cpu", "resident"):  # a resident encoder was uploaded once, by the first job
         text_s += t5 / link
-    if not ch.keep_text_encoder:
+    if not ch.keep_text_encoder and ch.text_encoder != "resident":
         text_s += t5 / (DISK_GBPS * 1e9)
     tile = tiled_time(r, ch.vae_tile, m.vae_stride[1])
     scale = K.ref_tflops / sp.tflops * tile * r.width * r.height / 1e6

@@ -166,6 +166,12 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
             ch = replace(ch, idle_expert="ram")
     if "keep_text_encoder" not in forced and ram_ok(replace(ch, keep_text_encoder=True)):
         ch = replace(ch, keep_text_encoder=True)
+    if ch.text_encoder == "gpu" and "text_encoder" not in forced:
+        # Room for umT5 beside every stage: it stays on the GPU, so a new prompt costs only its
+        # forward (moving 11 GB there and back took 5-14 s a job on an H100, run 2026-12-06-a).
+        kept = replace(ch, text_encoder="resident")
+        if all(_stage(m, r, hw, kept, s) <= uv for s in ("text", "encode", "denoise", "decode")):
+            ch = kept
     return pin(ch)
 
 
@@ -270,8 +276,11 @@ def _moves(p: Plan, hw: Hardware, stage: str) -> list[Choices]:
         # every smaller tile: neighbours in K.vae_tiles can cut the frame into the same tiles
         out += [replace(ch, vae_tile=t) for t in K.vae_tiles if t < (ch.vae_tile or 1 << 30)]
     elif stage == "text":
-        for te, tq in _TEXT_OPTIONS[_TEXT_OPTIONS.index((ch.text_encoder, ch.text_encoder_quant)) + 1:]:
+        now = ("gpu" if ch.text_encoder == "resident" else ch.text_encoder, ch.text_encoder_quant)
+        for te, tq in _TEXT_OPTIONS[_TEXT_OPTIONS.index(now) + 1:]:
             out.append(replace(ch, text_encoder=te, text_encoder_quant=tq))
+    if ch.text_encoder == "resident":  # first of all: give the text encoder's place back
+        out.insert(0, replace(ch, text_encoder="gpu"))
     return out
 
 
