@@ -159,17 +159,18 @@ def test_quantized_linear_fp8_compute_path() -> None:
 def test_activation_quantization_is_shared_and_released() -> None:
     torch.manual_seed(2)
     x = torch.randn(7, 64, dtype=torch.bfloat16)
-    a = quant._ACT_CACHE.get(x)
-    assert quant._ACT_CACHE.get(x) is a  # q, k and v of one input quantize it once
+    cache = quant.QuantCaches().activations
+    a = cache.get(x)
+    assert cache.get(x) is a  # q, k and v of one input quantize it once
     x.mul_(2)  # an in-place change invalidates the entry
-    b = quant._ACT_CACHE.get(x)
+    b = cache.get(x)
     assert b is not a and torch.allclose(b[1], a[1] * 2)
     del x, a, b
-    assert quant._ACT_CACHE._value is None  # died with its activation
+    assert cache._value is None  # died with its activation
     with torch.inference_mode():
         y = torch.randn(5, 64, dtype=torch.bfloat16)
-        c = quant._ACT_CACHE.get(y)
-        assert quant._ACT_CACHE.get(y) is c and quant._ACT_CACHE.get(y.clone()) is not c
+        c = cache.get(y)
+        assert cache.get(y) is c and cache.get(y.clone()) is not c
     x8, s = quant._quantize_rows_eager(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]], dtype=torch.bfloat16))
     assert torch.isfinite(s).all() and torch.equal(x8[1].float(), torch.zeros(3))
     assert (x8[0].float() * s[0]).sub(torch.tensor([1.0, -2.0, 0.5])).abs().max() < 0.1
@@ -223,7 +224,8 @@ def test_gelu_row_quantization_scale_bound() -> None:
     x8, s = quant._quantize_rows_eager(h)
     torch.testing.assert_close(s[0], h[0].float().abs().max()[None] / quant._FP8_ACT_TARGET, rtol=2**-7, atol=0)
     # The activation cache tells a GELU-first quantization from a plain one of the same tensor.
-    assert not torch.equal(quant._ACT_CACHE.get(h, "tanh")[0].float(), quant._ACT_CACHE.get(h)[0].float())
+    cache = quant.QuantCaches().activations
+    assert not torch.equal(cache.get(h, "tanh")[0].float(), cache.get(h)[0].float())
 
 
 # ------------------------------------------------------------------------------ whole models
@@ -570,13 +572,15 @@ def test_chunked_layers_reuse_their_dequantized_weight(monkeypatch) -> None:
         return real(self, dtype)
 
     monkeypatch.setattr(QuantizedLinear, "dequantized", counting)
-    quant._REUSE.clear()
+    shared = quant.QuantCaches()
+    for layer in layers:
+        layer.caches = shared
     x = torch.randn(5, 32)
     # unchunked: every layer once per pass, three passes -> three dequantizations each, none kept
     for _ in range(3):
         for layer in layers:
             layer(x)
-    assert len(calls) == 18 and not quant._REUSE._kept
+    assert len(calls) == 18 and not shared.reuse._kept
     # chunked: q, k, v over 5 chunks, then the FFN pair over 5 chunks
     calls.clear()
     outs = []
@@ -584,7 +588,7 @@ def test_chunked_layers_reuse_their_dequantized_weight(monkeypatch) -> None:
         for _ in range(5):
             outs += [layer(x) for layer in group]
     assert sorted(calls) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert len(quant._REUSE._kept) <= quant._WeightReuse.SIZE
+    assert len(shared.reuse._kept) <= quant._WeightReuse.SIZE
     expected = [F.linear(x, real(layer, torch.float32), layer.bias) for group in (layers[:3], layers[3:5])
                 for _ in range(5) for layer in group]
     assert all(torch.equal(a, b) for a, b in zip(outs, expected, strict=True))
@@ -603,3 +607,18 @@ def test_one_name_pattern_rule() -> None:
     assert name_matches("blocks.7.ffn.2", ["blocks.*.ffn.2"]) and not name_matches("heads", ["head"])
     assert name_matches("encoder.block.0.layer.1.DenseReluDense.wo", ["wo"])  # umT5's fp32 module
     assert not name_matches("encoder.block.0.layer.1.DenseReluDense.wo", ["w"])
+
+
+def test_each_model_owns_its_quantized_layers_caches() -> None:
+    """Two quantized models share nothing: each has one QuantCaches for all its layers, and
+    releasing one model's kept weights leaves the other's."""
+    a, b = (nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)) for _ in range(2))
+    for m in (a, b):
+        quantize_model(m, "int8", names=["0", "1"])
+    caches = [{id(layer.caches) for layer in m if isinstance(layer, QuantizedLinear)} for m in (a, b)]
+    assert len(caches[0]) == len(caches[1]) == 1 and caches[0] != caches[1]
+    b[0].caches.reuse._kept[1] = "kept"
+    quant.release_kept_weights(a)
+    assert b[0].caches.reuse._kept == {1: "kept"}
+    quant.release_kept_weights(b)
+    assert not b[0].caches.reuse._kept

@@ -88,7 +88,7 @@ class PlannedPlacement:
 
     def release(self, name: str, module: nn.Module) -> None:
         p = self.plan
-        release_kept_weights()
+        release_kept_weights(module)
         if name == "text_encoder":
             if p.text_encoder == "resident":  # it stays for the next prompt
                 return
@@ -123,7 +123,7 @@ class PlannedPlacement:
         if new is None:
             return False
         log.warning("Out of memory: switching to a leaner plan: %s", new.summary())
-        release_kept_weights()
+        release_kept_weights(module)
         old, self.plan = self.plan, new
         streaming.move_expert(module, "ram")
         if new.quantization != old.quantization and new.quantization in ("int8", "fp8"):

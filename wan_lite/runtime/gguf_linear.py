@@ -37,6 +37,7 @@ from wan_lite.runtime.quant import (
     fold_activations,
     fp8_scale_rows,
     quantizable_linears,
+    share_caches,
 )
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,7 @@ def load_stored(model: nn.Module, source: TensorSource, dtype: torch.dtype | Non
         layers[key] = kind
         counts[kind] = counts.get(kind, 0) + 1
     fold_activations(model)
+    share_caches(model)
     stored = StoredSource(source, layers)
 
     def keep(name: str) -> bool:  # fp8 scales stay float32 whatever the model dtype

@@ -217,7 +217,6 @@ class _ActivationCache:
         return value
 
 
-_ACT_CACHE = _ActivationCache()
 
 
 class _WeightReuse:
@@ -264,12 +263,31 @@ class _WeightReuse:
         self._kept.clear()
 
 
-_REUSE = _WeightReuse()
+class QuantCaches:
+    """What the quantized layers of one model share: the dequantized weights kept for reuse
+    across token chunks and the last fp8 activation (q, k and v of one input). Each model owns
+    its own (`share_caches`), so two models in one process never see each other's entries."""
+
+    def __init__(self) -> None:
+        self.reuse = _WeightReuse()
+        self.activations = _ActivationCache()
 
 
-def release_kept_weights() -> None:
-    """Free the dequantized weights kept for reuse (call when a model's stage ends)."""
-    _REUSE.clear()
+def share_caches(model: nn.Module) -> QuantCaches:
+    """One QuantCaches for every QuantizedLinear of `model` (called where a model gets its
+    quantized layers: `quantize_model`, the stored-format loader)."""
+    caches = QuantCaches()
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.caches = caches
+    return caches
+
+
+def release_kept_weights(model: nn.Module) -> None:
+    """Free the dequantized weights `model`'s layers keep for reuse (call when its stage ends)."""
+    for caches in {id(m.caches): m.caches for m in model.modules()
+                   if isinstance(m, QuantizedLinear) and m.caches is not None}.values():
+        caches.reuse.clear()
 
 
 class QuantizedLinear(nn.Module):
@@ -333,6 +351,13 @@ class QuantizedLinear(nn.Module):
         """The weight [out, in] in `dtype`."""
         return dequantize_weight(self.weight, self.weight_scale, self.fmt, dtype)
 
+    caches: QuantCaches | None = None  # shared with the model's other quantized layers (share_caches)
+
+    def _caches(self) -> QuantCaches:
+        if self.caches is None:  # a layer on its own has caches of its own
+            self.caches = QuantCaches()
+        return self.caches
+
     def _use_fp8(self, device: torch.device) -> bool:
         if self.fmt != "fp8" or self._fp8_broken or self.compute == "dequant":
             return False
@@ -365,13 +390,13 @@ class QuantizedLinear(nn.Module):
             x = F.gelu(x, approximate=self.input_gelu)
         dtype = x.dtype if x.is_floating_point() else torch.bfloat16
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, _REUSE.get(self, dtype), bias)
+        return F.linear(x, self._caches().reuse.get(self, dtype), bias)
 
     def _forward_fp8(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if isinstance(x, Fp8Rows):
             x8, x_scale = x.data.reshape(-1, x.data.shape[-1]), x.scale
         else:
-            x8, x_scale = _ACT_CACHE.get(x, self.input_gelu)
+            x8, x_scale = self._caches().activations.get(x, self.input_gelu)
         # _scaled_mm wants the second operand column-major: the [out, in] row-major weight
         # transposed is exactly that, so no copy is made.
         w8 = self.weight.view(torch.float8_e4m3fn).t()
@@ -444,6 +469,7 @@ def quantize_model(model: nn.Module, fmt: str, skip: Iterable[str] = (), *, comp
                                   "The quantized cache does not match this model; delete it.")
         _replace(model, name, QuantizedLinear.from_linear(linear, fmt, compute))
     fold_activations(model)
+    share_caches(model)
     log.debug("quantized %d Linear layers to %s", len(chosen), fmt)
     return chosen
 
