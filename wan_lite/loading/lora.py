@@ -494,7 +494,9 @@ class LoRASource(TensorSource):
         if not deltas:
             return self.base.read(name, dtype)
         shape = self.base.shape(name)
-        merged = self.base.read(name, torch.float32).to(device)  # may be the base's own tensor: never add in place
+        # read as stored and moved first (half the bytes of float32 for a bf16 file), then widened
+        # where the merge runs; it may be the base's own tensor: never add in place
+        merged = self.base.read(name).to(device).float()
         for lora, strength in deltas:
             merged = merged + lora.delta(name, shape, strength, device)
         return merged.to(dtype or self.base.dtype(name))
