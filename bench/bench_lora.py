@@ -127,6 +127,7 @@ def run_model(name: str, cfg: dict, latent: tuple, args, device: torch.device, t
                            ("merged", merged, {"apply_s": apply_s, "remove_s": remove_s, "how": how}),
                            ("unmerged", unmerged, {"factor_gib": attachment.factor_bytes() / GIB})):
         rows.append({"case": f"LoRA {name} rank {args.rank} {case}", "s_per_forward": s, "ratio_vs_plain": s / plain,
+                     "ratio_vs_resident": s / plain,  # the report's column: against the plain resident forward
                      **extra, **meta})
     del model
     if cuda:
