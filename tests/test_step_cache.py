@@ -189,3 +189,29 @@ def test_planner_counts_the_cache_time_and_residuals() -> None:
     streamed = plan(fp, PlanRequest(1280, 704, 121, steps=50, cache="balanced", cache_share=share),
                     Hardware.fake(4, 32))
     assert streamed.resident_blocks < fp.num_layers and streamed.fits  # residuals in RAM there
+
+
+def test_planner_counts_an_unmerged_loras_memory_and_time() -> None:
+    from wan_lite.runtime.hardware import Hardware
+    from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
+
+    fp, hw = ModelFootprint.full_size("t2v-a14b"), Hardware.fake(8, 64)
+    base = PlanRequest(1280, 720, 81, steps=40)
+    lora = PlanRequest(1280, 720, 81, steps=40, lora_names=("style.safetensors",), lora_bytes=600 * 2**20,
+                       lora_rank=64)
+    from wan_lite.runtime.plan_model import evaluate
+
+    plain = plan(fp, base, hw, profile="8 GB VRAM / 32 GB RAM")
+    assert plain.quantization != "bf16"  # this profile quantizes: a LoRA runs unmerged
+    with_lora = evaluate(fp, lora, hw, plain.choices)  # the same choices, with the LoRA
+    assert "LoRA style.safetensors unmerged beside the quantized weights" in with_lora.summary()
+    planned = plan(fp, lora, hw, profile="8 GB VRAM / 32 GB RAM")
+    assert planned.fits and planned.peak_vram_gib <= planned.usable_vram_gib  # the planner made room
+    grew = dict(with_lora.stage_vram_gib)["denoise"] - dict(plain.stage_vram_gib)["denoise"]
+    assert abs(grew - 600 / 1024) < 0.01
+    slower = dict(with_lora.stage_seconds)["denoise"] / dict(plain.stage_seconds)["denoise"]
+    assert 1.03 < slower < 1.1
+    big = plan(ModelFootprint.full_size("ti2v-5b"), PlanRequest(1280, 704, 121, lora_names=("a.safetensors",),
+                                                                lora_bytes=300 * 2**20, lora_rank=64),
+               Hardware.fake(80, 128))
+    assert big.quantization == "bf16" and "merged into the weights" in big.summary()

@@ -125,10 +125,12 @@ class Engine:
         if job is not None:
             cache = job.request.cache
             share = computed_share(spec.name, cache, job.steps, job.shift, job.sampler, image=job.image is not None)
+            names, lora_bytes, rank = self._lora_facts(job)
             req = PlanRequest(job.width, job.height, job.frames, steps=job.steps,
                               image=job.image is not None or spec.needs_image,
                               cfg=any(g != 1 for g in job.guidance), fp8_attention=fp8_attention_opted_in(),
-                              cache=cache, cache_share=share)
+                              cache=cache, cache_share=share, lora_names=names, lora_bytes=lora_bytes,
+                              lora_rank=rank)
         else:
             w, h = spec.default_size
             req = plan_request or PlanRequest(w, h, spec.frames, steps=spec.steps, image=spec.needs_image,
@@ -138,6 +140,26 @@ class Engine:
         if not self._gpu():  # a run on the CPU (no GPU, or device="cpu") is planned for the CPU
             hw = hw.without_gpu()
         return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
+
+    @staticmethod
+    def _lora_facts(job: Job) -> tuple[tuple[str, ...], int, int]:
+        """(file names, unmerged factor bytes, ranks added up) of the job's LoRAs with a strength,
+        from their headers; a file that cannot be read counts nothing here (the job refuses it)."""
+        from wan_lite.errors import CheckpointError
+        from wan_lite.loading.lora import read_lora
+
+        names, size, rank = [], 0, 0
+        for path, high, low in job.request.loras:
+            if not (high or low):
+                continue
+            try:
+                lora = read_lora(path)
+            except (CheckpointError, OSError):
+                continue
+            names.append(Path(path).name)
+            size += lora.unmerged_bytes()
+            rank += max((layer.rank for layer in lora.layers.values()), default=0)
+        return tuple(names), size, rank
 
     def preflight(self, request: GenerateRequest | Job) -> Estimate:
         """What the request will use on this machine, before anything is loaded."""

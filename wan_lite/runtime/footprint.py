@@ -79,6 +79,9 @@ class K:
     # That length is the H200's (ref_tflops); plan_model scales it with the GPU's speed
     batch2_cost = 1.02
     batch2_cost_short, batch2_short_tokens = 0.97, 16384
+    # an unmerged LoRA on every block Linear, per rank: rank 64 cost 1.077x (5B 720p) and 1.059x
+    # (A14B 832x480) the plain forward on an H100 (bench_lora.py, run 2026-12-06-b)
+    lora_rank_cost = 0.0011
     # token chunks, per block and forward: chunking at all costs per token of the batch, each chunk
     # past the first a fixed time (profile_chunks: 5B 720p +1.0 ms per block for 2 chunks at batch 1,
     # +3.2 at batch 2, +0.2 ms per further chunk; A14B 720p +1.6..5 ms)

@@ -66,6 +66,9 @@ class PlanRequest:
     fp8_attention: bool = False  # the user opted in (WAN_LITE_FP8_ATTENTION=1): fp8 q, k, v with fp8 compute
     cache: str = "off"  # the step cache setting (runtime/step_cache.py)
     cache_share: float = 1.0  # the share of DiT forwards the step cache computes (step_cache.computed_share)
+    lora_names: tuple[str, ...] = ()  # the LoRAs of the job (file names, for the plan line)
+    lora_bytes: int = 0  # their low-rank factors in bf16 where they run unmerged (LoRAFile.unmerged_bytes)
+    lora_rank: int = 0  # their ranks added up: an unmerged LoRA's cost grows with it
 
     @classmethod
     def of(cls, request: Any) -> PlanRequest:
@@ -157,7 +160,10 @@ class Plan(Choices):
                  f"VAE {f'tiles {self.vae_tile}px' if self.vae_tile else 'untiled'} {self.vae_dtype}",
                  f"text encoder {self.text_encoder} {self.text_encoder_quant}",
                  f"step cache {r.cache} ({r.cache_share:.0%} of DiT forwards computed)" if r and r.cache != "off"
-                 else ""]
+                 else "",
+                 (f"LoRA {' + '.join(r.lora_names)} " + ("merged into the weights" if self.quantization == "bf16"
+                                                       else "unmerged beside the quantized weights"))
+                 if r and r.lora_names else ""]
         head = f"{m.name} {r.width}x{r.height}x{r.frames}" if m and r else "plan"
         return (f"{head} {'fits' if self.fits else 'does NOT fit'}: {', '.join(p for p in parts if p)} -> "
                 f"peak {self.peak_vram_gib:.1f}/{self.usable_vram_gib:.1f} GiB VRAM, {self.peak_ram_gib:.1f}/"
@@ -288,6 +294,11 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
     on_gpu = gpu and ch.resident_blocks >= m.num_layers
     if on_gpu:
         vram["denoise"] += residuals
+    # LoRAs merge into bf16 weights (no memory, no time: 1.004-1.006x measured, run 2026-12-06-b);
+    # beside quantized weights their factors sit on the device and each adds a low-rank product
+    unmerged = ch.quantization != "bf16" and r.lora_bytes > 0
+    if unmerged and gpu:
+        vram["denoise"] += r.lora_bytes
     # RAM: what lives in host memory through the job, plus each stage's own
     expert = m.expert_bytes(ch.quantization)
     held = K.ram_base + (0 if ch.keep_resident and gpu else expert) + (expert if ch.idle_expert == "ram" else 0)
@@ -324,6 +335,8 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
     short = L <= K.batch2_short_tokens * sp.tflops / K.ref_tflops
     batch_cost = K.batch2_cost_short if short else K.batch2_cost
     compute = passes * fwd * (batch_cost if batch == 2 else 1.0) + passes // batch * chunk_s
+    if unmerged:
+        compute *= 1.0 + K.lora_rank_cost * r.lora_rank
     b, streamed = m.block_bytes(ch.quantization), max(0, n - ch.resident_blocks) if gpu else 0
     link = (sp.pinned_gbps if ch.pinned else sp.pageable_gbps) * 1e9 or 1.0
     copies = passes // batch
