@@ -28,3 +28,20 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: write_model(root / name, name) for name in ("ti2v-5b", "t2v-a14b", "i2v-a14b")}
+
+
+@pytest.fixture(scope="module")
+def state():
+    """The tiny DiT's weights of the LoRA tests (tests/tiny_ckpt/lora.py)."""
+    from tests.tiny_ckpt.lora import tiny_state
+
+    return tiny_state()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """Inputs of the LoRA tests' tiny DiT: (latent, t, context)."""
+    from tests.tiny_ckpt.lora import tiny_inputs
+
+    return tiny_inputs()
+

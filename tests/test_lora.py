@@ -27,44 +27,18 @@ from tests.tiny_ckpt.lora import (
     TEXT_DIM,
     combine,
     diffusers_module,
+    dit,
     full_lora,
     hand_merge,
     lora_keys,
     make_lora,
-    tiny_inputs,
-    tiny_state,
+    rel_err,
+    run,
     write_lora,
 )
 from wan_lite.errors import CheckpointError, InputError
-from wan_lite.loading.build import build_dit
 from wan_lite.loading.lora import LoRASource, official_module, parse_lora_arg, read_lora
 from wan_lite.loading.tensors import DictSource
-from wan_lite.models.dit import WanDiT
-
-
-@pytest.fixture(scope="module")
-def state() -> dict[str, torch.Tensor]:
-    return tiny_state()
-
-
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tiny_inputs()
-
-
-def run(model, inputs) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(*inputs).float()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def dit(source_or_state, dtype: torch.dtype = torch.float32) -> WanDiT:
-    src = source_or_state if not isinstance(source_or_state, dict) else DictSource(source_or_state)
-    return build_dit(src, dtype)
-
 
 # ------------------------------------------------------------------------------- key names
 CONVENTIONS = ("comfy", "comfy_ab", "bare", "kohya", "peft", "peft_default")

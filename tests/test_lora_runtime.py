@@ -12,42 +12,17 @@ from tests.tiny_ckpt.lora import (
     DIM,
     FFN,
     LAYERS,
+    dit,
     full_lora,
     make_lora,
-    tiny_inputs,
-    tiny_state,
+    rel_err,
+    run,
     write_lora,
 )
 from wan_lite.errors import CheckpointError
-from wan_lite.loading.build import build_dit
 from wan_lite.loading.lora import LoRASource, read_lora
 from wan_lite.loading.tensors import DictSource
-from wan_lite.models.dit import WanDiT
 from wan_lite.runtime.lora import attach_loras, attached_loras, detach_loras, lora_bytes, loras_to
-
-
-@pytest.fixture(scope="module")
-def state() -> dict[str, torch.Tensor]:
-    return tiny_state()
-
-
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tiny_inputs()
-
-
-def run(model, inputs) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(*inputs).float()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def dit(source_or_state, dtype: torch.dtype = torch.float32) -> WanDiT:
-    src = source_or_state if not isinstance(source_or_state, dict) else DictSource(source_or_state)
-    return build_dit(src, dtype)
 
 
 def test_unmerged_equals_merged_and_detach_restores(tmp_path, state, inputs) -> None:

@@ -165,3 +165,23 @@ def full_lora(state: dict[str, torch.Tensor], seed: int = 0) -> Lora:
         make_lora(state, [*OUTSIDE_LINEARS, "patch_embedding"], alpha=None, seed=seed + 1,
                   diffs=["blocks.0.norm3", "blocks.1.self_attn.norm_q", "blocks.0.cross_attn.norm_k",
                          "blocks.1.modulation", "head.modulation"], diff_bs=["blocks.0.norm3", "head.head"]))
+
+
+def run(model, inputs) -> torch.Tensor:
+    """The DiT's output for `inputs` (tiny_inputs), float32."""
+    with torch.inference_mode():
+        return model(*inputs).float()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dit(source_or_state, dtype: torch.dtype = torch.float32):
+    """The tiny DiT built from a TensorSource or a state dict."""
+    from wan_lite.loading.build import build_dit
+    from wan_lite.loading.tensors import DictSource
+
+    src = source_or_state if not isinstance(source_or_state, dict) else DictSource(source_or_state)
+    return build_dit(src, dtype)
+
