@@ -182,3 +182,26 @@ def test_job_dataclass_is_what_the_pipeline_reads() -> None:
     job = resolve(GenerateRequest("a fox", seed=9, **SMALL))
     assert isinstance(job, Job) and job_mod.as_job(job) is job
     assert job.settings()["seed"] == 9 and job.settings()["model"] == "ti2v-5b"
+
+
+def test_switching_models_keeps_the_shared_text_encoder_and_vae(tiny_models, tmp_path) -> None:
+    """T2V-A14B then I2V-A14B with the same umT5 and Wan 2.1 VAE files: the second load takes
+    the first one's text encoder (and its prompt cache) and VAE as they are; the same model
+    again loads nothing."""
+    from wan_lite.loading.layout import find_model
+
+    t2v = find_model(tiny_models["t2v-a14b"], "t2v-a14b")
+    shared = {"text_encoder": t2v.t5, "tokenizer": t2v.tokenizer, "vae": t2v.vae}
+    engine = Engine(tiny_models["t2v-a14b"].parent, tmp_path / "out", device="cpu",
+                    folders={"t2v-a14b": tiny_models["t2v-a14b"], "i2v-a14b": tiny_models["i2v-a14b"]},
+                    components={"t2v-a14b": dict(shared), "i2v-a14b": dict(shared)})
+    first = engine.pipeline("t2v-a14b", job=engine.resolve(GenerateRequest("a boat", model="t2v-a14b", **SMALL)))
+    first.encode_text(["a boat"])
+    again = engine.pipeline("t2v-a14b", job=engine.resolve(GenerateRequest("a cat", model="t2v-a14b", **SMALL)))
+    assert again is first
+    te, vae, cache = first.text_encoder, first.vae, first._text_cache
+    job = engine.resolve(GenerateRequest("a boat", model="i2v-a14b", image=Image.new("RGB", (64, 64)), **SMALL))
+    second = engine.pipeline("i2v-a14b", job=job)
+    assert second is not first and second.spec.name == "i2v-a14b"
+    assert second.text_encoder is te and second.vae is vae and second._text_cache is cache
+    assert "a boat" in second._text_cache

@@ -191,12 +191,20 @@ class Engine:
         key = (name, folder.resolve(), tuple(sorted((k, str(v)) for k, v in parts.items())), fixed)
         model_dir = folder if folder.is_dir() or not parts else None
         if self._pipe_key != key:
+            before = self._pipe  # its text encoder and VAE go to the next model where they are the same
+            if before is not None:
+                from wan_lite.loading.components import module_of
+
+                before.dits = {}  # the DiTs go now, before the next model's are read
+                module_of(before.text_encoder).to("cpu")  # the next plan places them itself
+                before.vae.to("cpu")
             self.unload()
             if on_progress:
                 on_progress(Progress(stage="load", step=0, total=1, elapsed_s=0.0, message=f"Loading {name}"))
             t0 = time.perf_counter()
             self._pipe = WanPipeline.load_planned(model_dir, plan, components=parts, name=name, device=self.device,
-                                                  cache_dir=self.cache_dir)
+                                                  cache_dir=self.cache_dir, after=before)
+            del before
             self._pipe_key = key
             log.info("Loaded %s from %s in %.1f s", name, folder, time.perf_counter() - t0)
         else:

@@ -162,6 +162,7 @@ class WanPipeline:
         self.decode_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda vae, z: vae.decode(z)
         self.encode_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda vae, x: vae.encode(x)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.part_keys: dict[str, tuple] = {}  # what the text encoder and VAE were built from (LoadedParts.keys)
 
     @property
     def device(self) -> torch.device:
@@ -203,12 +204,20 @@ class WanPipeline:
     @classmethod
     def load_planned(cls, model_dir: str | Path | None, plan: Plan, *, components: dict[str, str | Path] | None = None,
                      name: str | None = None, device: torch.device | str | None = None,
-                     cache_dir: Path | None = None) -> WanPipeline:
+                     cache_dir: Path | None = None, after: WanPipeline | None = None) -> WanPipeline:
         """Load a model in the formats of `plan` (for a GPU or the CPU alike), run as the plan
-        says by its PlannedPlacement (int8 / fp8 weights cached in `cache_dir`)."""
+        says by its PlannedPlacement (int8 / fp8 weights cached in `cache_dir`). `after`: the
+        pipeline loaded before; its text encoder (with its prompt cache) and VAE are taken over
+        where they come from the same files in the same formats."""
+        reuse = {}
+        if after is not None:
+            reuse = {after.part_keys.get("text_encoder"): after.text_encoder, after.part_keys.get("vae"): after.vae}
         parts = load_planned_parts(model_dir, plan, components=components, name=name, device=device,
-                                   cache_dir=cache_dir)
-        return cls.of_parts(parts)
+                                   cache_dir=cache_dir, reuse=reuse)
+        pipe = cls.of_parts(parts)
+        if after is not None and parts.text_encoder is after.text_encoder:
+            pipe._text_cache = after._text_cache
+        return pipe
 
     @classmethod
     def of_parts(cls, parts: LoadedParts, *, placement: Placement | None = None,
@@ -217,6 +226,7 @@ class WanPipeline:
         bring one, else by `placement` (default: plain moves to `device`)."""
         pipe = cls(parts.spec, parts.text_encoder, parts.vae, parts.dits, placement=parts.placement or placement,
                    device=device)
+        pipe.part_keys = dict(parts.keys)
         if parts.placement is not None:
             parts.placement.bind(pipe)
             log.info("Plan: %s", parts.placement.plan.summary())

@@ -13,7 +13,7 @@ made of (`WanPipeline.of_parts`). Quantized and stored-format layers are runtime
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ class LoadedParts:
     vae: nn.Module
     dits: dict[str, nn.Module]  # {"main": dit} or {"high": ..., "low": ...}
     placement: PlannedPlacement | None = None
+    # what the text encoder and the VAE were built from and in which formats: another model
+    # with the same keys can take them as they are (`load_parts(..., reuse=)`)
+    keys: dict[str, tuple] = field(default_factory=dict)
 
 
 def load_dit(source: TensorSource, dtype: torch.dtype | None = torch.bfloat16, *, quantization: str | None = None,
@@ -114,18 +117,26 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
 
 def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
                components: dict[str, str | Path] | None = None, name: str | None = None,
-               cache_dir: Path | None = None, idle_on_disk: bool = False) -> LoadedParts:
+               cache_dir: Path | None = None, idle_on_disk: bool = False,
+               reuse: dict[tuple, Any] | None = None) -> LoadedParts:
     """Load a model: an official-layout folder, and/or per-component files or folders in any
     supported format (`components` slots: "dit" or "dit_high"/"dit_low", "vae",
     "text_encoder", "tokenizer"), in `formats`. Weights stay on the CPU.
 
     idle_on_disk: the A14B low-noise expert, idle first, is dropped to its file (or quantized
     cache) once loaded; it is loaded first, so the two experts are never in RAM together.
+    reuse: key -> component (`LoadedParts.keys` of the model loaded before): a text encoder or VAE
+    built from the same files in the same formats is taken as it is, not read again (switching
+    between models that share umT5 or a VAE).
     Raises CheckpointError naming any missing, broken or mismatched file."""
     spec, sources, tokenizer = resolve_sources(model_dir, components or {}, name)
-    text_encoder = load_text_encoder(sources["text_encoder"], tokenizer, formats.text_dtype,
-                                     quantization=formats.text_quant)
-    vae = load_vae(sources["vae"], spec, formats.vae_dtype)
+    reuse = reuse or {}
+    keys = {"text_encoder": ("text_encoder", sources["text_encoder"].describe(), str(tokenizer),
+                             formats.text_dtype, formats.text_quant),
+            "vae": ("vae", sources["vae"].describe(), spec.vae_version, formats.vae_dtype)}
+    text_encoder = reuse.get(keys["text_encoder"]) or load_text_encoder(
+        sources["text_encoder"], tokenizer, formats.text_dtype, quantization=formats.text_quant)
+    vae = reuse.get(keys["vae"]) or load_vae(sources["vae"], spec, formats.vae_dtype)
     roles = dit_roles(spec)
     to_disk = {"low"} if spec.experts and idle_on_disk else set()
     dits: dict[str, nn.Module] = {}
@@ -139,16 +150,16 @@ def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
     dits = {role: dits[role] for role in roles}
     streaming.trim_host_memory()
     check_compatible(spec, dits, vae, text_encoder)
-    return LoadedParts(spec, text_encoder, vae, dits)
+    return LoadedParts(spec, text_encoder, vae, dits, keys=keys)
 
 
 def load_planned_parts(model_dir: str | Path | None, plan: Plan, *, components: dict[str, str | Path] | None = None,
                        name: str | None = None, device: torch.device | str | None = None,
-                       cache_dir: Path | None = None) -> LoadedParts:
+                       cache_dir: Path | None = None, reuse: dict[tuple, Any] | None = None) -> LoadedParts:
     """The parts in `plan`'s formats, with the PlannedPlacement (on `device`: the GPU when there
     is one, else the CPU) that runs them as the plan says; the pipeline binds it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     parts = load_parts(model_dir, Formats.of_plan(plan), components=components, name=name, cache_dir=cache_dir,
-                       idle_on_disk=plan.idle_expert == "disk")
+                       idle_on_disk=plan.idle_expert == "disk", reuse=reuse)
     parts.placement = PlannedPlacement(plan, device)
     return parts
