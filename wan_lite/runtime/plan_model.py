@@ -175,7 +175,8 @@ class Plan(Choices):
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "request", "hardware")}
         data.update(stage_vram_gib=dict(self.stage_vram_gib), stage_seconds=dict(self.stage_seconds),
                     notes=list(self.notes), model=self.model.name if self.model else None,
-                    request=asdict(self.request) if self.request else None,
+                    request={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.request).items()}
+                    if self.request else None,
                     hardware=self.hardware.to_json() if self.hardware else None, summary=self.summary())
         return data
 
