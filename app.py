@@ -25,6 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve on all network interfaces, so other computers can connect")
     p.add_argument("--share", action="store_true",
                    help="also make a public gradio.live link (anyone with it can use your GPU)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS or FILE",
+                   help="ask for a user name and password: USER:PASS, or a file of USER:PASS lines "
+                        "(a file keeps the password out of the process list); needed with --listen or --share")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve beyond this computer without a password (anyone who can reach it can use it)")
     p.add_argument("--models-dir", type=Path, default=ROOT / "models",
                    help="folder with the model folders (default: ./models)")
     p.add_argument("--output-dir", type=Path, default=None,
@@ -35,8 +40,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class StartError(Exception):
+    """The options do not allow a safe start; the message says what to add."""
+
+
+def parse_auth(value: str) -> list[tuple[str, str]]:
+    """`--auth USER:PASS`, or a file with one USER:PASS a line (blank lines and # comments skipped)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise StartError(f"--auth: cannot read {path} ({err}).") from None
+        where = f"{path}, line {{n}}"
+    elif ":" in value:
+        lines, where = [value], "--auth"
+    else:
+        raise StartError(f"--auth {value!r} is neither USER:PASS nor a file.")
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise StartError(where.format(n=n) + ": expected USER:PASS (a user name, a colon, a password).")
+        pairs.append((user.strip(), password))
+    if not pairs:
+        raise StartError(f"--auth: {path} holds no USER:PASS line.")
+    return pairs
+
+
+def serving(args: argparse.Namespace) -> tuple[str, list[tuple[str, str]] | None]:
+    """(host, auth) from the options. Serving beyond this computer (--listen, --share, another
+    --host) needs --auth or an explicit --no-auth."""
+    host = "0.0.0.0" if args.listen else args.host
+    auth = parse_auth(args.auth) if args.auth else None
+    if args.auth and args.no_auth:
+        raise StartError("--auth and --no-auth contradict each other; give one.")
+    remote = args.share or host not in LOCAL_HOSTS
+    if remote and auth is None and not args.no_auth:
+        what = "--share" if args.share else ("--listen" if args.listen else f"--host {host}")
+        raise StartError(f"{what} lets other people open wan_lite and use your GPU, so it needs a password.\n"
+                         "  -> Add --auth USER:PASS (or --auth FILE with USER:PASS lines), or --no-auth to serve "
+                         "without one.")
+    return host, auth
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        host, auth = serving(args)
+    except StartError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from wan_lite.ui.settings import default_output_dir, default_upload_dir
 
@@ -49,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_TEMP_DIR"] = str(upload_dir)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-    host = "0.0.0.0" if args.listen else args.host
-    if host not in LOCAL_HOSTS:
-        log.warning("Serving on %s: other computers on your network can open wan_lite and use your GPU.", host)
+    remote = args.share or host not in LOCAL_HOSTS
+    if host not in LOCAL_HOSTS and auth is None:
+        log.warning("Serving on %s without a password (--no-auth): other computers on your network can "
+                    "open wan_lite and use your GPU.", host)
     if args.share:
         log.warning("--share: a public link will be created; anyone who has it can use your GPU "
                     "and see your videos.")
@@ -62,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     from wan_lite.ui.app import build_ui, launch
 
     engine = Engine(args.models_dir.expanduser().resolve(), output_dir, device=args.device)
-    ui = build_ui(engine, upload_dir)
+    # Beyond this computer, Scan and Save stay in the models folder and the remembered ComfyUI folders.
+    ui = build_ui(engine, upload_dir, confine=remote)
     launch(ui, host=host, port=args.port, share=args.share, open_browser=not (args.no_browser or ci),
-           output_dir=output_dir)
+           output_dir=output_dir, auth=auth)
     return 0
 
 

@@ -62,6 +62,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="auto", help="memory profile name or 'auto' (see `plan`)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
     p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: a new name in ./outputs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out video with its .json and latents (default: refuse)")
 
 
 def _add_component_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +93,10 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, default=None,
                    help="model folder (default: the one recorded in the latents file)")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: next to the latents)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output .mp4 (default: NAME.decoded.mp4 next to the latents; the original video stays)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out, or without --out the original NAME.mp4 and NAME.json")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -114,8 +119,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_as_interrupt() -> object:
+    """SIGTERM (a service manager, `kill`, a closed terminal) stops a run like Ctrl+C does, so the
+    same cleanup runs: a half-written file is deleted, finished latents stay."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _sigterm_as_interrupt()
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:  # main() called from Python (tests, scripts): give the handler back
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -107,7 +107,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     bar = _ProgressBar()
     try:
-        result = engine.generate(job, on_progress=bar, out_path=args.out)
+        result = engine.generate(job, on_progress=bar, out_path=args.out, overwrite=args.overwrite)
     finally:
         bar.close()
     _summary(result, notes=False)
@@ -116,6 +116,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_decode(args: argparse.Namespace) -> int:
     engine = _engine(None, None, args.out or args.latents, args.device)
-    result = engine.decode_latents(args.latents, out_path=args.out, model_dir=args.model_dir)
+    result = engine.decode_latents(args.latents, out_path=args.out, model_dir=args.model_dir,
+                                   overwrite=args.overwrite)
     _summary(result)
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress, ProgressCallback
-from wan_lite.errors import InputError, WanLiteError
+from wan_lite.errors import Cancelled, InputError, WanLiteError
 from wan_lite.job import Job, as_job
 from wan_lite.library import FoundFile, ModelLibrary, ModelStatus
 from wan_lite.registry import MODELS, get_spec
@@ -247,37 +247,86 @@ class Engine:
         return ModelFootprint.of_model(name, cfg)  # the released sizes when the DiT has them
 
     def generate(self, request: GenerateRequest | Job, on_progress: ProgressCallback | None = None,
-                 cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerateResult:
-        """Run one job: a request is resolved here; a Job from `resolve` runs as it is."""
-        from wan_lite.output import output_stem, save_latents
+                 cancel: CancelToken | None = None, out_path: Path | None = None,
+                 overwrite: bool = False) -> GenerateResult:
+        """Run one job: a request is resolved here; a Job from `resolve` runs as it is.
+
+        `out_path` (an .mp4) names the result; without it a new name in the output folder is
+        chosen. An existing file of that name (video, sidecar JSON, latents) is refused before
+        anything loads unless `overwrite`; a JSON that wan_lite did not write is never replaced.
+        The folder is checked (writable, room) before anything loads as well."""
+        from wan_lite.output import (
+            OutputError,
+            check_output_folder,
+            check_targets,
+            output_files,
+            output_stem,
+            save_latents,
+            stem_for_out,
+            write_failed,
+        )
 
         with self._lock:
             job = self.resolve(request)
             notes = list(job.notes)
+            given = stem_for_out(out_path) if out_path else None
+            if given is not None:
+                check_targets(given, overwrite)
+            check_output_folder(given.parent if given is not None else self.output_dir)
             t0 = time.perf_counter()
             pipe = self.pipeline(job.spec.name, on_progress, job)
             load_s = time.perf_counter() - t0
-            stem = (out_path.with_suffix("") if out_path else
-                    output_stem(self.output_dir, job.prompt, job.seed, job.spec.name))
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            latents_path = stem.with_name(stem.name + ".latents.safetensors")
+            chosen = [given or output_stem(self.output_dir, job.prompt, job.seed, job.spec.name)]
 
             def keep_latents(latents, settings):
-                save_latents(latents_path, latents, self._record(settings, job.request, pipe))
+                record = self._record(settings, job.request, pipe)
+                while True:
+                    target = output_files(chosen[0])["latents"]
+                    try:
+                        save_latents(target, latents, record, overwrite=overwrite)
+                        return
+                    except FileExistsError:  # made while this job ran (another run, same second)
+                        if given is not None:
+                            raise OutputError(f"{target} appeared while this job ran; it is kept.",
+                                              "Run again with another --out name, or with --overwrite.") from None
+                        chosen[0] = output_stem(self.output_dir, job.prompt, job.seed, job.spec.name)
+                    except OSError as err:
+                        raise write_failed(err, target, None) from err
 
-            result = pipe.generate(job, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
+            try:
+                result = pipe.generate(job, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
+            except Cancelled:
+                latents_path = output_files(chosen[0])["latents"]
+                if latents_path.is_file():
+                    raise Cancelled(f"Cancelled by the user; the latents are kept in {latents_path} "
+                                    f"(`python -m wan_lite decode {latents_path}` makes the video).") from None
+                raise
             result.timings["load"] = load_s
             kind = self._attention_kind
             if kind in self._attention and kind not in self._attention_told:
                 notes.append(self._attention[kind].note)  # which attention kernel runs, and why
                 self._attention_told.add(kind)
-            return self._write(stem, latents_path, result.frames, result.fps, result.settings, result.timings,
-                               list(dict.fromkeys(notes + result.notes)), job.request, pipe, on_progress)
+            stem = chosen[0]
+            return self._write(stem, output_files(stem)["latents"], result.frames, result.fps, result.settings,
+                               result.timings, list(dict.fromkeys(notes + result.notes)), job.request, pipe,
+                               on_progress, overwrite)
 
     def decode_latents(self, latents_path: Path, out_path: Path | None = None,
-                       model_dir: Path | None = None) -> GenerateResult:
-        """Decode saved latents into an mp4 again (after a failed decode, or with another VAE plan)."""
-        from wan_lite.output import load_latents
+                       model_dir: Path | None = None, overwrite: bool = False,
+                       cancel: CancelToken | None = None) -> GenerateResult:
+        """Decode saved latents into an mp4 again (after a failed decode, or with another VAE plan).
+
+        Without `out_path` the video is NAME.decoded.mp4 (then -2, -3, ...) next to the latents,
+        so the original video and its record stay; `overwrite` without `out_path` replaces the
+        original NAME.mp4 and NAME.json instead. An existing `out_path` is refused unless `overwrite`."""
+        from wan_lite.output import (
+            LATENTS_SUFFIX,
+            check_output_folder,
+            check_targets,
+            free_stem,
+            load_latents,
+            stem_for_out,
+        )
         from wan_lite.pipeline import video_to_frames
 
         with self._lock:
@@ -286,6 +335,13 @@ class Engine:
             name = settings.get("model")
             if name not in MODELS:
                 raise InputError(f"{latents_path} does not say which model made it.")
+            base = Path(str(latents_path).removesuffix(LATENTS_SUFFIX))
+            if out_path:
+                stem = stem_for_out(out_path)
+            else:
+                stem = base if overwrite else free_stem(base.with_name(base.name + ".decoded"))
+            check_targets(stem, overwrite, kinds=("video", "sidecar"))
+            check_output_folder(stem.parent)
             if model_dir is not None:
                 self.library.folders[name] = Path(model_dir)
             elif meta.get("model_dir") and name not in self.library.folders:
@@ -306,12 +362,11 @@ class Engine:
             pipe = self.pipeline(name, plan_request=PlanRequest(*size, image=False),  # planned for their own video
                                  check_fit=False)
             t0 = time.perf_counter()
-            frames = video_to_frames(pipe.decode(latents))
+            frames = video_to_frames(pipe.decode(latents, cancel=cancel))
             timings = dict(settings.get("timings") or {})
             timings["decode"] = time.perf_counter() - t0
-            stem = (out_path.with_suffix("") if out_path else
-                    Path(str(latents_path).removesuffix(".latents.safetensors")))
-            return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe, None)
+            return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe,
+                               None, overwrite)
 
     def _record(self, settings: dict[str, Any], request: GenerateRequest, pipe) -> dict[str, Any]:
         name = pipe.spec.name
@@ -322,19 +377,35 @@ class Engine:
 
     def _write(self, stem: Path, latents_path: Path, frames, fps: int, settings: dict[str, Any],
                timings: dict[str, float], notes: list[str], request: GenerateRequest, pipe,
-               on_progress: ProgressCallback | None) -> GenerateResult:
-        from wan_lite.output import write_json_atomic, write_mp4
+               on_progress: ProgressCallback | None, overwrite: bool = False) -> GenerateResult:
+        from wan_lite.output import (
+            OutputError,
+            check_targets,
+            output_files,
+            write_failed,
+            write_json_atomic,
+            write_mp4,
+        )
 
         if on_progress:
             on_progress(Progress(stage="save", step=0, total=1, elapsed_s=sum(timings.values())))
         settings = dict(settings)
         settings["timings"] = {k: round(v, 3) for k, v in timings.items()}
         record = self._record(settings, request, pipe) | {"notes": notes}
-        video_path = stem.with_name(stem.name + ".mp4")
-        sidecar = stem.with_name(stem.name + ".json")
-        write_mp4(video_path, frames, fps, record)
-        record |= {"video": video_path.name, "latents": latents_path.name}
-        write_json_atomic(sidecar, record)
+        files = output_files(stem)
+        video_path, sidecar = files["video"], files["sidecar"]
+        check_targets(stem, True, kinds=("sidecar",))  # a JSON not ours may have appeared meanwhile
+        target = video_path
+        try:
+            write_mp4(video_path, frames, fps, record, overwrite=overwrite)
+            record |= {"video": video_path.name, "latents": latents_path.name}
+            target = sidecar
+            write_json_atomic(sidecar, record, overwrite=overwrite)
+        except FileExistsError:
+            raise OutputError(f"{target} appeared while this job ran; it is kept.",
+                              f"The latents are in {latents_path}: decode them with --out another name.") from None
+        except OSError as err:
+            raise write_failed(err, target, latents_path) from err
         h, w = frames.shape[1:3]
         return GenerateResult(video_path=video_path, sidecar_path=sidecar, latents_path=latents_path, fps=fps,
                               seed=int(settings.get("seed", -1)), width=w, height=h, frames=len(frames),

@@ -10,12 +10,15 @@ yuv420p, through imageio-ffmpeg's bundled ffmpeg.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -25,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wan_lite.errors import InputError
-from wan_lite.paths import atomic_path, json_text
+from wan_lite.errors import InputError, WanLiteError
+from wan_lite.paths import PARTIAL_SUFFIX, atomic_path, json_text
 from wan_lite.paths import write_json_atomic as write_json_atomic  # re-exported: sidecars
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ def write_mp4(
     frames: np.ndarray | Iterable[np.ndarray],
     fps: float,
     metadata: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = True,
 ) -> Path:
     """Encode frames to an H.264 mp4 atomically, with `metadata` as JSON in the `comment` tag.
 
@@ -90,6 +95,7 @@ def write_mp4(
             (every size the models make); an odd width or height gets its last column/row repeated
             once, because yuv420p cannot hold odd sizes; nothing is ever rescaled.
         fps: frames per second (16 for the A14B models, 24 for TI2V-5B).
+        overwrite: False keeps an existing file of that name (FileExistsError, nothing written).
     Returns the path written.
     """
     import imageio_ffmpeg
@@ -115,7 +121,7 @@ def write_mp4(
         else:
             logger.warning("Settings are %d bytes, too long to embed in %s; they stay in the sidecar "
                            "JSON only.", len(text.encode("utf-8")), target.name)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, overwrite=overwrite) as tmp:
         writer = imageio_ffmpeg.write_frames(
             str(tmp), (enc_w, enc_h), fps=fps, codec="libx264", quality=MP4_QUALITY, pix_fmt_out="yuv420p",
             # 16 is the reference's value; with even sizes that are not multiples of 16, 2 keeps the
@@ -233,13 +239,15 @@ def read_mp4(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
 # Latents
 
 
-def save_latents(path: str | os.PathLike[str], latents: torch.Tensor, metadata: dict[str, Any]) -> Path:
-    """Save final latents as safetensors (one tensor "latents"), settings as JSON in the header."""
+def save_latents(path: str | os.PathLike[str], latents: torch.Tensor, metadata: dict[str, Any], *,
+                 overwrite: bool = True) -> Path:
+    """Save final latents as safetensors (one tensor "latents"), settings as JSON in the header.
+    `overwrite=False`: an existing file is kept (FileExistsError, nothing written)."""
     from safetensors.torch import save_file
 
     header = {"format": LATENTS_FORMAT, "version": "1", "wan_lite": json_text(metadata)}
     tensor = latents.detach().to("cpu").contiguous()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         save_file({"latents": tensor}, str(tmp), metadata=header)
     return Path(path)
 
@@ -301,8 +309,103 @@ def output_stem(
     if seed is not None:
         parts.append(f"s{int(seed)}")
     parts.append(_slug(prompt, 48) or "untitled")
-    base = "_".join(parts)
+    return free_stem(folder / "_".join(parts))
+
+
+def stem_taken(stem: Path) -> bool:
+    """Whether `stem` itself or any `stem.*` file (mp4, sidecar, latents, ...) exists."""
+    return stem.exists() or any(stem.parent.glob(glob.escape(stem.name) + ".*"))
+
+
+def free_stem(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... : the first stem no file uses (`stem_taken`)."""
     stem, n = base, 2
-    while (folder / stem).exists() or any(folder.glob(glob.escape(stem) + ".*")):
-        stem, n = f"{base}-{n}", n + 1
-    return folder / stem
+    while stem_taken(stem):
+        stem, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return stem
+
+
+def output_files(stem: Path) -> dict[str, Path]:
+    """The files of one result: video, sidecar JSON, latents."""
+    return {"video": stem.with_name(stem.name + ".mp4"), "sidecar": stem.with_name(stem.name + ".json"),
+            "latents": stem.with_name(stem.name + LATENTS_SUFFIX)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets and faults: what a run may write, checked before any model loads
+
+# A 720p 121-frame job writes an mp4 of a few MB and latents of tens of MB; this leaves room.
+MIN_FREE_BYTES = 300 * 2**20
+_WRITE_HINT = "Free some space or choose another output folder (--out), then try again."
+_REASONS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the folder is on a read-only disk",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EDQUOT: "the disk quota is used up"}
+
+
+class OutputError(WanLiteError):
+    """An output cannot be written: the name is taken, or the folder is read-only or full."""
+
+
+def is_our_sidecar(path: Path) -> bool:
+    """Whether `path` is a sidecar wan_lite wrote (a JSON object with a "wan_lite" key)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return False
+    return isinstance(data, dict) and "wan_lite" in data
+
+
+def stem_for_out(out: str | os.PathLike[str]) -> Path:
+    """The stem of a result the user named (`--out NAME.mp4`)."""
+    path = Path(out)
+    if path.suffix.lower() != ".mp4" or not path.stem:
+        raise OutputError(f"--out must name an .mp4 file, got {path}.",
+                          "Give a file name ending in .mp4; its settings JSON and latents go next to it.")
+    return path.with_suffix("")
+
+
+def check_targets(stem: Path, overwrite: bool, kinds: tuple[str, ...] = ("video", "sidecar", "latents")) -> None:
+    """Refuse, before a run, to write over a file: any of the result's files that exists, unless
+    `overwrite`; a sidecar name that holds a file wan_lite did not write, always (--out config.mp4
+    next to a model would otherwise replace its config.json)."""
+    files = output_files(stem)
+    sidecar = files["sidecar"]
+    if "sidecar" in kinds and sidecar.exists() and not is_our_sidecar(sidecar):
+        raise OutputError(f"{sidecar} exists and is not a wan_lite settings file; the settings of a video "
+                          f"named {stem.name}.mp4 would replace it.",
+                          "Choose another --out name or folder (the settings JSON is named after the video).")
+    if overwrite:
+        return
+    for kind in kinds:
+        if files[kind].exists():
+            raise OutputError(f"{files[kind]} already exists; it is kept.",
+                              "Choose another --out name, or add --overwrite to replace the earlier result.")
+
+
+def check_output_folder(folder: Path, need_bytes: int = MIN_FREE_BYTES) -> None:
+    """Refuse a folder the result cannot be written to (not creatable, read-only, nearly full)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".wan_lite-write-check-", suffix=PARTIAL_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        reason = _REASONS.get(err.errno or 0) or err.strerror or str(err)
+        raise OutputError(f"Cannot write to the output folder {folder}: {reason}.",
+                          "Choose a folder you can write to (--out, or --output-dir in the app).") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise OutputError(f"The output folder {folder} has {free / 2**20:.0f} MB free; a video and its "
+                          f"latents need up to {need_bytes / 2**20:.0f} MB.", _WRITE_HINT)
+
+
+def write_failed(err: OSError, path: Path, latents: Path | None) -> OutputError:
+    """The error to show when writing `path` failed anyway; says where the latents are, if kept."""
+    reason = _REASONS.get(err.errno or 0) or err.strerror or str(err)
+    if latents is not None and latents.is_file():
+        kept = (f" The latents are kept in {latents}: `python -m wan_lite decode {latents}` makes the video "
+                "from them without running the model again.")
+    else:
+        kept = " Nothing of this result was saved."
+    return OutputError(f"Could not write {path.name} in {path.parent}: {reason}.{kept}", _WRITE_HINT)

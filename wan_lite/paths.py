@@ -13,9 +13,11 @@ Standard library and platformdirs only: the UI imports this without torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,26 +64,90 @@ def config_path(name: str) -> Path:
 # Atomic writes
 
 
+PARTIAL_SUFFIX = ".partial"
+STALE_PARTIAL_S = 6 * 3600  # a partial this old is never being written: a decode streams frames for minutes
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success move it onto `path`, on error delete it.
 
     The temporary name is hidden and does not end in the target's suffix, so galleries that list
-    `*.mp4` never show a half-written video.
+    `*.mp4` never show a half-written video. It carries the writer's process id: partials that a
+    killed process left (SIGKILL, a power cut) are deleted at the next write into the folder.
+    With `overwrite=False` an existing `path` is never replaced: FileExistsError, also when
+    another process made it while this one was writing (the move is a hard link, which fails on
+    an existing name).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    clean_stale_partials(target.parent)
+    if not overwrite and target.exists():
+        raise FileExistsError(errno.EEXIST, "File exists", str(target))
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
     try:
         yield tmp
         if not tmp.is_file():
             raise OSError(f"writing {target.name} produced no file")
         with open(tmp, "r+b") as f:  # flush to disk before the rename makes it visible (r+: Windows)
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            _move_exclusive(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _move_exclusive(tmp: Path, target: Path) -> None:
+    """Give `tmp` the name `target` unless that name exists (FileExistsError)."""
+    try:
+        os.link(tmp, target)  # atomic and refuses an existing name
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network shares): check, then rename
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+        os.replace(tmp, target)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # no cheap check: the age decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's process
+        return True
+    return True
+
+
+def clean_stale_partials(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the hidden partial files in `folder` that no running writer owns (its process is
+    gone, or the file is older than STALE_PARTIAL_S); returns what was deleted."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+            continue
+        owner = name[:-len(PARTIAL_SUFFIX)].rsplit(".", 1)[-1].split("-", 1)[0]
+        try:
+            old = now - entry.stat().st_mtime > STALE_PARTIAL_S
+            if old or (owner.isdigit() and not _pid_alive(int(owner))):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def _json_default(obj: Any) -> Any:
@@ -103,9 +169,10 @@ def json_text(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, ensure_ascii=False, indent=indent, default=_json_default)
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write `obj` as UTF-8 JSON (indented, non-ASCII kept readable) atomically; returns the path."""
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True) -> Path:
+    """Write `obj` as UTF-8 JSON (indented, non-ASCII kept readable) atomically; returns the path.
+    `overwrite=False`: an existing file is kept (FileExistsError)."""
     text = json_text(obj, indent=2) + "\n"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)

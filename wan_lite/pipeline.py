@@ -256,16 +256,23 @@ class WanPipeline:
         return z[0].float()
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU."""
+    def decode(self, latents: torch.Tensor, cancel: CancelToken | None = None) -> torch.Tensor:
+        """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU.
+
+        `cancel` is honoured before the decode starts and once it ends (the decode function runs
+        as one call), so a cancelled job never goes on to write its video."""
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled()
         self.placement.activate("vae_decoder", self.vae)
         try:
             # float32 in: the VAE de-normalises in float32 and casts to its own dtype after that;
             # out: float32 clamped to [-1, 1] (both the plain and the tiled decode)
             video = self.decode_fn(self.vae, latents[None].to(self.device, torch.float32))
-            return video[0].cpu()
         finally:
             self.placement.release("vae", self.vae)
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled()
+        return video[0].cpu()
 
     def _expert(self, t: int) -> str:
         return self.spec.dit_role_at(t)
@@ -351,7 +358,7 @@ class WanPipeline:
             on_latents(latents, settings)
         self._report(on_progress, "decode", 0, 1, clock)
         t0 = time.perf_counter()
-        video = self.decode(latents)
+        video = self.decode(latents, cancel=cancel)
         clock.add("decode", time.perf_counter() - t0)
         self._report(on_progress, "decode", 1, 1, clock)
         settings["timings"] = dict(clock.timings)

@@ -21,6 +21,7 @@ from wan_lite.ui.handlers import (
     AppUI,
     add_lora,
     crop_preview,
+    discard_upload,
     estimate_updates,
     history_updates,
     lora_choices,
@@ -80,10 +81,12 @@ def _session(request: gr.Request | None) -> str:
 
 
 def build_ui(engine: Engine, upload_dir: Path, store: SettingsStore | None = None,
-             presets: Presets | None = None) -> AppUI:
-    """Build the page (not launched). `upload_dir` must also be Gradio's temp dir (GRADIO_TEMP_DIR)."""
+             presets: Presets | None = None, confine: bool = False) -> AppUI:
+    """Build the page (not launched). `upload_dir` must also be Gradio's temp dir (GRADIO_TEMP_DIR).
+    `confine`: the page is served beyond this computer, so Scan and Save accept only folders and
+    files in the models folder and the remembered ComfyUI folders."""
     presets = presets or load_presets(user_dir=user_presets_dir())
-    ui = AppUI(engine, presets, store or SettingsStore(), upload_dir, JobRunner(engine))
+    ui = AppUI(engine, presets, store or SettingsStore(), upload_dir, JobRunner(engine), confine=confine)
     w = ui.w
     defaults = form.default_values()
     spec = get_spec(defaults["model"])
@@ -288,6 +291,7 @@ def _wire(ui: AppUI) -> None:
                 checked = images.check_image(Path(path), ui.upload_dir)
                 out = {"image": str(checked.path), "status": "\n".join(f"- {n}" for n in checked.notes)}
             except Exception as err:
+                discard_upload(Path(path), ui.upload_dir)  # not an image: nothing serves it from our origin
                 return {"image": None, "status": f"⛔ {error_message(err)}", "upload": None}
         new_model = form.model_for_image(model, bool(out["image"]))
         if new_model != model:
@@ -407,7 +411,7 @@ def _wire_components(ui: AppUI, models_table: Callable[[], dict[Any, Any]]) -> N
                 for v in components_panel.slot_views(ui.engine, found, model)}
 
     def scan(comfy_dir: str, comp_model: str) -> dict[Any, Any]:
-        found, table = components_panel.scan(ui.engine, comfy_dir)
+        found, table = components_panel.scan(ui.engine, comfy_dir, confine=ui.confine)
         return ui.out({"found": found, "found_table": table, **slot_updates(found, comp_model)}) | models_table()
 
     w["scan_btn"].click(scan, inputs_kwargs=ui.kw(["comfy_dir", "comp_model"]),
@@ -418,7 +422,7 @@ def _wire_components(ui: AppUI, models_table: Callable[[], dict[Any, Any]]) -> N
 
     def save(found: list, comp_model: str, **slots: str) -> dict[Any, Any]:
         picks = {name.removeprefix("slot_"): value for name, value in slots.items()}
-        message = components_panel.save(ui.engine, comp_model, picks)
+        message = components_panel.save(ui.engine, comp_model, picks, confine=ui.confine)
         updates = {"comp_status": message}
         if not message.startswith("⛔"):  # a wrong file stays in its box so the user can fix it
             updates.update(slot_updates(found, comp_model))
@@ -441,13 +445,14 @@ def _wire_components(ui: AppUI, models_table: Callable[[], dict[Any, Any]]) -> N
 
 
 def launch(ui: AppUI, *, host: str, port: int | None, share: bool, open_browser: bool,
-           output_dir: Path, block: bool = True) -> None:
-    """Start serving: one job at a time, only the output and upload folders readable."""
+           output_dir: Path, block: bool = True, auth: list[tuple[str, str]] | None = None) -> None:
+    """Start serving: one job at a time, only the output and upload folders readable; `auth`:
+    the (user, password) pairs the login page accepts (None: no login)."""
     if ui.demo is None:
         raise RuntimeError("build_ui() must run before launch()")
     ui.demo.queue(default_concurrency_limit=1)
     ui.demo.launch(
-        server_name=host, server_port=port, share=share, inbrowser=open_browser,
+        server_name=host, server_port=port, share=share, inbrowser=open_browser, auth=auth,
         allowed_paths=[str(output_dir), str(ui.upload_dir)], css=CSS, prevent_thread_lock=not block,
         footer_links=[], show_error=False, quiet=False,
     )

@@ -125,9 +125,36 @@ def slot_views(engine: Engine, found: list[FoundFile], model: str) -> list[SlotV
                      else [FROM_FOLDER], chosen.get(slot, "")) for slot in ALL_SLOTS]
 
 
-def scan(engine: Engine, comfy_text: str | None) -> tuple[list[FoundFile], str]:
+def known_folders(engine: Engine) -> list[Path]:
+    """The folders a page served beyond this computer may scan and pick files from: the models
+    folder and the ComfyUI folders remembered on this computer."""
+    try:
+        comfy = engine.comfy_dirs()
+    except Exception as err:  # an unreadable choices file: the models folder alone
+        log.warning("Remembered ComfyUI folders not read: %s", err)
+        comfy = []
+    return [Path(p).expanduser().resolve() for p in (engine.models_root, *comfy)]
+
+
+def outside_known(engine: Engine, paths: Iterable[str | Path]) -> list[str]:
+    """The paths (as typed) outside `known_folders` (symbolic links are followed first)."""
+    roots = known_folders(engine)
+    return [str(p) for p in paths if not any(Path(p).expanduser().resolve().is_relative_to(r) for r in roots)]
+
+
+def _confined_message(what: str, engine: Engine) -> str:
+    # The same words whether the path exists or not: a remote user learns nothing about this disk.
+    return (f"⛔ This page is shared over the network, so {what} only in the models folder and the ComfyUI "
+            f"folders remembered on this computer ({html.escape(dirs_text(known_folders(engine)))}). "
+            "Add other folders on the computer running wan_lite (`python -m wan_lite models --comfy FOLDER`).")
+
+
+def scan(engine: Engine, comfy_text: str | None, confine: bool = False) -> tuple[list[FoundFile], str]:
     """Scan the usual places and the typed ComfyUI folder(s), remembered for next time.
+    `confine` (a page served beyond this computer): only known folders (`known_folders`).
     Returns (found, markdown)."""
+    if confine and outside_known(engine, parse_dirs(comfy_text)):
+        return [], _confined_message("Scan looks", engine)
     try:
         found = engine.scan_components(parse_dirs(comfy_text))
     except Exception as err:
@@ -137,10 +164,13 @@ def scan(engine: Engine, comfy_text: str | None) -> tuple[list[FoundFile], str]:
     return found, found_markdown(found)
 
 
-def save(engine: Engine, model: str, picks: dict[str, str | None]) -> str:
+def save(engine: Engine, model: str, picks: dict[str, str | None], confine: bool = False) -> str:
     """Check and remember the picks for `model`; the message says what is in use now, whether the
-    model is complete, or (for a wrong file) what the file is and what was expected."""
+    model is complete, or (for a wrong file) what the file is and what was expected. `confine`:
+    files outside `known_folders` are refused and nothing is saved."""
     own = slots_of(model)
+    if confine and outside_known(engine, [v for k, v in picks.items() if k in own and v]):
+        return _confined_message("files can be chosen", engine)
     try:
         used = engine.choose_components(model, {k: v for k, v in picks.items() if k in own})
         status = next((s for s in engine.model_status() if s.name == get_spec(model).name), None)

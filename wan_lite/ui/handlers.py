@@ -47,6 +47,7 @@ class AppUI:
     runner: JobRunner
     w: dict[str, Any] = field(default_factory=dict)  # widgets by name
     demo: gr.Blocks | None = None
+    confine: bool = False  # served beyond this computer: Scan and Save stay in the known folders
 
     def out(self, values: dict[str, Any]) -> dict[Any, Any]:
         """Name -> value to component -> value, for a handler's return."""
@@ -65,6 +66,20 @@ class AppUI:
     @property
     def form_names(self) -> list[str]:
         return [*form.REQUEST_WIDGETS, *form.UI_ONLY, *self.term_names]
+
+
+def discard_upload(path: Path, upload_dir: Path) -> bool:
+    """Delete a rejected upload that Gradio stored in the upload folder (an .html or .svg posted
+    straight to the upload route never reaches the image check, but one that did is not kept
+    where the app serves files from). Files elsewhere are never touched."""
+    try:
+        resolved, folder = Path(path).resolve(), Path(upload_dir).resolve()
+        if resolved.is_file() and resolved.is_relative_to(folder):
+            resolved.unlink()
+            return True
+    except OSError as err:
+        log.warning("Could not delete the rejected upload %s: %s", path, err)
+    return False
 
 
 def model_updates(model: str, mode: str, size: str | None) -> dict[str, Any]:
