@@ -200,13 +200,13 @@ class Fp8ScaledSource(TensorSource):
             try:
                 conf = json.loads(bytes(self.inner[key].to(torch.uint8).tolist()).decode("utf-8"))
                 formats.add(conf.get("format"))
-            except (ValueError, UnicodeDecodeError, AttributeError):
+            except (ValueError, AttributeError, TypeError, RecursionError):  # not this format's blob
                 continue
         raw = (getattr(self.inner, "metadata", None) or {}).get("_quantization_metadata")
         try:
             layers = json.loads(raw).get("layers", {}) if raw else {}
             formats |= {v.get("format") for v in layers.values() if isinstance(v, dict)}
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             pass
         bad = formats - set(_FP8_FORMATS) - {None}
         if bad:
