@@ -141,3 +141,82 @@ def test_cli_refuses_dev_zero_as_vae_with_exit_2() -> None:
                           "--tokenizer", "/dev/zero"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "/dev/zero is not a regular file" in run.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents files whose record is mis-shaped, damaged tokenizers
+
+
+@pytest.mark.parametrize(("record", "words"), [
+    ({"settings": [1, 2]}, "'settings' is a list"),
+    ({"settings": {"model": "ti2v-5b", "timings": [1]}}, "'timings' is not an object"),
+    ({"settings": {"model": "ti2v-5b", "timings": {"decode": "slow"}}}, "'timings' is not an object"),
+    ({"settings": {"model": "ti2v-5b", "seed": "abc"}}, "the seed is 'abc'"),
+    ({"settings": {"model": ["ti2v-5b"]}}, "the model is"),
+    ({"settings": {"model": "ti2v-5b"}, "components": ["a"]}, "'components'"),
+])
+def test_latents_with_a_mis_shaped_record_are_refused(tmp_path: Path, record: dict, words: str) -> None:
+    from wan_lite.errors import InputError
+    from wan_lite.output import load_latents, save_latents
+
+    path = save_latents(tmp_path / "x.latents.safetensors", torch.zeros(1, 4, 1, 2, 2), record)
+    with pytest.raises(InputError, match="damaged") as err:
+        load_latents(path)
+    assert words in str(err.value) and "x.latents.safetensors" in str(err.value)
+
+
+def test_cli_decode_of_damaged_latents_exits_2(tmp_path: Path) -> None:
+    from wan_lite.output import save_latents
+
+    path = save_latents(tmp_path / "x.latents.safetensors", torch.zeros(1, 4, 1, 2, 2),
+                        {"settings": {"model": "ti2v-5b", "seed": "abc"}})
+    run = subprocess.run([sys.executable, "-m", "wan_lite", "decode", str(path), "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "the seed is 'abc'" in run.stderr
+
+
+@pytest.mark.parametrize("files", [
+    {"tokenizer.json": "{not json"},
+    {"spiece.model": "\0garbage\xff" * 10},
+    {"tokenizer.json": "[]"},
+])
+def test_a_damaged_tokenizer_folder_is_named(tmp_path: Path, files: dict[str, str]) -> None:
+    from wan_lite.models.text_encoder import load_tokenizer
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="latin-1")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height pixels, with one tiny IDAT: a decompression bomb's header."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_30000_square_png_is_refused_by_the_upload_and_the_preview(tmp_path: Path) -> None:
+    from wan_lite.errors import InputError
+    from wan_lite.registry import MODELS
+    from wan_lite.sizing import MAX_IMAGE_PIXELS
+    from wan_lite.ui import images
+
+    assert images.MAX_PIXELS == MAX_IMAGE_PIXELS
+    within_pil = _png_header_only(tmp_path / "wide.png", 12000, 6000)  # under PIL's own limit, over ours
+    with pytest.raises(InputError, match="12000×6000 pixels, too large"):
+        images.check_image(within_pil, tmp_path / "up")
+    src = _png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    with pytest.raises(InputError, match="is over 60 megapixels, too large to open safely") as err:
+        images.check_image(src, tmp_path / "up")
+    assert "bomb.png" in str(err.value) and not (tmp_path / "up").exists()
+    with pytest.raises(InputError, match="too large"):
+        images.model_frame(src, MODELS["ti2v-5b"], 1280 * 704)
