@@ -62,11 +62,11 @@ def weight_map(index: Path) -> dict[str, str]:
     """The tensor -> shard file map of a sharded safetensors model's `*.safetensors.index.json`.
 
     Raises CheckpointError naming the index when it is not JSON or not shaped
-    {"weight_map": {tensor name: shard file name}}; shard names must be plain file names.
+    {"weight_map": {tensor name: shard file name}} with at least one entry; shard names must be plain file names.
     """
     data = read_json_file(index, "safetensors index")
     wmap = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+    if not wmap or not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
         raise CheckpointError(
             f"{index} is not a valid safetensors index: it needs a \"weight_map\" object of "
             "tensor name -> shard file name.",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -333,8 +334,11 @@ def gguf_shape(reader, tensor, path: Path) -> tuple[int, ...]:
     """PyTorch shape of a GGUF tensor: `comfy.gguf.orig_shape.<name>` if present (5-D tensors
     are stored flattened), else the GGUF dims reversed (GGUF lists the fastest dim first)."""
     orig = gguf_field(reader, f"comfy.gguf.orig_shape.{tensor.name}")
+    if orig and not (isinstance(orig, list) and all(isinstance(v, int) and v >= 0 for v in orig)):
+        raise CheckpointError(f"{path}: the stored shape of tensor {tensor.name!r} is {orig!r}, not a list of sizes.",
+                              "The file is damaged; download it again.")
     shape = tuple(int(v) for v in orig) if orig else tuple(int(v) for v in reversed(tensor.shape.tolist()))
-    if int(np.prod(shape)) != tensor.n_elements:
+    if math.prod(shape) != tensor.n_elements:
         raise CheckpointError(
             f"{path}: tensor {tensor.name!r} holds {tensor.n_elements} values "
             f"but its shape is {list(shape)}.",
