@@ -220,3 +220,16 @@ def test_a_30000_square_png_is_refused_by_the_upload_and_the_preview(tmp_path: P
     assert "bomb.png" in str(err.value) and not (tmp_path / "up").exists()
     with pytest.raises(InputError, match="too large"):
         images.model_frame(src, MODELS["ti2v-5b"], 1280 * 704)
+
+
+def test_gguf_and_pth_readers_refuse_non_regular_files(tmp_path: Path) -> None:
+    from wan_lite.loading.sources import GGUFSource
+
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    for call in (GGUFSource, formats.detect):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            call(fifo)
+    os.mkfifo(tmp_path / "pipe.pth")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        open_source(tmp_path / "pipe.pth")

@@ -124,3 +124,25 @@ def test_bad_json_in_the_outputs_folder_does_not_break_the_history(tmp_path: Pat
     entries = read_history(out)
     assert [e.prompt for e in entries] == ["a fox"]
     assert "a fox" in describe(entries[0]) and entries[0].timings == {"decode": 1.0}
+
+
+def test_a_folder_that_cannot_be_listed_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wan_lite.errors import CheckpointError
+    from wan_lite.loading import formats
+
+    locked, fine = tmp_path / "locked", tmp_path / "fine"
+    locked.mkdir()
+    fine.mkdir()
+    save_file({"w": torch.zeros(2)}, str(fine / "x.safetensors"))
+    real = Path.iterdir
+
+    def deny(self: Path):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", deny)  # tests run as root: chmod would not stop them
+    assert [f.component.path.name for f in discovery.scan([("comfyui", tmp_path)])] == ["x.safetensors"]
+    with pytest.raises(CheckpointError, match="Permission denied") as err:
+        formats.detect(locked)
+    assert str(locked) in str(err.value)

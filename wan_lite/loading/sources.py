@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from wan_lite.errors import CheckpointError
+from wan_lite.loading.files import regular_file
 from wan_lite.loading.tensors import TensorSource
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,7 @@ def open_gguf_reader(path: Path):  # -> gguf.GGUFReader (the import is deferred:
     import gguf
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"File not found: {path}")
+    regular_file(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError, IndexError, ... on damaged files
