@@ -271,9 +271,39 @@ def load_latents(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, 
         raise InputError(f"{p.name} is not a readable latents file ({type(e).__name__}: {e}).", hint) from e
     try:
         settings = json.loads(header.get("wan_lite", "{}"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"The settings stored in {p.name} are damaged ({e}).", hint) from e
-    return tensor, settings if isinstance(settings, dict) else {}
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"The settings stored in {p.name} are damaged ({type(e).__name__}).", hint) from None
+    if not isinstance(settings, dict):
+        raise InputError(f"The settings stored in {p.name} are damaged (a JSON {type(settings).__name__}, "
+                         "not an object).", hint)
+    problem = _latents_record_problem(settings)
+    if problem:
+        raise InputError(f"The settings stored in {p.name} are damaged: {problem}.", hint)
+    return tensor, settings
+
+
+def _latents_record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a latents file's record (`Engine._record`), None if nothing:
+    decode reads settings (model, seed, sizes, timings), model_dir and components from it."""
+    settings = record.get("settings", {})
+    if not isinstance(settings, dict):
+        return f"'settings' is a {type(settings).__name__}, not an object"
+    model = settings.get("model")
+    if model is not None and not isinstance(model, str):
+        return f"the model is {model!r}, not a name"
+    seed = settings.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        return f"the seed is {seed!r}, not a whole number"
+    timings = settings.get("timings", {})
+    if not isinstance(timings, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in timings.values()):
+        return "'timings' is not an object of seconds"
+    components = record.get("components", {})
+    if not isinstance(components, dict) or not all(isinstance(v, str) for v in components.values()):
+        return "'components' is not an object of file names"
+    if not isinstance(record.get("model_dir", ""), (str, type(None))):
+        return "'model_dir' is not a folder name"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from wan_lite.errors import InputError
+from wan_lite.errors import CheckpointError, InputError
 from wan_lite.loading.formats import WEIGHT_SUFFIXES, Component, detect, detect_folder
 from wan_lite.paths import config_dir, write_json_atomic
 from wan_lite.registry import MODELS
@@ -119,20 +119,61 @@ def _repo_of(path: Path, cache: Path) -> str | None:
 
 
 def _folders(root: Path, max_depth: int) -> Iterable[Path]:
-    """`root` and its sub-folders down to `max_depth`, skipping caches and git internals."""
+    """`root` and its sub-folders down to `max_depth`, skipping caches and git internals.
+
+    Directory symlinks are followed (the HF cache and ComfyUI setups use them), but never into a
+    folder already visited (by its real path): symlink loops cost one visit per real folder
+    instead of growing as (links)^depth. Folders that cannot be listed are skipped.
+    """
+    visited: set[str] = set()
     for dirpath, dirnames, _files in os.walk(root, followlinks=True):
-        depth = len(Path(dirpath).relative_to(root).parts)
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-        if depth >= max_depth:
+        real = os.path.realpath(dirpath)
+        if real in visited:
             dirnames[:] = []
+            continue
+        visited.add(real)
+        depth = len(Path(dirpath).relative_to(root).parts)
+        keep = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+        dirnames[:] = [] if depth >= max_depth else sorted(
+            d for d in keep if os.path.realpath(os.path.join(dirpath, d)) not in visited)
         yield Path(dirpath)
+
+
+def _has_weights(folder: Path) -> bool:
+    try:
+        return any(f.suffix in WEIGHT_SUFFIXES or f.name == "spiece.model" for f in folder.iterdir())
+    except OSError as err:  # a folder this user may not list hides only its own files
+        log.warning("Model scan: skipping %s (%s)", folder, err.strerror or err)
+        return False
+
+
+def _broken(path: Path, err: Exception) -> Component:
+    return Component(path, (path,), "?", "broken", problem=f"{path} cannot be read ({err}).")
+
+
+def _scan_folder(folder: Path) -> list[Component]:
+    """The components in one folder; a folder that cannot be read comes back as one "broken"
+    component instead of stopping the scan of every other folder."""
+    try:
+        return detect_folder(folder)
+    except (CheckpointError, OSError) as err:
+        return [_broken(folder, err)]
+
+
+def _with_fingerprint(c: Component) -> Component:
+    if c.role == "broken":
+        return c
+    try:
+        return replace(c, fingerprint=fingerprint(c.files))
+    except OSError as err:
+        return replace(c, role="broken", problem=f"{c.path} cannot be read ({err.strerror or err}).")
 
 
 def scan(places: Iterable[tuple[str, Path]], max_depth: int = 6) -> list[Found]:
     """Every component in `places`, each file once (copies reached by symlinks are merged).
 
     Unreadable files are listed too (role "broken", with the reason), so a truncated download
-    shows up instead of silently missing.
+    shows up instead of silently missing; one bad file never stops the scan of the others.
     """
     places = list(places)
     found: list[Found] = []
@@ -140,14 +181,14 @@ def scan(places: Iterable[tuple[str, Path]], max_depth: int = 6) -> list[Found]:
     cache = hf_cache_dir()
     for location, root in places:
         for folder in _folders(Path(root), max_depth):
-            if not any(f.suffix in WEIGHT_SUFFIXES or f.name == "spiece.model" for f in folder.iterdir()):
+            if not _has_weights(folder):
                 continue
-            for c in detect_folder(folder):
-                key = tuple(sorted(f.resolve() for f in c.files))
+            for c in _scan_folder(folder):
+                key = tuple(sorted(Path(os.path.realpath(f)) for f in c.files))
                 if any(k in seen for k in key):
                     continue
                 seen.update(key)
-                c = replace(c, fingerprint=fingerprint(c.files)) if c.role != "broken" else c
+                c = _with_fingerprint(c)
                 repo = _repo_of(folder, cache) if location == "hf-cache" else None
                 found.append(Found(c, location, repo))
     log.info("Model scan: %d component(s) in %d place(s)", len(found), len(places))
@@ -207,11 +248,11 @@ class RememberedChoices:
         if self.path.is_file():
             try:
                 loaded = json.loads(self.path.read_text(encoding="utf-8"))
-                if isinstance(loaded, dict):
-                    self.data.update(loaded)
-            except (ValueError, OSError) as err:
+            except (ValueError, OSError, RecursionError) as err:
                 log.warning("Ignoring unreadable %s (%s); starting with no remembered choices.",
-                            self.path, err)
+                            self.path, type(err).__name__ if isinstance(err, RecursionError) else err)
+            else:
+                self.data.update(_repaired(loaded, self.path))
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
@@ -254,6 +295,49 @@ class RememberedChoices:
                 log.info("%s %s: remembered file moved to %s", model, slot, by_fp[fp])
                 out[slot] = by_fp[fp]
         return out
+
+
+def _repaired(loaded: object, path: Path) -> dict:
+    """The parts of a loaded choices.json that have the right shape (see `RememberedChoices`);
+    each part dropped is named in a log warning, so a hand-edited or damaged file never stops
+    the CLI or the app from starting."""
+    if not isinstance(loaded, dict):
+        _warn_once("Ignoring %s: it is a JSON %s, not an object.", path, type(loaded).__name__)
+        return {}
+    out = dict(loaded)
+    dirs = loaded.get("comfy_dirs", [])
+    if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+        _warn_once("Ignoring the comfy_dirs of %s: not a list of folder names.", path)
+        out["comfy_dirs"] = [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else []
+    models = loaded.get("models", {})
+    if not isinstance(models, dict):
+        _warn_once("Ignoring the remembered models of %s: not an object.", path)
+        models = {}
+    kept: dict = {}
+    for model, slots in models.items():
+        good = {slot: e for slot, e in slots.items() if _entry_ok(e)} if isinstance(slots, dict) else {}
+        if not isinstance(slots, dict) or len(good) != len(slots):
+            _warn_once("Ignoring damaged entries for %s in %s.", model, path)
+        if good:
+            kept[model] = good
+    out["models"] = kept
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str, *args: object) -> None:
+    """A warning about choices.json, once per process: the file is read at every refresh."""
+    text = message % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        log.warning(text)
+
+
+def _entry_ok(entry: object) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("path"), str) and bool(entry["path"])
+            and isinstance(entry.get("fingerprint"), (str, type(None))))
 
 
 def _same(path: Path, fp: str | None) -> bool:

@@ -23,7 +23,6 @@ component does not fit a slot, `open_component` gives a `TensorSource` with offi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter
@@ -36,6 +35,7 @@ import torch
 
 from wan_lite.errors import CheckpointError
 from wan_lite.loading import keymaps
+from wan_lite.loading.files import regular_file, weight_map
 from wan_lite.loading.keymaps import recognise
 from wan_lite.loading.sources import (
     Fp8ScaledSource,
@@ -181,7 +181,8 @@ def read_header(files: Iterable[Path]) -> Header:
     if first.suffix == ".gguf":
         reader = open_gguf_reader(first)
         tensors = {t.name: (gguf_shape(reader, t, first), t.tensor_type.name) for t in reader.tensors}
-        return Header(tensors, "gguf", {}, gguf_field(reader, "general.architecture"))
+        arch = gguf_field(reader, "general.architecture")
+        return Header(tensors, "gguf", {}, arch if isinstance(arch, str) else None)
     if first.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         src = PthSource(first)
         tensors = {k: (src.shape(k), _TORCH_TYPE_NAMES.get(src.dtype(k), "?")) for k in src}
@@ -272,18 +273,20 @@ def detect_files(files: Iterable[Path], path: Path | None = None, *, expert: str
     )
 
 
-def _shard_sets(folder: Path) -> tuple[list[tuple[Path, list[Path]]], set[Path]]:
-    """Sharded safetensors models in `folder` (from their index json): [(index, shards)], used."""
-    sets, used = [], set()
+def _shard_sets(folder: Path) -> tuple[list[tuple[Path, list[Path]]], set[Path], list[Component]]:
+    """Sharded safetensors models in `folder` (from their index json): [(index, shards)], the
+    shards used, and each index that cannot be read as a "broken" component."""
+    sets, used, broken = [], set(), []
     for index in sorted(folder.glob("*.safetensors.index.json")):
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, OSError):
+            names = sorted(set(weight_map(index).values()))
+        except CheckpointError as err:
+            broken.append(Component(index, (index,), "?", "broken", problem=str(err)))
             continue
         shards = [folder / n for n in names]
         sets.append((index, shards))
         used.update(shards)
-    return sets, used
+    return sets, used, broken
 
 
 def _tokenizer_component(folder: Path) -> Component | None:
@@ -317,8 +320,7 @@ def detect_folder(folder: Path, expert: str | None = None) -> list[Component]:
     folder = Path(folder)
     expert = expert or _folder_expert(folder)
     has_config = (folder / "config.json").is_file()
-    out: list[Component] = []
-    sets, used = _shard_sets(folder)
+    sets, used, out = _shard_sets(folder)
     for _index, shards in sets:
         out.append(detect_files(shards, folder, expert=expert, folder_has_config=has_config))
     singles = [f for f in sorted(folder.iterdir())
@@ -344,7 +346,13 @@ def detect(path: Path) -> list[Component]:
         raise CheckpointError(f"Not found: {path}", "Check the path.")
     if path.is_file():
         return [detect_files([path])]
-    out = detect_folder(path)
+    if not path.is_dir():
+        regular_file(path)  # raises: a device, a FIFO or a socket is never read
+    try:
+        out = detect_folder(path)
+    except OSError as err:  # a folder this user may not list
+        raise CheckpointError(f"The folder {path} cannot be read ({err.strerror or err}).",
+                              "Check the folder's permissions.") from None
     subs = _diffusers_subfolders() if (path / "model_index.json").is_file() else _official_subfolders()
     for sub in subs:
         if (path / sub).is_dir():

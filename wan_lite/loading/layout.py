@@ -17,17 +17,20 @@ config.json's `model_type` is the last resort.
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wan_lite.errors import CheckpointError
+from wan_lite.loading.files import read_json_file, weight_map
 from wan_lite.registry import MODELS, VAES, ModelSpec, match_dit, spec_for_task
 
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either is enough for AutoTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,12 +79,7 @@ def _dit_shards(folder: Path, spec: ModelSpec | None) -> list[Path]:
     """The shard files of one DiT folder, checked against the index."""
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err}).",
-                                  "Download this file again.") from None
-        names = sorted(set(weight_map.values()))
+        names = sorted(set(weight_map(index).values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(
@@ -100,10 +98,7 @@ def _dit_shards(folder: Path, spec: ModelSpec | None) -> list[Path]:
 def _shapes_of(folder: Path) -> tuple[int, int, int, int] | None:
     """(in_dim, out_dim, dim, num_layers) of the DiT in `folder`: from config.json, else from the
     weights' header; None when neither says."""
-    try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cfg = {}
+    cfg = _config(folder)
     keys = ("in_dim", "out_dim", "dim", "num_layers")
     if isinstance(cfg, dict) and all(isinstance(cfg.get(k), int) for k in keys):
         return tuple(cfg[k] for k in keys)  # type: ignore[return-value]
@@ -131,10 +126,26 @@ def _spec_of(folder: Path, experts: bool) -> ModelSpec | None:
     if spec is not None:
         return spec
     try:
-        task = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-        return spec_for_task(task, experts=experts)
-    except (OSError, ValueError, AttributeError, KeyError):
+        return spec_for_task(_config(folder).get("model_type"), experts=experts)
+    except (ValueError, KeyError):
         return None
+
+
+def _config(folder: Path) -> dict:
+    """The DiT's config.json as a dict; {} when it is missing, unreadable or not a JSON object
+    (the weights' header is asked instead, and logged)."""
+    path = folder / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = read_json_file(path, "model config")
+    except CheckpointError as err:
+        log.warning("Ignoring %s", err)
+        return {}
+    if not isinstance(cfg, dict):
+        log.warning("Ignoring %s: it is a JSON %s, not an object.", path, type(cfg).__name__)
+        return {}
+    return cfg
 
 
 def detect_spec(root: Path) -> ModelSpec:

@@ -313,11 +313,11 @@ def _peft_alpha(metadata: Mapping[str, str]) -> tuple[float | None, dict[str, fl
         return None, {}, False
     try:
         cfg = json.loads(raw)
-    except json.JSONDecodeError:
+        alpha = cfg.get("lora_alpha")
+        pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+        return (None if alpha is None else float(alpha)), pattern, bool(cfg.get("use_rslora"))
+    except (ValueError, TypeError, AttributeError, RecursionError):  # not PEFT's shape: no alpha from it
         return None, {}, False
-    alpha = cfg.get("lora_alpha")
-    pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
-    return (None if alpha is None else float(alpha)), pattern, bool(cfg.get("use_rslora"))
 
 
 def _pattern_alpha(pattern: Mapping[str, float], module: str) -> float | None:

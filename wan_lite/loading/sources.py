@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from wan_lite.errors import CheckpointError
+from wan_lite.loading.files import regular_file
 from wan_lite.loading.tensors import TensorSource
 
 log = logging.getLogger(__name__)
@@ -200,13 +202,13 @@ class Fp8ScaledSource(TensorSource):
             try:
                 conf = json.loads(bytes(self.inner[key].to(torch.uint8).tolist()).decode("utf-8"))
                 formats.add(conf.get("format"))
-            except (ValueError, UnicodeDecodeError, AttributeError):
+            except (ValueError, AttributeError, TypeError, RecursionError):  # not this format's blob
                 continue
         raw = (getattr(self.inner, "metadata", None) or {}).get("_quantization_metadata")
         try:
             layers = json.loads(raw).get("layers", {}) if raw else {}
             formats |= {v.get("format") for v in layers.values() if isinstance(v, dict)}
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             pass
         bad = formats - set(_FP8_FORMATS) - {None}
         if bad:
@@ -293,8 +295,7 @@ def open_gguf_reader(path: Path):  # -> gguf.GGUFReader (the import is deferred:
     import gguf
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"File not found: {path}")
+    regular_file(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError, IndexError, ... on damaged files
@@ -333,8 +334,11 @@ def gguf_shape(reader, tensor, path: Path) -> tuple[int, ...]:
     """PyTorch shape of a GGUF tensor: `comfy.gguf.orig_shape.<name>` if present (5-D tensors
     are stored flattened), else the GGUF dims reversed (GGUF lists the fastest dim first)."""
     orig = gguf_field(reader, f"comfy.gguf.orig_shape.{tensor.name}")
+    if orig and not (isinstance(orig, list) and all(isinstance(v, int) and v >= 0 for v in orig)):
+        raise CheckpointError(f"{path}: the stored shape of tensor {tensor.name!r} is {orig!r}, not a list of sizes.",
+                              "The file is damaged; download it again.")
     shape = tuple(int(v) for v in orig) if orig else tuple(int(v) for v in reversed(tensor.shape.tolist()))
-    if int(np.prod(shape)) != tensor.n_elements:
+    if math.prod(shape) != tensor.n_elements:
         raise CheckpointError(
             f"{path}: tensor {tensor.name!r} holds {tensor.n_elements} values "
             f"but its shape is {list(shape)}.",

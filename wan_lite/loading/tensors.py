@@ -12,6 +12,7 @@ stays on disk until a tensor is read.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from wan_lite.errors import CheckpointError
+from wan_lite.loading.files import regular_file
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -82,13 +84,19 @@ class DictSource(TensorSource):
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file size.
+    """The JSON header of a safetensors file, checked: its shape and every tensor's entry
+    (dtype, shape, data_offsets) against each other and against the file size.
 
-    Raises CheckpointError naming the file when the file is truncated or not safetensors.
+    Raises CheckpointError naming the file when it is not a regular readable file, is truncated
+    or is not safetensors.
     """
-    path = Path(path)
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(checked header, offset of the data block)."""
+    size = regular_file(path)
     try:
-        size = path.stat().st_size
         with path.open("rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
@@ -97,20 +105,56 @@ def read_safetensors_header(path: Path) -> dict:
             if n > min(size - 8, 100_000_000):
                 raise ValueError("header length is larger than the file")
             header = json.loads(fh.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(f"File not found: {path}") from None
-    except (ValueError, UnicodeDecodeError, struct.error) as err:
+    except OSError as err:  # permission denied, an I/O error
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err}).",
+                              "Check the file's permissions.") from None
+    except (ValueError, RecursionError, struct.error) as err:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}).",
+            f"{path} is not a readable safetensors file "
+            f"({'header nested too deeply' if isinstance(err, RecursionError) else err}).",
             "The file is corrupt or was not fully downloaded; download it again.",
         ) from None
+    problem = _header_problem(header)
+    if problem:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {problem}.",
+                              "The file is corrupt or was not fully downloaded; download it again.")
     end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if size < end:
         raise CheckpointError(
             f"{path} is truncated: {size:,} bytes on disk, the header describes {end:,}.",
             "The download did not finish; download this file again.",
         )
-    return header
+    return header, 8 + n
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_problem(header: object) -> str | None:
+    """What is wrong with the shape of a parsed safetensors header, None when nothing is."""
+    if not isinstance(header, dict):
+        return f"its header is a JSON {type(header).__name__}, not an object"
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        return "its __metadata__ is not an object of strings"
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return f"the entry of tensor {name!r} is not an object"
+        offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+        if not isinstance(dtype, str):
+            return f"tensor {name!r} has no dtype"
+        if not (isinstance(shape, list) and all(_is_int(d) for d in shape)):
+            return f"tensor {name!r} has no valid shape"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has no valid data_offsets (two byte offsets, start <= end)"
+        if dtype in _ST_DTYPES and offsets[1] - offsets[0] != math.prod(shape) * _itemsize(_ST_DTYPES[dtype]):
+            return (f"tensor {name!r} takes {offsets[1] - offsets[0]} bytes, "
+                    f"but its shape {shape} in {dtype} needs {math.prod(shape) * _itemsize(_ST_DTYPES[dtype])}")
+    return None
 
 
 class SafetensorsSource(TensorSource):
@@ -129,9 +173,7 @@ class SafetensorsSource(TensorSource):
         self.metadata: dict[str, str] = {}
         self._maps: list[mmap.mmap | None] = []
         for i, f in enumerate(self.files):
-            header = read_safetensors_header(f)
-            with f.open("rb") as fh:
-                base = 8 + struct.unpack("<Q", fh.read(8))[0]
+            header, base = _read_header(f)
             self.metadata.update(header.get("__metadata__") or {})
             for name, info in header.items():
                 if name == "__metadata__":
@@ -195,7 +237,7 @@ class SafetensorsSource(TensorSource):
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 class PthSource(DictSource):
@@ -203,8 +245,7 @@ class PthSource(DictSource):
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"File not found: {path}")
+        regular_file(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # zipfile, pickle and torch raise many types here

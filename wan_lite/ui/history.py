@@ -64,10 +64,12 @@ def _video_for(sidecar: Path, data: dict[str, Any], root: Path) -> Path | None:
 
 def parse_sidecar(sidecar: Path, root: Path) -> HistoryEntry | None:
     """One history entry, or None when the file is not a readable sidecar of an existing video."""
+    if not sidecar.is_file():  # a folder, or a FIFO that would block the UI
+        return None
     try:
         data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        log.info("Skipping %s in the history: %s", sidecar, err)
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON and Unicode errors
+        log.info("Skipping %s in the history: %s", sidecar, type(err).__name__)
         return None
     if not isinstance(data, dict):
         return None
@@ -116,7 +118,8 @@ def describe(entry: HistoryEntry) -> str:
     shown = ", ".join(f"{k} {s[k]}" for k in keys if s.get(k) is not None)
     if shown:
         rows.append(f"**Settings:** {html.escape(shown)}")
-    loras = [x for x in s.get("loras") or [] if isinstance(x, dict) and x.get("file")]
+    listed = s.get("loras") if isinstance(s.get("loras"), list) else []
+    loras = [x for x in listed if isinstance(x, dict) and x.get("file")]
     if loras:
         rows.append("**LoRAs:** " + html.escape(", ".join(
             f"{Path(str(x['file'])).name} ×{x.get('strength_high')}"

@@ -19,7 +19,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wan_lite.errors import InputError
 from wan_lite.registry import ModelSpec
-from wan_lite.sizing import best_output_size, centre_crop_box, i2v_a14b_size, image_output_size
+from wan_lite.sizing import (
+    MAX_IMAGE_PIXELS,
+    best_output_size,
+    centre_crop_box,
+    i2v_a14b_size,
+    image_output_size,
+)
 
 __all__ = ["CheckedImage", "Framing", "best_output_size", "check_image", "i2v_a14b_size", "model_frame",
            "model_framing", "sniff_format"]
@@ -28,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_SIDE = 4096  # larger images are scaled down on upload; the model never needs more than 1280
-MAX_PIXELS = 60_000_000  # refuse decompression bombs before decoding
+MAX_PIXELS = MAX_IMAGE_PIXELS  # refuse decompression bombs before decoding (job.load_image's cap)
 FLATTEN_COLOUR = (255, 255, 255)
 FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
 
@@ -75,9 +81,7 @@ def check_image(src: Path, upload_dir: Path) -> CheckedImage:
     notes: list[str] = []
     try:
         with Image.open(src, formats=[kind]) as probe:
-            if probe.width * probe.height > MAX_PIXELS:
-                raise InputError(f"The image is {probe.width}×{probe.height} pixels, too large to open safely.",
-                                 "Scale it below 60 megapixels first.")
+            _check_pixels(probe, src)
             probe.verify()  # structural check; the image must be reopened afterwards
         with Image.open(src, formats=[kind]) as im:
             im.load()
@@ -87,7 +91,9 @@ def check_image(src: Path, upload_dir: Path) -> CheckedImage:
             rgb = _flatten(oriented, notes)
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:  # PIL's own cap, met on open above 2x its limit
+        raise _too_large(src) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"“{src.name}” looks like a {FORMATS[kind]} file but cannot be decoded ({err}).", hint) from None
 
     if max(rgb.size) > MAX_SIDE:
@@ -138,10 +144,28 @@ def model_framing(spec: ModelSpec, image_w: int, image_h: int, area: int) -> Fra
     return Framing(ow, oh, (0, 0, image_w, image_h), cropped=False)
 
 
+def _check_pixels(im: Image.Image, path: Path) -> None:
+    """Refuse an image above MAX_PIXELS from its header, before any pixel is decoded."""
+    if im.width * im.height > MAX_PIXELS:
+        raise _too_large(path, f"{im.width}×{im.height} pixels")
+
+
+def _too_large(path: Path, size: str = f"over {MAX_PIXELS / 1e6:.0f} megapixels") -> InputError:
+    return InputError(f"“{Path(path).name}” is {size}, too large to open safely.",
+                      f"Scale it below {MAX_PIXELS / 1e6:.0f} megapixels first.")
+
+
 def model_frame(path: Path, spec: ModelSpec, area: int) -> tuple[Image.Image, Framing]:
     """The exact first frame the model gets (TI2V: Lanczos + centre crop; I2V-A14B: a resize)."""
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            _check_pixels(im, path)
+            rgb = im.convert("RGB")
+    except Image.DecompressionBombError:
+        raise _too_large(path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"“{Path(path).name}” cannot be decoded as a picture ({err}).",
+                         "Upload a PNG, JPEG or WebP picture.") from None
     framing = model_framing(spec, rgb.width, rgb.height, area)
     if spec.crops_image:
         resized, box = centre_crop_box(rgb.width, rgb.height, framing.width, framing.height)
