@@ -197,8 +197,9 @@ def resolve(request: GenerateRequest) -> Job:
     if turbo:  # the speed LoRA's own settings, for every field the user left unset
         unset = {k: v for k, v in TURBO.items() if getattr(request, k) is None}
         request = replace(request, **unset)
+        told = {k: v for k, v in unset.items() if spec.experts or k != "guidance_low"}  # one DiT: one guidance
         notes.append("Turbo: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in unset.items()) + " (how speed LoRAs were trained).")
+                                           for k, v in told.items()) + " (how speed LoRAs were trained).")
     side = max_side(spec)
     width, height = request.width, request.height
     if width is None and height is None:
