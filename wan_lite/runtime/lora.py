@@ -302,16 +302,17 @@ def use_loras(model: nn.Module, loras: Sequence[LoRAFile], strengths: Sequence[f
     for lora, _s in active:
         lora.check(shapes)
     _no_streamer(model)
-    source = streaming._SOURCES.get(model)
-    base = state.base if state is not None else (source[0] if source is not None and source[1] is None else None)
+    base = _base(model)
     merged_before = state.params if state is not None and state.how == "merged" else ()
     if state is not None and state.how == "unmerged":
         detach_loras(model)
+    refill = base
     if active and base is not None and _float_blocks(model):
         how = "merged"
         params = tuple(sorted({p for lora, _s in active for p in lora.params()}))
         _refill(model, base, [p for p in merged_before if p not in params])
-        _refill(model, LoRASource(base, active), params)
+        refill = LoRASource(base, active)
+        _refill(model, refill, params)
     else:
         params = ()
         if merged_before:
@@ -319,9 +320,8 @@ def use_loras(model: nn.Module, loras: Sequence[LoRAFile], strengths: Sequence[f
         how = "unmerged" if active else "none"
         if active:
             attachment = attach_loras(model, [lora for lora, _s in active], [s for _l, s in active])
-    if base is not None:
-        refill = (attachment.refill_source(base) if how == "unmerged"  # type: ignore[possibly-undefined]
-                  else LoRASource(base, active) if active else base)
+            refill = attachment.refill_source(base) if base is not None else None
+    if refill is not None:
         streaming.set_expert_source(model, refill)
     _IN_USE[model] = _InUse(key, how, base, params)
     if active:
@@ -342,11 +342,18 @@ def _refill(model: nn.Module, source: TensorSource, params: Sequence[str]) -> No
                 current.data.copy_(source.read(name, current.dtype))
 
 
-def mergeable(model: nn.Module) -> bool:
-    """Whether `use_loras` merges into `model` (float blocks and a source to read them from again)."""
+def _base(model: nn.Module) -> TensorSource | None:
+    """The source `model`'s plain tensors can be read again from: the one its first `use_loras`
+    found registered (`streaming.set_expert_source`, official key names), which later calls keep."""
     from wan_lite.runtime import streaming
 
     state = _IN_USE.get(model)
+    if state is not None:
+        return state.base
     source = streaming._SOURCES.get(model)
-    has_base = state.base is not None if state is not None else source is not None and source[1] is None
-    return has_base and _float_blocks(model)
+    return source[0] if source is not None and source[1] is None else None
+
+
+def mergeable(model: nn.Module) -> bool:
+    """Whether `use_loras` merges into `model` (float blocks and a source to read them from again)."""
+    return _base(model) is not None and _float_blocks(model)
