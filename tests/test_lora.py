@@ -34,6 +34,7 @@ from tests.tiny_ckpt.lora import (
     make_lora,
     rel_err,
     run,
+    two_loras,
     write_lora,
 )
 from wan_lite.errors import CheckpointError, InputError
@@ -216,12 +217,7 @@ def test_strength_zero_reads_the_base_bit_for_bit(tmp_path, state) -> None:
 
 
 def test_several_loras_add(tmp_path, state, inputs) -> None:
-    a = make_lora(state, ["blocks.0.self_attn.q", "blocks.1.ffn.0", "text_embedding.0"], seed=7,
-                  diffs=["blocks.0.norm3"])
-    b = make_lora(state, ["blocks.0.self_attn.q", "blocks.0.cross_attn.v", "head.head"], rank=2, alpha=4.0, seed=8,
-                  diff_bs=["blocks.0.self_attn.q"])
-    fa = read_lora(write_lora(tmp_path / "a.safetensors", a, "comfy"))
-    fb = read_lora(write_lora(tmp_path / "b.safetensors", b, "peft_default"))
+    a, b, fa, fb = two_loras(tmp_path, state)
     merged = LoRASource(DictSource(state), [(fa, 0.5), (fb, -0.7)])
     ref = hand_merge(hand_merge(state, a, 0.5), b, -0.7)
     for name in state:

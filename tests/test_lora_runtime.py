@@ -17,6 +17,7 @@ from tests.tiny_ckpt.lora import (
     make_lora,
     rel_err,
     run,
+    two_loras,
     write_lora,
 )
 from wan_lite.errors import CheckpointError
@@ -132,12 +133,7 @@ def test_strength_zero_attaches_nothing(tmp_path, state, inputs) -> None:
 
 
 def test_several_loras_stack_into_one_pair_per_layer(tmp_path, state, inputs) -> None:
-    a = make_lora(state, ["blocks.0.self_attn.q", "blocks.1.ffn.0", "text_embedding.0"], seed=7,
-                  diffs=["blocks.0.norm3"])
-    b = make_lora(state, ["blocks.0.self_attn.q", "blocks.0.cross_attn.v", "head.head"], rank=2, alpha=4.0, seed=8,
-                  diff_bs=["blocks.0.self_attn.q"])
-    fa = read_lora(write_lora(tmp_path / "a.safetensors", a, "comfy"))
-    fb = read_lora(write_lora(tmp_path / "b.safetensors", b, "peft_default"))
+    _a, _b, fa, fb = two_loras(tmp_path, state)
     want = run(dit(LoRASource(DictSource(state), [(fa, 0.5), (fb, -0.7)])), inputs)
     model = dit(state)
     attachment = attach_loras(model, [fa, fb], [0.5, -0.7], dtype=torch.float32)

@@ -185,3 +185,16 @@ def dit(source_or_state, dtype: torch.dtype = torch.float32):
     src = source_or_state if not isinstance(source_or_state, dict) else DictSource(source_or_state)
     return build_dit(src, dtype)
 
+
+def two_loras(folder: Path, state: dict[str, torch.Tensor]):
+    """Two LoRAs sharing a layer (blocks.0.self_attn.q), in two conventions, written to `folder`
+    and read back: (lora a, lora b, file a, file b)."""
+    from wan_lite.loading.lora import read_lora
+
+    a = make_lora(state, ["blocks.0.self_attn.q", "blocks.1.ffn.0", "text_embedding.0"], seed=7,
+                  diffs=["blocks.0.norm3"])
+    b = make_lora(state, ["blocks.0.self_attn.q", "blocks.0.cross_attn.v", "head.head"], rank=2, alpha=4.0, seed=8,
+                  diff_bs=["blocks.0.self_attn.q"])
+    return a, b, read_lora(write_lora(folder / "a.safetensors", a, "comfy")), \
+        read_lora(write_lora(folder / "b.safetensors", b, "peft_default"))
+
