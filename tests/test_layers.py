@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wan_lite"
 # Lowest first. A name is a module ("engine") or a package ("models/": every module in it).
 # "__init__" is the package's own __init__.py (it offers load_pipeline, so it sits on top).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "api", "registry", "sizing", "job", "sampling", "output", "paths", "version"),
+    ("errors", "units", "api", "registry", "sizing", "job", "sampling", "output", "paths", "version"),
     ("models/",),
     ("loading/",),
     ("runtime/",),

@@ -49,6 +49,7 @@ from typing import Any
 from wan_lite.errors import InputError
 from wan_lite.runtime.footprint import K, ModelFootprint
 from wan_lite.runtime.hardware import DISK_GBPS, GIB, Hardware
+from wan_lite.units import duration
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,7 @@ class Plan(Choices):
 
 
 def _human_s(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+    return duration(s)
 
 
 # ------------------------------------------------------------------------------ estimates

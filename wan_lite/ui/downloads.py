@@ -18,6 +18,7 @@ from pathlib import Path
 
 from wan_lite.errors import WanLiteError
 from wan_lite.registry import ModelSpec
+from wan_lite.units import human_bytes  # noqa: F401  (re-exported: the panels import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ def allow_patterns(spec: ModelSpec) -> list[str]:
     for part in spec.dits:
         dit += [f"{part.folder}/*"] if part.folder else ["config.json", "diffusion_pytorch_model*.safetensors*"]
     return [*dit, spec.vae_file, spec.t5_file, f"{spec.tokenizer_dir}/*"]
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def existing_ancestor(path: Path) -> Path:
