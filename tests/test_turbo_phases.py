@@ -111,3 +111,16 @@ def test_the_first_phase_runs_without_the_lora_and_with_guidance_then_the_lora_a
     # a second job starts plain again (the LoRA taken off for its first phase), and is the same video
     again, _ = traced(pipe, [str(path)])
     assert torch.equal(again.latents, out.latents)
+
+
+def test_turbo_plans_the_vae_in_bf16_where_quality_keeps_the_official_fp32():
+    """Turbo puts speed first: on a GPU where the untiled fp32 decode fits, the planner still
+    takes bf16 (about half the decode time on an H100); a Quality job keeps fp32."""
+    from wan_lite.runtime.hardware import Hardware
+    from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
+
+    fp, hw = ModelFootprint.of_model("ti2v-5b"), Hardware.fake(vram_gb=80, ram_gb=128, cc=(9, 0))
+    quality = plan(fp, PlanRequest(1280, 704, 121, steps=50), hw)
+    turbo = plan(fp, PlanRequest(1280, 704, 121, steps=4, cfg=False, speed_first=True), hw)
+    assert (quality.vae_dtype, quality.vae_tile) == ("fp32", None)
+    assert (turbo.vae_dtype, turbo.vae_tile) == ("bf16", None)

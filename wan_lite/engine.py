@@ -136,7 +136,7 @@ class Engine:
                               image=job.image is not None or spec.needs_image,
                               cfg=any(g != 1 for g in job.guidance), fp8_attention=fp8_attention_opted_in(),
                               cache=cache, cache_share=share, lora_names=names, lora_bytes=lora_bytes,
-                              lora_rank=rank)
+                              lora_rank=rank, speed_first=bool(job.request.turbo))
         else:
             w, h = spec.default_size
             req = plan_request or PlanRequest(w, h, spec.frames, steps=spec.steps, image=spec.needs_image,
