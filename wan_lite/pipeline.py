@@ -509,6 +509,8 @@ class WanPipeline:
             if z0 is not None:
                 latent = (1 - mask) * z0 + mask * latent
             stage = {"main": "denoise", "high": "high_noise", "low": "low_noise"}[role]
+            if latent.device.type == "cuda":  # the step's GPU work into its own time, not the next stage's
+                torch.cuda.synchronize(latent.device)
             clock.add(stage, time.perf_counter() - step_start)
             done = time.perf_counter() - denoise_start
             eta = done / (i + 1) * (n - i - 1)
