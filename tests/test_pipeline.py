@@ -189,3 +189,17 @@ def test_components_from_elsewhere_replace_parts_of_the_folder(tiny_models, pipe
     assert np.array_equal(a.frames, b.frames)
     with pytest.raises(wan_lite.errors.CheckpointError, match=r"Missing file: .*Wan2\.2_VAE\.pth"):
         wan_lite.load_pipeline(folder)
+
+
+def test_frames_made_in_chunks_where_the_video_is_equal_the_whole_video_conversion():
+    """video_to_frames converts a few frames at a time (on the GPU, where an untiled decode leaves
+    the video, a quarter of the bytes then cross to the CPU): the same uint8 frames as the
+    official whole-video truncation, values at the rounding edges included."""
+    from wan_lite.pipeline import video_to_frames
+
+    gen = torch.Generator().manual_seed(0)
+    video = torch.rand(3, 37, 8, 6, generator=gen) * 2.4 - 1.2
+    video[0, 0, 0, :5] = torch.tensor([-1.0, 1.0, 1 / 255 * 2 - 1, 0.0, -0.9921568632125854])
+    whole = ((video.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    for chunk in (1, 5, 16, 64):
+        assert (video_to_frames(video, chunk) == whole).all()

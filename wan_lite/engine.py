@@ -368,7 +368,7 @@ class Engine:
             pipe = self.pipeline(name, plan_request=PlanRequest(*size, image=False),  # planned for their own video
                                  check_fit=False)
             t0 = time.perf_counter()
-            frames = video_to_frames(pipe.decode(latents, cancel=cancel))
+            frames = video_to_frames(pipe._decode(latents, cancel=cancel))
             timings = dict(settings.get("timings") or {})
             timings["decode"] = time.perf_counter() - t0
             return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe,

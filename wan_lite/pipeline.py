@@ -116,10 +116,16 @@ def latent_preview(x0: torch.Tensor, max_side: int = 160) -> np.ndarray:
     return (rgb.permute(1, 2, 0) * 255).to(torch.uint8).cpu().numpy()
 
 
-def video_to_frames(video: torch.Tensor) -> np.ndarray:
-    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] by truncation, like the official save_video."""
-    v = ((video.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
-    return v.permute(1, 2, 3, 0).cpu().numpy()
+def video_to_frames(video: torch.Tensor, chunk: int = 16) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] by truncation, like the official save_video.
+    Computed where the video is, `chunk` frames at a time (a video on the GPU sends a quarter of
+    its float32 bytes to the CPU, and no whole-video temporaries are made)."""
+    c, f, h, w = video.shape
+    out = torch.empty((f, h, w, c), dtype=torch.uint8)
+    for i in range(0, f, chunk):
+        v = ((video[:, i : i + chunk].float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
+        out[i : i + chunk].copy_(v.permute(1, 2, 3, 0))
+    return out.numpy()
 
 
 class _Clock:
@@ -257,7 +263,11 @@ class WanPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, cancel: CancelToken | None = None) -> torch.Tensor:
-        """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU.
+        """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU."""
+        return self._decode(latents, cancel).cpu()
+
+    def _decode(self, latents: torch.Tensor, cancel: CancelToken | None = None) -> torch.Tensor:
+        """`decode`, the video left where the decode made it (an untiled decode: on the GPU).
 
         `cancel` is honoured before the decode starts and once it ends (the decode function runs
         as one call), so a cancelled job never goes on to write its video."""
@@ -272,7 +282,7 @@ class WanPipeline:
             self.placement.release("vae", self.vae)
         if cancel is not None and cancel.cancelled:
             raise Cancelled()
-        return video[0].cpu()
+        return video[0]
 
     def _expert(self, t: int) -> str:
         return self.spec.dit_role_at(t)
@@ -358,11 +368,11 @@ class WanPipeline:
             on_latents(latents, settings)
         self._report(on_progress, "decode", 0, 1, clock)
         t0 = time.perf_counter()
-        video = self.decode(latents, cancel=cancel)
+        frames = video_to_frames(self._decode(latents, cancel=cancel))
         clock.add("decode", time.perf_counter() - t0)
         self._report(on_progress, "decode", 1, 1, clock)
         settings["timings"] = dict(clock.timings)
-        return PipelineResult(frames=video_to_frames(video), fps=self.spec.fps, seed=job.seed,
+        return PipelineResult(frames=frames, fps=self.spec.fps, seed=job.seed,
                               latents=latents, timings=dict(clock.timings), settings=settings,
                               notes=list(job.notes) + lora_notes)
 

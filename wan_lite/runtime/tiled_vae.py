@@ -484,9 +484,10 @@ def _retry_tiles(run: Callable[[int | None], torch.Tensor], tile: int | None, si
 def decode_with_retry(vae: Any, latent: torch.Tensor, tile: int | None = None, *, overlap: int | None = None,
                       out_device: torch.device | str | None = None, min_tile: int = MIN_TILE,
                       frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> torch.Tensor:
-    """`tiled_decode` (or `vae.decode` with tile None); on a CUDA out-of-memory error, again with
-    half the tile, 1-frame chunks and the lean global pass, down to `min_tile` latent px; then
-    wan_lite.errors.OutOfMemoryError."""
+    """`tiled_decode` into `out_device` (or `vae.decode` with tile None: its video stays on the
+    device it was made on, where the plan counted it, so the caller moves only what it needs, e.g.
+    uint8 frames); on a CUDA out-of-memory error, again with half the tile, 1-frame chunks and the
+    lean global pass, down to `min_tile` latent px; then wan_lite.errors.OutOfMemoryError."""
     first = [True]
 
     def run(t: int | None) -> torch.Tensor:
@@ -494,7 +495,7 @@ def decode_with_retry(vae: Any, latent: torch.Tensor, tile: int | None = None, *
         chunk, lean = (frame_chunk, None) if first[0] else (1, True)
         first[0] = False
         if t is None:
-            return vae.decode(latent).to(out_device or latent.device)
+            return vae.decode(latent)
         return tiled_decode(vae, latent, t, overlap, out_device, frame_chunk=chunk, lean=lean)
 
     hint = ("The latents were saved first: free GPU memory (close other programs using the GPU) and "
