@@ -20,6 +20,7 @@ from wan_lite.registry import model_for_image as _registry_model_for_image
 from wan_lite.ui.composer import Composition, compose
 from wan_lite.ui.presets import Presets, ordered
 from wan_lite.ui.settings import DEFAULT_MODE, mode_values, offered_frames, parse_size
+from wan_lite.units import duration, human_bytes
 
 TERM_PREFIX = "terms__"  # one CheckboxGroup per vocabulary category: "terms__light_source", ...
 # Widgets that set a GenerateRequest field of the same name.
@@ -238,16 +239,54 @@ def clock(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def estimate_text(estimate: Estimate) -> str:
-    head = "✅ Fits this computer" if estimate.fits else "⛔ Does not fit this computer"
-    line = (f"{head}: about **{estimate.peak_vram_gib:.1f} GiB** GPU memory, **{estimate.peak_ram_gib:.1f} GiB** RAM, "
-            f"**{clock(estimate.seconds)}**.")
-    parts = [line]
-    if estimate.summary:
-        parts.append(html.escape(estimate.summary))
-    if estimate.reason:
-        parts.append(html.escape(estimate.reason))
+GIB = 2**30
+
+
+def no_gpu(estimate: Estimate) -> bool:
+    """True when the estimate was planned for this computer's processor: no GPU found (a memory
+    profile's "hypothetical GPU" is not one this computer has)."""
+    hw = (estimate.plan or {}).get("hardware") or {}
+    return bool(hw) and hw.get("gpu_name") in (None, "", "hypothetical GPU")
+
+
+def estimate_text(estimate: Estimate, *, model_ready: bool = True, profile: str | None = None) -> str:
+    """The estimate in plain words with units: what the video needs, how long it takes, whether
+    it fits. `profile`: the title of the memory profile chosen (None: Auto, this computer);
+    `model_ready`: False while the model is not on this computer (then nothing can "fit")."""
+    hw = (estimate.plan or {}).get("hardware") or {}
+    cpu = hw and not hw.get("gpu_name")  # planned for the processor: GPU memory means nothing
+    memory = (f"**{human_bytes(estimate.peak_ram_gib * GIB)}** of RAM" if cpu else
+              f"**{human_bytes(estimate.peak_vram_gib * GIB)}** of GPU memory and "
+              f"**{human_bytes(estimate.peak_ram_gib * GIB)}** of RAM")
+    time = f"**{duration(estimate.seconds)}**"
+    where = "this computer" if profile is None else f"a computer like the memory profile “{html.escape(profile)}”"
+    if not model_ready:
+        head = ("⬇️ This model is not on this computer yet: download it in the **Models** tab (or point "
+                f"wan_lite at files you already have there). This video would need about {memory} "
+                f"and take about {time}.")
+    elif estimate.fits:
+        head = f"✅ Fits {where}. It needs about {memory} and takes about {time}."
+    else:
+        head = f"⛔ Too big for {where}. It would need about {memory} and take about {time}."
+    parts = [head]
+    if no_gpu(estimate):
+        parts.append("No GPU found: this computer runs the model on its processor (CPU), which takes hours; "
+                     "an NVIDIA GPU takes minutes.")
+    if profile is not None and model_ready:
+        parts.append("The memory profile describes another computer; choose Auto to check this one.")
+    if estimate.reason and not estimate.fits:
+        parts.append(html.escape(_plain_reason(estimate.reason)))
     return "\n\n".join(parts)
+
+
+def _plain_reason(reason: str) -> str:
+    """The planner's reason with its units spelled for people ("GiB RAM" -> "GB of RAM" style)."""
+    import re
+
+    def gb(m: re.Match) -> str:
+        return human_bytes(float(m.group(1)) * GIB)
+
+    return re.sub(r"(\d+(?:\.\d+)?) GiB", gb, reason).replace("VRAM", "GPU memory")
 
 
 def progress_html(p: Progress | None, note: str = "", state: str = "running") -> str:

@@ -18,19 +18,21 @@ import gradio as gr
 from wan_lite.api import Progress
 from wan_lite.engine import Engine
 from wan_lite.errors import InputError, WanLiteError
-from wan_lite.registry import get_spec
+from wan_lite.registry import MODELS, get_spec
 from wan_lite.ui import form, history, images
 from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
-from wan_lite.ui.presets import Presets
+from wan_lite.ui.presets import Presets, memory_profiles
 from wan_lite.ui.settings import (
     SettingsStore,
     infer_mode,
     max_frames,
     mode_values,
+    offered_frames,
     parse_size,
     quality_notes,
     seconds_for_frames,
     size_choices,
+    snap_size,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class AppUI:
     w: dict[str, Any] = field(default_factory=dict)  # widgets by name
     demo: gr.Blocks | None = None
     confine: bool = False  # served beyond this computer: Scan and Save stay in the known folders
+    states: dict[str, str] | None = None  # model name -> state (see model_states)
 
     def out(self, values: dict[str, Any]) -> dict[Any, Any]:
         """Name -> value to component -> value, for a handler's return."""
@@ -125,6 +128,37 @@ def prompt_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
     return {"final_prompt": comp.prompt, "prompt_notes": notes}
 
 
+def model_states(ui: AppUI, refresh: bool = False) -> dict[str, str]:
+    """Model name -> "installed" / "partial" / "missing" ("unknown" when the engine cannot tell),
+    checked from headers and kept until `refresh` (the Models tab, Scan, Save and Download
+    refresh it): the estimate asks on every keystroke."""
+    if refresh or ui.states is None:
+        try:
+            ui.states = {s.name: s.state for s in ui.engine.model_status()}
+        except Exception as err:  # the page must still open
+            log.warning("Model folders not checked: %s", err)
+            ui.states = {}
+    return ui.states
+
+
+def model_menu(ui: AppUI, refresh: bool = False) -> list[tuple[str, str]]:
+    """The model menu's (label, name) choices; a model not on this computer says so."""
+    states = model_states(ui, refresh)
+    labels = {"missing": " · not downloaded (Models tab)", "partial": " · incomplete (Models tab)"}
+    return [(s.title + labels.get(states.get(s.name, ""), ""), s.name) for s in MODELS.values()]
+
+
+def first_run_hint(ui: AppUI) -> str:
+    """A word on the Create tab while no model is ready: where to get one."""
+    states = model_states(ui)
+    if not states or any(v == "installed" for v in states.values()):
+        return ""
+    return ("### 👋 First, get a model\n"
+            "No Wan 2.2 model is on this computer yet. Open the **Models** tab to download one "
+            "(TI2V-5B is the smallest and makes text-to-video and image-to-video), or to use the files "
+            "ComfyUI or diffusers already downloaded. You can compose a prompt meanwhile.")
+
+
 def estimate_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
     try:
         # The estimate does not depend on the prompt; a placeholder keeps an empty box from failing.
@@ -132,10 +166,14 @@ def estimate_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
         request, _ = form.request_from_values(placeholder, ui.presets)
         spec = get_spec(request.model)
         frames = request.frames or spec.frames
-        lines = [f"{frames} frames = **{seconds_for_frames(frames, spec.fps):.1f} s** at {spec.fps} fps."]
+        lines = [f"{frames} frames = **{seconds_for_frames(frames, spec.fps):.1f} s** of video at {spec.fps} fps."]
         lines += [f"- {n}" for n in quality_notes(spec, request.width or 0, request.height or 0,
                                                    request.steps or spec.steps, frames)]
-        lines.append(form.estimate_text(ui.engine.preflight(request)))
+        state = model_states(ui).get(spec.name)
+        profile = values.get("memory_profile") or "auto"
+        title = None if profile == "auto" else dict((k, t) for t, k in memory_profiles()).get(profile, profile)
+        lines.append(form.estimate_text(ui.engine.preflight(request), model_ready=state not in ("missing", "partial"),
+                                        profile=title))
         return {"estimate": "\n\n".join(lines)}
     except Exception as err:
         return {"estimate": f"⛔ {error_message(err)}"}
@@ -238,7 +276,63 @@ def reuse_history(ui: AppUI, paths: list[str], index: int | None) -> dict[str, A
     values["model"] = form.model_for_image(values["model"], bool(image))
     mode = infer_mode(get_spec(values["model"]), values.get("size"), values.get("frames"), values.get("steps"))
     updates = override(model_updates(values["model"], mode or "quality", values.get("size")), values)
-    updates.update({"image": image, "mode": mode, "bundle": "", "tabs": gr.Tabs(selected="create"),
+    updates.update({"image": image, "mode": mode, "bundle": None, "tabs": gr.Tabs(selected="create"),
                     "status": f"Settings of {entry.video.name} loaded (seed {entry.seed}). "
                               "Click Generate to run it again."})
     return updates
+
+
+SIZE_INFO = "Or type WIDTHxHEIGHT; it is rounded to what the model accepts."
+FRAMES_INFO = "4n+1 frames (5, 9, 13…): the model packs 4 frames after the first one; other counts are rounded."
+
+
+def snap_size_box(model: str, size: str | None) -> dict[str, Any]:
+    """A typed size is rounded in the box itself (not only when the video is made), with a word
+    saying to what and why; one that is no size at all says so."""
+    spec = get_spec(form.model_for_image(model, False))
+    if not size:
+        return {"size": gr.update(info=SIZE_INFO)}
+    try:
+        w, h = parse_size(size)
+    except WanLiteError as err:
+        return {"size": gr.update(info=f"⛔ {err.message}")}
+    sw, sh = snap_size(w, h, spec)
+    if (sw, sh) == (w, h):
+        return {"size": gr.update(value=f"{w}x{h}", info=SIZE_INFO)}
+    return {"size": gr.update(value=f"{sw}x{sh}", info=f"{w}×{h} was rounded to {sw}×{sh}: {spec.name} makes "
+                                                       f"sides in multiples of {spec.size_multiple} px.")}
+
+
+def snap_frames_box(model: str, frames: Any) -> dict[str, Any]:
+    """A typed frame count that is not 4n+1 (8, say) is rounded in the box, with the reason."""
+    spec = get_spec(form.model_for_image(model, False))
+    try:
+        value = float(frames)
+    except (TypeError, ValueError):
+        return {"frames": gr.update(info=FRAMES_INFO)}
+    snapped = offered_frames(value, spec)
+    if snapped == value:
+        return {"frames": gr.update(value=snapped, info=FRAMES_INFO)}
+    return {"frames": gr.update(value=snapped, info=f"{value:g} is not 4n+1 frames (or is out of range): using "
+                                                      f"{snapped}. The model packs 4 frames after the first one.")}
+
+
+def apply_bundle(ui: AppUI, bundle: str | None, style: str | None, terms: dict[str, Any]) -> dict[str, Any]:
+    """A preset bundle replaces the ticked terms and the style; what they were is kept so that
+    "Undo the preset" brings them back, and the bundle's description is shown."""
+    b = ui.presets.bundles.get(bundle or "")
+    if b is None:
+        return {"bundle_note": "", "bundle_undo": gr.update(visible=False)}
+    before = {"style": style or "", "terms": form.collect_terms(terms, ui.presets)}
+    note = f"**{b.name}**" + (f": {b.description}" if b.description else "") + " The terms you had were replaced."
+    return {**form.split_terms(list(b.terms), ui.presets), "style": b.style or "", "bundle_note": note,
+            "bundle_undo": gr.update(visible=True), "bundle_before": before}
+
+
+def undo_bundle(ui: AppUI, before: dict[str, Any] | None) -> dict[str, Any]:
+    """Bring back the terms and style a preset bundle replaced."""
+    if not before:
+        return {"bundle_note": "Nothing to undo.", "bundle_undo": gr.update(visible=False)}
+    return {**form.split_terms(list(before.get("terms") or []), ui.presets), "style": before.get("style") or "",
+            "bundle": None, "bundle_note": "The preset was undone: your terms and style are back.",
+            "bundle_undo": gr.update(visible=False), "bundle_before": None}

@@ -55,6 +55,8 @@ def status_markdown(rows: list[ModelStatus], note: str = "") -> str:
     details = []
     for r in rows:
         for item in dict.fromkeys([*r.missing, *r.problems]):  # the engine may list a file in both
+            if r.state == "missing" and str(r.folder) in item:
+                continue  # "the folder does not exist": the row already says missing, where, and how to get it
             details.append(f"- **{html.escape(r.name)}**: {html.escape(item)}")
     if details:
         lines += ["", "**What is missing or broken:**", *details]

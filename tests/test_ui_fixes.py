@@ -1,0 +1,128 @@
+"""Issue 22, item 4: the page's rough edges as a new user meets them, checked on the handlers with
+the real Engine (an empty models folder, or tiny checkpoints in the official layout)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wan_lite.engine import Engine
+from wan_lite.ui import form, models_panel
+from wan_lite.ui.handlers import (
+    AppUI,
+    apply_bundle,
+    estimate_updates,
+    first_run_hint,
+    model_menu,
+    snap_frames_box,
+    snap_size_box,
+    undo_bundle,
+)
+from wan_lite.ui.jobs import JobRunner
+from wan_lite.ui.presets import BUILTIN_DIR, load_presets
+from wan_lite.ui.settings import SettingsStore
+
+
+@pytest.fixture(scope="module")
+def presets():
+    return load_presets(BUILTIN_DIR, None)
+
+
+def _ui(tmp_path: Path, presets) -> AppUI:
+    engine = Engine(tmp_path / "models", tmp_path / "out", device="cpu")
+    return AppUI(engine, presets, SettingsStore(tmp_path / "settings.json"), tmp_path / "up", JobRunner(engine))
+
+
+def test_first_run_without_models_points_to_the_models_tab(tmp_path, presets, tiny_models):
+    ui = _ui(tmp_path, presets)
+    values = form.default_values()
+    text = estimate_updates(ui, values)["estimate"]
+    assert "Fits this computer" not in text and "Models** tab" in text
+    hint = first_run_hint(ui)
+    assert "Models" in hint and "download" in hint
+    menu = dict((name, label) for label, name in model_menu(ui))
+    assert all("not downloaded" in label for label in menu.values())
+    # The Models tab names a missing folder once (its row), not again in the problem list.
+    rows, note = models_panel.statuses(ui.engine)
+    table = models_panel.status_markdown(rows, note)
+    for r in rows:
+        assert table.count(str(r.folder)) == 1, table
+    # Once a model is there, the hint goes and the menu no longer marks that model.
+    shutil.copytree(tiny_models["ti2v-5b"], ui.engine.model_folder("ti2v-5b"))
+    menu = dict((name, label) for label, name in model_menu(ui, refresh=True))
+    assert "not downloaded" not in menu["ti2v-5b"] and "not downloaded" in menu["t2v-a14b"]
+    assert first_run_hint(ui) == ""
+    assert "Models** tab" not in estimate_updates(ui, values)["estimate"]
+
+
+def test_the_estimate_is_plain_words_with_units(tmp_path, presets, tiny_models):
+    ui = _ui(tmp_path, presets)
+    shutil.copytree(tiny_models["ti2v-5b"], ui.engine.model_folder("ti2v-5b"))
+    values = form.default_values()
+    text = estimate_updates(ui, values)["estimate"]
+    assert not re.search(r"\b\d+:\d\d\b", text), text  # no bare 24:44 (minutes or hours?)
+    assert re.search(r"\*\*\d+ (s|min|h)( \d+ min)?\*\*", text), text
+    assert re.search(r"\d GB\*\* of RAM", text), text
+    for jargon in ("blocks resident", "chunks of", "tokens", "untiled", "bf16", "GiB", "VRAM"):
+        assert jargon not in text, (jargon, text)
+    # This machine has no GPU (device="cpu"): the estimate says so, as the CLI does.
+    assert "No GPU found" in text
+    # A memory profile describes another computer: never "this computer".
+    profiled = estimate_updates(ui, {**values, "memory_profile": "08gb-vram-32gb-ram"})["estimate"]
+    assert "this computer" not in profiled.split("\n")[2] and "memory profile" in profiled
+    assert "Fits this computer" not in profiled
+
+
+def test_typed_sizes_and_frame_counts_are_snapped_in_their_box():
+    out = snap_size_box("ti2v-5b", "1000x1000")["size"]
+    assert out["value"] == "992x992" and "multiples of 32" in out["info"]
+    assert snap_size_box("ti2v-5b", "1280x704")["size"]["value"] == "1280x704"
+    assert "⛔" in snap_size_box("ti2v-5b", "big")["size"]["info"]
+    frames = snap_frames_box("ti2v-5b", 8)["frames"]
+    assert frames["value"] == 9 and "4n+1" in frames["info"]
+    assert snap_frames_box("ti2v-5b", 49)["frames"]["value"] == 49
+
+
+def test_a_preset_bundle_shows_its_description_and_can_be_undone(tmp_path, presets):
+    ui = _ui(tmp_path, presets)
+    mine = form.split_terms(["lens.telephoto", "time_of_day.dawn"], presets)
+    out = apply_bundle(ui, "Golden hour portrait", "Documentary", mine)
+    assert out[form.term_widget("time_of_day")] == ["time_of_day.sunset"]
+    assert "Warm, backlit close-up at sunset." in out["bundle_note"] and out["bundle_undo"]["visible"]
+    back = undo_bundle(ui, out["bundle_before"])
+    assert back[form.term_widget("lens")] == ["lens.telephoto"] and back["style"] == "Documentary"
+    assert back[form.term_widget("time_of_day")] == ["time_of_day.dawn"] and not back["bundle_undo"]["visible"]
+
+
+def test_the_bundle_menu_has_no_blank_first_option(tmp_path, presets, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "up"))
+    from tests.e2e.fake_engine import FakeEngine
+    from wan_lite.ui.app import build_ui
+
+    ui = build_ui(FakeEngine(tmp_path / "models", tmp_path / "out"), tmp_path / "up", presets=presets)
+    choices = [c[1] if isinstance(c, tuple) else c for c in ui.w["bundle"].choices]
+    assert choices and "" not in choices
+
+
+def test_launch_hides_gradios_share_tip_and_prints_our_address(tmp_path, capsys):
+    from wan_lite.ui.app import JS, launch
+
+    seen = {}
+
+    class Demo:
+        local_url = "http://127.0.0.1:7860/"
+
+        def queue(self, **kwargs):
+            pass
+
+        def launch(self, **kwargs):
+            seen.update(kwargs)
+
+    ui = type("UI", (), {"demo": Demo(), "upload_dir": tmp_path})()
+    launch(ui, host="127.0.0.1", port=7860, share=False, open_browser=False, output_dir=tmp_path, block=False)
+    out = capsys.readouterr().out
+    assert seen["quiet"] is True and "share=True" not in out and "http://127.0.0.1:7860/" in out and "--share" in out
+    assert "Enter" in seen["js"] == JS and "#wl-generate" in JS
