@@ -126,3 +126,62 @@ def test_launch_hides_gradios_share_tip_and_prints_our_address(tmp_path, capsys)
     out = capsys.readouterr().out
     assert seen["quiet"] is True and "share=True" not in out and "http://127.0.0.1:7860/" in out and "--share" in out
     assert "Enter" in seen["js"] == JS and "#wl-generate" in JS
+
+
+# ------------------------------------------------------------------------------- Models tab
+
+
+def test_models_tab_shows_download_sizes_and_shares_the_common_parts(tmp_path, tiny_models):
+    from wan_lite.registry import get_spec
+    from wan_lite.ui import downloads
+
+    engine = Engine(tmp_path / "models", tmp_path / "out", device="cpu")
+    rows, note = models_panel.statuses(engine)
+    table = models_panel.status_markdown(rows, note)
+    assert "| Download |" in table and "34.2 GB" in table and "126.2 GB" in table
+    # TI2V-5B downloaded: the A14B models need its umT5 and tokenizer no more.
+    five = engine.model_folder("ti2v-5b")
+    shutil.copytree(tiny_models["ti2v-5b"], five)
+    rows, note = models_panel.statuses(engine)
+    table = models_panel.status_markdown(rows, note)
+    assert "umT5, tokenizer shared with another model" in table, table
+    spec = get_spec("t2v-a14b")
+    folder = engine.model_folder("t2v-a14b")
+    shared = downloads.share_parts(spec, folder, [five])
+    assert set(shared) == {spec.t5_file, spec.tokenizer_dir}
+    t5 = folder / spec.t5_file
+    assert t5.stat().st_ino == (five / spec.t5_file).stat().st_ino  # one copy on disk
+    patterns = downloads.allow_patterns(spec, skip=shared)
+    assert spec.t5_file not in patterns and f"{spec.tokenizer_dir}/*" not in patterns and spec.vae_file in patterns
+
+
+def test_download_errors_show_no_library_exception_text(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from wan_lite.registry import get_spec
+    from wan_lite.ui import downloads
+
+    class DryRunError(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise DryRunError("dry_run is not supported by this version")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(downloads.DownloadError) as err:
+        downloads.start_download(get_spec("ti2v-5b"), tmp_path / "m")
+    assert "DryRunError" not in str(err.value) and "dry_run" not in str(err.value)
+    assert "Hugging Face" in str(err.value)
+    # The dry run (sizes and the disk check before a download) needs huggingface_hub 1.0.
+    assert downloads.hub_version_problem("0.26.2") and downloads.hub_version_problem("1.0.0") is None
+    req = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text()
+    assert re.search(r"^huggingface_hub>=1\.0\b", req, re.M)
+
+
+def test_a_model_folder_with_another_name_is_found(tmp_path, tiny_models):
+    engine = Engine(tmp_path / "models", tmp_path / "out", device="cpu")
+    mine = tmp_path / "models" / "my wan 5b"
+    shutil.copytree(tiny_models["ti2v-5b"], mine)
+    state = {s.name: (s.state, s.folder) for s in engine.model_status()}
+    assert state["ti2v-5b"] == ("installed", mine) and state["t2v-a14b"][0] == "missing"
+    assert engine.model_folder("ti2v-5b") == mine
