@@ -185,3 +185,49 @@ def test_a_model_folder_with_another_name_is_found(tmp_path, tiny_models):
     state = {s.name: (s.state, s.folder) for s in engine.model_status()}
     assert state["ti2v-5b"] == ("installed", mine) and state["t2v-a14b"][0] == "missing"
     assert engine.model_folder("ti2v-5b") == mine
+
+
+# ------------------------------------------------------------------------------ remembered files
+
+
+def _experts(folder: Path):
+    """The high- and low-noise experts of one release: same tensor names, shapes and dtypes (so
+    the same header and size), different weights."""
+    from tests.tiny_ckpt.dit import official_dit_shapes, random_dit_state
+    from tests.tiny_ckpt.formats import write_comfy
+
+    shapes = official_dit_shapes(in_dim=16, out_dim=16, dim=256, ffn_dim=512, num_layers=2, text_dim=256)
+    high = write_comfy(folder / "wan2.2_t2v_high_noise_14B_fp16.safetensors", random_dit_state(shapes, 1))
+    low = write_comfy(folder / "wan2.2_t2v_low_noise_14B_fp16.safetensors", random_dit_state(shapes, 2))
+    return high, low
+
+
+def test_remembered_experts_never_land_in_the_wrong_slot(tmp_path):
+    from wan_lite.loading import discovery
+
+    high, low = _experts(tmp_path / "comfy" / "diffusion_models")
+    found = discovery.scan([("comfyui", tmp_path / "comfy")])
+    by_path = {f.component.path: f.component for f in found}
+    assert by_path[high].fingerprint != by_path[low].fingerprint  # same header and size, other data
+    assert not discovery.find_copies(found)  # not "the same file in 2 places"
+    choices = discovery.RememberedChoices(tmp_path / "choices.json")
+    choices.choose("t2v-a14b", "dit_high", by_path[high])
+    choices.choose("t2v-a14b", "dit_low", by_path[low])
+    choices.save()
+    assert choices.resolve("t2v-a14b") == {"dit_high": high, "dit_low": low}
+    # The pair moves (new names that no longer say which is which): each slot finds its own file.
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    new_high, new_low = moved / "a.safetensors", moved / "b.safetensors"
+    shutil.move(high, new_high)
+    shutil.move(low, new_low)
+    again = discovery.RememberedChoices(tmp_path / "choices.json")
+    assert again.resolve("t2v-a14b", discovery.scan([("user", moved)])) == {"dit_high": new_high, "dit_low": new_low}
+    # Swapped in place by renaming: each slot still follows its own file, never the other's.
+    shutil.move(new_high, moved / "tmp.safetensors")
+    shutil.move(new_low, new_high)
+    shutil.move(moved / "tmp.safetensors", new_low)
+    chosen = discovery.RememberedChoices(tmp_path / "choices.json")
+    chosen.choose("t2v-a14b", "dit_high", discovery.detect(new_low)[0])
+    chosen.choose("t2v-a14b", "dit_low", discovery.detect(new_high)[0])
+    assert chosen.resolve("t2v-a14b", discovery.scan([("user", moved)])) == {"dit_high": new_low, "dit_low": new_high}
