@@ -231,3 +231,68 @@ def test_remembered_experts_never_land_in_the_wrong_slot(tmp_path):
     chosen.choose("t2v-a14b", "dit_high", discovery.detect(new_low)[0])
     chosen.choose("t2v-a14b", "dit_low", discovery.detect(new_high)[0])
     assert chosen.resolve("t2v-a14b", discovery.scan([("user", moved)])) == {"dit_high": new_low, "dit_low": new_high}
+
+
+# ------------------------------------------------------------------------------ image-to-video
+
+
+def _picture(path: Path, size: tuple[int, int]) -> str:
+    from PIL import Image
+
+    Image.new("RGB", size, (40, 90, 160)).save(path)
+    return str(path)
+
+
+def test_image_to_video_says_what_the_image_changes(tmp_path, presets):
+    from wan_lite.ui.handlers import crop_preview, upload_image
+
+    ui = _ui(tmp_path, presets)
+    tiny = crop_preview(ui, _picture(tmp_path / "tiny.png", (64, 48)), "ti2v-5b", "1280x704")["crop_note"]
+    assert "64×48" in tiny and "enlarged" in tiny and "blurry" in tiny
+    pano = crop_preview(ui, _picture(tmp_path / "pano.png", (3000, 400)), "ti2v-5b", "1280x704")["crop_note"]
+    made = re.search(r"will be \*\*(\d+)×(\d+)\*\*", pano).groups()
+    assert f"The Size box says 1280×704; the video follows the image's shape instead: {made[0]}×{made[1]}" in pano
+    land = _picture(tmp_path / "land.png", (900, 600))
+    portrait = crop_preview(ui, land, "ti2v-5b", "704x1280")["crop_note"]
+    assert "Size box is portrait but the image is landscape" in portrait
+    assert "⚠️" not in crop_preview(ui, _picture(tmp_path / "fits.png", (1280, 704)), "ti2v-5b", "1280x704")["crop_note"]
+    # T2V-A14B with an image runs I2V-A14B: the page says so, and again when the image goes.
+    out = upload_image(ui, land, "t2v-a14b", "quality", "1280x720")
+    assert out["model"] == "i2v-a14b" and "I2V-A14B is used" in out["status"]
+    back = upload_image(ui, None, "i2v-a14b", "quality", "1280x720")
+    assert back["model"] == "t2v-a14b" and "T2V-A14B is used" in back["status"]
+    # A refused file: the error stays (the handler empties the box; only a user's own clear resets).
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    bad = upload_image(ui, str(tmp_path / "bad.png"), "ti2v-5b", "quality", "1280x704")
+    assert bad["status"].startswith("⛔") and bad["upload"] is None
+
+
+@pytest.mark.slow
+def test_one_image_size_rule_for_the_api_the_cli_and_the_app(tmp_path, presets, tiny_models):
+    """TI2V-5B, a 4:3 image at 128x128: the official rule gives 160x96 through all three, and the
+    crop preview shows that size; a size the box would round (1000x1000) too."""
+    import subprocess
+    import sys
+
+    from wan_lite.api import GenerateRequest
+    from wan_lite.ui.handlers import crop_preview
+
+    ui = _ui(tmp_path, presets)
+    shutil.copytree(tiny_models["ti2v-5b"], ui.engine.model_folder("ti2v-5b"))
+    image = _picture(tmp_path / "four_three.png", (400, 300))
+    for size in ("128x128", "1000x1000", "130x130"):
+        w, h = (int(x) for x in size.split("x"))
+        api = ui.engine.resolve(GenerateRequest(prompt="a fox", model="ti2v-5b", image=image, width=w, height=h))
+        request, _ = form.request_from_values({"user_prompt": "a fox", "model": "ti2v-5b", "image": image,
+                                                "size": size}, presets)
+        app = ui.engine.resolve(request)
+        note = crop_preview(ui, image, "ti2v-5b", size)["crop_note"]
+        assert (app.width, app.height) == (api.width, api.height), size
+        assert f"**{api.width}×{api.height}**" in note, (size, note)
+    run = subprocess.run([sys.executable, "-m", "wan_lite", "generate", "--model-dir",
+                          str(ui.engine.model_folder("ti2v-5b")), "--image", image, "--size", "128x128",
+                          "--frames", "5", "--steps", "1", "--prompt", "a fox", "--device", "cpu",
+                          "--out", str(tmp_path / "cli.mp4")],
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "size: 160x96" in run.stdout, run.stdout

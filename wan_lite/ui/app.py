@@ -16,7 +16,7 @@ import gradio as gr
 
 from wan_lite.engine import Engine
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
-from wan_lite.ui import components_panel, form, history, images, models_panel
+from wan_lite.ui import components_panel, form, history, models_panel
 from wan_lite.ui.handlers import (
     FRAMES_INFO,
     SIZE_INFO,
@@ -24,10 +24,10 @@ from wan_lite.ui.handlers import (
     add_lora,
     apply_bundle,
     crop_preview,
-    discard_upload,
     estimate_updates,
     first_run_hint,
     history_updates,
+    image_model_note,
     lora_choices,
     model_menu,
     model_states,
@@ -39,6 +39,7 @@ from wan_lite.ui.handlers import (
     snap_frames_box,
     snap_size_box,
     undo_bundle,
+    upload_image,
 )
 from wan_lite.ui.jobs import JobRunner, error_message
 from wan_lite.ui.presets import (
@@ -320,32 +321,24 @@ def _wire(ui: AppUI) -> None:
                         outputs=ui.comps(["lora_add", "loras", "turbo", "status"]), queue=False).then(**then_refresh)
 
     def on_model(model: str, mode: str, size: str, image: str | None) -> dict[str, Any]:
-        return model_updates(form.model_for_image(model, bool(image)), mode, size)
+        used = form.model_for_image(model, bool(image))
+        return {**model_updates(used, mode, size), "status": image_model_note(model, used, bool(image))}
 
     w["model"].input(named(on_model), inputs_kwargs=ui.kw(["model", "mode", "size", "image"]),
-                     outputs=ui.comps(mode_outputs), queue=False).then(**then_refresh)
+                     outputs=ui.comps([*mode_outputs, "status"]), queue=False).then(**then_refresh)
     w["mode"].input(named(lambda model, mode, size: model_updates(model, mode, size)),
                     inputs_kwargs=ui.kw(["model", "mode", "size"]), outputs=ui.comps(mode_outputs),
                     queue=False).then(**then_refresh)
 
-    def on_upload(upload: Any, model: str, mode: str, size: str) -> dict[str, Any]:
-        path = getattr(upload, "name", upload)
-        if not path:
-            out = {"image": None, "status": ""}
-        else:
-            try:
-                checked = images.check_image(Path(path), ui.upload_dir)
-                out = {"image": str(checked.path), "status": "\n".join(f"- {n}" for n in checked.notes)}
-            except Exception as err:
-                discard_upload(Path(path), ui.upload_dir)  # not an image: nothing serves it from our origin
-                return {"image": None, "status": f"⛔ {error_message(err)}", "upload": None}
-        new_model = form.model_for_image(model, bool(out["image"]))
-        if new_model != model:
-            out.update(model_updates(new_model, mode, size))
-        return out
-
-    w["upload"].change(named(on_upload), inputs_kwargs=ui.kw(["upload", "model", "mode", "size"]),
-                       outputs=ui.comps(["image", "status", "upload", *mode_outputs]), queue=False).then(**then_refresh)
+    # .upload and .clear, not .change: a refused file is taken out of the box by the handler, and
+    # .change would fire again for that and erase the error it had just shown.
+    upload_outputs = ui.comps(["image", "status", "upload", *mode_outputs])
+    w["upload"].upload(named(lambda upload, model, mode, size: upload_image(ui, upload, model, mode, size)),
+                       inputs_kwargs=ui.kw(["upload", "model", "mode", "size"]), outputs=upload_outputs,
+                       queue=False).then(**then_refresh)
+    w["upload"].clear(named(lambda model, mode, size: upload_image(ui, None, model, mode, size)),
+                      inputs_kwargs=ui.kw(["model", "mode", "size"]), outputs=upload_outputs,
+                      queue=False).then(**then_refresh)
 
     bundle_outputs = [*ui.term_names, "style", "bundle", "bundle_note", "bundle_undo", "bundle_before"]
 

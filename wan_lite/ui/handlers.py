@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from wan_lite.api import Progress
 from wan_lite.engine import Engine
@@ -109,17 +110,42 @@ def model_updates(model: str, mode: str, size: str | None) -> dict[str, Any]:
 
 
 def crop_preview(ui: AppUI, image: str | None, model: str, size: str | None) -> dict[str, Any]:
+    """The exact first frame the model gets and the video's size (by `sizing.video_size`, the
+    rule the request follows), with a word where the image changes what the Size box says."""
     if not image or not Path(image).is_file():
         return {"crop": None, "crop_note": ""}
     spec = get_spec(form.model_for_image(model, True))
     try:
         w, h = parse_size(size) if size else spec.default_size
-        frame, framing = images.model_frame(Path(image), spec, w * h)
+        frame, framing = images.model_frame(Path(image), spec, (w, h))
+        with Image.open(image) as im:
+            iw, ih = im.size
     except Exception as err:
         return {"crop": None, "crop_note": f"⛔ {error_message(err)}"}
     how = "centre crop" if framing.cropped else ("whole image" if spec.crops_image else "resized, no crop")
-    return {"crop": frame, "crop_note": f"The video will be **{framing.width}×{framing.height}** ({how}); "
-                                         "this is exactly the first frame the model gets."}
+    lines = [f"The video will be **{framing.width}×{framing.height}** ({how}); "
+             "this is exactly the first frame the model gets."]
+    lines += [f"- ⚠️ {n}" for n in image_warnings(spec, (iw, ih), (w, h), (framing.width, framing.height))]
+    return {"crop": frame, "crop_note": "\n".join(lines)}
+
+
+def image_warnings(spec: Any, image: tuple[int, int], asked: tuple[int, int], made: tuple[int, int]) -> list[str]:
+    """What image-to-video changes silently otherwise: a small image enlarged, a video of
+    another size or shape than the Size box says."""
+    (iw, ih), (aw, ah), (w, h) = image, asked, made
+    out = []
+    scale = max(w / iw, h / ih)
+    if scale >= 2:
+        out.append(f"Your image is {iw}×{ih}: it is enlarged {scale:.0f}× to {w}×{h}, so the video starts "
+                   "blurry. A larger image gives a sharper video.")
+    if (ah > aw) != (ih > iw) and aw != ah and iw != ih:
+        shape = "portrait" if ah > aw else "landscape"
+        out.append(f"The Size box is {shape} but the image is {'portrait' if ih > iw else 'landscape'}: the video "
+                   "takes the image's shape. Crop or rotate the image for a " + shape + " video.")
+    elif (w, h) != (aw, ah):
+        out.append(f"The Size box says {aw}×{ah}; the video follows the image's shape instead: {w}×{h} "
+                   "(about the same number of pixels).")
+    return out
 
 
 def prompt_updates(ui: AppUI, values: dict[str, Any]) -> dict[str, Any]:
@@ -336,3 +362,35 @@ def undo_bundle(ui: AppUI, before: dict[str, Any] | None) -> dict[str, Any]:
     return {**form.split_terms(list(before.get("terms") or []), ui.presets), "style": before.get("style") or "",
             "bundle": None, "bundle_note": "The preset was undone: your terms and style are back.",
             "bundle_undo": gr.update(visible=False), "bundle_before": None}
+
+
+def image_model_note(chosen: str, used: str, has_image: bool) -> str:
+    """Say it when the start image (or its removal) changes the model: T2V-A14B makes video from
+    text only, I2V-A14B from an image."""
+    if chosen == used:
+        return ""
+    a, b = get_spec(chosen).label, get_spec(used).label
+    if has_image:
+        return f"ℹ️ {a} makes videos from text only; with a start image, {b} is used (its files are separate)."
+    return f"ℹ️ {a} needs a start image; without one, {b} is used."
+
+
+def upload_image(ui: AppUI, upload: Any, model: str, mode: str, size: str | None) -> dict[str, Any]:
+    """A start image uploaded (checked by content and normalised) or removed (`upload` None); a
+    refused file leaves the box with its error shown, and a model the image changes is named."""
+    path = getattr(upload, "name", upload)
+    if not path:
+        out: dict[str, Any] = {"image": None, "status": ""}
+    else:
+        try:
+            checked = images.check_image(Path(path), ui.upload_dir)
+            out = {"image": str(checked.path), "status": "\n".join(f"- {n}" for n in checked.notes)}
+        except Exception as err:
+            discard_upload(Path(path), ui.upload_dir)  # not an image: nothing serves it from our origin
+            return {"image": None, "status": f"⛔ {error_message(err)}", "upload": None}
+    new_model = form.model_for_image(model, bool(out["image"]))
+    if new_model != model:
+        out.update(model_updates(new_model, mode, size))
+        note = image_model_note(model, new_model, bool(out["image"]))
+        out["status"] = "\n".join(x for x in (out["status"], note) if x)
+    return out
