@@ -296,3 +296,61 @@ def test_one_image_size_rule_for_the_api_the_cli_and_the_app(tmp_path, presets, 
                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
     assert "size: 160x96" in run.stdout, run.stdout
+
+
+# ------------------------------------------------------------------------------ History and Reuse
+
+
+def _result(out: Path, stem: str, prompt: str, **settings) -> Path:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (out / f"{stem}.latents.safetensors").write_bytes(b"x")
+    side = {"wan_lite": 1, "video": f"{stem}.mp4",
+            "settings": {"prompt": prompt, "model": "ti2v-5b", "seed": 7, "width": 1280, "height": 704,
+                         "frames": 121, "steps": 50, **settings}}
+    (out / f"{stem}.json").write_text(json.dumps(side), encoding="utf-8")
+    return out / f"{stem}.json"
+
+
+def test_reuse_gives_back_the_composed_prompt_and_the_mode(tmp_path, presets):
+    from wan_lite.ui.handlers import page_values, reuse_history
+
+    ui = _ui(tmp_path, presets)
+    values = {**form.default_values(), "user_prompt": "A red fox trots through snow", "style": "Documentary",
+              form.term_widget("lens"): ["lens.telephoto"], "language": "en"}
+    final = form.composition_for(values, presets).prompt
+    ui.store.save(form.settings_from_values(values, presets))  # what Generate saves
+    side = _result(ui.engine.output_dir, "fox", final)
+    out = reuse_history(ui, [str(side)], 0)
+    assert out["user_prompt"] == "A red fox trots through snow" and out["style"] == "Documentary"
+    assert out[form.term_widget("lens")] == ["lens.telephoto"] and out["mode"] == "quality"
+    # A result of unknown composition still comes back, flattened into the prompt box.
+    other = _result(ui.engine.output_dir, "other", "Something else entirely.", steps=25)
+    flat = reuse_history(ui, [str(other)], 0)
+    assert flat["user_prompt"] == "Something else entirely." and flat["mode"] == "fast"
+    # Nothing selected: said where the user is looking (the History tab), not only on Create.
+    none = reuse_history(ui, [str(side)], None)
+    assert "Pick a result" in none["history_details"]
+    # After a reload the mode radio shows the mode the settings are, not a stale one.
+    ui.store.save({**form.settings_from_values(values, presets), "mode": "draft"})
+    assert page_values(ui)["mode"] == "quality"
+    ui.store.save({**form.settings_from_values(values, presets), "steps": 33})
+    assert page_values(ui)["mode"] is None
+
+
+def test_history_filter_and_delete(tmp_path, presets):
+    from wan_lite.ui.handlers import delete_history, history_updates
+
+    ui = _ui(tmp_path, presets)
+    out = ui.engine.output_dir
+    fox, owl = _result(out, "fox", "A red fox in snow."), _result(out, "owl", "An owl at night.")
+    assert len(history_updates(ui)["history"]) == 2
+    shown = history_updates(ui, "OWL night")
+    assert shown["history_paths"] == [str(owl)]
+    ask = delete_history(ui, [str(fox)], 0, None)
+    assert "Click Delete again" in ask["history_details"] and (out / "fox.mp4").exists()
+    done = delete_history(ui, [str(fox)], 0, ask["history_armed"])
+    assert not any(out.glob("fox*")) and (out / "owl.mp4").exists() and done["history_paths"] == [str(owl)]
+    assert "Pick a result" in delete_history(ui, [], None, None)["history_details"]

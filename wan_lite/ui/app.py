@@ -24,15 +24,14 @@ from wan_lite.ui.handlers import (
     add_lora,
     apply_bundle,
     crop_preview,
+    delete_history,
     estimate_updates,
     first_run_hint,
     history_updates,
     image_model_note,
-    lora_choices,
     model_menu,
-    model_states,
     model_updates,
-    override,
+    page_values,
     prompt_updates,
     reuse_history,
     run_job,
@@ -128,14 +127,25 @@ def build_ui(engine: Engine, upload_dir: Path, store: SettingsStore | None = Non
             with gr.Tab("Create", id="create"):
                 _create_tab(ui, defaults, spec)
             with gr.Tab("History", id="history"):
-                w["history"] = gr.Gallery(label="Past results (newest first)", columns=4, height=420,
-                                          elem_id="wl-history", allow_preview=False)
+                with gr.Row():
+                    w["history_filter"] = gr.Textbox(label="Filter", placeholder="Words of the prompt or file name",
+                                                     scale=3, elem_id="wl-history-filter")
+                    w["history_refresh"] = gr.Button("Refresh", size="sm", scale=1)
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        w["history"] = gr.Gallery(label="Past results (newest first; click one)", columns=4,
+                                                  height=560, object_fit="contain", elem_id="wl-history",
+                                                  allow_preview=False, show_label=True)
+                    with gr.Column(scale=2):
+                        w["history_details"] = gr.Markdown("Click a result to see its prompt and settings.",
+                                                           elem_id="wl-history-details")
+                        with gr.Row():
+                            w["reuse"] = gr.Button("Reuse these settings", variant="primary", elem_id="wl-reuse")
+                            w["history_delete"] = gr.Button("Delete", variant="stop", size="sm",
+                                                            elem_id="wl-history-delete")
                 w["history_paths"] = gr.State([])
                 w["history_index"] = gr.State(None)
-                w["history_details"] = gr.Markdown(elem_id="wl-history-details")
-                with gr.Row():
-                    w["reuse"] = gr.Button("Reuse these settings", elem_id="wl-reuse")
-                    w["history_refresh"] = gr.Button("Refresh", size="sm")
+                w["history_armed"] = gr.State(None)
             with gr.Tab("Models", id="models"):
                 w["models_table"] = gr.Markdown(elem_id="wl-models")
                 with gr.Row():
@@ -391,17 +401,31 @@ def _wire(ui: AppUI) -> None:
     w["cancel"].click(cancel, outputs=ui.comps(["status"]), queue=False)
 
     # History and models
-    history_out = ui.comps(["history", "history_paths"])
-    w["history_refresh"].click(named(lambda: history_updates(ui)), outputs=history_out, queue=False)
+    history_out = ui.comps(["history", "history_paths", "history_index"])
+    def filtered(history_filter: str) -> dict[str, Any]:  # the gallery changes: nothing is selected now
+        return {**history_updates(ui, history_filter), "history_index": None}
+
+    w["history_refresh"].click(named(filtered),
+                               inputs_kwargs=ui.kw(["history_filter"]), outputs=history_out, queue=False)
+    w["history_filter"].input(named(filtered),
+                              inputs_kwargs=ui.kw(["history_filter"]), outputs=history_out, queue=False,
+                              trigger_mode="always_last")
+    w["history_delete"].click(
+        named(lambda history_paths, history_index, history_armed, history_filter: delete_history(
+            ui, history_paths, history_index, history_armed, history_filter)),
+        inputs_kwargs=ui.kw(["history_paths", "history_index", "history_armed", "history_filter"]),
+        outputs=ui.comps(["history", "history_paths", "history_index", "history_armed", "history_details"]),
+        queue=False)
 
     def select_history(paths: list[str], evt: gr.SelectData) -> dict[Any, Any]:
         entry = history.parse_sidecar(Path(paths[evt.index]), ui.engine.output_dir) if paths else None
-        return ui.out({"history_index": evt.index,
+        return ui.out({"history_index": evt.index, "history_armed": None,
                        "history_details": history.describe(entry) if entry else "That result is gone."})
 
     w["history"].select(select_history, inputs=w["history_paths"],
-                        outputs=ui.comps(["history_index", "history_details"]), queue=False)
-    reuse_out = ["status", "image", "mode", "seed", "bundle", "tabs", "user_prompt", "negative_prompt", "style",
+                        outputs=ui.comps(["history_index", "history_details", "history_armed"]), queue=False)
+    reuse_out = ["status", "history_details", "image", "mode", "seed", "bundle", "tabs", "user_prompt",
+                 "negative_prompt", "style", "language",
                  "sampler", "memory_profile", "cache", "turbo", "loras", *ui.term_names, *mode_outputs]
     w["reuse"].click(named(lambda history_paths, history_index: reuse_history(ui, history_paths, history_index)),
                      inputs_kwargs=ui.kw(["history_paths", "history_index"]), outputs=ui.comps(reuse_out),
@@ -438,18 +462,7 @@ def _wire(ui: AppUI) -> None:
                                                          "final_prompt", "prompt_notes", "estimate", "lora_add"]
 
     def on_load() -> dict[Any, Any]:
-        values = form.values_from_settings(ui.store.load(), ui.presets)
-        # The saved values win over the mode's; the model decides the size choices and labels.
-        mode_defaults = model_updates(values["model"], values.get("mode") or "quality", values.get("size"))
-        updates = override(mode_defaults, values)
-        model_states(ui, refresh=True)
-        updates["model"] = gr.update(choices=model_menu(ui), value=values["model"])
-        updates["first_run"] = first_run_hint(ui)
-        updates.update(history_updates(ui))
-        updates.update(prompt_updates(ui, values))
-        updates.update(estimate_updates(ui, values))
-        updates["lora_add"] = gr.update(choices=lora_choices(ui), value=None)
-        return ui.out(updates) | models_table()
+        return ui.out(page_values(ui)) | models_table()
 
     ui.demo.load(on_load, outputs=ui.comps(load_out), queue=False)
 

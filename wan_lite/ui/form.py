@@ -168,6 +168,7 @@ def settings_from_values(values: Mapping[str, Any], presets: Presets) -> dict[st
     """What is remembered for the next start (the start image is not: it may be gone by then)."""
     saved = {k: values[k] for k in (*REQUEST_WIDGETS, *UI_ONLY) if k in values and k != "image"}
     saved["terms"] = collect_terms(values, presets)
+    saved["final_prompt"] = composition_for(values, presets).prompt  # not kept in settings.json: see SettingsStore
     if saved.get("negative_prompt", "").strip() == DEFAULT_NEGATIVE_PROMPT:
         saved["negative_prompt"] = ""  # keep following the official default if it ever changes
     for key in ("frames", "steps"):
@@ -207,12 +208,23 @@ def values_from_settings(saved: Mapping[str, Any], presets: Presets) -> dict[str
     return values
 
 
-def values_from_history(settings: Mapping[str, Any], presets: Presets) -> dict[str, Any]:
-    """Reuse a past result: its final prompt goes into the prompt box and the term pickers are
-    cleared (the terms are already part of that prompt)."""
+def values_from_history(settings: Mapping[str, Any], presets: Presets,
+                        parts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Reuse a past result. `parts`: how its final prompt was composed (SettingsStore.composition):
+    the prompt box, terms, style and language come back as they were, if they still compose the
+    same final prompt; otherwise (unknown, or the vocabulary changed) the final prompt goes into
+    the prompt box and the term pickers are cleared (the terms are already part of that prompt)."""
     model = settings.get("model") if settings.get("model") in MODELS else DEFAULT_MODEL
-    values: dict[str, Any] = {"model": model, "style": None, "user_prompt": settings.get("prompt") or ""}
+    final = settings.get("prompt") or ""
+    values: dict[str, Any] = {"model": model, "style": None, "user_prompt": final, "language": "en"}
     values.update(split_terms([], presets))
+    if parts:
+        composed = {"user_prompt": parts.get("user_prompt") or "", "style": parts.get("style") or None,
+                    "language": parts.get("language") or "en", **split_terms(list(parts.get("terms") or []), presets)}
+        again = compose(presets, composed["user_prompt"], collect_terms(composed, presets), composed["style"],
+                        image_to_video=bool(settings.get("image")), language=composed["language"])
+        if again.prompt == final:
+            values.update(composed)
     for key in ("frames", "guidance_low", *PLAIN_FIELDS):
         if settings.get(key) is not None:
             values[key] = settings[key]

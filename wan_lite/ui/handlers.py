@@ -232,12 +232,6 @@ def add_lora(ui: AppUI, path: str | None, table: Any, turbo: bool) -> dict[str, 
     return {"lora_add": None, "loras": rows, "turbo": turbo, "status": status}
 
 
-def history_updates(ui: AppUI) -> dict[str, Any]:
-    entries = history.read_history(ui.engine.output_dir)
-    return {"history": [(str(e.video), e.caption()) for e in entries],
-            "history_paths": [str(e.sidecar) for e in entries]}
-
-
 def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The Generate button: yields name -> value updates while the job runs."""
     idle = {"video": None, "download": gr.update(visible=False)}
@@ -291,12 +285,17 @@ def override(updates: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def reuse_history(ui: AppUI, paths: list[str], index: int | None) -> dict[str, Any]:
+    """"Reuse these settings": the result's settings back in the form, its prompt as it was
+    composed (prompt box, terms, style, language) when that is known, and the mode radio set to
+    the mode these settings are (none when they are no mode's)."""
     if index is None or not paths or index >= len(paths):
-        return {"status": "Pick a result in the gallery first."}
+        text = "Pick a result in the gallery first (click its picture), then Reuse."
+        return {"status": text, "history_details": f"⚠️ {text}"}
     entry = history.parse_sidecar(Path(paths[index]), ui.engine.output_dir)
     if entry is None:
-        return {"status": "⛔ That result is no longer in the output folder."}
-    values = form.values_from_history(entry.settings, ui.presets)
+        return {"status": "⛔ That result is no longer in the output folder.",
+                "history_details": "⛔ That result is no longer in the output folder."}
+    values = form.values_from_history(entry.settings, ui.presets, ui.store.composition(entry.prompt))
     image = entry.settings.get("image")
     image = image if isinstance(image, str) and Path(image).is_file() else None
     values["model"] = form.model_for_image(values["model"], bool(image))
@@ -306,6 +305,34 @@ def reuse_history(ui: AppUI, paths: list[str], index: int | None) -> dict[str, A
                     "status": f"Settings of {entry.video.name} loaded (seed {entry.seed}). "
                               "Click Generate to run it again."})
     return updates
+
+
+def history_updates(ui: AppUI, query: str = "") -> dict[str, Any]:
+    """The gallery (newest first), only results whose prompt or file name has every word of `query`."""
+    words = [w for w in str(query or "").lower().split() if w]
+    entries = [e for e in history.read_history(ui.engine.output_dir)
+               if all(w in f"{e.prompt} {e.video.name}".lower() for w in words)]
+    return {"history": [(str(e.video), e.caption()) for e in entries],
+            "history_paths": [str(e.sidecar) for e in entries]}
+
+
+def delete_history(ui: AppUI, paths: list[str], index: int | None, armed: str | None,
+                   query: str = "") -> dict[str, Any]:
+    """"Delete": the first click asks, the second deletes the result's video, settings file and
+    latents (files in the output folder only)."""
+    if index is None or not paths or index >= len(paths):
+        return {"history_details": "⚠️ Pick a result in the gallery first (click its picture), then Delete.",
+                "history_armed": None}
+    sidecar = Path(paths[index])
+    entry = history.parse_sidecar(sidecar, ui.engine.output_dir)
+    if entry is None:
+        return {"history_details": "⛔ That result is no longer in the output folder.", "history_armed": None}
+    if armed != str(sidecar):
+        return {"history_details": f"Delete **{entry.video.name}** and its settings? Click Delete again to confirm.",
+                "history_armed": str(sidecar)}
+    removed = history.delete_result(entry, ui.engine.output_dir)
+    return {**history_updates(ui, query), "history_index": None, "history_armed": None,
+            "history_details": f"Deleted {', '.join(p.name for p in removed)}."}
 
 
 SIZE_INFO = "Or type WIDTHxHEIGHT; it is rounded to what the model accepts."
@@ -394,3 +421,25 @@ def upload_image(ui: AppUI, upload: Any, model: str, mode: str, size: str | None
         note = image_model_note(model, new_model, bool(out["image"]))
         out["status"] = "\n".join(x for x in (out["status"], note) if x)
     return out
+
+
+def page_values(ui: AppUI) -> dict[str, Any]:
+    """A fresh page: the last settings (the mode radio showing the mode they are, none when they
+    are no mode's), the history, the model menu and what is derived from the form."""
+    values = form.values_from_settings(ui.store.load(), ui.presets)
+    # The saved values win over the mode's; the model decides the size choices and labels.
+    mode_defaults = model_updates(values["model"], values.get("mode") or "quality", values.get("size"))
+    updates = override(mode_defaults, values)
+    try:
+        updates["mode"] = infer_mode(get_spec(values["model"]), values.get("size"),
+                                     values.get("frames"), values.get("steps"))
+    except WanLiteError:  # a saved size that is no size: no mode
+        updates["mode"] = None
+    model_states(ui, refresh=True)
+    updates["model"] = gr.update(choices=model_menu(ui), value=values["model"])
+    updates["first_run"] = first_run_hint(ui)
+    updates.update(history_updates(ui))
+    updates.update(prompt_updates(ui, values))
+    updates.update(estimate_updates(ui, values))
+    updates["lora_add"] = gr.update(choices=lora_choices(ui), value=None)
+    return updates
