@@ -354,3 +354,22 @@ def test_history_filter_and_delete(tmp_path, presets):
     done = delete_history(ui, [str(fox)], 0, ask["history_armed"])
     assert not any(out.glob("fox*")) and (out / "owl.mp4").exists() and done["history_paths"] == [str(owl)]
     assert "Pick a result" in delete_history(ui, [], None, None)["history_details"]
+
+
+def test_lora_choices_are_remembered_per_model(tmp_path, presets):
+    """Issue 19: the LoRA panel keeps its rows per model in the saved settings, and a model
+    switched back to gets its own rows again."""
+    from wan_lite.ui.handlers import page_values
+
+    ui = _ui(tmp_path, presets)
+    five = [["/loras/five_style.safetensors", 0.8, 0.8]]
+    a14b = [["/loras/lightning_high.safetensors", 1.0, 0.0]]
+    by_model = form.remember_loras("ti2v-5b", five, {})
+    by_model = form.remember_loras("t2v-a14b", a14b, by_model)
+    assert form.loras_for_model("ti2v-5b", by_model) == five and form.loras_for_model("i2v-a14b", by_model) == []
+    values = {**form.default_values("t2v-a14b"), "user_prompt": "x", "loras": a14b, "loras_by_model": by_model}
+    ui.store.save(form.settings_from_values(values, presets))
+    loaded = page_values(ui)
+    assert loaded["loras"] == a14b and loaded["loras_by_model"]["ti2v-5b"] == five
+    ui.store.save({**ui.store.load(), "model": "ti2v-5b"})
+    assert page_values(ui)["loras"] == five

@@ -266,6 +266,7 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
                                           value=[], row_count=0,
                                           label="Strength per expert (A14B: high- and low-noise; 0 leaves one alone)",
                                           interactive=True, elem_id="wl-loras")
+                w["loras_by_model"] = gr.State({})  # the rows per model, remembered in the settings
             with gr.Accordion("Advanced settings", open=False):
                 w["steps"] = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Steps", elem_id="wl-steps")
                 w["guidance"] = gr.Slider(1, 10, value=defaults["guidance"], step=0.1, label="Guidance")
@@ -330,12 +331,16 @@ def _wire(ui: AppUI) -> None:
                         inputs_kwargs=ui.kw(["lora_add", "loras", "turbo"]),
                         outputs=ui.comps(["lora_add", "loras", "turbo", "status"]), queue=False).then(**then_refresh)
 
-    def on_model(model: str, mode: str, size: str, image: str | None) -> dict[str, Any]:
+    def on_model(model: str, mode: str, size: str, image: str | None, loras_by_model: dict) -> dict[str, Any]:
         used = form.model_for_image(model, bool(image))
-        return {**model_updates(used, mode, size), "status": image_model_note(model, used, bool(image))}
+        return {**model_updates(used, mode, size), "status": image_model_note(model, used, bool(image)),
+                "loras": form.loras_for_model(used, loras_by_model)}  # each model keeps its own LoRAs
 
-    w["model"].input(named(on_model), inputs_kwargs=ui.kw(["model", "mode", "size", "image"]),
-                     outputs=ui.comps([*mode_outputs, "status"]), queue=False).then(**then_refresh)
+    w["model"].input(named(on_model), inputs_kwargs=ui.kw(["model", "mode", "size", "image", "loras_by_model"]),
+                     outputs=ui.comps([*mode_outputs, "status", "loras"]), queue=False).then(**then_refresh)
+    w["loras"].change(named(lambda model, loras, loras_by_model: {
+        "loras_by_model": form.remember_loras(model, loras, loras_by_model)}),
+        inputs_kwargs=ui.kw(["model", "loras", "loras_by_model"]), outputs=ui.comps(["loras_by_model"]), queue=False)
     w["mode"].input(named(lambda model, mode, size: model_updates(model, mode, size)),
                     inputs_kwargs=ui.kw(["model", "mode", "size"]), outputs=ui.comps(mode_outputs),
                     queue=False).then(**then_refresh)

@@ -32,7 +32,7 @@ PLAIN_FIELDS = {"steps": int, "guidance": float, "shift": float, "sampler": str,
 # What Turbo fills in itself (the speed LoRA's own settings): the form leaves them unset.
 TURBO_FIELDS = ("steps", "guidance", "guidance_low", "shift", "sampler")
 LORA_COLUMNS = ["LoRA file", "Strength", "Low-noise strength (A14B)"]
-UI_ONLY = ("user_prompt", "size", "style", "language", "mode")
+UI_ONLY = ("user_prompt", "size", "style", "language", "mode", "loras_by_model")
 
 
 def term_widget(category: str) -> str:
@@ -169,6 +169,9 @@ def settings_from_values(values: Mapping[str, Any], presets: Presets) -> dict[st
     saved = {k: values[k] for k in (*REQUEST_WIDGETS, *UI_ONLY) if k in values and k != "image"}
     saved["terms"] = collect_terms(values, presets)
     saved["final_prompt"] = composition_for(values, presets).prompt  # not kept in settings.json: see SettingsStore
+    saved["loras"] = lora_rows(loras_from_rows(values.get("loras")))
+    saved["loras_by_model"] = remember_loras(values.get("model") or DEFAULT_MODEL, values.get("loras"),
+                                             values.get("loras_by_model"))
     if saved.get("negative_prompt", "").strip() == DEFAULT_NEGATIVE_PROMPT:
         saved["negative_prompt"] = ""  # keep following the official default if it ever changes
     for key in ("frames", "steps"):
@@ -205,7 +208,24 @@ def values_from_settings(saved: Mapping[str, Any], presets: Presets) -> dict[str
     if values.get("style") not in presets.styles:
         values["style"] = None
     values.update(split_terms(list(saved.get("terms", [])), presets))
+    by_model = saved.get("loras_by_model") if isinstance(saved.get("loras_by_model"), Mapping) else {}
+    values["loras_by_model"] = dict(by_model)
+    if model in by_model:  # the LoRAs used last with this model
+        values["loras"] = lora_rows(loras_from_rows(by_model[model]))
     return values
+
+
+def remember_loras(model: str, table: Any, by_model: Mapping[str, Any] | None) -> dict[str, list[list[Any]]]:
+    """The LoRA rows per model, with `model`'s rows set to `table` (issue 19: LoRA choices are
+    remembered per model; a LoRA for TI2V-5B does not fit A14B)."""
+    out = {k: v for k, v in (by_model or {}).items() if k in MODELS and isinstance(v, list)}
+    out[model] = lora_rows(loras_from_rows(table))
+    return out
+
+
+def loras_for_model(model: str, by_model: Mapping[str, Any] | None) -> list[list[Any]]:
+    """The LoRA rows remembered for `model` (none the first time)."""
+    return lora_rows(loras_from_rows((by_model or {}).get(model) or []))
 
 
 def values_from_history(settings: Mapping[str, Any], presets: Presets,

@@ -197,6 +197,7 @@ SETTINGS_SCHEMA: dict[str, tuple[type, ...]] = {
     "cache": (str,),
     "turbo": (bool,),
     "loras": (list,),
+    "loras_by_model": (dict,),
     "memory_profile": (str,),
     "mode": (str,),
     "terms": (list,),
@@ -219,6 +220,8 @@ def clean_settings(data: Any) -> dict[str, Any]:
             continue
         if name == "terms":
             value = [v for v in value if isinstance(v, str)]
+        if name == "loras_by_model":
+            value = {k: v for k, v in value.items() if k in MODELS and isinstance(v, list)}
         if name == "model" and value not in MODELS:
             continue
         out[name] = value
