@@ -314,7 +314,12 @@ def _wire(ui: AppUI) -> None:
 
     then_refresh = {"fn": refresh, "inputs_kwargs": ui.kw(form_names), "outputs": ui.comps(derived), "queue": False}
 
-    gr.on([w[n].input for n in prompt_inputs], named(lambda **v: prompt_updates(ui, v)),
+    # The text boxes on .change: Gradio's Textbox sends .input on keypress only, so Backspace,
+    # Delete, select-all + Delete, cut and paste left the final prompt stale. Their .change also
+    # fires when a handler sets them (Reuse), which computes the same text as the refresh after it.
+    text_boxes = ("user_prompt", "negative_prompt")
+    gr.on([w[n].change if n in text_boxes else w[n].input for n in prompt_inputs],
+          named(lambda **v: prompt_updates(ui, v)),
           inputs_kwargs=ui.kw(prompt_inputs), outputs=ui.comps(["final_prompt", "prompt_notes"]), queue=False,
           trigger_mode="always_last")
     gr.on([w[n].input for n in estimate_inputs], named(lambda **v: estimate_updates(ui, v)),
