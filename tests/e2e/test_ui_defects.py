@@ -194,8 +194,8 @@ def test_models_tab_headers_do_not_wrap_mid_word(tmp_path, monkeypatch, browser)
 def test_screenshots_of_the_main_states(tmp_path, monkeypatch, browser):
     """docs/screenshots/: empty first run, composing, running, result, History, Models at
     1920x1080 and 1366x768."""
-    from playwright.sync_api import expect
     from PIL import Image
+    from playwright.sync_api import expect
 
     out = Path(os.environ["WAN_LITE_SCREENSHOTS"])
     out.mkdir(parents=True, exist_ok=True)
