@@ -28,7 +28,7 @@ def _serve(tmp_path: Path, monkeypatch, with_model: bool = True):
     pytest.importorskip("playwright.sync_api")
     uploads, out, models = tmp_path / "uploads", tmp_path / "outputs", tmp_path / "models"
     for d in (uploads, out, models):
-        d.mkdir(exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
     monkeypatch.setenv("WAN_LITE_CONFIG_DIR", str(tmp_path / "config"))
     if with_model:
@@ -162,6 +162,8 @@ def test_boxes_snap_and_ctrl_enter_generates(app, browser):
     steps.fill("2")
     steps.press("Enter")
     expect(steps).to_have_value("2")
+    # The estimate after a steps change still reads the size and frames boxes.
+    expect(page.locator("#wl-estimate")).to_contain_text("5 frames")
     prompt = page.locator("#wl-prompt textarea")
     prompt.fill(PROMPT)
     prompt.press("Control+Enter")
@@ -234,6 +236,7 @@ def test_screenshots_of_the_main_states(tmp_path, monkeypatch, browser):
             steps.fill("30")
             steps.press("Enter")
             page.wait_for_timeout(800)
+            page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(out / f"2-composing-{w}x{h}.png"))
             page.locator("#wl-generate").click()
             expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+"),
@@ -243,8 +246,10 @@ def test_screenshots_of_the_main_states(tmp_path, monkeypatch, browser):
             page.wait_for_timeout(800)
             page.screenshot(path=str(out / f"4-result-{w}x{h}.png"))
             page.get_by_role("tab", name="History").click()
-            page.locator("#wl-history .thumbnail-item, #wl-history button").first.click()
-            page.wait_for_timeout(800)
+            thumb = page.locator("#wl-history .thumbnail-item").first
+            expect(thumb).to_be_visible()
+            thumb.click()
+            expect(page.locator("#wl-history-details")).to_contain_text("Prompt")
             page.screenshot(path=str(out / f"5-history-{w}x{h}.png"))
             page.close()
     finally:

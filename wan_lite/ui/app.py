@@ -70,6 +70,7 @@ CSS = """
 body:not(:has(#wl-progress [data-state="running"])) #wl-cancel { opacity: .45; }
 /* History: whole thumbnails (no crop), the prompt readable under each. */
 #wl-history img, #wl-history video { object-fit: contain !important; background: var(--neutral-900, #111); }
+#wl-history .grid-container { grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)) !important; }
 #wl-history .caption-label { white-space: normal !important; overflow: visible !important;
                              display: -webkit-box; -webkit-line-clamp: 3; -webkit-box-orient: vertical; }
 """
@@ -283,12 +284,13 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
             w["status"] = gr.Markdown(elem_id="wl-status")
             w["preview"] = gr.Image(label="Live preview", interactive=False, height=160, elem_id="wl-preview")
             w["video"] = gr.Video(label="Result", interactive=False, height=300, elem_id="wl-video")
-            with gr.Row():
-                w["download"] = gr.DownloadButton("Download video", visible=False, size="sm",
-                                                  elem_id="wl-download-video")
-                w["last_seed"] = gr.Textbox("", label="Seed of the last video", interactive=False,
+            with gr.Row(equal_height=False):
+                w["last_seed"] = gr.Textbox("", label="Seed of the last video", interactive=False, scale=3,
                                             elem_id="wl-last-seed")
-                w["use_seed"] = gr.Button("Use this seed", size="sm")
+                with gr.Column(scale=1, min_width=140):
+                    w["use_seed"] = gr.Button("Use this seed", size="sm")
+                    w["download"] = gr.DownloadButton("Download video", visible=False, size="sm",
+                                                      elem_id="wl-download-video")
 
 
 def _wire(ui: AppUI) -> None:
@@ -323,7 +325,8 @@ def _wire(ui: AppUI) -> None:
           inputs_kwargs=ui.kw(prompt_inputs), outputs=ui.comps(["final_prompt", "prompt_notes"]), queue=False,
           trigger_mode="always_last")
     gr.on([w[n].input for n in estimate_inputs], named(lambda **v: estimate_updates(ui, v)),
-          inputs_kwargs=ui.kw([*estimate_inputs, "model", "image"]), outputs=ui.comps(["estimate"]), queue=False,
+          inputs_kwargs=ui.kw([*estimate_inputs, "size", "frames", "model", "image", "loras"]),
+          outputs=ui.comps(["estimate"]), queue=False,
           trigger_mode="always_last")
     # A typed size or frame count is rounded in its box (with the reason), then everything follows it.
     w["size"].input(named(lambda model, size: snap_size_box(model, size)), inputs_kwargs=ui.kw(["model", "size"]),

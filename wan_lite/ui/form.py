@@ -307,7 +307,7 @@ def estimate_text(estimate: Estimate, *, model_ready: bool = True, profile: str 
     if profile is not None and model_ready:
         parts.append("The memory profile describes another computer; choose Auto to check this one.")
     if estimate.reason and not estimate.fits:
-        parts.append(html.escape(_plain_reason(estimate.reason)))
+        parts.append("Why: " + html.escape(_plain_reason(estimate.reason)))
     return "\n\n".join(parts)
 
 

@@ -179,7 +179,7 @@ def first_run_hint(ui: AppUI) -> str:
     states = model_states(ui)
     if not states or any(v == "installed" for v in states.values()):
         return ""
-    return ("### 👋 First, get a model\n"
+    return ("### First, get a model\n"
             "No Wan 2.2 model is on this computer yet. Open the **Models** tab to download one "
             "(TI2V-5B is the smallest and makes text-to-video and image-to-video), or to use the files "
             "ComfyUI or diffusers already downloaded. You can compose a prompt meanwhile.")
@@ -427,6 +427,7 @@ def page_values(ui: AppUI) -> dict[str, Any]:
     """A fresh page: the last settings (the mode radio showing the mode they are, none when they
     are no mode's), the history, the model menu and what is derived from the form."""
     values = form.values_from_settings(ui.store.load(), ui.presets)
+    values["style"] = values.get("style") or ""  # the menu's "No style template" (None shows a blank box)
     # The saved values win over the mode's; the model decides the size choices and labels.
     mode_defaults = model_updates(values["model"], values.get("mode") or "quality", values.get("size"))
     updates = override(mode_defaults, values)
