@@ -132,6 +132,9 @@ def test_generate_progress_and_result_are_above_the_fold(app, browser):
         assert cancel["width"] * cancel["height"] < 0.5 * gen["width"] * gen["height"]
         assert float(page.locator("#wl-cancel").evaluate("e => getComputedStyle(e).opacity")) < 0.6
         expect(page.locator("#wl-cancel")).not_to_have_class(re.compile("stop"))
+        # Every cinematic term tab is shown (none hidden in Gradio's "..." overflow menu).
+        expect(page.locator("#wl-look .overflow-menu")).to_have_class(re.compile(r"\bhide\b"))
+        expect(page.get_by_role("tab", name=re.compile("Motion & camera"))).to_be_visible()
         page.close()
 
 
@@ -252,5 +255,41 @@ def test_screenshots_of_the_main_states(tmp_path, monkeypatch, browser):
             expect(page.locator("#wl-history-details")).to_contain_text("Prompt")
             page.screenshot(path=str(out / f"5-history-{w}x{h}.png"))
             page.close()
+    finally:
+        ui.demo.close()
+
+
+def test_history_thumbnails_prompts_reuse_filter_and_delete(tmp_path, monkeypatch, browser):
+    from playwright.sync_api import expect
+
+    from wan_lite.api import GenerateRequest
+
+    ui, url = _serve(tmp_path, monkeypatch)
+    try:
+        for prompt in ("A red fox in fresh snow", "An owl over a dark lake"):
+            ui.engine.generate(GenerateRequest(prompt=prompt, width=64, height=64, frames=5, steps=1, seed=1))
+        page = _page(browser, url)
+        page.get_by_role("tab", name="History").click()
+        thumbs = page.locator("#wl-history .thumbnail-item")
+        expect(thumbs).to_have_count(2)
+        # Whole thumbnails (not cropped), and each prompt readable without a click.
+        fit = page.locator("#wl-history video").first.evaluate("e => getComputedStyle(e).objectFit")
+        assert fit == "contain"
+        expect(page.locator("#wl-history")).to_contain_text("An owl over a dark lake")
+        expect(page.locator("#wl-history")).to_contain_text("A red fox in fresh snow")
+        # Reuse with nothing selected says so, here.
+        page.locator("#wl-reuse").click()
+        expect(page.locator("#wl-history-details")).to_contain_text("Pick a result")
+        # Filter, then delete the one shown (asks first).
+        page.locator("#wl-history-filter textarea, #wl-history-filter input").first.fill("owl")
+        expect(thumbs).to_have_count(1)
+        thumbs.first.click()
+        expect(page.locator("#wl-history-details")).to_contain_text("owl")
+        page.locator("#wl-history-delete").click()
+        expect(page.locator("#wl-history-details")).to_contain_text("Click Delete again")
+        page.locator("#wl-history-delete").click()
+        expect(page.locator("#wl-history-details")).to_contain_text("Deleted")
+        expect(thumbs).to_have_count(0)
+        assert len(list((tmp_path / "outputs").rglob("*.mp4"))) == 1
     finally:
         ui.demo.close()

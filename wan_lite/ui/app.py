@@ -65,6 +65,10 @@ CSS = """
 #wl-models th, #wl-found th { white-space: nowrap; word-break: normal; }  /* headers never wrap mid-word */
 #wl-models td, #wl-found td { word-break: normal; }
 #wl-models code { overflow-wrap: anywhere; }
+/* The cinematic term tabs: compact, so that all of them fit the column (Gradio moves tabs that do
+   not fit into a "..." menu, where nobody finds them). */
+#wl-look .tab-container button { padding: 4px 7px; font-size: 0.82em; }
+#wl-look .tab-wrapper { padding-bottom: 0; }
 /* Cancel is small and secondary; it looks disabled while nothing runs. */
 #wl-cancel { align-self: stretch; }
 body:not(:has(#wl-progress [data-state="running"])) #wl-cancel { opacity: .45; }
@@ -209,7 +213,7 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
                                      elem_id="wl-crop")
             w["image"] = gr.State(None)
             w["crop_note"] = gr.Markdown(elem_id="wl-crop-note")
-            with gr.Accordion("Cinematic look · 影视级美学", open=True):
+            with gr.Accordion("Cinematic look · 影视级美学", open=True, elem_id="wl-look"):
                 with gr.Row():
                     w["bundle"] = gr.Dropdown(list(presets.bundles), value=None, label="Preset bundle",
                                               elem_id="wl-bundle", info="Ticks a set of terms and a style.")
@@ -420,7 +424,7 @@ def _wire(ui: AppUI) -> None:
 
     w["history_refresh"].click(named(filtered),
                                inputs_kwargs=ui.kw(["history_filter"]), outputs=history_out, queue=False)
-    w["history_filter"].input(named(filtered),
+    w["history_filter"].change(named(filtered),  # .change: a Textbox sends .input on keypress only
                               inputs_kwargs=ui.kw(["history_filter"]), outputs=history_out, queue=False,
                               trigger_mode="always_last")
     w["history_delete"].click(

@@ -271,8 +271,10 @@ def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[st
                    **history_updates(ui)}
         elif isinstance(event, Failed):
             state = "cancelled" if event.cancelled else "failed"
-            yield {"status": ("⏹ " if event.cancelled else "⛔ ") + event.message,
-                   "progress": form.progress_html(None, event.message, state)}
+            # A model that is not there: where to get it, not the loader's layout lecture.
+            message = (not event.cancelled and model_missing_text(ui, job.spec.name)) or event.message
+            yield {"status": ("⏹ " if event.cancelled else "⛔ ") + message,
+                   "progress": form.progress_html(None, "Cancelled" if event.cancelled else "Failed", state)}
 
 
 def override(updates: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -444,3 +446,15 @@ def page_values(ui: AppUI) -> dict[str, Any]:
     updates.update(estimate_updates(ui, values))
     updates["lora_add"] = gr.update(choices=lora_choices(ui), value=None)
     return updates
+
+
+def model_missing_text(ui: AppUI, model: str) -> str:
+    """Why `model` cannot run because it is not on this computer, pointing to the Models tab;
+    empty when it is there (or the engine cannot tell)."""
+    spec = get_spec(form.model_for_image(model, False) if model not in MODELS else model)
+    state = model_states(ui, refresh=True).get(spec.name)
+    if state not in ("missing", "partial"):
+        return ""
+    what = "is not downloaded yet" if state == "missing" else "is incomplete"
+    return (f"{spec.label} {what}. Open the **Models** tab to download it, or to use the files another "
+            "tool (ComfyUI, diffusers) already has.")
