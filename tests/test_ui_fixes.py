@@ -373,3 +373,13 @@ def test_lora_choices_are_remembered_per_model(tmp_path, presets):
     assert loaded["loras"] == a14b and loaded["loras_by_model"]["ti2v-5b"] == five
     ui.store.save({**ui.store.load(), "model": "ti2v-5b"})
     assert page_values(ui)["loras"] == five
+
+
+def test_generate_without_the_model_points_to_the_models_tab(tmp_path, presets):
+    from wan_lite.ui.handlers import run_job
+
+    ui = _ui(tmp_path, presets)
+    values = {**form.default_values(), "user_prompt": "A fox", "size": "64x64", "frames": 5, "steps": 1}
+    last = list(run_job(ui, "s", values))[-1]
+    assert "Models** tab" in last["status"] and "Expected layout" not in last["status"]
+    assert last["status"].count("not downloaded") == 1 and "not downloaded" not in last["progress"]

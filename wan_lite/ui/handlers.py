@@ -272,7 +272,8 @@ def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[st
         elif isinstance(event, Failed):
             state = "cancelled" if event.cancelled else "failed"
             # A model that is not there: where to get it, not the loader's layout lecture.
-            message = (not event.cancelled and model_missing_text(ui, job.spec.name)) or event.message
+            about_folder = str(ui.engine.model_folder(job.spec.name)) in event.message
+            message = (about_folder and not event.cancelled and model_missing_text(ui, job.spec.name)) or event.message
             yield {"status": ("⏹ " if event.cancelled else "⛔ ") + message,
                    "progress": form.progress_html(None, "Cancelled" if event.cancelled else "Failed", state)}
 
