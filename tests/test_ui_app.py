@@ -83,7 +83,7 @@ def test_progress_and_estimate_texts():
     from wan_lite.engine import Estimate
 
     text = form.estimate_text(Estimate(False, 30.5, 40.0, 600, "int8 + 20 blocks streamed", "Needs 30.5 GiB; <you> have 24"))
-    assert "Does not fit" in text and "30.5 GiB" in text and "10:00" in text and "&lt;you&gt;" in text
+    assert "Too big for this computer" in text and "32.7 GB" in text and "10 min" in text and "&lt;you&gt;" in text
 
 
 def _write_result(out: Path, stem: str, sidecar: dict, video: bool = True) -> Path:

@@ -79,7 +79,7 @@ def test_models_panel_survives_an_engine_that_cannot_tell(tmp_path):
 def test_download_errors_end_in_a_readable_line(tmp_path, monkeypatch):
     engine = FakeEngine(tmp_path / "models", tmp_path / "out")
 
-    def refuse(spec, folder, token=None):
+    def refuse(spec, folder, token=None, others=()):
         raise DownloadError("Not enough disk space: the download needs 34.2 GB.", "Free some space.")
 
     monkeypatch.setattr(models_panel, "start_download", refuse)

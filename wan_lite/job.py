@@ -33,10 +33,10 @@ from wan_lite.sizing import (
     MAX_IMAGE_PIXELS,
     MAX_STEPS,
     check_size,
-    image_output_size,
     max_frames,
     max_side,
     trained_size_note,
+    video_size,
 )
 
 
@@ -278,10 +278,8 @@ def resolve(request: GenerateRequest) -> Job:
     loras = _loras(request.loras, spec)
     img = load_image(request.image) if request.image is not None else None
     if img is not None:
-        ow, oh = image_output_size(spec, img.width, img.height, w, h)
-        if (ow, oh) != (w, h):
-            notes.append(f"Output size follows the image's aspect ratio: {ow}x{oh}.")
-        w, h = ow, oh
+        w, h, image_notes = video_size(spec, w, h, (img.width, img.height))  # the one rule (sizing.video_size)
+        notes += image_notes
     notes += trained_size_note(spec, w, h)
     filled = replace(request, model=spec.name, negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                      width=w, height=h, frames=f, steps=n, guidance=g_high, guidance_low=g_low, shift=s,

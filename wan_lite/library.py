@@ -67,12 +67,45 @@ class ModelLibrary:
         # files the user chose earlier (remembered in choices.json).
         self.explicit = set(self.folders) | set(self.components)
         self._scan: list = []  # the last discovery scan (wan_lite.loading.discovery.Found)
+        self._renamed: tuple[int, dict[str, Path]] | None = None  # see _renamed_folders
         self.refresh_components()
 
     # ------------------------------------------------------------------ models
     def model_folder(self, name: str) -> Path:
+        """The model's folder: the one given, else models_root/<repo name>, else a folder under
+        models_root with another name that holds this model (Scan finds such folders too)."""
         spec = get_spec(name)
-        return self.folders.get(spec.name) or self.models_root / default_folder_name(spec.name)
+        if spec.name in self.folders:
+            return self.folders[spec.name]
+        default = self.models_root / default_folder_name(spec.name)
+        if default.is_dir():
+            return default
+        return self._renamed_folders().get(spec.name, default)
+
+    def _renamed_folders(self) -> dict[str, Path]:
+        """Model name -> a folder under models_root, not named as the official repo, that holds
+        that model (detected from its files, config.json and headers only). Cached until the
+        models folder changes (a folder added, renamed or removed changes its mtime)."""
+        from wan_lite.loading.layout import detect_spec
+
+        try:
+            stamp = self.models_root.stat().st_mtime_ns
+            subs = sorted(p for p in self.models_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return {}
+        if self._renamed is not None and self._renamed[0] == stamp:
+            return self._renamed[1]
+        standard = {default_folder_name(n) for n in MODELS}
+        found: dict[str, Path] = {}
+        for sub in subs:
+            if sub.name in standard or sub.name == "loras":
+                continue
+            try:
+                found.setdefault(detect_spec(sub).name, sub)
+            except (CheckpointError, OSError, ValueError):
+                continue
+        self._renamed = (stamp, found)
+        return found
 
     def model_status(self) -> list[ModelStatus]:
         """Each model's state: its folder plus the chosen component files, checked from headers

@@ -96,6 +96,24 @@ def image_output_size(spec: ModelSpec, image_w: int, image_h: int, width: int, h
     return best_output_size(image_w, image_h, m, m, area)
 
 
+def video_size(spec: ModelSpec, width: int, height: int,
+               image_size: tuple[int, int] | None = None) -> tuple[int, int, list[str]]:
+    """THE output size rule, the one the Python API, the CLI and the app (its crop preview too)
+    all go through (`wan_lite.job.resolve`, `wan_lite.ui.images.model_framing`): the requested
+    size snapped to the model's multiple, then, for image-to-video, the official size for the
+    image's aspect ratio at that snapped area. Returns (width, height, notes)."""
+    m = spec.size_multiple
+    w, h = snap_multiple(width, m), snap_multiple(height, m)
+    notes = [] if (w, h) == (width, height) else [
+        f"Size {width}x{height} is not a multiple of {m} px for {spec.name}; using {w}x{h}."]
+    if image_size is not None:
+        ow, oh = image_output_size(spec, image_size[0], image_size[1], w, h)
+        if (ow, oh) != (w, h):
+            notes.append(f"Output size follows the image's aspect ratio: {ow}x{oh}.")
+        w, h = ow, oh
+    return w, h, notes
+
+
 def centre_crop_box(image_w: int, image_h: int, out_w: int, out_h: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """TI2V: resize the image so it covers (out_w, out_h), then crop the centre.
     Returns ((resized_w, resized_h), (left, top, right, bottom)) in resized pixels."""

@@ -195,7 +195,8 @@ def test_create_generate_history_cancel(app_url):
             # cannot slip between two polls of the test.
             page.evaluate(WATCH_PROGRESS)
             page.locator("#wl-generate").click()
-            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+|Finished"))
+            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+|Finished"),
+                                                                        timeout=120_000)  # loading: seconds under load
             page.screenshot(path=str(shots / "2-progress.png"), full_page=True)
             # The video appears and plays.
             expect(page.locator("#wl-status")).to_contain_text("Done", timeout=180_000)
@@ -226,7 +227,9 @@ def test_create_generate_history_cancel(app_url):
             expect(page.locator("#wl-status")).to_contain_text("loaded")
             expect(page.get_by_role("tab", name="Create")).to_have_attribute("aria-selected", "true")
             expect(page.locator("#wl-seed textarea, #wl-seed input").first).to_have_value(seed)
-            expect(prompt).to_have_value(re.compile("Camera pushes in"))
+            # The prompt comes back as it was composed: the prompt box, the ticked terms (issue 22).
+            expect(prompt).to_have_value(re.compile(r"^A red fox trots through fresh snow in a birch forest$"))
+            expect(final).to_have_value(re.compile("Camera pushes in"))
 
             # A second run, cancelled mid-way: the page says so and stays usable.
             page.locator("#wl-seed textarea, #wl-seed input").first.fill("-1")
@@ -265,7 +268,7 @@ def test_create_generate_history_cancel(app_url):
 
             # A new page starts with the last used settings.
             page.reload()
-            expect(prompt).to_have_value(re.compile("Camera pushes in"))
+            expect(final).to_have_value(re.compile("Camera pushes in"))
             expect(page.locator("#wl-seed textarea, #wl-seed input").first).to_have_value("-1")
         except Exception:
             page.screenshot(path=str(shots / "failure.png"), full_page=True)

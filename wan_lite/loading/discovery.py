@@ -3,8 +3,10 @@
 Scanned places: the Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
 ~/.cache/huggingface/hub), ComfyUI `models/` folders the user names, and wan_lite's own models/
 folder. Only headers are read (a few KB per file), so scanning 100+ GB of checkpoints takes
-seconds. Files are identified by header and size (`fingerprint`), so a renamed or moved copy is
-recognised and nothing needs downloading twice; a full `content_hash` is computed only on request.
+seconds. Files are identified by size, header and samples of their data (`fingerprint`), so a
+renamed or moved copy is recognised and nothing needs downloading twice, while two files that
+share a header (the high- and low-noise experts of one release) never pass for each other; a full
+`content_hash` is computed only on request.
 
 The user's choices (`RememberedChoices`: which file fills which slot of which model, and the
 ComfyUI folders to scan) are kept in `choices.json` in the user's config folder
@@ -52,16 +54,25 @@ class Found:
 # Identity
 
 
-def _header_bytes(path: Path) -> bytes:
-    """The bytes that tell files apart cheaply: the safetensors JSON header, the start of a GGUF
-    file (metadata and tensor table), the first and last MiB of other files (a .pth zip keeps
-    its pickle at the front and its directory at the end)."""
+SAMPLE = 2**20  # bytes of data read at the start and at the end of a safetensors file
+
+
+def _header_bytes(path: Path, data: bool = True) -> bytes:
+    """The bytes that tell files apart cheaply: the safetensors JSON header and (`data`) the first
+    and last MiB of its tensor data, since two experts of one release have the same header; the
+    start of a GGUF file (metadata, tensor table and data); the first and last MiB of other files
+    (a .pth zip keeps its pickle and the first tensors at the front, its directory at the end)."""
     size = path.stat().st_size
     with path.open("rb") as fh:
         if path.suffix == ".safetensors":
             head = fh.read(8)
             (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-            return head + fh.read(min(n, 100_000_000))
+            header = head + fh.read(min(n, 100_000_000))
+            if not data:
+                return header
+            first = fh.read(SAMPLE)
+            fh.seek(max(fh.tell(), size - SAMPLE))
+            return header + first + fh.read(SAMPLE)
         if path.suffix == ".gguf":
             return fh.read(16 * 2**20)
         first = fh.read(2**20)
@@ -69,14 +80,22 @@ def _header_bytes(path: Path) -> bytes:
         return first + fh.read(2**20)
 
 
-def fingerprint(files: Iterable[Path]) -> str:
-    """A hash of the headers and sizes of `files`: equal for copies, different for other files."""
+def fingerprint(files: Iterable[Path], data: bool = True) -> str:
+    """A hash of the sizes, headers and data samples of `files`: equal for copies, different for
+    other files, including files with the same header. `data=False`: the header-only hash that
+    choices.json held before, still accepted for a file at its remembered place."""
     h = hashlib.sha256()
     for f in files:
         f = Path(f)
         h.update(struct.pack("<Q", f.stat().st_size))
-        h.update(_header_bytes(f))
+        h.update(_header_bytes(f, data))
     return h.hexdigest()[:24]
+
+
+def _stat_key(files: Iterable[Path]) -> list[list[int]]:
+    """[size, mtime in ns, inode] per file: a remembered file at its place with these unchanged
+    is taken without reading it (two files swapped by renaming keep their own inodes)."""
+    return [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (Path(f).stat() for f in files)]
 
 
 def content_hash(path: Path, chunk: int = 16 * 2**20) -> str:
@@ -274,7 +293,11 @@ class RememberedChoices:
             raise InputError(f"{model} has no slot {slot!r}.",
                              f"Choose one of: {', '.join(slot_names(model))}.")
         fp = component.fingerprint or fingerprint(component.files)
-        entry = {"path": str(component.path), "fingerprint": fp}
+        entry = {"path": str(component.path), "fingerprint": fp, "files": [str(f) for f in component.files]}
+        try:
+            entry["stat"] = _stat_key(component.files)
+        except OSError:
+            pass
         self.data["models"].setdefault(model, {})[slot] = entry
 
     def chosen(self, model: str) -> dict[str, Path]:
@@ -282,18 +305,34 @@ class RememberedChoices:
         return {slot: Path(e["path"]) for slot, e in self.data["models"].get(model, {}).items()}
 
     def resolve(self, model: str, found: Iterable[Found] = ()) -> dict[str, Path]:
-        """Remembered paths that still hold the remembered file; a file that moved is looked up
-        by fingerprint among `found`. Slots whose file is gone are left out."""
-        by_fp = {f.component.fingerprint: f.component.path for f in found}
-        out = {}
-        for slot, entry in self.data["models"].get(model, {}).items():
+        """Remembered paths that still hold the remembered file (same path, size and mtime, or
+        the same fingerprint); a file that moved is looked up by fingerprint among `found`.
+        Slots whose file is gone are left out (the user is asked again), and so are slots that
+        would end up on one file although different files were remembered for them: a file
+        never fills a slot that was not chosen for it."""
+        by_fp: dict[str, list[Path]] = {}
+        for f in found:
+            paths = by_fp.setdefault(f.component.fingerprint, [])
+            if f.component.fingerprint and f.component.path not in paths:
+                paths.append(f.component.path)
+        entries = self.data["models"].get(model, {})
+        out: dict[str, Path] = {}
+        for slot, entry in entries.items():
             path = Path(entry["path"])
             fp = entry.get("fingerprint")
-            if path.exists() and _same(path, fp):
+            if path.exists() and (_unchanged(entry) or _same(path, fp)):
                 out[slot] = path
-            elif fp in by_fp:
-                log.info("%s %s: remembered file moved to %s", model, slot, by_fp[fp])
-                out[slot] = by_fp[fp]
+            elif fp and by_fp.get(fp):
+                out[slot] = by_fp[fp][0]  # several: copies of one file (size, header and data agree)
+                log.info("%s %s: remembered file moved to %s", model, slot, out[slot])
+        remembered = {slot: Path(e["path"]) for slot, e in entries.items()}
+        for slot in list(out):
+            clash = [s for s in out if s != slot and out[s] == out[slot] and remembered[s] != remembered[slot]]
+            if clash:
+                log.warning("%s: %s and %s would both use %s; choose their files again.", model, slot,
+                            ", ".join(clash), out[slot])
+                for s in (slot, *clash):
+                    out.pop(s, None)
         return out
 
 
@@ -340,6 +379,17 @@ def _entry_ok(entry: object) -> bool:
             and isinstance(entry.get("fingerprint"), (str, type(None))))
 
 
+def _unchanged(entry: dict) -> bool:
+    """The remembered files are where they were with the size and mtime they had."""
+    files, stat = entry.get("files"), entry.get("stat")
+    if not isinstance(files, list) or not isinstance(stat, list) or len(files) != len(stat) or not files:
+        return False
+    try:
+        return _stat_key(files) == stat
+    except (OSError, TypeError):
+        return False
+
+
 def _same(path: Path, fp: str | None) -> bool:
     if fp is None:
         return True
@@ -347,4 +397,5 @@ def _same(path: Path, fp: str | None) -> bool:
         comps = detect(path)
     except Exception:  # a file that cannot be read is not the remembered one
         return False
-    return any(c.role != "broken" and fingerprint(c.files) == fp for c in comps)
+    # The header-only fingerprint of older choices.json files still identifies a file at its place.
+    return any(c.role != "broken" and fp in (fingerprint(c.files), fingerprint(c.files, data=False)) for c in comps)

@@ -20,6 +20,7 @@ from wan_lite.registry import model_for_image as _registry_model_for_image
 from wan_lite.ui.composer import Composition, compose
 from wan_lite.ui.presets import Presets, ordered
 from wan_lite.ui.settings import DEFAULT_MODE, mode_values, offered_frames, parse_size
+from wan_lite.units import duration, human_bytes
 
 TERM_PREFIX = "terms__"  # one CheckboxGroup per vocabulary category: "terms__light_source", ...
 # Widgets that set a GenerateRequest field of the same name.
@@ -31,7 +32,7 @@ PLAIN_FIELDS = {"steps": int, "guidance": float, "shift": float, "sampler": str,
 # What Turbo fills in itself (the speed LoRA's own settings): the form leaves them unset.
 TURBO_FIELDS = ("steps", "guidance", "guidance_low", "shift", "sampler")
 LORA_COLUMNS = ["LoRA file", "Strength", "Low-noise strength (A14B)"]
-UI_ONLY = ("user_prompt", "size", "style", "language", "mode")
+UI_ONLY = ("user_prompt", "size", "style", "language", "mode", "loras_by_model")
 
 
 def term_widget(category: str) -> str:
@@ -167,6 +168,10 @@ def settings_from_values(values: Mapping[str, Any], presets: Presets) -> dict[st
     """What is remembered for the next start (the start image is not: it may be gone by then)."""
     saved = {k: values[k] for k in (*REQUEST_WIDGETS, *UI_ONLY) if k in values and k != "image"}
     saved["terms"] = collect_terms(values, presets)
+    saved["final_prompt"] = composition_for(values, presets).prompt  # not kept in settings.json: see SettingsStore
+    saved["loras"] = lora_rows(loras_from_rows(values.get("loras")))
+    saved["loras_by_model"] = remember_loras(values.get("model") or DEFAULT_MODEL, values.get("loras"),
+                                             values.get("loras_by_model"))
     if saved.get("negative_prompt", "").strip() == DEFAULT_NEGATIVE_PROMPT:
         saved["negative_prompt"] = ""  # keep following the official default if it ever changes
     for key in ("frames", "steps"):
@@ -203,15 +208,43 @@ def values_from_settings(saved: Mapping[str, Any], presets: Presets) -> dict[str
     if values.get("style") not in presets.styles:
         values["style"] = None
     values.update(split_terms(list(saved.get("terms", [])), presets))
+    by_model = saved.get("loras_by_model") if isinstance(saved.get("loras_by_model"), Mapping) else {}
+    values["loras_by_model"] = dict(by_model)
+    if model in by_model:  # the LoRAs used last with this model
+        values["loras"] = lora_rows(loras_from_rows(by_model[model]))
     return values
 
 
-def values_from_history(settings: Mapping[str, Any], presets: Presets) -> dict[str, Any]:
-    """Reuse a past result: its final prompt goes into the prompt box and the term pickers are
-    cleared (the terms are already part of that prompt)."""
+def remember_loras(model: str, table: Any, by_model: Mapping[str, Any] | None) -> dict[str, list[list[Any]]]:
+    """The LoRA rows per model, with `model`'s rows set to `table` (issue 19: LoRA choices are
+    remembered per model; a LoRA for TI2V-5B does not fit A14B)."""
+    out = {k: v for k, v in (by_model or {}).items() if k in MODELS and isinstance(v, list)}
+    out[model] = lora_rows(loras_from_rows(table))
+    return out
+
+
+def loras_for_model(model: str, by_model: Mapping[str, Any] | None) -> list[list[Any]]:
+    """The LoRA rows remembered for `model` (none the first time)."""
+    return lora_rows(loras_from_rows((by_model or {}).get(model) or []))
+
+
+def values_from_history(settings: Mapping[str, Any], presets: Presets,
+                        parts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Reuse a past result. `parts`: how its final prompt was composed (SettingsStore.composition):
+    the prompt box, terms, style and language come back as they were, if they still compose the
+    same final prompt; otherwise (unknown, or the vocabulary changed) the final prompt goes into
+    the prompt box and the term pickers are cleared (the terms are already part of that prompt)."""
     model = settings.get("model") if settings.get("model") in MODELS else DEFAULT_MODEL
-    values: dict[str, Any] = {"model": model, "style": None, "user_prompt": settings.get("prompt") or ""}
+    final = settings.get("prompt") or ""
+    values: dict[str, Any] = {"model": model, "style": None, "user_prompt": final, "language": "en"}
     values.update(split_terms([], presets))
+    if parts:
+        composed = {"user_prompt": parts.get("user_prompt") or "", "style": parts.get("style") or None,
+                    "language": parts.get("language") or "en", **split_terms(list(parts.get("terms") or []), presets)}
+        again = compose(presets, composed["user_prompt"], collect_terms(composed, presets), composed["style"],
+                        image_to_video=bool(settings.get("image")), language=composed["language"])
+        if again.prompt == final:
+            values.update(composed)
     for key in ("frames", "guidance_low", *PLAIN_FIELDS):
         if settings.get(key) is not None:
             values[key] = settings[key]
@@ -238,16 +271,54 @@ def clock(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def estimate_text(estimate: Estimate) -> str:
-    head = "✅ Fits this computer" if estimate.fits else "⛔ Does not fit this computer"
-    line = (f"{head}: about **{estimate.peak_vram_gib:.1f} GiB** GPU memory, **{estimate.peak_ram_gib:.1f} GiB** RAM, "
-            f"**{clock(estimate.seconds)}**.")
-    parts = [line]
-    if estimate.summary:
-        parts.append(html.escape(estimate.summary))
-    if estimate.reason:
-        parts.append(html.escape(estimate.reason))
+GIB = 2**30
+
+
+def no_gpu(estimate: Estimate) -> bool:
+    """True when the estimate was planned for this computer's processor: no GPU found (a memory
+    profile's "hypothetical GPU" is not one this computer has)."""
+    hw = (estimate.plan or {}).get("hardware") or {}
+    return bool(hw) and hw.get("gpu_name") in (None, "", "hypothetical GPU")
+
+
+def estimate_text(estimate: Estimate, *, model_ready: bool = True, profile: str | None = None) -> str:
+    """The estimate in plain words with units: what the video needs, how long it takes, whether
+    it fits. `profile`: the title of the memory profile chosen (None: Auto, this computer);
+    `model_ready`: False while the model is not on this computer (then nothing can "fit")."""
+    hw = (estimate.plan or {}).get("hardware") or {}
+    cpu = hw and not hw.get("gpu_name")  # planned for the processor: GPU memory means nothing
+    memory = (f"**{human_bytes(estimate.peak_ram_gib * GIB)}** of RAM" if cpu else
+              f"**{human_bytes(estimate.peak_vram_gib * GIB)}** of GPU memory and "
+              f"**{human_bytes(estimate.peak_ram_gib * GIB)}** of RAM")
+    time = f"**{duration(estimate.seconds)}**"
+    where = "this computer" if profile is None else f"a computer like the memory profile “{html.escape(profile)}”"
+    if not model_ready:
+        head = ("⬇️ This model is not on this computer yet: download it in the **Models** tab (or point "
+                f"wan_lite at files you already have there). This video would need about {memory} "
+                f"and take about {time}.")
+    elif estimate.fits:
+        head = f"✅ Fits {where}. It needs about {memory} and takes about {time}."
+    else:
+        head = f"⛔ Too big for {where}. It would need about {memory} and take about {time}."
+    parts = [head]
+    if no_gpu(estimate):
+        parts.append("No GPU found: this computer runs the model on its processor (CPU), which takes hours; "
+                     "an NVIDIA GPU takes minutes.")
+    if profile is not None and model_ready:
+        parts.append("The memory profile describes another computer; choose Auto to check this one.")
+    if estimate.reason and not estimate.fits:
+        parts.append("Why: " + html.escape(_plain_reason(estimate.reason)))
     return "\n\n".join(parts)
+
+
+def _plain_reason(reason: str) -> str:
+    """The planner's reason with its units spelled for people ("GiB RAM" -> "GB of RAM" style)."""
+    import re
+
+    def gb(m: re.Match) -> str:
+        return human_bytes(float(m.group(1)) * GIB)
+
+    return re.sub(r"(\d+(?:\.\d+)?) GiB", gb, reason).replace("VRAM", "GPU memory")
 
 
 def progress_html(p: Progress | None, note: str = "", state: str = "running") -> str:

@@ -132,3 +132,16 @@ def describe(entry: HistoryEntry) -> str:
         rows.append(f"**Timings:** {parts} (total {total:.1f} s)")
     rows.append(f"**File:** {html.escape(entry.video.name)}")
     return "\n\n".join(rows)
+
+
+def delete_result(entry: HistoryEntry, root: Path) -> list[Path]:
+    """Delete one result's files inside `root`: the video, its sidecar and its latents
+    (NAME.latents.safetensors, wan_lite.output's name for them); returns what was deleted."""
+    stem = entry.video.with_suffix("")
+    targets = [entry.video, entry.sidecar, stem.with_name(stem.name + ".latents.safetensors")]
+    removed = []
+    for path in dict.fromkeys(targets):
+        if path.is_file() and _inside(path, root):
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -25,6 +25,7 @@ from wan_lite.sizing import (
     centre_crop_box,
     i2v_a14b_size,
     image_output_size,
+    video_size,
 )
 
 __all__ = ["CheckedImage", "Framing", "best_output_size", "check_image", "i2v_a14b_size", "model_frame",
@@ -132,9 +133,14 @@ class Framing:
     cropped: bool  # False: the whole image is used, resized (possibly slightly stretched)
 
 
-def model_framing(spec: ModelSpec, image_w: int, image_h: int, area: int) -> Framing:
-    """How `spec` turns a image_w x image_h picture into its first frame, for a size of `area` pixels."""
-    ow, oh = image_output_size(spec, image_w, image_h, area, 1)  # only the area of the size is used
+def model_framing(spec: ModelSpec, image_w: int, image_h: int, size: int | tuple[int, int]) -> Framing:
+    """How `spec` turns a image_w x image_h picture into its first frame for the Size box's
+    `size` (width, height), by `sizing.video_size`, the rule every request goes through; an int
+    is an area already snapped (a square of that area's sides is not asked for)."""
+    if isinstance(size, tuple):
+        ow, oh, _ = video_size(spec, size[0], size[1], (image_w, image_h))
+    else:
+        ow, oh = image_output_size(spec, image_w, image_h, size, 1)  # only the area of the size is used
     if spec.crops_image:
         (sw, sh), (left, top, right, bottom) = centre_crop_box(image_w, image_h, ow, oh)
         scale = sw / image_w
@@ -155,7 +161,7 @@ def _too_large(path: Path, size: str = f"over {MAX_PIXELS / 1e6:.0f} megapixels"
                       f"Scale it below {MAX_PIXELS / 1e6:.0f} megapixels first.")
 
 
-def model_frame(path: Path, spec: ModelSpec, area: int) -> tuple[Image.Image, Framing]:
+def model_frame(path: Path, spec: ModelSpec, area: int | tuple[int, int]) -> tuple[Image.Image, Framing]:
     """The exact first frame the model gets (TI2V: Lanczos + centre crop; I2V-A14B: a resize)."""
     try:
         with Image.open(path) as im:

@@ -197,6 +197,7 @@ SETTINGS_SCHEMA: dict[str, tuple[type, ...]] = {
     "cache": (str,),
     "turbo": (bool,),
     "loras": (list,),
+    "loras_by_model": (dict,),
     "memory_profile": (str,),
     "mode": (str,),
     "terms": (list,),
@@ -219,6 +220,8 @@ def clean_settings(data: Any) -> dict[str, Any]:
             continue
         if name == "terms":
             value = [v for v in value if isinstance(v, str)]
+        if name == "loras_by_model":
+            value = {k: v for k, v in value.items() if k in MODELS and isinstance(v, list)}
         if name == "model" and value not in MODELS:
             continue
         out[name] = value
@@ -251,9 +254,46 @@ class SettingsStore:
         return clean_settings(data)
 
     def save(self, values: dict[str, Any]) -> None:
+        """Remember `values` for the next start; with a "final_prompt" (the composed prompt sent
+        to the model), also how it was composed, for "Reuse these settings" (`composition`)."""
         data = {"version": 1, **clean_settings(values)}
         try:
             write_json_atomic(self.path, data)
             self.source = self.path
         except OSError as err:  # a read-only config folder must not break generation
             log.warning("Could not save settings to %s: %s", self.path, err)
+        final = values.get("final_prompt")
+        if isinstance(final, str) and final.strip():
+            self.remember_composition(final, data)
+
+    # How each final prompt was composed (prompt box, terms, style, language, mode): a result's
+    # sidecar holds only the final prompt, and reusing it should give back the parts, not flatten them.
+    COMPOSITION_KEYS = ("user_prompt", "terms", "style", "language", "mode")
+    MAX_COMPOSITIONS = 500
+
+    @property
+    def compositions_path(self) -> Path:
+        return self.path.with_name("compositions.json")
+
+    def _compositions(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.compositions_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def remember_composition(self, final_prompt: str, values: dict[str, Any]) -> None:
+        data = self._compositions()
+        data.pop(final_prompt, None)  # newest last
+        data[final_prompt] = {k: values[k] for k in self.COMPOSITION_KEYS if k in values}
+        while len(data) > self.MAX_COMPOSITIONS:
+            data.pop(next(iter(data)))
+        try:
+            write_json_atomic(self.compositions_path, data)
+        except OSError as err:
+            log.warning("Could not save %s: %s", self.compositions_path, err)
+
+    def composition(self, final_prompt: str) -> dict[str, Any] | None:
+        """How `final_prompt` was composed (its parts, cleaned like the settings), or None."""
+        parts = self._compositions().get(final_prompt)
+        return clean_settings(parts) if isinstance(parts, dict) else None
