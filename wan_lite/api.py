@@ -60,6 +60,9 @@ class GenerateRequest:
     # Euler, for every one of those fields left unset. None: on when the engine recognises a
     # speed LoRA among `loras` (Engine.resolve), else off.
     turbo: bool | None = None
+    # GPUs of this machine that run the job together (wan_lite.parallel: sequence and CFG
+    # parallelism over torch.distributed, one process per GPU); 1 runs it in this process.
+    gpus: int = 1
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -6,10 +6,13 @@ sidecar JSON, all atomically).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,9 @@ class Engine:
         self._attention: dict[bool, Any] = {}
         self._attention_told: set[bool] = set()
         self._attention_kind = False
+        # Per-job features entered around the pipeline's run: `hook(pipe, job)` -> a context
+        # manager (each rank of a multi-GPU job attaches its exchanges here: wan_lite.parallel).
+        self.job_hooks: list[Callable[[Any, Job], contextlib.AbstractContextManager]] = []
 
     # ------------------------------------------------------------------ model files (the library's)
     def model_folder(self, name: str) -> Path:
@@ -265,9 +271,17 @@ class Engine:
             stem_for_out,
             write_failed,
         )
+        from wan_lite.parallel import generate_parallel, in_group, launched_by_torchrun
 
         with self._lock:
             job = self.resolve(request)
+            if (job.request.gpus > 1 or launched_by_torchrun()) and not in_group():
+                # one process per GPU, each with an Engine like this one (a rank is in_group)
+                factory = functools.partial(Engine, self.models_root, self.output_dir,
+                                            folders=dict(self.library.folders),
+                                            components=dict(self.library.components))
+                return generate_parallel(self, factory, job, on_progress=on_progress, cancel=cancel,
+                                         out_path=out_path, overwrite=overwrite)
             notes = list(job.notes)
             given = stem_for_out(out_path) if out_path else None
             if given is not None:
@@ -294,7 +308,10 @@ class Engine:
                         raise write_failed(err, target, None) from err
 
             try:
-                result = pipe.generate(job, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
+                with contextlib.ExitStack() as stack:
+                    for hook in self.job_hooks:
+                        stack.enter_context(hook(pipe, job))
+                    result = pipe.generate(job, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
             except Cancelled:
                 latents_path = output_files(chosen[0])["latents"]
                 if latents_path.is_file():
