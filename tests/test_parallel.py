@@ -8,6 +8,8 @@ job with its message, in bounded time.
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from wan_lite.api import GenerateRequest
+from wan_lite.errors import InputError
 from wan_lite.models.dit_ops import timestep_runs
-from wan_lite.parallel.group import init_group, leave_group
+from wan_lite.parallel.group import BACKEND_ENV, LOAD_TIMEOUT_ENV, TIMEOUT_ENV, init_group, leave_group
 from wan_lite.parallel.sequence import head_split, local_runs
 
 HEADS_DIM = 384  # 3 heads of 128: 2 ranks split them 2 + 1, 4 ranks 1 + 1 + 1 + 0
@@ -155,3 +158,85 @@ def test_local_runs_keep_global_timesteps_and_cover_the_padding():
     assert [(s, e, int(i)) for s, e, i in straddle] == [(0, 2, 0), (2, 4, 1)]
     only_pad = local_runs(runs, 10, 10, 4, rows)
     assert [(s, e) for s, e, _ in only_pad] == [(0, 4)]
+
+
+# ------------------------------------------------------------------------------- the engine's path
+def test_engine_generate_gpus_2_spawns_ranks_and_writes_the_video(models, tmp_path, monkeypatch):
+    """`GenerateRequest(gpus=2)` through Engine.generate: two spawned gloo processes, rank 0's
+    progress relayed, its files written, the latents those of one process (the plan's dtype)."""
+    import multiprocessing
+    from dataclasses import replace
+
+    from wan_lite.engine import Engine
+    from wan_lite.output import load_latents
+
+    monkeypatch.setenv(BACKEND_ENV, "gloo")
+    engine = Engine(models_root=tmp_path / "models", output_dir=tmp_path / "out", device="cpu",
+                    folders={"ti2v-5b": models["ti2v-5b"]})
+    request = GenerateRequest(prompt="a lamp in the dark", model="ti2v-5b", seed=3, width=96, height=64, frames=9,
+                              steps=2)
+    one = engine.generate(request)
+    events = []
+    t0 = time.perf_counter()
+    two = engine.generate(replace(request, gpus=2), on_progress=events.append)
+    print(f"2 ranks through the engine: {time.perf_counter() - t0:.1f} s")
+    assert two.video_path.is_file() and two.sidecar_path.is_file() and two.video_path != one.video_path
+    assert two.seed == 3 and two.frames == one.frames
+    assert any("Ran on 2 ranks" in n for n in two.notes)
+    assert [e.step for e in events if e.stage == "denoise"][-1] == 2 and any(e.stage == "decode" for e in events)
+    a, _ = load_latents(one.latents_path)
+    b, meta = load_latents(two.latents_path)
+    assert meta["request"]["gpus"] == 2
+    dtype_tol = 1e-5 if a.dtype == torch.float32 else 2e-2
+    assert (a - b).abs().max().item() <= dtype_tol * max(1.0, a.abs().max().item())
+    assert not multiprocessing.active_children()
+
+
+def _failing_engine(device: str, *, folder: Path, out: Path, hang: bool = False):
+    """A rank's engine; rank 1 fails (or hangs) while rank 0 goes on into the first exchange."""
+    import torch.distributed as dist
+
+    from wan_lite.engine import Engine
+
+    if dist.get_rank() == 1:
+        if hang:
+            time.sleep(300)
+        raise InputError("Rank 1 could not read its model files.", "Check the files.")
+    return Engine(models_root=out, output_dir=out, device=device, folders={"ti2v-5b": folder})
+
+
+@pytest.mark.parametrize("hang", [False, True])
+def test_a_failing_or_hanging_rank_ends_every_rank_with_its_message(models, tmp_path, monkeypatch, hang):
+    """Rank 0 waits in the text broadcast when rank 1 fails: the parent ends it and raises rank 1's
+    error (a user error keeps its class and hint). A rank that hangs instead: rank 0's exchange
+    times out, and that error names the rank and the timeout. Nothing is left running."""
+    import multiprocessing
+
+    from wan_lite.parallel.launch import ParallelError, spawn_job
+
+    monkeypatch.setenv(BACKEND_ENV, "gloo")
+    monkeypatch.setenv(LOAD_TIMEOUT_ENV, "4")
+    monkeypatch.setenv(TIMEOUT_ENV, "4")
+    factory = functools.partial(_failing_engine, folder=models["ti2v-5b"], out=tmp_path, hang=hang)
+    request = GenerateRequest(prompt="x", model="ti2v-5b", seed=1, width=64, height=64, frames=5, steps=1)
+    t0 = time.perf_counter()
+    with pytest.raises(ParallelError if hang else InputError) as err:
+        spawn_job(factory, request, 2, cfg=True, device="cpu")
+    took = time.perf_counter() - t0
+    if hang:
+        assert "Rank 0 of the 2-GPU job failed" in str(err.value) and "WAN_LITE_DIST_TIMEOUT" in str(err.value)
+    else:
+        assert str(err.value).startswith("Rank 1 could not read its model files.") and err.value.hint == "Check the files."
+    assert took < 90, took
+    assert not multiprocessing.active_children()
+
+
+def test_gpus_beyond_the_machine_are_refused(monkeypatch):
+    from wan_lite.parallel.launch import check_gpus
+
+    monkeypatch.setenv(BACKEND_ENV, "nccl")
+    with pytest.raises(InputError, match="this machine has"):
+        check_gpus(torch.cuda.device_count() + 1, None)
+    with pytest.raises(InputError):
+        check_gpus(0, None)
+    assert os.environ[BACKEND_ENV] == "nccl"

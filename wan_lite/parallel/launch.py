@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from wan_lite.api import CancelToken, GenerateRequest, ProgressCallback
 from wan_lite.errors import Cancelled, InputError, WanLiteError
@@ -162,7 +163,7 @@ def spawn_job(factory: Callable[..., Any], request: GenerateRequest, gpus: int, 
             try:
                 if procs.join(timeout=poll_s, grace_period=GRACE_S):
                     break
-            except mp.ProcessException as err:  # one rank failed: join ended the others
+            except ProcessException as err:  # one rank failed: join ended the others
                 found.setdefault("exit", err)
                 break
     except BaseException:
