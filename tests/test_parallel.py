@@ -240,3 +240,59 @@ def test_gpus_beyond_the_machine_are_refused(monkeypatch):
     with pytest.raises(InputError):
         check_gpus(0, None)
     assert os.environ[BACKEND_ENV] == "nccl"
+
+
+# ------------------------------------------------------------------------------- the planner
+def test_plan_gpus_splits_one_job_and_runs_a_queue_one_job_per_gpu():
+    from wan_lite.parallel.plan import plan_gpus, share_of_host
+    from wan_lite.runtime.hardware import Hardware
+    from wan_lite.runtime.planner import ModelFootprint, PlanRequest
+
+    h100 = Hardware.fake(80, 512, (9, 0), gpu_name="NVIDIA H100 80GB HBM3")
+    assert share_of_host(h100, 8).ram_total_gib == 64 and share_of_host(h100, 8).vram_total_gib == h100.vram_total_gib
+    a14b = ModelFootprint.full_size("t2v-a14b")
+    job = PlanRequest(1280, 720, 81, steps=40)
+    split = plan_gpus(a14b, job, h100, 8)
+    assert (split.mode, split.cfg, split.sp) == ("split", 2, 4) and split.per_gpu.fits
+    assert "conditional and unconditional" in split.reason and "4 GPUs" in split.reason
+    odd = plan_gpus(a14b, job, h100, 3)
+    assert (odd.cfg, odd.sp) == (1, 3)
+    no_cfg = plan_gpus(a14b, PlanRequest(1280, 720, 81, steps=4, cfg=False), h100, 4)
+    assert (no_cfg.cfg, no_cfg.sp) == (1, 4)
+    queue = plan_gpus(ModelFootprint.full_size("ti2v-5b"), PlanRequest(1280, 704, 121), h100, 4, jobs=8)
+    assert queue.mode == "throughput" and "one job per GPU" in queue.reason and "2 job time" in queue.reason
+    one = plan_gpus(a14b, job, h100, 1)
+    assert one.mode == "one"
+    # 4 ranks on a host with little RAM: each plans with a quarter of it
+    small = Hardware.fake(24, 32, (8, 9), gpu_name="NVIDIA GeForce RTX 4090")
+    tight = plan_gpus(a14b, job, small, 4)
+    assert tight.per_gpu.hardware.ram_total_gib == 8
+
+
+def test_a_cancel_stops_every_rank_at_the_same_step(models, tmp_path, monkeypatch):
+    """The user's cancel reaches the ranks as an event; they agree on the step (a rank that
+    stopped alone would leave the others waiting in an exchange) and the parent raises Cancelled."""
+    import multiprocessing
+
+    from wan_lite.api import CancelToken
+    from wan_lite.engine import Engine
+    from wan_lite.errors import Cancelled
+    from wan_lite.parallel.launch import spawn_job
+
+    monkeypatch.setenv(BACKEND_ENV, "gloo")
+    monkeypatch.setenv(TIMEOUT_ENV, "20")
+    factory = functools.partial(Engine, tmp_path, tmp_path, folders={"t2v-a14b": models["t2v-a14b"]})
+    request = GenerateRequest(prompt="x", model="t2v-a14b", seed=1, width=80, height=48, frames=9, steps=6)
+    cancel = CancelToken()
+    steps = []
+
+    def progress(p):
+        if p.stage in ("high_noise", "low_noise"):
+            steps.append(p.step)
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        spawn_job(factory, request, 2, cfg=True, device="cpu", on_progress=progress, cancel=cancel)
+    assert steps and steps[-1] < 6
+    assert not list(tmp_path.glob("*.mp4"))
+    assert not multiprocessing.active_children()

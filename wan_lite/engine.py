@@ -122,6 +122,7 @@ class Engine:
     def _plan(self, job: Job | None, name: str | None = None, footprint=None, plan_request=None):
         """The memory plan on this machine (its CPU without a GPU or with device="cpu") for `job`;
         without one, for `plan_request` (a PlanRequest) or the model's defaults."""
+        from wan_lite.parallel.plan import rank_hardware  # a rank of a multi-GPU job: its share of the RAM
         from wan_lite.runtime.hardware import Hardware
         from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
         from wan_lite.runtime.step_cache import computed_share
@@ -142,7 +143,7 @@ class Engine:
             req = plan_request or PlanRequest(w, h, spec.frames, steps=spec.steps, image=spec.needs_image,
                                               fp8_attention=fp8_attention_opted_in())
         profile = None if profile in (None, "", "auto") else profile
-        hw = Hardware.probe(self.models_root if self.models_root.is_dir() else ".")
+        hw = rank_hardware(Hardware.probe(self.models_root if self.models_root.is_dir() else "."))
         if not self._gpu():  # a run on the CPU (no GPU, or device="cpu") is planned for the CPU
             hw = hw.without_gpu()
         return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
