@@ -296,3 +296,26 @@ def test_a_cancel_stops_every_rank_at_the_same_step(models, tmp_path, monkeypatc
     assert steps and steps[-1] < 6
     assert not list(tmp_path.glob("*.mp4"))
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_cli_as_its_ranks(models, tmp_path):
+    """`torchrun --nproc_per_node 2 -m wan_lite generate`: each process is a rank (nothing is
+    spawned), rank 0 writes the video, the CLI ends well on both."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, **{BACKEND_ENV: "gloo", LOAD_TIMEOUT_ENV: "120", TIMEOUT_ENV: "60"})
+    out = tmp_path / "fox.mp4"
+    from wan_lite.parallel.launch import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "wan_lite", "generate", "--model-dir", str(models["ti2v-5b"]), "--prompt", "a fox", "--size", "96x64",
+           "--frames", "9", "--steps", "2", "--seed", "5", "--device", "cpu", "--out", str(out)]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert out.is_file()
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert any("Ran on 2 ranks (gloo" in n for n in record["notes"])

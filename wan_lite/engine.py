@@ -55,7 +55,9 @@ class Engine:
         self.cache_dir = self.models_root / ".cache"  # quantized weights, keyed by source file and format
         self._pipe = None
         self._pipe_key: tuple | None = None
-        self._lock = threading.Lock()  # one job at a time, whatever the caller does
+        # one job at a time, whatever the caller does; re-entrant: under torchrun the job's own
+        # rank runs Engine.generate again inside the call that joined the group
+        self._lock = threading.RLock()
         # The attention kernel per kind of plan (False: bf16/int8; True: fp8 compute), chosen at the
         # first load on a GPU of a plan of that kind; each note goes with the first result after it.
         self._attention: dict[bool, Any] = {}
