@@ -35,6 +35,8 @@ CASES = {
     "ti2v_no_cfg": ("ti2v-5b", dict(width=96, height=64, frames=9, steps=3, guidance=1.0), True),
     "t2v_a14b": ("t2v-a14b", dict(width=80, height=48, frames=9, steps=3), False),
     "i2v_a14b": ("i2v-a14b", dict(width=80, height=48, frames=9, steps=3, image=True), True),
+    # the step cache's block-loop hook wraps the split (innermost): it sees the whole batch and sequence
+    "ti2v_cache": ("ti2v-5b", dict(width=96, height=64, frames=9, steps=12, cache="balanced"), False),
 }
 
 
@@ -113,7 +115,11 @@ def _split_equals_one_process(world: int, models, image_file, tmp_path, cases: l
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for case in cases:
         name, _fields, stream = CASES[case]
-        ref = _denoise(_load(models[name], stream), _request(case, image_file))
+        pipe = _load(models[name], stream)
+        # CFG parallel runs cond + uncond as one batch, whose two branches the step cache skips
+        # together; one process does so too when batching (alone, each branch decides for itself)
+        pipe.cfg_batch = case == "ti2v_cache"
+        ref = _denoise(pipe, _request(case, image_file))
         for r, got in enumerate(ranks):
             assert got[case].shape == ref.shape
             err = (got[case] - ref).abs().max().item()
