@@ -11,7 +11,9 @@ unconditional passes, as `wan_lite.parallel` runs them (N = 1: two forwards; N e
 sequence N/2; N odd: both passes split over all N). Per case: median seconds per step after a
 warm-up step (the slowest rank's), speedup against N = 1 of the same run, the peak GPU memory of
 each rank (`torch.cuda.max_memory_allocated`), and the relative L2 error of the guided velocity
-against N = 1 (bf16 roundings only). Records go to `--out` after every case.
+against N = 1 (bf16 roundings only). `--sp-attention ulysses,ring` times both sequence-parallel
+attentions (Ulysses all-to-all, ring; where the split has a sequence part: N >= 3), to choose the
+default by measurement. Records go to `--out` after every case.
 """
 
 from __future__ import annotations
@@ -131,12 +133,14 @@ def _rank(index: int, world: int, init: str, name: str, tiny: bool, steps: int, 
         leave_group()
 
 
-def run_case(name: str, world: int, tiny: bool, steps: int, tmp: Path) -> dict:
+def run_case(name: str, world: int, tiny: bool, steps: int, tmp: Path, attention: str = "ulysses") -> dict:
     import torch.multiprocessing as mp
 
     from wan_lite.parallel.launch import _free_port
+    from wan_lite.parallel.sequence import SP_ATTENTION_ENV
 
-    out = tmp / f"{name}-{world}.pt"
+    os.environ[SP_ATTENTION_ENV] = attention  # the spawned ranks read it
+    out = tmp / f"{name}-{world}-{attention}.pt"
     if world == 1:
         _rank(0, 1, "", name, tiny, steps, str(out))
     else:
@@ -153,6 +157,8 @@ def main() -> int:
     ap.add_argument("--gpus", type=lambda s: [int(v) for v in s.split(",")], default=None,
                     help="GPU counts (default 1,2,4,8 up to the GPUs present; --tiny: 1,2,4)")
     ap.add_argument("--models", type=lambda s: s.split(","), default=["a14b", "5b"])
+    ap.add_argument("--sp-attention", type=lambda s: s.split(","), default=["ulysses"],
+                    help="sequence-parallel attentions to time: ulysses, ring or both (ulysses,ring)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up step)")
     ap.add_argument("--tiny", action="store_true", help="tiny models, gloo CPU processes: checks the script")
     ap.add_argument("--budget-s", type=float, default=540.0, help="cases that would start after this are skipped")
@@ -176,22 +182,24 @@ def main() -> int:
             cfg, stride, (w, h), frames = (TINY if a.tiny else MODELS)[name]
             tokens = ((frames - 1) // stride[0] + 1) * (h // stride[1] // 2) * (w // stride[2] // 2)
             base = None
-            for n in counts:
+            runs = [(n, att) for n in counts for att in (a.sp_attention if n >= 3 else a.sp_attention[:1])]
+            for n, att in runs:
+                label = f"multigpu {name} {w}x{h}x{frames} {n} GPU" + (f" {att}" if n >= 3 else "")
                 if time.perf_counter() - start > a.budget_s:
-                    log.warning("budget spent: %s on %d GPUs skipped", name, n)
+                    log.warning("budget spent: %s skipped", label)
                     continue
                 t0 = time.perf_counter()
                 try:
-                    got = run_case(name, n, a.tiny, a.steps, Path(tmp))
+                    got = run_case(name, n, a.tiny, a.steps, Path(tmp), att)
                 except Exception as err:  # an OOM or a failed rank: record it and go on
-                    records.append({"case": f"multigpu {name} {w}x{h}x{frames} {n} GPU", "error": repr(err)})
-                    log.error("%s on %d GPUs failed: %r", name, n, err)
+                    records.append({"case": label, "error": repr(err)})
+                    log.error("%s failed: %r", label, err)
                     continue
                 s = max(r["s_per_step"] for r in got["ranks"])
                 if n == 1:
                     base = (s, got["v"])
                 layout = "1" if n == 1 else (f"CFG 2 x SP {n // 2}" if n % 2 == 0 else f"SP {n}")
-                rec = {"case": f"multigpu {name} {w}x{h}x{frames} {n} GPU", "model": name, "gpus": n,
+                rec = {"case": label, "model": name, "gpus": n, "sp_attention": att if n >= 3 else None,
                        "layout": layout, "tokens": tokens, "heads": cfg.num_heads, "s_per_step": s,
                        "speedup_vs_1": base[0] / s if base else None,
                        "peak_vram_gib": max((r["peak_vram_gib"] or 0) for r in got["ranks"]) or None,

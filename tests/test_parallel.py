@@ -35,6 +35,7 @@ CASES = {
     "ti2v_no_cfg": ("ti2v-5b", dict(width=96, height=64, frames=9, steps=3, guidance=1.0), True),
     "t2v_a14b": ("t2v-a14b", dict(width=80, height=48, frames=9, steps=3), False),
     "i2v_a14b": ("i2v-a14b", dict(width=80, height=48, frames=9, steps=3, image=True), True),
+    "a14b_no_cfg": ("t2v-a14b", dict(width=80, height=48, frames=9, steps=3, guidance=1.0, guidance_low=1.0), True),
     # the step cache's block-loop hook wraps the split (innermost): it sees the whole batch and sequence
     "ti2v_cache": ("ti2v-5b", dict(width=96, height=64, frames=9, steps=12, cache="balanced"), False),
 }
@@ -137,6 +138,16 @@ def test_two_ranks_equal_one_process(models, image_file, tmp_path):
 def test_four_ranks_equal_one_process(models, image_file, tmp_path):
     """4 ranks: CFG 2 x sequence 2, and sequence 4 over 3 heads (one rank has none) at guidance 1."""
     _split_equals_one_process(4, models, image_file, tmp_path, ["ti2v_image", "ti2v_no_cfg", "t2v_a14b", "i2v_a14b"])
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_ring_attention_equals_one_process(models, image_file, tmp_path, monkeypatch, world):
+    """WAN_LITE_SP_ATTENTION=ring: k and v go around the ring, the pieces merge by log-sum-exp;
+    padded pieces (2 ranks: 45 tokens; 4 ranks: 18 and 45) are never keys."""
+    from wan_lite.parallel.sequence import SP_ATTENTION_ENV
+
+    monkeypatch.setenv(SP_ATTENTION_ENV, "ring")
+    _split_equals_one_process(world, models, image_file, tmp_path, ["ti2v_no_cfg", "a14b_no_cfg"])
 
 
 # ------------------------------------------------------------------------------- the pieces

@@ -17,12 +17,14 @@ groups may be uneven (24 heads on 5 ranks: 5, 5, 5, 5, 4; fewer heads than ranks
 ranks none), since all_to_all_single takes per-rank sizes: nothing is padded there.
 Cross-attention (the 512 text keys), FFN, norms and modulation are per token: they run on the
 local tokens unchanged. After the blocks one all_gather over all ranks rebuilds [B, L, D].
+`WAN_LITE_SP_ATTENTION=ring` exchanges k and v around a ring instead (`ring.py`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,8 +33,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from wan_lite.errors import InputError
 from wan_lite.models.dit_ops import Run, clip_runs
 from wan_lite.parallel.group import ParallelGroup
+from wan_lite.parallel.ring import ring_attention
+
+SP_ATTENTION_ENV = "WAN_LITE_SP_ATTENTION"
+SP_ATTENTIONS = ("ulysses", "ring")
+
+
+def sp_attention() -> str:
+    """The sequence-parallel self-attention: "ulysses" (the default) or "ring" (WAN_LITE_SP_ATTENTION)."""
+    kind = os.environ.get(SP_ATTENTION_ENV, "").strip().lower() or "ulysses"
+    if kind not in SP_ATTENTIONS:
+        raise InputError(f"{SP_ATTENTION_ENV}={kind!r} is not a sequence-parallel attention.",
+                         f"Use one of: {', '.join(SP_ATTENTIONS)}.")
+    return kind
 
 
 def head_split(heads: int, ranks: int) -> list[int]:
@@ -75,9 +91,10 @@ def local_runs(runs: list[Run], start: int, end: int, piece: int, rows: slice) -
 class SplitDiT:
     """One DiT's sequence / CFG parallelism for the ranks of `pg`; `attach` and `detach` per job."""
 
-    def __init__(self, dit: Any, pg: ParallelGroup) -> None:
+    def __init__(self, dit: Any, pg: ParallelGroup, kind: str | None = None) -> None:
         self.dit = dit
         self.pg = pg
+        self.kind = kind or sp_attention()
         self._split: _Split | None = None
         self._handle: Any = None
 
@@ -136,6 +153,9 @@ class SplitDiT:
         split = self._split
         if split is None or split.ranks == 1:
             return block.attention(q, k, v)
+        if self.kind == "ring":
+            return ring_attention(q, k, v, group=split.group, ranks=split.ranks, index=split.index,
+                                  tokens=split.tokens)
         n, (b, c, H, Dh) = split.ranks, q.shape
         heads = head_split(H, n)
         mine = heads[split.index]
