@@ -256,6 +256,11 @@ def test_gpus_beyond_the_machine_are_refused(monkeypatch):
         check_gpus(torch.cuda.device_count() + 1, None)
     with pytest.raises(InputError):
         check_gpus(0, None)
+    from wan_lite.engine import Engine
+
+    with pytest.raises(InputError, match="not a GPU count"):
+        Engine(models_root=Path("."), output_dir=Path("."), device="cpu").generate(
+            GenerateRequest(prompt="x", model="ti2v-5b", gpus=0))
     assert os.environ[BACKEND_ENV] == "nccl"
 
 

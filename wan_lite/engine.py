@@ -278,7 +278,7 @@ class Engine:
 
         with self._lock:
             job = self.resolve(request)
-            if (job.request.gpus > 1 or launched_by_torchrun()) and not in_group():
+            if (job.request.gpus != 1 or launched_by_torchrun()) and not in_group():
                 # one process per GPU, each with an Engine like this one (a rank is in_group)
                 factory = functools.partial(Engine, self.models_root, self.output_dir,
                                             folders=dict(self.library.folders),

@@ -151,8 +151,9 @@ def spawn_job(factory: Callable[..., Any], request: GenerateRequest, gpus: int, 
     events = ctx.Queue()
     stop = ctx.Event()
     init = f"tcp://127.0.0.1:{_free_port()}"
+    level = logging.getLogger().getEffectiveLevel()  # -v reaches the ranks
     procs = mp.start_processes(_worker, args=(gpus, init, cfg, device, factory, request, out_path, overwrite,
-                                              events, stop),
+                                              events, stop, level),
                                nprocs=gpus, join=False, start_method="spawn")
     found: dict[str, Any] = {}
     try:
@@ -242,8 +243,10 @@ def _watch(stop: Any, requested: CancelToken) -> None:
 
 
 def _worker(index: int, world: int, init: str, cfg: bool, device: str | None, factory: Callable[..., Any],
-            request: GenerateRequest, out_path: Path | None, overwrite: bool, events: Any, stop: Any) -> None:
+            request: GenerateRequest, out_path: Path | None, overwrite: bool, events: Any, stop: Any,
+            level: int = logging.WARNING) -> None:
     """One spawned rank (index = rank = local rank)."""
+    logging.basicConfig(level=level, format=f"[rank {index}] %(levelname)s %(name)s: %(message)s")
     if backend(device) == "gloo":  # CPU processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     requested = CancelToken()
