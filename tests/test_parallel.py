@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from wan_lite.api import GenerateRequest
-from wan_lite.errors import InputError
+from wan_lite.errors import InputError, WanLiteError
 from wan_lite.models.dit_ops import timestep_runs
 from wan_lite.parallel.group import BACKEND_ENV, LOAD_TIMEOUT_ENV, TIMEOUT_ENV, init_group, leave_group
 from wan_lite.parallel.sequence import head_split, local_runs
@@ -341,3 +341,33 @@ def test_torchrun_runs_the_cli_as_its_ranks(models, tmp_path):
     assert out.is_file()
     record = json.loads(out.with_suffix(".json").read_text())
     assert any("Ran on 2 ranks (gloo" in n for n in record["notes"])
+
+
+@pytest.mark.slow
+def test_throughput_mode_runs_one_job_per_process_and_reports_each(models, tmp_path, monkeypatch):
+    """Engine.generate_each: 3 jobs on 2 CPU processes (gloo switch), each job's own result, a
+    failing job reported in its place while the others run."""
+    from wan_lite.engine import Engine
+    from wan_lite.output import load_latents
+
+    monkeypatch.setenv(BACKEND_ENV, "gloo")
+    engine = Engine(models_root=tmp_path / "m", output_dir=tmp_path / "out", device="cpu",
+                    folders={"ti2v-5b": models["ti2v-5b"]})
+    base = dict(model="ti2v-5b", width=64, height=64, frames=5, steps=2)
+    bad = tmp_path / "broken_lora.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    requests = [GenerateRequest(prompt="a fox", seed=1, **base),
+                GenerateRequest(prompt="a boat", seed=2, loras=(str(bad),), turbo=False, **base),
+                GenerateRequest(prompt="a lamp", seed=3, **base)]
+    done = []
+    t0 = time.perf_counter()
+    results = engine.generate_each(requests, 2, on_result=lambda i, r: done.append(i))
+    print(f"3 jobs on 2 processes: {time.perf_counter() - t0:.1f} s")
+    assert sorted(done) == [0, 1, 2]
+    assert isinstance(results[1], WanLiteError) and "broken_lora" in str(results[1])
+    assert [results[0].seed, results[2].seed] == [1, 3]
+    assert results[0].video_path.is_file() and results[2].video_path.is_file()
+    one = engine.generate(requests[2])
+    a, _ = load_latents(one.latents_path)
+    b, _ = load_latents(results[2].latents_path)
+    assert torch.equal(a, b)

@@ -280,10 +280,7 @@ class Engine:
             job = self.resolve(request)
             if (job.request.gpus != 1 or launched_by_torchrun()) and not in_group():
                 # one process per GPU, each with an Engine like this one (a rank is in_group)
-                factory = functools.partial(Engine, self.models_root, self.output_dir,
-                                            folders=dict(self.library.folders),
-                                            components=dict(self.library.components))
-                return generate_parallel(self, factory, job, on_progress=on_progress, cancel=cancel,
+                return generate_parallel(self, self._factory(), job, on_progress=on_progress, cancel=cancel,
                                          out_path=out_path, overwrite=overwrite)
             notes = list(job.notes)
             given = stem_for_out(out_path) if out_path else None
@@ -330,6 +327,22 @@ class Engine:
             return self._write(stem, output_files(stem)["latents"], result.frames, result.fps, result.settings,
                                result.timings, list(dict.fromkeys(notes + result.notes)), job.request, pipe,
                                on_progress, overwrite)
+
+    def _factory(self) -> Callable[..., Engine]:
+        """`factory(device=...)`: an Engine like this one, in another process (one per GPU)."""
+        return functools.partial(Engine, self.models_root, self.output_dir, folders=dict(self.library.folders),
+                                 components=dict(self.library.components))
+
+    def generate_each(self, requests: list[GenerateRequest], gpus: int,
+                      on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """Throughput mode: each request on one GPU, `gpus` jobs at a time (each must fit one GPU;
+        `wan_lite.parallel.plan.plan_gpus(..., jobs=len(requests))` says when this beats splitting).
+        Per request, in order: its GenerateResult, or the error it raised."""
+        from wan_lite.parallel.throughput import run_queue
+
+        jobs = [self.resolve(r) for r in requests]  # seeds drawn here, once
+        fixed = [replace(j.request, seed=j.seed, gpus=1) for j in jobs]
+        return run_queue(self._factory(), fixed, gpus, device=self.device, on_result=on_result)
 
     def decode_latents(self, latents_path: Path, out_path: Path | None = None,
                        model_dir: Path | None = None, overwrite: bool = False,
