@@ -204,6 +204,7 @@ def test_engine_generate_gpus_2_spawns_ranks_and_writes_the_video(models, tmp_pa
     a, _ = load_latents(one.latents_path)
     b, meta = load_latents(two.latents_path)
     assert meta["request"]["gpus"] == 2
+    assert two.settings["dit_forwards"] == one.settings["dit_forwards"] == {"computed": 4, "skipped": 0}
     dtype_tol = 1e-5 if a.dtype == torch.float32 else 2e-2
     assert (a - b).abs().max().item() <= dtype_tol * max(1.0, a.abs().max().item())
     assert not multiprocessing.active_children()

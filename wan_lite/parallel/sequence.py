@@ -141,6 +141,8 @@ class SplitDiT:
             out = inner(local)  # [b, piece, D]
         finally:
             self._split = None
+        # the blocks counted this rank's rows; the job ran all B (the other CFG half ran the rest)
+        self.dit.rows_through_blocks += B - out.shape[0]
         # one gather over all ranks: [halves * ranks * b, piece, D] in rank order (cfg_rank, sp_rank)
         full = _all_gather(out, pg.all_group)
         b = out.shape[0]
