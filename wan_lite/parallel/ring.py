@@ -27,8 +27,11 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
         return out.transpose(1, 2).float(), lse.float()
     if q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
-        return out.transpose(1, 2).float(), lse.float()
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+            return out.transpose(1, 2).float(), lse[..., : q.shape[1]].float()
+        except RuntimeError:  # no flash kernel for this GPU: the plain math below
+            pass
     scale = q.shape[-1] ** -0.5
     outs, lses = [], []
     for s in range(0, qt.shape[2], _MATH_CHUNK):
