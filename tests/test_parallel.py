@@ -65,14 +65,14 @@ def _request(case: str, image: Path) -> GenerateRequest:
     return GenerateRequest(prompt="a red fox in the snow", model=name, seed=7, **fields)
 
 
-def _load(folder: Path, stream: bool):
+def _load(folder: Path, stream: bool, device: str = "cpu"):
     from wan_lite.pipeline import WanPipeline
     from wan_lite.runtime import streaming
 
-    pipe = WanPipeline.load(folder, dtype=torch.float32, text_dtype=torch.float32, device="cpu")
+    pipe = WanPipeline.load(folder, dtype=torch.float32, text_dtype=torch.float32, device=device)
     if stream:
         for dit in pipe.dits.values():
-            streaming.attach(dit, "cpu", resident=0, prefetch=1, pinned=False)
+            streaming.attach(dit, device, resident=0, prefetch=1, pinned=False)
     return pipe
 
 
@@ -83,17 +83,17 @@ def _denoise(pipe, request: GenerateRequest) -> torch.Tensor:
 
 
 def _rank_cases(index: int, world: int, init: str, models: dict[str, Path], image: Path, cases: list[str],
-                out: Path) -> None:
+                out: Path, backend: str = "gloo") -> None:
     """One rank: every case's denoise with the job's ParallelRun attached; each rank saves its latents."""
     from wan_lite.job import resolve
     from wan_lite.parallel.run import ParallelRun
 
     torch.set_num_threads(1)
-    pg = init_group(index, world, index, cfg=True, backend_name="gloo", init_method=init)
+    pg = init_group(index, world, index, cfg=True, backend_name=backend, init_method=init)
     results = {}
     for case in cases:
         name, _fields, stream = CASES[case]
-        pipe = _load(models[name], stream)
+        pipe = _load(models[name], stream, str(pg.device))
         job = resolve(_request(case, image))
         with ParallelRun(pg, pipe, job):
             results[case] = pipe.denoise(job)[0]
@@ -108,15 +108,16 @@ def _free_init() -> str:
     return f"tcp://127.0.0.1:{_free_port()}"
 
 
-def _split_equals_one_process(world: int, models, image_file, tmp_path, cases: list[str]) -> None:
+def _split_equals_one_process(world: int, models, image_file, tmp_path, cases: list[str],
+                              backend: str = "gloo") -> None:
     t0 = time.perf_counter()
-    mp.start_processes(_rank_cases, args=(world, _free_init(), models, image_file, cases, tmp_path),
+    mp.start_processes(_rank_cases, args=(world, _free_init(), models, image_file, cases, tmp_path, backend),
                        nprocs=world, start_method="spawn")
     print(f"{world} ranks, {len(cases)} cases: {time.perf_counter() - t0:.1f} s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for case in cases:
         name, _fields, stream = CASES[case]
-        pipe = _load(models[name], stream)
+        pipe = _load(models[name], stream, "cuda:0" if backend == "nccl" else "cpu")
         # CFG parallel runs cond + uncond as one batch, whose two branches the step cache skips
         # together; one process does so too when batching (alone, each branch decides for itself)
         pipe.cfg_batch = case == "ti2v_cache"
@@ -148,6 +149,16 @@ def test_ring_attention_equals_one_process(models, image_file, tmp_path, monkeyp
 
     monkeypatch.setenv(SP_ATTENTION_ENV, "ring")
     _split_equals_one_process(world, models, image_file, tmp_path, ["ti2v_no_cfg", "a14b_no_cfg"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_nccl_ranks_equal_one_gpu(models, image_file, tmp_path, world):
+    """The same cases over NCCL on `world` GPUs (skipped where fewer are present)."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    _split_equals_one_process(world, models, image_file, tmp_path, list(CASES), backend="nccl")
 
 
 # ------------------------------------------------------------------------------- the pieces
