@@ -383,3 +383,25 @@ def test_throughput_mode_runs_one_job_per_process_and_reports_each(models, tmp_p
     a, _ = load_latents(one.latents_path)
     b, _ = load_latents(results[2].latents_path)
     assert torch.equal(a, b)
+
+
+def test_a_rank_plans_with_its_share_of_the_ram_free_at_the_start():
+    """A rank that plans after others loaded their weights still gets its share of what was free
+    when the ranks started (read once, in init_group), not of what is free by then."""
+    from dataclasses import replace
+
+    from wan_lite.parallel.group import current_group
+    from wan_lite.parallel.plan import rank_hardware
+    from wan_lite.runtime.hardware import Hardware
+
+    hw = Hardware.fake(80, 512, (9, 0), gpu_name="NVIDIA H100 80GB HBM3")
+    assert rank_hardware(hw) == hw  # not a rank
+    pg = init_group(0, 1, 0, cfg=True, backend_name="gloo", init_method=_free_init())
+    try:
+        assert current_group() is pg and pg.host_ram_available_gib > 0
+        pg.host_ram_available_gib = 400.0  # as if read at start, on a 512 GiB host
+        later = replace(hw, ram_available_gib=100.0)  # what a late probe sees
+        assert rank_hardware(later).ram_available_gib == 400.0
+    finally:
+        leave_group()
+    assert current_group() is None

@@ -80,6 +80,9 @@ class ParallelGroup:
     backend: str
     sp_group: Any = None
     all_group: Any = None
+    # the host's available RAM when the ranks started, before any of them loaded a model: each
+    # plans with its share of it (a rank probing later would see the others' weights as used)
+    host_ram_available_gib: float | None = None
 
     @property
     def sp(self) -> int:
@@ -129,10 +132,27 @@ def init_group(rank: int, world: int, local_rank: int, *, device: str | None = N
         if pg.cfg_rank == c:
             pg.sp_group = group
     pg.all_group = dist.new_group(list(range(world)), timeout=step) if pg.cfg == 2 else pg.sp_group
+    from wan_lite.runtime.hardware import Hardware
+
+    ram = torch.tensor([Hardware.probe(".").ram_available_gib], dtype=torch.float64, device=dev)
+    dist.all_reduce(ram, op=dist.ReduceOp.MIN)  # every rank is here: nothing loaded yet
+    pg.host_ram_available_gib = float(ram.item())
+    global _current
+    _current = pg
     log.info("Rank %d of %s on %s", rank, pg.describe(), dev)
     return pg
 
 
+_current: ParallelGroup | None = None
+
+
+def current_group() -> ParallelGroup | None:
+    """This process's group while it is a rank (from `init_group` to `leave_group`)."""
+    return _current if in_group() else None
+
+
 def leave_group() -> None:
+    global _current
+    _current = None
     if in_group():
         dist.destroy_process_group()

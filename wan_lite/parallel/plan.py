@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from wan_lite.parallel.group import cfg_degree, in_group
+from wan_lite.parallel.group import cfg_degree, current_group, in_group
 from wan_lite.runtime.hardware import Hardware
 from wan_lite.runtime.planner import Plan, PlanRequest, plan
 
@@ -49,8 +49,14 @@ def share_of_host(hw: Hardware, ranks: int) -> Hardware:
 
 
 def rank_hardware(hw: Hardware) -> Hardware:
-    """`hw` as this process sees it: its share of the host when it is one rank of a job."""
-    return share_of_host(hw, dist.get_world_size()) if in_group() else hw
+    """`hw` as this process sees it: its share of the host when it is one rank of a job (of the
+    RAM that was available when the ranks started, before any of them loaded a model)."""
+    if not in_group():
+        return hw
+    pg = current_group()
+    if pg is not None and pg.host_ram_available_gib is not None:
+        hw = replace(hw, ram_available_gib=min(hw.ram_total_gib, pg.host_ram_available_gib))
+    return share_of_host(hw, dist.get_world_size())
 
 
 def plan_gpus(model: Any, request: Any, hw: Hardware, gpus: int, *, jobs: int = 1,
