@@ -1,6 +1,6 @@
 """All of wan_lite's GPU measurements in one command, and the report built from them.
 
-    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b,video,lora,quality] [--budget-s 560]
+    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b,video,lora,quality,multigpu] [--budget-s 560]
     python bench/run.py report DIR [DIR ...] [--docs docs]
 
 `measure` (on the GPU) runs the GPU-marked tests and the benchmark scripts (bench_attention.py:
@@ -10,7 +10,8 @@ the whole TI2V-5B job under a memory cap; bench_video.py: request to mp4 of TI2V
 without the step cache, and Turbo-shaped; bench_lora.py: a DiT forward with a rank-64 LoRA merged and
 unmerged, and the time to apply it; bench_a14b_job.py: the whole T2V-A14B job from
 ComfyUI-format fp8 files with the 8 GB / 32 GB profile; bench_quality.py: int8 and fp8 against bf16 over
-a whole tiny-model generation, which also runs on a CPU), each writing raw JSON into DIR. A device call is
+a whole tiny-model generation, which also runs on a CPU; bench_multigpu.py: time per step of one job
+split over 1/2/4/8 GPUs, on a machine with several), each writing raw JSON into DIR. A device call is
 limited to 10 minutes, so the parts can be measured in separate calls into separate folders.
 `report` merges raw folders into docs/benchmarks.json (one record per case: case, plan,
 peak_vram_gib, peak_ram_gib, s_per_step, ratio_vs_resident, ratio_vs_diffusers, rel_error, gpu,
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b", "video", "lora", "quality")
+PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b", "video", "lora", "quality", "multigpu")
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> int:
@@ -86,6 +87,9 @@ def measure(args: argparse.Namespace) -> int:
         elif part == "quality":
             rc = _run([py, "bench/bench_quality.py", "--out", str(out / "quality.json")], min(300, left()),
                       out / "quality.log")
+        elif part == "multigpu":  # one job over 1/2/4/8 GPUs; measures nothing on a one-GPU machine
+            rc = _run([py, "bench/bench_multigpu.py", "--out", str(out / "multigpu.json"), "--budget-s",
+                       str(max(30, left() - 30)), *args.multigpu_args.split()], left(), out / "multigpu.log")
         else:
             raise SystemExit(f"unknown part {part!r}; parts are {', '.join(PARTS)}")
         print(f"[run.py] {part}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -170,7 +174,7 @@ def report(args: argparse.Namespace) -> int:
             found += _dit_records(d)
         if (d := _load(folder / "vae.json")) is not None:
             found += _vae_records(d)
-        for name in ("job.json", "job_a14b.json", "video.json", "lora.json", "quality.json"):
+        for name in ("job.json", "job_a14b.json", "video.json", "lora.json", "quality.json", "multigpu.json"):
             if (d := _load(folder / name)) is not None:
                 found += _generic_records(d)
         records += [r | {"run": folder.name} for r in found]
@@ -253,6 +257,7 @@ def main() -> int:
     m.add_argument("--dit-args", default="", help="extra arguments for bench_dit.py, e.g. '--size-a14b 1280x720'")
     m.add_argument("--vae-args", default="", help="extra arguments for bench_vae.py")
     m.add_argument("--job-args", default="", help="extra arguments for bench_job.py, e.g. '--variant ...'")
+    m.add_argument("--multigpu-args", default="", help="extra arguments for bench_multigpu.py, e.g. '--gpus 1,8'")
     m.add_argument("--video-args", default="", help="extra arguments for bench_video.py, e.g. '--cases turbo'")
     r = sub.add_parser("report")
     r.add_argument("dirs", nargs="+")

@@ -20,6 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("loading/",),
     ("runtime/",),
     ("pipeline",),
+    ("parallel/",),
     ("engine", "library"),
     ("cli", "cli_run", "__main__", "ui/", "__init__"),
 )

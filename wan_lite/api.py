@@ -70,6 +70,9 @@ class GenerateRequest:
     # 2 (or None): Turbo as the speed LoRAs were trained. 3: a first guided phase without the
     # LoRAs, against their slow motion (TURBO_3_PHASES; implies Turbo).
     turbo_phases: int | None = None
+    # GPUs of this machine that run the job together (wan_lite.parallel: sequence and CFG
+    # parallelism over torch.distributed, one process per GPU); 1 runs it in this process.
+    gpus: int = 1
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -64,6 +64,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "(balanced: about half the forwards; fast: about a third; off: every forward)")
     p.add_argument("--profile", default="auto", help="memory profile name or 'auto' (see `plan`)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="split one video over N GPUs of this machine (sequence and CFG parallel, docs/multigpu.md)")
     p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: a new name in ./outputs)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out video with its .json and latents (default: refuse)")

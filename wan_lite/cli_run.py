@@ -101,7 +101,7 @@ def run_generate(args: argparse.Namespace) -> int:
                               guidance_low=args.guidance_low, shift=args.shift, seed=args.seed,
                               sampler=args.sampler, memory_profile=args.profile, cache=args.cache,
                               loras=tuple(args.lora), turbo=args.turbo,
-                              turbo_phases=args.turbo_phases)
+                              turbo_phases=args.turbo_phases, gpus=args.gpus)
     engine = _engine(args.model_dir, name, args.out, args.device, components)
     job = engine.resolve(request)
     for note in job.notes:

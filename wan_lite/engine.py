@@ -6,10 +6,13 @@ sidecar JSON, all atomically).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,12 +55,17 @@ class Engine:
         self.cache_dir = self.models_root / ".cache"  # quantized weights, keyed by source file and format
         self._pipe = None
         self._pipe_key: tuple | None = None
-        self._lock = threading.Lock()  # one job at a time, whatever the caller does
+        # one job at a time, whatever the caller does; re-entrant: under torchrun the job's own
+        # rank runs Engine.generate again inside the call that joined the group
+        self._lock = threading.RLock()
         # The attention kernel per kind of plan (False: bf16/int8; True: fp8 compute), chosen at the
         # first load on a GPU of a plan of that kind; each note goes with the first result after it.
         self._attention: dict[bool, Any] = {}
         self._attention_told: set[bool] = set()
         self._attention_kind = False
+        # Per-job features entered around the pipeline's run: `hook(pipe, job)` -> a context
+        # manager (each rank of a multi-GPU job attaches its exchanges here: wan_lite.parallel).
+        self.job_hooks: list[Callable[[Any, Job], contextlib.AbstractContextManager]] = []
 
     # ------------------------------------------------------------------ model files (the library's)
     def model_folder(self, name: str) -> Path:
@@ -116,6 +124,7 @@ class Engine:
     def _plan(self, job: Job | None, name: str | None = None, footprint=None, plan_request=None):
         """The memory plan on this machine (its CPU without a GPU or with device="cpu") for `job`;
         without one, for `plan_request` (a PlanRequest) or the model's defaults."""
+        from wan_lite.parallel.plan import rank_hardware  # a rank of a multi-GPU job: its share of the RAM
         from wan_lite.runtime.hardware import Hardware
         from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
         from wan_lite.runtime.step_cache import computed_share
@@ -142,7 +151,7 @@ class Engine:
             req = plan_request or PlanRequest(w, h, spec.frames, steps=spec.steps, image=spec.needs_image,
                                               fp8_attention=fp8_attention_opted_in())
         profile = None if profile in (None, "", "auto") else profile
-        hw = Hardware.probe(self.models_root if self.models_root.is_dir() else ".")
+        hw = rank_hardware(Hardware.probe(self.models_root if self.models_root.is_dir() else "."))
         if not self._gpu():  # a run on the CPU (no GPU, or device="cpu") is planned for the CPU
             hw = hw.without_gpu()
         return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
@@ -271,9 +280,14 @@ class Engine:
             stem_for_out,
             write_failed,
         )
+        from wan_lite.parallel import generate_parallel, in_group, launched_by_torchrun
 
         with self._lock:
             job = self.resolve(request)
+            if (job.request.gpus != 1 or launched_by_torchrun()) and not in_group():
+                # one process per GPU, each with an Engine like this one (a rank is in_group)
+                return generate_parallel(self, self._factory(), job, on_progress=on_progress, cancel=cancel,
+                                         out_path=out_path, overwrite=overwrite)
             notes = list(job.notes)
             given = stem_for_out(out_path) if out_path else None
             if given is not None:
@@ -300,7 +314,10 @@ class Engine:
                         raise write_failed(err, target, None) from err
 
             try:
-                result = pipe.generate(job, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
+                with contextlib.ExitStack() as stack:
+                    for hook in self.job_hooks:
+                        stack.enter_context(hook(pipe, job))
+                    result = pipe.generate(job, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
             except Cancelled:
                 latents_path = output_files(chosen[0])["latents"]
                 if latents_path.is_file():
@@ -316,6 +333,22 @@ class Engine:
             return self._write(stem, output_files(stem)["latents"], result.frames, result.fps, result.settings,
                                result.timings, list(dict.fromkeys(notes + result.notes)), job.request, pipe,
                                on_progress, overwrite)
+
+    def _factory(self) -> Callable[..., Engine]:
+        """`factory(device=...)`: an Engine like this one, in another process (one per GPU)."""
+        return functools.partial(Engine, self.models_root, self.output_dir, folders=dict(self.library.folders),
+                                 components=dict(self.library.components))
+
+    def generate_each(self, requests: list[GenerateRequest], gpus: int,
+                      on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """Throughput mode: each request on one GPU, `gpus` jobs at a time (each must fit one GPU;
+        `wan_lite.parallel.plan.plan_gpus(..., jobs=len(requests))` says when this beats splitting).
+        Per request, in order: its GenerateResult, or the error it raised."""
+        from wan_lite.parallel.throughput import run_queue
+
+        jobs = [self.resolve(r) for r in requests]  # seeds drawn here, once
+        fixed = [replace(j.request, seed=j.seed, gpus=1) for j in jobs]
+        return run_queue(self._factory(), fixed, gpus, device=self.device, on_result=on_result)
 
     def decode_latents(self, latents_path: Path, out_path: Path | None = None,
                        model_dir: Path | None = None, overwrite: bool = False,

@@ -253,6 +253,11 @@ class WanPipeline:
                 self.placement.release("text_encoder", module)
         return [self._text_cache[t] for t in texts]
 
+    def remember_text(self, embeddings: dict[str, torch.Tensor]) -> None:
+        """Prompt embeddings encoded elsewhere (rank 0 of a multi-GPU job, wan_lite.parallel):
+        `encode_text` takes them from its cache instead of running the text encoder."""
+        self._text_cache.update({text: emb.detach().to("cpu") for text, emb in embeddings.items()})
+
     @torch.no_grad()
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
         """[3, F, H, W] in [-1, 1] -> normalised latent [z, T, h, w] float32 on the device."""

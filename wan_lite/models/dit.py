@@ -230,10 +230,13 @@ class WanAttentionBlock(nn.Module):
     self-attention itself sees all tokens at once. Same result (same math per token), while the
     temporaries shrink from [B, L, ...] to [B, chunk, ...] (the FFN hidden is [B, chunk, ffn_dim]).
     `attention`: the attention kernel, set for the whole model by `WanDiT.set_attention`.
+    `self_attention`: where set (from outside), what the self-attention calls instead of
+    `attention`: sequence parallelism's exchange of q, k, v around `attention` (wan_lite.parallel).
     """
 
     chunk_tokens: int | None = None
     attention: AttentionFn = staticmethod(sdpa_attention)
+    self_attention: AttentionFn | None = None
 
     def __init__(self, cfg: WanDiTConfig) -> None:
         super().__init__()
@@ -284,8 +287,9 @@ class WanAttentionBlock(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Self-attention over all L tokens, q/k/v built chunk by chunk -> [B, L, heads, Dh] in dtype."""
         sa, (cos, sin) = self.self_attn, rope
+        attention = self.self_attention or self.attention
         # an fp8 kernel that takes q and k in e4m3 gets them so from the RoPE kernel (half the bytes)
-        fp8 = dtype != torch.float32 and takes_fp8_qk(self.attention)
+        fp8 = dtype != torch.float32 and takes_fp8_qk(attention)
         mults, descales = sa.fp8_qk_scales() if fp8 else (None, None)
         qk_dtype = torch.float8_e4m3fn if fp8 else dtype
         q, k = (torch.empty(x.shape, dtype=qk_dtype, device=x.device) for _ in range(2))
@@ -303,9 +307,9 @@ class WanAttentionBlock(nn.Module):
                 v = sa.v(u)
         q, k, v = (z.unflatten(2, (sa.num_heads, -1)) for z in (q, k, v))
         if descales is None:
-            return self.attention(q, k, v)
+            return attention(q, k, v)
         dq, dk = (d.expand(x.shape[0], -1).contiguous() for d in descales)  # [B, H] each
-        return self.attention.fp8_qk(q, k, v, dq, dk)  # type: ignore[attr-defined]
+        return attention.fp8_qk(q, k, v, dq, dk)  # type: ignore[attr-defined]
 
 
 class Head(nn.Module):
@@ -372,6 +376,7 @@ class WanDiT(nn.Module):
         self.requires_grad_(False)  # inference only: the blocks update the residual stream in place
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_loop_hooks: OrderedDict[int, BlockLoopHook] = OrderedDict()
+        self._inner_block_loop_hooks: OrderedDict[int, BlockLoopHook] = OrderedDict()  # innermost=True
         # Batch rows that went through the blocks (one DiT forward each): a forward whose blocks a
         # hook skipped does not count, so the pipeline can report computed and skipped forwards.
         self.rows_through_blocks = 0
@@ -424,7 +429,7 @@ class WanDiT(nn.Module):
         outermost): each is called as `hook(state, inner)` and returns the residual stream after
         the blocks, by calling `inner(state)` (the next hook, then the blocks themselves) or not."""
         call: Callable[[DiTState], torch.Tensor] = self._blocks
-        for hook in reversed(self._block_loop_hooks.values()):
+        for hook in reversed([*self._block_loop_hooks.values(), *self._inner_block_loop_hooks.values()]):
             call = functools.partial(hook, inner=call)
         return call(state)
 
@@ -445,12 +450,15 @@ class WanDiT(nn.Module):
         return out.reshape(B, cfg.out_dim, T, H, W)
 
     # ------------------------------------------------------------------ seams for the runtime
-    def register_block_loop_hook(self, hook: BlockLoopHook) -> RemovableHandle:
+    def register_block_loop_hook(self, hook: BlockLoopHook, *, innermost: bool = False) -> RemovableHandle:
         """Wrap the block loop with `hook(state, inner) -> x` (a step cache skips `inner` and adds
         a cached residual; sequence parallelism shards `state` before `inner` and gathers after).
+        `innermost`: inside every hook without it, even those registered later (sequence
+        parallelism, so the others see the whole batch and sequence as on one GPU).
         Returns a handle whose `remove()` takes the hook off again."""
-        handle = RemovableHandle(self._block_loop_hooks)
-        self._block_loop_hooks[handle.id] = hook
+        hooks = self._inner_block_loop_hooks if innermost else self._block_loop_hooks
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
         return handle
 
     def set_attention(self, fn: AttentionFn) -> None:
