@@ -74,6 +74,7 @@ def bind_plan(pipe, job, hw) -> str:
                                 cfg=any(g != 1 for g in job.guidance), speed_first=bool(job.request.turbo)), hw)
     if getattr(getattr(pipe, "placement", None), "plan", None) != the_plan:
         PlannedPlacement(the_plan, pipe.device).bind(pipe)
+    pipe.vae.to(torch.float32 if the_plan.vae_dtype == "fp32" else torch.bfloat16)  # as the engine loads it
     return the_plan.summary()
 
 
