@@ -124,3 +124,19 @@ def test_turbo_plans_the_vae_in_bf16_where_quality_keeps_the_official_fp32():
     turbo = plan(fp, PlanRequest(1280, 704, 121, steps=4, cfg=False, speed_first=True), hw)
     assert (quality.vae_dtype, quality.vae_tile) == ("fp32", None)
     assert (turbo.vae_dtype, turbo.vae_tile) == ("bf16", None)
+
+
+def test_the_app_asks_for_three_phases_with_its_checkbox_and_reuse_brings_it_back():
+    from wan_lite.ui import form
+    from wan_lite.ui.presets import BUILTIN_DIR, load_presets
+
+    presets = load_presets(BUILTIN_DIR, None)
+    values = form.default_values("t2v-a14b") | {"user_prompt": "a fox", "turbo": True, "turbo_phases": True}
+    request, _ = form.request_from_values(values, presets)
+    assert (request.turbo, request.turbo_phases) == (True, 3)
+    job = resolve(request)
+    assert (job.steps, job.shift, job.guidance) == (8, 3.0, (3.5, 1.0))  # the sliders left to Turbo
+    off, _ = form.request_from_values(values | {"turbo": False}, presets)
+    assert off.turbo_phases is None  # the checkbox means nothing without Turbo
+    back = form.values_from_history(job.settings(), presets)
+    assert back["turbo"] is True and back["turbo_phases"] is True

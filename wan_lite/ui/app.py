@@ -263,6 +263,9 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
                                            "fast about 2.5x; off computes every step.")
                 w["turbo"] = gr.Checkbox(False, label="Turbo (speed LoRA: 4 steps, guidance 1)", elem_id="wl-turbo",
                                          info="Switched on when you add a speed LoRA (Lightning, lightx2v).")
+                w["turbo_phases"] = gr.Checkbox(False, label="Turbo in 3 phases (fuller motion)", elem_id="wl-turbo-3",
+                                                info="8 steps, the first guided and without the speed LoRA, "
+                                                     "against its slow motion: about twice Turbo's time.")
             with gr.Accordion("LoRAs", open=False, elem_id="wl-loras-box"):
                 w["lora_add"] = gr.Dropdown([], value=None, label="Add a LoRA from models/loras or ComfyUI",
                                             allow_custom_value=True, elem_id="wl-lora-add",
@@ -305,7 +308,7 @@ def _wire(ui: AppUI) -> None:
     # itself, by chaining `refresh` with .then(). Listening to .change instead fires one request
     # per widget a handler touches, and their answers can arrive out of order (a stale prompt).
     prompt_inputs = ["user_prompt", "style", "language", "negative_prompt", *ui.term_names]
-    estimate_inputs = ["steps", "memory_profile", "guidance", "shift", "sampler", "cache", "turbo"]
+    estimate_inputs = ["steps", "memory_profile", "guidance", "shift", "sampler", "cache", "turbo", "turbo_phases"]
     derived = ["final_prompt", "prompt_notes", "estimate", "crop", "crop_note"]
     mode_outputs = ["model", "size", "frames", "steps", "guidance", "guidance_low", "shift"]
 
@@ -443,7 +446,8 @@ def _wire(ui: AppUI) -> None:
                         outputs=ui.comps(["history_index", "history_details", "history_armed"]), queue=False)
     reuse_out = ["status", "history_details", "image", "mode", "seed", "bundle", "tabs", "user_prompt",
                  "negative_prompt", "style", "language",
-                 "sampler", "memory_profile", "cache", "turbo", "loras", *ui.term_names, *mode_outputs]
+                 "sampler", "memory_profile", "cache", "turbo", "turbo_phases", "loras", *ui.term_names,
+                 *mode_outputs]
     w["reuse"].click(named(lambda history_paths, history_index: reuse_history(ui, history_paths, history_index)),
                      inputs_kwargs=ui.kw(["history_paths", "history_index"]), outputs=ui.comps(reuse_out),
                      queue=False).then(**then_refresh)

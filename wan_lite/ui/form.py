@@ -25,7 +25,7 @@ from wan_lite.units import duration, human_bytes
 TERM_PREFIX = "terms__"  # one CheckboxGroup per vocabulary category: "terms__light_source", ...
 # Widgets that set a GenerateRequest field of the same name.
 REQUEST_WIDGETS = ("model", "negative_prompt", "image", "frames", "steps", "guidance", "guidance_low",
-                   "shift", "seed", "sampler", "memory_profile", "cache", "turbo", "loras")
+                   "shift", "seed", "sampler", "memory_profile", "cache", "turbo", "turbo_phases", "loras")
 # The request fields a widget sets as it is, with how its value is read (empty: the default).
 PLAIN_FIELDS = {"steps": int, "guidance": float, "shift": float, "sampler": str, "memory_profile": str,
                 "cache": str}
@@ -118,6 +118,7 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
         seed=seed,
         loras=loras_from_rows(values.get("loras")),
         turbo=True if turbo else None,
+        turbo_phases=3 if turbo and values.get("turbo_phases") else None,  # the checkbox: Turbo in 3 phases
         **plain,
     )
     if turbo:  # the speed LoRA's own settings, not the sliders'
@@ -191,7 +192,7 @@ def default_values(model: str = DEFAULT_MODEL) -> dict[str, Any]:
     return {
         "model": spec.name, "user_prompt": "", "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "seed": "-1",
         "sampler": "unipc", "memory_profile": "auto", "mode": DEFAULT_MODE, "style": None, "language": "en",
-        "cache": "off", "turbo": False, "loras": [],
+        "cache": "off", "turbo": False, "turbo_phases": False, "loras": [],
         **mode_values(DEFAULT_MODE, spec),
     }
 
@@ -249,6 +250,7 @@ def values_from_history(settings: Mapping[str, Any], presets: Presets,
         if settings.get(key) is not None:
             values[key] = settings[key]
     values["turbo"] = bool(settings.get("turbo"))
+    values["turbo_phases"] = settings.get("turbo_phases") == 3
     values["loras"] = lora_rows(settings.get("loras"))
     values["negative_prompt"] = settings.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT
     if isinstance(settings.get("seed"), int):
