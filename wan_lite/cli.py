@@ -11,11 +11,20 @@ import logging
 import sys
 from pathlib import Path
 
+from wan_lite import paths
 from wan_lite.api import CACHE_MODES, SAMPLERS
 from wan_lite.errors import WanLiteError
 from wan_lite.registry import MODELS
 
 log = logging.getLogger("wan_lite")
+
+
+def _home(path: Path) -> str:
+    """`path` with the home folder written as ~ (shorter in --help)."""
+    try:
+        return "~/" + path.relative_to(Path.home()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -31,10 +40,18 @@ def _size(text: str) -> tuple[int, int]:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="make a video from a prompt (and optionally an image)",
-                       description="Make a video. Unset options take the model's official defaults.")
-    p.add_argument("--model-dir", type=Path, default=None, help="model folder in the official layout")
+                       description="Make a video. Unset options take the model's official defaults. The video "
+                                   "(.mp4), its settings (.json) and its latents (.latents.safetensors, for "
+                                   f"`decode`) go to {_home(paths.output_dir())}, the app's outputs folder, "
+                                   "unless --out or --output-dir says otherwise.")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="one model's folder: the official layout (e.g. models/Wan2.2-TI2V-5B) or a diffusers "
+                        "pipeline folder (model_index.json)")
     p.add_argument("--model", choices=list(MODELS), default=None,
                    help="which model (default: read from the folder or the DiT file)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="the folder that holds the model folders, as the app's --models-dir; with --model and "
+                        f"no --model-dir its model runs (default: {_home(paths.models_dir())})")
     _add_component_args(p)
     p.add_argument("--remember", action="store_true",
                    help="remember the component files given here for this model (used when none are given)")
@@ -61,7 +78,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "(balanced: about half the forwards; fast: about a third; off: every forward)")
     p.add_argument("--profile", default="auto", help="memory profile name or 'auto' (see `plan`)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
-    p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: a new name in ./outputs)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output .mp4; its .json and latents go next to it (default: a new name in --output-dir)")
+    p.add_argument("--output-dir", "--outputs-dir", type=Path, default=None,
+                   help=f"where videos go, as in the app, whose History lists them (default: {_home(paths.output_dir())})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out video with its .json and latents (default: refuse)")
 
@@ -107,8 +127,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from wan_lite.runtime.plan_cli import add_plan_parser
 
-    parser = argparse.ArgumentParser(prog="python -m wan_lite",
-                                     description="Run the Wan 2.2 video models (TI2V-5B, T2V-A14B, I2V-A14B).")
+    parser = argparse.ArgumentParser(
+        prog="python -m wan_lite", description="Run the Wan 2.2 video models (TI2V-5B, T2V-A14B, I2V-A14B).",
+        epilog=f"Videos go to {_home(paths.output_dir())} (the app's outputs folder: its History lists them); "
+               f"models are looked for in {_home(paths.models_dir())}. `python -m wan_lite COMMAND --help` "
+               "tells more.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
@@ -203,7 +226,7 @@ def run_models(args: argparse.Namespace) -> int:
         choices.add_comfy_dir(folder)
     if args.comfy:
         choices.save()
-    places = default_places(Path("models"), choices.comfy_dirs) + [("folder", Path(p)) for p in args.scan]
+    places = default_places(paths.models_dir(), choices.comfy_dirs) + [("folder", Path(p)) for p in args.scan]
     found = scan(places)
     if not found:
         print("No Wan 2.2 files found in: " + ", ".join(str(p) for _, p in places))
