@@ -60,6 +60,9 @@ class GenerateRequest:
     # Euler, for every one of those fields left unset. None: on when the engine recognises a
     # speed LoRA among `loras` (Engine.resolve), else off.
     turbo: bool | None = None
+    # The user's own words, which name the output files (a composed prompt opens with the style
+    # template's and the chosen terms' words); None: the prompt names them.
+    title: str | None = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -278,7 +278,8 @@ class Engine:
             t0 = time.perf_counter()
             pipe = self.pipeline(job.spec.name, on_progress, job)
             load_s = time.perf_counter() - t0
-            chosen = [given or output_stem(self.output_dir, job.prompt, job.seed, job.spec.name)]
+            words = job.request.title or job.prompt  # the user's own words name the files
+            chosen = [given or output_stem(self.output_dir, words, job.seed, job.spec.name)]
 
             def keep_latents(latents, settings):
                 record = self._record(settings, job.request, pipe)
@@ -291,7 +292,7 @@ class Engine:
                         if given is not None:
                             raise OutputError(f"{target} appeared while this job ran; it is kept.",
                                               "Run again with another --out name, or with --overwrite.") from None
-                        chosen[0] = output_stem(self.output_dir, job.prompt, job.seed, job.spec.name)
+                        chosen[0] = output_stem(self.output_dir, words, job.seed, job.spec.name)
                     except OSError as err:
                         raise write_failed(err, target, None) from err
 

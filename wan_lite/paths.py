@@ -131,6 +131,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
             raise OSError(f"writing {target.name} produced no file")
         with open(tmp, "r+b") as f:  # flush to disk before the rename makes it visible (r+: Windows)
             os.fsync(f.fileno())
+        _plain_mode(tmp)
         if overwrite:
             os.replace(tmp, target)
         else:
@@ -138,6 +139,28 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _plain_mode(path: Path) -> None:
+    """Give `path` the permissions a plainly created file gets (0644 under the usual umask 022):
+    writers that go through a private temporary file (safetensors' save_file: 0600) would
+    otherwise leave one of a result's files readable by its owner only."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc), else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _move_exclusive(tmp: Path, target: Path) -> None:

@@ -117,6 +117,7 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
         seed=seed,
         loras=loras_from_rows(values.get("loras")),
         turbo=True if turbo else None,
+        title=values.get("user_prompt") or None,  # the files are named after the user's own words
         **plain,
     )
     if turbo:  # the speed LoRA's own settings, not the sliders'
