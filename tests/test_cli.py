@@ -222,3 +222,12 @@ def test_plan_says_times_in_one_unit_style(capsys):
     time_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("time:"))
     assert not re.search(r"\d+\.\d+ min|\d{4,} s", time_line), time_line  # no "327.3 min", no "19580 s"
     assert re.fullmatch(r"time:    about \d+ h \d+ min \(text \d+ s, denoise \d+ h \d+ min, decode \d+ s\)", time_line)
+
+
+def test_the_apps_models_dir_given_one_models_folder_says_which_was_meant(tiny_models, capsys):
+    import app
+
+    folder = tiny_models["ti2v-5b"]
+    assert app.main(["--models-dir", str(folder), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert "is one model's folder (TI2V-5B)" in err and f"Did you mean --models-dir {folder.parent}?" in err
