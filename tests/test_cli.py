@@ -169,8 +169,8 @@ def test_model_dir_given_the_folder_of_model_folders_says_which_was_meant(tiny_m
     assert "holds model folders" in err and "Did you mean --model-dir" in err
     assert cli_main(["generate", "--model-dir", str(parent), "--model", "t2v-a14b", "--prompt", "x"]) == 2
     assert f"Did you mean --model-dir {parent / 't2v-a14b'}?" in capsys.readouterr().err
-    assert cli_main(["info", "--model-dir", str(parent)]) == 1
-    assert "It holds the model folders" in capsys.readouterr().out
+    assert cli_main(["info", "--model-dir", str(parent)]) == 2
+    assert "Did you mean --model-dir" in capsys.readouterr().err
 
 
 def test_models_dir_given_one_models_folder_says_which_was_meant(tiny_models, capsys):
@@ -231,3 +231,18 @@ def test_the_apps_models_dir_given_one_models_folder_says_which_was_meant(tiny_m
     assert app.main(["--models-dir", str(folder), "--no-browser"]) == 2
     err = capsys.readouterr().err
     assert "is one model's folder (TI2V-5B)" in err and f"Did you mean --models-dir {folder.parent}?" in err
+
+
+def test_without_a_model_option_the_installed_model_runs(tiny_models, tmp_path, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    assert cli_main(["generate", "--models-dir", str(models), "--prompt", "x"]) == 2
+    assert f"{models} holds no model folder" in capsys.readouterr().err
+    (models / "Wan2.2-T2V-A14B").symlink_to(tiny_models["t2v-a14b"])  # the folder name the app downloads to
+    assert cli_main(["generate", "--models-dir", str(models), "--prompt", "a lamp", *SMALL,
+                     "--out", str(tmp_path / "a.mp4")]) == 0
+    assert "plan: t2v-a14b 64x64x5" in capsys.readouterr().err
+    (models / "Wan2.2-TI2V-5B").symlink_to(tiny_models["ti2v-5b"])  # the app's default model wins
+    assert cli_main(["generate", "--models-dir", str(models), "--prompt", "a lamp", *SMALL,
+                     "--out", str(tmp_path / "b.mp4")]) == 0
+    assert "plan: ti2v-5b 64x64x5" in capsys.readouterr().err

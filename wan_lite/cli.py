@@ -48,7 +48,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="one model's folder: the official layout (e.g. models/Wan2.2-TI2V-5B) or a diffusers "
                         "pipeline folder (model_index.json)")
     p.add_argument("--model", choices=list(MODELS), default=None,
-                   help="which model (default: read from the folder or the DiT file)")
+                   help="which model (default: read from the folder or the DiT file; without either, the model "
+                        "installed in --models-dir, TI2V-5B where it is there)")
     p.add_argument("--models-dir", type=Path, default=None,
                    help="the folder that holds the model folders, as the app's --models-dir; with --model and "
                         f"no --model-dir its model runs (default: {_home(paths.models_dir())})")
@@ -203,8 +204,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from wan_lite.cli_run import check_folder_options
     from wan_lite.loading.layout import inspect_folder
 
+    check_folder_options(args)  # the folder that holds the model folders: say which one was meant
     report = inspect_folder(args.model_dir)
     title = report.spec.title if report.spec else "unknown model"
     print(f"{report.root}: {title} — {report.state}, {report.size_bytes / 1e9:.2f} GB on disk")

@@ -255,7 +255,7 @@ def check_folder_options(args: argparse.Namespace) -> None:
             from wan_lite.library import default_folder_name
 
             names = ", ".join(f"{p.name} ({spec.label})" for p, spec in inside)
-            folder, spec = next(((p, s) for p, s in inside if s.name == args.model), inside[0])
+            folder, spec = next(((p, s) for p, s in inside if s.name == getattr(args, "model", None)), inside[0])
             also = (f" (--models-dir {model_dir} --model {spec.name} also finds it, as the app's --models-dir does.)"
                     if folder.name == default_folder_name(spec.name) else "")
             raise InputError(f"--model-dir takes one model's folder, and {model_dir} holds model folders: {names}.",
@@ -268,7 +268,6 @@ def check_folder_options(args: argparse.Namespace) -> None:
 
 
 def _which_model(args: argparse.Namespace, components: dict[str, Path]) -> str:
-    from wan_lite.errors import InputError
     from wan_lite.loading.components import resolve_sources
     from wan_lite.loading.layout import detect_spec
 
@@ -277,9 +276,29 @@ def _which_model(args: argparse.Namespace, components: dict[str, Path]) -> str:
     if args.model_dir is not None and not components:
         return detect_spec(args.model_dir).name
     if args.model_dir is None and not components:
-        raise InputError("Say which model to run.", "Give --model-dir FOLDER (one model's folder), or --model NAME "
-                                                    "(its folder in --models-dir, or component files).")
+        return _installed_model(args)
     return resolve_sources(args.model_dir, components)[0].name
+
+
+def _installed_model(args: argparse.Namespace) -> str:
+    """Without --model or --model-dir: the model installed in the models folder (TI2V-5B, the
+    app's default, where it is there); several others: the user says which."""
+    from wan_lite.errors import InputError
+    from wan_lite.library import default_folder_name
+    from wan_lite.loading.layout import model_in
+    from wan_lite.paths import models_dir
+    from wan_lite.registry import DEFAULT_MODEL, MODELS
+
+    root = getattr(args, "models_dir", None) or models_dir()
+    installed = [name for name in MODELS if model_in(root / default_folder_name(name)) is not None]
+    if DEFAULT_MODEL in installed or len(installed) == 1:
+        return DEFAULT_MODEL if DEFAULT_MODEL in installed else installed[0]
+    if installed:
+        raise InputError(f"Say which model to run: {root} has {', '.join(installed)}.",
+                         f"Add --model {installed[0]} (or another of them).")
+    raise InputError(f"Say which model to run: {root} holds no model folder.",
+                     "Give --model-dir FOLDER (one model's folder), or download a model in the app's Models tab "
+                     "(models/README.md says what goes where).")
 
 
 def components_from_args(args: argparse.Namespace) -> dict[str, Path]:
