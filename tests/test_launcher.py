@@ -267,3 +267,19 @@ def test_bat_refuses_with_a_message_when_the_disk_check_says_nothing():
     guard = next(i for i, line in enumerate(lines) if line.lower().startswith("if not defined free_gb"))
     assert guard < compare and "!FREE_GB!" in lines[compare]
     assert any("PROBLEM=" in line for line in lines[guard:guard + 3])
+
+
+# ------------------------------------------------------------------------------ the README a newcomer reads
+def test_readme_starts_with_what_you_need_and_shows_two_commands_for_a_fresh_machine():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert sections[0] == "What you need"  # hardware and download sizes before anything else
+    assert sections.index("Models") < sections.index("Test") and "Where your videos go" in sections
+    before_cli = text[:text.index("## Command line")]
+    commands = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", before_cli, flags=re.S)
+                for line in block.splitlines() if line.strip()]
+    assert commands == ["./launch.sh", "./launch.sh --test"]
+    need = text[text.index("## What you need"):text.index("## Start")]
+    assert "GB" in need and "RAM" in need and "Download" in need
+    memory = text[text.index("## Memory"):text.index("## Python")]
+    assert "docs/memory.md" in memory and "GiB" not in memory and "H200" not in memory  # plain words
