@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,19 @@ def test_progress_on_a_terminal_redraws_one_line_and_logs_go_above_it():
     assert _terminal(out.getvalue())[-1] == "Denoising: " + "#" * 20 + " 100% 50/50 steps done in 60 s (30.0 s/step)"
 
 
+def test_a_long_phase_without_a_terminal_prints_a_line_now_and_then():
+    from wan_lite.cli_run import NON_TTY_EVERY_S
+
+    out, clock = io.StringIO(), FakeClock()
+    progress = StageProgress(out, tty=False, clock=clock)
+    for step in range(1, 11):
+        clock.now += NON_TTY_EVERY_S / 4
+        progress(Progress("denoise", step, 10, 0.0, eta_s=(10 - step) * NON_TTY_EVERY_S / 4))
+    lines = out.getvalue().splitlines()
+    assert 2 <= len(lines) <= 3 and all("/10 steps" in line and "left" in line for line in lines)
+    assert "\r" not in out.getvalue()
+
+
 def test_a_failed_run_leaves_its_line_where_it_stopped():
     out, clock = io.StringIO(), FakeClock()
     progress = StageProgress(out, tty=False, clock=clock)
@@ -97,9 +111,11 @@ def test_log_records_go_above_the_progress_line_while_it_runs():
     with progress_shown(StageProgress(out, tty=True, clock=clock)) as progress:
         progress(Progress("denoise", 1, 4, 0.0, eta_s=3.0))
         logging.getLogger("wan_lite.test").warning("in the middle")
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
     screen = _terminal(out.getvalue())
     assert screen[0].startswith("WARNING") and screen[0].endswith("in the middle")  # a line of its own
-    assert screen[1].startswith("Denoising: ") and "100% 4/4 steps done in" in screen[1]
+    assert "a library's warning" in screen[1] and "Denoising" not in screen[1]
+    assert screen[-1].startswith("Denoising: ") and "100% 4/4 steps done in" in screen[-1]
 
 
 def _terminal(text: str) -> list[str]:

@@ -194,19 +194,22 @@ def _rate(per_step: float) -> str:
 
 @contextlib.contextmanager
 def progress_shown(progress: StageProgress) -> Iterator[StageProgress]:
-    """Log records go above the progress line while the block runs; the line ends with it."""
+    """Log records (and Python warnings) go above the progress line while the block runs; the
+    line ends with it: at 100 % when the block succeeds, where it stopped when it raises."""
     root = logging.getLogger()
     before = list(root.handlers)
     fmt = next((h.formatter._fmt for h in before if h.formatter is not None and h.formatter._fmt), None)
     handler = progress.log_handler(fmt or "%(levelname)s %(name)s: %(message)s")
     handler.setLevel(min((h.level for h in before), default=logging.NOTSET))
     root.handlers = [h for h in before if not _is_console(h)] + [handler]
+    logging.captureWarnings(True)  # Python warnings too go above the line, not into it
     try:
         yield progress
         progress.finish()
     finally:
         progress.close()
         root.handlers = before
+        logging.captureWarnings(False)
 
 
 def _is_console(handler: logging.Handler) -> bool:
