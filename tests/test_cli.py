@@ -168,6 +168,15 @@ def test_generate_writes_to_the_apps_outputs_folder_with_a_plan_line_and_clean_p
     assert "Denoising: 100% 2/2 steps done in" in err and "Decoding video: 100% 5/5 frames done in" in err
     assert "step/s" not in err.replace("steps/s", "")  # units kept: "steps/s" or "s/step"
     assert f"video:   {videos}" in r.stdout
+    from wan_lite.engine import Engine
+    from wan_lite.ui.settings import default_output_dir
+
+    os.environ[paths.OUTPUT_DIR_ENV] = str(videos)  # as the app would start for this user
+    try:
+        history = Engine(tmp_path / "models", default_output_dir()).history()
+    finally:
+        del os.environ[paths.OUTPUT_DIR_ENV]
+    assert [h["settings"]["prompt"] for h in history] == ["a lamp"]  # the app's History lists the CLI's video
 
 
 def test_output_dir_option_is_kept_as_an_explicit_choice(tiny_models, tmp_path, capsys):

@@ -52,6 +52,10 @@ class Engine:
         self.library = ModelLibrary(self.models_root, folders, components)
         # quantized weights, keyed by source file and format: the one cache folder of the app and the CLI
         self.cache_dir = cache_dir() / "quantized"
+        old_cache = self.models_root / ".cache"  # where earlier versions kept them
+        if old_cache.is_dir() and any(old_cache.glob("*.safetensors")):
+            log.info("Quantized weights made by an earlier version are in %s; they are now kept in %s. "
+                     "Delete the old folder to free its space.", old_cache, self.cache_dir)
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._lock = threading.Lock()  # one job at a time, whatever the caller does
