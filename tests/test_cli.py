@@ -97,6 +97,16 @@ def test_a_long_phase_without_a_terminal_prints_a_line_now_and_then():
     assert "\r" not in out.getvalue()
 
 
+def test_the_elapsed_time_moves_on_between_events():
+    """A model load or a decode sends no event for minutes: the line must not look stuck."""
+    out, clock = io.StringIO(), FakeClock()
+    progress = StageProgress(out, tty=True, clock=clock)
+    progress(Progress("load", 0, 1, 0.0))
+    clock.now += 75
+    progress.tick()
+    assert _terminal(out.getvalue()) == ["Loading models: ... 75 s"]
+
+
 def test_a_failed_run_leaves_its_line_where_it_stopped():
     out, clock = io.StringIO(), FakeClock()
     progress = StageProgress(out, tty=False, clock=clock)

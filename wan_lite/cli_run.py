@@ -8,6 +8,7 @@ import contextlib
 import logging
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,12 +50,19 @@ class StageProgress:
         self._shown = 0  # characters of the line now on screen (TTY)
         self._drawn_at = -1.0
         self._bar = "#." if not _can_encode(self.stream, "█░") else "█░"
+        self._lock = threading.RLock()  # events, log records and the ticker write from different threads
+        self._stop = threading.Event()
 
     # ------------------------------------------------------------------ events
     def __call__(self, p: Progress) -> None:
+        with self._lock:
+            self._event(p)
+
+    def _event(self, p: Progress) -> None:
         phase = _PHASES.get(p.stage, p.stage)
         now = self.clock()
-        if phase != self.phase:
+        new_phase = phase != self.phase
+        if new_phase:
             start = now
             if p.step and p.eta_s is not None and p.total > p.step:  # reported after its first step ran
                 start = max(self.started, now - p.step * p.eta_s / (p.total - p.step))
@@ -73,25 +81,52 @@ class StageProgress:
         elif phase == "decode" and p.total and p.step >= p.total:
             self.step = self.total = self.frames or 0
         if self.tty:
-            if now - self._drawn_at >= 0.1 or phase != self.phase or self.step == self.total:
+            if new_phase or now - self._drawn_at >= 0.1 or self.step == self.total:
                 self._draw(now)
-        elif now - self.last_line >= NON_TTY_EVERY_S:
-            self._println(self._text(now))
-            self.last_line = now
+        else:
+            self._periodic(now)
+
+    def tick(self) -> None:
+        """Between events: the elapsed time moves on (a model load or a decode can take minutes
+        with no event), and without a terminal a line is printed now and then."""
+        with self._lock:
+            if self.phase is None:
+                return
+            now = self.clock()
+            if self.tty:
+                self._draw(now)
+            else:
+                self._periodic(now)
+
+    def start_ticking(self, every_s: float = 0.5) -> None:
+        """`tick` from a background thread until `close`."""
+        def run() -> None:
+            while not self._stop.wait(every_s):
+                self.tick()
+
+        threading.Thread(target=run, name="wan_lite-progress", daemon=True).start()
 
     def finish(self) -> None:
         """The run succeeded: the last phase ends at 100 %."""
-        self._end_phase(self.clock())
-        self.phase = None
+        with self._lock:
+            self._end_phase(self.clock())
+            self.phase = None
 
     def close(self) -> None:
         """The run stopped (an error, Ctrl+C): the line stays as it was, and the cursor moves on."""
-        if self.phase is not None and self.tty and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-        elif self.phase is not None and not self.tty:
-            self._println(self._text(self.clock()) + " - stopped")
-        self.phase, self._shown = None, 0
+        self._stop.set()
+        with self._lock:
+            if self.phase is not None and self.tty and self._shown:
+                self.stream.write("\n")
+                self.stream.flush()
+            elif self.phase is not None and not self.tty:
+                self._println(self._text(self.clock()) + " - stopped")
+            self.phase, self._shown = None, 0
+
+    def _periodic(self, now: float) -> None:
+        if now - self.last_line >= NON_TTY_EVERY_S:
+            self._println(self._text(now))
+            self.last_line = now
 
     # ------------------------------------------------------------------ log lines
     def log_handler(self, fmt: str = "%(levelname)s %(name)s: %(message)s") -> logging.Handler:
@@ -101,12 +136,13 @@ class StageProgress:
         return handler
 
     def write_above(self, text: str) -> None:
-        if self.tty and self._shown:
-            self._clear()
-            self.stream.write(text + "\n")
-            self._draw(self.clock())
-        else:
-            self._println(text)
+        with self._lock:
+            if self.tty and self._shown:
+                self._clear()
+                self.stream.write(text + "\n")
+                self._draw(self.clock())
+            else:
+                self._println(text)
 
     # ------------------------------------------------------------------ drawing
     def _end_phase(self, now: float) -> None:
@@ -203,6 +239,7 @@ def progress_shown(progress: StageProgress) -> Iterator[StageProgress]:
     handler.setLevel(min((h.level for h in before), default=logging.NOTSET))
     root.handlers = [h for h in before if not _is_console(h)] + [handler]
     logging.captureWarnings(True)  # Python warnings too go above the line, not into it
+    progress.start_ticking()
     try:
         yield progress
         progress.finish()
