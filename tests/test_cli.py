@@ -245,7 +245,8 @@ def test_decode_loads_only_the_vae_and_keeps_the_original(tiny_models, tmp_path,
     assert cli_main(["decode", str(out.with_name("fox.latents.safetensors")), "--model-dir", str(vae_only)]) == 0
     assert {p.name: p.read_bytes() for p in out.parent.iterdir() if p.name in original} == original
     decoded = out.with_name("fox.decoded.mp4")
-    assert f"video:   {decoded}" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert f"video:   {decoded}" in shown.out and "Decoding video: done in" in shown.err
     # the same latents through the same VAE (planned without the DiT's size: maybe in bf16)
     difference = np.abs(read_mp4(decoded)[0].astype(int) - read_mp4(out)[0].astype(int))
     assert difference.mean() < 3

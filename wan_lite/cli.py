@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,10 @@ log = logging.getLogger("wan_lite")
 
 
 def _home(path: Path) -> str:
-    """`path` with the home folder written as ~ (shorter in --help)."""
+    """`path` with the home folder written as ~ (shorter in --help; not on Windows, whose shells
+    have no ~)."""
+    if os.name == "nt":
+        return str(path)
     try:
         return "~/" + path.relative_to(Path.home()).as_posix()
     except ValueError:

@@ -398,7 +398,9 @@ def _print_plan(engine, job) -> None:
 def run_decode(args: argparse.Namespace) -> int:
     engine = _engine(args, (args.out or args.latents).parent)
     print(f"Decoding {args.latents.name}: only the VAE is loaded.", file=sys.stderr)
-    result = engine.decode_latents(args.latents, out_path=args.out, model_dir=args.model_dir,
-                                   overwrite=args.overwrite)
+    with progress_shown(StageProgress()) as progress:
+        progress(Progress("decode", 0, 1, 0.0))  # the decode sends no events: its time is shown moving
+        result = engine.decode_latents(args.latents, out_path=args.out, model_dir=args.model_dir,
+                                       overwrite=args.overwrite)
     _summary(result)
     return 0
