@@ -252,6 +252,12 @@ def test_decode_loads_only_the_vae_and_keeps_the_original(tiny_models, tmp_path,
     assert difference.mean() < 3
 
 
+def test_decode_of_a_missing_file_says_so_before_any_progress(tmp_path, capsys):
+    assert cli_main(["decode", str(tmp_path / "gone.latents.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "Latents file not found" in err and "Decoding video" not in err
+
+
 # ------------------------------------------------------------------------------ plan
 def test_plan_says_times_in_one_unit_style(capsys):
     assert cli_main(["plan", "--model", "t2v-a14b", "--vram-gb", "8", "--ram-gb", "32"]) == 0

@@ -396,6 +396,11 @@ def _print_plan(engine, job) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    from wan_lite.errors import InputError
+
+    if not args.latents.is_file():  # said before any progress line starts
+        raise InputError(f"Latents file not found: {args.latents}",
+                         "Give a NAME.latents.safetensors file that wan_lite saved next to a video.")
     engine = _engine(args, (args.out or args.latents).parent)
     print(f"Decoding {args.latents.name}: only the VAE is loaded.", file=sys.stderr)
     with progress_shown(StageProgress()) as progress:
