@@ -246,3 +246,60 @@ def test_engine_on_a_cpu_runs_the_plan_that_plan_reports(tiny_models, plain, tmp
     # `plan` plans the released model's sizes on the same machine as the engine's preflight does
     rc, text = _cli("--model", "t2v-a14b", "--size", "64x64", "--frames", "9", "--steps", "4", "--json")
     assert rc == 0 and json.loads(text) == engine.preflight(request).plan
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_oom_mid_run_finishes_on_a_leaner_plan_with_the_same_latents(tmp_path):
+    """Issue 23, item 8, on the GPU: at the third DiT call the process's GPU memory is capped
+    (set_per_process_memory_fraction) just above what is allocated, so the resident plan's next
+    activation fails in the CUDA allocator for real. The PlannedPlacement drops to leaner plans
+    (smaller chunks, then fewer resident blocks: the expert's weights leave the GPU) until the
+    step fits, and the run finishes with the latents of the uninterrupted run under the first
+    plan (fp32 weights: the same math, only the GEMM sizes differ)."""
+    from tests.tiny_ckpt import write_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    folder = write_model(tmp_path / "ti2v-5b", "ti2v-5b", dim=512, ffn_dim=2048, num_layers=8)
+    pipe = wan_lite.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    cfg = pipe.dit.config
+    fp = ModelFootprint.from_config(cfg, name="ti2v-5b", vae_version="2.2", experts=1)
+    size = dict(width=512, height=512, frames=33, steps=3)
+    first = replace(plan(fp, PlanRequest(512, 512, 33, steps=3), Hardware.fake(vram_gb=80, ram_gb=64)),
+                    resident_blocks=8, prefetch=1, ffn_chunk_tokens=None, cfg_batch=False, quantization="bf16",
+                    text_encoder="gpu", vae_tile=None, vae_dtype="fp32")
+    PlannedPlacement(first, "cuda").bind(pipe)
+    uninterrupted = pipe.generate("a boat at dawn", seed=3, **size)
+    placement = PlannedPlacement(first, "cuda")
+    placement.bind(pipe)
+    total = torch.cuda.get_device_properties(0).total_memory
+    calls = {"n": 0, "ooms": 0}
+    real_on_oom = placement.on_oom
+
+    def counted(name, module):
+        calls["ooms"] += 1
+        return real_on_oom(name, module)
+
+    placement.on_oom = counted
+
+    def cap_now(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 4 * 2**20) / total)
+
+    def uncap(progress):
+        if progress.stage == "decode":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+
+    handle = pipe.dit.register_forward_pre_hook(cap_now)
+    try:
+        out = pipe.generate("a boat at dawn", seed=3, on_progress=uncap, **size)
+    finally:
+        handle.remove()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        unbind(pipe)
+    assert calls["ooms"] >= 1, "the cap did not make an allocation fail"
+    assert placement.plan != first and placement.plan.quantization == "bf16"
+    assert placement.plan.resident_blocks < 8
+    assert rel(out.latents, uninterrupted.latents) < 1e-5

@@ -32,6 +32,13 @@ CACHE_MIN_STEPS = 10
 # steps (the expert switch stays at the model's boundary), no classifier-free guidance, shift 5,
 # the Euler flow sampler.
 TURBO = {"steps": 4, "guidance": 1.0, "guidance_low": 1.0, "shift": 5.0, "sampler": "euler"}
+# Turbo in 3 phases, against the slow motion of the 4-step speed LoRAs (Wan2GP's published
+# "Lightning 3 Phases - 8 Steps" profiles): 8 Euler steps at shift 3; while t >= 965 the
+# high-noise expert runs WITHOUT the LoRAs and with guidance 3.5 (`guidance`), then the LoRAs come
+# on with guidance 1 (`guidance_low`), and the experts switch at t = 800 instead of the model's
+# boundary. TI2V-5B (one DiT): the same first phase, then the LoRAs at guidance 1.
+TURBO_3_PHASES = {"steps": 8, "guidance": 3.5, "guidance_low": 1.0, "shift": 3.0, "sampler": "euler"}
+TURBO_3_PHASES_SWITCH = (965.0, 800.0)  # (LoRAs on below, experts switch below)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ class GenerateRequest:
     # Euler, for every one of those fields left unset. None: on when the engine recognises a
     # speed LoRA among `loras` (Engine.resolve), else off.
     turbo: bool | None = None
+    # 2 (or None): Turbo as the speed LoRAs were trained. 3: a first guided phase without the
+    # LoRAs, against their slow motion (TURBO_3_PHASES; implies Turbo).
+    turbo_phases: int | None = None
     # The user's own words, which name the output files (a composed prompt opens with the style
     # template's and the chosen terms' words); None: the prompt names them.
     title: str | None = None

@@ -75,6 +75,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--turbo", action=argparse.BooleanOptionalAction, default=None,
                    help="run a speed LoRA as trained: 4 steps, guidance 1, shift 5, euler, for every option not "
                         "given (default: on when a --lora is a known speed LoRA: Lightning, lightx2v distill)")
+    p.add_argument("--turbo-phases", type=int, default=None, choices=(2, 3),
+                   help="3: Turbo with a first guided step without the speed LoRA, against its slow motion "
+                        "(8 steps, shift 3, guidance 3.5 then 1, A14B experts switched at t=800; implies --turbo)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH|:HIGH,LOW]",
                    help="apply a LoRA (.safetensors, any common key layout); repeatable. STRENGTH defaults to 1; "
                         "for A14B, HIGH,LOW are the high- and low-noise experts' strengths (0 leaves one alone)")

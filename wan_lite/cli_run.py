@@ -373,7 +373,8 @@ def run_generate(args: argparse.Namespace) -> int:
                               frames=args.frames, steps=args.steps, guidance=args.guidance,
                               guidance_low=args.guidance_low, shift=args.shift, seed=args.seed,
                               sampler=args.sampler, memory_profile=args.profile, cache=args.cache,
-                              loras=tuple(args.lora), turbo=args.turbo)
+                              loras=tuple(args.lora), turbo=args.turbo,
+                              turbo_phases=args.turbo_phases)
     folder = args.out.parent if args.out else (args.output_dir or output_dir())
     engine = _engine(args, folder, name, components)
     job = engine.resolve(request)

@@ -131,12 +131,18 @@ class Engine:
         if job is not None:
             cache = job.request.cache
             share = computed_share(spec.name, cache, job.steps, job.shift, job.sampler, image=job.image is not None)
+            if job.request.turbo and job.turbo_phases == 3:  # guidance (two passes) in the first phase only
+                from wan_lite.sampling import make_sampler
+
+                passes = sum(1 + (job.phase_at(int(t))[1] != 1)
+                             for t in make_sampler(job.sampler, job.steps, job.shift).timesteps)
+                share *= passes / (2 * job.steps)
             names, lora_bytes, rank = self._lora_facts(job)
             req = PlanRequest(job.width, job.height, job.frames, steps=job.steps,
                               image=job.image is not None or spec.needs_image,
                               cfg=any(g != 1 for g in job.guidance), fp8_attention=fp8_attention_opted_in(),
                               cache=cache, cache_share=share, lora_names=names, lora_bytes=lora_bytes,
-                              lora_rank=rank)
+                              lora_rank=rank, speed_first=bool(job.request.turbo))
         else:
             w, h = spec.default_size
             req = plan_request or PlanRequest(w, h, spec.frames, steps=spec.steps, image=spec.needs_image,

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from wan_lite.api import CACHE_MIN_STEPS, CACHE_MODES, SAMPLERS, TURBO, GenerateRequest
+from wan_lite.api import (
+    CACHE_MIN_STEPS,
+    CACHE_MODES,
+    SAMPLERS,
+    TURBO,
+    TURBO_3_PHASES,
+    TURBO_3_PHASES_SWITCH,
+    GenerateRequest,
+)
 from wan_lite.errors import InputError
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, ModelSpec, get_spec
 from wan_lite.sizing import (
@@ -84,6 +92,23 @@ class Job:
     def sampler(self) -> str:
         return self.request.sampler
 
+    @property
+    def turbo_phases(self) -> int:
+        return int(self.request.turbo_phases or 2)
+
+    def phase_at(self, t: float) -> tuple[str, float, bool]:
+        """(DiT role, guidance, LoRAs on) for the step at timestep t. Turbo in 3 phases: while
+        t >= 965 the high-noise expert (or the one DiT) runs without the LoRAs at `guidance`,
+        then with them at `guidance_low`, the experts switching at t = 800."""
+        spec = self.spec
+        if self.request.turbo and self.turbo_phases == 3:
+            plain_from, switch = TURBO_3_PHASES_SWITCH
+            role = spec.dits[0].role if not spec.experts or t >= switch else spec.dits[1].role
+            first = t >= plain_from
+            return role, self.guidance[0 if first else 1], not first
+        role = spec.dit_role_at(t)
+        return role, self.guidance[spec.guidance_index(role)], True
+
     def settings(self) -> dict[str, Any]:
         """What the job ran with, as recorded in the latents, the mp4 and the sidecar JSON."""
         r = self.request
@@ -104,6 +129,7 @@ class Job:
             "sampler": r.sampler,
             "cache": r.cache,
             "turbo": bool(r.turbo),
+            "turbo_phases": self.turbo_phases if r.turbo else None,
             "loras": [{"file": p, "strength_high": hi, "strength_low": lo} for p, hi, lo in r.loras],
         }
 
@@ -193,13 +219,29 @@ def resolve(request: GenerateRequest) -> Job:
         raise InputError("The prompt is empty.", "Describe the video you want, e.g. 'a red fox running through snow'.")
     if spec.needs_image and request.image is None:
         raise InputError(f"{spec.name} turns an image into a video: give a start image.")
-    turbo = bool(request.turbo)
+    phases = request.turbo_phases
+    if phases is not None and phases not in (2, 3) or isinstance(phases, bool):
+        raise InputError(f"Turbo runs in 2 or 3 phases, got {phases!r}.",
+                         "Use 3 for a first guided step without the speed LoRA (fuller motion), else 2.")
+    if phases == 3 and request.turbo is False:
+        raise InputError("Turbo in 3 phases is a Turbo setting, but Turbo is off.",
+                         "Turn Turbo on (--turbo), or leave out the 3 phases.")
+    turbo = bool(request.turbo) or phases == 3
     if turbo:  # the speed LoRA's own settings, for every field the user left unset
-        unset = {k: v for k, v in TURBO.items() if getattr(request, k) is None}
+        three = phases == 3
+        unset = {k: v for k, v in (TURBO_3_PHASES if three else TURBO).items() if getattr(request, k) is None}
         request = replace(request, **unset)
-        told = {k: v for k, v in unset.items() if spec.experts or k != "guidance_low"}  # one DiT: one guidance
-        notes.append("Turbo: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in told.items()) + " (how speed LoRAs were trained).")
+        if three:
+            told = {"steps": request.steps, "shift": request.shift, "sampler": request.sampler}
+            notes.append(f"Turbo in 3 phases: the first steps (t >= {TURBO_3_PHASES_SWITCH[0]:g}) without the speed "
+                         f"LoRA at guidance {request.guidance:g}, then the LoRA at guidance {request.guidance_low:g}"
+                         + (f", the experts switching at t = {TURBO_3_PHASES_SWITCH[1]:g}" if spec.experts else "")
+                         + "; " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in told.items()) + " (against the speed LoRAs' slow motion).")
+        else:
+            told = {k: v for k, v in unset.items() if spec.experts or k != "guidance_low"}  # one DiT: one guidance
+            notes.append("Turbo: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in told.items()) + " (how speed LoRAs were trained).")
     side = max_side(spec)
     width, height = request.width, request.height
     if width is None and height is None:
@@ -216,7 +258,7 @@ def resolve(request: GenerateRequest) -> Job:
         g_low = _real("The low-noise guidance", request.guidance_low, 0, 30)
     else:
         g_low = spec.guidance[1] if request.guidance is None else g_high
-    if not spec.experts:
+    if not spec.experts and not (turbo and phases == 3):  # 3 phases: the one DiT's guidance after the first
         g_low = g_high
     s = spec.shift if request.shift is None else _real("The shift", request.shift, 0, 100, low_open=True)
     sampler = request.sampler or "unipc"
@@ -243,7 +285,8 @@ def resolve(request: GenerateRequest) -> Job:
     notes += trained_size_note(spec, w, h)
     filled = replace(request, model=spec.name, negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                      width=w, height=h, frames=f, steps=n, guidance=g_high, guidance_low=g_low, shift=s,
-                     seed=seed, cache=cache, loras=loras, sampler=sampler, turbo=turbo)
+                     seed=seed, cache=cache, loras=loras, sampler=sampler, turbo=turbo,
+                     turbo_phases=(phases or 2) if turbo else None)
     return Job(request=filled, spec=spec, image=img, notes=notes)
 
 

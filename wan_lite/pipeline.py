@@ -392,11 +392,12 @@ class WanPipeline:
         notes = [n for lora in files for n in lora.notes]
         return list(dict.fromkeys(notes))
 
-    def _use_loras(self, role: str) -> None:
-        """The job's LoRAs on expert `role`, merged or unmerged (runtime/lora.py use_loras), before
-        the placement puts it on the device. An unmerged LoRA needs the expert's tensors: an
-        expert waiting on disk is read first (activate would do it anyway)."""
-        pairs = self._loras.get(role, [])
+    def _use_loras(self, role: str, on: bool = True) -> None:
+        """The job's LoRAs on expert `role` (none when `on` is False: Turbo's first phase in 3),
+        merged or unmerged (runtime/lora.py use_loras), before the placement puts it on the device.
+        An unmerged LoRA needs the expert's tensors: an expert waiting on disk is read first
+        (activate would do it anyway)."""
+        pairs = self._loras.get(role, []) if on else []
         from wan_lite.runtime import lora as lora_rt
         from wan_lite.runtime import streaming
 
@@ -448,7 +449,7 @@ class WanPipeline:
 
         rows_before = sum(d.rows_through_blocks for d in self.dits.values())
         self._forwards = 0
-        cache = self._step_cache(job, [self._expert(int(t)) for t in sampler.timesteps])
+        cache = self._step_cache(job, [job.phase_at(int(t))[0] for t in sampler.timesteps])
         try:
             latent = self._loop(job, sampler, latent, ctx, ctx_null, y, z0, mask, lat_shape, clock,
                                 on_progress, cancel, preview_every)
@@ -477,6 +478,7 @@ class WanPipeline:
         spec, dev = self.spec, self.device
         tokens_per_frame = (lat_shape[2] // spec.patch_size[1]) * (lat_shape[3] // spec.patch_size[2])
         active: str | None = None
+        loras_on = True
         denoise_start = time.perf_counter()
         n = len(sampler.timesteps)
         for i in range(n):
@@ -485,15 +487,15 @@ class WanPipeline:
                     self.placement.release(role, self.dits[role])
                 raise Cancelled()
             t = int(sampler.timesteps[i])
-            role = self._expert(t)
-            if role != active:
+            role, g, on = job.phase_at(t)
+            if role != active or (on != loras_on and self._loras.get(role)):
                 if active is not None:
                     self.placement.release(active, self.dits[active])
                 if role in self._loras:
-                    self._use_loras(role)
+                    self._use_loras(role, on)
                 self.placement.activate(role, self.dits[role])
                 active = role
-            g = job.guidance[spec.guidance_index(role)]
+            loras_on = on
             if z0 is not None:  # TI2V image-to-video: frame-0 tokens are clean (t = 0)
                 tt = torch.full((1, lat_shape[1] * tokens_per_frame), float(t), device=dev)
                 tt[:, :tokens_per_frame] = 0.0
@@ -507,6 +509,8 @@ class WanPipeline:
             if z0 is not None:
                 latent = (1 - mask) * z0 + mask * latent
             stage = {"main": "denoise", "high": "high_noise", "low": "low_noise"}[role]
+            if latent.device.type == "cuda":  # the step's GPU work into its own time, not the next stage's
+                torch.cuda.synchronize(latent.device)
             clock.add(stage, time.perf_counter() - step_start)
             done = time.perf_counter() - denoise_start
             eta = done / (i + 1) * (n - i - 1)

@@ -70,6 +70,7 @@ class PlanRequest:
     lora_names: tuple[str, ...] = ()  # the LoRAs of the job (file names, for the plan line)
     lora_bytes: int = 0  # their low-rank factors in bf16 where they run unmerged (LoRAFile.unmerged_bytes)
     lora_rank: int = 0  # their ranks added up: an unmerged LoRA's cost grows with it
+    speed_first: bool = False  # Turbo: speed before the official precision (the VAE in bf16 where fp32 fits too)
 
     @classmethod
     def of(cls, request: Any) -> PlanRequest:

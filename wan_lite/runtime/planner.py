@@ -137,7 +137,10 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
         """VAE (untiled fp32 ... smallest tile) and text encoder options that fit their stages."""
         big = max(r.width, r.height)
         tiles = [t for t in K.vae_tiles if t < big]
-        vaes = [("fp32", None), ("bf16", None)] + [("bf16", t) for t in tiles] + [("fp32", t) for t in tiles]
+        # fp32 first: the official VAE's precision. A speed-first job (Turbo) takes bf16, twice as
+        # fast untiled on an H100 (docs/benchmarks.md gives its error against fp32).
+        untiled = [("bf16", None), ("fp32", None)] if r.speed_first else [("fp32", None), ("bf16", None)]
+        vaes = untiled + [("bf16", t) for t in tiles] + [("fp32", t) for t in tiles]
         vaes = [v for v in vaes if forced.get("vae_dtype", v[0]) == v[0] and forced.get("vae_tile", v[1]) == v[1]]
         for dtype, tile in vaes or [(ch.vae_dtype, ch.vae_tile)]:
             ch = fix(replace(ch, vae_dtype=dtype, vae_tile=tile))
