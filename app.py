@@ -87,10 +87,23 @@ def serving(args: argparse.Namespace) -> tuple[str, list[tuple[str, str]] | None
     return host, auth
 
 
+def models_dir_is_its_parent(folder: Path) -> None:
+    """--models-dir is the folder that holds the model folders; one model's folder there (the
+    CLI's --model-dir) would show every model as missing: say which was meant."""
+    from wan_lite.loading.layout import model_in
+
+    spec = model_in(folder) if folder.is_dir() else None
+    if spec is not None:
+        raise StartError(f"--models-dir takes the folder that holds the model folders, and {folder} is one model's "
+                         f"folder ({spec.label}).\n  -> Did you mean --models-dir {folder.parent}? (Name the folder "
+                         f"{spec.hf_repo.split('/')[-1]} there for the app to find it.)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         host, auth = serving(args)
+        models_dir_is_its_parent(args.models_dir)
     except StartError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,12 @@ rem   launch.bat --check                say what would be done and stop
 rem
 rem Environment: WAN_LITE_VENV, WAN_LITE_PYTHON, WAN_LITE_TORCH (cpu, cu128, default),
 rem WAN_LITE_MIN_FREE_GB, CI=true (no browser, no pause).
-setlocal EnableExtensions EnableDelayedExpansion
+rem
+rem Arguments and the install path are read before delayed expansion is switched on: with it on, a
+rem "!" in a value being stored is taken as a variable marker and lost. After that, values are used
+rem as !VAR! (a delayed expansion's result is not parsed again), and a path reaches Python through
+rem the environment, never inside Python source (an apostrophe in the path would end the string).
+setlocal EnableExtensions DisableDelayedExpansion
 
 set "TORCH_VERSION=2.13.0"
 set "CUDA_INDEX=https://download.pytorch.org/whl/cu128"
@@ -15,21 +20,27 @@ set "CPU_INDEX=https://download.pytorch.org/whl/cpu"
 
 cd /d "%~dp0"
 set "ROOT=%CD%"
-if defined WAN_LITE_VENV (set "VENV=%WAN_LITE_VENV%") else (set "VENV=%ROOT%\.venv")
-set "STAMP=%VENV%\.wan_lite_stamp"
-set "TEST_STAMP=%VENV%\.wan_lite_test_stamp"
-set "INFO=%TEMP%\wan_lite_launch_%RANDOM%.txt"
+set "ROOT_HAS_BANG=0"
+if not "%ROOT:!=%"=="%ROOT%" set "ROOT_HAS_BANG=1"
 
 set "MODE=run"
-if /i "%~1"=="--test" (set "MODE=test" & shift)
-if /i "%~1"=="--check" (set "MODE=check" & shift)
-set "ARGS="
-:collect
-if "%~1"=="" goto collected
-set ARGS=!ARGS! %1
-shift
-goto collect
-:collected
+if /i "%~1"=="--test" set "MODE=test"
+if /i "%~1"=="--check" set "MODE=check"
+rem All the arguments as typed, exclamation marks and quoted ampersands included; the mode word cut off.
+set ARGS=%*
+if "%MODE%"=="test" set ARGS=%ARGS:*--test=%
+if "%MODE%"=="check" set ARGS=%ARGS:*--check=%
+
+setlocal EnableDelayedExpansion
+set "INFO=%TEMP%\wan_lite_launch_%RANDOM%.txt"
+if "%ROOT_HAS_BANG%"=="1" (
+    set "PROBLEM=The path of the wan_lite folder has an exclamation mark in it, which Windows batch files cannot handle."
+    set "TODO=Move or rename the folder so its path has no exclamation mark, then run this again."
+    goto fail
+)
+if defined WAN_LITE_VENV (set "VENV=!WAN_LITE_VENV!") else (set "VENV=!ROOT!\.venv")
+set "STAMP=!VENV!\.wan_lite_stamp"
+set "TEST_STAMP=!VENV!\.wan_lite_test_stamp"
 
 rem --- Python: the venv's, else WAN_LITE_PYTHON, else the py launcher, else python ---------------
 set "PY="
@@ -84,8 +95,14 @@ set "UP_TO_DATE=0"
 if exist "%VENV%\Scripts\python.exe" if "%HAVE_STAMP%"=="%WANT_STAMP%" set "UP_TO_DATE=1"
 if "%UP_TO_DATE%"=="1" (set "NEED_GB=1") else (set "NEED_GB=10")
 if defined WAN_LITE_MIN_FREE_GB set "NEED_GB=%WAN_LITE_MIN_FREE_GB%"
-"%PY%" -c "import shutil; print(shutil.disk_usage(r'%ROOT%').free // 2**30)" > "%INFO%"
+set "FREE_GB="
+"%PY%" -c "import os, shutil; print(shutil.disk_usage(os.environ['ROOT']).free // 2**30)" > "%INFO%" 2>nul
 set /p FREE_GB=<"%INFO%"
+if not defined FREE_GB (
+    set "PROBLEM=Could not find out how much disk space is free in !ROOT!."
+    set "TODO=Check that the folder exists and can be read, then run this again."
+    goto fail
+)
 
 if "%MODE%"=="check" (
     rem Delayed expansion (!VAR!) inside blocks: a ")" in a path or note must not end the block.
@@ -96,7 +113,7 @@ if "%MODE%"=="check" (
     echo [wan_lite] Free disk: %FREE_GB% GB, needs %NEED_GB% GB
     goto end
 )
-if %FREE_GB% LSS %NEED_GB% (
+if !FREE_GB! LSS !NEED_GB! (
     set "PROBLEM=Only %FREE_GB% GB of disk space is free in !ROOT!; setting up wan_lite needs about %NEED_GB% GB."
     set "TODO=Free some space on this disk, or move the wan_lite folder to a bigger disk, and run this again."
     goto fail

@@ -37,7 +37,8 @@ case "${1:-}" in
     --test) MODE="test"; shift ;;
     --check) MODE="check"; shift ;;
     -h|--help)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+        # the comment block at the top of this file, and nothing after it
+        awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
         exit 0 ;;
 esac
 

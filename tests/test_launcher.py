@@ -5,6 +5,7 @@ WAN_LITE_VENV, since a real first install downloads gigabytes)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -162,3 +163,123 @@ def test_test_mode_sets_up_and_runs_pytest_with_the_given_arguments(tmp_path):
                script=clone / "launch.sh", timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "Running the tests" in out.stdout and " passed" in out.stdout
+
+
+# ------------------------------------------------------------------------------ launch.sh: --help, odd paths
+def test_help_prints_the_comment_block_only(tmp_path):
+    out = _run(["--help"], _env(tmp_path))
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0] == "wan_lite launcher for Linux and macOS."
+    assert lines[-1] == "CI=true (no browser, nothing interactive)."  # not the script's first command
+    assert not any(line.startswith(("set ", "#")) for line in lines)
+
+
+def _fake_venv(tmp_path: Path) -> Path:
+    """A venv whose stamp says everything is installed and whose python prints the app's arguments
+    as JSON instead of starting it (everything else runs in the real Python)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    real = sys.executable
+    python.write_text(f'#!/bin/sh\nif [ "$1" = app.py ]; then shift; exec "{real}" -c '
+                      f'"import json, sys; print(json.dumps(sys.argv[1:]))" "$@"; fi\nexec "{real}" "$@"\n')
+    python.chmod(0o755)
+    digest = subprocess.run(["sha256sum", str(ROOT / "requirements.txt")], capture_output=True, text=True).stdout.split()[0]
+    (venv / ".wan_lite_stamp").write_text(f"torch=2.13.0+cpu requirements={digest}\n")
+    return venv
+
+
+def test_launch_sh_in_a_folder_with_an_apostrophe_and_a_bang_passes_arguments_as_typed(tmp_path):
+    import json
+
+    folder = tmp_path / "it's a !test & more"
+    (folder / "tests").mkdir(parents=True)
+    for name in ("launch.sh", "requirements.txt", "tests/requirements.txt"):
+        (folder / name).write_bytes((ROOT / name).read_bytes())
+    env = _env(tmp_path, WAN_LITE_VENV=str(_fake_venv(tmp_path)), WAN_LITE_TORCH="cpu")
+    check = _run(["--check"], env, script=folder / "launch.sh")
+    assert check.returncode == 0, check.stderr
+    assert re.search(r"Free disk: [1-9]\d* GB", check.stdout), check.stdout  # the disk was measured
+    args = ["--prompt", "it's a fox! with \"quotes\" & $HOME", "--x", "!seed!"]
+    out = _run(args, env, script=folder / "launch.sh")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == args
+
+
+# ------------------------------------------------------------------------------ launch.bat, read as cmd.exe reads it
+# No Windows here: these read launch.bat for the rules that cmd.exe's parsing imposes.
+BAT = ROOT / "launch.bat"
+
+
+def _bat_lines() -> list[str]:
+    return BAT.read_text(encoding="utf-8").splitlines()
+
+
+def _code_lines() -> list[tuple[int, str]]:
+    return [(i, line.strip()) for i, line in enumerate(_bat_lines())
+            if line.strip() and not line.strip().lower().startswith(("rem", "::", "@echo"))]
+
+
+def test_bat_keeps_crlf_line_ends():
+    data = BAT.read_bytes()
+    assert data.count(b"\r\n") == data.count(b"\n")  # cmd.exe misreads labels in LF-only files
+
+
+def test_bat_stores_the_arguments_before_delayed_expansion_is_on():
+    """With delayed expansion on, cmd.exe's phase 5 reads the "!" in a value being stored
+    (`set ARGS=!ARGS! %1`) as a variable marker and drops it. So %* is stored while it is off,
+    and used afterwards as !ARGS! (a delayed expansion's result is not parsed again)."""
+    lines = _code_lines()
+    enable = next(i for i, line in lines if re.match(r"(?i)setlocal\b.*\benabledelayedexpansion", line))
+    disable = next(i for i, line in lines if re.match(r"(?i)setlocal\b.*\bdisabledelayedexpansion", line))
+    stored = [i for i, line in lines if re.match(r"(?i)set \"?ARGS=", line)]
+    assert disable < enable and stored and all(disable < i < enable for i in stored)
+    assert not any("%1" in line or "%~1" in line for i, line in lines if i > enable)
+    used = [line for i, line in lines if i > enable and "ARGS" in line]
+    assert used and all("%ARGS" not in line and "!ARGS!" in line for line in used)
+    assert any(line == "set ARGS=%*" for _, line in lines)  # unquoted: a quoted "&" in an argument stays quoted
+
+
+def test_bat_gives_paths_to_python_through_the_environment():
+    """An apostrophe in the install path ended the Python string the path was pasted into
+    (r'%ROOT%'), the disk check printed nothing, and `if  LSS 10` aborted the script with no
+    message. No path variable may be pasted into Python source."""
+    paths = ("%ROOT%", "%VENV%", "%CD%", "%~dp0", "!ROOT!", "!VENV!", "%PY%")
+    for _, line in _code_lines():
+        for code in re.findall(r'-c "([^"]*)"', line):
+            assert not any(p in code for p in paths), line
+
+
+def test_bat_disk_check_runs_in_a_folder_with_an_apostrophe(tmp_path):
+    line = next(line for _, line in _code_lines() if "disk_usage" in line)
+    code = re.search(r'-c "([^"]*)"', line).group(1)
+    folder = tmp_path / "Bob's files"
+    folder.mkdir()
+    out = subprocess.run([sys.executable, "-c", code], env=os.environ | {"ROOT": str(folder)},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().isdigit(), out.stderr
+
+
+def test_bat_refuses_with_a_message_when_the_disk_check_says_nothing():
+    lines = [line for _, line in _code_lines()]
+    compare = next(i for i, line in enumerate(lines) if "FREE_GB" in line and " LSS " in line)
+    guard = next(i for i, line in enumerate(lines) if line.lower().startswith("if not defined free_gb"))
+    assert guard < compare and "!FREE_GB!" in lines[compare]
+    assert any("PROBLEM=" in line for line in lines[guard:guard + 3])
+
+
+# ------------------------------------------------------------------------------ the README a newcomer reads
+def test_readme_starts_with_what_you_need_and_shows_two_commands_for_a_fresh_machine():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert sections[0] == "What you need"  # hardware and download sizes before anything else
+    assert sections.index("Models") < sections.index("Test") and "Where your videos go" in sections
+    before_cli = text[:text.index("## Command line")]
+    commands = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", before_cli, flags=re.S)
+                for line in block.splitlines() if line.strip()]
+    assert commands == ["./launch.sh", "./launch.sh --test"]
+    need = text[text.index("## What you need"):text.index("## Start")]
+    assert "GB" in need and "RAM" in need and "Download" in need
+    memory = text[text.index("## Memory"):text.index("## Python")]
+    assert "docs/memory.md" in memory and "GiB" not in memory and "H200" not in memory  # plain words

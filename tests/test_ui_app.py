@@ -33,7 +33,8 @@ def test_widgets_map_to_request_fields_by_name(presets):
     request, comp = form.request_from_values(values, presets)
     assert request == GenerateRequest(prompt=f"{PROMPT}. Dawn.", model="t2v-a14b", negative_prompt=DEFAULT_NEGATIVE_PROMPT,
                                       width=832, height=480, frames=37, steps=20, guidance=4.0, guidance_low=2.5,
-                                      shift=12.0, seed=None, sampler="dpm++", memory_profile="auto")
+                                      shift=12.0, seed=None, sampler="dpm++", memory_profile="auto",
+                                      title=PROMPT)  # the user's own words name the files
     # Every widget that sets a request field carries that field's name.
     assert set(form.REQUEST_WIDGETS) <= set(GenerateRequest.field_names())
     # The order of the dict does not matter.

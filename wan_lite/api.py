@@ -73,6 +73,9 @@ class GenerateRequest:
     # GPUs of this machine that run the job together (wan_lite.parallel: sequence and CFG
     # parallelism over torch.distributed, one process per GPU); 1 runs it in this process.
     gpus: int = 1
+    # The user's own words, which name the output files (a composed prompt opens with the style
+    # template's and the chosen terms' words); None: the prompt names them.
+    title: str | None = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

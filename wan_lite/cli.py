@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+from wan_lite import paths
 from wan_lite.api import CACHE_MODES, SAMPLERS
 from wan_lite.errors import WanLiteError
 from wan_lite.registry import MODELS
 
 log = logging.getLogger("wan_lite")
+
+
+def _home(path: Path) -> str:
+    """`path` with the home folder written as ~ (shorter in --help; not on Windows, whose shells
+    have no ~)."""
+    if os.name == "nt":
+        return str(path)
+    try:
+        return "~/" + path.relative_to(Path.home()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -31,10 +44,19 @@ def _size(text: str) -> tuple[int, int]:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="make a video from a prompt (and optionally an image)",
-                       description="Make a video. Unset options take the model's official defaults.")
-    p.add_argument("--model-dir", type=Path, default=None, help="model folder in the official layout")
+                       description="Make a video. Unset options take the model's official defaults. The video "
+                                   "(.mp4), its settings (.json) and its latents (.latents.safetensors, for "
+                                   f"`decode`) go to {_home(paths.output_dir())}, the app's outputs folder, "
+                                   "unless --out or --output-dir says otherwise.")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="one model's folder: the official layout (e.g. models/Wan2.2-TI2V-5B) or a diffusers "
+                        "pipeline folder (model_index.json)")
     p.add_argument("--model", choices=list(MODELS), default=None,
-                   help="which model (default: read from the folder or the DiT file)")
+                   help="which model (default: read from the folder or the DiT file; without either, the model "
+                        "installed in --models-dir, TI2V-5B where it is there)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="the folder that holds the model folders, as the app's --models-dir; with --model and "
+                        f"no --model-dir its model runs (default: {_home(paths.models_dir())})")
     _add_component_args(p)
     p.add_argument("--remember", action="store_true",
                    help="remember the component files given here for this model (used when none are given)")
@@ -66,7 +88,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="split one video over N GPUs of this machine (sequence and CFG parallel, docs/multigpu.md)")
-    p.add_argument("--out", type=Path, default=None, help="output .mp4 (default: a new name in ./outputs)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output .mp4; its .json and latents go next to it (default: a new name in --output-dir)")
+    p.add_argument("--output-dir", "--outputs-dir", type=Path, default=None,
+                   help=f"where videos go, as in the app, whose History lists them (default: {_home(paths.output_dir())})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out video with its .json and latents (default: refuse)")
 
@@ -112,8 +137,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from wan_lite.runtime.plan_cli import add_plan_parser
 
-    parser = argparse.ArgumentParser(prog="python -m wan_lite",
-                                     description="Run the Wan 2.2 video models (TI2V-5B, T2V-A14B, I2V-A14B).")
+    parser = argparse.ArgumentParser(
+        prog="python -m wan_lite", description="Run the Wan 2.2 video models (TI2V-5B, T2V-A14B, I2V-A14B).",
+        epilog=f"Videos go to {_home(paths.output_dir())} (the app's outputs folder: its History lists them); "
+               f"models are looked for in {_home(paths.models_dir())}. `python -m wan_lite COMMAND --help` "
+               "tells more.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
@@ -185,8 +213,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from wan_lite.cli_run import check_folder_options
     from wan_lite.loading.layout import inspect_folder
 
+    check_folder_options(args)  # the folder that holds the model folders: say which one was meant
     report = inspect_folder(args.model_dir)
     title = report.spec.title if report.spec else "unknown model"
     print(f"{report.root}: {title} — {report.state}, {report.size_bytes / 1e9:.2f} GB on disk")
@@ -208,7 +238,7 @@ def run_models(args: argparse.Namespace) -> int:
         choices.add_comfy_dir(folder)
     if args.comfy:
         choices.save()
-    places = default_places(Path("models"), choices.comfy_dirs) + [("folder", Path(p)) for p in args.scan]
+    places = default_places(paths.models_dir(), choices.comfy_dirs) + [("folder", Path(p)) for p in args.scan]
     found = scan(places)
     if not found:
         print("No Wan 2.2 files found in: " + ", ".join(str(p) for _, p in places))

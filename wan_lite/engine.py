@@ -21,6 +21,7 @@ from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress,
 from wan_lite.errors import Cancelled, InputError, WanLiteError
 from wan_lite.job import Job, as_job
 from wan_lite.library import FoundFile, ModelLibrary, ModelStatus
+from wan_lite.paths import cache_dir
 from wan_lite.registry import MODELS, get_spec
 from wan_lite.runtime.planner import FP8_ATTENTION_ENV, fp8_attention_opted_in  # noqa: F401  (re-exported)
 from wan_lite.version import __version__
@@ -52,7 +53,12 @@ class Engine:
         self.output_dir = Path(output_dir)
         self.device = device
         self.library = ModelLibrary(self.models_root, folders, components)
-        self.cache_dir = self.models_root / ".cache"  # quantized weights, keyed by source file and format
+        # quantized weights, keyed by source file and format: the one cache folder of the app and the CLI
+        self.cache_dir = cache_dir() / "quantized"
+        old_cache = self.models_root / ".cache"  # where earlier versions kept them
+        if old_cache.is_dir() and any(old_cache.glob("*.safetensors")):
+            log.info("Quantized weights made by an earlier version are in %s; they are now kept in %s. "
+                     "Delete the old folder to free its space.", old_cache, self.cache_dir)
         self._pipe = None
         self._pipe_key: tuple | None = None
         # one job at a time, whatever the caller does; re-entrant: under torchrun the job's own
@@ -296,7 +302,8 @@ class Engine:
             t0 = time.perf_counter()
             pipe = self.pipeline(job.spec.name, on_progress, job)
             load_s = time.perf_counter() - t0
-            chosen = [given or output_stem(self.output_dir, job.prompt, job.seed, job.spec.name)]
+            words = job.request.title or job.prompt  # the user's own words name the files
+            chosen = [given or output_stem(self.output_dir, words, job.seed, job.spec.name)]
 
             def keep_latents(latents, settings):
                 record = self._record(settings, job.request, pipe)
@@ -309,7 +316,7 @@ class Engine:
                         if given is not None:
                             raise OutputError(f"{target} appeared while this job ran; it is kept.",
                                               "Run again with another --out name, or with --overwrite.") from None
-                        chosen[0] = output_stem(self.output_dir, job.prompt, job.seed, job.spec.name)
+                        chosen[0] = output_stem(self.output_dir, words, job.seed, job.spec.name)
                     except OSError as err:
                         raise write_failed(err, target, None) from err
 
@@ -398,14 +405,40 @@ class Engine:
             if not all(isinstance(v, int) and v > 0 for v in size):
                 size = [*spec.default_size, spec.frames]
             request = GenerateRequest.from_dict(settings | {"model": name})
-            pipe = self.pipeline(name, plan_request=PlanRequest(*size, image=False),  # planned for their own video
-                                 check_fit=False)
+            pipe = self._decoder(name, PlanRequest(*size, image=False))  # planned for their own video
             t0 = time.perf_counter()
             frames = video_to_frames(pipe._decode(latents, cancel=cancel))
             timings = dict(settings.get("timings") or {})
             timings["decode"] = time.perf_counter() - t0
             return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe,
                                None, overwrite)
+
+    def _decoder(self, name: str, plan_request: Any):
+        """A pipeline that can decode `name`'s latents: the loaded one when it is this model's,
+        else the VAE alone (no text encoder, no DiT is read), placed by the plan for the video."""
+        folder = self.model_folder(name)
+        parts = self.library.components.get(name, {})
+        if self._pipe is not None and self._pipe_key is not None and self._pipe_key[:2] == (name, folder.resolve()):
+            return self.pipeline(name, plan_request=plan_request, check_fit=False)
+        import torch
+
+        from wan_lite.loading.components import load_vae, vae_source
+        from wan_lite.pipeline import WanPipeline
+        from wan_lite.runtime.apply import PlannedPlacement
+        from wan_lite.runtime.loader import Formats
+
+        model_dir = folder if folder.is_dir() or not parts else None
+        source = vae_source(model_dir, parts, name)
+        try:  # the DiT's size counts in the plan (its VAE choices) when its file is there
+            footprint = self._footprint(name, folder, parts)
+        except (WanLiteError, OSError, StopIteration):
+            footprint = None
+        plan = self._plan(None, name, footprint, plan_request)
+        vae = load_vae(source, get_spec(name), Formats.of_plan(plan).vae_dtype)
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe = WanPipeline(get_spec(name), None, vae, {}, placement=PlannedPlacement(plan, device))
+        pipe.placement.bind(pipe)
+        return pipe
 
     def _record(self, settings: dict[str, Any], request: GenerateRequest, pipe) -> dict[str, Any]:
         name = pipe.spec.name

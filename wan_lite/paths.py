@@ -2,6 +2,11 @@
 
 - `config_dir()`: the user's wan_lite config folder (choices.json, settings.json, presets/,
   tokenizers/); `WAN_LITE_CONFIG_DIR` overrides it (tests, portable installs).
+- `output_dir()`: where videos go, the same folder for the app and the CLI (so the app's History
+  lists what the CLI made); `WAN_LITE_OUTPUT_DIR` overrides it, `--output-dir` / `--out` per run.
+- `cache_dir()`: the one cache folder (quantized weights, uploads); `WAN_LITE_CACHE_DIR` overrides it.
+- `models_dir()`: the folder that holds the model folders (models/ next to the package, where
+  launch.sh and the app's downloads put them).
 - `config_path(name)`: a file or folder in it, for reading: on Windows the UI used to keep its
   files one level deeper (platformdirs' default author, `%LOCALAPPDATA%/wan_lite/wan_lite`), and
   a user's files found only there are read from there.
@@ -24,6 +29,8 @@ from typing import Any
 
 APP_NAME = "wan_lite"
 CONFIG_DIR_ENV = "WAN_LITE_CONFIG_DIR"
+OUTPUT_DIR_ENV = "WAN_LITE_OUTPUT_DIR"
+CACHE_DIR_ENV = "WAN_LITE_CACHE_DIR"
 
 
 def config_dir() -> Path:
@@ -35,6 +42,39 @@ def config_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
+
+
+def output_dir() -> Path:
+    """Where videos go unless a run says otherwise: the user's Videos folder / wan_lite where the
+    system has one, else the app's data folder / outputs; WAN_LITE_OUTPUT_DIR overrides it. The
+    app and the CLI both write here, so the app's History shows every video. Nothing is created."""
+    override = os.environ.get(OUTPUT_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    videos = platformdirs.user_videos_path()
+    if videos.is_dir() and videos != Path.home():
+        return videos / APP_NAME
+    return platformdirs.user_data_path(APP_NAME) / "outputs"
+
+
+def cache_dir() -> Path:
+    """The one wan_lite cache folder (~/.cache/wan_lite on Linux, %LOCALAPPDATA%/wan_lite/Cache on
+    Windows): quantized weights in `quantized/`, the app's uploads in `uploads/`. Everything in it
+    can be deleted (it is made again when needed); WAN_LITE_CACHE_DIR overrides it."""
+    override = os.environ.get(CACHE_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def models_dir() -> Path:
+    """The folder that holds the model folders: models/ in the wan_lite folder (next to app.py),
+    where the app's downloads and launch.sh put them, wherever the command is run from."""
+    return Path(__file__).resolve().parents[1] / "models"
 
 
 def _older_config_dirs() -> list[Path]:
@@ -91,6 +131,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
             raise OSError(f"writing {target.name} produced no file")
         with open(tmp, "r+b") as f:  # flush to disk before the rename makes it visible (r+: Windows)
             os.fsync(f.fileno())
+        _plain_mode(tmp)
         if overwrite:
             os.replace(tmp, target)
         else:
@@ -98,6 +139,28 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _plain_mode(path: Path) -> None:
+    """Give `path` the permissions a plainly created file gets (0644 under the usual umask 022):
+    writers that go through a private temporary file (safetensors' save_file: 0600) would
+    otherwise leave one of a result's files readable by its owner only."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc), else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _move_exclusive(tmp: Path, target: Path) -> None:

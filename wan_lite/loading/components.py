@@ -33,7 +33,7 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
     tokenizer folder)."""
     from wan_lite.errors import CheckpointError
     from wan_lite.loading.formats import detect, load_component, pick, tokenizer_folder
-    from wan_lite.loading.layout import detect_spec, find_model, layout_help
+    from wan_lite.loading.layout import detect_spec, find_model, is_pipeline_root, layout_help, pipeline_parts
     from wan_lite.loading.tensors import SafetensorsSource, open_source
     from wan_lite.registry import MODELS, dit_slots
 
@@ -48,6 +48,9 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
         if found is None or found.variant not in MODELS:
             raise CheckpointError("Say which model to run: give a model folder, a model name or a DiT file.")
         spec = MODELS[found.variant]
+    if model_dir is not None and is_pipeline_root(Path(model_dir)):  # its parts, read one by one
+        given = pipeline_parts(Path(model_dir), spec, skip=set(given)) | given
+        model_dir = None
     slots = list(spec.slots)
     official = [s for s in slots if s not in given]
     # a ComfyUI umT5 file carries its tokenizer
@@ -78,6 +81,28 @@ def resolve_sources(model_dir: str | Path | None, components: dict[str, str | Pa
     else:
         tokenizer = files.tokenizer
     return spec, sources, tokenizer
+
+
+def vae_source(model_dir: str | Path | None, components: dict[str, str | Path], name: str) -> Any:
+    """The TensorSource of model `name`'s VAE alone (decoding saved latents needs nothing else):
+    the given file first, else the folder's (official layout or diffusers pipeline root); the
+    other parts need not be there."""
+    from wan_lite.errors import CheckpointError
+    from wan_lite.loading.formats import load_component
+    from wan_lite.loading.layout import find_model, is_pipeline_root, layout_help
+    from wan_lite.loading.tensors import open_source
+    from wan_lite.registry import MODELS
+
+    spec = MODELS[name]
+    given = components.get("vae")
+    if given:
+        return load_component(Path(given), "vae", model=spec.name)
+    if model_dir is None:
+        raise CheckpointError(f"No VAE file given for {spec.label}.", layout_help(spec))
+    if is_pipeline_root(Path(model_dir)):
+        return load_component(Path(model_dir), "vae", model=spec.name)
+    files = find_model(Path(model_dir), spec.name, skip=set(spec.slots) - {"vae"})
+    return open_source(files.vae)
 
 
 def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:

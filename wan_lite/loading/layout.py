@@ -13,6 +13,11 @@ Which folders and files a model has comes from its registry record (`ModelSpec.d
 `t5_file`, `tokenizer_dir`). Which model a folder holds is read from the DiT's channels and size
 (config.json, else the weights' header) and matched against the registry (`registry.match_dit`);
 config.json's `model_type` is the last resort.
+
+A diffusers pipeline root (model_index.json with transformer/ (+ transformer_2/), vae/,
+text_encoder/, tokenizer/) is a model folder too: its parts are read as components
+(`pipeline_parts`). `model_folders_in` tells a folder that holds model folders (the app's
+--models-dir) from one model's folder (--model-dir), for the messages that say which was meant.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from wan_lite.loading.files import read_json_file, weight_map
 from wan_lite.registry import MODELS, VAES, ModelSpec, match_dit, spec_for_task
 
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline's root
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either is enough for AutoTokenizer
 
@@ -148,11 +154,82 @@ def _config(folder: Path) -> dict:
     return cfg
 
 
-def detect_spec(root: Path) -> ModelSpec:
-    """Which registry model a folder holds, from its files."""
+def is_pipeline_root(root: Path) -> bool:
+    """Whether `root` is a diffusers pipeline's root folder (model_index.json)."""
+    return (Path(root) / PIPELINE_INDEX).is_file()
+
+
+def _pipeline_spec(root: Path) -> ModelSpec | None:
+    """The model of a diffusers pipeline root, from its transformer/ (two DiT folders: an A14B)."""
+    folders = dict.fromkeys(p.diffusers_folder for s in MODELS.values() for p in s.dits)
+    present = [f for f in folders if (root / f).is_dir()]
+    if not present:
+        return None
+    return _spec_of(root / present[0], experts=len(present) > 1)
+
+
+def pipeline_parts(root: Path, spec: ModelSpec, skip: Collection[str] = ()) -> dict[str, Path]:
+    """The component slots of `spec` a diffusers pipeline root fills: each slot -> the root (the
+    component readers pick the subfolder: transformer/ the DiT or the high-noise expert,
+    transformer_2/ the low-noise expert, vae/, text_encoder/, tokenizer/). Slots in `skip` come
+    from elsewhere. Raises CheckpointError naming the subfolders that are missing."""
+    root = Path(root)
+    wanted = {p.slot: p.diffusers_folder for p in spec.dits}
+    wanted |= {"vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer"}
+    wanted = {slot: sub for slot, sub in wanted.items() if slot not in skip}
+    missing = [f"{sub}/" for sub in wanted.values() if not (root / sub).is_dir()]
+    if missing:
+        raise CheckpointError(f"The diffusers pipeline {root} has no {', '.join(missing)}.",
+                              f"Finish the download of {spec.hf_repo}-Diffusers, or give the missing parts "
+                              "as files (--vae, --text-encoder, --tokenizer).")
+    return {slot: root for slot in wanted}
+
+
+def _model_folders_hint(root: Path) -> str:
+    """" It holds the model folders A, B: give one of them." when `root` is their parent."""
+    inside = model_folders_in(root)
+    if not inside:
+        return ""
+    names = ", ".join(f"{p.name} ({spec.label})" for p, spec in inside)
+    return f" It holds the model folders {names}: give one of them, not the folder that holds them."
+
+
+def model_folders_in(root: Path, limit: int = 50) -> list[tuple[Path, ModelSpec]]:
+    """The model folders directly inside `root` (official layout or diffusers pipeline), with
+    their models: non-empty when `root` is a folder of model folders (the app's --models-dir)."""
+    root = Path(root)
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[:limit]
+    except OSError:
+        return []
+    found = []
+    for sub in subs:
+        spec = model_in(sub)
+        if spec is not None:
+            found.append((sub, spec))
+    return found
+
+
+def model_in(root: Path) -> ModelSpec | None:
+    """The model a folder holds when it is one model's folder, else None (never raises)."""
+    try:
+        return detect_spec(root, hint=False)
+    except (CheckpointError, OSError):
+        return None
+
+
+def detect_spec(root: Path, *, hint: bool = True) -> ModelSpec:
+    """Which registry model a folder holds, from its files (an official folder or a diffusers
+    pipeline root). `hint`: the error names the model folders inside `root`, if it holds some."""
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"Model folder not found: {root}", layout_help())
+    if is_pipeline_root(root):
+        spec = _pipeline_spec(root)
+        if spec is None:
+            raise CheckpointError(f"The diffusers pipeline {root} has no readable transformer/ folder.",
+                                  layout_help())
+        return spec
     expert_dirs = dict.fromkeys(p.folder for s in MODELS.values() for p in s.dits if p.folder)
     if any((root / sub).is_dir() for sub in expert_dirs):
         for sub in expert_dirs:
@@ -165,7 +242,8 @@ def detect_spec(root: Path) -> ModelSpec:
                               layout_help(next(s for s in MODELS.values() if s.experts)))
     spec = _spec_of(root, experts=False)
     if spec is None:
-        raise CheckpointError(f"{root} does not look like a Wan 2.2 model folder.", layout_help())
+        raise CheckpointError(f"{root} does not look like a Wan 2.2 model folder."
+                              + (_model_folders_hint(root) if hint else ""), layout_help())
     return spec
 
 
@@ -223,6 +301,9 @@ def inspect_folder(root: Path, name: str | None = None) -> FolderReport:
              if p.is_file() and not p.name.startswith(".")]
     try:
         spec = spec or detect_spec(root)
+        if is_pipeline_root(root):
+            _check_pipeline(root, spec)
+            return FolderReport(root, spec, "installed", found)
         files = find_model(root, spec.name)
         from wan_lite.loading.tensors import read_safetensors_header
 
@@ -232,3 +313,18 @@ def inspect_folder(root: Path, name: str | None = None) -> FolderReport:
     except CheckpointError as err:
         state = "partial" if found else "missing"
         return FolderReport(root, spec, state, found, problems=[str(err)])
+
+
+def _check_pipeline(root: Path, spec: ModelSpec) -> None:
+    """Every part of a diffusers pipeline root is there and readable as what its slot needs
+    (headers only); CheckpointError otherwise."""
+    from wan_lite.loading.formats import detect, load_component, pick
+
+    parts = pipeline_parts(root, spec)
+    for part in spec.dits:
+        load_component(parts[part.slot], "dit", model=spec.name, expert=part.role if spec.experts else None)
+    load_component(parts["vae"], "vae", model=spec.name)
+    load_component(parts["text_encoder"], "text_encoder")
+    if pick(detect(root / "tokenizer"), "tokenizer") is None:
+        raise CheckpointError(f"{root / 'tokenizer'} holds no tokenizer (spiece.model or tokenizer.json).",
+                              f"Finish the download of {spec.hf_repo}-Diffusers.")

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 from wan_lite.api import CACHE_MODES
 from wan_lite.errors import InputError
 from wan_lite.registry import DEFAULT_MODEL, MODELS, get_spec
+from wan_lite.units import duration
 
 
 def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -93,11 +94,11 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 0 if p.fits else 1
     hw = p.hardware
     stages = ", ".join(f"{k} {v:.1f} GiB" for k, v in p.stage_vram_gib)
-    times = ", ".join(f"{k} {v:.0f} s" for k, v in p.stage_seconds)
+    times = ", ".join(f"{k} {duration(v)}" for k, v in p.stage_seconds)
     lines = [f"machine: {hw.summary() if hw else '?'}" + (f" [profile {p.profile}]" if p.profile else ""),
              f"plan:    {p.summary()}",
              f"GPU memory by stage: {stages or 'none (CPU)'}",
-             f"time:    about {p.seconds_estimate / 60:.1f} min ({times})"]
+             f"time:    about {duration(p.seconds_estimate)} ({times})"]
     lines += [f"note:    {n}" for n in p.notes]
     if not p.fits:
         lines.append(f"does not fit: {p.reason}")

@@ -119,6 +119,7 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
         loras=loras_from_rows(values.get("loras")),
         turbo=True if turbo else None,
         turbo_phases=3 if turbo and values.get("turbo_phases") else None,  # the checkbox: Turbo in 3 phases
+        title=values.get("user_prompt") or None,  # the files are named after the user's own words
         **plain,
     )
     if turbo:  # the speed LoRA's own settings, not the sliders'

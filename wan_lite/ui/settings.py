@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
-from wan_lite.paths import APP_NAME, config_dir, config_path, write_json_atomic
+from wan_lite.paths import cache_dir, config_dir, config_path, output_dir, write_json_atomic
 from wan_lite.registry import MODELS, ModelSpec
 from wan_lite.sizing import snap_frames
 
@@ -27,15 +25,12 @@ MIN_FRAMES = 5
 
 
 def default_output_dir() -> Path:
-    """The user's Videos folder when the system has one, else the app's data folder."""
-    videos = platformdirs.user_videos_path()
-    if videos.is_dir() and videos != Path.home():
-        return videos / APP_NAME
-    return platformdirs.user_data_path(APP_NAME) / "outputs"
+    """Where videos go: the same folder as the CLI's (`wan_lite.paths.output_dir`)."""
+    return output_dir()
 
 
 def default_upload_dir() -> Path:
-    return platformdirs.user_cache_path(APP_NAME) / "uploads"
+    return cache_dir() / "uploads"
 
 
 # ---------------------------------------------------------------------------------------------
