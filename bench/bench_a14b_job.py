@@ -174,7 +174,12 @@ def main() -> int:
     estimate = engine.preflight(job)
     stamps: list[tuple[str, int, float]] = []
 
+    memory: list[tuple[str, int, float, float]] = []  # (stage, step, allocated GiB, peak GiB so far)
+
     def progress(p) -> None:
+        if cuda:
+            memory.append((p.stage, p.step, torch.cuda.memory_allocated() / GIB,
+                           torch.cuda.max_memory_allocated() / GIB))
         if p.stage in ("denoise", "high_noise", "low_noise"):
             if cuda:
                 torch.cuda.synchronize()
@@ -186,7 +191,17 @@ def main() -> int:
     with PeakRSS() as rss:
         pipe = engine.pipeline(job.spec.name, progress, job)
         load_s = time.perf_counter() - t0
-        result = pipe.generate(job, on_progress=progress)
+        try:
+            result = pipe.generate(job, on_progress=progress)
+        except Exception as err:  # a failed case is a result too: where the memory went
+            rec = {"case": f"t2v-a14b job {width}x{height}x{args.frames}, cap {args.cap_gib:g} GiB: FAILED",
+                   "error": f"{type(err).__name__}: {err}", "memory_by_stage": memory,
+                   "plan": pipe.placement.plan.summary() if getattr(pipe.placement, "plan", None) else None,
+                   "memory_summary": torch.cuda.memory_summary() if cuda else None, **run_meta(cuda)}
+            print(json.dumps(rec, indent=1), flush=True)
+            old = json.loads(args.out.read_text()) if args.out.is_file() else []
+            args.out.write_text(json.dumps([*old, rec], indent=2))
+            return 1
     wall = time.perf_counter() - t0
     per_stage: dict[str, list[float]] = {}
     for (s0, _, a), (s1, _, b) in zip(stamps, stamps[1:]):
@@ -207,7 +222,7 @@ def main() -> int:
         "peak_ram_gib": rss.peak / GIB, "peak_ram_parts_gib": rss.peaks,
         "s_per_step": statistics.median(v for vs in per_stage.values() for v in vs) if per_stage else None,
         "s_per_step_by_expert": {k: statistics.median(v) for k, v in per_stage.items()},
-        "timings": result.timings, "load_s": load_s, "wall_s": wall, "write_checkpoints_s": write_s,
+        "timings": result.timings, "memory_by_stage": memory, "load_s": load_s, "wall_s": wall, "write_checkpoints_s": write_s,
         "frames_finite": bool(torch.isfinite(frames.float()).all()), "frames_shape": list(frames.shape),
         "files_gib": {k: sum(f.stat().st_size for f in ([v] if v.is_file() else v.rglob("*")) if f.is_file()) / GIB
                       for k, v in parts.items()},
