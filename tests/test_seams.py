@@ -105,6 +105,38 @@ def test_block_loop_hooks_wrap_in_order_and_can_skip_the_blocks() -> None:
     assert torch.equal(dit(x, t, ctx), ref) and dit.rows_through_blocks == rows + 2
 
 
+@torch.inference_mode()
+def test_a_bf16_models_patch_embeddings_are_freed_once_the_blocks_have_the_residual_stream() -> None:
+    """The embeddings (bf16 in a bf16 model) are not kept alive through the block loop by the
+    state object: after block 0 made the fp32 stream only that is alive (an A14B 720p forward's
+    peak was 0.77 GB higher while the state held them). The output is unchanged."""
+    import weakref
+
+    from tests.test_dit import context, latent, tiny_state
+
+    dit = build_dit(DictSource(tiny_state(48, 48, seed=7)), torch.bfloat16)
+    x, ctx, t = latent(1, 48), context(1).bfloat16(), torch.tensor([600.0])
+    ref = dit(x, t, ctx)
+    seen: dict[str, object] = {}
+
+    def keep_a_weakref(state, inner):
+        assert state.x.dtype == torch.bfloat16
+        seen["embeddings"] = weakref.ref(state.x)
+        return inner(state)
+
+    def at_block_1(module, args):
+        seen["alive at block 1"] = seen["embeddings"]() is not None
+
+    handles = [dit.register_block_loop_hook(keep_a_weakref), dit.blocks[1].register_forward_pre_hook(at_block_1)]
+    try:
+        out = dit(x, t, ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen["alive at block 1"] is False
+    assert torch.equal(out, ref)
+
+
 # ------------------------------------------------------------------------- pipeline step hooks
 def test_step_hooks_see_each_dit_call_with_its_expert_and_branch(pipes) -> None:
     pipe = pipes["t2v-a14b"]

@@ -333,7 +333,7 @@ class DiTState:
     projections (one row per distinct timestep value), the token runs sharing a timestep, the
     RoPE table [L, Dh/2] (cos, sin), the token grid (f, h, w) and the latent shape (B, T, H, W)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | None  # None while the blocks run (they own the residual stream then)
     context: torch.Tensor
     e: torch.Tensor
     e0: torch.Tensor
@@ -434,7 +434,10 @@ class WanDiT(nn.Module):
         return call(state)
 
     def _blocks(self, state: DiTState) -> torch.Tensor:
-        x = state.x
+        # The blocks own the residual stream from here: a bf16 model's patch embeddings are freed
+        # once block 0 has made the fp32 stream (held by `state` they were 0.77 GB of an A14B 720p
+        # forward's peak). A hook that needs the input keeps its own reference (the step cache).
+        x, state.x = state.x, None
         for block in self.blocks:
             x = block(x, state.context, state.e0, state.runs, state.rope)
         self.rows_through_blocks += x.shape[0]
