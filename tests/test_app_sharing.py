@@ -119,3 +119,61 @@ def test_the_upload_widget_takes_images_only():
     source = (ROOT / "wan_lite" / "ui" / "app.py").read_text(encoding="utf-8")
     line = next(ln for ln in source.splitlines() if "file_types=" in ln)
     assert "html" not in line and "svg" not in line and ".png" in line
+
+
+def test_a_page_posted_to_the_upload_route_is_served_as_a_download_not_as_a_page(tmp_path, monkeypatch):
+    """Stored cross-site scripting through Gradio's own upload route (issue 23, item 7): the
+    widget takes images only, but anyone who can reach the app can POST any file to
+    /gradio_api/upload. Served back from a folder given to Gradio as allowed, an .html or .svg came
+    inline as text/html from the app's origin; uploads are now served as Gradio serves files it
+    made itself: images inline, anything else as an attachment of type application/octet-stream.
+    The real app on a real port, the scripted engine (no model needed)."""
+    import socket
+    import urllib.request
+    import uuid
+
+    from tests.e2e.fake_engine import FakeEngine
+    from wan_lite.ui.app import build_ui, launch
+
+    uploads, out, models = tmp_path / "uploads", tmp_path / "outputs", tmp_path / "models"
+    for d in (uploads, out, models):
+        d.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    monkeypatch.setenv("WAN_LITE_CONFIG_DIR", str(tmp_path / "config"))
+    ui = build_ui(FakeEngine(models, out, step_s=0.01), uploads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(ui, host="127.0.0.1", port=port, share=False, open_browser=False, output_dir=out, block=False)
+    base = f"http://127.0.0.1:{port}/gradio_api"
+    try:
+        served = {}
+        for name, body, kind in (("x.html", b"<script>alert(1)</script>", "text/html"),
+                                 ("x.svg", b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>",
+                                  "image/svg+xml"),
+                                 ("x.png", _png_bytes(), "image/png")):
+            boundary = uuid.uuid4().hex
+            form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+                    f"Content-Type: {kind}\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
+            request = urllib.request.Request(f"{base}/upload", data=form, method="POST",
+                                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            with urllib.request.urlopen(request, timeout=30) as r:
+                stored = __import__("json").loads(r.read())[0]
+            with urllib.request.urlopen(f"{base}/file={stored}", timeout=30) as r:
+                served[name] = (r.headers.get("Content-Type", ""), r.headers.get("Content-Disposition", ""))
+    finally:
+        ui.demo.close()
+    for name in ("x.html", "x.svg"):
+        kind, disposition = served[name]
+        assert "html" not in kind and "svg" not in kind and disposition.startswith("attachment"), (name, served[name])
+    assert served["x.png"][0] == "image/png" and served["x.png"][1].startswith("inline")  # the preview still shows
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()

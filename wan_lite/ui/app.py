@@ -532,7 +532,8 @@ def _wire_components(ui: AppUI, models_table: Callable[[], dict[Any, Any]], then
 
 def launch(ui: AppUI, *, host: str, port: int | None, share: bool, open_browser: bool,
            output_dir: Path, block: bool = True, auth: list[tuple[str, str]] | None = None) -> None:
-    """Start serving: one job at a time, only the output and upload folders readable; `auth`:
+    """Start serving: one job at a time, only the output and upload folders readable (uploads
+    other than images only as downloads); `auth`:
     the (user, password) pairs the login page accepts (None: no login)."""
     if ui.demo is None:
         raise RuntimeError("build_ui() must run before launch()")
@@ -541,7 +542,10 @@ def launch(ui: AppUI, *, host: str, port: int | None, share: bool, open_browser:
     # the address (and the public one with --share) is printed here instead.
     ui.demo.launch(
         server_name=host, server_port=port, share=share, inbrowser=open_browser, auth=auth,
-        allowed_paths=[str(output_dir), str(ui.upload_dir)], css=CSS, js=JS, prevent_thread_lock=True,
+        # the upload folder is Gradio's own (GRADIO_TEMP_DIR): it serves its images inline and
+        # anything else as a download. Listed as allowed, an .html POSTed to /upload came back
+        # inline as text/html from the app's origin (stored cross-site scripting).
+        allowed_paths=[str(output_dir)], css=CSS, js=JS, prevent_thread_lock=True,
         footer_links=[], show_error=False, quiet=True,
     )
     url = getattr(ui.demo, "local_url", None) or f"http://{host}:{port}/"
