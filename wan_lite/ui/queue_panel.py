@@ -27,7 +27,7 @@ STOPPING = "Stopping after this step…"
 SHOWN_FINISHED = 5  # finished jobs listed under the queue
 # What `watch` updates: the current job, the queue, the saved-latents list of the History.
 JOB_OUTPUTS = ["progress", "status", "preview", "video", "download", "last_seed", "history", "history_paths"]
-QUEUE_OUTPUTS = ["queue_table", "queue_pick", "queue_run", "latents_box", "latents_pick"]
+QUEUE_OUTPUTS = ["queue_table", "queue_tools", "queue_pick", "queue_run", "latents_box", "latents_pick"]
 WATCH_OUTPUTS = [*JOB_OUTPUTS, *QUEUE_OUTPUTS, "jobs_seen"]
 BADGES = {"queued": "waiting", "running": "running", "cancelling": "stopping", "done": "done", "failed": "failed",
           "cancelled": "cancelled", "interrupted": "interrupted"}
@@ -41,7 +41,7 @@ def queue_layout(ui: AppUI) -> None:
     w["jobs_timer"] = gr.Timer(TICK_S)
     with gr.Group(elem_id="wl-queue-box"):
         w["queue_table"] = gr.HTML(queue_html(None), elem_id="wl-queue")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, visible=False) as w["queue_tools"]:  # shown when the list has jobs
             w["queue_pick"] = gr.Dropdown([], value=None, label="Job", scale=3, elem_id="wl-queue-pick",
                                           info="Pick a job of the list to move or remove it.")
             w["queue_up"] = gr.Button("↑ Earlier", size="sm", scale=1, min_width=80, elem_id="wl-queue-up")
@@ -294,8 +294,8 @@ def queue_updates(ui: AppUI, view: Snapshot) -> dict[str, Any]:
     choices += [(pick_label(None, j), j.id) for j in view.finished[:SHOWN_FINISHED]]
     waiting = len(view.queued)
     run = gr.update(value=f"▶ Run the queue ({waiting} waiting)", visible=bool(waiting and not view.active))
-    return {"queue_table": queue_html(view), "queue_pick": gr.update(choices=choices), "queue_run": run,
-            **latents_updates(ui, view)}
+    return {"queue_table": queue_html(view), "queue_tools": gr.update(visible=bool(choices)),
+            "queue_pick": gr.update(choices=choices), "queue_run": run, **latents_updates(ui, view)}
 
 
 def latents_updates(ui: AppUI, view: Snapshot) -> dict[str, Any]:
@@ -317,42 +317,57 @@ def excerpt(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1].rstrip() + "…"
 
 
-def _cells(job: QueuedJob) -> str:
+def _facts(job: QueuedJob) -> str:
+    """Model · size · frames · steps of a job's request."""
     r = job.request
     spec = MODELS.get(str(r.get("model")))
-    model = spec.label if spec else str(r.get("model") or "")
-    size = f"{r.get('width')}×{r.get('height')}" if r.get("width") else ""
-    frames = f"{r.get('frames')} frames" if r.get("frames") else ""
-    steps = f"{r.get('steps')}" if r.get("steps") and job.kind == "generate" else ""
-    prompt = excerpt(job.prompt or Path(job.latents or "").name, 70)
+    parts = [spec.label if spec else str(r.get("model") or "")]
+    if r.get("width") and r.get("height"):
+        parts.append(f"{r['width']}×{r['height']}")
+    if r.get("frames"):
+        parts.append(f"{r['frames']} frames")
+    if r.get("steps") and job.kind == "generate":
+        parts.append(f"{r['steps']} steps")
+    return " · ".join(p for p in parts if p)
+
+
+ROW = ('<div class="wl-q-row wl-q-{cls}" data-id="{id}" style="display:flex;gap:10px;padding:6px 8px;'
+       'border-top:1px solid var(--border-color-primary);{extra}">'
+       '<div style="min-width:4.5em;font-weight:600">{badge}</div>'
+       '<div style="flex:1;min-width:0"><div style="overflow:hidden;text-overflow:ellipsis;white-space:nowrap">'
+       '{prompt}</div><div style="font-size:.85em;opacity:.75">{state} · {facts}</div></div></div>')
+
+
+def _row(job: QueuedJob, badge: str, state: str, extra: str = "") -> str:
+    prompt = job.prompt or Path(job.latents or "").name
     if job.kind == "decode":
         prompt = f"Video from saved latents: {prompt}"
-    return "".join(f"<td>{html.escape(c)}</td>" for c in (prompt, model, " · ".join(x for x in (size, frames) if x),
-                                                          steps))
+    return ROW.format(cls=job.state, id=html.escape(job.id), extra=extra, badge=html.escape(badge),
+                      prompt=html.escape(excerpt(prompt, 120)), state=html.escape(state),
+                      facts=html.escape(_facts(job)))
 
 
 def queue_html(view: Snapshot | None) -> str:
-    """The queue as a table: the running job, the waiting ones in order, the last finished."""
-    head = ("<tr><th></th><th>State</th><th>Prompt</th><th>Model</th><th>Size</th><th>Steps</th></tr>")
+    """The queue as a list: the running job, the waiting ones in order, the last finished."""
     rows = []
     if view is not None and view.running is not None:
         j = view.running
-        state = "stopping" if j.state == "cancelling" else (progress_words(j.progress) or "starting")
-        rows.append(f'<tr class="wl-q-running" data-id="{j.id}"><td>▶</td><td>{html.escape(state)}</td>{_cells(j)}</tr>')
+        state = "stopping after this step" if j.state == "cancelling" else (progress_words(j.progress) or "starting")
+        rows.append(_row(j, "▶ now", state, "background:var(--background-fill-secondary);"))
     for i, j in enumerate(view.queued if view is not None else []):
-        rows.append(f'<tr class="wl-q-queued" data-id="{j.id}"><td>#{i + 1}</td><td>waiting</td>{_cells(j)}</tr>')
-    finished = view.finished[:SHOWN_FINISHED] if view is not None else []
-    for j in finished:
-        state = BADGES[j.state] + (" · latents kept" if j.latents and j.state != "done" else "")
+        rows.append(_row(j, f"#{i + 1}", "waiting"))
+    for j in view.finished[:SHOWN_FINISHED] if view is not None else []:
         when = time.strftime("%H:%M", time.localtime(j.finished)) if j.finished else ""
-        rows.append(f'<tr class="wl-q-{j.state}" data-id="{j.id}" style="opacity:.7"><td>{when}</td>'
-                    f"<td>{html.escape(state)}</td>{_cells(j)}</tr>")
-    if view is None or not (view.running or view.queued):
-        title = "Queue: empty. Generate runs now; “Add to queue” keeps a job for later."
+        state = BADGES[j.state] + (" · latents kept (History)" if j.latents and j.state != "done" else "")
+        rows.append(_row(j, when, state, "opacity:.65;"))
+    waiting = len(view.queued) if view is not None else 0
+    if view is None or not (view.running or waiting):
+        title = "Queue: empty. Generate runs a job now; “Add to queue” keeps one for later."
+    elif view.running and not waiting:
+        title = "Queue: one job running, none waiting. “Add to queue” adds one to run after it."
     elif view.active or view.running:
-        title = f"Queue: {len(view.queued)} waiting, run one after another."
+        title = f"Queue: {waiting} waiting, run one after another."
     else:
-        title = f"Queue: {len(view.queued)} waiting, held until you run it."
-    table = (f'<table class="wl-queue-table" style="width:100%;font-size:.9em">{head}{"".join(rows)}</table>'
-             if rows else "")
-    return f'<div class="wl-queue"><div class="wl-queue-title"><b>{html.escape(title)}</b></div>{table}</div>'
+        title = f"Queue: {waiting} waiting, held until you run it (or click Generate)."
+    return (f'<div class="wl-queue"><div class="wl-queue-title" style="padding:6px 8px;font-weight:600">'
+            f'{html.escape(title)}</div>{"".join(rows)}</div>')
