@@ -333,3 +333,20 @@ def test_error_words():
     from wan_lite.errors import CheckpointError
 
     assert error_message(CheckpointError("Wan2.2_VAE.pth is truncated.")) == "Wan2.2_VAE.pth is truncated."
+
+
+def test_make_the_video_takes_only_listed_latents(ui, tmp_path):
+    from wan_lite.ui.queue_panel import decode_latents
+
+    secret = tmp_path / "elsewhere.latents.safetensors"
+    secret.write_bytes(b"x")
+    assert "not in the output folder" in decode_latents(ui, str(secret))["latents_note"]
+    assert "Pick saved latents" in decode_latents(ui, None)["latents_note"]
+    ui.engine.output_dir.mkdir(parents=True, exist_ok=True)
+    kept = ui.engine.output_dir / "20261206-101010_ti2v-5b_s1_fox.latents.safetensors"
+    kept.write_bytes(b"x")
+    (ui.engine.output_dir / "20261206-101010_ti2v-5b_s1_cat.mp4").write_bytes(b"x")  # another run's video
+    assert history.pending_latents(ui.engine.output_dir) == [kept]
+    assert "Making the video from" in decode_latents(ui, str(kept))["latents_note"]
+    job = ui.jobs.view().current or ui.jobs.view().queued[0]
+    assert job.kind == "decode" and job.latents == str(kept)

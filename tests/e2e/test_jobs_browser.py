@@ -101,10 +101,11 @@ def _keep(page, shots: Path, name: str) -> None:
     docs = os.environ.get("WAN_LITE_SCREENSHOTS")
     if docs and name.startswith("queue-"):  # the part of the page about the job: Generate to the queue
         Path(docs).mkdir(parents=True, exist_ok=True)
-        top, end = page.locator("#wl-generate").bounding_box(), page.locator("#wl-queue-box").bounding_box()
+        boxes = [b for b in (x.bounding_box() for x in page.locator("#wl-generate, #wl-queue-box").all()) if b]
+        left, top = min(b["x"] for b in boxes), min(b["y"] for b in boxes)
+        right, bottom = max(b["x"] + b["width"] for b in boxes), max(b["y"] + b["height"] for b in boxes)
         scroll = page.evaluate("window.scrollY")
-        clip = {"x": top["x"] - 8, "y": top["y"] + scroll - 8, "width": end["x"] + end["width"] - top["x"] + 16,
-                "height": end["y"] + end["height"] - top["y"] + 16}
+        clip = {"x": left - 8, "y": top + scroll - 8, "width": right - left + 16, "height": bottom - top + 16}
         page.screenshot(path=str(Path(docs) / name), full_page=True, clip=clip)
 
 
@@ -149,7 +150,7 @@ def test_reload_keeps_the_run_and_a_second_tab_cancels_it(app):
             page.reload()  # the tab goes away and comes back mid-run
             expect(_label(page)).to_contain_text(re.compile(r"step \d+/30|Decoding|Saving"))
             expect(page.locator("#wl-queue")).to_contain_text("▶ now")
-            _keep(page, shots, "queue-running.png")
+            _keep(page, shots, "reloaded.png")
             expect(page.locator("#wl-status")).to_contain_text("Done", timeout=RUN_TIMEOUT_MS)
             expect(page.locator("#wl-video video")).to_have_attribute("src", re.compile(r".+"))
             (done,) = app.ui.jobs.view().finished
@@ -165,6 +166,16 @@ def test_reload_keeps_the_run_and_a_second_tab_cancels_it(app):
             _set_slider(page, "#wl-steps", 100)
             page.locator("#wl-generate").click()
             expect(_label(page)).to_contain_text(re.compile(r"step \d+/100"), timeout=RUN_TIMEOUT_MS)
+            # meanwhile one more job is queued behind it, and taken off again
+            page.locator("#wl-prompt textarea").fill("A heron lands on a misty pond")
+            page.locator("#wl-queue-add").click()
+            expect(page.locator("#wl-queue-note")).to_contain_text("#1 in the queue; it runs when")
+            expect(page.locator("#wl-queue .wl-q-queued")).to_contain_text("heron")
+            _keep(page, shots, "queue-running.png")
+            page.locator("#wl-queue-pick input").click()
+            page.get_by_role("option", name=re.compile("heron")).click()
+            page.locator("#wl-queue-remove").click()
+            expect(page.locator("#wl-queue .wl-q-queued")).to_have_count(0)
             other = _open(browser, app.url)
             expect(_label(other)).to_contain_text(re.compile(r"step \d+/100|Decoding video"), timeout=30_000)
             other.evaluate(WATCH_STATUS)
@@ -235,9 +246,10 @@ def test_three_queued_jobs_reordered_survive_a_restart_then_run(app):
             page.goto(url)
             expect(page.locator("#wl-queue")).to_contain_text("3 waiting, held")
             assert [r.split("\n")[1] for r in _queue_rows(page)] == [r.split("\n")[1] for r in order]
+            _keep(page, shots, "queue-after-restart.png")
             page.locator("#wl-queue-run").click()
             expect(page.locator("#wl-queue")).to_contain_text("▶ now", timeout=RUN_TIMEOUT_MS)
-            _keep(page, shots, "queue-after-restart-running.png")
+            _keep(page, shots, "restarted-running.png")
             expect(page.locator("#wl-queue")).to_contain_text("Queue: empty", timeout=3 * RUN_TIMEOUT_MS)
             expect(page.locator("#wl-status")).to_contain_text("Done", timeout=RUN_TIMEOUT_MS)
             finished = app.ui.jobs.view().finished
@@ -245,7 +257,7 @@ def test_three_queued_jobs_reordered_survive_a_restart_then_run(app):
             ran = [j.prompt for j in sorted(finished, key=lambda j: j.started)]
             assert [p.split(".")[0] for p in ran] == [prompts[2], prompts[0], prompts[1]]
             assert len(list(app.out.glob("*.mp4"))) == 3
-            _keep(page, shots, "queue-done.png")
+            _keep(page, shots, "done.png")
         except Exception:
             page.screenshot(path=str(shots / "failure.png"), full_page=True)
             raise

@@ -47,7 +47,7 @@ def queue_layout(ui: AppUI) -> None:
             w["queue_up"] = gr.Button("↑ Earlier", size="sm", scale=1, min_width=80, elem_id="wl-queue-up")
             w["queue_down"] = gr.Button("↓ Later", size="sm", scale=1, min_width=80, elem_id="wl-queue-down")
             w["queue_remove"] = gr.Button("Remove", size="sm", scale=1, min_width=80, elem_id="wl-queue-remove")
-        w["queue_run"] = gr.Button("▶ Run the queue", visible=False, size="sm", elem_id="wl-queue-run")
+        w["queue_run"] = gr.Button("▶ Run the queue", visible=False, elem_id="wl-queue-run")
         w["queue_note"] = gr.Markdown(elem_id="wl-queue-note")
 
 
@@ -368,6 +368,6 @@ def queue_html(view: Snapshot | None) -> str:
     elif view.active or view.running:
         title = f"Queue: {waiting} waiting, run one after another."
     else:
-        title = f"Queue: {waiting} waiting, held until you run it (or click Generate)."
+        title = f"Queue: {waiting} waiting, held: “Run the queue” starts it."
     return (f'<div class="wl-queue"><div class="wl-queue-title" style="padding:6px 8px;font-weight:600">'
             f'{html.escape(title)}</div>{"".join(rows)}</div>')
