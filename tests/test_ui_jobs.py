@@ -350,3 +350,19 @@ def test_make_the_video_takes_only_listed_latents(ui, tmp_path):
     assert "Making the video from" in decode_latents(ui, str(kept))["latents_note"]
     job = ui.jobs.view().current or ui.jobs.view().queued[0]
     assert job.kind == "decode" and job.latents == str(kept)
+
+
+def test_the_app_stopping_mid_run_stops_the_job_and_lists_it_as_interrupted(tmp_path):
+    engine = _fake(tmp_path, step_s=0.05)
+    path = tmp_path / "queue.json"
+    jobs = JobManager(engine, path)
+    job = jobs.submit(_job(engine, steps=400))
+    jobs.submit(_job(engine, "later"), start=False)
+    _wait_for(lambda: (jobs.get(job.id).progress or 0) and jobs.get(job.id).progress.step >= 2)
+    jobs.shutdown()  # what the exit hook does when the app is stopped (Ctrl+C)
+    assert engine.cancelled_at is not None and not jobs._thread.is_alive()
+    stopped = jobs.get(job.id)
+    assert stopped.state == "interrupted" and stopped.message.startswith("The app stopped while this job ran (")
+    again = JobManager(_fake(tmp_path), path)
+    assert [j.prompt for j in again.view().queued] == ["later"]
+    assert again.view().finished[0].state == "interrupted"

@@ -195,7 +195,9 @@ def test_create_generate_history_cancel(app_url):
             # cannot slip between two polls of the test.
             page.evaluate(WATCH_PROGRESS)
             page.locator("#wl-generate").click()
-            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+|Finished"))
+            # (loading the models first takes seconds on a busy CPU)
+            expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+|Finished"),
+                                                                            timeout=60_000)
             page.screenshot(path=str(shots / "2-progress.png"), full_page=True)
             # The video appears and plays.
             expect(page.locator("#wl-status")).to_contain_text("Done", timeout=180_000)

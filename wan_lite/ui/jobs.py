@@ -13,11 +13,13 @@ interrupted, with its latents when the engine had saved them (they are decoded f
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +39,19 @@ STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled", "int
 ACTIVE = ("running", "cancelling")
 FINISHED = ("done", "failed", "cancelled", "interrupted")
 KEEP_FINISHED = 20  # finished jobs kept in the list (and the file), newest first
+LATENTS_KEPT = " Its latents were saved: make the video from them in the History tab."
 SAVE_EVERY_S = 5.0  # progress is written to the file at most this often (stage changes at once)
+
+
+_MANAGERS: weakref.WeakSet[JobManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At exit (Ctrl+C on the app): stop the running job within a step, so the process ends
+    cleanly instead of inside a torch call on a daemon thread; it is listed as interrupted."""
+    for manager in list(_MANAGERS):
+        manager.shutdown()
 
 
 def error_message(err: BaseException) -> str:
@@ -148,7 +162,9 @@ class JobManager:
         self._save_failed = False
         self._thread: threading.Thread | None = None
         self.started_at = time.time()  # jobs that finished before are from an earlier run of the app
+        self._exiting = False
         self._load()
+        _MANAGERS.add(self)
 
     # ------------------------------------------------------------------ commands
     def submit(self, job: Job, *, start: bool = True) -> QueuedJob:
@@ -259,6 +275,15 @@ class JobManager:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """The app stops: the running job is stopped (listed as interrupted, its latents kept)
+        and the worker ends; queued jobs stay in the file for the next start."""
+        with self._cond:
+            self._exiting = True
+            for token in self._tokens.values():
+                token.cancel()
+        self.close(timeout)
+
     # ------------------------------------------------------------------ the worker
     def _ensure_worker(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -283,6 +308,9 @@ class JobManager:
                 job.state, job.started, job.where = "running", time.time(), "Starting"
                 self._changed(job, save=True)
             state, message, result = self._run(job, token)
+            if self._exiting and state == "cancelled":
+                where = f" ({job.where})" if job.where else ""
+                state, message = "interrupted", f"The app stopped while this job ran{where}."
             with self._cond:
                 self._running = None
                 self._tokens.pop(job.id, None)
@@ -298,6 +326,10 @@ class JobManager:
                 self._changed(job, save=True)
             if state != "done" and job.latents is None and job.kind == "generate":
                 self._note_latents(job.id)
+            if state == "interrupted" and job.latents:
+                with self._cond:
+                    job.message += LATENTS_KEPT
+                    self._changed(job, save=True)
 
     def _run(self, job: QueuedJob, token: CancelToken) -> tuple[str, str, dict[str, Any] | None]:
         """(state, message, result) of running `job` through the engine."""
@@ -426,8 +458,7 @@ class JobManager:
                 if job.latents and not Path(job.latents).is_file():
                     job.latents = None
                 where = f" ({job.where})" if job.where else ""
-                kept = (" Its latents were saved: make the video from them in the History tab."
-                        if job.latents and job.kind == "generate" else "")
+                kept = LATENTS_KEPT if job.latents and job.kind == "generate" else ""
                 job.message = f"The app stopped while this job ran{where}.{kept}"
         queued = [j for j in jobs if j.state == "queued"]
         finished = sorted((j for j in jobs if j.state in FINISHED), key=lambda j: j.finished or 0, reverse=True)
