@@ -366,3 +366,27 @@ def test_the_app_stopping_mid_run_stops_the_job_and_lists_it_as_interrupted(tmp_
     again = JobManager(_fake(tmp_path), path)
     assert [j.prompt for j in again.view().queued] == ["later"]
     assert again.view().finished[0].state == "interrupted"
+
+
+def test_cancel_during_the_mp4_write_leaves_no_video(real, tmp_path, monkeypatch):
+    import wan_lite.output as output
+
+    jobs = JobManager(real, None)
+    write = output.write_mp4
+
+    def write_and_press_cancel(path, frames, *args, **kwargs):
+        def pressed_after_the_first():
+            for i, frame in enumerate(frames):
+                if i == 1:
+                    jobs.cancel()
+                yield frame
+
+        return write(path, pressed_after_the_first(), *args, **kwargs)
+
+    monkeypatch.setattr(output, "write_mp4", write_and_press_cancel)
+    job = jobs.submit(real.resolve(GenerateRequest(prompt=PROMPT, seed=6, **SMALL)))
+    done = jobs.wait(job.id, timeout=300)
+    assert done.state == "cancelled" and "latents are kept" in done.message
+    names = sorted(p.name for p in real.output_dir.iterdir())
+    assert len(names) == 1 and names[0].endswith(".latents.safetensors"), names  # no mp4, no .partial
+    jobs.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,24 +158,27 @@ def latents_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _has_video(latents: Path) -> bool:
-    stem = latents.name[: -len(LATENTS_SUFFIX)]
-    return any(latents.with_name(stem + s).is_file() for s in VIDEO_SUFFIXES) or any(
-        latents.parent.glob(f"{glob_escape(stem)}.decoded*.mp4"))
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
-
-
 def pending_latents(output_dir: Path, limit: int = 30, skip: tuple[str, ...] = ()) -> list[Path]:
-    """Saved latents with no video made from them (newest first), in the output folder and one
-    level of subfolders; `skip`: paths to leave out (the running job's, whose decode goes on)."""
+    """Saved latents with no video made from them (NAME.mp4, or NAME.decoded*.mp4 from a later
+    decode), newest first, in the output folder and one level of subfolders; `skip`: paths to
+    leave out (the running job's, whose decode goes on). Each folder is listed once."""
     if not output_dir.is_dir():
         return []
-    found = [*output_dir.glob("*" + LATENTS_SUFFIX), *output_dir.glob("*/*" + LATENTS_SUFFIX)]
     skipped = {str(Path(p)) for p in skip}
-    out = [p for p in found if p.is_file() and str(p) not in skipped and not _has_video(p)]
+    out = []
+    for folder in [output_dir, *(d for d in output_dir.iterdir() if d.is_dir())]:
+        try:
+            names = {e.name for e in os.scandir(folder)}
+        except OSError:
+            continue
+        videos = {n.split(".decoded", 1)[0] if ".decoded" in n else n.rsplit(".", 1)[0]
+                  for n in names if n.endswith(VIDEO_SUFFIXES)}
+        for name in names:
+            if not name.endswith(LATENTS_SUFFIX) or name.startswith("."):
+                continue
+            path = folder / name
+            if name[: -len(LATENTS_SUFFIX)] not in videos and str(path) not in skipped and path.is_file():
+                out.append(path)
     out.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return out[:limit]
 
