@@ -178,8 +178,9 @@ def test_reload_keeps_the_run_and_a_second_tab_cancels_it(app):
             expect(page.locator("#wl-queue .wl-q-queued")).to_have_count(0)
             other = _open(browser, app.url)
             expect(_label(other)).to_contain_text(re.compile(r"step \d+/100|Decoding video"), timeout=30_000)
+            # Cancel in the decode (the long part here): it stops there, and the latents stay
+            expect(_label(other)).to_contain_text("Decoding video", timeout=RUN_TIMEOUT_MS)
             other.evaluate(WATCH_STATUS)
-            stage = _label(other).inner_text()
             other.locator("#wl-cancel").click()
             clicked = other.evaluate("performance.now()")
             for tab in (other, page):
@@ -197,11 +198,20 @@ def test_reload_keeps_the_run_and_a_second_tab_cancels_it(app):
             cancelled = app.ui.jobs.view().finished[0]
             assert cancelled.state == "cancelled"
             assert not list(app.out.glob(".*.partial")) and len(list(app.out.glob("*.mp4"))) == 1
-            if "Decoding" in stage:  # cancelled in the decode: no video, the latents kept and named
-                assert cancelled.latents and Path(cancelled.latents).is_file()
-                expect(page.locator("#wl-status")).to_contain_text("latents are kept")
-            else:
-                assert cancelled.progress.step < 100
+            assert cancelled.latents and Path(cancelled.latents).is_file()
+            expect(page.locator("#wl-status")).to_contain_text("latents are kept")
+
+            # The History offers those latents: "Make the video" decodes them, no denoising again.
+            page.get_by_role("tab", name="History").click()
+            expect(page.locator("#wl-latents-pick input")).to_have_value(re.compile("fox.*TI2V-5B · 384×384"))
+            _keep(page, shots, "history-latents.png")
+            page.locator("#wl-latents-decode").click()
+            expect(page.locator("#wl-latents-note")).to_contain_text("Making the video")
+            page.get_by_role("tab", name="Create").click()
+            expect(page.locator("#wl-status")).to_contain_text("Done", timeout=RUN_TIMEOUT_MS)
+            decoded = app.ui.jobs.view().finished[0]
+            assert decoded.kind == "decode" and decoded.result["video"].endswith(".decoded.mp4")
+            assert Path(decoded.result["video"]).is_file()
         except Exception:
             page.screenshot(path=str(shots / "failure.png"), full_page=True)
             raise

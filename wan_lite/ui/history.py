@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_lite.api import GenerateRequest
+from wan_lite.registry import MODELS
 
 log = logging.getLogger(__name__)
 
@@ -211,5 +212,6 @@ def describe_latents(path: Path) -> str:
     prompt = str(s.get("prompt") or "")
     prompt = prompt if len(prompt) <= 50 else prompt[:47] + "…"
     size = f"{s.get('width')}×{s.get('height')}, {s.get('frames')} frames" if s.get("width") else ""
-    return " · ".join(x for x in (prompt or path.name, str(s.get("model") or ""), size,
+    model = MODELS.get(str(s.get("model")))
+    return " · ".join(x for x in (prompt or path.name, model.label if model else str(s.get("model") or ""), size,
                                   f"seed {s['seed']}" if "seed" in s else "") if x)
