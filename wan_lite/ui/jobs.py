@@ -71,7 +71,7 @@ def progress_words(p: Progress | None) -> str:
     return f"{stage}, step {p.step}/{p.total}" if p.total > 1 else stage
 
 
-@dataclass
+@dataclass(eq=False)  # one job is one object (its preview is an array: no field-wise ==)
 class QueuedJob:
     """One job of the manager. `request`: the resolved GenerateRequest as a dict (every field
     filled, the seed drawn); a decode job has `latents` and the latents' settings as `request`.
