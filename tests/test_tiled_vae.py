@@ -493,3 +493,39 @@ def test_cuda_free_bytes_respect_the_process_memory_fraction():
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert vae_memory.free_device_bytes("cuda:0") > capped
     del held
+
+
+# ------------------------------------------------------------------------------------- cancel
+@pytest.mark.parametrize("tile", [None, TILE], ids=["untiled", "tiled"])
+def test_cancel_stops_a_decode_between_tiles_and_chunks(vaes, tile):
+    """A Cancel during the decode stops it at the decoder's next part (the head of the tile or
+    frame that runs), not at the end; the parked weights and the frame chunk are put back, and
+    the next decode is the same as before."""
+    from wan_lite.api import CancelToken
+    from wan_lite.errors import Cancelled
+
+    vae, z, ref = vaes["2.2"]
+    s = vae.stride[1]
+    fn = make_decode_fn(None if tile is None else tile * s, overlap_px=OVERLAP * s, out_device="cpu")
+    heads = []
+    count = vae.decoder.head.register_forward_hook(lambda *_: heads.append(1))
+    try:
+        full = fn(vae, z)
+        per_decode = len(heads)
+        heads.clear()
+        token = CancelToken()
+        press = vae.decoder.head.register_forward_hook(lambda *_: token.cancel() if len(heads) == 1 else None)
+        try:
+            with pytest.raises(Cancelled), tiled_vae.cancel_checks(vae, token):
+                fn(vae, z)
+        finally:
+            press.remove()
+        assert per_decode >= 2 and len(heads) == 1  # stopped right after the head that saw the Cancel
+        assert not any(m._forward_pre_hooks for m in vae.modules())  # the checks came off
+        assert vae.decode_frame_chunk is None and not getattr(vae, tiled_vae._PARKED, None)
+        assert all(p.device.type == "cpu" for p in vae.parameters())
+        assert torch.equal(fn(vae, z), full)
+        if tile is None:
+            assert torch.equal(full, ref)
+    finally:
+        count.remove()

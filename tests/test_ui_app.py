@@ -4,7 +4,6 @@ errors are shown in plain words, history is read back and reused."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -12,10 +11,9 @@ import pytest
 
 from tests.e2e.fake_engine import FakeEngine
 from wan_lite.api import GenerateRequest, Progress
-from wan_lite.errors import CheckpointError, InputError
+from wan_lite.errors import InputError
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT
 from wan_lite.ui import form, history
-from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
 from wan_lite.ui.presets import BUILTIN_DIR, load_presets
 
 PROMPT = "A red fox trots through fresh snow in a birch forest, breath steaming in the cold air"
@@ -114,59 +112,6 @@ def test_history_reads_sidecars_of_several_shapes_and_skips_junk(tmp_path):
     assert history.read_history(tmp_path / "missing") == []
 
 
-def test_job_runner_streams_progress_then_the_result(tmp_path):
-    engine = FakeEngine(tmp_path / "m", tmp_path / "out", step_s=0.01)
-    events = list(JobRunner(engine).run("s1", GenerateRequest(prompt=PROMPT, steps=6, seed=3), min_interval_s=0.0))
-    assert isinstance(events[-1], Finished) and events[-1].result.video_path.is_file()
-    steps = [e.step for e in events if isinstance(e, Progress) and e.stage == "denoise"]
-    assert steps == sorted(steps) and steps[-1] == 6
-    assert any(isinstance(e, Progress) and e.preview is not None for e in events)
-
-
-def test_cancel_stops_the_sessions_job_within_a_step(tmp_path):
-    engine = FakeEngine(tmp_path / "m", tmp_path / "out", step_s=0.05)
-    runner = JobRunner(engine)
-    events = []
-    for event in runner.run("me", GenerateRequest(prompt=PROMPT, steps=200)):
-        events.append(event)
-        if isinstance(event, Progress) and event.step >= 2:
-            assert runner.cancel("other") is False  # another browser's Cancel does not touch this job
-            runner.clear_pending("other")
-            assert runner.cancel("me") is True
-    assert isinstance(events[-1], Failed) and events[-1].cancelled
-    assert engine.cancelled_at is not None and engine.cancelled_at < 12
-    # A Cancel while the job still waits in the queue skips it without calling the engine.
-    runner.cancel("me")
-    assert [type(e) for e in runner.run("me", GenerateRequest(prompt=PROMPT))] == [Failed]
-    assert len(engine.requests) == 1
-
-
-def test_errors_are_plain_words_and_the_runner_stays_usable(tmp_path):
-    engine = FakeEngine(tmp_path / "m", tmp_path / "out", step_s=0.0)
-    runner = JobRunner(engine)
-    events = list(runner.run("s", GenerateRequest(prompt="FAIL please", steps=2)))
-    assert isinstance(events[-1], Failed) and not events[-1].cancelled
-    assert events[-1].message == "The fake engine was asked to fail.\n  -> Remove FAIL from the prompt."
-    assert isinstance(list(runner.run("s", GenerateRequest(prompt=PROMPT, steps=2)))[-1], Finished)
-    assert error_message(CheckpointError("Wan2.2_VAE.pth is truncated.")) == "Wan2.2_VAE.pth is truncated."
-    assert "not finished yet" in error_message(NotImplementedError())
-    assert "ZeroDivisionError" in error_message(ZeroDivisionError("x"))
-
-
-def test_closing_the_page_mid_run_cancels_the_job(tmp_path):
-    engine = FakeEngine(tmp_path / "m", tmp_path / "out", step_s=0.05)
-    gen = JobRunner(engine).run("s", GenerateRequest(prompt=PROMPT, steps=500))
-    next(gen)
-    gen.close()  # what Gradio does when the browser goes away
-    deadline = time.monotonic() + 5
-    while engine.cancelled_at is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert engine.cancelled_at is not None
-    while any(t.name == "wan-lite-job" and t.is_alive() for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not any(t.name == "wan-lite-job" and t.is_alive() for t in threading.enumerate())
-
-
 @pytest.fixture()
 def ui(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "up"))
@@ -182,24 +127,6 @@ def test_page_builds_with_every_request_widget_named(ui):
                  "history", "reuse", "models_table", "download_btn", "estimate", "final_prompt"):
         assert name in ui.w, name
     assert len(ui.term_names) == len(ui.presets.categories) >= 12
-
-
-def test_run_job_shows_errors_then_works_again(ui):
-    from wan_lite.ui.handlers import run_job
-
-    values = form.default_values() | {"user_prompt": ""}
-    updates = list(run_job(ui, "s", values))
-    assert len(updates) == 1 and "prompt is empty" in updates[0]["status"]
-    # I2V-A14B without a picture runs as T2V-A14B (the page switches the model with the image).
-    updates = list(run_job(ui, "s", values | {"model": "i2v-a14b", "user_prompt": PROMPT, "steps": 1}))
-    assert "Done" in updates[-1]["status"] and ui.engine.requests[-1].model == "t2v-a14b"
-    updates = list(run_job(ui, "s", values | {"user_prompt": "FAIL " + PROMPT, "steps": 2}))
-    assert updates[-1]["status"].startswith("⛔ The fake engine was asked to fail.")
-    updates = list(run_job(ui, "s", values | {"user_prompt": PROMPT, "steps": 3, "seed": 1234}))
-    done = updates[-1]
-    assert "Done" in done["status"] and "seed **1234**" in done["status"] and Path(done["video"]).is_file()
-    assert done["last_seed"] == "1234" and done["history"][0][0] == done["video"]
-    assert ui.store.load()["user_prompt"] == PROMPT  # remembered for the next start
 
 
 def test_model_switch_sets_expert_guidance_and_valid_sizes():
@@ -222,28 +149,6 @@ def test_history_reads_the_engines_sidecar_layout(tmp_path):
     (entry,) = history.read_history(out)
     assert entry.seed == 42 and entry.prompt == "A fox." and entry.settings["memory_profile"] == "auto"
     assert entry.timings == {"text": 2.0, "denoise": 300.0, "decode": 20.0} and entry.video.name == "fox_42.mp4"
-
-
-def test_generate_runs_one_job_at_a_time_and_light_handlers_skip_the_queue(ui):
-    fns = {fn.name: fn for fn in ui.demo.fns.values()}
-    assert fns["generate"].concurrency_limit == 1 and fns["generate"].concurrency_id == "generate"
-    assert fns["generate"].queue and not fns["cancel"].queue  # Cancel must not wait behind the job
-    assert fns["download"].concurrency_id == "download"  # a download does not block generating
-
-
-def test_cancel_button_leaves_the_last_word_to_the_job(ui):
-    from wan_lite.ui.handlers import run_job
-
-    ui.engine.step_s = 0.05
-    values = form.default_values() | {"user_prompt": PROMPT, "steps": 200}
-    updates = []
-    for update in run_job(ui, "me", values):
-        updates.append(update)
-        if "step " in update.get("progress", "") and not ui.runner.cancelling("me"):
-            assert ui.runner.cancel("me")
-    stopping = [u["progress"] for u in updates if "stopping after this step" in u.get("progress", "")]
-    assert stopping and updates[-1]["status"] == "⏹ Cancelled by the user."
-    assert 'data-state="cancelled"' in updates[-1]["progress"]
 
 
 def test_the_ui_modules_import_no_torch_and_only_the_engines_small_api():

@@ -325,21 +325,21 @@ class Engine:
                     for hook in self.job_hooks:
                         stack.enter_context(hook(pipe, job))
                     result = pipe.generate(job, on_progress=on_progress, cancel=cancel, on_latents=keep_latents)
-            except Cancelled:
+                result.timings["load"] = load_s
+                kind = self._attention_kind
+                if kind in self._attention and kind not in self._attention_told:
+                    notes.append(self._attention[kind].note)  # which attention kernel runs, and why
+                    self._attention_told.add(kind)
+                stem = chosen[0]
+                return self._write(stem, output_files(stem)["latents"], result.frames, result.fps, result.settings,
+                                   result.timings, list(dict.fromkeys(notes + result.notes)), job.request, pipe,
+                                   on_progress, overwrite, cancel)
+            except Cancelled:  # during the denoise, the decode or the mp4 write
                 latents_path = output_files(chosen[0])["latents"]
                 if latents_path.is_file():
                     raise Cancelled(f"Cancelled by the user; the latents are kept in {latents_path} "
                                     f"(`python -m wan_lite decode {latents_path}` makes the video).") from None
                 raise
-            result.timings["load"] = load_s
-            kind = self._attention_kind
-            if kind in self._attention and kind not in self._attention_told:
-                notes.append(self._attention[kind].note)  # which attention kernel runs, and why
-                self._attention_told.add(kind)
-            stem = chosen[0]
-            return self._write(stem, output_files(stem)["latents"], result.frames, result.fps, result.settings,
-                               result.timings, list(dict.fromkeys(notes + result.notes)), job.request, pipe,
-                               on_progress, overwrite)
 
     def _factory(self) -> Callable[..., Engine]:
         """`factory(device=...)`: an Engine like this one, in another process (one per GPU)."""
@@ -411,7 +411,7 @@ class Engine:
             timings = dict(settings.get("timings") or {})
             timings["decode"] = time.perf_counter() - t0
             return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe,
-                               None, overwrite)
+                               None, overwrite, cancel)
 
     def _decoder(self, name: str, plan_request: Any):
         """A pipeline that can decode `name`'s latents: the loaded one when it is this model's,
@@ -449,7 +449,10 @@ class Engine:
 
     def _write(self, stem: Path, latents_path: Path, frames, fps: int, settings: dict[str, Any],
                timings: dict[str, float], notes: list[str], request: GenerateRequest, pipe,
-               on_progress: ProgressCallback | None, overwrite: bool = False) -> GenerateResult:
+               on_progress: ProgressCallback | None, overwrite: bool = False,
+               cancel: CancelToken | None = None) -> GenerateResult:
+        """Write the mp4, then the sidecar JSON. `cancel` is checked before each frame goes to
+        the encoder: a Cancel during the write leaves no video (the partial file is deleted)."""
         from wan_lite.output import (
             OutputError,
             check_targets,
@@ -469,7 +472,7 @@ class Engine:
         check_targets(stem, True, kinds=("sidecar",))  # a JSON not ours may have appeared meanwhile
         target = video_path
         try:
-            write_mp4(video_path, frames, fps, record, overwrite=overwrite)
+            write_mp4(video_path, _until_cancelled(frames, cancel), fps, record, overwrite=overwrite)
             record |= {"video": video_path.name, "latents": latents_path.name}
             target = sidecar
             write_json_atomic(sidecar, record, overwrite=overwrite)
@@ -517,6 +520,20 @@ class Engine:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def _until_cancelled(frames: Any, cancel: CancelToken | None) -> Any:
+    """`frames` one by one, raising Cancelled before the next one once `cancel` is set."""
+    if cancel is None:
+        return frames
+
+    def each() -> Any:
+        for frame in frames:
+            if cancel.cancelled:
+                raise Cancelled()
+            yield frame
+
+    return each()
 
 
 __all__ = ["Engine", "Estimate", "FoundFile", "Job", "ModelStatus", "WanLiteError"]

@@ -33,6 +33,7 @@ from wan_lite.loading.components import module_of
 from wan_lite.registry import ModelSpec
 from wan_lite.runtime.loader import Formats, LoadedParts, load_parts, load_planned_parts
 from wan_lite.runtime.planner import Plan
+from wan_lite.runtime.tiled_vae import cancel_checks
 from wan_lite.sampling import StepInfo
 from wan_lite.sizing import centre_crop_box
 
@@ -274,15 +275,17 @@ class WanPipeline:
     def _decode(self, latents: torch.Tensor, cancel: CancelToken | None = None) -> torch.Tensor:
         """`decode`, the video left where the decode made it (an untiled decode: on the GPU).
 
-        `cancel` is honoured before the decode starts and once it ends (the decode function runs
-        as one call), so a cancelled job never goes on to write its video."""
+        `cancel` is honoured before the decode starts, between the decoder's parts as it runs
+        (every latent frame, frame chunk and tile: `tiled_vae.cancel_checks`) and once it ends,
+        so a cancelled job stops within moments and never goes on to write its video."""
         if cancel is not None and cancel.cancelled:
             raise Cancelled()
         self.placement.activate("vae_decoder", self.vae)
         try:
             # float32 in: the VAE de-normalises in float32 and casts to its own dtype after that;
             # out: float32 clamped to [-1, 1] (both the plain and the tiled decode)
-            video = self.decode_fn(self.vae, latents[None].to(self.device, torch.float32))
+            with cancel_checks(self.vae, cancel):
+                video = self.decode_fn(self.vae, latents[None].to(self.device, torch.float32))
         finally:
             self.placement.release("vae", self.vae)
         if cancel is not None and cancel.cancelled:

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from wan_lite.errors import InputError
+from wan_lite.api import CancelToken
+from wan_lite.errors import Cancelled, InputError
 from wan_lite.errors import OutOfMemoryError as WanOutOfMemoryError
 from wan_lite.models.vae_common import FeatureCache
 from wan_lite.runtime.vae_memory import (
@@ -451,6 +452,41 @@ def _encoder_tail(vae: Any, feats: torch.Tensor, device: torch.device) -> torch.
     mu = vae.conv1(torch.cat(outs, dim=2))[:, : vae.z_dim].float()
     mean, inv_std = _latent_stats(vae, mu.device)
     return (mu - mean) * inv_std
+
+
+# ------------------------------------------------------------------------------------ cancel
+def decoder_stops(vae: Any) -> list[nn.Module]:
+    """The decoder's parts a decode calls once per latent frame or chunk, in every way it runs
+    (untiled, the global low-resolution pass, each tile): conv1, middle, each upsampling level and
+    the head; the whole VAE when it has no such decoder."""
+    decoder = getattr(vae, "decoder", None)
+    if not isinstance(decoder, nn.Module):
+        return [vae] if isinstance(vae, nn.Module) else []
+    levels = getattr(decoder, "upsamples", None)
+    return [*decoder.children(), *(levels.children() if isinstance(levels, nn.Module) else ())]
+
+
+@contextmanager
+def cancel_checks(vae: Any, cancel: CancelToken | None) -> Iterator[None]:
+    """While active, a decode of `vae` raises wan_lite.errors.Cancelled at the next part of the
+    decoder (`decoder_stops`) once `cancel` is set: between latent frames, frame chunks and
+    tiles, so a Cancel during a minutes-long decode answers within one part's time. Attached from
+    outside as forward pre-hooks (the model holds no flag); a tiled decode's own `finally`s put
+    its parked weights and frame chunk back as it unwinds."""
+    if cancel is None:
+        yield
+        return
+
+    def check(module: nn.Module, args: Any) -> None:
+        if cancel.cancelled:
+            raise Cancelled()
+
+    handles = [m.register_forward_pre_hook(check) for m in decoder_stops(vae)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------------ OOM retry

@@ -15,8 +15,9 @@ from typing import Any
 import gradio as gr
 
 from wan_lite.engine import Engine
+from wan_lite.paths import config_dir
 from wan_lite.registry import DEFAULT_NEGATIVE_PROMPT, MODELS, get_spec
-from wan_lite.ui import components_panel, form, history, models_panel
+from wan_lite.ui import components_panel, form, history, models_panel, queue_panel
 from wan_lite.ui.handlers import (
     FRAMES_INFO,
     SIZE_INFO,
@@ -34,13 +35,12 @@ from wan_lite.ui.handlers import (
     page_values,
     prompt_updates,
     reuse_history,
-    run_job,
     snap_frames_box,
     snap_size_box,
     undo_bundle,
     upload_image,
 )
-from wan_lite.ui.jobs import JobRunner, error_message
+from wan_lite.ui.jobs import QUEUE_FILE, JobManager, error_message
 from wan_lite.ui.presets import (
     Bundle,
     Presets,
@@ -105,10 +105,6 @@ def term_tabs(presets: Presets) -> dict[str, list[str]]:
     return {title: keys for title, keys in tabs.items() if keys}
 
 
-def _session(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "local"
-
-
 # ---------------------------------------------------------------------------------------------
 # Layout
 
@@ -119,7 +115,8 @@ def build_ui(engine: Engine, upload_dir: Path, store: SettingsStore | None = Non
     `confine`: the page is served beyond this computer, so Scan and Save accept only folders and
     files in the models folder and the remembered ComfyUI folders."""
     presets = presets or load_presets(user_dir=user_presets_dir())
-    ui = AppUI(engine, presets, store or SettingsStore(), upload_dir, JobRunner(engine), confine=confine)
+    jobs = JobManager(engine, config_dir() / QUEUE_FILE)  # the app's jobs: they outlive any tab
+    ui = AppUI(engine, presets, store or SettingsStore(), upload_dir, jobs, confine=confine)
     w = ui.w
     defaults = form.default_values()
     spec = get_spec(defaults["model"])
@@ -151,6 +148,7 @@ def build_ui(engine: Engine, upload_dir: Path, store: SettingsStore | None = Non
                 w["history_paths"] = gr.State([])
                 w["history_index"] = gr.State(None)
                 w["history_armed"] = gr.State(None)
+                queue_panel.latents_layout(ui)
             with gr.Tab("Models", id="models"):
                 w["models_table"] = gr.Markdown(elem_id="wl-models")
                 with gr.Row():
@@ -285,6 +283,8 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
         with gr.Column(scale=4, min_width=320):
             with gr.Row(elem_id="wl-run-row"):
                 w["generate"] = gr.Button("Generate", variant="primary", size="lg", scale=4, elem_id="wl-generate")
+                w["queue_add"] = gr.Button("Add to queue", variant="secondary", size="sm", scale=1, min_width=100,
+                                           elem_id="wl-queue-add")
                 w["cancel"] = gr.Button("Cancel", variant="secondary", size="sm", scale=1, min_width=80,
                                         elem_id="wl-cancel")
             w["progress"] = gr.HTML(form.progress_html(None, "Ready.", "idle"), elem_id="wl-progress")
@@ -298,6 +298,7 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
                     w["use_seed"] = gr.Button("Use this seed", size="sm")
                     w["download"] = gr.DownloadButton("Download video", visible=False, size="sm",
                                                       elem_id="wl-download-video")
+            queue_panel.queue_layout(ui)
 
 
 def _wire(ui: AppUI) -> None:
@@ -398,27 +399,9 @@ def _wire(ui: AppUI) -> None:
     w["use_seed"].click(lambda s: s if str(s).strip().isdigit() else "-1", inputs=w["last_seed"],
                         outputs=w["seed"], queue=False)
 
-    def generate(request: gr.Request, **values: Any) -> Iterator[dict[Any, Any]]:
-        for update in run_job(ui, _session(request), values):
-            yield ui.out(update)
-
-    def clear_cancel(request: gr.Request) -> None:
-        ui.runner.clear_pending(_session(request))
-
-    run_outputs = ["status", "progress", "preview", "video", "download", "last_seed", "history", "history_paths"]
-    w["generate"].click(clear_cancel, queue=False).then(
-        generate, inputs_kwargs=ui.kw(form_names), outputs=ui.comps(run_outputs),
-        concurrency_limit=1, concurrency_id="generate", show_progress="full",
-        show_progress_on=w["progress"])
-
-    def cancel(request: gr.Request) -> dict[Any, Any]:
-        # A running job reports "stopping" and then "cancelled" through its own updates; writing
-        # the status here too could land after the job's last word and hide it.
-        if ui.runner.cancel(_session(request)):
-            return ui.out({"status": gr.skip()})  # an empty dict would be taken as the status text
-        return ui.out({"status": "⏹ Nothing is running; your next queued job (if any) will be skipped."})
-
-    w["cancel"].click(cancel, outputs=ui.comps(["status"]), queue=False)
+    # Generate, Add to queue, Cancel and the queue: the jobs run in the server (ui.jobs); every
+    # tab watches them on load and on a timer, so a reload or a closed tab stops nothing.
+    queue_panel.wire_jobs(ui, form_names)
 
     # History and models
     history_out = ui.comps(["history", "history_paths", "history_index"])

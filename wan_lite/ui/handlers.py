@@ -2,13 +2,13 @@
 return named updates; wan_lite/ui/app.py lays out the widgets and wires these to them.
 
 `AppUI` holds what the handlers share: the engine, presets, settings store, upload folder, the
-job runner and the widgets by name.
+job manager and the widgets by name.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,11 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from wan_lite.api import Progress
 from wan_lite.engine import Engine
-from wan_lite.errors import InputError, WanLiteError
+from wan_lite.errors import WanLiteError
 from wan_lite.registry import MODELS, get_spec
 from wan_lite.ui import form, history, images
-from wan_lite.ui.jobs import Failed, Finished, JobRunner, error_message
+from wan_lite.ui.jobs import JobManager, error_message
 from wan_lite.ui.presets import Presets, memory_profiles
 from wan_lite.ui.settings import (
     SettingsStore,
@@ -47,7 +46,7 @@ class AppUI:
     presets: Presets
     store: SettingsStore
     upload_dir: Path
-    runner: JobRunner
+    jobs: JobManager  # the app's jobs, run in the server whatever the tabs do
     w: dict[str, Any] = field(default_factory=dict)  # widgets by name
     demo: gr.Blocks | None = None
     confine: bool = False  # served beyond this computer: Scan and Save stay in the known folders
@@ -232,50 +231,6 @@ def add_lora(ui: AppUI, path: str | None, table: Any, turbo: bool) -> dict[str, 
     return {"lora_add": None, "loras": rows, "turbo": turbo, "status": status}
 
 
-def run_job(ui: AppUI, session: str, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The Generate button: yields name -> value updates while the job runs."""
-    idle = {"video": None, "download": gr.update(visible=False)}
-    try:
-        request, comp = form.request_from_values(values, ui.presets)
-        if not comp.prompt.strip() and not request.image:
-            raise InputError("The prompt is empty.", "Write what the video should show, or upload a start image.")
-    except Exception as err:
-        yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
-        return
-    ui.store.save(form.settings_from_values(values, ui.presets))
-    try:
-        job = ui.engine.resolve(request)  # once: the runner and the engine take this Job as it is
-        notes = job.notes
-    except Exception as err:
-        yield {**idle, "status": f"⛔ {error_message(err)}", "progress": form.progress_html(None, "", "failed")}
-        return
-    yield {**idle, "status": "\n".join(f"- {n}" for n in notes),
-           "progress": form.progress_html(None, "Starting…", "running"), "preview": None}
-    for event in ui.runner.run(session, job):
-        if isinstance(event, Progress):
-            stopping = ui.runner.cancelling(session)
-            update = {"progress": form.progress_html(event, "stopping after this step…" if stopping else "")}
-            if event.preview is not None:
-                update["preview"] = event.preview
-            yield update
-        elif isinstance(event, Finished):
-            r = event.result
-            total = r.timings.get("total", sum(r.timings.values()))
-            timings = ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items() if k != "total")
-            done = [f"✅ Done: {r.width}×{r.height}, {r.frames} frames at {r.fps} fps, seed **{r.seed}**"
-                    + (f" ({timings}; total {total:.1f} s)." if timings else ".")]
-            done += [f"- {n}" for n in dict.fromkeys([*notes, *r.notes])]  # the engine may repeat its notes
-            yield {"status": "\n".join(done), "video": str(r.video_path),
-                   "download": gr.update(value=str(r.video_path), visible=True),
-                   "last_seed": str(r.seed), "progress": form.progress_html(None, "Finished", "done"),
-                   **history_updates(ui)}
-        elif isinstance(event, Failed):
-            state = "cancelled" if event.cancelled else "failed"
-            # A model that is not there: where to get it, not the loader's layout lecture.
-            about_folder = str(ui.engine.model_folder(job.spec.name)) in event.message
-            message = (about_folder and not event.cancelled and model_missing_text(ui, job.spec.name)) or event.message
-            yield {"status": ("⏹ " if event.cancelled else "⛔ ") + message,
-                   "progress": form.progress_html(None, "Cancelled" if event.cancelled else "Failed", state)}
 
 
 def override(updates: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

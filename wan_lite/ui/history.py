@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wan_lite.api import GenerateRequest
+from wan_lite.registry import MODELS
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +147,84 @@ def delete_result(entry: HistoryEntry, root: Path) -> list[Path]:
             path.unlink()
             removed.append(path)
     return removed
+
+
+# ------------------------------------------------------------------------------ saved latents
+# Latents without a video: a run cut short by a crash, or cancelled or failed in the decode. The
+# engine writes them (wan_lite.output.save_latents) before the decode; "Make the video" decodes them.
+LATENTS_SUFFIX = ".latents.safetensors"  # as wan_lite.output names them
+_MAX_HEADER = 1_000_000
+
+
+def latents_record(path: Path) -> dict[str, Any] | None:
+    """The record the engine keeps in a latents file's header (settings, request, model folder),
+    read without the tensor; None when the file is not readable wan_lite latents."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= _MAX_HEADER:
+                return None
+            header = json.loads(f.read(size))
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        record = json.loads(meta["wan_lite"]) if isinstance(meta, dict) and isinstance(meta.get("wan_lite"), str) else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def pending_latents(output_dir: Path, limit: int = 30, skip: tuple[str, ...] = ()) -> list[Path]:
+    """Saved latents with no video made from them (NAME.mp4, or NAME.decoded*.mp4 from a later
+    decode), newest first, in the output folder and one level of subfolders; `skip`: paths to
+    leave out (the running job's, whose decode goes on). Each folder is listed once."""
+    if not output_dir.is_dir():
+        return []
+    skipped = {str(Path(p)) for p in skip}
+    out = []
+    for folder in [output_dir, *(d for d in output_dir.iterdir() if d.is_dir())]:
+        try:
+            names = {e.name for e in os.scandir(folder)}
+        except OSError:
+            continue
+        videos = {n.split(".decoded", 1)[0] if ".decoded" in n else n.rsplit(".", 1)[0]
+                  for n in names if n.endswith(VIDEO_SUFFIXES)}
+        for name in names:
+            if not name.endswith(LATENTS_SUFFIX) or name.startswith("."):
+                continue
+            path = folder / name
+            if name[: -len(LATENTS_SUFFIX)] not in videos and str(path) not in skipped and path.is_file():
+                out.append(path)
+    out.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return out[:limit]
+
+
+def find_latents(output_dir: Path, request: dict[str, Any], since: float = 0.0) -> Path | None:
+    """The latents the engine saved for `request` (a resolved GenerateRequest as a dict, as in the
+    file's record) no earlier than `since` (seconds since the epoch), newest first; None if none."""
+    if not output_dir.is_dir() or not request:
+        return None
+    want = json.loads(json.dumps(request))  # tuples as lists, as the record holds them
+    recent = []
+    for path in [*output_dir.glob("*" + LATENTS_SUFFIX), *output_dir.glob("*/*" + LATENTS_SUFFIX)]:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        if mtime >= since - 2:
+            recent.append((mtime, path))
+    for _, path in sorted(recent, reverse=True):
+        record = latents_record(path)
+        if record is not None and record.get("request") == want:
+            return path
+    return None
+
+
+def describe_latents(path: Path) -> str:
+    """One line for a latents file: its prompt, model, size and seed."""
+    record = latents_record(path) or {}
+    s = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    prompt = str(s.get("prompt") or "")
+    prompt = prompt if len(prompt) <= 50 else prompt[:47] + "…"
+    size = f"{s.get('width')}×{s.get('height')}, {s.get('frames')} frames" if s.get("width") else ""
+    model = MODELS.get(str(s.get("model")))
+    return " · ".join(x for x in (prompt or path.name, model.label if model else str(s.get("model") or ""), size,
+                                  f"seed {s['seed']}" if "seed" in s else "") if x)
