@@ -21,7 +21,7 @@ from wan_lite.ui.handlers import (
     snap_size_box,
     undo_bundle,
 )
-from wan_lite.ui.jobs import JobRunner
+from wan_lite.ui.jobs import JobManager
 from wan_lite.ui.presets import BUILTIN_DIR, load_presets
 from wan_lite.ui.settings import SettingsStore
 
@@ -33,7 +33,8 @@ def presets():
 
 def _ui(tmp_path: Path, presets) -> AppUI:
     engine = Engine(tmp_path / "models", tmp_path / "out", device="cpu")
-    return AppUI(engine, presets, SettingsStore(tmp_path / "settings.json"), tmp_path / "up", JobRunner(engine))
+    return AppUI(engine, presets, SettingsStore(tmp_path / "settings.json"), tmp_path / "up",
+                 JobManager(engine, tmp_path / "queue.json"))
 
 
 def test_first_run_without_models_points_to_the_models_tab(tmp_path, presets, tiny_models):
@@ -376,10 +377,17 @@ def test_lora_choices_are_remembered_per_model(tmp_path, presets):
 
 
 def test_generate_without_the_model_points_to_the_models_tab(tmp_path, presets):
-    from wan_lite.ui.handlers import run_job
+    from wan_lite.ui.queue_panel import job_updates, submit_form
 
     ui = _ui(tmp_path, presets)
     values = {**form.default_values(), "user_prompt": "A fox", "size": "64x64", "frames": 5, "steps": 1}
-    last = list(run_job(ui, "s", values))[-1]
+    submit_form(ui, values, start=True)
+    try:
+        view = ui.jobs.view()  # the one job there is, wherever it is by now
+        job = ui.jobs.wait((view.running or (view.queued + view.finished)[0]).id)
+    finally:
+        ui.jobs.close()
+    assert job.state == "failed"
+    last = job_updates(job, ui)
     assert "Models** tab" in last["status"] and "Expected layout" not in last["status"]
     assert last["status"].count("not downloaded") == 1 and "not downloaded" not in last["progress"]
