@@ -18,6 +18,7 @@ from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress,
 from wan_lite.errors import Cancelled, InputError, WanLiteError
 from wan_lite.job import Job, as_job
 from wan_lite.library import FoundFile, ModelLibrary, ModelStatus
+from wan_lite.paths import weights_cache_dir
 from wan_lite.registry import MODELS, get_spec
 from wan_lite.runtime.planner import FP8_ATTENTION_ENV, fp8_attention_opted_in  # noqa: F401  (re-exported)
 from wan_lite.version import __version__
@@ -49,7 +50,7 @@ class Engine:
         self.output_dir = Path(output_dir)
         self.device = device
         self.library = ModelLibrary(self.models_root, folders, components)
-        self.cache_dir = self.models_root / ".cache"  # quantized weights, keyed by source file and format
+        self.cache_dir = weights_cache_dir()  # converted weights, keyed by source content and format
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._lock = threading.Lock()  # one job at a time, whatever the caller does

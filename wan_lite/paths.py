@@ -5,6 +5,8 @@
 - `config_path(name)`: a file or folder in it, for reading: on Windows the UI used to keep its
   files one level deeper (platformdirs' default author, `%LOCALAPPDATA%/wan_lite/wan_lite`), and
   a user's files found only there are read from there.
+- `cache_dir()`: the user's wan_lite cache folder (converted weights); `WAN_LITE_CACHE_DIR`
+  overrides it.
 - `atomic_path` / `write_json_atomic`: a file appears whole under its name or not at all.
 
 Standard library and platformdirs only: the UI imports this without torch.
@@ -24,6 +26,7 @@ from typing import Any
 
 APP_NAME = "wan_lite"
 CONFIG_DIR_ENV = "WAN_LITE_CONFIG_DIR"
+CACHE_DIR_ENV = "WAN_LITE_CACHE_DIR"
 
 
 def config_dir() -> Path:
@@ -35,6 +38,24 @@ def config_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
+
+
+def cache_dir() -> Path:
+    """The user's wan_lite cache folder, the same for the app and the CLI whatever the current
+    directory (`%LOCALAPPDATA%/wan_lite/Cache` on Windows, ~/.cache/wan_lite on Linux, ~/Library/
+    Caches/wan_lite on macOS): converted and quantized weights (`runtime/quant_cache.py`).
+    WAN_LITE_CACHE_DIR overrides it."""
+    override = os.environ.get(CACHE_DIR_ENV)
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def weights_cache_dir() -> Path:
+    """Where converted and quantized model weights are cached: `cache_dir() / "weights"`."""
+    return cache_dir() / "weights"
 
 
 def _older_config_dirs() -> list[Path]:

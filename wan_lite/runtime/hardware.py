@@ -240,6 +240,7 @@ FORCE_CHOICES: dict[str, tuple[Any, ...] | str] = {
     "vae_dtype": ("bf16", "fp32"),
     "ffn_chunk_tokens": "null or an integer >= 256",
     "cfg_batch": (True, False),
+    "blocks_from": ("ram", "disk"),
 }
 _HARDWARE_KEYS = ("vram_gb", "ram_gb", "free_vram_gb", "available_ram_gb", "cc")
 

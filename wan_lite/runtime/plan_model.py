@@ -116,6 +116,9 @@ class Choices:
     vae_dtype: str = "bf16"
     ffn_chunk_tokens: int | None = None
     cfg_batch: bool = False
+    # "disk": the DiT's copy is not kept in RAM: its streamed blocks are read from the file (the
+    # converted-weights cache) each forward, the rest straight to the GPU when it runs
+    blocks_from: str = "ram"
 
 
 CHOICE_FIELDS = tuple(f.name for f in fields(Choices))
