@@ -538,6 +538,13 @@ def refill_order(model: nn.Module, names: Iterable[str] | None = None) -> list[s
     return order
 
 
+def _in_source(source: TensorSource, kmap: Callable[[str], str], name: str) -> bool:
+    try:
+        return kmap(name) in source
+    except KeyError:  # a key map that knows only the float checkpoint's names (umT5's)
+        return False
+
+
 def read_plan(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
               names: Iterable[str] | None = None, what: str = "model") -> list[tuple]:
     """How `read_planned` reads a (meta) model's tensors from `source`, checked (every key there,
@@ -546,7 +553,7 @@ def read_plan(model: nn.Module, source: TensorSource, *, key_map: Callable[[str]
     scale made with it; a quantized cache holds `<layer>.weight_scale` and is read as is)."""
     kmap = key_map or (lambda n: n)
     qmods = quantized_modules(model)
-    requantize = bool(qmods) and kmap(f"{next(iter(qmods))}.weight{SCALE_SUFFIX}") not in source
+    requantize = bool(qmods) and not _in_source(source, kmap, f"{next(iter(qmods))}.weight{SCALE_SUFFIX}")
     expected = model.state_dict(keep_vars=True)
     derived = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods} if requantize else set()
     order = [n for n in refill_order(model, names) if n not in derived]

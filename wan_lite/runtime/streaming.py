@@ -223,8 +223,12 @@ class _DiskBlock:
             _view(buf, self.by_name[name]).copy_(t)
 
     def bind(self, views: list[torch.Tensor]) -> None:
+        # new Parameter objects: a meta parameter's `.data` cannot take a real tensor (nor back)
         for e, v in zip(self.entries, views, strict=True):
-            _set(e, v)
+            if e.is_param:
+                e.module._parameters[e.name] = nn.Parameter(v, requires_grad=False)
+            else:
+                e.module._buffers[e.name] = v
 
     def unpin(self) -> None:
         pass
@@ -332,9 +336,8 @@ class BlockStreamer:
                 plan = read_plan(model, self.source, key_map=key_map, names=block_names)
                 block.to("meta")  # a copy in RAM is dropped: the file is the copy
                 self._packed.append(_DiskBlock(idx, block, names, self.source, plan))
-            streamed = []
             trim_host_memory(collect=False)
-        for i, block in enumerate(streamed):
+        for i, block in enumerate(streamed if self.source is None else []):
             # Pack from CPU: a block still on the GPU is first brought back to host memory.
             block.to("cpu")
             size = sum(t.numel() * t.element_size() for *_, t in _tensors(block))
