@@ -212,3 +212,17 @@ def test_save_quantized_still_writes_what_it_is_given(tmp_path):
     refill_like(model, src)
     path = save_quantized(model, tmp_path / "x.safetensors", key="k")
     assert quant_cache.load_quantized(dit_on_meta(src), path, key="k")
+
+
+def test_disk_speed_is_probed_once_and_remembered(tmp_path, monkeypatch):
+    from wan_lite import paths
+    from wan_lite.runtime import hardware
+
+    monkeypatch.setenv(paths.CONFIG_DIR_ENV, str(tmp_path / "cfg"))
+    calls = []
+    real = hardware._measure_read
+    monkeypatch.setattr(hardware, "_measure_read", lambda f: calls.append(f) or real(f))
+    first = hardware.disk_read_gbps(tmp_path / "c")
+    assert first > 0 and len(calls) == 1 and (tmp_path / "cfg" / hardware.DISK_SPEED_FILE).is_file()
+    assert hardware.disk_read_gbps(tmp_path / "c") == first and len(calls) == 1
+    assert not list((tmp_path / "c").glob(".disk_probe*"))

@@ -225,7 +225,9 @@ def load_planned_parts(model_dir: str | Path | None, plan: Plan, *, components: 
     is one, else the CPU) that runs them as the plan says; the pipeline binds it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     parts = load_parts(model_dir, Formats.of_plan(plan), components=components, name=name, cache_dir=cache_dir,
-                       idle_on_disk=plan.idle_expert == "disk", dits_on_disk=plan.blocks_from == "disk",
+                       idle_on_disk=plan.idle_expert == "disk",
+                       # kept on the GPU: read from the file straight there, never whole in RAM
+                       dits_on_disk=plan.blocks_from == "disk" or (plan.keep_resident and device.type == "cuda"),
                        text_on_disk=not plan.keep_text_encoder, reuse=reuse)
     parts.placement = PlannedPlacement(plan, device)
     return parts
