@@ -52,6 +52,9 @@ def test_disk_streamed_equals_ram_streamed(tiny_models, tmp_path, name):
         if where == "disk":
             assert all(streaming.where_is(d) == "disk" for d in pipe.dits.values())  # nothing read yet
             assert streaming.where_is(pipe.text_encoder.model) == "disk"
+            # umT5 (a .pth) is read again from its safetensors conversion in the cache
+            t5_source, _ = streaming.expert_source(pipe.text_encoder.model)
+            assert t5_source.files[0].parent == tmp_path / "cache" and t5_source.files[0].suffix == ".safetensors"
         runs[where] = pipe.generate("a boat at dawn", seed=3, **kw)
         seen[where] = placed
         if where == "disk":  # after the job nothing of the DiTs or the text encoder stays in RAM

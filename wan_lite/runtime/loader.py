@@ -138,22 +138,37 @@ def _dropped(model: nn.Module, source: TensorSource) -> nn.Module:
 
 
 def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, dtype: torch.dtype = torch.bfloat16,
-                      *, quantization: str | None = None, on_disk: bool = False) -> Any:
+                      *, quantization: str | None = None, on_disk: bool = False,
+                      cache_dir: Path | None = None) -> Any:
     """The umT5 encoder (a TextEncoder); the Linear layers of an fp8 file stay fp8
     (QuantizedLinear), and `quantization` "int8" / "fp8" quantizes the others as they are read
     (one float tensor at a time, never the whole bf16 encoder). Its source is registered
     (`streaming.set_expert_source`), so it can be dropped to disk between prompts and read again.
-    on_disk: built on meta, nothing read (the placement reads it when it is first needed).
+    on_disk: built on meta, nothing read (the placement reads it when it is first needed); with
+    a `cache_dir`, from its conversion into the converted-weights cache.
     GGUF encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of
     a non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
     if not isinstance(source, TensorSource):
         source = open_source(Path(source))
     key_maps: list = []
+    refills: list = []
     on_disk = on_disk and stored_format(source) is None  # fp8 / GGUF files: read as stored, kept
     if stored_format(source) == "fp8":
         def fill(model, src, dt, *, key_map=None, what="text encoder"):
             key_maps.append(key_map)
             return load_stored(model, src, dt, key_map=key_map, what=what)
+    elif on_disk and cache_dir is not None:
+        # converted into the cache (safetensors, read with the pages let go: a .pth read through
+        # torch's memory map would keep every page it touched in the process's RSS)
+        def fill(model, src, dt, *, key_map=None, what="text encoder"):
+            fmt = quantization if quantization in QUANTIZED else _float_format(dt)
+            _m, cache = load_or_quantize(model, src, fmt, dtype=dt, cache_dir=cache_dir, key_map=key_map,
+                                         fill=False, what="text encoder")
+            refills.append((SafetensorsSource([cache]), None) if cache is not None else (src, key_map))
+            if cache is None:
+                streaming.set_expert_source(model, src, key_map)
+                streaming.move_expert(model, "disk")
+            return model
     elif quantization in QUANTIZED or on_disk:
         def fill(model, src, dt, *, key_map=None, what="text encoder"):
             key_maps.append(key_map)
@@ -171,6 +186,8 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
     encoder = build_text_encoder(source, tokenizer, dtype, fill=fill)
     if quantization in QUANTIZED and stored_format(source) == "fp8":
         quantize_model(encoder.model, quantization)  # layers stored as fp8 stay so
+    elif refills:
+        streaming.set_expert_source(encoder.model, *refills[0])
     elif stored_format(source) is None:  # GGUF: dequantized as read, no exact source to read again
         streaming.set_expert_source(encoder.model, source, key_maps[0] if key_maps else None)
     return encoder
@@ -200,7 +217,7 @@ def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
             "vae": ("vae", sources["vae"].describe(), spec.vae_version, formats.vae_dtype)}
     text_encoder = reuse.get(keys["text_encoder"]) or load_text_encoder(
         sources["text_encoder"], tokenizer, formats.text_dtype, quantization=formats.text_quant,
-        on_disk=text_on_disk)
+        on_disk=text_on_disk, cache_dir=cache_dir)
     vae = reuse.get(keys["vae"]) or load_vae(sources["vae"], spec, formats.vae_dtype)
     roles = dit_roles(spec)
     to_disk = {"low"} if spec.experts and idle_on_disk else set()

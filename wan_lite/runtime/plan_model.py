@@ -333,8 +333,8 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
     else:
         while_encoding = t5_embed + t5_block
     # converting a checkpoint into the cache at the first start: one source tensor (fp32 at most)
-    # and its converted copy, within two blocks
-    converting = kept + 2 * m.block_bytes("bf16")
+    # and its converted copy, within two blocks; umT5's largest is its token embedding
+    converting = kept + max(2 * m.block_bytes("bf16"), t5_embed)
     video = r.frames * r.width * r.height * K.video_ram_px
     if ch.vae_tile and gpu:  # the tiles' input: the global pass's features, in CPU memory
         low_res_px = K.vae_low_res_ram_px[m.vae_version] * (4 if ch.vae_dtype == "fp32" else 2)

@@ -615,7 +615,11 @@ def fill_from_source(model: nn.Module, source: TensorSource, key_map: Callable[[
     then each block of `blocks` (every block when None), one block at a time, each moved to
     `device` right after it is read when one is given, so RAM holds at most one block of them."""
     prefix, block_list = find_block_list(model)
-    meta = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    meta, seen = [], set()
+    for n, t in model.state_dict(keep_vars=True).items():
+        if t.device.type == "meta" and id(t) not in seen:  # a tied tensor (umT5's embedding) is read once
+            seen.add(id(t))
+            meta.append(n)
     outside = [n for n in meta if not n.startswith(f"{prefix}.")]
     if outside:
         refill_like(model, source, key_map=key_map, names=outside, quant_device=quant_device)
