@@ -89,3 +89,25 @@ def test_disk_streamed_quantized_equals_ram_streamed(tiny_models, tmp_path, fmt)
             outs.append(model(x, t, ctx))  # the second forward re-reads every block
         s.detach()
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_cuda_disk_streamed_equals_ram_streamed(tiny_models, tmp_path, prefetch):
+    """The CUDA path: the reader thread fills page-locked staging, the side stream copies it."""
+    from wan_lite.loading.components import resolve_sources
+    from wan_lite.runtime.loader import load_dit
+
+    _spec, sources, _tok = resolve_sources(tiny_models["t2v-a14b"], {}, None)
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    for on_disk in (False, True):
+        model, src = load_dit(sources["dit_high"], quantization="fp8", cache_dir=tmp_path, on_disk=on_disk)
+        c = model.config
+        x = torch.randn(1, c.in_dim, 3, 8, 8, generator=g.manual_seed(0)).cuda()
+        ctx = torch.randn(1, 512, c.text_dim, generator=g).cuda()
+        s = streaming.attach(model, "cuda", resident=0, prefetch=prefetch, source=src if on_disk else None)
+        with torch.inference_mode():
+            outs.append([model(x, torch.tensor([500.0], device="cuda"), ctx) for _ in range(3)])
+        s.detach()
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
