@@ -193,6 +193,8 @@ def test_experts_are_never_in_ram_together_while_loading(tiny_models, plain, tmp
     real = loader.load_or_quantize
 
     def load_or_quantize(model, source, fmt, **kw):
+        if not kw.get("what", "").endswith("DiT"):  # the text encoder's conversion
+            return real(model, source, fmt, **kw)
         in_ram_at_build.append(sum(streaming.where_is(m) == "ram" for m in built))
         out = real(model, source, fmt, **kw)
         built.append(out[0])
