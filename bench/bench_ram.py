@@ -1,6 +1,6 @@
 """`python -m wan_lite generate` as a user runs it on a small machine, under a hard RAM limit (issue 21).
 
-    python bench/bench_ram.py --out ram.json [--models t2v-a14b,i2v-a14b,ti2v-5b] [--steps 3] [--work DIR]
+    python bench/bench_ram.py --out ram.json [--models t2v-a14b,i2v-a14b,ti2v-5b] [--vram 8,6,4] [--steps 3] [--work DIR]
                               [--a14b-dtype bf16|fp32] [--unlimited] [--keep]
     python bench/bench_ram.py --out /tmp/ram.json --tiny      # the same code on the CPU, tiny models
 
@@ -268,6 +268,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("_bench_ram"))
     ap.add_argument("--models", type=lambda s: s.split(","), default=["t2v-a14b", "i2v-a14b", "ti2v-5b"])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--vram", type=lambda s: [float(v) for v in s.split(",")], default=None,
+                    help="only the machines with these VRAM sizes (8: the 720p A14B ones, 6: 480p, 4: TI2V-5B)")
     ap.add_argument("--a14b-dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--unlimited", action="store_true", help="also run each case without the RAM and GPU limits")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
@@ -299,7 +301,7 @@ def main() -> int:
 
             Image.new("RGB", (1280, 720), (180, 120, 60)).save(image)
         for name, size, vram, ram in MACHINES:
-            if name != model:
+            if name != model or (args.vram and vram not in args.vram):
                 continue
             w, h, f = (64, 64, 9) if args.tiny else size
             ram = TINY_RAM_GB if args.tiny else ram
