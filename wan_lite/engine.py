@@ -197,7 +197,9 @@ class Engine:
                 from wan_lite.loading.components import module_of
 
                 before.dits = {}  # the DiTs go now, before the next model's are read
-                module_of(before.text_encoder).to("cpu")  # the next plan places them itself
+                encoder = module_of(before.text_encoder)
+                if not any(p.is_meta for p in encoder.parameters()):  # one dropped to disk stays there
+                    encoder.to("cpu")  # the next plan places them itself
                 before.vae.to("cpu")
             self.unload()
             if on_progress:
