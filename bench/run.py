@@ -1,6 +1,6 @@
 """All of wan_lite's GPU measurements in one command, and the report built from them.
 
-    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b,video,lora,quality,multigpu] [--budget-s 560]
+    python bench/run.py measure --out DIR [--parts tests,attention,dit,vae,job,job_a14b,video,lora,quality,multigpu,ram] [--budget-s 560]
     python bench/run.py report DIR [DIR ...] [--docs docs]
 
 `measure` (on the GPU) runs the GPU-marked tests and the benchmark scripts (bench_attention.py:
@@ -8,7 +8,8 @@ the attention kernels at the DiT's shapes; bench_dit.py: one DiT
 forward per plan and format against diffusers; bench_vae.py: Wan2.2 VAE decode; bench_job.py:
 the whole TI2V-5B job under a memory cap; bench_video.py: request to mp4 of TI2V-5B 720p, with and
 without the step cache, and Turbo-shaped; bench_lora.py: a DiT forward with a rank-64 LoRA merged and
-unmerged, and the time to apply it; bench_a14b_job.py: the whole T2V-A14B job from
+unmerged, and the time to apply it; bench_ram.py: `python -m wan_lite generate` under a cgroup RAM
+limit and a GPU cap for the small machines of issue 21, first run and from the cache; bench_a14b_job.py: the whole T2V-A14B job from
 ComfyUI-format fp8 files with the 8 GB / 32 GB profile; bench_quality.py: int8 and fp8 against bf16 over
 a whole tiny-model generation, which also runs on a CPU; bench_multigpu.py: time per step of one job
 split over 1/2/4/8 GPUs, on a machine with several), each writing raw JSON into DIR. A device call is
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b", "video", "lora", "quality", "multigpu")
+PARTS = ("tests", "attention", "dit", "vae", "job", "job_a14b", "video", "lora", "quality", "multigpu", "ram")
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> int:
@@ -84,6 +85,9 @@ def measure(args: argparse.Namespace) -> int:
                       left(), out / "video.log")
         elif part == "lora":
             rc = _run([py, "bench/bench_lora.py", "--out", str(out / "lora.json")], left(), out / "lora.log")
+        elif part == "ram":
+            rc = _run([py, "bench/bench_ram.py", "--out", str(out / "ram.json"), "--timeout-s", str(max(60, left() - 30)),
+                       *args.ram_args.split()], left(), out / "ram.log")
         elif part == "quality":
             rc = _run([py, "bench/bench_quality.py", "--out", str(out / "quality.json")], min(300, left()),
                       out / "quality.log")
@@ -174,7 +178,7 @@ def report(args: argparse.Namespace) -> int:
             found += _dit_records(d)
         if (d := _load(folder / "vae.json")) is not None:
             found += _vae_records(d)
-        for name in ("job.json", "job_a14b.json", "video.json", "lora.json", "quality.json", "multigpu.json"):
+        for name in ("job.json", "job_a14b.json", "video.json", "lora.json", "quality.json", "multigpu.json", "ram.json"):
             if (d := _load(folder / name)) is not None:
                 found += _generic_records(d)
         records += [r | {"run": folder.name} for r in found]
@@ -259,6 +263,7 @@ def main() -> int:
     m.add_argument("--job-args", default="", help="extra arguments for bench_job.py, e.g. '--variant ...'")
     m.add_argument("--multigpu-args", default="", help="extra arguments for bench_multigpu.py, e.g. '--gpus 1,8'")
     m.add_argument("--video-args", default="", help="extra arguments for bench_video.py, e.g. '--cases turbo'")
+    m.add_argument("--ram-args", default="", help="extra arguments for bench_ram.py, e.g. '--models ti2v-5b --unlimited'")
     r = sub.add_parser("report")
     r.add_argument("dirs", nargs="+")
     r.add_argument("--docs", default=str(ROOT / "docs"))

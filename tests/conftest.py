@@ -8,6 +8,7 @@ import torch
 
 # Never read or write the developer's own settings and remembered model choices.
 os.environ["WAN_LITE_CONFIG_DIR"] = tempfile.mkdtemp(prefix="wan_lite_test_config_")
+os.environ["WAN_LITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="wan_lite_test_cache_")
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 

@@ -36,7 +36,8 @@ DIM, FFN, LAYERS, TEXT_DIM = 256, 512, 2, 256  # rows of 256 values: every block
 GRID = (2, 4, 4)  # latent frames, height, width -> 2 x 2 x 2 tokens
 # Output error against the official fp32 model: weight errors (~0.5 % Q8_0 ... ~8 % Q4_K, ~3 %
 # fp8) grow a little through the tiny DiT; a wrong block layout would give errors of order 1.
-OUT_TOL = {"Q8_0": 0.02, "Q6_K": 0.05, "Q5_K": 0.1, "Q4_K": 0.2, "fp8": 0.08}
+OUT_TOL = {"Q8_0": 0.02, "Q6_K": 0.05, "Q5_K": 0.1, "Q4_K": 0.2, "fp8": 0.08, "Q4_0": 0.2, "Q4_1": 0.2,
+           "Q5_0": 0.1, "Q5_1": 0.1}
 SMALL = dict(width=32, height=32, frames=5, steps=2)
 
 
@@ -87,7 +88,8 @@ def finite_random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.
     def halves() -> np.ndarray:
         return (rng.standard_normal(len(blocks)) * 0.05).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
-    fields = {"Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[qtype]
+    fields = {"Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,), "Q4_1": (0, 2),
+              "Q5_0": (0,), "Q5_1": (0, 2)}[qtype]
     for at in fields:
         blocks[:, at : at + 2] = halves()
     return data

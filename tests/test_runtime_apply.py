@@ -181,29 +181,32 @@ def test_quantized_plan_within_tolerance(tiny_models, plain, tmp_path, fmt):
 
 
 def test_experts_are_never_in_ram_together_while_loading(tiny_models, plain, tmp_path, monkeypatch):
-    """With the idle expert on disk, the low-noise expert is loaded (its cache made) and dropped
-    before the high-noise expert is read: RAM holds one expert, even during loading."""
-    from wan_lite.runtime import streaming
+    """With the idle expert on disk, the low-noise expert is loaded (its fp32 file converted into
+    the bf16 cache) and dropped before the high-noise expert is read: RAM holds one expert, even
+    during loading, and the dropped expert is read again from the bf16 cache."""
+    from wan_lite.runtime import loader, streaming
 
     pipe, _ = plain
     p = lean_plan(pipe, quantization="bf16", idle_expert="disk", text_encoder="cpu", text_encoder_quant="bf16")
     built: list = []
     in_ram_at_build: list[int] = []
-    from wan_lite.runtime import loader
+    real = loader.load_or_quantize
 
-    real = loader.build_dit
-
-    def build_dit(source, dtype, **kw):
+    def load_or_quantize(model, source, fmt, **kw):
+        if not kw.get("what", "").endswith("DiT"):  # the text encoder's conversion
+            return real(model, source, fmt, **kw)
         in_ram_at_build.append(sum(streaming.where_is(m) == "ram" for m in built))
-        model = real(source, dtype, **kw)
-        built.append(model)
-        return model
+        out = real(model, source, fmt, **kw)
+        built.append(out[0])
+        return out
 
-    monkeypatch.setattr(loader, "build_dit", build_dit)
+    monkeypatch.setattr(loader, "load_or_quantize", load_or_quantize)
     q = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     assert len(built) == 2 and in_ram_at_build == [0, 0]
     assert list(q.dits) == ["high", "low"]
     assert streaming.where_is(q.dits["high"]) == "ram" and streaming.where_is(q.dits["low"]) == "disk"
+    source, _ = streaming.expert_source(q.dits["low"])
+    assert [f.parent for f in source.files] == [tmp_path] and ".bf16." in source.files[0].name
 
 
 def test_job_resolution_is_shared(plain):

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_models(sub)
     add_plan_parser(sub)
+    from wan_lite.runtime.cache_cli import add_cache_parser
+
+    add_cache_parser(sub)
     return parser
 
 
@@ -198,6 +201,10 @@ def _run(args: argparse.Namespace) -> int:
             from wan_lite.runtime.plan_cli import run_plan
 
             return run_plan(args)
+        if args.command == "cache":
+            from wan_lite.runtime.cache_cli import run_cache
+
+            return run_cache(args)
     except WanLiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from wan_lite.api import CancelToken, GenerateRequest, GenerateResult, Progress,
 from wan_lite.errors import Cancelled, InputError, WanLiteError
 from wan_lite.job import Job, as_job
 from wan_lite.library import FoundFile, ModelLibrary, ModelStatus
-from wan_lite.paths import cache_dir
+from wan_lite.paths import weights_cache_dir
 from wan_lite.registry import MODELS, get_spec
 from wan_lite.runtime.planner import FP8_ATTENTION_ENV, fp8_attention_opted_in  # noqa: F401  (re-exported)
 from wan_lite.version import __version__
@@ -53,8 +53,7 @@ class Engine:
         self.output_dir = Path(output_dir)
         self.device = device
         self.library = ModelLibrary(self.models_root, folders, components)
-        # quantized weights, keyed by source file and format: the one cache folder of the app and the CLI
-        self.cache_dir = cache_dir() / "quantized"
+        self.cache_dir = weights_cache_dir()  # converted weights, keyed by source content and format
         old_cache = self.models_root / ".cache"  # where earlier versions kept them
         if old_cache.is_dir() and any(old_cache.glob("*.safetensors")):
             log.info("Quantized weights made by an earlier version are in %s; they are now kept in %s. "
@@ -217,7 +216,9 @@ class Engine:
                 from wan_lite.loading.components import module_of
 
                 before.dits = {}  # the DiTs go now, before the next model's are read
-                module_of(before.text_encoder).to("cpu")  # the next plan places them itself
+                encoder = module_of(before.text_encoder)
+                if not any(p.is_meta for p in encoder.parameters()):  # one dropped to disk stays there
+                    encoder.to("cpu")  # the next plan places them itself
                 before.vae.to("cpu")
             self.unload()
             if on_progress:

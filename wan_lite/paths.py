@@ -10,6 +10,8 @@
 - `config_path(name)`: a file or folder in it, for reading: on Windows the UI used to keep its
   files one level deeper (platformdirs' default author, `%LOCALAPPDATA%/wan_lite/wan_lite`), and
   a user's files found only there are read from there.
+- `cache_dir()`: the user's wan_lite cache folder (converted weights); `WAN_LITE_CACHE_DIR`
+  overrides it.
 - `atomic_path` / `write_json_atomic`: a file appears whole under its name or not at all.
 
 Standard library and platformdirs only: the UI imports this without torch.
@@ -61,7 +63,7 @@ def output_dir() -> Path:
 
 def cache_dir() -> Path:
     """The one wan_lite cache folder (~/.cache/wan_lite on Linux, %LOCALAPPDATA%/wan_lite/Cache on
-    Windows): quantized weights in `quantized/`, the app's uploads in `uploads/`. Everything in it
+    Windows): converted and quantized weights in `weights/`, the app's uploads in `uploads/`. Everything in it
     can be deleted (it is made again when needed); WAN_LITE_CACHE_DIR overrides it."""
     override = os.environ.get(CACHE_DIR_ENV)
     if override:
@@ -75,6 +77,11 @@ def models_dir() -> Path:
     """The folder that holds the model folders: models/ in the wan_lite folder (next to app.py),
     where the app's downloads and launch.sh put them, wherever the command is run from."""
     return Path(__file__).resolve().parents[1] / "models"
+
+
+def weights_cache_dir() -> Path:
+    """Where converted and quantized model weights are cached: `cache_dir() / "weights"`."""
+    return cache_dir() / "weights"
 
 
 def _older_config_dirs() -> list[Path]:

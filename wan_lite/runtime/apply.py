@@ -40,7 +40,8 @@ class PlannedPlacement:
         if before is not None and before != self.plan.choices:
             for dit in pipe.dits.values():
                 if streaming.where_is(dit) in ("gpu", "mixed") or streaming.streamer_of(dit) is not None:
-                    streaming.move_expert(dit, "ram")
+                    disk = self.plan.blocks_from == "disk" and streaming.expert_source(dit) is not None
+                    streaming.move_expert(dit, "disk" if disk else "ram")
             if before.text_encoder == "resident" and self.plan.text_encoder != "resident":
                 from wan_lite.loading.components import module_of
 
@@ -67,11 +68,15 @@ class PlannedPlacement:
     def activate(self, name: str, module: nn.Module) -> None:
         p, dev = self.plan, self.device
         if name == "text_encoder":
+            on_disk = streaming.where_is(module) in ("disk", "mixed") and streaming.expert_source(module)
             if p.text_encoder in ("gpu", "resident"):
-                module.to(dev)
+                streaming.move_expert(module, "gpu", device=dev)  # from disk block by block
             elif p.text_encoder == "stream":
+                src, key_map = streaming.expert_source(module) if on_disk else (None, None)
                 streaming.attach(module, dev, resident=0, prefetch=max(1, p.prefetch), pinned=p.pinned,
-                                 host_modules=streaming.T5_HOST_MODULES)
+                                 host_modules=streaming.T5_HOST_MODULES, source=src, key_map=key_map)
+            elif on_disk:
+                streaming.move_expert(module, "ram")
             return  # "cpu": runs where it is
         if name.startswith("vae"):
             # only the half in use: the Wan2.2 encoder is 0.28 GiB in bf16 that a decode never needs
@@ -79,12 +84,14 @@ class PlannedPlacement:
             for part in parts:
                 getattr(module, part).to(dev)
             return
-        if streaming.where_is(module) == "disk":
-            streaming.move_expert(module, "ram")
+        src = streaming.expert_source(module) if p.blocks_from == "disk" else None
         if p.resident_blocks >= len(module.blocks):
-            streaming.move_expert(module, "gpu", device=dev)
+            streaming.move_expert(module, "gpu", device=dev)  # from disk block by block
         elif streaming.streamer_of(module) is None:
-            streaming.attach(module, dev, resident=p.resident_blocks, prefetch=max(1, p.prefetch), pinned=p.pinned)
+            if src is None and streaming.where_is(module) in ("disk", "mixed"):
+                streaming.move_expert(module, "ram")
+            streaming.attach(module, dev, resident=p.resident_blocks, prefetch=max(1, p.prefetch), pinned=p.pinned,
+                             source=src[0] if src else None, key_map=src[1] if src else None)
 
     def release(self, name: str, module: nn.Module) -> None:
         p = self.plan
@@ -93,11 +100,16 @@ class PlannedPlacement:
             if p.text_encoder == "resident":  # it stays for the next prompt
                 return
             streaming.detach_streamer(module)
-            module.to("cpu")
+            if not p.keep_text_encoder and streaming.expert_source(module) is not None:
+                streaming.move_expert(module, "disk")  # read again for the next new prompt
+            else:
+                streaming.move_expert(module, "ram")
             streaming.trim_host_memory()  # the streamer's page-locked copy is gone
         elif name.startswith("vae"):
             if self.device.type != "cpu":
                 module.to("cpu")
+        elif p.blocks_from == "disk" and module in streaming._SOURCES:
+            streaming.move_expert(module, "disk")  # nothing of it stays in RAM
         elif name in ("high", "low"):
             where = p.idle_expert if p.idle_expert in ("gpu", "ram", "disk") else "ram"
             if where == "gpu":
@@ -125,7 +137,8 @@ class PlannedPlacement:
         log.warning("Out of memory: switching to a leaner plan: %s", new.summary())
         release_kept_weights(module)
         old, self.plan = self.plan, new
-        streaming.move_expert(module, "ram")
+        disk = new.blocks_from == "disk" and streaming.expert_source(module) is not None
+        streaming.move_expert(module, "disk" if disk else "ram")
         if new.quantization != old.quantization and new.quantization in ("int8", "fp8"):
             from wan_lite.runtime.quant import quantize_model
 

@@ -5,7 +5,8 @@ dequantizing them into a float model on load would spend 2-4x their size in RAM.
 
 - `GGUFLinear` holds a layer's raw ggml blocks (`weight`: uint8 [out, bytes per row]) with its
   ggml type and dequantizes them *in forward*, with torch, on whatever device the bytes are (the
-  GPU when the block is streamed or resident): Q8_0, Q4_K, Q5_K, Q6_K. The math is ported from
+  GPU when the block is streamed or resident): Q8_0, Q4_K, Q5_K, Q6_K and the legacy Q4_0, Q4_1,
+  Q5_0, Q5_1 (0.56-0.75 bytes per weight instead of bf16's 2). The math is ported from
   gguf-py's numpy `gguf.quants` and gives the same float32 values bit for bit.
 - fp8-e4m3 weights become `QuantizedLinear("fp8")` filled with the stored bytes and scales
   (`QuantizedLinear.from_fp8`), so they use its dequant or fp8 x fp8 `_scaled_mm` paths.
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 QK_K = 256
 # ggml type -> (values per block, bytes per block), as gguf.GGML_QUANT_SIZES
 GGUF_BLOCKS: dict[str, tuple[int, int]] = {"Q8_0": (32, 34), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176),
-                                           "Q6_K": (QK_K, 210)}
+                                           "Q6_K": (QK_K, 210), "Q4_0": (32, 18), "Q4_1": (32, 20),
+                                           "Q5_0": (32, 22), "Q5_1": (32, 24)}
 GGUF_TYPES = tuple(GGUF_BLOCKS)
 _CHUNK_VALUES = 1 << 22  # dequantize this many values at a time: bounds the float32 temporaries
 
@@ -115,8 +117,44 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(n, QK_K)
 
 
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 bytes per block -> 32 4-bit values: the low nibbles first, then the high ones (ggml's order)."""
+    n = qs.shape[0]
+    return ((qs.reshape(n, 1, 16) >> _shifts((0, 4), qs.device).reshape(1, 2, 1)) & 0x0F).reshape(n, 32)
+
+
+def _high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """4 bytes per block (a little-endian uint32) -> its 32 bits, bit i for value i, as uint8."""
+    n = qh.shape[0]
+    bits = qh.reshape(n, 4, 1) >> _shifts(tuple(range(8)), qh.device).reshape(1, 1, 8)
+    return (bits & 0x01).reshape(n, 32)
+
+
+def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _f16(blocks[:, :2])
+    return d * (_nibbles(blocks[:, 2:]).view(torch.int8) - 8).float()
+
+
+def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    return d * _nibbles(blocks[:, 4:]).float() + m
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _f16(blocks[:, :2])
+    q = _nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)
+    return d * (q.view(torch.int8) - 16).float()
+
+
+def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    q = _nibbles(blocks[:, 8:]) | (_high_bits(blocks[:, 4:8]) << 4)
+    return d * q.float() + m
+
+
 _DEQUANT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K": _q5_k,
-                                                               "Q6_K": _q6_k}
+                                                               "Q6_K": _q6_k, "Q4_0": _q4_0, "Q4_1": _q4_1,
+                                                               "Q5_0": _q5_0, "Q5_1": _q5_1}
 
 
 def gguf_row_bytes(qtype: str, cols: int) -> int:

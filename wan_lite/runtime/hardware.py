@@ -86,6 +86,7 @@ class Hardware:
     disk_free_gib: float
     cpu_cores: int = 4
     source: str = "probe"  # "probe", "fake" or "profile: <name>"
+    disk_gbps: float = DISK_GBPS  # read speed of the disk the weights cache is on (probed once, remembered)
 
     @property
     def has_gpu(self) -> bool:
@@ -175,7 +176,8 @@ class Hardware:
             disk = shutil.disk_usage(target).free / GIB
         except OSError:
             disk = 0.0
-        hw = cls(name, total, free, cc, ram_total, ram_avail, disk, os.cpu_count() or 1, "probe")
+        hw = cls(name, total, free, cc, ram_total, ram_avail, disk, os.cpu_count() or 1, "probe",
+                 disk_read_gbps())
         log.debug("hardware: %s", hw.summary())
         return hw
 
@@ -196,6 +198,73 @@ class Hardware:
         data = asdict(self)
         data["compute_capability"] = list(self.compute_capability) if self.compute_capability else None
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in data.items()}
+
+
+DISK_SPEED_FILE = "disk_speed.json"  # in the config folder: {device id of the cache's disk: GB/s}
+_DISK_PROBE_BYTES = 256 << 20
+
+
+def disk_read_gbps(folder: Path | None = None, *, measure: bool = True) -> float:
+    """Read speed (GB/s) of the disk holding `folder` (default: the weights cache), measured once
+    per disk by writing a 256 MB file there, dropping it from the page cache and reading it back,
+    and remembered in the config folder (DISK_SPEED_FILE); DISK_GBPS when it cannot be measured."""
+    from wan_lite.paths import config_dir, weights_cache_dir, write_json_atomic
+
+    folder = Path(folder) if folder is not None else weights_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        dev = str(folder.stat().st_dev)
+    except OSError:
+        return DISK_GBPS
+    store = config_dir() / DISK_SPEED_FILE
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(dev), (int, float)) and known[dev] > 0:
+        return float(known[dev])
+    if not measure:
+        return DISK_GBPS
+    gbps = _measure_read(folder)
+    if gbps is None:
+        return DISK_GBPS
+    known[dev] = gbps = round(gbps, 3)
+    try:
+        write_json_atomic(store, known)
+    except OSError:
+        pass
+    log.info("disk read speed of %s: %.2f GB/s (remembered in %s)", folder, gbps, store)
+    return gbps
+
+
+def _measure_read(folder: Path) -> float | None:
+    import time
+
+    path = folder / f".disk_probe.{os.getpid()}"
+    block = os.urandom(1 << 20)
+    try:
+        with open(path, "wb") as fh:
+            for _ in range(_DISK_PROBE_BYTES >> 20):
+                fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        start = time.perf_counter()
+        with open(path, "rb", buffering=0) as fh:
+            while fh.read(8 << 20):
+                pass
+        secs = time.perf_counter() - start
+        return min(50.0, max(0.05, _DISK_PROBE_BYTES / max(secs, 1e-6) / 1e9))
+    except OSError:
+        return None
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def probe(path: str | Path = ".", device: int = 0) -> Hardware:
@@ -240,6 +309,7 @@ FORCE_CHOICES: dict[str, tuple[Any, ...] | str] = {
     "vae_dtype": ("bf16", "fp32"),
     "ffn_chunk_tokens": "null or an integer >= 256",
     "cfg_batch": (True, False),
+    "blocks_from": ("ram", "disk"),
 }
 _HARDWARE_KEYS = ("vram_gb", "ram_gb", "free_vram_gb", "available_ram_gb", "cc")
 

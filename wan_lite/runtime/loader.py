@@ -29,8 +29,8 @@ from wan_lite.runtime import streaming
 from wan_lite.runtime.apply import PlannedPlacement
 from wan_lite.runtime.gguf_linear import load_stored, stored_format
 from wan_lite.runtime.planner import Plan
-from wan_lite.runtime.quant import quantize_model
-from wan_lite.runtime.quant_cache import load_or_quantize
+from wan_lite.runtime.quant import declare_dtypes, quantize_model, refill_like
+from wan_lite.runtime.quant_cache import FLOAT_FORMATS, load_or_quantize
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,45 @@ class LoadedParts:
     keys: dict[str, tuple] = field(default_factory=dict)
 
 
+def _float_format(dtype: torch.dtype | None) -> str | None:
+    return next((name for name, d in FLOAT_FORMATS.items() if d == dtype), None)
+
+
+def _needs_conversion(source: TensorSource, dtype: torch.dtype) -> bool:
+    """Whether the blocks' weight matrices are stored in another float dtype (official A14B: fp32)."""
+    return any(source.dtype(k) != dtype for k in source
+               if k.startswith("blocks.") and k.endswith(".weight") and len(source.shape(k)) == 2
+               and source.dtype(k).is_floating_point)
+
+
 def load_dit(source: TensorSource, dtype: torch.dtype | None = torch.bfloat16, *, quantization: str | None = None,
-             cache_dir: Path | None = None, what: str = "DiT") -> tuple[nn.Module, TensorSource]:
+             cache_dir: Path | None = None, what: str = "DiT", on_disk: bool = False) -> tuple[nn.Module, TensorSource]:
     """The DiT of `source` and the TensorSource to re-fill it from (`streaming.move_expert`).
 
     fp8 (ComfyUI) and GGUF files keep their block weights as stored (fp8 QuantizedLinear /
     GGUFLinear, ~1 or fewer bytes per weight, no float copy) whatever `quantization` asks; the
-    rest loads in `dtype`. Otherwise `quantization` "int8" / "fp8" quantizes the Linear layers
-    (through the cache in `cache_dir`, re-filled from it; without one, from `source`, quantized
-    again as read), and None loads the floats in `dtype`.
+    rest loads in `dtype`. Otherwise `quantization` "int8" / "fp8" quantizes the Linear layers,
+    and None loads the floats in `dtype`: with a `cache_dir`, converted tensor by tensor into the
+    on-disk cache (quant_cache.convert_to_cache: an fp32 expert never sits in RAM in either
+    dtype) and re-filled from it; without one, from `source`, converted again as read.
+    on_disk: the model comes back on meta (nothing read into RAM), its weights in the returned
+    source, for an expert that waits on disk or streams its blocks from there; stored fp8 /
+    GGUF files are read and dropped (their own file is the source).
     """
     stored = stored_format(source)
     if stored is None and quantization not in QUANTIZED:
+        fmt = _float_format(dtype)
+        if cache_dir is not None and fmt is not None and _needs_conversion(source, dtype):
+            model, cache = load_or_quantize(dit_on_meta(source), source, fmt, dtype=dtype, cache_dir=cache_dir,
+                                            keep_fp32=keep_dit_fp32, what=what, fill=not on_disk)
+            if cache is not None:
+                return model.requires_grad_(False).eval(), SafetensorsSource([cache])
+            return _dropped(model, source) if on_disk else model.requires_grad_(False).eval(), source
+        if on_disk:
+            model = dit_on_meta(source)
+            if dtype is not None:
+                declare_dtypes(model, dtype, keep_dit_fp32)
+            return model.requires_grad_(False).eval(), source
         return build_dit(source, dtype), source
     model = dit_on_meta(source)
     if stored is not None:
@@ -95,36 +122,90 @@ def load_dit(source: TensorSource, dtype: torch.dtype | None = torch.bfloat16, *
         refill = load_stored(model, source, dtype, keep_fp32=keep_dit_fp32, what=what)
     else:
         model, cache = load_or_quantize(model, source, quantization, dtype=dtype, cache_dir=cache_dir,
-                                        keep_fp32=keep_dit_fp32, skip=WanDiT.no_quantize_patterns, what=what)
+                                        keep_fp32=keep_dit_fp32, skip=WanDiT.no_quantize_patterns, what=what,
+                                        fill=not on_disk)
         refill = source if cache is None else SafetensorsSource([cache])
-    return model.requires_grad_(False).eval(), refill
+    model = model.requires_grad_(False).eval()
+    return (_dropped(model, refill) if on_disk else model), refill
+
+
+def _dropped(model: nn.Module, source: TensorSource) -> nn.Module:
+    """`model` with every tensor dropped to meta (its source holds them)."""
+    if streaming.where_is(model) != "disk":
+        streaming.set_expert_source(model, source)
+        streaming.move_expert(model, "disk")
+    return model
 
 
 def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, dtype: torch.dtype = torch.bfloat16,
-                      *, quantization: str | None = None) -> Any:
+                      *, quantization: str | None = None, on_disk: bool = False,
+                      cache_dir: Path | None = None) -> Any:
     """The umT5 encoder (a TextEncoder); the Linear layers of an fp8 file stay fp8
-    (QuantizedLinear), and `quantization` "int8" / "fp8" quantizes the others. GGUF encoders are
-    dequantized on read: transformers' T5 casts its FFN input to the dtype of a non-int8 `wo`
-    weight, which a uint8 GGUFLinear would turn into a byte cast."""
+    (QuantizedLinear), and `quantization` "int8" / "fp8" quantizes the others as they are read
+    (one float tensor at a time, never the whole bf16 encoder). Its source is registered
+    (`streaming.set_expert_source`), so it can be dropped to disk between prompts and read again.
+    on_disk: built on meta, nothing read (the placement reads it when it is first needed); with
+    a `cache_dir`, from its conversion into the converted-weights cache.
+    GGUF encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of
+    a non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
     if not isinstance(source, TensorSource):
         source = open_source(Path(source))
-    fill = load_stored if stored_format(source) == "fp8" else fill_module
+    key_maps: list = []
+    refills: list = []
+    on_disk = on_disk and stored_format(source) is None  # fp8 / GGUF files: read as stored, kept
+    if stored_format(source) == "fp8":
+        def fill(model, src, dt, *, key_map=None, what="text encoder"):
+            key_maps.append(key_map)
+            return load_stored(model, src, dt, key_map=key_map, what=what)
+    elif on_disk and cache_dir is not None:
+        # converted into the cache (safetensors, read with the pages let go: a .pth read through
+        # torch's memory map would keep every page it touched in the process's RSS)
+        def fill(model, src, dt, *, key_map=None, what="text encoder"):
+            fmt = quantization if quantization in QUANTIZED else _float_format(dt)
+            _m, cache = load_or_quantize(model, src, fmt, dtype=dt, cache_dir=cache_dir, key_map=key_map,
+                                         fill=False, what="text encoder")
+            refills.append((SafetensorsSource([cache]), None) if cache is not None else (src, key_map))
+            if cache is None:
+                streaming.set_expert_source(model, src, key_map)
+                streaming.move_expert(model, "disk")
+            return model
+    elif quantization in QUANTIZED or on_disk:
+        def fill(model, src, dt, *, key_map=None, what="text encoder"):
+            key_maps.append(key_map)
+            if quantization in QUANTIZED:
+                quantize_model(model, quantization)
+            if dt is not None:
+                declare_dtypes(model, dt)
+            if not on_disk:
+                refill_like(model, src, key_map=key_map, what=what)
+            return model
+    else:
+        def fill(model, src, dt, *, key_map=None, what="text encoder"):
+            key_maps.append(key_map)
+            return fill_module(model, src, dt, key_map=key_map, what=what)
     encoder = build_text_encoder(source, tokenizer, dtype, fill=fill)
-    if quantization in QUANTIZED:
+    if quantization in QUANTIZED and stored_format(source) == "fp8":
         quantize_model(encoder.model, quantization)  # layers stored as fp8 stay so
+    elif refills:
+        streaming.set_expert_source(encoder.model, *refills[0])
+    elif stored_format(source) is None:  # GGUF: dequantized as read, no exact source to read again
+        streaming.set_expert_source(encoder.model, source, key_maps[0] if key_maps else None)
     return encoder
 
 
 def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
                components: dict[str, str | Path] | None = None, name: str | None = None,
-               cache_dir: Path | None = None, idle_on_disk: bool = False,
-               reuse: dict[tuple, Any] | None = None) -> LoadedParts:
+               cache_dir: Path | None = None, idle_on_disk: bool = False, dits_on_disk: bool = False,
+               text_on_disk: bool = False, reuse: dict[tuple, Any] | None = None) -> LoadedParts:
     """Load a model: an official-layout folder, and/or per-component files or folders in any
     supported format (`components` slots: "dit" or "dit_high"/"dit_low", "vae",
     "text_encoder", "tokenizer"), in `formats`. Weights stay on the CPU.
 
     idle_on_disk: the A14B low-noise expert, idle first, is dropped to its file (or quantized
     cache) once loaded; it is loaded first, so the two experts are never in RAM together.
+    dits_on_disk: every DiT stays on disk (meta) once converted: the placement reads its parts
+    when it runs, and streams its blocks from the file (a plan's blocks_from "disk").
+    text_on_disk: the text encoder too (read at its first prompt, dropped after it).
     reuse: key -> component (`LoadedParts.keys` of the model loaded before): a text encoder or VAE
     built from the same files in the same formats is taken as it is, not read again (switching
     between models that share umT5 or a VAE).
@@ -135,17 +216,18 @@ def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
                              formats.text_dtype, formats.text_quant),
             "vae": ("vae", sources["vae"].describe(), spec.vae_version, formats.vae_dtype)}
     text_encoder = reuse.get(keys["text_encoder"]) or load_text_encoder(
-        sources["text_encoder"], tokenizer, formats.text_dtype, quantization=formats.text_quant)
+        sources["text_encoder"], tokenizer, formats.text_dtype, quantization=formats.text_quant,
+        on_disk=text_on_disk, cache_dir=cache_dir)
     vae = reuse.get(keys["vae"]) or load_vae(sources["vae"], spec, formats.vae_dtype)
     roles = dit_roles(spec)
     to_disk = {"low"} if spec.experts and idle_on_disk else set()
     dits: dict[str, nn.Module] = {}
     for role in sorted(roles, key=lambda r: r not in to_disk):
         model, refill = load_dit(sources[f"dit_{role}"], formats.dit_dtype, quantization=formats.quantization,
-                                 cache_dir=cache_dir, what=f"{role} DiT")
+                                 cache_dir=cache_dir, what=f"{role} DiT", on_disk=dits_on_disk)
         streaming.set_expert_source(model, refill)
         dits[role] = model
-        if role in to_disk:
+        if role in to_disk and streaming.where_is(model) != "disk":
             streaming.move_expert(model, "disk")
     dits = {role: dits[role] for role in roles}
     streaming.trim_host_memory()
@@ -160,6 +242,9 @@ def load_planned_parts(model_dir: str | Path | None, plan: Plan, *, components: 
     is one, else the CPU) that runs them as the plan says; the pipeline binds it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     parts = load_parts(model_dir, Formats.of_plan(plan), components=components, name=name, cache_dir=cache_dir,
-                       idle_on_disk=plan.idle_expert == "disk", reuse=reuse)
+                       idle_on_disk=plan.idle_expert == "disk",
+                       # kept on the GPU: read from the file straight there, never whole in RAM
+                       dits_on_disk=plan.blocks_from == "disk" or (plan.keep_resident and device.type == "cuda"),
+                       text_on_disk=not plan.keep_text_encoder, reuse=reuse)
     parts.placement = PlannedPlacement(plan, device)
     return parts

@@ -27,9 +27,12 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   during the tiles, that part's output in RAM (K.vae_low_res_ram_px per pixel-frame).
 - umT5 (5.68e9 params; bf16 11.4 GB, int8 blocks + bf16 embedding 6.7 GB): "gpu" whole, "stream"
   two blocks (embedding lookup on the CPU), "cpu" nothing; + K.t5_act.
-- RAM = K.ram_base + active expert (none with keep_resident: loaded straight to the GPU) + idle
-  expert if "ram" + VAE + umT5 (the streamer's packed copy while encoding, kept after only with
-  keep_text_encoder; a memory-mapped file otherwise) + the decoded video (fp32 + uint8).
+- RAM = K.ram_base + active expert + idle expert if "ram" (with keep_resident or blocks_from
+  "disk" instead: one block in flight from the file to the GPU, + (prefetch+1) page-locked
+  staging blocks when streamed from disk) + VAE + the largest of: umT5 (whole when
+  keep_text_encoder, for the whole job; else while encoding: whole on the CPU, its embedding +
+  one block going to the GPU, + 3 blocks streamed), the first start's conversion (two blocks),
+  the decoded video (fp32 + uint8, the tiled decode's features).
 - Usable = free VRAM - (0.25 GiB + 4 % of total); available RAM - (1 GiB + 3 % of total).
 Time model. Per forward 2*L*(6D^2+2DF)*n (Linear; x K.fp8_gain faster with fp8 compute) +
 4*L^2*D*n (attention; x K.fp8_attention_gain with fp8 attention) FLOP at `Hardware.speed()`; in
@@ -37,7 +40,8 @@ token chunks + per block K.chunked_token_s per token of the batch and K.chunk_bl
 the first; 2 forwards per step with CFG (one with a batch of 2: x K.batch2_cost, x
 K.batch2_cost_short for short sequences); streaming costs max(compute, transfer) + one block.
 VAE and umT5 from measured seconds scaled by throughput (a tiled decode x `tiled_time`,
-vae_memory's time model); disk reads at DISK_GBPS.
+vae_memory's time model); disk reads at `Hardware.disk_gbps` (probed once per disk, remembered),
+blocks streamed from disk at min(disk, link) per forward.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import Any
 
 from wan_lite.errors import InputError
 from wan_lite.runtime.footprint import K, ModelFootprint
-from wan_lite.runtime.hardware import DISK_GBPS, GIB, Hardware
+from wan_lite.runtime.hardware import GIB, Hardware
 from wan_lite.units import duration
 
 
@@ -117,6 +121,9 @@ class Choices:
     vae_dtype: str = "bf16"
     ffn_chunk_tokens: int | None = None
     cfg_batch: bool = False
+    # "disk": the DiT's copy is not kept in RAM: its streamed blocks are read from the file (the
+    # converted-weights cache) each forward, the rest straight to the GPU when it runs
+    blocks_from: str = "ram"
 
 
 CHOICE_FIELDS = tuple(f.name for f in fields(Choices))
@@ -154,7 +161,8 @@ class Plan(Choices):
         parts = [self.quantization + (" (fp8 compute" + (", fp8 attention)" if self.fp8_attention else ")")
                                       if self.fp8_compute else ""),
                  f"{self.resident_blocks}/{n} blocks resident" + (
-                     f", prefetch {self.prefetch} from {'pinned' if self.pinned else 'pageable'} RAM"
+                     f", prefetch {self.prefetch} from "
+                     + ("disk" if self.blocks_from == "disk" else f"{'pinned' if self.pinned else 'pageable'} RAM")
                      if self.resident_blocks < n else ""),
                  f"idle expert on {self.idle_expert}" if self.idle_expert != "none" else "",
                  "cond+uncond batched" if self.cfg_batch else "",
@@ -300,23 +308,42 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
     unmerged = ch.quantization != "bf16" and r.lora_bytes > 0
     if unmerged and gpu:
         vram["denoise"] += r.lora_bytes
-    # RAM: what lives in host memory through the job, plus each stage's own
-    expert = m.expert_bytes(ch.quantization)
-    held = K.ram_base + (0 if ch.keep_resident and gpu else expert) + (expert if ch.idle_expert == "ram" else 0)
+    # RAM: what lives in host memory through the job, plus each stage's own. An upper bound of
+    # what the loader and the placement do (runtime/loader.py, apply.py):
+    expert, b = m.expert_bytes(ch.quantization), m.block_bytes(ch.quantization)
+    disk = ch.blocks_from == "disk" and gpu
+    if disk or (ch.keep_resident and gpu):
+        # read from the file block by block straight to the GPU (one block, or the non-block
+        # parts, in RAM at a time); streamed blocks through page-locked staging, one per slot
+        dit_ram = max(m.nonblock_bytes(), b) + ((ch.prefetch + 1) * b if disk and ch.resident_blocks < m.num_layers
+                                                 else 0)
+    else:
+        dit_ram = expert + (expert if ch.idle_expert == "ram" else 0)
+    held = K.ram_base + dit_ram
     held += m.vae_bytes("encoder", ch.vae_dtype) + m.vae_bytes("decoder", ch.vae_dtype)
     t5 = m.text_bytes(ch.text_encoder_quant)
+    t5_block, t5_embed = m.text_block_bytes(ch.text_encoder_quant), 2 * (m.text_embed_params + m.text_dim)
+    # kept: loaded whole into RAM with the model and held there; else read from its file at its
+    # prompt and dropped after: on the CPU whole, to the GPU block by block (its token embedding
+    # first), streamed with the embedding in RAM and a page-locked copy of two blocks
     kept = t5 if ch.keep_text_encoder else 0
-    # a streamed encoder is packed into its own RAM buffers; one loaded straight to the GPU, or a
-    # bf16 one run on the CPU, is read through the memory-mapped file (reclaimable page cache)
-    copied = ch.text_encoder == "stream" or (ch.text_encoder == "cpu" and ch.text_encoder_quant != "bf16")
-    while_encoding = max(kept, t5 if copied else 0)
+    if kept or ch.text_encoder == "cpu" or not gpu:
+        while_encoding = t5
+    elif ch.text_encoder == "stream":
+        while_encoding = t5_embed + 3 * t5_block
+    else:
+        while_encoding = t5_embed + t5_block
+    # converting a checkpoint into the cache at the first start: one source tensor (fp32 at most)
+    # and its converted copy, within two blocks; umT5's largest is its token embedding
+    converting = kept + max(2 * m.block_bytes("bf16"), t5_embed)
     video = r.frames * r.width * r.height * K.video_ram_px
     if ch.vae_tile and gpu:  # the tiles' input: the global pass's features, in CPU memory
         low_res_px = K.vae_low_res_ram_px[m.vae_version] * (4 if ch.vae_dtype == "fp32" else 2)
         video += r.frames * r.width * r.height * low_res_px
     cpu_act = 0.0 if gpu else act + latents
     cpu_vae = 0.0 if gpu else _vae_vram(m, r, ch, "decoder") - m.vae_bytes("decoder", ch.vae_dtype)
-    ram = held + max(while_encoding, kept + cpu_act + (0 if on_gpu else residuals), kept + video + cpu_vae)
+    ram = held + max(while_encoding, converting, kept + cpu_act + (0 if on_gpu else residuals),
+                     kept + video + cpu_vae)
 
     # time
     n, L, d, f = m.num_layers, g.tokens, m.dim, m.ffn_dim
@@ -338,25 +365,30 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
     compute = passes * fwd * (batch_cost if batch == 2 else 1.0) + passes // batch * chunk_s
     if unmerged:
         compute *= 1.0 + K.lora_rank_cost * r.lora_rank
-    b, streamed = m.block_bytes(ch.quantization), max(0, n - ch.resident_blocks) if gpu else 0
+    streamed = max(0, n - ch.resident_blocks) if gpu else 0
     link = (sp.pinned_gbps if ch.pinned else sp.pageable_gbps) * 1e9 or 1.0
+    disk_bps = hw.disk_gbps * 1e9
+    if disk:  # streamed blocks come from the disk each forward, then over the link (overlapped)
+        link = min(disk_bps, sp.pinned_gbps * 1e9 or 1.0)
     copies = passes // batch
     step = compute
     if streamed:
         step = max(compute, streamed * b * copies / link) + copies * b / link  # first slot is never hidden
     steps = r.steps or m.steps
     resident = (expert - streamed * b) / link if gpu else 0.0  # seconds to put the resident part on the GPU
+    if disk or (ch.keep_resident and gpu):  # read from the cache file on its way there
+        resident = (expert - streamed * b) / min(disk_bps, link)
     upload = 0.0 if ch.keep_resident else resident  # once per job, unless it never leaves the GPU
     switch = 0.0
     if m.experts > 1 and ch.idle_expert != "gpu":
-        on_disk = expert if ch.quantization != "bf16" else m.params * m.source_bytes  # cache or source
-        switch = resident + (on_disk / (DISK_GBPS * 1e9) if ch.idle_expert == "disk" else 0.0)
+        on_disk = expert  # the converted-weights cache (a bf16 source is its own)
+        switch = resident + (on_disk / disk_bps if ch.idle_expert == "disk" and not disk else 0.0)
     text_flops = 2 * (m.text_params - m.text_embed_params) * 512 * 2
     text_s = text_flops / ((sp.tflops if ch.text_encoder != "cpu" else sp.cpu_tflops) * 1e12)
     if ch.text_encoder not in ("cpu", "resident"):  # a resident encoder was uploaded once, by the first job
         text_s += t5 / link
     if not ch.keep_text_encoder and ch.text_encoder != "resident":
-        text_s += t5 / (DISK_GBPS * 1e9)
+        text_s += t5 / disk_bps
     tile = tiled_time(r, ch.vae_tile, m.vae_stride[1])
     scale = K.ref_tflops / sp.tflops * tile * r.width * r.height / 1e6
     # a skipped forward runs no block and streams none: the step costs its share of forwards

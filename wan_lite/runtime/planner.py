@@ -169,6 +169,15 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
             ch = replace(ch, idle_expert="ram")
     if "keep_text_encoder" not in forced and ram_ok(replace(ch, keep_text_encoder=True)):
         ch = replace(ch, keep_text_encoder=True)
+    if hw.has_gpu and "blocks_from" not in forced and not ram_ok(ch):
+        # RAM short: the DiT's copy stays in its file and its blocks stream from there (slower
+        # where the disk is slower than the forward; the time estimate counts the reads)
+        disk = replace(ch, blocks_from="disk", keep_text_encoder=forced.get("keep_text_encoder", False))
+        if m.experts > 1 and disk.idle_expert == "ram" and "idle_expert" not in forced:
+            disk = replace(disk, idle_expert="disk")
+        disk = pick(disk)
+        if ram_ok(disk) or estimate(m, r, hw, disk)["ram"] < estimate(m, r, hw, ch)["ram"]:
+            ch = disk
     if ch.text_encoder == "gpu" and "text_encoder" not in forced:
         # Room for umT5 beside every stage: it stays on the GPU, so a new prompt costs only its
         # forward (moving 11 GB there and back took 5-14 s a job on an H100, run 2026-12-06-a).
@@ -182,8 +191,13 @@ def _plan(m: ModelFootprint, r: PlanRequest, hw: Hardware, forced: dict[str, Any
     fast = "fp8" if hw.fp8_tensor_cores else "int8"
     # A CPU runs the weights as loaded (bf16): it quantizes only when a memory profile asks.
     order = [forced["quantization"]] if "quantization" in forced else ["bf16", fast] if hw.has_gpu else ["bf16"]
-    plans = [evaluate(m, r, hw, _choose_for(m, r, hw, q, forced), profile) for q in order]
-    fitting = [p for p in plans if p.fits]
+    # the DiT in RAM first; its blocks streamed from disk only where no quantization fits RAM
+    tries = [forced] if "blocks_from" in forced or not hw.has_gpu else [{**forced, "blocks_from": "ram"}, forced]
+    for i, f in enumerate(tries):
+        plans = [evaluate(m, r, hw, _choose_for(m, r, hw, q, f), profile) for q in order]
+        fitting = [p for p in plans if p.fits]
+        if fitting or i == len(tries) - 1:
+            break
     if not fitting:
         return plans[-1]
     # quality first: bf16 unless it is much slower than the quantized plan
@@ -269,7 +283,7 @@ def _moves(p: Plan, hw: Hardware, stage: str) -> list[Choices]:
         step = max(1, math.ceil(ch.resident_blocks / 4))
         out += [replace(ch, resident_blocks=k, prefetch=max(1, ch.prefetch), keep_resident=False)
                 for k in range(ch.resident_blocks - step, -1, -step)]
-        if ch.quantization == "bf16":
+        if ch.quantization == "bf16" and ch.blocks_from == "ram":  # a disk plan streams its cache's format
             out.append(replace(ch, quantization="fp8" if hw.fp8_tensor_cores else "int8"))
         if ch.prefetch > 1:
             out.append(replace(ch, prefetch=ch.prefetch - 1))

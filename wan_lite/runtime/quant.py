@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -520,41 +520,93 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
 # Filling a quantized model from a checkpoint, tensor by tensor
 
 
-def refill_like(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
-                quant_device: torch.device | str = "cpu", what: str = "model") -> nn.Module:
-    """Fill a (meta) model with the dtypes and shapes it declares, tensor by tensor.
+def refill_order(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    """The names `iter_refill` yields, in its order: the state dict's, each quantization scale
+    right after its weight (made together)."""
+    expected = model.state_dict(keep_vars=True)
+    qmods = quantized_modules(model)
+    wanted = None if names is None else set(names)
+    scales = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods}
+    order = []
+    for name in expected:
+        if name in scales or (wanted is not None and name not in wanted):
+            continue
+        order.append(name)
+        scale = name + SCALE_SUFFIX
+        if scale in scales and (wanted is None or scale in wanted):
+            order.append(scale)
+    return order
 
-    `source` is either a quantized cache (holding `<layer>.weight_scale`), read as is, or a float
-    checkpoint whose weights for the quantized layers are quantized (on `quant_device`) as they
-    are read: only one float tensor is alive at a time, never the whole float model.
-    """
+
+def _in_source(source: TensorSource, kmap: Callable[[str], str], name: str) -> bool:
+    try:
+        return kmap(name) in source
+    except KeyError:  # a key map that knows only the float checkpoint's names (umT5's)
+        return False
+
+
+def read_plan(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
+              names: Iterable[str] | None = None, what: str = "model") -> list[tuple]:
+    """How `read_planned` reads a (meta) model's tensors from `source`, checked (every key there,
+    every shape right) before anything is read: [(name, key, dtype, fmt or None, scale dtype)],
+    fmt set for a quantized layer's weight that a float source holds (quantized as read, its
+    scale made with it; a quantized cache holds `<layer>.weight_scale` and is read as is)."""
     kmap = key_map or (lambda n: n)
     qmods = quantized_modules(model)
-    requantize = bool(qmods) and kmap(f"{next(iter(qmods))}.weight{SCALE_SUFFIX}") not in source
+    requantize = bool(qmods) and not _in_source(source, kmap, f"{next(iter(qmods))}.weight{SCALE_SUFFIX}")
     expected = model.state_dict(keep_vars=True)
     derived = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods} if requantize else set()
-    missing = [kmap(n) for n in expected if n not in derived and kmap(n) not in source]
+    order = [n for n in refill_order(model, names) if n not in derived]
+    missing = [kmap(n) for n in order if kmap(n) not in source]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"The {what} file(s) {source.describe()} lack {len(missing)} tensor(s): {shown}.",
                               "This is not the expected checkpoint or it is incomplete; download it again.")
-    loaded: dict[str, torch.Tensor] = {}
-    for name, ref in expected.items():
-        if name in derived:
-            continue  # made together with its weight below
-        key = kmap(name)
+    plan = []
+    for name in order:
+        key, ref = kmap(name), expected[name]
         if tuple(source.shape(key)) != tuple(ref.shape):
             raise CheckpointError(f"Tensor {key!r} in {source.describe()} has shape {list(source.shape(key))}, "
                                   f"expected {list(ref.shape)} for this {what}.", "The file belongs to another model.")
-        t = source[key]
         layer = name[: -len(".weight")]
         if requantize and name.endswith(".weight") and layer in qmods:
-            q, scale = quantize_weight(t.to(quant_device), qmods[layer].fmt)
-            scale_ref = expected[name + SCALE_SUFFIX]
-            loaded[name], loaded[name + SCALE_SUFFIX] = q.cpu(), scale.to("cpu", scale_ref.dtype)
+            plan.append((name, key, ref.dtype, qmods[layer].fmt, expected[name + SCALE_SUFFIX].dtype))
+        else:
+            plan.append((name, key, ref.dtype, None, None))
+    return plan
+
+
+def read_planned(plan: list[tuple], source: TensorSource,
+                 quant_device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) one at a time as `plan` (read_plan) says: only one source tensor is alive
+    at a time. Touches no module, so it may run on another thread."""
+    for name, key, dtype, fmt, scale_dtype in plan:
+        t = source[key]
+        if fmt is not None:
+            q, scale = quantize_weight(t.to(quant_device), fmt)
+            del t
+            yield name, q.cpu()
+            yield name + SCALE_SUFFIX, scale.to("cpu", scale_dtype)
             continue
-        loaded[name] = t if t.dtype == ref.dtype else t.to(ref.dtype)
-    model.load_state_dict(loaded, assign=True, strict=True)
+        yield name, t if t.dtype == dtype else t.to(dtype)
+
+
+def iter_refill(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
+                quant_device: torch.device | str = "cpu", names: Iterable[str] | None = None,
+                what: str = "model") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a (meta) model in the dtype and shape it declares, one
+    at a time in `refill_order`, read from `source` (`read_plan`, `read_planned`). names: only
+    these tensors (a block's, the parts outside the blocks)."""
+    return read_planned(read_plan(model, source, key_map=key_map, names=names, what=what), source, quant_device)
+
+
+def refill_like(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
+                quant_device: torch.device | str = "cpu", names: Iterable[str] | None = None,
+                what: str = "model") -> nn.Module:
+    """Fill a (meta) model with the dtypes and shapes it declares, tensor by tensor (`iter_refill`);
+    names: only those tensors, the others left as they are."""
+    loaded = dict(iter_refill(model, source, key_map=key_map, quant_device=quant_device, names=names, what=what))
+    model.load_state_dict(loaded, assign=True, strict=names is None)
     return model
 
 

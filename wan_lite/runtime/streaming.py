@@ -13,6 +13,13 @@ list (`WanDiT.blocks`, the umT5 encoder's `encoder.block`), from outside, with f
   block runs) and `free` (recorded on the compute stream after the block ran; the copy stream waits
   on it before overwriting the slot). Nothing synchronises the host.
 
+With `source` (a TensorSource of the model's exact tensors: the converted-weights cache, or a
+checkpoint already in the runtime format) the streamed blocks are not kept in RAM at all: they
+stay on `meta` and each is read from the memory-mapped file when its slot is loaded (on CUDA by
+one reader thread into a page-locked staging buffer per slot, `prefetch` blocks ahead, then
+copied on the side stream); the parts outside the blocks and the resident blocks are read from
+the source block by block straight to the device. RAM then holds the staging buffers only.
+
 On a CPU device the same code runs without streams or events (slots are plain CPU buffers), so
 tests can check streamed == resident bit for bit.
 
@@ -27,14 +34,15 @@ import gc
 import logging
 import mmap
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from wan_lite.loading.tensors import TensorSource
-from wan_lite.runtime.quant import find_block_list, matches, refill_like
+from wan_lite.runtime.quant import find_block_list, matches, read_plan, read_planned, refill_like
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +191,49 @@ class _PackedBlock:
         self.pinned = False
 
 
+class _DiskBlock:
+    """A streamed block whose tensors stay in a file: its layout in a slot (as _PackedBlock's),
+    and how to read it from the source into a buffer. Its tensors are `meta` between uses."""
+
+    pinned = False
+
+    def __init__(self, index: int, block: nn.Module, names: dict[int, str], source: TensorSource,
+                 plan: list) -> None:
+        self.index = index
+        entries, offset, seen = [], 0, {}
+        self.by_name: dict[str, _Entry] = {}
+        for module, name, is_param, t in _tensors(block):
+            key = id(t)
+            if key not in seen:
+                seen[key] = offset
+                offset = _align(offset + t.numel() * t.element_size())
+            e = _Entry(module, name, is_param, seen[key], t.dtype, tuple(t.shape))
+            entries.append(e)
+            self.by_name[names[id(module)] + name] = e
+        self.entries: list[_Entry] = entries
+        self.nbytes = max(offset, _ALIGN)
+        self.cpu_views = [torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries]
+        self.bind(self.cpu_views)
+        self.slot_views: dict[int, list[torch.Tensor]] = {}
+        self.source, self.plan = source, plan
+
+    def read_into(self, buf: torch.Tensor) -> None:
+        """Read this block's tensors from the source into `buf` (a slot or a staging buffer)."""
+        for name, t in read_planned(self.plan, self.source):
+            _view(buf, self.by_name[name]).copy_(t)
+
+    def bind(self, views: list[torch.Tensor]) -> None:
+        # new Parameter objects: a meta parameter's `.data` cannot take a real tensor (nor back)
+        for e, v in zip(self.entries, views, strict=True):
+            if e.is_param:
+                e.module._parameters[e.name] = nn.Parameter(v, requires_grad=False)
+            else:
+                e.module._buffers[e.name] = v
+
+    def unpin(self) -> None:
+        pass
+
+
 class BlockStreamer:
     """Streams the blocks of one model; see the module docstring. Use `attach` to create."""
 
@@ -200,6 +251,11 @@ class BlockStreamer:
         self._copy_stream: torch.cuda.Stream | None = None
         self._bound: tuple[int, int] | None = None  # (position, slot) whose params point at a slot
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.source: TensorSource | None = None  # streamed blocks read from this file (not kept in RAM)
+        self._staging: list[torch.Tensor] = []  # page-locked, one per slot (CUDA with a source)
+        self._staging_pins: list[weakref.finalize] = []
+        self._reader: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}  # slot -> its read-and-copy, not yet waited for
 
     # -------------------------------------------------------------------------------- set-up
 
@@ -213,6 +269,8 @@ class BlockStreamer:
         pinned: bool = True,
         pin_limit: int | None = None,
         host_modules: tuple[str, ...] = (),
+        source: TensorSource | None = None,
+        key_map: Callable[[str], str] | None = None,
     ) -> BlockStreamer:
         """Stream `model`'s blocks to `device`, keeping the first `resident` blocks there.
 
@@ -223,13 +281,16 @@ class BlockStreamer:
         host_modules: name patterns of modules outside the blocks that stay in host memory and run
         there, inputs moved to the CPU and outputs back (umT5's 2 GB token embedding:
         `T5_HOST_MODULES`); everything else outside the blocks moves to `device`.
+        source, key_map: stream the blocks from this file instead of RAM (module docstring);
+        tensors of the model still on `meta` (an expert waiting on disk) are read from it.
         """
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
         detach_streamer(model)
         self = cls()
         try:
-            self._setup(model, torch.device(device), resident, prefetch, pinned, pin_limit, host_modules)
+            self.source = source
+            self._setup(model, torch.device(device), resident, prefetch, pinned, pin_limit, host_modules, key_map)
         except BaseException:
             self.detach()  # no half-attached model: hooks removed, blocks left as valid CPU tensors
             raise
@@ -238,9 +299,12 @@ class BlockStreamer:
         return self
 
     def _setup(self, model: nn.Module, device: torch.device, resident: int, prefetch: int, pinned: bool,
-               pin_limit: int | None, host_modules: tuple[str, ...]) -> None:
+               pin_limit: int | None, host_modules: tuple[str, ...],
+               key_map: Callable[[str], str] | None = None) -> None:
         self.model, self.device = model, device
-        _, blocks = find_block_list(model)
+        prefix, blocks = find_block_list(model)
+        if self.source is not None:  # what waits on disk outside the streamed blocks is read now
+            fill_from_source(model, self.source, key_map, blocks=range(min(resident, len(blocks))))
         self.resident = max(0, min(resident, len(blocks)))
         self.prefetch = prefetch
         block_ids = {id(m) for b in blocks for m in b.modules()}
@@ -264,7 +328,16 @@ class BlockStreamer:
         streamed = list(blocks[self.resident :])
         use_pin = pinned and torch.cuda.is_available() and self.device.type == "cuda"
         budget = _pin_budget(pin_limit) if use_pin else 0
-        for i, block in enumerate(streamed):
+        if self.source is not None:
+            names = {id(m): (f"{n}." if n else "") for n, m in model.named_modules()}
+            for i, block in enumerate(streamed):
+                idx = self.resident + i
+                block_names = [n for n in model.state_dict(keep_vars=True) if n.startswith(f"{prefix}.{idx}.")]
+                plan = read_plan(model, self.source, key_map=key_map, names=block_names)
+                block.to("meta")  # a copy in RAM is dropped: the file is the copy
+                self._packed.append(_DiskBlock(idx, block, names, self.source, plan))
+            trim_host_memory(collect=False)
+        for i, block in enumerate(streamed if self.source is None else []):
             # Pack from CPU: a block still on the GPU is first brought back to host memory.
             block.to("cpu")
             size = sum(t.numel() * t.element_size() for *_, t in _tensors(block))
@@ -278,6 +351,16 @@ class BlockStreamer:
             slot_bytes = max(p.nbytes for p in self._packed)
             self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
             self._owner = [-1] * n_slots
+            if self.source is not None and self.device.type == "cuda":
+                # page-locked staging: the reader thread fills it while the GPU runs other blocks
+                for _ in range(n_slots):
+                    stage = _page_aligned(slot_bytes)
+                    if use_pin and _pin_in_place(stage):
+                        fin = weakref.finalize(stage, _unpin, stage.data_ptr())
+                        fin.atexit = False
+                        self._staging_pins.append(fin)
+                    self._staging.append(stage)
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="wan_lite-disk-reader")
             if self.device.type == "cuda":
                 self._copy_stream = torch.cuda.Stream(self.device)
                 # A streamer collected without detach() may leave a prefetch writing into a slot
@@ -309,8 +392,10 @@ class BlockStreamer:
         streamed = sum(p.nbytes for p in self._packed)
         pinned = sum(p.nbytes for p in self._packed if p.pinned)
         slots = sum(s.numel() for s in self._slots)
+        where = (f"from {self.source.describe()}, {sum(s.numel() for s in self._staging) / _GIB:.2f} GiB staging"
+                 if self.source is not None else f"{streamed / _GIB:.2f} GiB in RAM, {pinned / _GIB:.2f} GiB pinned")
         return (f"block streaming on {self.device}: {self.resident} resident, {len(self._packed)} streamed "
-                f"({streamed / _GIB:.2f} GiB in RAM, {pinned / _GIB:.2f} GiB pinned), "
+                f"({where}), "
                 f"{len(self._slots)} slots ({slots / _GIB:.2f} GiB), prefetch {self.prefetch}")
 
     @property
@@ -331,6 +416,10 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._wait_reads()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
         self._unbind_current()
         if self._copy_stream is not None:
             # The slots are about to return to the allocator; copies still in flight on the side
@@ -342,6 +431,9 @@ class BlockStreamer:
             p.unpin()  # detached blocks are plain host tensors again; a re-attach packs anew
         self._slots, self._owner, self._slot_of = [], [], {}
         self._copied, self._free, self._copy_stream = [], [], None
+        for fin in self._staging_pins:
+            fin()
+        self._staging, self._staging_pins = [], []
         if self.model is not None and streamer_of(self.model) is self:
             del _ATTACHED[self.model]
         self.model = None
@@ -364,6 +456,12 @@ class BlockStreamer:
         self._owner[slot], self._slot_of[pos] = pos, slot
         packed = self._packed[pos]
         dst = self._slots[slot][: packed.nbytes]
+        if isinstance(packed, _DiskBlock):
+            if self._copy_stream is None:
+                packed.read_into(dst)
+            else:
+                self._pending[slot] = self._reader.submit(self._read_and_copy, packed, slot, dst)
+            return
         if self._copy_stream is None:
             dst.copy_(packed.cpu)
             return
@@ -374,6 +472,29 @@ class BlockStreamer:
             # (the host may wait for the copy stream), which is slower but still correct.
             dst.copy_(packed.cpu, non_blocking=True)
             self._copied[slot].record(self._copy_stream)
+
+    def _read_and_copy(self, packed: _DiskBlock, slot: int, dst: torch.Tensor) -> None:
+        """On the reader thread: the block from the file into the slot's staging buffer, then its
+        copy queued on the side stream. One reader runs the reads in the order they were asked."""
+        stage = self._staging[slot][: packed.nbytes]
+        with torch.cuda.device(self.device):
+            # the staging buffer still feeds the last copy into this slot until that copy is done
+            self._copied[slot].synchronize()
+            packed.read_into(stage)
+            with torch.cuda.stream(self._copy_stream):
+                # kernels of the slot's previous block may still read it (recorded before this read was asked)
+                self._copy_stream.wait_event(self._free[slot])
+                dst.copy_(stage, non_blocking=True)
+                self._copied[slot].record(self._copy_stream)
+
+    def _wait_read(self, slot: int) -> None:
+        pending = self._pending.pop(slot, None)
+        if pending is not None:
+            pending.result()  # the copy is queued (its event recorded); a failed read raises here
+
+    def _wait_reads(self) -> None:
+        for slot in list(self._pending):
+            self._wait_read(slot)
 
     def _pick_slot(self, pos: int) -> int:
         """A slot for an on-demand load: an empty one, else the one whose block is needed last."""
@@ -403,6 +524,7 @@ class BlockStreamer:
             if slot is None:  # not prefetched: first use, or blocks called out of order
                 slot = self._pick_slot(pos)
                 self._load(pos, slot)
+            self._wait_read(slot)
             if self._copy_stream is not None:
                 # The block's kernels must not start before its weights arrived; this orders the
                 # GPU streams only, the host goes on queueing work.
@@ -436,9 +558,10 @@ _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[BlockStreamer]] = we
 
 
 def attach(model: nn.Module, device: torch.device | str, resident: int = 0, prefetch: int = 1,
-           pinned: bool = True, pin_limit: int | None = None, host_modules: tuple[str, ...] = ()) -> BlockStreamer:
+           pinned: bool = True, pin_limit: int | None = None, host_modules: tuple[str, ...] = (),
+           source: TensorSource | None = None, key_map: Callable[[str], str] | None = None) -> BlockStreamer:
     """Shortcut for `BlockStreamer.attach`."""
-    return BlockStreamer.attach(model, device, resident, prefetch, pinned, pin_limit, host_modules)
+    return BlockStreamer.attach(model, device, resident, prefetch, pinned, pin_limit, host_modules, source, key_map)
 
 
 def streamer_of(model: nn.Module) -> BlockStreamer | None:
@@ -485,6 +608,34 @@ def trim_host_memory(collect: bool = True) -> None:
         _LIBC.malloc_trim(0)
 
 
+def fill_from_source(model: nn.Module, source: TensorSource, key_map: Callable[[str], str] | None = None, *,
+                     blocks: Iterable[int] | None = None, device: torch.device | str | None = None,
+                     quant_device: torch.device | str = "cpu") -> None:
+    """Read the tensors of `model` still on meta from `source`: the parts outside the block list,
+    then each block of `blocks` (every block when None), one block at a time, each moved to
+    `device` right after it is read when one is given, so RAM holds at most one block of them."""
+    prefix, block_list = find_block_list(model)
+    meta, seen = [], set()
+    for n, t in model.state_dict(keep_vars=True).items():
+        if t.device.type == "meta" and id(t) not in seen:  # a tied tensor (umT5's embedding) is read once
+            seen.add(id(t))
+            meta.append(n)
+    outside = [n for n in meta if not n.startswith(f"{prefix}.")]
+    if outside:
+        refill_like(model, source, key_map=key_map, names=outside, quant_device=quant_device)
+    for i in range(len(block_list)) if blocks is None else blocks:
+        names = [n for n in meta if n.startswith(f"{prefix}.{i}.")]
+        if names:
+            refill_like(model, source, key_map=key_map, names=names, quant_device=quant_device)
+        if device is not None:
+            block_list[i].to(device)
+
+
+def expert_source(model: nn.Module) -> tuple[TensorSource, Callable[[str], str] | None] | None:
+    """(source, key_map) `set_expert_source` registered for `model`, or None."""
+    return _SOURCES.get(model)
+
+
 def set_expert_source(model: nn.Module, source: TensorSource, key_map: Callable[[str], str] | None = None) -> None:
     """Remember where `model`'s tensors come from, so `move_expert(model, "disk")` can drop them.
 
@@ -524,10 +675,13 @@ def move_expert(model: nn.Module, where: str, *, device: torch.device | str = "c
         model.to_empty(device="meta")
         trim_host_memory()
         return
-    if where_is(model) == "disk":
+    meta = any(t.device.type == "meta" for t in model.state_dict(keep_vars=True).values())
+    if meta:
         if model not in _SOURCES:
             raise RuntimeError("this model was dropped without a source; cannot re-fill it")
         source, key_map = _SOURCES[model]
-        refill_like(model, source, key_map=key_map, quant_device=quant_device)
+        # block by block, each sent on to the GPU at once: RAM never holds the whole model
+        fill_from_source(model, source, key_map, device=device if where == "gpu" else None,
+                         quant_device=quant_device)
     # Host copies are pageable here: a streamer attached later packs and page-locks its own.
     model.to("cpu" if where == "ram" else device)
