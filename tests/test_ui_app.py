@@ -79,6 +79,9 @@ def test_progress_and_estimate_texts():
     html = form.progress_html(Progress("high_noise", 12, 40, 75.0, eta_s=3725.0))
     assert 'data-pct="30"' in html and "High-noise expert · step 12/40 · 1:15 elapsed · about 1:02:05 left" in html
     assert 'data-state="done"' in form.progress_html(None, "Finished", "done")
+    # the whole job's share: the decode starts where denoising ended, it does not drop back to 0
+    assert 'data-pct="90"' in form.progress_html(Progress("decode", 0, 1, 80.0))
+    assert 'data-pct="100"' in form.progress_html(Progress("save", 1, 1, 81.0))
     from wan_lite.engine import Estimate
 
     text = form.estimate_text(Estimate(False, 30.5, 40.0, 600, "int8 + 20 blocks streamed", "Needs 30.5 GiB; <you> have 24"))

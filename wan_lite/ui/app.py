@@ -282,11 +282,11 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
                 w["sampler"] = gr.Dropdown(SAMPLERS, value="unipc", label="Sampler")
         with gr.Column(scale=4, min_width=320):
             with gr.Row(elem_id="wl-run-row"):
-                w["generate"] = gr.Button("Generate", variant="primary", size="lg", scale=4, elem_id="wl-generate")
-                w["queue_add"] = gr.Button("Add to queue", variant="secondary", size="sm", scale=1, min_width=100,
+                w["generate"] = gr.Button("Generate", variant="primary", size="lg", elem_id="wl-generate")
+            with gr.Row():  # small, under Generate: a job for later, and Cancel (dim while nothing runs)
+                w["queue_add"] = gr.Button("Add to queue", variant="secondary", size="sm", min_width=100,
                                            elem_id="wl-queue-add")
-                w["cancel"] = gr.Button("Cancel", variant="secondary", size="sm", scale=1, min_width=80,
-                                        elem_id="wl-cancel")
+                w["cancel"] = gr.Button("Cancel", variant="secondary", size="sm", min_width=80, elem_id="wl-cancel")
             w["progress"] = gr.HTML(form.progress_html(None, "Ready.", "idle"), elem_id="wl-progress")
             w["status"] = gr.Markdown(elem_id="wl-status")
             w["preview"] = gr.Image(label="Live preview", interactive=False, height=160, elem_id="wl-preview")

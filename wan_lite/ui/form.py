@@ -324,13 +324,20 @@ def _plain_reason(reason: str) -> str:
     return re.sub(r"(\d+(?:\.\d+)?) GiB", gb, reason).replace("VRAM", "GPU memory")
 
 
+# Where each stage sits on the progress bar (percent of the whole job): denoising is most of it.
+JOB_SHARE = {"load": (0.0, 2.0), "text": (2.0, 4.0), "image_encode": (4.0, 5.0), "denoise": (5.0, 90.0),
+             "high_noise": (5.0, 90.0), "low_noise": (5.0, 90.0), "decode": (90.0, 98.0), "save": (98.0, 100.0)}
+
+
 def progress_html(p: Progress | None, note: str = "", state: str = "running") -> str:
     """The progress bar: stage, step, elapsed and ETA (+ `note`). `state`: idle, running, done, failed,
     cancelled."""
     if p is None:
         pct, label = (100.0 if state == "done" else 0.0), html.escape(note)
     else:
-        pct = 100.0 * p.fraction
+        # the whole job's share, not the stage's: the bar never drops back to 0 for the decode
+        start, end = JOB_SHARE.get(p.stage, (0.0, 100.0))
+        pct = start + (end - start) * p.fraction
         stage = STAGE_TITLES.get(p.stage, p.stage)
         steps = f" · step {p.step}/{p.total}" if p.total > 1 else ""
         eta = f" · about {clock(p.eta_s)} left" if p.eta_s is not None else ""
