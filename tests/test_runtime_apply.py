@@ -238,7 +238,14 @@ def test_engine_on_a_cpu_runs_the_plan_that_plan_reports(tiny_models, plain, tmp
     result = engine.generate(request)
     pipe = engine._pipe
     assert isinstance(pipe.placement, PlannedPlacement) and pipe.device.type == "cpu"
-    footprint = ModelFootprint.from_config(pipe.dit.config, name="t2v-a14b", vae_version="2.1", experts=2)
+    # the model on disk: this DiT, and the text encoder and VAE as they are in the folder (tiny)
+    t5_params = sum(p.numel() for p in pipe.text_encoder.model.parameters())
+    vae_params = tuple(sum(p.numel() for n, p in pipe.vae.named_parameters() if n.startswith(parts))
+                       for parts in (("encoder.", "conv1."), ("decoder.", "conv2.")))
+    footprint = ModelFootprint.from_config(pipe.dit.config, name="t2v-a14b", vae_version="2.1", experts=2,
+                                           text_params=t5_params, vae_params=vae_params,
+                                           text_embed_params=pipe.text_encoder.model.shared.weight.numel(),
+                                           text_blocks=len(pipe.text_encoder.model.encoder.block))
     want = plan(footprint, PlanRequest(64, 64, 9, steps=4), machine)
     assert pipe.placement.plan == want and want.fits and want.quantization == "bf16"
     assert not any(quantized_modules(m) for m in (*pipe.dits.values(), pipe.text_encoder.model))

@@ -42,6 +42,30 @@ class Estimate:
     plan: dict[str, Any] = field(default_factory=dict)
 
 
+def _part_sizes(sources: dict[str, Any]) -> dict[str, Any]:
+    """ModelFootprint fields of the text encoder and the VAE counted from their tensors' shapes."""
+    import math
+    import re
+
+    sizes: dict[str, Any] = {}
+    te = sources.get("text_encoder")
+    if te is not None:
+        shapes = te.shapes()
+        embed = next((s for k, s in shapes.items() if k.endswith(("token_embedding.weight", "shared.weight"))), None)
+        blocks = {m.group(1) for k in shapes if (m := re.search(r"(?:^|\.)(?:blocks|block)\.(\d+)\.", k))}
+        if embed is not None and blocks:
+            sizes.update(text_params=sum(math.prod(s) for s in shapes.values()), text_embed_params=math.prod(embed),
+                         text_blocks=len(blocks))
+    vae = sources.get("vae")
+    if vae is not None:
+        shapes = vae.shapes()
+        enc = sum(math.prod(s) for k, s in shapes.items() if k.startswith(("encoder.", "conv1.")))
+        dec = sum(math.prod(s) for k, s in shapes.items() if k.startswith(("decoder.", "conv2.")))
+        if enc and dec:
+            sizes["vae_params"] = (enc, dec)
+    return sizes
+
+
 class Engine:
     def __init__(self, models_root: Path, output_dir: Path, device: str | None = None,
                  folders: dict[str, Path] | None = None,
@@ -266,7 +290,12 @@ class Engine:
 
         _, sources, _ = resolve_sources(folder if folder.is_dir() or not parts else None, parts, name)
         cfg = WanDiTConfig.from_shapes(next(v for k, v in sources.items() if k.startswith("dit_")).shapes())
-        return ModelFootprint.of_model(name, cfg)  # the released sizes when the DiT has them
+        footprint = ModelFootprint.of_model(name, cfg)  # the released sizes when the DiT has them
+        if footprint == ModelFootprint.full_size(name):
+            return footprint
+        # another size (a custom or a test model): its text encoder and VAE as they are on disk too,
+        # not the released ones (umT5-XXL alone would put 11 GB into every RAM figure)
+        return replace(footprint, **_part_sizes(sources))
 
     def generate(self, request: GenerateRequest | Job, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None, out_path: Path | None = None,
