@@ -60,7 +60,8 @@ def latents_layout(ui: AppUI) -> None:
         with gr.Row(equal_height=True):
             w["latents_pick"] = gr.Dropdown([], value=None, label="Saved latents", scale=4, elem_id="wl-latents-pick")
             w["latents_decode"] = gr.Button("Make the video", scale=1, elem_id="wl-latents-decode")
-        w["latents_note"] = gr.Markdown(elem_id="wl-latents-note")
+    # outside the box: the box hides once its last latents are being decoded, the note stays to say so
+    w["latents_note"] = gr.Markdown(elem_id="wl-latents-note")
 
 
 # ------------------------------------------------------------------------------ wiring
