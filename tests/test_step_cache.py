@@ -115,7 +115,7 @@ def test_balanced_cache_skips_the_planned_forwards_and_stays_near_the_plain_run(
     from wan_lite.sampling import make_sampler
 
     sampler = make_sampler("unipc", 20, pipe.spec.shift)
-    experts = [pipe._expert(int(t)) for t in sampler.timesteps]
+    experts = [pipe.spec.dit_role_at(int(t)) for t in sampler.timesteps]
     skips = sc.plan_skips(model, "balanced", experts)
     forwards = cached.settings["dit_forwards"]
     assert forwards["skipped"] == 2 * sum(skips) > 0 and forwards["computed"] + forwards["skipped"] == 40

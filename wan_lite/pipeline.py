@@ -292,9 +292,6 @@ class WanPipeline:
             raise Cancelled()
         return video[0]
 
-    def _expert(self, t: int) -> str:
-        return self.spec.dit_role_at(t)
-
     def _velocity(self, role: str, info: StepInfo, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
                   ctx_null: torch.Tensor | None, y: torch.Tensor | None, g: float) -> torch.Tensor:
         """Classifier-free guided velocity for latent x [z, T, h, w]. Guidance 1 is one pass of
