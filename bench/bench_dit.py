@@ -45,11 +45,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_device, host_rss_gib, parse_size, rel_l2, run_meta  # noqa: E402
+from common import bench_device, host_rss_gib, parse_size, random_dit, rel_l2, run_meta  # noqa: E402
 
 from wan_lite.loading.keymaps import dit_official_to_diffusers  # noqa: E402
 from wan_lite.models.attention import sdpa_attention  # noqa: E402
-from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches  # noqa: E402
+from wan_lite.models.dit import WanDiT, WanDiTConfig  # noqa: E402
 from wan_lite.runtime.attention_select import select_attention, select_fp8_attention  # noqa: E402
 from wan_lite.runtime.quant import quantize_model, quantized_modules, set_compute, weight_bytes  # noqa: E402
 from wan_lite.runtime.streaming import attach  # noqa: E402
@@ -85,20 +85,7 @@ TINY = {  # --smoke: same code paths, tiny shapes (text_dim stays 4096: the cont
 
 def build_wan(cfg: WanDiTConfig, seed: int) -> WanDiT:
     """Full-size WanDiT in bf16 (modulation fp32) on the GPU with seeded random weights."""
-    with torch.device("meta"):
-        model = WanDiT(cfg)
-    model.to(torch.bfloat16)  # free on meta: only dtypes change
-    for name, p in model.named_parameters():
-        if name_matches(name, WanDiT.keep_fp32_patterns):
-            p.data = p.data.float()
-    model.to_empty(device=DEVICE)
-    gen = torch.Generator(device=DEVICE)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            gen.manual_seed(seed * 1_000_003 + i)  # per tensor: the same weights in every rebuild
-            is_gain = "norm" in name and name.endswith("weight")
-            p.normal_(1.0 if is_gain else 0.0, 0.02, generator=gen)
-    return model.eval()
+    return random_dit(cfg, DEVICE, torch.bfloat16, seed)
 
 
 def to_diffusers(model: WanDiT):

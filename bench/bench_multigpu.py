@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import rel_l2, run_meta  # noqa: E402
+from common import random_dit, rel_l2, run_meta  # noqa: E402
 
-from wan_lite.models.dit import WanDiT, WanDiTConfig, name_matches  # noqa: E402
+from wan_lite.models.dit import WanDiTConfig  # noqa: E402
 
 log = logging.getLogger("bench_multigpu")
 GIB = 1024**3
@@ -55,23 +55,6 @@ TINY = {  # 3 heads: 2 and 4 ranks split them unevenly; token counts no rank cou
 }
 
 
-def build(cfg: WanDiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanDiT:
-    """The DiT on `device` with seeded random weights (the same on every rank), as bench_dit.py."""
-    with torch.device("meta"):
-        model = WanDiT(cfg)
-    model.to(dtype)
-    for name, p in model.named_parameters():
-        if name_matches(name, WanDiT.keep_fp32_patterns):
-            p.data = p.data.float()
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            gen.manual_seed(seed * 1_000_003 + i)
-            p.normal_(1.0 if ("norm" in name and name.endswith("weight")) else 0.0, 0.02, generator=gen)
-    return model.eval()
-
-
 def _rank(index: int, world: int, init: str, name: str, tiny: bool, steps: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -85,7 +68,7 @@ def _rank(index: int, world: int, init: str, name: str, tiny: bool, steps: int, 
         if world > 1 else None
     device = torch.device("cpu") if tiny else torch.device("cuda", index)
     dtype = torch.float32 if tiny else torch.bfloat16
-    dit = build(cfg, device, dtype)
+    dit = random_dit(cfg, device, dtype)  # the same weights on every rank
     split = SplitDiT(dit, pg).attach() if pg is not None else None
     latent = (cfg.in_dim, (frames - 1) // stride[0] + 1, h // stride[1], w // stride[2])
     gen = torch.Generator(device=device).manual_seed(1234)

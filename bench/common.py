@@ -114,3 +114,25 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+
+
+def random_dit(cfg, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A WanDiT of config `cfg` on `device` in `dtype` (the modulation fp32, as loaded), seeded
+    random weights: tensor i from seed * 1_000_003 + i, so every rebuild (and every rank of a
+    multi-GPU run) gets the same weights; norm gains around 1, everything else N(0, 0.02)."""
+    from wan_lite.models.dit import WanDiT, name_matches
+
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    model.to(dtype)  # free on meta: only dtypes change
+    for name, p in model.named_parameters():
+        if name_matches(name, WanDiT.keep_fp32_patterns):
+            p.data = p.data.float()
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            gen.manual_seed(seed * 1_000_003 + i)
+            is_gain = "norm" in name and name.endswith("weight")
+            p.normal_(1.0 if is_gain else 0.0, 0.02, generator=gen)
+    return model.eval()

@@ -46,3 +46,14 @@ def inputs():
 
     return tiny_inputs()
 
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    """A 56x40 random RGB PNG: a start image for the image-to-video tests."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "start.png"
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(path)
+    return path

@@ -13,11 +13,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 from wan_lite.api import GenerateRequest
 from wan_lite.errors import InputError, WanLiteError
@@ -47,14 +45,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("par_models")
     return {name: write_model(root / name, name, dim=HEADS_DIM) for name in ("ti2v-5b", "t2v-a14b", "i2v-a14b")}
-
-
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "start.png"
-    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def _request(case: str, image: Path) -> GenerateRequest:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import wan_lite
 import wan_lite.errors
@@ -24,14 +23,6 @@ SMALL = dict(width=64, height=64, frames=9, steps=3)
 @pytest.fixture(scope="module")
 def pipes(tiny_models):
     return {name: wan_lite.load_pipeline(folder) for name, folder in tiny_models.items()}
-
-
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "start.png"
-    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 @pytest.mark.parametrize("name", ["ti2v-5b", "t2v-a14b"])
