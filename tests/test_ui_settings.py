@@ -118,6 +118,16 @@ def test_wrong_types_and_unknown_models_are_dropped_one_by_one():
     assert clean_settings(["not", "a", "dict"]) == {}
 
 
+def test_turbo_and_a_modeless_form_are_remembered(caplog):
+    """Turbo's checkboxes come back after a restart (a bool was refused as if it were a stray
+    True for an int), and mode None (the form holds no mode's values) is kept without a warning."""
+    saved = {"turbo": True, "turbo_phases": True, "mode": None, "steps": 4}
+    with caplog.at_level("WARNING"):
+        assert clean_settings(saved) == saved
+    assert not caplog.records
+    assert clean_settings({"turbo": 1, "turbo_phases": "yes"}) == {}
+
+
 def test_unwritable_settings_do_not_raise(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

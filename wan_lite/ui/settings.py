@@ -191,10 +191,11 @@ SETTINGS_SCHEMA: dict[str, tuple[type, ...]] = {
     "sampler": (str,),
     "cache": (str,),
     "turbo": (bool,),
+    "turbo_phases": (bool,),
     "loras": (list,),
     "loras_by_model": (dict,),
     "memory_profile": (str,),
-    "mode": (str,),
+    "mode": (str, type(None)),  # None: the settings are no mode's (after "Reuse these settings")
     "terms": (list,),
     "style": (str, type(None)),
     "language": (str,),
@@ -210,7 +211,7 @@ def clean_settings(data: Any) -> dict[str, Any]:
         if name not in data:
             continue
         value = data[name]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):  # True is no int
             log.warning("Ignoring saved setting %s=%r (expected %s)", name, value, "/".join(t.__name__ for t in types))
             continue
         if name == "terms":
