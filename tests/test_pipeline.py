@@ -186,7 +186,7 @@ def test_frames_made_in_chunks_where_the_video_is_equal_the_whole_video_conversi
     """video_to_frames converts a few frames at a time (on the GPU, where an untiled decode leaves
     the video, a quarter of the bytes then cross to the CPU): the same uint8 frames as the
     official whole-video truncation, values at the rounding edges included."""
-    from wan_lite.pipeline import video_to_frames
+    from wan_lite.runtime.vae_frames import video_to_frames
 
     gen = torch.Generator().manual_seed(0)
     video = torch.rand(3, 37, 8, 6, generator=gen) * 2.4 - 1.2

@@ -193,6 +193,44 @@ def test_conversion_peak_is_about_one_block(tmp_path, fmt):
     assert peak * 3 < whole
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_large_tensors_convert_and_fill_a_chunk_at_a_time(tmp_path, monkeypatch, fmt):
+    """A tensor larger than quant.ROW_CHUNK_BYTES (umT5's 2 GB embedding at full size; every FFN
+    weight here, with the chunk made small) is read, cast and written a chunk of rows at a time
+    unless it is quantized:
+    the same cache bit for bit, a peak of a few chunks instead of the largest tensor and its copy;
+    filled straight to a device the same way, it is the same model."""
+    dim, ffn, layers = 256, 1024, 3
+    src = fp32_dit(tmp_path / "high", dim=dim, ffn=ffn, layers=layers, shards=2)
+    _, whole_path = load(src, fmt, tmp_path / "whole", fill=False)
+    largest = max(int(torch.Size(src.shape(k)).numel()) * 4 for k in src)
+    monkeypatch.setattr(quant, "ROW_CHUNK_BYTES", 64 << 10)
+    peak = peak_cpu_bytes(lambda: load(src, fmt, tmp_path / "chunked", fill=False))
+    _, chunked_path = load(src, fmt, tmp_path / "chunked", fill=False)
+    assert chunked_path.read_bytes() == whole_path.read_bytes()
+    if fmt == "bf16":  # (int8: the Linear weights are quantized whole, one at a time, as before)
+        assert peak * 2 < largest * 1.5, (peak, largest)  # the largest tensor in fp32 and its copy, before
+        model = dit_on_meta(src)
+        declare_dtypes(model, torch.bfloat16, keep_dit_fp32)
+        refill_like(model, src, device="cpu")
+        want = SafetensorsSource([whole_path])
+        assert all(torch.equal(t, want[n]) for n, t in model.state_dict().items())
+
+
+def test_rows_of_a_pth_file_equal_its_rows_and_the_file_reads_again(tmp_path):
+    """PthSource reads rows out of torch's memory map and lets those pages go (MADV_PAGEOUT):
+    the rows are right, and the tensor read after that is still whole and right."""
+    from wan_lite.loading.tensors import PthSource
+
+    table = torch.randn(4096, 64)
+    torch.save({"t": table}, tmp_path / "t.pth")
+    src = PthSource(tmp_path / "t.pth")
+    assert src.rows_are_cheap("t")
+    rows = torch.arange(100, 3000)
+    assert torch.equal(src.read_rows("t", rows, torch.bfloat16), table[rows].to(torch.bfloat16))
+    assert torch.equal(src["t"], table)
+
+
 def test_quantize_weight_count_unchanged_for_cached_float(tmp_path, monkeypatch):
     """A bf16 cache of an fp32 source is read back as it is: no conversion at the second load."""
     src = fp32_dit(tmp_path / "high")

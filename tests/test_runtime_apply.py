@@ -12,6 +12,7 @@ import torch
 import wan_lite
 from wan_lite.api import GenerateRequest
 from wan_lite.job import resolve
+from wan_lite.loading.components import module_of
 from wan_lite.pipeline import MovePlacement, WanPipeline
 from wan_lite.runtime.apply import PlannedPlacement
 from wan_lite.runtime.hardware import Hardware
@@ -57,6 +58,35 @@ def test_streamed_chunked_plan_equals_plain(plain):
         out = pipe.generate("a boat at dawn", seed=3, **SMALL)
     finally:
         unbind(pipe)
+    assert rel(out.latents, ref.latents) < 1e-5
+
+
+def test_text_encoder_read_from_its_file_per_prompt_equals_plain(plain, monkeypatch):
+    """A plan that keeps no text encoder in RAM: umT5 waits on disk, streams from its file for a
+    new prompt with its token embedding read row by row (embedding_rows), and goes back to disk:
+    the same video as the plain path."""
+    from wan_lite.runtime import embedding_rows, streaming
+
+    pipe, ref = plain
+    used = []
+    real = embedding_rows.rows_on_demand
+    monkeypatch.setattr(streaming, "rows_on_demand", lambda *a: used.append(a[2]) or real(*a))
+    p = lean_plan(pipe, resident_blocks=0, prefetch=1, quantization="bf16", idle_expert="ram",
+                  text_encoder="stream", keep_text_encoder=False, vae_tile=None)
+    placement = PlannedPlacement(p, "cpu")
+    placement.bind(pipe)
+    module = module_of(pipe.text_encoder)
+    cache = dict(pipe._text_cache)
+    pipe._text_cache.clear()
+    try:
+        streaming.move_expert(module, "disk")  # as the loader leaves it when RAM is short
+        out = pipe.generate("a boat at dawn", seed=3, **SMALL)
+        assert streaming.where_is(module) == "disk"
+    finally:
+        pipe._text_cache.update(cache)
+        streaming.move_expert(module, "ram")
+        unbind(pipe)
+    assert used and all(k.endswith("weight") for k in used)
     assert rel(out.latents, ref.latents) < 1e-5
 
 
@@ -317,3 +347,53 @@ def test_a_real_cuda_oom_mid_run_finishes_on_a_leaner_plan_with_the_same_latents
     assert placement.plan == leaner_plans[-1]  # one step down the leaner chain per out-of-memory error
     assert placement.plan.quantization == "bf16"
     assert rel(out.latents, uninterrupted.latents) < 1e-5
+
+
+def test_vae_waiting_in_its_file_makes_the_same_video(tiny_models, image_file):
+    """A plan short of RAM keeps the VAE in its file (vae_parts): the encoder half is read for
+    the start image, the decoder half for the decode, each dropped after; the video is the one
+    of the VAE held in RAM, byte for byte."""
+    from wan_lite.loading.tensors import open_source
+    from wan_lite.runtime import streaming, vae_parts
+
+    pipe = wan_lite.load_pipeline(tiny_models["ti2v-5b"])
+    args = dict(image=str(image_file), seed=4, width=64, height=64, frames=9, steps=3)
+    ref = pipe.generate("a kite over the dunes", **args)
+    vae = pipe.vae
+    vae_parts.keep_on_disk(vae, open_source(tiny_models["ti2v-5b"] / "Wan2.2_VAE.pth"))
+    for half in vae_parts.HALVES:
+        vae_parts.drop(vae, half)
+    assert streaming.where_is(vae) == "disk"
+    fp = ModelFootprint.from_config(pipe.dit.config, name="ti2v-5b", vae_version="2.2", experts=1)
+    p = replace(plan(fp, PlanRequest(64, 64, 9, steps=3), Hardware.fake(vram_gb=4, ram_gb=16)),
+                vae_on_disk=True, vae_tile=None)
+    placement = PlannedPlacement(p, "cpu")
+    placement.bind(pipe)
+    pipe._text_cache.clear()
+    try:
+        out = pipe.generate("a kite over the dunes", **args)
+        assert streaming.where_is(vae) == "disk"  # dropped again after the decode
+    finally:
+        unbind(pipe)
+    assert torch.equal(out.latents, ref.latents)
+    assert (out.frames == ref.frames).all()
+
+
+def test_loader_leaves_the_vae_in_its_file_and_checks_it_first(tiny_models, tmp_path):
+    """load_parts(vae_on_disk=True) reads nothing of the VAE, but a VAE file that lacks a tensor
+    or holds the wrong shape is refused at load, as a whole load would be."""
+    import shutil
+
+    from wan_lite.errors import CheckpointError
+    from wan_lite.runtime import streaming, vae_parts
+    from wan_lite.runtime.loader import load_parts
+
+    parts = load_parts(tiny_models["ti2v-5b"], vae_on_disk=True)
+    assert streaming.where_is(parts.vae) == "disk" and vae_parts.on_disk(parts.vae)
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_models["ti2v-5b"], folder)
+    state = torch.load(folder / "Wan2.2_VAE.pth")
+    state.pop(next(k for k in state if k.startswith("decoder.")))
+    torch.save(state, folder / "Wan2.2_VAE.pth")
+    with pytest.raises(CheckpointError, match="lack 1 tensor"):
+        load_parts(folder, vae_on_disk=True)

@@ -199,6 +199,63 @@ def test_umt5_encoder_streaming() -> None:
     assert not torch.equal(ref, ref_q)
 
 
+class _Reads(SafetensorsSource):
+    """A safetensors source that records which tensors are read whole and which by rows."""
+
+    def __init__(self, files) -> None:
+        super().__init__(files)
+        self.whole, self.rows = [], []
+
+    def read(self, name, dtype=None):
+        self.whole.append(name)
+        return super().read(name, dtype)
+
+    def read_rows(self, name, rows, dtype=None):
+        self.rows.append((name, rows.tolist()))
+        return super().read_rows(name, rows, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_umt5_streamed_from_its_file_reads_only_the_embedding_rows_it_looks_up(tmp_path, fmt) -> None:
+    """The text encoder waiting on disk and streamed from its file (the plan's "stream" without
+    keeping it): its 2 GB token embedding is never read whole, each prompt reads the rows of
+    its tokens, and the output is the in-RAM encoder's bit for bit. Detached, the embedding is
+    filled whole when the encoder moves to RAM."""
+    model, ids = tiny_umt5(3)
+    if fmt == "int8":
+        quantize_model(model, "int8")
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp_path / "umt5.safetensors"))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).last_hidden_state
+    source = _Reads([tmp_path / "umt5.safetensors"])
+    set_expert_source(model, source)
+    move_expert(model, "disk")
+    streamer = attach(model, "cpu", resident=0, prefetch=1, host_modules=T5_HOST_MODULES, source=source)
+    assert model.shared.weight.is_meta and model.encoder.embed_tokens.weight.is_meta
+    with torch.inference_mode():
+        out = model(input_ids=ids).last_hidden_state
+    assert torch.equal(out, ref)
+    assert not [n for n in source.whole if n.endswith("embed_tokens.weight") or n == "shared.weight"]
+    assert [rows for _n, rows in source.rows] == [sorted(set(ids.flatten().tolist()))]
+    streamer.detach()
+    move_expert(model, "ram")
+    assert not model.shared.weight.is_meta
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, ref)
+
+
+def test_rows_of_a_tensor_equal_its_rows(tmp_path) -> None:
+    table = torch.randn(50, 8).to(torch.bfloat16)
+    save_file({"t": table}, str(tmp_path / "t.safetensors"))
+    src = SafetensorsSource([tmp_path / "t.safetensors"])
+    rows = torch.tensor([0, 3, 3, 49])
+    assert torch.equal(src.read_rows("t", rows), table[rows])
+    assert torch.equal(src.read_rows("t", rows, torch.float32), table[rows].float())
+    with pytest.raises(IndexError):
+        src.read_rows("t", torch.tensor([50]))
+
+
 @pytest.mark.gpu
 def test_cuda_umt5_streaming_with_embedding_in_ram() -> None:
     from transformers import UMT5Config, UMT5EncoderModel

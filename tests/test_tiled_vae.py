@@ -26,6 +26,7 @@ from wan_lite.runtime.tiled_vae import (
     tiled_decode,
     tiled_encode,
 )
+from wan_lite.runtime.vae_frames import FrameAssembly, video_to_frames
 from wan_lite.runtime.vae_memory import choose_tile, estimate_decode_bytes, tile_spans
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,50 @@ def test_batch_decodes_each_item_like_alone(vaes):
     out = tiled_decode(vae, z2, TILE, OVERLAP)
     assert torch.equal(out[1:], tiled_decode(vae, z2[1:], TILE, OVERLAP))
     assert torch.equal(out[:1], tiled_decode(vae, z, TILE, OVERLAP))
+
+
+# ------------------------------------------------------------------------- uint8 frames directly
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+@pytest.mark.parametrize(("hw", "tile"), [((16, 16), TILE), ((16, 16), 6), ((16, 8), TILE), ((8, 16), TILE),
+                                          ((16, 16), 100)], ids=["2x2", "3x3", "rows", "columns", "untiled"])
+@pytest.mark.parametrize("lean", [False, True], ids=["full", "lean"])
+def test_frames_from_the_tiles_equal_the_float_videos_frames(vaes, version, hw, tile, lean):
+    """The uint8 frames made straight from the tiles (no float32 video in RAM: pixels one tile
+    covers truncated as they come, overlaps summed in float32 strips) are the float32 video's
+    frames, bit for bit: tiles along both axes (4 tiles add up at the corners), along one, none."""
+    vae, z, _ = vaes[version]
+    z = z[..., : hw[0], : hw[1]].contiguous()
+    video = tiled_decode(vae, z, tile, 4, lean=lean)
+    frames = tiled_decode(vae, z, tile, 4, lean=lean, frames=True)
+    assert frames.dtype == torch.uint8 and frames.device.type == "cpu"
+    assert frames.shape == (1, video.shape[2], *video.shape[3:], 3)
+    assert torch.equal(frames[0], torch.from_numpy(video_to_frames(video[0])))
+
+
+def test_frames_of_a_batch_and_through_the_pipeline_hook(vaes):
+    vae, z, ref = vaes["2.2"]
+    s = vae.stride[1]
+    z2 = torch.cat([z, z.flip(-1)])
+    frames = tiled_decode(vae, z2, TILE, OVERLAP, frames=True)
+    video = tiled_decode(vae, z2, TILE, OVERLAP)
+    for i in range(2):
+        assert torch.equal(frames[i], torch.from_numpy(video_to_frames(video[i])))
+    fn = make_decode_fn(TILE * s, overlap_px=OVERLAP * s, out_device="cpu")
+    assert torch.equal(fn.frames(vae, z), frames[:1])
+    assert torch.equal(make_decode_fn(None).frames(vae, z)[0], torch.from_numpy(video_to_frames(ref[0])))
+
+
+def test_frame_assembly_holds_only_the_overlaps_in_float32():
+    """TI2V-5B 1280x704x121 in 1024 px tiles (2 columns of tiles): 3 uint8 bytes a pixel-frame
+    plus float32 strips over the overlap columns, instead of 12 + 3."""
+    from wan_lite.runtime.tiled_vae import _support
+
+    spans = tile_spans(80, 1024 // 16, 64 // 16)
+    cols = [(a * 16 + _support(w)[0], a * 16 + _support(w)[1]) for (a, _), w in zip(spans, blend_weights(spans, 16))]
+    asm = FrameAssembly(121, 704, 1280, [(0, 704)], cols)
+    pixels = 121 * 704 * 1280
+    assert asm.out.numel() == pixels * 3 and asm.by_row is None
+    assert asm.strip_bytes < 0.1 * pixels * 12, asm.strip_bytes / pixels
 
 
 def test_bad_tiles_are_input_errors(vaes):

@@ -34,6 +34,7 @@ from wan_lite.registry import ModelSpec
 from wan_lite.runtime.loader import Formats, LoadedParts, load_parts, load_planned_parts
 from wan_lite.runtime.planner import Plan
 from wan_lite.runtime.tiled_vae import cancel_checks
+from wan_lite.runtime.vae_frames import video_to_frames
 from wan_lite.sampling import StepInfo
 from wan_lite.sizing import centre_crop_box
 
@@ -115,18 +116,6 @@ def latent_preview(x0: torch.Tensor, max_side: int = 160) -> np.ndarray:
     if scale > 1:
         rgb = F.interpolate(rgb[None], scale_factor=math.floor(scale), mode="nearest")[0]
     return (rgb.permute(1, 2, 0) * 255).to(torch.uint8).cpu().numpy()
-
-
-def video_to_frames(video: torch.Tensor, chunk: int = 16) -> np.ndarray:
-    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] by truncation, like the official save_video.
-    Computed where the video is, `chunk` frames at a time (a video on the GPU sends a quarter of
-    its float32 bytes to the CPU, and no whole-video temporaries are made)."""
-    c, f, h, w = video.shape
-    out = torch.empty((f, h, w, c), dtype=torch.uint8)
-    for i in range(0, f, chunk):
-        v = ((video[:, i : i + chunk].float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
-        out[i : i + chunk].copy_(v.permute(1, 2, 3, 0))
-    return out.numpy()
 
 
 class _Clock:
@@ -272,8 +261,15 @@ class WanPipeline:
         """Normalised latent [z, T, h, w] -> video [3, F, H, W] float32 in [-1, 1] on the CPU."""
         return self._decode(latents, cancel).cpu()
 
-    def _decode(self, latents: torch.Tensor, cancel: CancelToken | None = None) -> torch.Tensor:
-        """`decode`, the video left where the decode made it (an untiled decode: on the GPU).
+    def decode_frames(self, latents: torch.Tensor, cancel: CancelToken | None = None) -> np.ndarray:
+        """Normalised latent [z, T, h, w] -> uint8 frames [F, H, W, 3] (`video_to_frames` of
+        `decode`): through the decode_fn's own `frames` where it has one (a tiled decode then
+        never holds the float32 video in RAM), else from the video where the decode left it."""
+        return self._decode(latents, cancel, frames=True)
+
+    def _decode(self, latents: torch.Tensor, cancel: CancelToken | None = None, frames: bool = False) -> Any:
+        """`decode`, the video left where the decode made it (an untiled decode: on the GPU), or
+        with `frames` the uint8 frames as a numpy array.
 
         `cancel` is honoured before the decode starts, between the decoder's parts as it runs
         (every latent frame, frame chunk and tile: `tiled_vae.cancel_checks`) and once it ends,
@@ -284,13 +280,17 @@ class WanPipeline:
         try:
             # float32 in: the VAE de-normalises in float32 and casts to its own dtype after that;
             # out: float32 clamped to [-1, 1] (both the plain and the tiled decode)
+            z = latents[None].to(self.device, torch.float32)
+            own_frames = getattr(self.decode_fn, "frames", None) if frames else None
             with cancel_checks(self.vae, cancel):
-                video = self.decode_fn(self.vae, latents[None].to(self.device, torch.float32))
+                out = own_frames(self.vae, z)[0] if own_frames else self.decode_fn(self.vae, z)[0]
         finally:
             self.placement.release("vae", self.vae)
         if cancel is not None and cancel.cancelled:
             raise Cancelled()
-        return video[0]
+        if not frames:
+            return out
+        return out.numpy() if own_frames else video_to_frames(out)
 
     def _velocity(self, role: str, info: StepInfo, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
                   ctx_null: torch.Tensor | None, y: torch.Tensor | None, g: float) -> torch.Tensor:
@@ -373,7 +373,7 @@ class WanPipeline:
             on_latents(latents, settings)
         self._report(on_progress, "decode", 0, 1, clock)
         t0 = time.perf_counter()
-        frames = video_to_frames(self._decode(latents, cancel=cancel))
+        frames = self.decode_frames(latents, cancel=cancel)
         clock.add("decode", time.perf_counter() - t0)
         self._report(on_progress, "decode", 1, 1, clock)
         settings["timings"] = dict(clock.timings)

@@ -119,10 +119,12 @@ def build_dit(source: TensorSource, dtype: torch.dtype | None, *, keep_fp32: boo
     return model
 
 
-def build_vae(source: TensorSource, dtype: torch.dtype = torch.float32, *, version: str | None = None) -> WanVAEBase:
+def build_vae(source: TensorSource, dtype: torch.dtype = torch.float32, *, version: str | None = None,
+              fill: bool = True) -> WanVAEBase:
     """The Wan 2.1 or 2.2 VAE of `source` (told apart by its tensor names), cast to `dtype`.
 
     version: the VAE version the caller needs; another one raises CheckpointError naming both.
+    fill: False leaves it on meta in `dtype` (nothing read: the placement reads its parts).
     """
     shapes = source.shapes()
     found = WanVAEBase.detect_version(shapes)
@@ -135,6 +137,8 @@ def build_vae(source: TensorSource, dtype: torch.dtype = torch.float32, *, versi
     config = cls.config_class.from_shapes(shapes)  # type: ignore[attr-defined]
     with torch.device("meta"):
         model = cls(config)  # type: ignore[call-arg]
+    if not fill:
+        return model.to(dtype)  # meta: declares the dtype, allocates nothing
     fill_module(model, source, dtype, what="VAE")
     return model
 

@@ -105,8 +105,9 @@ def vae_source(model_dir: str | Path | None, components: dict[str, str | Path], 
     return open_source(files.vae)
 
 
-def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
-    """The VAE `spec` needs, from `source` (a TensorSource or a file), in `dtype`."""
+def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype, *, on_disk: bool = False) -> nn.Module:
+    """The VAE `spec` needs, from `source` (a TensorSource or a file), in `dtype`. on_disk: left
+    on meta, nothing read (runtime/vae_parts.py reads each half where it runs)."""
     from wan_lite.errors import CheckpointError
     from wan_lite.loading.build import build_vae
     from wan_lite.loading.tensors import TensorSource, open_source
@@ -121,7 +122,7 @@ def load_vae(source: Any, spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
             f"({spec.vae_file}).",
             f"Download {spec.vae_file} from huggingface.co/{spec.hf_repo}.",
         )
-    return build_vae(source, dtype, version=version)
+    return build_vae(source, dtype, version=version, fill=not on_disk)
 
 
 def check_compatible(spec: ModelSpec, dits: dict[str, nn.Module], vae: nn.Module, text_encoder: Any) -> None:

@@ -11,10 +11,12 @@ stays on disk until a tensor is read.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
 import struct
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -39,6 +41,10 @@ _ST_DTYPES = {
 }
 
 
+PLAIN_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+_MADV_PAGEOUT = 21
+
+
 class TensorSource(Mapping[str, torch.Tensor]):
     """A read-only name -> tensor mapping whose tensors are read on access.
 
@@ -61,6 +67,16 @@ class TensorSource(Mapping[str, torch.Tensor]):
         """The tensor `name`, cast to `dtype` when given."""
         tensor = self[name]
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows `rows` (int64 indices into the first dimension) of `name`, cast to `dtype`: a
+        memory-mapped file reads only their pages (a token embedding's lookup)."""
+        tensor = self[name].index_select(0, rows)
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def rows_are_cheap(self, name: str) -> bool:
+        """Whether `read_rows` reads only the rows (a memory-mapped float tensor), not the tensor."""
+        return False
 
     def describe(self) -> str:
         return ", ".join(str(f) for f in self.files) or "<memory>"
@@ -214,6 +230,29 @@ class SafetensorsSource(TensorSource):
             mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
         return out
 
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        shape, stored, start, end = self._info[name]
+        i = self._where[name]
+        if not shape or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < shape[0]):
+            raise IndexError(f"rows out of range for {name!r} of shape {list(shape)}")
+        try:
+            mm = self._map(i)
+            view = torch.frombuffer(mm, dtype=stored, count=(end - start) // _itemsize(stored), offset=start)
+            out = view.reshape(shape).index_select(0, rows).to(dtype or stored)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise CheckpointError(
+                f"Cannot read tensor {name!r} from {self.files[i]}: {err}",
+                "The file is damaged; download it again.",
+            ) from None
+        if hasattr(mm, "madvise") and end - start >= 1 << 20:  # the pages read go back, as in `read`
+            page = mmap.PAGESIZE
+            lo = start // page * page
+            mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        return out
+
+    def rows_are_cheap(self, name: str) -> bool:
+        return self._info[name][1] in PLAIN_FLOATS
+
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.read(name)
 
@@ -258,6 +297,36 @@ class PthSource(DictSource):
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(f"{path} does not hold a plain dictionary of tensors.")
         super().__init__(obj, files=[path])
+
+    def rows_are_cheap(self, name: str) -> bool:
+        return self[name].dtype in PLAIN_FLOATS
+
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """As TensorSource's, then the pages of the memory map the rows took are let go (torch's
+        map would keep every page it touched in the process's RSS: a 2 GB table read row chunk by
+        row chunk would end up resident whole)."""
+        out = super().read_rows(name, rows, dtype)
+        tensor = self[name]
+        if rows.numel() and tensor.is_contiguous():
+            row = tensor[0].numel() * tensor.element_size() if tensor.dim() > 1 else tensor.element_size()
+            start = tensor.data_ptr() + int(rows.min()) * row
+            _page_out(start, (int(rows.max()) + 1) * row + tensor.data_ptr() - start)
+        return out
+
+
+def _page_out(address: int, length: int) -> None:
+    """Ask the kernel to reclaim the pages of [address, address + length) (MADV_PAGEOUT, Linux
+    5.4+): clean file-backed pages are dropped and read again from the file if touched; memory
+    that is not file-backed stays as it is where there is no swap. Nothing where unsupported."""
+    if not sys.platform.startswith("linux") or length <= 0:
+        return
+    page = mmap.PAGESIZE
+    lo = address // page * page
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(address + length - lo), ctypes.c_int(_MADV_PAGEOUT))
+    except (OSError, AttributeError):
+        pass
 
 
 def open_source(paths: Path | Iterable[Path]) -> TensorSource:

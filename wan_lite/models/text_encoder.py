@@ -201,7 +201,8 @@ class TextEncoder:
     """Prompt -> umT5 features, exactly as the official Wan 2.2 pipelines compute them.
 
     The model is transformers' UMT5EncoderModel; placement is the runtime's business. Inputs
-    go to the device of the token embedding, and outputs come in the model's dtype there.
+    go to the device of the token embedding (the CPU for one read from its file), and outputs
+    come in the model's dtype there.
     """
 
     def __init__(self, model: UMT5EncoderModel, tokenizer: Any, text_len: int = TEXT_LEN) -> None:
@@ -239,6 +240,8 @@ class TextEncoder:
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder output `[B, L, d_model]` for ids `[B, L]` (pad keys masked out where mask is 0)."""
         device = self.model.shared.weight.device
+        if device.type == "meta":  # the embedding reads its rows from the file (runtime/embedding_rows.py)
+            device = torch.device("cpu")
         mask = None if mask is None else mask.to(device)
         return self.model(input_ids=ids.to(device), attention_mask=mask).last_hidden_state
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wan_lite.runtime import streaming
+from wan_lite.runtime import streaming, vae_parts
 from wan_lite.runtime.planner import Plan, leaner
 from wan_lite.runtime.quant import release_kept_weights
 
@@ -61,7 +61,7 @@ class PlannedPlacement:
         from wan_lite.runtime.tiled_vae import make_decode_fn, make_encode_fn
 
         tile = self.plan.vae_tile
-        self.pipe.decode_fn = make_decode_fn(tile, out_device="cpu")
+        self.pipe.decode_fn = make_decode_fn(tile, out_device="cpu", lean=True if self.plan.vae_lean else None)
         self.pipe.encode_fn = make_encode_fn(tile)
 
     # ------------------------------------------------------------------ stages
@@ -79,10 +79,9 @@ class PlannedPlacement:
                 streaming.move_expert(module, "ram")
             return  # "cpu": runs where it is
         if name.startswith("vae"):
-            # only the half in use: the Wan2.2 encoder is 0.28 GiB in bf16 that a decode never needs
-            parts = ("decoder", "conv2") if name == "vae_decoder" else ("encoder", "conv1")
-            for part in parts:
-                getattr(module, part).to(dev)
+            # only the half in use: the Wan2.2 encoder is 0.28 GiB in bf16 that a decode never
+            # needs; read from the VAE file straight there where it waits on disk (vae_on_disk)
+            vae_parts.bring(module, "decoder" if name == "vae_decoder" else "encoder", dev)
             return
         src = streaming.expert_source(module) if p.blocks_from == "disk" else None
         if p.resident_blocks >= len(module.blocks):
@@ -106,7 +105,10 @@ class PlannedPlacement:
                 streaming.move_expert(module, "ram")
             streaming.trim_host_memory()  # the streamer's page-locked copy is gone
         elif name.startswith("vae"):
-            if self.device.type != "cpu":
+            if vae_parts.on_disk(module):
+                for half in vae_parts.HALVES:
+                    vae_parts.drop(module, half)
+            elif self.device.type != "cpu":
                 module.to("cpu")
         elif p.blocks_from == "disk" and module in streaming._SOURCES:
             streaming.move_expert(module, "disk")  # nothing of it stays in RAM

@@ -55,12 +55,15 @@ class K:
     # its output, the tiles' input, in RAM per video pixel-frame and dtype byte (2.2: 1024 channels
     # x 2 frames at 1/8 scale per 4 video frames; 2.1: 192 channels at 1/4 scale)
     vae_low_res_ram_px = {"2.2": 8.0, "2.1": 6.0}
+    # the lean global pass's (the middle's output: 2.2: 1024 channels at 1/16 scale, 2.1: 384 at 1/8)
+    vae_low_res_lean_ram_px = {"2.2": 1.0, "2.1": 1.5}
     vae_tiles = (1024, 768, 512, 384, 256, 192, 128)
     vae_tile_overlap = 64  # pixels a tiler overlaps
     vae_tile_cost = 0.02  # a tiled decode's time per tile, over the untiled decode's (vae_memory.TILE_COST)
     t5_act = 0.35 * GIB  # two prompts of 512 tokens, 64 heads: scores and hidden states
     latent_copies = 8.0  # fp32 latents alive while denoising: x, noise, sampler history, output
     video_ram_px = 15.0  # decoded video in RAM per pixel-frame: 3 channels x (fp32 + uint8)
+    frames_ram_px = 3.0  # only its uint8 frames (a decode on the GPU: vae_frames)
     ram_base = 2.5 * GIB  # Python, torch, CUDA libraries, tokenizer, UI
     vram_margin, ram_margin = (0.25 * GIB, 0.04), (1.0 * GIB, 0.03)  # fixed + share of the total
     pin_fraction = 0.5  # pin at most this share of available RAM (pinned pages stall the OS)

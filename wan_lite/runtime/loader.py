@@ -25,7 +25,7 @@ from wan_lite.loading.components import check_compatible, dit_roles, load_vae, r
 from wan_lite.loading.tensors import SafetensorsSource, TensorSource, open_source
 from wan_lite.models.dit import WanDiT
 from wan_lite.registry import ModelSpec
-from wan_lite.runtime import streaming
+from wan_lite.runtime import streaming, vae_parts
 from wan_lite.runtime.apply import PlannedPlacement
 from wan_lite.runtime.gguf_linear import load_stored, stored_format
 from wan_lite.runtime.planner import Plan
@@ -196,7 +196,8 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
 def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
                components: dict[str, str | Path] | None = None, name: str | None = None,
                cache_dir: Path | None = None, idle_on_disk: bool = False, dits_on_disk: bool = False,
-               text_on_disk: bool = False, reuse: dict[tuple, Any] | None = None) -> LoadedParts:
+               text_on_disk: bool = False, vae_on_disk: bool = False,
+               reuse: dict[tuple, Any] | None = None) -> LoadedParts:
     """Load a model: an official-layout folder, and/or per-component files or folders in any
     supported format (`components` slots: "dit" or "dit_high"/"dit_low", "vae",
     "text_encoder", "tokenizer"), in `formats`. Weights stay on the CPU.
@@ -206,6 +207,7 @@ def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
     dits_on_disk: every DiT stays on disk (meta) once converted: the placement reads its parts
     when it runs, and streams its blocks from the file (a plan's blocks_from "disk").
     text_on_disk: the text encoder too (read at its first prompt, dropped after it).
+    vae_on_disk: the VAE too (each half read where it runs, dropped after: runtime/vae_parts.py).
     reuse: key -> component (`LoadedParts.keys` of the model loaded before): a text encoder or VAE
     built from the same files in the same formats is taken as it is, not read again (switching
     between models that share umT5 or a VAE).
@@ -214,11 +216,13 @@ def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
     reuse = reuse or {}
     keys = {"text_encoder": ("text_encoder", sources["text_encoder"].describe(), str(tokenizer),
                              formats.text_dtype, formats.text_quant),
-            "vae": ("vae", sources["vae"].describe(), spec.vae_version, formats.vae_dtype)}
+            "vae": ("vae", sources["vae"].describe(), spec.vae_version, formats.vae_dtype, vae_on_disk)}
     text_encoder = reuse.get(keys["text_encoder"]) or load_text_encoder(
         sources["text_encoder"], tokenizer, formats.text_dtype, quantization=formats.text_quant,
         on_disk=text_on_disk, cache_dir=cache_dir)
-    vae = reuse.get(keys["vae"]) or load_vae(sources["vae"], spec, formats.vae_dtype)
+    vae = reuse.get(keys["vae"]) or load_vae(sources["vae"], spec, formats.vae_dtype, on_disk=vae_on_disk)
+    if vae_on_disk and not vae_parts.on_disk(vae):
+        vae_parts.keep_on_disk(vae, sources["vae"])
     roles = dit_roles(spec)
     to_disk = {"low"} if spec.experts and idle_on_disk else set()
     dits: dict[str, nn.Module] = {}
@@ -245,6 +249,7 @@ def load_planned_parts(model_dir: str | Path | None, plan: Plan, *, components: 
                        idle_on_disk=plan.idle_expert == "disk",
                        # kept on the GPU: read from the file straight there, never whole in RAM
                        dits_on_disk=plan.blocks_from == "disk" or (plan.keep_resident and device.type == "cuda"),
-                       text_on_disk=not plan.keep_text_encoder, reuse=reuse)
+                       text_on_disk=not plan.keep_text_encoder, vae_on_disk=plan.vae_on_disk and device.type == "cuda",
+                       reuse=reuse)
     parts.placement = PlannedPlacement(plan, device)
     return parts

@@ -53,6 +53,7 @@ from typing import Any
 from wan_lite.errors import InputError
 from wan_lite.runtime.footprint import K, ModelFootprint
 from wan_lite.runtime.hardware import GIB, Hardware
+from wan_lite.runtime.quant import ROW_CHUNK_BYTES
 from wan_lite.units import duration
 
 
@@ -119,6 +120,12 @@ class Choices:
     keep_text_encoder: bool = False  # stays in RAM between prompts (else re-read from disk)
     vae_tile: int | None = None  # tile side in output pixels; None = untiled
     vae_dtype: str = "bf16"
+    # a tiled decode's global pass stops after the decoder's middle: its output, the tiles' input
+    # in RAM, is an eighth (Wan 2.2; a quarter for 2.1), the tiles run the first upsampling level
+    vae_lean: bool = False
+    # the VAE waits in its file: each half read straight to the GPU for its stage, dropped after
+    # (runtime/vae_parts.py; no copy in RAM, a read of its file per encode and decode)
+    vae_on_disk: bool = False
     ffn_chunk_tokens: int | None = None
     cfg_batch: bool = False
     # "disk": the DiT's copy is not kept in RAM: its streamed blocks are read from the file (the
@@ -167,7 +174,9 @@ class Plan(Choices):
                  f"idle expert on {self.idle_expert}" if self.idle_expert != "none" else "",
                  "cond+uncond batched" if self.cfg_batch else "",
                  f"chunks of {self.ffn_chunk_tokens} tokens" if self.ffn_chunk_tokens else "",
-                 f"VAE {f'tiles {self.vae_tile}px' if self.vae_tile else 'untiled'} {self.vae_dtype}",
+                 f"VAE {f'tiles {self.vae_tile}px' if self.vae_tile else 'untiled'} {self.vae_dtype}"
+                 + (", lean global pass" if self.vae_lean and self.vae_tile else "")
+                 + (", read from its file" if self.vae_on_disk else ""),
                  f"text encoder {self.text_encoder} {self.text_encoder_quant}",
                  f"step cache {r.cache} ({r.cache_share:.0%} of DiT forwards computed)" if r and r.cache != "off"
                  else "",
@@ -251,6 +260,15 @@ def _tiles(size: int, tile: int, stride: int) -> tuple[int, int]:
     return count, math.ceil((n + (count - 1) * o) / count) * stride
 
 
+def _overlap_px(m: ModelFootprint, r: PlanRequest, tile: int) -> int:
+    """Pixels of one frame that two or more tiles cover (at most: the tiles' whole overlaps)."""
+    s = m.vae_stride[1]
+    (nh, th), (nw, tw) = _tiles(r.height, tile, s), _tiles(r.width, tile, s)
+    rows = nh * th - r.height if nh > 1 else 0
+    cols = nw * tw - r.width if nw > 1 else 0
+    return rows * r.width + cols * r.height
+
+
 def tiled_time(r: PlanRequest, tile: int | None, stride: int) -> float:
     """A tiled decode's time over the untiled one, as vae_memory.decode_cost models it with whole
     frame chunks (what the decode takes where they fit): pixels decoded, overlaps counted twice,
@@ -320,30 +338,39 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
     else:
         dit_ram = expert + (expert if ch.idle_expert == "ram" else 0)
     held = K.ram_base + dit_ram
-    held += m.vae_bytes("encoder", ch.vae_dtype) + m.vae_bytes("decoder", ch.vae_dtype)
+    vae_disk = ch.vae_on_disk and gpu
+    if not vae_disk:
+        held += m.vae_bytes("encoder", ch.vae_dtype) + m.vae_bytes("decoder", ch.vae_dtype)
     t5 = m.text_bytes(ch.text_encoder_quant)
-    t5_block, t5_embed = m.text_block_bytes(ch.text_encoder_quant), 2 * (m.text_embed_params + m.text_dim)
+    t5_block = m.text_block_bytes(ch.text_encoder_quant)
     # kept: loaded whole into RAM with the model and held there; else read from its file at its
     # prompt and dropped after: on the CPU whole, to the GPU block by block (its token embedding
-    # first), streamed with the embedding in RAM and a page-locked copy of two blocks
+    # first), streamed with a page-locked copy of two blocks and the token embedding left in its
+    # file, each prompt reading its rows (a bf16 or fp32 table, as released and in the cache)
     kept = t5 if ch.keep_text_encoder else 0
     if kept or ch.text_encoder == "cpu" or not gpu:
         while_encoding = t5
-    elif ch.text_encoder == "stream":
-        while_encoding = t5_embed + 3 * t5_block
-    else:
-        while_encoding = t5_embed + t5_block
+    elif ch.text_encoder == "stream":  # the embedding's rows of the prompts only (embedding_rows)
+        while_encoding = 2 * 512 * m.text_dim * 2 + 3 * t5_block
+    else:  # to the GPU a tensor at a time, the embedding a chunk at a time (quant.Rows)
+        while_encoding = ROW_CHUNK_BYTES + t5_block
     # converting a checkpoint into the cache at the first start: one source tensor (fp32 at most)
-    # and its converted copy, within two blocks; umT5's largest is its token embedding
-    converting = kept + max(2 * m.block_bytes("bf16"), t5_embed)
-    video = r.frames * r.width * r.height * K.video_ram_px
-    if ch.vae_tile and gpu:  # the tiles' input: the global pass's features, in CPU memory
-        low_res_px = K.vae_low_res_ram_px[m.vae_version] * (4 if ch.vae_dtype == "fp32" else 2)
-        video += r.frames * r.width * r.height * low_res_px
+    # and its converted copy, within two blocks; umT5's token embedding a chunk at a time
+    converting = kept + max(2 * m.block_bytes("bf16"), 2 * ROW_CHUNK_BYTES)
+    # the decoded video: on a GPU only its uint8 frames come to RAM (an untiled video stays on
+    # the GPU, a tiled one is assembled as frames with float32 strips over the overlaps:
+    # vae_frames.FrameAssembly); on the CPU the float32 video and its frames
+    video = r.frames * r.width * r.height * (K.frames_ram_px if gpu else K.video_ram_px)
+    if ch.vae_tile and gpu:
+        video += r.frames * _overlap_px(m, r, ch.vae_tile) * 3 * 4
+        # the tiles' input: the global pass's features, in CPU memory, per latent frame
+        low_res_px = (K.vae_low_res_lean_ram_px if ch.vae_lean else K.vae_low_res_ram_px)[m.vae_version]
+        video += 4 * g.lat[0] * r.width * r.height * low_res_px * (4 if ch.vae_dtype == "fp32" else 2)
     cpu_act = 0.0 if gpu else act + latents
     cpu_vae = 0.0 if gpu else _vae_vram(m, r, ch, "decoder") - m.vae_bytes("decoder", ch.vae_dtype)
+    vae_read = 2 * ROW_CHUNK_BYTES if vae_disk else 0.0  # a tensor of it in flight to the GPU, cast
     ram = held + max(while_encoding, converting, kept + cpu_act + (0 if on_gpu else residuals),
-                     kept + video + cpu_vae)
+                     kept + video + cpu_vae + vae_read, vae_read)
 
     # time
     n, L, d, f = m.num_layers, g.tokens, m.dim, m.ffn_dim
@@ -396,6 +423,10 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
             "decode": scale * r.frames * K.vae_decode_s[m.vae_version, ch.vae_dtype]}
     if r.image:
         secs["encode"] = scale * (r.frames if m.encodes_video else 1) * K.vae_encode_s[m.vae_version, ch.vae_dtype]
+    if vae_disk:  # each half read from its file (fp32 as released) at its stage
+        secs["decode"] += m.vae_bytes("decoder", "fp32") / disk_bps
+        if r.image:
+            secs["encode"] += m.vae_bytes("encoder", "fp32") / disk_bps
     return {"vram": vram, "ram": ram, "secs": secs, "fp8c": fp8c, "fp8a": fp8a}
 
 

@@ -169,6 +169,10 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
             ch = replace(ch, idle_expert="ram")
     if "keep_text_encoder" not in forced and ram_ok(replace(ch, keep_text_encoder=True)):
         ch = replace(ch, keep_text_encoder=True)
+    if hw.has_gpu and ch.vae_tile and "vae_lean" not in forced and not ram_ok(ch):
+        ch = replace(ch, vae_lean=True)  # the tiles' input in RAM an eighth, for a little decode time
+    if hw.has_gpu and "vae_on_disk" not in forced and not ram_ok(ch):
+        ch = replace(ch, vae_on_disk=True)  # no VAE in RAM, for a read of its file per decode
     if hw.has_gpu and "blocks_from" not in forced and not ram_ok(ch):
         # RAM short: the DiT's copy stays in its file and its blocks stream from there (slower
         # where the disk is slower than the forward; the time estimate counts the reads)

@@ -19,6 +19,7 @@ Quantized models are cached on disk by `wan_lite.runtime.quant_cache.load_or_qua
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
@@ -545,6 +546,9 @@ def _in_source(source: TensorSource, kmap: Callable[[str], str], name: str) -> b
         return False
 
 
+ROW_CHUNK_BYTES = 64 << 20  # a large tensor is read, converted and written this much at a time
+
+
 def read_plan(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
               names: Iterable[str] | None = None, what: str = "model") -> list[tuple]:
     """How `read_planned` reads a (meta) model's tensors from `source`, checked (every key there,
@@ -576,11 +580,45 @@ def read_plan(model: nn.Module, source: TensorSource, *, key_map: Callable[[str]
     return plan
 
 
-def read_planned(plan: list[tuple], source: TensorSource,
-                 quant_device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+class Rows:
+    """A large float tensor of a source, read `ROW_CHUNK_BYTES` at a time (`read_planned` with
+    `rows`): written to the cache or filled into its place on the GPU chunk by chunk, so RAM never
+    holds it whole (umT5's 2 GB token embedding, the largest tensor any model here has)."""
+
+    def __init__(self, source: TensorSource, key: str, dtype: torch.dtype) -> None:
+        self.source, self.key, self.dtype = source, key, dtype
+        self.shape = tuple(source.shape(key))
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        row = math.prod(self.shape[1:]) * max(self.dtype.itemsize, self.source.dtype(self.key).itemsize)
+        step = max(1, ROW_CHUNK_BYTES // max(1, row))
+        for i in range(0, self.shape[0], step):
+            yield self.source.read_rows(self.key, torch.arange(i, min(self.shape[0], i + step)), self.dtype)
+
+    def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=device or "cpu")
+        done = 0
+        for chunk in self.chunks():
+            out[done : done + chunk.shape[0]].copy_(chunk)
+            done += chunk.shape[0]
+        return out
+
+
+def _by_rows(source: TensorSource, key: str, dtype: torch.dtype) -> bool:
+    shape = source.shape(key)
+    return (len(shape) >= 1 and source.rows_are_cheap(key)
+            and math.prod(shape) * max(dtype.itemsize, source.dtype(key).itemsize) > ROW_CHUNK_BYTES)
+
+
+def read_planned(plan: list[tuple], source: TensorSource, quant_device: torch.device | str = "cpu",
+                 rows: bool = False) -> Iterator[tuple[str, torch.Tensor | Rows]]:
     """(name, tensor) one at a time as `plan` (read_plan) says: only one source tensor is alive
-    at a time. Touches no module, so it may run on another thread."""
+    at a time. Touches no module, so it may run on another thread. `rows`: a float tensor larger
+    than ROW_CHUNK_BYTES comes as `Rows`, to be read a chunk at a time."""
     for name, key, dtype, fmt, scale_dtype in plan:
+        if rows and fmt is None and _by_rows(source, key, dtype):
+            yield name, Rows(source, key, dtype)
+            continue
         t = source[key]
         if fmt is not None:
             q, scale = quantize_weight(t.to(quant_device), fmt)
@@ -593,19 +631,23 @@ def read_planned(plan: list[tuple], source: TensorSource,
 
 def iter_refill(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
                 quant_device: torch.device | str = "cpu", names: Iterable[str] | None = None,
-                what: str = "model") -> Iterator[tuple[str, torch.Tensor]]:
+                what: str = "model", rows: bool = False) -> Iterator[tuple[str, torch.Tensor | Rows]]:
     """(name, tensor) for every tensor of a (meta) model in the dtype and shape it declares, one
     at a time in `refill_order`, read from `source` (`read_plan`, `read_planned`). names: only
-    these tensors (a block's, the parts outside the blocks)."""
-    return read_planned(read_plan(model, source, key_map=key_map, names=names, what=what), source, quant_device)
+    these tensors (a block's, the parts outside the blocks); rows: large ones as `Rows`."""
+    return read_planned(read_plan(model, source, key_map=key_map, names=names, what=what), source, quant_device,
+                        rows=rows)
 
 
 def refill_like(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
                 quant_device: torch.device | str = "cpu", names: Iterable[str] | None = None,
-                what: str = "model") -> nn.Module:
+                what: str = "model", device: torch.device | str | None = None) -> nn.Module:
     """Fill a (meta) model with the dtypes and shapes it declares, tensor by tensor (`iter_refill`);
-    names: only those tensors, the others left as they are."""
-    loaded = dict(iter_refill(model, source, key_map=key_map, quant_device=quant_device, names=names, what=what))
+    names: only those tensors, the others left as they are. `device`: each tensor goes there as
+    it is read (a large one chunk by chunk: RAM holds one chunk of it, not the tensor)."""
+    loaded = {n: t.to_tensor(device) if isinstance(t, Rows) else t if device is None else t.to(device)
+              for n, t in iter_refill(model, source, key_map=key_map, quant_device=quant_device, names=names,
+                                      what=what, rows=device is not None)}
     model.load_state_dict(loaded, assign=True, strict=names is None)
     return model
 

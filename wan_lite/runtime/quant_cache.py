@@ -38,6 +38,7 @@ from torch import nn
 from wan_lite.errors import CheckpointError
 from wan_lite.loading.tensors import _ST_DTYPES, SafetensorsSource, TensorSource, read_safetensors_header
 from wan_lite.runtime.quant import (
+    Rows,
     declare_dtypes,
     iter_refill,
     quantize_model,
@@ -109,7 +110,7 @@ def _tmp_name(path: Path) -> Path:
 
 
 def _write_stream(path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                  tensors: Iterator[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+                  tensors: Iterator[tuple[str, torch.Tensor | Rows]], metadata: dict[str, str]) -> None:
     """Write a safetensors file whose tensors (`layout`: name, dtype, shape, in file order) come
     one at a time from `tensors` (in the same order), to a temporary name renamed at the end, so
     a crash never leaves a half-written cache that looks valid. safetensors' own writer first
@@ -132,9 +133,11 @@ def _write_stream(path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ..
                 if got != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
                     raise RuntimeError(f"cache writer: expected {name} {dtype} {list(shape)}, "
                                        f"got {got} {t.dtype} {list(t.shape)}")
-                flat = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-                fh.write(memoryview(flat.numpy()))
-                del flat, t
+                for part in t.chunks() if isinstance(t, Rows) else (t,):  # a large one a chunk at a time
+                    flat = part.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+                    fh.write(memoryview(flat.numpy()))
+                    del flat, part
+                del t
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -176,11 +179,12 @@ def convert_to_cache(model: nn.Module, source: TensorSource, path: Path, *, key:
                      what: str = "model") -> Path:
     """Write the cache of a meta `model` (quantized layers swapped in, dtypes declared) straight
     from `source`, tensor by tensor: no tensor of the model is ever filled, so the RAM peak is one
-    source tensor and its converted copy (an A14B block is ~30 of them)."""
+    source tensor and its converted copy (an A14B block is ~30 of them), or of a large one (umT5's
+    2 GB token embedding) a ROW_CHUNK_BYTES chunk of each."""
     declared = model.state_dict(keep_vars=True)
     order = refill_order(model)
     layout = [(n, declared[n].dtype, tuple(declared[n].shape)) for n in order]
-    tensors = iter_refill(model, source, key_map=key_map, quant_device=quant_device, what=what)
+    tensors = iter_refill(model, source, key_map=key_map, quant_device=quant_device, what=what, rows=True)
     _write_stream(Path(path), layout, tensors, _meta(model, key, {}, source, fmt))
     log.info("converted %s (%s) into %s", what, fmt, path)
     return Path(path)

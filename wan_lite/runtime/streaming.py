@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from wan_lite.loading.tensors import TensorSource
+from wan_lite.runtime.embedding_rows import can_read_rows, rows_on_demand
 from wan_lite.runtime.quant import find_block_list, matches, read_plan, read_planned, refill_like
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ class BlockStreamer:
         self._copy_stream: torch.cuda.Stream | None = None
         self._bound: tuple[int, int] | None = None  # (position, slot) whose params point at a slot
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._undo: list[Callable[[], None]] = []  # embedding_rows.rows_on_demand's
         self.source: TensorSource | None = None  # streamed blocks read from this file (not kept in RAM)
         self._staging: list[torch.Tensor] = []  # page-locked, one per slot (CUDA with a source)
         self._staging_pins: list[weakref.finalize] = []
@@ -303,15 +305,27 @@ class BlockStreamer:
                key_map: Callable[[str], str] | None = None) -> None:
         self.model, self.device = model, device
         prefix, blocks = find_block_list(model)
-        if self.source is not None:  # what waits on disk outside the streamed blocks is read now
-            fill_from_source(model, self.source, key_map, blocks=range(min(resident, len(blocks))))
+        block_ids = {id(m) for b in blocks for m in b.modules()}
+        named_host = [(n, m) for n, m in model.named_modules()
+                      if n and matches(n, host_modules) and id(m) not in block_ids]
+        host = list({id(m): m for _n, m in named_host}.values())  # umT5's embedding has two names
+        if self.source is not None:  # what waits on disk outside the streamed blocks is read now,
+            # except a token embedding on the host: its lookups read their rows from the file
+            on_file = []
+            for n, m in named_host:
+                key = key_map(f"{n}.weight") if key_map else f"{n}.weight"
+                if all(m is not o for o in on_file) and can_read_rows(m, self.source, key):
+                    self._undo.append(rows_on_demand(m, self.source, key))
+                    on_file.append(m)
+            skip = [n for n, t in model.state_dict(keep_vars=True).items()
+                    if any(t is o.weight for o in on_file)]
+            fill_from_source(model, self.source, key_map, blocks=range(min(resident, len(blocks))), skip=skip)
         self.resident = max(0, min(resident, len(blocks)))
         self.prefetch = prefetch
-        block_ids = {id(m) for b in blocks for m in b.modules()}
-        host = [m for n, m in model.named_modules() if n and matches(n, host_modules) and id(m) not in block_ids]
         host_ids = {id(sub) for m in host for sub in m.modules()}
         for m in host:
-            m.to("cpu")
+            if "forward" not in m.__dict__:  # one read row by row stays on meta
+                m.to("cpu")
             self._handles.append(m.register_forward_pre_hook(self._inputs_to_host, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._output_to_device))
         # Everything else outside the block list is small next to the blocks (time and text
@@ -416,6 +430,9 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for undo in self._undo:  # an embedding read row by row stays on meta, to be filled when needed
+            undo()
+        self._undo.clear()
         self._wait_reads()
         if self._reader is not None:
             self._reader.shutdown(wait=True)
@@ -610,19 +627,21 @@ def trim_host_memory(collect: bool = True) -> None:
 
 def fill_from_source(model: nn.Module, source: TensorSource, key_map: Callable[[str], str] | None = None, *,
                      blocks: Iterable[int] | None = None, device: torch.device | str | None = None,
-                     quant_device: torch.device | str = "cpu") -> None:
+                     quant_device: torch.device | str = "cpu", skip: Iterable[str] = ()) -> None:
     """Read the tensors of `model` still on meta from `source`: the parts outside the block list,
     then each block of `blocks` (every block when None), one block at a time, each moved to
-    `device` right after it is read when one is given, so RAM holds at most one block of them."""
+    `device` right after it is read when one is given, so RAM holds at most one block of them.
+    `skip`: names left on meta (an embedding read row by row)."""
     prefix, block_list = find_block_list(model)
     meta, seen = [], set()
+    skip = set(skip)
     for n, t in model.state_dict(keep_vars=True).items():
-        if t.device.type == "meta" and id(t) not in seen:  # a tied tensor (umT5's embedding) is read once
+        if t.device.type == "meta" and id(t) not in seen and n not in skip:  # a tied tensor (umT5's embedding) is read once
             seen.add(id(t))
             meta.append(n)
     outside = [n for n in meta if not n.startswith(f"{prefix}.")]
-    if outside:
-        refill_like(model, source, key_map=key_map, names=outside, quant_device=quant_device)
+    if outside:  # straight to `device` (a large tensor, umT5's embedding, a chunk at a time)
+        refill_like(model, source, key_map=key_map, names=outside, quant_device=quant_device, device=device)
     for i in range(len(block_list)) if blocks is None else blocks:
         names = [n for n in meta if n.startswith(f"{prefix}.{i}.")]
         if names:

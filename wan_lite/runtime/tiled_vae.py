@@ -46,6 +46,7 @@ from wan_lite.api import CancelToken
 from wan_lite.errors import Cancelled, InputError
 from wan_lite.errors import OutOfMemoryError as WanOutOfMemoryError
 from wan_lite.models.vae_common import FeatureCache
+from wan_lite.runtime.vae_frames import FrameAssembly, video_to_frames
 from wan_lite.runtime.vae_memory import (
     DEFAULT_FRAME_CHUNK,
     DEFAULT_OVERLAP_PX,
@@ -274,11 +275,14 @@ def _decode_tile(vae: Any, low: list[torch.Tensor], start: int, scale: int, box:
 @torch.no_grad()
 def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None = None,
                  out_device: torch.device | str | None = None,
-                 frame_chunk: int | None = DEFAULT_FRAME_CHUNK, lean: bool | None = None) -> torch.Tensor:
+                 frame_chunk: int | None = DEFAULT_FRAME_CHUNK, lean: bool | None = None,
+                 frames: bool = False) -> torch.Tensor:
     """Normalised latent [B, z, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] float32 in [-1, 1]
     on `out_device` (default: the latent's), decoded in spatial tiles of at most `tile` x `tile`
     latent px overlapping by >= `overlap` latent px (default DEFAULT_OVERLAP_PX / stride), the
     decoder's full-resolution levels `frame_chunk` frames at a time (`Decoder3d.frame_chunk`).
+    `frames` True: the uint8 frames [B, F, H, W, 3] on the CPU instead, the same as `to_uint8` of
+    that video, made without it (`vae_frames.FrameAssembly`: a fifth of its RAM).
 
     A tile at least the latent's size decodes untiled (exactly `vae.decode`). Otherwise the
     decoder's low-resolution part (conv1, middle with its attention, the first upsampling level)
@@ -299,32 +303,61 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     out_device = torch.device(out_device) if out_device is not None else latent.device
     spans_h, spans_w = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
     if len(spans_h) == len(spans_w) == 1:
-        return vae.decode(latent).to(out_device)
+        video = vae.decode(latent)
+        return _as_frames(video) if frames else video.to(out_device)
     if lean is None:
         lean = lean_needed(vae, tuple(latent.shape), free_device_bytes(latent.device), vae.dtype)
     log.info("VAE decode in %d x %d tiles of %d x %d latent px (overlap >= %d, frame chunk %s%s)",
              len(spans_h), len(spans_w), spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0],
              min(overlap, tile // 2), frame_chunk, ", lean global pass" if lean else "")
     weights_h, weights_w = blend_weights(spans_h, s), blend_weights(spans_w, s)
-    out = torch.zeros((b, 3, 1 + vae.stride[0] * (t - 1), h * s, w * s), dtype=torch.float32, device=out_device)
+    size = (1 + vae.stride[0] * (t - 1), h * s, w * s)
     sink = _HostSink()
+    if frames:
+        def supports(spans: list[tuple[int, int]], weights: list[torch.Tensor]) -> list[tuple[int, int]]:
+            return [(a * s + _support(wt)[0], a * s + _support(wt)[1]) for (a, _b), wt in zip(spans, weights,
+                                                                                              strict=True)]
+
+        rows, cols = supports(spans_h, weights_h), supports(spans_w, weights_w)
+        results = []
+    else:
+        out = torch.zeros((b, 3, *size), dtype=torch.float32, device=out_device)
     with _frame_chunk(vae, frame_chunk):
         for i in range(b):
+            if frames:
+                assembly = FrameAssembly(*size, rows, cols)
+
+                def emit(f: int, r: slice, c: slice, part: torch.Tensor, asm: FrameAssembly = assembly) -> None:
+                    sink.put(part, lambda p: asm.add(f, r, c, p))
+            else:
+                def emit(f: int, r: slice, c: slice, part: torch.Tensor, i: int = i) -> None:
+                    sink.add(out[i : i + 1, :, f : f + part.shape[2], r, c], part)
             low = decoder_low_res(vae, latent[i : i + 1], lean)
             scale = low[0].shape[-1] // w
             with _idle_on_host(vae, lean):
                 _decode_tiles(vae, low, global_levels(vae, lean), scale, spans_h, spans_w, weights_h, weights_w,
-                              latent.device, out[i : i + 1], sink)
+                              latent.device, emit)
             del low
+            if frames:
+                sink.flush()
+                results.append(assembly.frames())
     sink.flush()
+    if frames:
+        return torch.stack(results) if b > 1 else results[0][None]
     return out.clamp_(-1.0, 1.0)  # weights sum to 1 only up to float rounding
+
+
+def _as_frames(video: torch.Tensor) -> torch.Tensor:
+    """Video [B, 3, F, H, W] (wherever it is) -> uint8 frames [B, F, H, W, 3] on the CPU."""
+    return torch.stack([torch.from_numpy(video_to_frames(v)) for v in video])
 
 
 def _decode_tiles(vae: Any, low: list[torch.Tensor], start: int, scale: int, spans_h: list[tuple[int, int]],
                   spans_w: list[tuple[int, int]],
                   weights_h: list[torch.Tensor], weights_w: list[torch.Tensor], device: torch.device,
-                  out: torch.Tensor, sink: _HostSink) -> None:
-    """Every tile of one sample, blended into `out` [1, 3, F, H, W] through `sink`."""
+                  emit: Callable[[int, slice, slice, torch.Tensor], None]) -> None:
+    """Every tile of one sample, each latent frame's weighted pixels [1, 3, n, y, x] given to
+    emit(first video frame, pixel rows, pixel columns, part)."""
     s = vae.stride[1]
     for (h0, h1), wh in zip(spans_h, weights_h, strict=True):
         for (w0, w1), ww in zip(spans_w, weights_w, strict=True):
@@ -336,7 +369,7 @@ def _decode_tiles(vae: Any, low: list[torch.Tensor], start: int, scale: int, spa
             cols = slice(w0 * s + x0, w0 * s + x1)
             for f, part in _decode_tile(vae, low, start, scale, (h0, h1, w0, w1), weight, (y0, y1, x0, x1),
                                         device):
-                sink.add(out[:, :, f : f + part.shape[2], rows, cols], part)
+                emit(f, rows, cols, part)
 
 
 class _HostSink:
@@ -346,30 +379,40 @@ class _HostSink:
     blocks are in use at a time (torch's pinned allocator reuses them)."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None, bool]] = []
+        self._pending: list[tuple[Callable[[torch.Tensor], None], torch.Tensor, torch.cuda.Event | None]] = []
 
     def add(self, dst: torch.Tensor, part: torch.Tensor, accumulate: bool = True) -> None:
+        """`part` added to (or copied into) `dst`."""
         if part.device == dst.device:
             _write(dst, part, accumulate)
             return
+        self.put(part, lambda staged: _write(dst, staged, accumulate), dst.device)
+
+    def put(self, part: torch.Tensor, write: Callable[[torch.Tensor], None],
+            device: torch.device | str = "cpu") -> None:
+        """write(part on `device`), once it is there."""
+        device = torch.device(device)
+        if part.device == device:
+            write(part)
+            return
         event = None
         # without page-locked memory (or for other devices): a synchronous copy below
-        staged = _pinned_like(part) if part.is_cuda and dst.device.type == "cpu" else None
+        staged = _pinned_like(part) if part.is_cuda and device.type == "cpu" else None
         if staged is not None:
             staged.copy_(part, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
-            staged = part.to(dst.device)
+            staged = part.to(device)
         self.flush()
-        self._pending.append((dst, staged, event, accumulate))
+        self._pending.append((write, staged, event))
 
     def flush(self) -> None:
         while self._pending:
-            dst, staged, event, accumulate = self._pending.pop(0)
+            write, staged, event = self._pending.pop(0)
             if event is not None:
                 event.synchronize()
-            _write(dst, staged, accumulate)
+            write(staged)
 
 
 def _write(dst: torch.Tensor, src: torch.Tensor, accumulate: bool) -> None:
@@ -519,20 +562,23 @@ def _retry_tiles(run: Callable[[int | None], torch.Tensor], tile: int | None, si
 
 def decode_with_retry(vae: Any, latent: torch.Tensor, tile: int | None = None, *, overlap: int | None = None,
                       out_device: torch.device | str | None = None, min_tile: int = MIN_TILE,
-                      frame_chunk: int | None = DEFAULT_FRAME_CHUNK) -> torch.Tensor:
+                      frame_chunk: int | None = DEFAULT_FRAME_CHUNK, lean: bool | None = None,
+                      frames: bool = False) -> torch.Tensor:
     """`tiled_decode` into `out_device` (or `vae.decode` with tile None: its video stays on the
-    device it was made on, where the plan counted it, so the caller moves only what it needs, e.g.
-    uint8 frames); on a CUDA out-of-memory error, again with half the tile, 1-frame chunks and the
-    lean global pass, down to `min_tile` latent px; then wan_lite.errors.OutOfMemoryError."""
+    device it was made on, where the plan counted it, so the caller moves only what it needs);
+    `frames`: uint8 frames on the CPU instead (made where the video is); on a CUDA out-of-memory
+    error, again with half the tile, 1-frame chunks and the lean global pass, down to `min_tile`
+    latent px; then wan_lite.errors.OutOfMemoryError."""
     first = [True]
 
     def run(t: int | None) -> torch.Tensor:
         restore_parked(vae)  # weights an interrupted tiled decode left in CPU memory
-        chunk, lean = (frame_chunk, None) if first[0] else (1, True)
+        chunk, lean_now = (frame_chunk, lean) if first[0] else (1, True)
         first[0] = False
         if t is None:
-            return vae.decode(latent)
-        return tiled_decode(vae, latent, t, overlap, out_device, frame_chunk=chunk, lean=lean)
+            video = vae.decode(latent)
+            return _as_frames(video) if frames else video
+        return tiled_decode(vae, latent, t, overlap, out_device, frame_chunk=chunk, lean=lean_now, frames=frames)
 
     hint = ("The latents were saved first: free GPU memory (close other programs using the GPU) and "
             "re-decode them with `python -m wan_lite decode <file>.latents.safetensors`, "
@@ -540,28 +586,47 @@ def decode_with_retry(vae: Any, latent: torch.Tensor, tile: int | None = None, *
     return _retry_tiles(run, tile, max(latent.shape[3:]), min_tile, latent.device, "decode", hint)
 
 
-def make_decode_fn(tile_px: int | str | None = None, overlap_px: int = DEFAULT_OVERLAP_PX,
-                   out_device: torch.device | str | None = "cpu") -> VAEFn:
+class DecodeFn:
     """A `WanPipeline.decode_fn`: `(vae, latent [B, z, T, h, w]) -> video` decoding in tiles of
     `tile_px` output pixels (as `Plan.vae_tile`; None: untiled, "auto": the fastest tiles that
     fit the free memory at call time, `choose_decode`), retrying smaller tiles after an
-    out-of-memory error. On a GPU the frame chunk is chosen at call time too: the largest
-    (fastest) whose estimate fits the free memory."""
-    def decode_fn(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    out-of-memory error; `.frames(vae, latent)` -> the uint8 frames [B, F, H, W, 3] on the CPU,
+    the same bytes without the float32 video in RAM (what the pipeline writes). On a GPU the
+    frame chunk is chosen at call time too: the largest (fastest) whose estimate fits the free
+    memory. `lean` True: a tiled decode's global pass stops after the middle (its output in RAM
+    an eighth, Wan 2.2: the plan's `vae_lean` where RAM is short); None: decided by GPU memory."""
+
+    def __init__(self, tile_px: int | str | None = None, overlap_px: int = DEFAULT_OVERLAP_PX,
+                 out_device: torch.device | str | None = "cpu", lean: bool | None = None) -> None:
+        self.tile_px, self.overlap_px, self.out_device, self.lean = tile_px, overlap_px, out_device, lean
+
+    def __call__(self, vae: Any, latent: torch.Tensor) -> torch.Tensor:
+        return self._decode(vae, latent, frames=False)
+
+    def frames(self, vae: Any, latent: torch.Tensor) -> torch.Tensor:
+        return self._decode(vae, latent, frames=True)
+
+    def _decode(self, vae: Any, latent: torch.Tensor, frames: bool) -> torch.Tensor:
         s = vae.stride[1]
-        overlap = overlap_px // s
-        out_dev = torch.device(out_device) if out_device is not None else latent.device
+        overlap = self.overlap_px // s
+        out_dev = torch.device(self.out_device) if self.out_device is not None else latent.device
+        tile_px = self.tile_px
         tile = None if tile_px in (None, "auto") else max(1, int(tile_px) // s)
         chunk = DEFAULT_FRAME_CHUNK
         free = free_device_bytes(latent.device)
         if free is not None and (tile_px == "auto" or tile is not None):
             tile, chunk = choose_decode(vae, tuple(latent.shape), free, vae.dtype, overlap=overlap,
-                                        out_on_device=out_dev == latent.device, tile=tile)
+                                        out_on_device=out_dev == latent.device and not frames, tile=tile)
             log.info("VAE decode: %s (%.2f GiB free on the GPU)", "untiled" if tile is None else
                      f"tiles of {tile} latent px, frame chunk {chunk or 'whole'}", free / 2**30)
-        return decode_with_retry(vae, latent, tile, overlap=overlap, out_device=out_dev, frame_chunk=chunk)
+        return decode_with_retry(vae, latent, tile, overlap=overlap, out_device=out_dev, frame_chunk=chunk,
+                                 lean=self.lean, frames=frames)
 
-    return decode_fn
+
+def make_decode_fn(tile_px: int | str | None = None, overlap_px: int = DEFAULT_OVERLAP_PX,
+                   out_device: torch.device | str | None = "cpu", lean: bool | None = None) -> DecodeFn:
+    """`DecodeFn(tile_px, overlap_px, out_device, lean)`."""
+    return DecodeFn(tile_px, overlap_px, out_device, lean)
 
 
 def make_encode_fn(tile_px: int | None = None, overlap_px: int = DEFAULT_OVERLAP_PX,
