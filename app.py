@@ -127,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--share: a public link will be created; anyone who has it can use your GPU "
                     "and see your videos.")
     ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    from wan_lite.paths import config_dir
+    from wan_lite.ui.instance import AppLock, already_running
+
+    lock = AppLock(config_dir())
+    running = lock.claim()
+    if running is not None:  # the launcher started twice: show the app that runs
+        print(already_running(running, config_dir()), flush=True)
+        if isinstance(running.get("url"), str) and not (args.no_browser or ci):
+            import webbrowser
+
+            webbrowser.open(running["url"])
+        return 0
     log.info("Models: %s | outputs: %s | uploads: %s", args.models_dir, output_dir, upload_dir)
 
     from wan_lite.engine import Engine
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # Beyond this computer, Scan and Save stay in the models folder and the remembered ComfyUI folders.
     ui = build_ui(engine, upload_dir, confine=remote)
     launch(ui, host=host, port=args.port, share=args.share, open_browser=not (args.no_browser or ci),
-           output_dir=output_dir, auth=auth)
+           output_dir=output_dir, auth=auth, on_ready=lock.announce)
     return 0
 
 

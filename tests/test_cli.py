@@ -174,6 +174,7 @@ def test_generate_writes_to_the_apps_outputs_folder_with_a_plan_line_and_clean_p
     err = r.stderr
     assert "\r" not in err  # stderr is not a terminal here: no redrawn bars
     assert err.index("plan: ti2v-5b 64x64x5") < err.index("Loading models: done")  # the plan before the load
+    assert "plan: ti2v-5b 64x64x5 fits" in err  # the tiny model's own sizes, the plan the run follows
     assert "No CUDA GPU" in err or "cuda" in err.lower()
     assert "Denoising: 100% 2/2 steps done in" in err and "Decoding video: 100% 5/5 frames done in" in err
     assert "step/s" not in err.replace("steps/s", "")  # units kept: "steps/s" or "s/step"

@@ -84,6 +84,7 @@ class Engine:
                      "Delete the old folder to free its space.", old_cache, self.cache_dir)
         self._pipe = None
         self._pipe_key: tuple | None = None
+        self._footprints: dict[tuple, Any] = {}  # (model, its files and their dates) -> ModelFootprint
         # one job at a time, whatever the caller does; re-entrant: under torchrun the job's own
         # rank runs Engine.generate again inside the call that joined the group
         self._lock = threading.RLock()
@@ -206,8 +207,17 @@ class Engine:
         return tuple(names), size, rank
 
     def preflight(self, request: GenerateRequest | Job) -> Estimate:
-        """What the request will use on this machine, before anything is loaded."""
-        p = self._plan(self.resolve(request))
+        """What the request will use on this machine, before anything is loaded: the plan of the
+        model as it is on disk (a custom or test model's own sizes; the released ones where its
+        files are not there yet), the plan the run will follow."""
+        job = self.resolve(request)
+        footprint = None
+        try:
+            name = job.spec.name
+            footprint = self._footprint(name, self.model_folder(name), self.library.components.get(name, {}))
+        except (WanLiteError, OSError, StopIteration):  # not installed (yet): the released sizes
+            pass
+        p = self._plan(job, footprint=footprint)
         data = p.to_json()
         return Estimate(fits=data["fits"], peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=data["peak_ram_gib"],
                         seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
@@ -231,19 +241,21 @@ class Engine:
             from wan_lite.errors import OutOfMemoryError
 
             raise OutOfMemoryError(f"This request does not fit this machine: {plan.reason}")
-        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant)
+        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant, plan.vae_on_disk)
         key = (name, folder.resolve(), tuple(sorted((k, str(v)) for k, v in parts.items())), fixed)
         model_dir = folder if folder.is_dir() or not parts else None
         if self._pipe_key != key:
             before = self._pipe  # its text encoder and VAE go to the next model where they are the same
             if before is not None:
                 from wan_lite.loading.components import module_of
+                from wan_lite.runtime import vae_parts
 
                 before.dits = {}  # the DiTs go now, before the next model's are read
                 encoder = module_of(before.text_encoder)
                 if not any(p.is_meta for p in encoder.parameters()):  # one dropped to disk stays there
                     encoder.to("cpu")  # the next plan places them itself
-                before.vae.to("cpu")
+                if not vae_parts.on_disk(before.vae):  # one waiting in its file stays there
+                    before.vae.to("cpu")
             self.unload()
             if on_progress:
                 on_progress(Progress(stage="load", step=0, total=1, elapsed_s=0.0, message=f"Loading {name}"))
@@ -283,7 +295,15 @@ class Engine:
         return torch.cuda.is_available() and (self.device is None or str(self.device).startswith("cuda"))
 
     def _footprint(self, name: str, folder: Path, parts: dict[str, Path]):
-        """Sizes of the model actually on disk (read from tensor shapes, no data)."""
+        """Sizes of the model actually on disk (read from tensor shapes, no data), remembered
+        while its files stay as they are."""
+        files = [folder, *map(Path, parts.values())]
+        key = (name, tuple(str(f) for f in files), tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files))
+        if key not in self._footprints:  # the app's estimate asks at every change of the form
+            self._footprints[key] = self._read_footprint(name, folder, parts)
+        return self._footprints[key]
+
+    def _read_footprint(self, name: str, folder: Path, parts: dict[str, Path]):
         from wan_lite.loading.components import resolve_sources
         from wan_lite.models.dit import WanDiTConfig
         from wan_lite.runtime.planner import ModelFootprint
@@ -403,7 +423,6 @@ class Engine:
             load_latents,
             stem_for_out,
         )
-        from wan_lite.pipeline import video_to_frames
 
         with self._lock:
             latents, meta = load_latents(Path(latents_path))
@@ -437,7 +456,7 @@ class Engine:
             request = GenerateRequest.from_dict(settings | {"model": name})
             pipe = self._decoder(name, PlanRequest(*size, image=False))  # planned for their own video
             t0 = time.perf_counter()
-            frames = video_to_frames(pipe._decode(latents, cancel=cancel))
+            frames = pipe.decode_frames(latents, cancel=cancel)
             timings = dict(settings.get("timings") or {})
             timings["decode"] = time.perf_counter() - t0
             return self._write(stem, Path(latents_path), frames, pipe.spec.fps, settings, timings, [], request, pipe,

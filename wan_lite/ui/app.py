@@ -514,10 +514,12 @@ def _wire_components(ui: AppUI, models_table: Callable[[], dict[Any, Any]], then
 
 
 def launch(ui: AppUI, *, host: str, port: int | None, share: bool, open_browser: bool,
-           output_dir: Path, block: bool = True, auth: list[tuple[str, str]] | None = None) -> None:
+           output_dir: Path, block: bool = True, auth: list[tuple[str, str]] | None = None,
+           on_ready: Callable[[str], None] | None = None) -> None:
     """Start serving: one job at a time, only the output and upload folders readable (uploads
     other than images only as downloads); `auth`:
-    the (user, password) pairs the login page accepts (None: no login)."""
+    the (user, password) pairs the login page accepts (None: no login); `on_ready(url)` once it
+    serves (app.py tells a second start where to find it)."""
     if ui.demo is None:
         raise RuntimeError("build_ui() must run before launch()")
     ui.demo.queue(default_concurrency_limit=1)
@@ -533,5 +535,7 @@ def launch(ui: AppUI, *, host: str, port: int | None, share: bool, open_browser:
     )
     url = getattr(ui.demo, "local_url", None) or f"http://{host}:{port}/"
     print(f"wan_lite is running at {url}" + ("" if share else "  (--share makes a public link)"), flush=True)
+    if on_ready is not None:
+        on_ready(url)
     if block and hasattr(ui.demo, "block_thread"):
         ui.demo.block_thread()  # serve until Ctrl+C
