@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     lock = AppLock(config_dir())
     running = lock.claim()
     if running is not None:  # the launcher started twice: show the app that runs
-        print(already_running(running, config_dir()), flush=True)
-        if isinstance(running.get("url"), str) and not (args.no_browser or ci):
+        opening = isinstance(running.get("url"), str) and not (args.no_browser or ci)
+        print(already_running(running, config_dir(), opening), flush=True)
+        if opening:
             import webbrowser
 
             webbrowser.open(running["url"])

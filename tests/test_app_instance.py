@@ -40,7 +40,8 @@ def test_a_second_start_opens_the_first_and_a_killed_app_leaves_no_lock(tmp_path
         rc = app.main(["--models-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path / "out")])
         out = capsys.readouterr().out
         assert rc == 0 and opened == ["http://127.0.0.1:7999/"], out
-        assert "already running at http://127.0.0.1:7999/" in out and "WAN_LITE_CONFIG_DIR" in out
+        assert "already running at http://127.0.0.1:7999/" in out and "opening it" in out
+        assert "WAN_LITE_CONFIG_DIR" in out
         assert AppLock(config).claim() is not None  # still held by the running one
     finally:
         holder.kill()

@@ -59,10 +59,11 @@ class AppLock:
         self._lock.release()
 
 
-def already_running(info: dict[str, Any], folder: Path) -> str:
-    """The message of a second start."""
+def already_running(info: dict[str, Any], folder: Path, opening: bool) -> str:
+    """The message of a second start (`opening`: its page is being opened in the browser)."""
     where = f" at {info['url']}" if isinstance(info.get("url"), str) else ""
     pid = f" (process {info['pid']})" if isinstance(info.get("pid"), int) else ""
-    return (f"wan_lite is already running{where}{pid} with the config folder {folder}: "
-            f"{'opening it' if where else 'use that window'} instead of starting a second app on the same queue "
-            "and GPU. To run a separate one, give it its own folder: set WAN_LITE_CONFIG_DIR.")
+    use = "opening it" if opening and where else "use that one"
+    return (f"wan_lite is already running{where}{pid} with the config folder {folder}: {use} instead of "
+            "starting a second app on the same queue and GPU. To run a separate one, give it its own "
+            "folder: set WAN_LITE_CONFIG_DIR.")
