@@ -228,6 +228,35 @@ def test_stored_dit_streams_and_refills_from_disk(tmp_path, official, inputs, fm
     assert torch.equal(run(model, inputs), want)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "Q4_K"])
+def test_stored_dit_waiting_on_disk_is_never_read_whole(tmp_path, official, inputs, fmt: str) -> None:
+    """A plan that streams the DiT from disk (on_disk) loads a stored fp8 / GGUF file on meta:
+    nothing of it is read at load (it was filled whole, then dropped), and streamed from its
+    file it computes what the model loaded whole computes."""
+    if fmt == "fp8":
+        path = tf.write_comfy(tmp_path / "disk_fp8.safetensors", official, fp8="scale_weight")
+    else:
+        path = tf.write_gguf(tmp_path / "disk.gguf", official, fmt)
+    whole, _ = load_dit(formats.load_component(path, "dit"), torch.bfloat16)
+    want = run(whole, inputs)
+    from tests.test_ram_cache import peak_cpu_bytes
+
+    loaded = []
+    peak = peak_cpu_bytes(lambda: loaded.append(load_dit(formats.load_component(path, "dit"), torch.bfloat16,
+                                                         on_disk=True)))
+    model, refill = loaded[0]
+    assert streaming.where_is(model) == "disk"
+    stored = sum(t.numel() * t.element_size() for t in whole.state_dict().values())
+    assert peak < 0.1 * stored, (peak, stored)
+    assert {n: t.dtype for n, t in model.state_dict().items()} == {n: t.dtype for n, t in whole.state_dict().items()}
+    streaming.set_expert_source(model, refill)
+    streaming.attach(model, "cpu", resident=0, prefetch=1, pinned=False, source=refill)
+    try:
+        assert torch.equal(run(model, inputs), want)
+    finally:
+        streaming.detach_streamer(model)
+
+
 # ------------------------------------------------------------------------------ pipeline
 @pytest.fixture(scope="module")
 def ti2v_files(tiny_models, tmp_path_factory):

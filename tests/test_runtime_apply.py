@@ -283,9 +283,12 @@ def test_engine_on_a_cpu_runs_the_plan_that_plan_reports(tiny_models, plain, tmp
         torch.bfloat16}
     assert pipe.vae.dtype == torch.float32 and pipe.text_encoder.model.dtype == torch.bfloat16
     assert torch.equal(load_file(result.latents_path)["latents"], ref.latents)
-    # `plan` plans the released model's sizes on the same machine as the engine's preflight does
+    # the preflight (the CLI's plan line, the app's estimate) is the plan the run followed
+    assert engine.preflight(request).plan == want.to_json()
+    # `plan` plans the released model's sizes, as the preflight of an engine without the model does
+    bare = Engine(tmp_path / "no-models", tmp_path / "out", device="cpu")
     rc, text = _cli("--model", "t2v-a14b", "--size", "64x64", "--frames", "9", "--steps", "4", "--json")
-    assert rc == 0 and json.loads(text) == engine.preflight(request).plan
+    assert rc == 0 and json.loads(text) == bare.preflight(request).plan
 
 
 @pytest.mark.gpu

@@ -103,13 +103,13 @@ def test_blocks_run_from_slots_prefetched_in_order(prefetch: int) -> None:
 
 
 def test_pinning_helpers_without_a_gpu() -> None:
-    from wan_lite.runtime.streaming import _PAGE, _page_aligned, _pin_in_place
+    from wan_lite.runtime.packed_blocks import PAGE, page_aligned, pin_in_place
 
-    for n in (1, _PAGE - 1, _PAGE, 3 * _PAGE + 7, 10**6):
-        buf = _page_aligned(n)  # registered ranges must own whole pages
-        assert buf.data_ptr() % _PAGE == 0 and buf.numel() % _PAGE == 0 and n <= buf.numel() < n + _PAGE
+    for n in (1, PAGE - 1, PAGE, 3 * PAGE + 7, 10**6):
+        buf = page_aligned(n)  # registered ranges must own whole pages
+        assert buf.data_ptr() % PAGE == 0 and buf.numel() % PAGE == 0 and n <= buf.numel() < n + PAGE
     if not torch.cuda.is_available():
-        assert _pin_in_place(_page_aligned(100)) is False  # falls back, does not raise
+        assert pin_in_place(page_aligned(100)) is False  # falls back, does not raise
 
 
 def test_failed_attach_leaves_no_hooks() -> None:
@@ -254,6 +254,36 @@ def test_rows_of_a_tensor_equal_its_rows(tmp_path) -> None:
     assert torch.equal(src.read_rows("t", rows, torch.float32), table[rows].float())
     with pytest.raises(IndexError):
         src.read_rows("t", torch.tensor([50]))
+
+
+@pytest.mark.gpu
+def test_cuda_umt5_from_its_file_rows_streamed_and_moved_whole(tmp_path) -> None:
+    """On a GPU: streamed from its file, the rows of a prompt come from the file to the CPU
+    lookup and the output to the GPU; moved whole to the GPU ("gpu"/"resident" plans), the
+    embedding goes there a chunk at a time. Both equal the encoder resident on the GPU."""
+    from wan_lite.runtime import quant
+
+    model, ids = tiny_umt5(3)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "umt5.safetensors"))
+    with torch.inference_mode():
+        ref = model.cuda()(input_ids=ids.cuda()).last_hidden_state
+    source = SafetensorsSource([tmp_path / "umt5.safetensors"])
+    set_expert_source(model, source)
+    move_expert(model, "disk")
+    streamer = attach(model, "cuda", resident=0, prefetch=1, host_modules=T5_HOST_MODULES, source=source)
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids.cuda()).last_hidden_state, ref)
+    streamer.detach()
+    move_expert(model, "disk")
+    chunk, quant.ROW_CHUNK_BYTES = quant.ROW_CHUNK_BYTES, 1024  # the tiny table in several chunks
+    try:
+        move_expert(model, "gpu")
+    finally:
+        quant.ROW_CHUNK_BYTES = chunk
+    assert model.shared.weight.is_cuda
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids.cuda()).last_hidden_state, ref)
 
 
 @pytest.mark.gpu

@@ -540,6 +540,32 @@ def test_cuda_free_bytes_respect_the_process_memory_fraction():
     del held
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_cuda_frames_from_tiles_equal_the_float_videos_frames(vaes, version, tmp_path):
+    """On a GPU the tiles' parts reach the CPU through pinned staging and the frame assembly
+    writes them there as they arrive: the same frames as the float32 video made the same way,
+    and the VAE half read from its file straight to the GPU decodes the same video."""
+    import copy
+
+    from wan_lite.loading.tensors import open_source
+    from wan_lite.runtime import vae_parts
+
+    vae, z, _ = vaes[version]
+    vae = copy.deepcopy(vae).to("cuda")
+    z = z.cuda()
+    video = tiled_decode(vae, z, TILE, OVERLAP, out_device="cpu")
+    frames = tiled_decode(vae, z, TILE, OVERLAP, frames=True)
+    assert torch.equal(frames[0], torch.from_numpy(video_to_frames(video[0])))
+    path = tmp_path / f"vae{version}.pth"
+    write_vae(path, version, seed=3)  # the fixture's VAE file again
+    vae_parts.keep_on_disk(vae, open_source(path))
+    for half in vae_parts.HALVES:
+        vae_parts.drop(vae, half)
+    vae_parts.bring(vae, "decoder", "cuda")
+    assert torch.equal(tiled_decode(vae, z, TILE, OVERLAP, frames=True), frames)
+
+
 # ------------------------------------------------------------------------------------- cancel
 @pytest.mark.parametrize("tile", [None, TILE], ids=["untiled", "tiled"])
 def test_cancel_stops_a_decode_between_tiles_and_chunks(vaes, tile):

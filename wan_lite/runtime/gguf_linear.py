@@ -329,6 +329,27 @@ class StoredSource(TensorSource):
         return self.inner.describe()
 
 
+def _declare_as_filled(model: nn.Module, source: TensorSource, dtype: torch.dtype | None,
+                       key_map: Callable[[str], str], keep_fp32: Callable[[str], bool], what: str) -> None:
+    """The meta `model` in the dtypes `fill_module` would give it from `source` (checked as
+    `read_plan` checks a source: every tensor there, in its shape), nothing read."""
+    from wan_lite.runtime.quant import read_plan
+
+    read_plan(model, source, key_map=key_map, what=what)
+    for prefix, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for n, t in store.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                full = f"{prefix}.{n}" if prefix else n
+                target = torch.float32 if keep_fp32(full) else dtype or source.dtype(key_map(full))
+                if t.dtype != target:
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(target)
+                    else:
+                        store[n] = t.to(target)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -336,13 +357,16 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def load_stored(model: nn.Module, source: TensorSource, dtype: torch.dtype | None, *,
                 key_map: Callable[[str], str] | None = None, keep_fp32: Callable[[str], bool] | None = None,
-                what: str = "model", compute: str = "auto") -> StoredSource:
+                what: str = "model", compute: str = "auto", fill: bool = True) -> StoredSource:
     """Fill a meta-built `model` from `source`, keeping quantized weights as stored.
 
     Each quantizable Linear (see `quant.quantizable_linears`) whose weight the source stores as
     fp8-e4m3 becomes a `QuantizedLinear("fp8")`, one stored as Q8_0 / Q4_K / Q5_K / Q6_K a
     `GGUFLinear`; everything else is read (dequantized if need be) and cast to `dtype`, float32
     where `keep_fp32(name)`. Returns the `StoredSource` the model was filled from (for re-filling).
+    fill: False checks the source (every tensor there, in its shape) and leaves the model on meta
+    in the dtypes a fill gives: a model that waits on disk is never read whole (a plan's
+    blocks_from "disk": the streamer reads its blocks from the file).
     """
     from wan_lite.loading.build import fill_module
 
@@ -382,7 +406,10 @@ def load_stored(model: nn.Module, source: TensorSource, dtype: torch.dtype | Non
             return kmap(name[: -len(SCALE_SUFFIX)]) + SCALE_SUFFIX
         return kmap(name)
 
-    fill_module(model, stored, dtype, key_map=full_map, keep_fp32=keep, what=what)
+    if fill:
+        fill_module(model, stored, dtype, key_map=full_map, keep_fp32=keep, what=what)
+    else:
+        _declare_as_filled(model, stored, dtype, full_map, keep, what)
     log.info("%s: %s Linear layer(s) kept as stored, no float copy", what,
              ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no")
     return stored

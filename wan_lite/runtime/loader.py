@@ -94,8 +94,8 @@ def load_dit(source: TensorSource, dtype: torch.dtype | None = torch.bfloat16, *
     on-disk cache (quant_cache.convert_to_cache: an fp32 expert never sits in RAM in either
     dtype) and re-filled from it; without one, from `source`, converted again as read.
     on_disk: the model comes back on meta (nothing read into RAM), its weights in the returned
-    source, for an expert that waits on disk or streams its blocks from there; stored fp8 /
-    GGUF files are read and dropped (their own file is the source).
+    source, for an expert that waits on disk or streams its blocks from there; a stored fp8 /
+    GGUF file is its own source.
     """
     stored = stored_format(source)
     if stored is None and quantization not in QUANTIZED:
@@ -119,7 +119,7 @@ def load_dit(source: TensorSource, dtype: torch.dtype | None = torch.bfloat16, *
         if quantization in QUANTIZED:
             log.info("%s: weights stay %s as stored in %s; the asked quantization (%s) is not applied",
                      what, stored, source.describe(), quantization)
-        refill = load_stored(model, source, dtype, keep_fp32=keep_dit_fp32, what=what)
+        refill = load_stored(model, source, dtype, keep_fp32=keep_dit_fp32, what=what, fill=not on_disk)
     else:
         model, cache = load_or_quantize(model, source, quantization, dtype=dtype, cache_dir=cache_dir,
                                         keep_fp32=keep_dit_fp32, skip=WanDiT.no_quantize_patterns, what=what,

@@ -23,6 +23,8 @@ the source block by block straight to the device. RAM then holds the staging buf
 On a CPU device the same code runs without streams or events (slots are plain CPU buffers), so
 tests can check streamed == resident bit for bit.
 
+The blocks' layouts in RAM and in a file are packed_blocks.py's (`PackedBlock`, `DiskBlock`).
+
 `move_expert(model, "gpu" | "ram" | "disk")` moves a whole model (one A14B expert) between
 places; "disk" drops every tensor (meta) and re-fills it from its TensorSource on demand.
 """
@@ -32,207 +34,33 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import mmap
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from wan_lite.loading.tensors import TensorSource
 from wan_lite.runtime.embedding_rows import can_read_rows, rows_on_demand
-from wan_lite.runtime.quant import find_block_list, matches, read_plan, read_planned, refill_like
+from wan_lite.runtime.packed_blocks import (
+    DiskBlock,
+    PackedBlock,
+    block_tensors,
+    page_aligned,
+    pin_budget,
+    pin_in_place,
+    unpin_memory,
+    view_of,
+)
+from wan_lite.runtime.quant import find_block_list, matches, read_plan, refill_like
 
 log = logging.getLogger(__name__)
 
-_ALIGN = 256  # byte alignment of every tensor inside a packed block (vector loads, fp8 GEMMs)
 _GIB = 1024**3
-_PAGE = mmap.PAGESIZE
 # transformers' UMT5EncoderModel: the token embedding (256k x 4096, 2 GB in bf16) is only looked
 # up, 512 rows per prompt; it stays in RAM and the lookup runs on the CPU.
 T5_HOST_MODULES = ("shared", "encoder.embed_tokens")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor of a block: where it lives in the module and in the packed buffer."""
-
-    module: nn.Module
-    name: str
-    is_param: bool
-    offset: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _view(buf: torch.Tensor, e: _Entry) -> torch.Tensor:
-    n = e.dtype.itemsize * int(torch.Size(e.shape).numel())
-    return buf[e.offset : e.offset + n].view(e.dtype).view(e.shape)
-
-
-def _set(e: _Entry, tensor: torch.Tensor) -> None:
-    if e.is_param:
-        # Swapping `.data` keeps the Parameter object (and anything holding it) valid.
-        e.module._parameters[e.name].data = tensor
-    else:
-        e.module._buffers[e.name] = tensor
-
-
-def _tensors(block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
-    out = []
-    for module in block.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                out.append((module, name, True, p.data))
-        for name, b in module._buffers.items():
-            if b is not None:
-                out.append((module, name, False, b))
-    return out
-
-
-def _page_aligned(nbytes: int) -> torch.Tensor:
-    """A uint8 buffer starting on a page boundary and spanning whole pages of its own: CUDA locks
-    whole pages, and two registered ranges may not share one (small buffers from the heap can)."""
-    size = -(-nbytes // _PAGE) * _PAGE
-    raw = torch.empty(size + _PAGE, dtype=torch.uint8)
-    start = -raw.data_ptr() % _PAGE
-    return raw[start : start + size]
-
-
-def _clear_cuda_error() -> None:
-    """A failed CUDA runtime call stays the thread's "last error", which torch would report at the
-    next kernel launch as if that kernel had failed; reading it once through libcudart resets it."""
-    try:
-        with open("/proc/self/maps") as fh:
-            libs = {line.split()[-1] for line in fh if "libcudart.so" in line}
-        for lib in libs:
-            ctypes.CDLL(lib).cudaGetLastError()
-    except OSError:  # cudart linked statically or /proc missing: nothing we can reset
-        pass
-
-
-def _pin_in_place(buf: torch.Tensor) -> bool:
-    """Page-lock `buf`'s memory where it is (cudaHostRegister). torch's pinned allocator rounds
-    every request up to a power of two (a 700 MB A14B block would lock 1 GiB); registering an
-    ordinary allocation locks exactly its size."""
-    try:
-        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0))
-        return True
-    except (RuntimeError, AssertionError, AttributeError) as err:
-        _clear_cuda_error()
-        log.warning("page-locking %.0f MB failed (%s); this block stays in pageable memory", buf.numel() / 1e6, err)
-        return False
-
-
-def _unpin(ptr: int) -> None:
-    # Called by detach() (copies already finished) or when a streamer is collected without one:
-    # then a prefetch may still be reading this memory, so wait for the device first.
-    torch.cuda.synchronize()
-    # The memory stays valid (pageable) for anything still viewing it; only the lock goes.
-    torch.cuda.cudart().cudaHostUnregister(ptr)
-
-
-def _pin_budget(limit: int | None) -> int:
-    """Bytes we allow ourselves to pin. Pinned pages cannot be swapped; pinning nearly all RAM
-    stalls the whole machine, so by default we keep pinned memory to half of what is available."""
-    if limit is not None:
-        return limit
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available * 0.5)
-    except ImportError:  # psutil is optional: without it, trust the allocator to fail cleanly
-        return 1 << 62
-
-
-class _PackedBlock:
-    """A block's tensors in one contiguous CPU buffer, and views of it per GPU slot."""
-
-    def __init__(self, index: int, block: nn.Module, pin: bool) -> None:
-        self.index = index
-        entries, offset, seen = [], 0, {}
-        items = _tensors(block)
-        for module, name, is_param, t in items:
-            if t.device.type == "meta":
-                raise RuntimeError(f"block {index} has a tensor on meta ({name}); fill the model before streaming")
-            key = id(t)
-            if key not in seen:  # a tensor shared by two modules is stored once
-                seen[key] = offset
-                offset = _align(offset + t.numel() * t.element_size())
-            entries.append(_Entry(module, name, is_param, seen[key], t.dtype, tuple(t.shape)))
-        self.entries: list[_Entry] = entries
-        self.nbytes = max(offset, _ALIGN)
-        region = _page_aligned(self.nbytes) if pin else torch.empty(self.nbytes, dtype=torch.uint8)
-        self.pinned = pin and _pin_in_place(region)
-        self.cpu = region[: self.nbytes]
-        # Unlock before the memory can be freed, however this object goes away (a locked range
-        # that is freed stays locked until the process exits).
-        self._unpin = weakref.finalize(self, _unpin, self.cpu.data_ptr()) if self.pinned else None
-        if self._unpin is not None:
-            self._unpin.atexit = False  # at exit the OS unlocks everything; CUDA may be gone by then
-        for (_m, _n, _p, t), e in zip(items, entries, strict=True):
-            _view(self.cpu, e).copy_(t)
-        self.cpu_views = [_view(self.cpu, e) for e in entries]
-        self.bind(self.cpu_views)
-        self.slot_views: dict[int, list[torch.Tensor]] = {}
-
-    def bind(self, views: list[torch.Tensor]) -> None:
-        for e, v in zip(self.entries, views, strict=True):
-            _set(e, v)
-
-    def unpin(self) -> None:
-        if self._unpin is not None:
-            self._unpin()
-        self.pinned = False
-
-
-class _DiskBlock:
-    """A streamed block whose tensors stay in a file: its layout in a slot (as _PackedBlock's),
-    and how to read it from the source into a buffer. Its tensors are `meta` between uses."""
-
-    pinned = False
-
-    def __init__(self, index: int, block: nn.Module, names: dict[int, str], source: TensorSource,
-                 plan: list) -> None:
-        self.index = index
-        entries, offset, seen = [], 0, {}
-        self.by_name: dict[str, _Entry] = {}
-        for module, name, is_param, t in _tensors(block):
-            key = id(t)
-            if key not in seen:
-                seen[key] = offset
-                offset = _align(offset + t.numel() * t.element_size())
-            e = _Entry(module, name, is_param, seen[key], t.dtype, tuple(t.shape))
-            entries.append(e)
-            self.by_name[names[id(module)] + name] = e
-        self.entries: list[_Entry] = entries
-        self.nbytes = max(offset, _ALIGN)
-        self.cpu_views = [torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries]
-        self.bind(self.cpu_views)
-        self.slot_views: dict[int, list[torch.Tensor]] = {}
-        self.source, self.plan = source, plan
-
-    def read_into(self, buf: torch.Tensor) -> None:
-        """Read this block's tensors from the source into `buf` (a slot or a staging buffer)."""
-        for name, t in read_planned(self.plan, self.source):
-            _view(buf, self.by_name[name]).copy_(t)
-
-    def bind(self, views: list[torch.Tensor]) -> None:
-        # new Parameter objects: a meta parameter's `.data` cannot take a real tensor (nor back)
-        for e, v in zip(self.entries, views, strict=True):
-            if e.is_param:
-                e.module._parameters[e.name] = nn.Parameter(v, requires_grad=False)
-            else:
-                e.module._buffers[e.name] = v
-
-    def unpin(self) -> None:
-        pass
 
 
 class BlockStreamer:
@@ -243,7 +71,7 @@ class BlockStreamer:
         self.device = torch.device("cpu")
         self.resident = 0
         self.prefetch = 1
-        self._packed: list[_PackedBlock] = []
+        self._packed: list[PackedBlock] = []
         self._slots: list[torch.Tensor] = []
         self._owner: list[int] = []  # streamed position held (or being copied) in each slot, -1 none
         self._slot_of: dict[int, int] = {}
@@ -341,7 +169,7 @@ class BlockStreamer:
             block.to(self.device)
         streamed = list(blocks[self.resident :])
         use_pin = pinned and torch.cuda.is_available() and self.device.type == "cuda"
-        budget = _pin_budget(pin_limit) if use_pin else 0
+        budget = pin_budget(pin_limit) if use_pin else 0
         if self.source is not None:
             names = {id(m): (f"{n}." if n else "") for n, m in model.named_modules()}
             for i, block in enumerate(streamed):
@@ -349,14 +177,14 @@ class BlockStreamer:
                 block_names = [n for n in model.state_dict(keep_vars=True) if n.startswith(f"{prefix}.{idx}.")]
                 plan = read_plan(model, self.source, key_map=key_map, names=block_names)
                 block.to("meta")  # a copy in RAM is dropped: the file is the copy
-                self._packed.append(_DiskBlock(idx, block, names, self.source, plan))
+                self._packed.append(DiskBlock(idx, block, names, self.source, plan))
             trim_host_memory(collect=False)
         for i, block in enumerate(streamed if self.source is None else []):
             # Pack from CPU: a block still on the GPU is first brought back to host memory.
             block.to("cpu")
-            size = sum(t.numel() * t.element_size() for *_, t in _tensors(block))
+            size = sum(t.numel() * t.element_size() for *_, t in block_tensors(block))
             pin = use_pin and size <= budget
-            packed = _PackedBlock(self.resident + i, block, pin)
+            packed = PackedBlock(self.resident + i, block, pin)
             budget -= packed.nbytes if packed.pinned else 0
             self._packed.append(packed)
             trim_host_memory(collect=False)  # the block's original tensors are free now
@@ -368,9 +196,9 @@ class BlockStreamer:
             if self.source is not None and self.device.type == "cuda":
                 # page-locked staging: the reader thread fills it while the GPU runs other blocks
                 for _ in range(n_slots):
-                    stage = _page_aligned(slot_bytes)
-                    if use_pin and _pin_in_place(stage):
-                        fin = weakref.finalize(stage, _unpin, stage.data_ptr())
+                    stage = page_aligned(slot_bytes)
+                    if use_pin and pin_in_place(stage):
+                        fin = weakref.finalize(stage, unpin_memory, stage.data_ptr())
                         fin.atexit = False
                         self._staging_pins.append(fin)
                     self._staging.append(stage)
@@ -460,7 +288,7 @@ class BlockStreamer:
     def _views(self, pos: int, slot: int) -> list[torch.Tensor]:
         packed = self._packed[pos]
         if slot not in packed.slot_views:
-            packed.slot_views[slot] = [_view(self._slots[slot], e) for e in packed.entries]
+            packed.slot_views[slot] = [view_of(self._slots[slot], e) for e in packed.entries]
         return packed.slot_views[slot]
 
     def _load(self, pos: int, slot: int) -> None:
@@ -473,7 +301,7 @@ class BlockStreamer:
         self._owner[slot], self._slot_of[pos] = pos, slot
         packed = self._packed[pos]
         dst = self._slots[slot][: packed.nbytes]
-        if isinstance(packed, _DiskBlock):
+        if isinstance(packed, DiskBlock):
             if self._copy_stream is None:
                 packed.read_into(dst)
             else:
@@ -490,7 +318,7 @@ class BlockStreamer:
             dst.copy_(packed.cpu, non_blocking=True)
             self._copied[slot].record(self._copy_stream)
 
-    def _read_and_copy(self, packed: _DiskBlock, slot: int, dst: torch.Tensor) -> None:
+    def _read_and_copy(self, packed: DiskBlock, slot: int, dst: torch.Tensor) -> None:
         """On the reader thread: the block from the file into the slot's staging buffer, then its
         copy queued on the side stream. One reader runs the reads in the order they were asked."""
         stage = self._staging[slot][: packed.nbytes]

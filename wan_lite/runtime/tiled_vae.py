@@ -313,12 +313,9 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
     weights_h, weights_w = blend_weights(spans_h, s), blend_weights(spans_w, s)
     size = (1 + vae.stride[0] * (t - 1), h * s, w * s)
     sink = _HostSink()
-    if frames:
-        def supports(spans: list[tuple[int, int]], weights: list[torch.Tensor]) -> list[tuple[int, int]]:
-            return [(a * s + _support(wt)[0], a * s + _support(wt)[1]) for (a, _b), wt in zip(spans, weights,
-                                                                                              strict=True)]
-
-        rows, cols = supports(spans_h, weights_h), supports(spans_w, weights_w)
+    if frames:  # each tile row's / column's pixels with nonzero weight
+        rows, cols = ([(a * s + lo, a * s + hi) for (a, _b), (lo, hi) in zip(spans, map(_support, weights), strict=True)]
+                      for spans, weights in ((spans_h, weights_h), (spans_w, weights_w)))
         results = []
     else:
         out = torch.zeros((b, 3, *size), dtype=torch.float32, device=out_device)
