@@ -17,9 +17,10 @@ from tests.tiny_ckpt.dit import write_dit
 from wan_lite.loading.build import dit_on_meta, keep_dit_fp32
 from wan_lite.loading.tensors import SafetensorsSource
 from wan_lite.models.dit import WanDiT
-from wan_lite.runtime import quant, quant_cache
-from wan_lite.runtime.quant import declare_dtypes, quantize_model, refill_like
+from wan_lite.runtime import quant, quant_cache, refill
+from wan_lite.runtime.quant import quantize_model
 from wan_lite.runtime.quant_cache import cache_key, list_entries, load_or_quantize, prune, save_quantized
+from wan_lite.runtime.refill import declare_dtypes, refill_like
 
 
 def fp32_dit(folder: Path, *, dim: int = 128, ffn: int = 256, layers: int = 3, shards: int = 3,
@@ -195,7 +196,7 @@ def test_conversion_peak_is_about_one_block(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_large_tensors_convert_and_fill_a_chunk_at_a_time(tmp_path, monkeypatch, fmt):
-    """A tensor larger than quant.ROW_CHUNK_BYTES (umT5's 2 GB embedding at full size; every FFN
+    """A tensor larger than refill.ROW_CHUNK_BYTES (umT5's 2 GB embedding at full size; every FFN
     weight here, with the chunk made small) is read, cast and written a chunk of rows at a time
     unless it is quantized:
     the same cache bit for bit, a peak of a few chunks instead of the largest tensor and its copy;
@@ -204,7 +205,7 @@ def test_large_tensors_convert_and_fill_a_chunk_at_a_time(tmp_path, monkeypatch,
     src = fp32_dit(tmp_path / "high", dim=dim, ffn=ffn, layers=layers, shards=2)
     _, whole_path = load(src, fmt, tmp_path / "whole", fill=False)
     largest = max(int(torch.Size(src.shape(k)).numel()) * 4 for k in src)
-    monkeypatch.setattr(quant, "ROW_CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(refill, "ROW_CHUNK_BYTES", 64 << 10)
     peak = peak_cpu_bytes(lambda: load(src, fmt, tmp_path / "chunked", fill=False))
     _, chunked_path = load(src, fmt, tmp_path / "chunked", fill=False)
     assert chunked_path.read_bytes() == whole_path.read_bytes()

@@ -261,7 +261,7 @@ def test_cuda_umt5_from_its_file_rows_streamed_and_moved_whole(tmp_path) -> None
     """On a GPU: streamed from its file, the rows of a prompt come from the file to the CPU
     lookup and the output to the GPU; moved whole to the GPU ("gpu"/"resident" plans), the
     embedding goes there a chunk at a time. Both equal the encoder resident on the GPU."""
-    from wan_lite.runtime import quant
+    from wan_lite.runtime import refill
 
     model, ids = tiny_umt5(3)
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
@@ -276,11 +276,11 @@ def test_cuda_umt5_from_its_file_rows_streamed_and_moved_whole(tmp_path) -> None
         assert torch.equal(model(input_ids=ids.cuda()).last_hidden_state, ref)
     streamer.detach()
     move_expert(model, "disk")
-    chunk, quant.ROW_CHUNK_BYTES = quant.ROW_CHUNK_BYTES, 1024  # the tiny table in several chunks
+    chunk, refill.ROW_CHUNK_BYTES = refill.ROW_CHUNK_BYTES, 1024  # the tiny table in several chunks
     try:
         move_expert(model, "gpu")
     finally:
-        quant.ROW_CHUNK_BYTES = chunk
+        refill.ROW_CHUNK_BYTES = chunk
     assert model.shared.weight.is_cuda
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids.cuda()).last_hidden_state, ref)

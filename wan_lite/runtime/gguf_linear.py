@@ -333,7 +333,7 @@ def _declare_as_filled(model: nn.Module, source: TensorSource, dtype: torch.dtyp
                        key_map: Callable[[str], str], keep_fp32: Callable[[str], bool], what: str) -> None:
     """The meta `model` in the dtypes `fill_module` would give it from `source` (checked as
     `read_plan` checks a source: every tensor there, in its shape), nothing read."""
-    from wan_lite.runtime.quant import read_plan
+    from wan_lite.runtime.refill import read_plan
 
     read_plan(model, source, key_map=key_map, what=what)
     for prefix, module in model.named_modules():

@@ -29,8 +29,9 @@ from wan_lite.runtime import streaming, vae_parts
 from wan_lite.runtime.apply import PlannedPlacement
 from wan_lite.runtime.gguf_linear import load_stored, stored_format
 from wan_lite.runtime.planner import Plan
-from wan_lite.runtime.quant import declare_dtypes, quantize_model, refill_like
+from wan_lite.runtime.quant import quantize_model
 from wan_lite.runtime.quant_cache import FLOAT_FORMATS, load_or_quantize
+from wan_lite.runtime.refill import declare_dtypes, refill_like
 
 log = logging.getLogger(__name__)
 

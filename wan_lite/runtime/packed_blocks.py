@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from wan_lite.loading.tensors import TensorSource
-from wan_lite.runtime.quant import read_planned
+from wan_lite.runtime.refill import read_planned
 
 log = logging.getLogger(__name__)
 

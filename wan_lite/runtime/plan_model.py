@@ -53,7 +53,7 @@ from typing import Any
 from wan_lite.errors import InputError
 from wan_lite.runtime.footprint import K, ModelFootprint
 from wan_lite.runtime.hardware import GIB, Hardware
-from wan_lite.runtime.quant import ROW_CHUNK_BYTES
+from wan_lite.runtime.refill import ROW_CHUNK_BYTES
 from wan_lite.units import duration
 
 
@@ -352,7 +352,7 @@ def estimate(m: ModelFootprint, r: PlanRequest, hw: Hardware, ch: Choices) -> di
         while_encoding = t5
     elif ch.text_encoder == "stream":  # the embedding's rows of the prompts only (embedding_rows)
         while_encoding = 2 * 512 * m.text_dim * 2 + 3 * t5_block
-    else:  # to the GPU a tensor at a time, the embedding a chunk at a time (quant.Rows)
+    else:  # to the GPU a tensor at a time, the embedding a chunk at a time (refill.Rows)
         while_encoding = ROW_CHUNK_BYTES + t5_block
     # converting a checkpoint into the cache at the first start: one source tensor (fp32 at most)
     # and its converted copy, within two blocks; umT5's token embedding a chunk at a time

@@ -19,16 +19,14 @@ Quantized models are cached on disk by `wan_lite.runtime.quant_cache.load_or_qua
 from __future__ import annotations
 
 import logging
-import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wan_lite.errors import CheckpointError, InputError
-from wan_lite.loading.tensors import TensorSource
 from wan_lite.models.dit import name_matches as matches  # the one name-pattern rule (streaming uses it too)
 from wan_lite.models.fp8_rows import Fp8Rows
 from wan_lite.models.fused import Fused
@@ -452,7 +450,7 @@ def quantize_model(model: nn.Module, fmt: str, skip: Iterable[str] = (), *, comp
     """Replace the quantizable nn.Linear layers of `model` by QuantizedLinear, in place.
 
     Works on a filled model (weights quantized now, on their device: quantize on the GPU for
-    speed) and on a meta model (structure only, to be filled by `refill_like` or from a cache).
+    speed) and on a meta model (structure only, to be filled by `refill.refill_like` or from a cache).
     A GELU in front of a quantized layer moves into it (`fold_activations`).
     names: exactly these layers (from a cache's metadata) instead of `quantizable_linears`.
     Returns the names of the replaced layers.
@@ -515,156 +513,3 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
         count += m.weight.numel()
         total += sum(t.numel() * t.element_size() for t in (m.weight, m.weight_scale, m.bias) if t is not None)
     return total, count
-
-
-# ------------------------------------------------------------------------------------------
-# Filling a quantized model from a checkpoint, tensor by tensor
-
-
-def refill_order(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
-    """The names `iter_refill` yields, in its order: the state dict's, each quantization scale
-    right after its weight (made together)."""
-    expected = model.state_dict(keep_vars=True)
-    qmods = quantized_modules(model)
-    wanted = None if names is None else set(names)
-    scales = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods}
-    order = []
-    for name in expected:
-        if name in scales or (wanted is not None and name not in wanted):
-            continue
-        order.append(name)
-        scale = name + SCALE_SUFFIX
-        if scale in scales and (wanted is None or scale in wanted):
-            order.append(scale)
-    return order
-
-
-def _in_source(source: TensorSource, kmap: Callable[[str], str], name: str) -> bool:
-    try:
-        return kmap(name) in source
-    except KeyError:  # a key map that knows only the float checkpoint's names (umT5's)
-        return False
-
-
-ROW_CHUNK_BYTES = 64 << 20  # a large tensor is read, converted and written this much at a time
-
-
-def read_plan(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
-              names: Iterable[str] | None = None, what: str = "model") -> list[tuple]:
-    """How `read_planned` reads a (meta) model's tensors from `source`, checked (every key there,
-    every shape right) before anything is read: [(name, key, dtype, fmt or None, scale dtype)],
-    fmt set for a quantized layer's weight that a float source holds (quantized as read, its
-    scale made with it; a quantized cache holds `<layer>.weight_scale` and is read as is)."""
-    kmap = key_map or (lambda n: n)
-    qmods = quantized_modules(model)
-    requantize = bool(qmods) and not _in_source(source, kmap, f"{next(iter(qmods))}.weight{SCALE_SUFFIX}")
-    expected = model.state_dict(keep_vars=True)
-    derived = {f"{n}.weight{SCALE_SUFFIX}" for n in qmods} if requantize else set()
-    order = [n for n in refill_order(model, names) if n not in derived]
-    missing = [kmap(n) for n in order if kmap(n) not in source]
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise CheckpointError(f"The {what} file(s) {source.describe()} lack {len(missing)} tensor(s): {shown}.",
-                              "This is not the expected checkpoint or it is incomplete; download it again.")
-    plan = []
-    for name in order:
-        key, ref = kmap(name), expected[name]
-        if tuple(source.shape(key)) != tuple(ref.shape):
-            raise CheckpointError(f"Tensor {key!r} in {source.describe()} has shape {list(source.shape(key))}, "
-                                  f"expected {list(ref.shape)} for this {what}.", "The file belongs to another model.")
-        layer = name[: -len(".weight")]
-        if requantize and name.endswith(".weight") and layer in qmods:
-            plan.append((name, key, ref.dtype, qmods[layer].fmt, expected[name + SCALE_SUFFIX].dtype))
-        else:
-            plan.append((name, key, ref.dtype, None, None))
-    return plan
-
-
-class Rows:
-    """A large float tensor of a source, read `ROW_CHUNK_BYTES` at a time (`read_planned` with
-    `rows`): written to the cache or filled into its place on the GPU chunk by chunk, so RAM never
-    holds it whole (umT5's 2 GB token embedding, the largest tensor any model here has)."""
-
-    def __init__(self, source: TensorSource, key: str, dtype: torch.dtype) -> None:
-        self.source, self.key, self.dtype = source, key, dtype
-        self.shape = tuple(source.shape(key))
-
-    def chunks(self) -> Iterator[torch.Tensor]:
-        row = math.prod(self.shape[1:]) * max(self.dtype.itemsize, self.source.dtype(self.key).itemsize)
-        step = max(1, ROW_CHUNK_BYTES // max(1, row))
-        for i in range(0, self.shape[0], step):
-            yield self.source.read_rows(self.key, torch.arange(i, min(self.shape[0], i + step)), self.dtype)
-
-    def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype, device=device or "cpu")
-        done = 0
-        for chunk in self.chunks():
-            out[done : done + chunk.shape[0]].copy_(chunk)
-            done += chunk.shape[0]
-        return out
-
-
-def _by_rows(source: TensorSource, key: str, dtype: torch.dtype) -> bool:
-    shape = source.shape(key)
-    return (len(shape) >= 1 and source.rows_are_cheap(key)
-            and math.prod(shape) * max(dtype.itemsize, source.dtype(key).itemsize) > ROW_CHUNK_BYTES)
-
-
-def read_planned(plan: list[tuple], source: TensorSource, quant_device: torch.device | str = "cpu",
-                 rows: bool = False) -> Iterator[tuple[str, torch.Tensor | Rows]]:
-    """(name, tensor) one at a time as `plan` (read_plan) says: only one source tensor is alive
-    at a time. Touches no module, so it may run on another thread. `rows`: a float tensor larger
-    than ROW_CHUNK_BYTES comes as `Rows`, to be read a chunk at a time."""
-    for name, key, dtype, fmt, scale_dtype in plan:
-        if rows and fmt is None and _by_rows(source, key, dtype):
-            yield name, Rows(source, key, dtype)
-            continue
-        t = source[key]
-        if fmt is not None:
-            q, scale = quantize_weight(t.to(quant_device), fmt)
-            del t
-            yield name, q.cpu()
-            yield name + SCALE_SUFFIX, scale.to("cpu", scale_dtype)
-            continue
-        yield name, t if t.dtype == dtype else t.to(dtype)
-
-
-def iter_refill(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
-                quant_device: torch.device | str = "cpu", names: Iterable[str] | None = None,
-                what: str = "model", rows: bool = False) -> Iterator[tuple[str, torch.Tensor | Rows]]:
-    """(name, tensor) for every tensor of a (meta) model in the dtype and shape it declares, one
-    at a time in `refill_order`, read from `source` (`read_plan`, `read_planned`). names: only
-    these tensors (a block's, the parts outside the blocks); rows: large ones as `Rows`."""
-    return read_planned(read_plan(model, source, key_map=key_map, names=names, what=what), source, quant_device,
-                        rows=rows)
-
-
-def refill_like(model: nn.Module, source: TensorSource, *, key_map: Callable[[str], str] | None = None,
-                quant_device: torch.device | str = "cpu", names: Iterable[str] | None = None,
-                what: str = "model", device: torch.device | str | None = None) -> nn.Module:
-    """Fill a (meta) model with the dtypes and shapes it declares, tensor by tensor (`iter_refill`);
-    names: only those tensors, the others left as they are. `device`: each tensor goes there as
-    it is read (a large one chunk by chunk: RAM holds one chunk of it, not the tensor)."""
-    loaded = {n: t.to_tensor(device) if isinstance(t, Rows) else t if device is None else t.to(device)
-              for n, t in iter_refill(model, source, key_map=key_map, quant_device=quant_device, names=names,
-                                      what=what, rows=device is not None)}
-    model.load_state_dict(loaded, assign=True, strict=names is None)
-    return model
-
-
-def declare_dtypes(model: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[str], bool] | None = None) -> None:
-    """Cast the float tensors of a (meta: free) model to `dtype`, float32 where `keep_fp32(name)`
-    and for the quantization scales; the int8 weights keep their dtype."""
-    for prefix, module in model.named_modules():
-        for store in (module._parameters, module._buffers):
-            for n, t in store.items():
-                if t is None or not t.is_floating_point():
-                    continue
-                full = f"{prefix}.{n}" if prefix else n
-                fp32 = (isinstance(module, QuantizedLinear) and n == "weight_scale") or (keep_fp32 and keep_fp32(full))
-                target = torch.float32 if fp32 else dtype
-                if t.dtype != target:
-                    if isinstance(t, nn.Parameter):
-                        t.data = t.data.to(target)
-                    else:
-                        store[n] = t.to(target)

@@ -37,14 +37,8 @@ from torch import nn
 
 from wan_lite.errors import CheckpointError
 from wan_lite.loading.tensors import _ST_DTYPES, SafetensorsSource, TensorSource, read_safetensors_header
-from wan_lite.runtime.quant import (
-    Rows,
-    declare_dtypes,
-    iter_refill,
-    quantize_model,
-    quantized_modules,
-    refill_order,
-)
+from wan_lite.runtime.quant import quantize_model, quantized_modules
+from wan_lite.runtime.refill import Rows, declare_dtypes, iter_refill, refill_order
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +305,7 @@ def load_or_quantize(model: nn.Module, source: TensorSource, fmt: str, *, dtype:
             if fill:
                 load_quantized(model, path, key=key)
             return model, path
-    from wan_lite.runtime.quant import refill_like
+    from wan_lite.runtime.refill import refill_like
 
     refill_like(model, source, key_map=key_map, quant_device=quant_device, what=what)
     return model, path

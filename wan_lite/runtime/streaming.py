@@ -53,7 +53,8 @@ from wan_lite.runtime.packed_blocks import (
     unpin_memory,
     view_of,
 )
-from wan_lite.runtime.quant import find_block_list, matches, read_plan, refill_like
+from wan_lite.runtime.quant import find_block_list, matches
+from wan_lite.runtime.refill import read_plan, refill_like
 
 log = logging.getLogger(__name__)
 

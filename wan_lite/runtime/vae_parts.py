@@ -17,7 +17,7 @@ from torch import nn
 
 from wan_lite.loading.tensors import TensorSource
 from wan_lite.runtime import streaming, tiled_vae
-from wan_lite.runtime.quant import read_plan, refill_like
+from wan_lite.runtime.refill import read_plan, refill_like
 
 HALVES = {"encoder": ("encoder", "conv1"), "decoder": ("decoder", "conv2")}
 
