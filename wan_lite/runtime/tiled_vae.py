@@ -46,6 +46,7 @@ from wan_lite.api import CancelToken
 from wan_lite.errors import Cancelled, InputError
 from wan_lite.errors import OutOfMemoryError as WanOutOfMemoryError
 from wan_lite.models.vae_common import FeatureCache
+from wan_lite.runtime.host_copies import HostSink, to_device, to_host
 from wan_lite.runtime.vae_frames import FrameAssembly, video_to_frames
 from wan_lite.runtime.vae_memory import (
     DEFAULT_FRAME_CHUNK,
@@ -123,45 +124,12 @@ def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A CUDA tensor's copy in pinned CPU memory (pageable when pinning fails), same strides.
-    Pinned, the copy out is asynchronous and several times faster than into pageable memory
-    (H200: 240 MB of decoder weights took 170 ms pageable), and so is the way back. The copy may
-    still be running when this returns: the CPU must not read it before the stream is synchronised."""
-    if not t.is_cuda:
-        return t
-    host = _pinned_like(t)
-    if host is None:
-        return t.to("cpu")
-    return host.copy_(t, non_blocking=True)  # stream-ordered: whatever reuses t's memory runs after
-
-
-def _pinned_like(t: torch.Tensor, layout: torch.memory_format = torch.preserve_format) -> torch.Tensor | None:
-    """An empty pinned CPU tensor with t's shape and dtype, its strides (or dense in `layout`); None
-    where no page-locked memory is to be had."""
-    try:
-        return torch.empty_like(t, device="cpu", pin_memory=True, memory_format=layout)
-    except RuntimeError:
-        return None
-
-
-def _to_device(src: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
-    """A CPU view `src` (a tile's crop) as a dense tensor in `layout` on `device`. To a GPU through
-    a pinned staging copy, so the copy over is asynchronous (torch's pinned allocator keeps the
-    staging block until that copy is done, then reuses it); else a plain copy."""
-    stage = _pinned_like(src, layout) if device.type == "cuda" else None
-    if stage is None:
-        stage = torch.empty_like(src, memory_format=layout)
-    stage.copy_(src)
-    return stage.to(device, non_blocking=True)
-
-
 def _move(module: nn.Module, device: torch.device | str) -> None:
     # Outside inference mode: moved there, the parameters would come back as inference tensors,
     # which later in-place updates (a weight reload) outside inference mode may not touch.
     with torch.inference_mode(False):
         if torch.device(device).type == "cpu":
-            module._apply(_to_host)
+            module._apply(to_host)
         else:
             module.to(device, non_blocking=True)
 
@@ -218,11 +186,11 @@ def decoder_low_res(vae: Any, latent: torch.Tensor, lean: bool = False) -> list[
     2w] ([1, C, 1, h, w] when lean) in the VAE dtype and activation layout, in (pageable) CPU
     memory. Mirrors the start of WanVAEBase._decode_one: decoder_input, then one cache through the
     latent frames. Wan 2.2 at 1280x704, 121 frames: 1.76 GB in bf16. From a GPU each frame goes
-    out through pinned staging while the next one is computed (`_HostSink`): pinning all of it
+    out through pinned staging while the next one is computed (`HostSink`): pinning all of it
     would lock that much RAM (torch's pinned allocator keeps what it pinned) or cost its pinning
     at every decode."""
     x = vae.decoder_input(latent)
-    cache, out, sink = FeatureCache(), [], _HostSink()
+    cache, out, sink = FeatureCache(), [], HostSink()
     levels = global_levels(vae, lean)
     for i in range(x.shape[2]):
         y = vae.decoder.low_res(x[:, :, i : i + 1], cache, levels)
@@ -261,7 +229,7 @@ def _decode_tile(vae: Any, low: list[torch.Tensor], start: int, scale: int, box:
     s = vae.stride[1]
     cache, done = FeatureCache(), 0
     for feats in low:
-        crop = _to_device(feats[..., h0 * scale : h1 * scale, w0 * scale : w1 * scale], device, vae.activation_layout)
+        crop = to_device(feats[..., h0 * scale : h1 * scale, w0 * scale : w1 * scale], device, vae.activation_layout)
         y = vae.decoder.upsample(crop, cache, start)
         del crop
         cache.first_chunk = False
@@ -312,7 +280,7 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
              min(overlap, tile // 2), frame_chunk, ", lean global pass" if lean else "")
     weights_h, weights_w = blend_weights(spans_h, s), blend_weights(spans_w, s)
     size = (1 + vae.stride[0] * (t - 1), h * s, w * s)
-    sink = _HostSink()
+    sink = HostSink()
     if frames:  # each tile row's / column's pixels with nonzero weight
         rows, cols = ([(a * s + lo, a * s + hi) for (a, _b), (lo, hi) in zip(spans, map(_support, weights), strict=True)]
                       for spans, weights in ((spans_h, weights_h), (spans_w, weights_w)))
@@ -367,56 +335,6 @@ def _decode_tiles(vae: Any, low: list[torch.Tensor], start: int, scale: int, spa
             for f, part in _decode_tile(vae, low, start, scale, (h0, h1, w0, w1), weight, (y0, y1, x0, x1),
                                         device):
                 emit(f, rows, cols, part)
-
-
-class _HostSink:
-    """Adds (or copies) results into their destinations. A CUDA result bound for CPU memory is
-    copied asynchronously into pinned staging memory and written on the CPU only after the next
-    result has been queued, so the copy and the CPU's work overlap the GPU's; at most two staging
-    blocks are in use at a time (torch's pinned allocator reuses them)."""
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[Callable[[torch.Tensor], None], torch.Tensor, torch.cuda.Event | None]] = []
-
-    def add(self, dst: torch.Tensor, part: torch.Tensor, accumulate: bool = True) -> None:
-        """`part` added to (or copied into) `dst`."""
-        if part.device == dst.device:
-            _write(dst, part, accumulate)
-            return
-        self.put(part, lambda staged: _write(dst, staged, accumulate), dst.device)
-
-    def put(self, part: torch.Tensor, write: Callable[[torch.Tensor], None],
-            device: torch.device | str = "cpu") -> None:
-        """write(part on `device`), once it is there."""
-        device = torch.device(device)
-        if part.device == device:
-            write(part)
-            return
-        event = None
-        # without page-locked memory (or for other devices): a synchronous copy below
-        staged = _pinned_like(part) if part.is_cuda and device.type == "cpu" else None
-        if staged is not None:
-            staged.copy_(part, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            staged = part.to(device)
-        self.flush()
-        self._pending.append((write, staged, event))
-
-    def flush(self) -> None:
-        while self._pending:
-            write, staged, event = self._pending.pop(0)
-            if event is not None:
-                event.synchronize()
-            write(staged)
-
-
-def _write(dst: torch.Tensor, src: torch.Tensor, accumulate: bool) -> None:
-    if accumulate:
-        dst.add_(src)
-    else:
-        dst.copy_(src)
 
 
 # ----------------------------------------------------------------------------------- tiled encode
