@@ -454,6 +454,8 @@ def test_a14b_fits_16_gb_of_ram_streaming_from_disk(name, size, vram, ram):
     assert p.peak_ram_gib <= 0.8 * ram and p.peak_ram_gib <= p.usable_ram_gib
     assert p.blocks_from == "disk" and p.idle_expert == "disk"  # no expert copy in RAM
     assert "from disk" in p.summary()
+    # what was given up on the way there and is not needed once the DiT waits on disk comes back
+    assert not p.vae_on_disk and not p.vae_lean
 
 
 def test_disk_reads_count_in_the_time_estimate():

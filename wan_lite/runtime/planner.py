@@ -182,6 +182,9 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
         disk = pick(disk)
         if ram_ok(disk) or estimate(m, r, hw, disk)["ram"] < estimate(m, r, hw, ch)["ram"]:
             ch = disk
+        for taken in ("vae_on_disk", "vae_lean"):  # taken before the DiT went to disk: back where RAM allows
+            if getattr(ch, taken) and taken not in forced and ram_ok(replace(ch, **{taken: False})):
+                ch = replace(ch, **{taken: False})
     if ch.text_encoder == "gpu" and "text_encoder" not in forced:
         # Room for umT5 beside every stage: it stays on the GPU, so a new prompt costs only its
         # forward (moving 11 GB there and back took 5-14 s a job on an H100, run 2026-12-06-a).
