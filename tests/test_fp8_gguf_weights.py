@@ -294,6 +294,61 @@ def test_fp8_text_encoder_stays_fp8(ti2v_files) -> None:
         assert rel_err(got, same) < 1e-6 and rel_err(got, want) < 0.08
 
 
+@pytest.mark.parametrize("kind", ["t5_fp8", "t5_gguf"])
+def test_stored_text_encoder_waits_on_disk_and_reads_its_rows(ti2v_files, tmp_path, kind, monkeypatch) -> None:
+    """A umT5 file in a stored format (ComfyUI fp8, a GGUF) can wait on disk as the plan says
+    (it was held whole in RAM for the whole job): loaded on meta, streamed from its file with
+    the embedding's rows of the prompt read from it, moved back whole; each time the same
+    features as the encoder loaded whole."""
+    from wan_lite.loading import keymaps
+    from wan_lite.runtime import embedding_rows
+
+    if kind == "t5_gguf":
+        t5_state = dict(open_source(ti2v_files["root"] / "models_t5_umt5-xxl-enc-bf16.pth").items())
+        path = tf.write_gguf(tmp_path / "umt5-Q8_0.gguf", t5_state, "Q8_0", arch="t5encoder",
+                             rename=keymaps.t5_official_to_gguf)
+    else:
+        path = ti2v_files[kind]
+    prompts = ["a red fox jumps over the lazy dog", "一只猫在草地上奔跑"]
+    with torch.inference_mode():
+        want = load_text_encoder(formats.load_component(path, "text_encoder"), ti2v_files["tokenizer"],
+                                 torch.bfloat16).encode(prompts)
+    enc = load_text_encoder(formats.load_component(path, "text_encoder"), ti2v_files["tokenizer"], torch.bfloat16,
+                            on_disk=True)
+    model = enc.model
+    assert streaming.where_is(model) == "disk" and streaming.expert_source(model) is not None
+    rows = []
+    real = embedding_rows.rows_on_demand
+    monkeypatch.setattr(streaming, "rows_on_demand", lambda *a: rows.append(a[2]) or real(*a))
+    source, key_map = streaming.expert_source(model)
+    streaming.attach(model, "cpu", resident=0, prefetch=1, host_modules=streaming.T5_HOST_MODULES, source=source,
+                     key_map=key_map)
+    try:
+        with torch.inference_mode():
+            got = enc.encode(prompts)
+    finally:
+        streaming.detach_streamer(model)
+    assert rows  # the embedding stayed in the file
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    streaming.move_expert(model, "disk")
+    streaming.move_expert(model, "ram")
+    with torch.inference_mode():
+        assert all(torch.equal(g, w) for g, w in zip(enc.encode(prompts), want, strict=True))
+
+
+def test_gguf_rows_equal_the_rows_of_the_whole_tensor(tmp_path) -> None:
+    from wan_lite.loading.sources import GGUFSource
+
+    table = torch.randn(40, 64)
+    path = tf.write_gguf(tmp_path / "t.gguf", {"blocks.0.ffn.0.weight": table}, "Q8_0")
+    src = GGUFSource(path)
+    (name,) = [k for k in src if src.shape(k) == (40, 64)]
+    rows = torch.tensor([0, 7, 7, 39])
+    assert src.rows_are_cheap(name)
+    assert torch.equal(src.read_rows(name, rows), src[name][rows])
+    assert torch.equal(src.read_rows(name, rows, torch.bfloat16), src[name][rows].to(torch.bfloat16))
+
+
 @pytest.fixture(scope="module")
 def plain_ti2v(ti2v_files) -> tuple[WanPipeline, torch.Tensor]:
     pipe = WanPipeline.load(ti2v_files["root"])

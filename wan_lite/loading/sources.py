@@ -146,6 +146,12 @@ class RenamedSource(TensorSource):
     def dtype(self, name: str) -> torch.dtype:
         return self.inner.dtype(self._to_inner[name])
 
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.inner.read_rows(self._to_inner[name], rows, dtype)
+
+    def rows_are_cheap(self, name: str) -> bool:
+        return self.inner.rows_are_cheap(self._to_inner[name])
+
     def fp8_weight(self, name: str) -> Fp8Weight | None:
         return fp8_weight(self.inner, self._to_inner[name])
 
@@ -265,6 +271,14 @@ class Fp8ScaledSource(TensorSource):
             return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
         return self.inner.read(name, dtype)
 
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name in self._fp8:
+            return super().read_rows(name, rows, dtype)
+        return self.inner.read_rows(name, rows, dtype)
+
+    def rows_are_cheap(self, name: str) -> bool:  # the 16-bit tensors (umT5's embedding), as the file's
+        return name not in self._fp8 and self.inner.rows_are_cheap(name)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
@@ -381,17 +395,33 @@ class GGUFSource(TensorSource):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
-        q = self._gguf.GGMLQuantizationType
+        return self._values(name, t.data, self._shapes[name])
+
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows of a 2-D tensor: only their blocks are read from the map and dequantised (each
+        row of a GGUF matrix is whole blocks)."""
         shape = self._shapes[name]
+        if len(shape) != 2:
+            return super().read_rows(name, rows, dtype)
+        data = np.asarray(self._tensors[name].data).reshape(shape[0], -1)[rows.numpy()]
+        out = self._values(name, data, (rows.numel(), shape[1]))
+        return out if dtype is None or out.dtype == dtype else out.to(dtype)
+
+    def rows_are_cheap(self, name: str) -> bool:
+        return len(self._shapes[name]) == 2
+
+    def _values(self, name: str, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        t = self._tensors[name]
+        q = self._gguf.GGMLQuantizationType
         try:
             if t.tensor_type in (q.F32, q.F16):
-                array = np.array(t.data)
+                array = np.array(data)
             elif t.tensor_type == q.BF16:
                 # bfloat16 is the upper half of float32: keep the bits, no float32 round trip.
-                bits = np.array(t.data).view(np.int16)
+                bits = np.array(data).view(np.int16)
                 return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
             else:
-                array = self._gguf.quants.dequantize(t.data, t.tensor_type)
+                array = self._gguf.quants.dequantize(data, t.tensor_type)
         except NotImplementedError:
             raise CheckpointError(
                 f"{self.describe()}: tensor {name!r} uses the GGUF type {t.tensor_type.name}, "

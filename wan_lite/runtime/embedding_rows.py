@@ -17,14 +17,13 @@ from torch import nn
 
 from wan_lite.loading.tensors import TensorSource
 
-PLAIN = (torch.bfloat16, torch.float16, torch.float32)  # stored dtypes read as they are (cast only)
-
 
 def can_read_rows(module: nn.Module, source: TensorSource, key: str) -> bool:
-    """An nn.Embedding waiting on meta whose weight `key` in `source` is a plain float table of
-    its shape (a quantized or scaled one is filled the usual way)."""
+    """An nn.Embedding waiting on meta whose weight `key` `source` reads row by row (a float table
+    memory-mapped, a GGUF matrix; `TensorSource.rows_are_cheap`) in its shape; others are filled
+    the usual way."""
     return (isinstance(module, nn.Embedding) and module.weight.device.type == "meta" and key in source
-            and source.dtype(key) in PLAIN and tuple(source.shape(key)) == tuple(module.weight.shape))
+            and source.rows_are_cheap(key) and tuple(source.shape(key)) == tuple(module.weight.shape))
 
 
 def rows_on_demand(module: nn.Embedding, source: TensorSource, key: str) -> Callable[[], None]:

@@ -298,6 +298,14 @@ class StoredSource(TensorSource):
             return self[name]  # stored bytes are never cast
         return self.inner.read(name, dtype)
 
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name in self.layers or name in self._scale_keys:
+            return super().read_rows(name, rows, dtype)
+        return self.inner.read_rows(name, rows, dtype)
+
+    def rows_are_cheap(self, name: str) -> bool:
+        return name not in self.layers and name not in self._scale_keys and self.inner.rows_are_cheap(name)
+
     def __iter__(self) -> Iterator[str]:
         yield from self.inner
         yield from self._scale_keys
@@ -327,6 +335,19 @@ class StoredSource(TensorSource):
 
     def describe(self) -> str:
         return self.inner.describe()
+
+
+def stored_key_map(key_map: Callable[[str], str] | None) -> Callable[[str], str]:
+    """Model name -> `StoredSource` key under `key_map` (model name -> source key): a quantization
+    scale is named after its weight's source key."""
+    kmap = key_map or (lambda n: n)
+
+    def full_map(name: str) -> str:
+        if name.endswith(".weight" + SCALE_SUFFIX):
+            return kmap(name[: -len(SCALE_SUFFIX)]) + SCALE_SUFFIX
+        return kmap(name)
+
+    return full_map
 
 
 def _declare_as_filled(model: nn.Module, source: TensorSource, dtype: torch.dtype | None,
@@ -401,11 +422,7 @@ def load_stored(model: nn.Module, source: TensorSource, dtype: torch.dtype | Non
     def keep(name: str) -> bool:  # fp8 scales stay float32 whatever the model dtype
         return name.endswith(".weight" + SCALE_SUFFIX) or (keep_fp32 is not None and keep_fp32(name))
 
-    def full_map(name: str) -> str:  # a scale is named after its weight's source key
-        if name.endswith(".weight" + SCALE_SUFFIX):
-            return kmap(name[: -len(SCALE_SUFFIX)]) + SCALE_SUFFIX
-        return kmap(name)
-
+    full_map = stored_key_map(key_map)
     if fill:
         fill_module(model, stored, dtype, key_map=full_map, keep_fp32=keep, what=what)
     else:

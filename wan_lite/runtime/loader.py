@@ -27,7 +27,7 @@ from wan_lite.models.dit import WanDiT
 from wan_lite.registry import ModelSpec
 from wan_lite.runtime import streaming, vae_parts
 from wan_lite.runtime.apply import PlannedPlacement
-from wan_lite.runtime.gguf_linear import load_stored, stored_format
+from wan_lite.runtime.gguf_linear import load_stored, stored_format, stored_key_map
 from wan_lite.runtime.planner import Plan
 from wan_lite.runtime.quant import quantize_model
 from wan_lite.runtime.quant_cache import FLOAT_FORMATS, load_or_quantize
@@ -146,18 +146,21 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
     (one float tensor at a time, never the whole bf16 encoder). Its source is registered
     (`streaming.set_expert_source`), so it can be dropped to disk between prompts and read again.
     on_disk: built on meta, nothing read (the placement reads it when it is first needed); with
-    a `cache_dir`, from its conversion into the converted-weights cache.
+    a `cache_dir`, from its conversion into the converted-weights cache (an fp8 file: from the
+    file itself, its fp8 layers as stored).
     GGUF encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of
     a non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
     if not isinstance(source, TensorSource):
         source = open_source(Path(source))
     key_maps: list = []
     refills: list = []
-    on_disk = on_disk and stored_format(source) is None  # fp8 / GGUF files: read as stored, kept
-    if stored_format(source) == "fp8":
+    stored = stored_format(source)
+    if stored == "fp8":  # its fp8 layers as stored; the file is the source to read it again from
         def fill(model, src, dt, *, key_map=None, what="text encoder"):
             key_maps.append(key_map)
-            return load_stored(model, src, dt, key_map=key_map, what=what)
+            kept = load_stored(model, src, dt, key_map=key_map, what=what, fill=not on_disk)
+            refills.append((kept, stored_key_map(key_map)))
+            return model
     elif on_disk and cache_dir is not None:
         # converted into the cache (safetensors, read with the pages let go: a .pth read through
         # torch's memory map would keep every page it touched in the process's RSS)
@@ -185,11 +188,11 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
             key_maps.append(key_map)
             return fill_module(model, src, dt, key_map=key_map, what=what)
     encoder = build_text_encoder(source, tokenizer, dtype, fill=fill)
-    if quantization in QUANTIZED and stored_format(source) == "fp8":
-        quantize_model(encoder.model, quantization)  # layers stored as fp8 stay so
-    elif refills:
+    if quantization in QUANTIZED and stored == "fp8":
+        quantize_model(encoder.model, quantization)  # layers stored as fp8 stay so; the rest as read
+    if refills:
         streaming.set_expert_source(encoder.model, *refills[0])
-    elif stored_format(source) is None:  # GGUF: dequantized as read, no exact source to read again
+    elif stored is None or on_disk:  # a GGUF file read again dequantizes again: the same values
         streaming.set_expert_source(encoder.model, source, key_maps[0] if key_maps else None)
     return encoder
 
