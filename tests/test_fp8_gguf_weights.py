@@ -294,7 +294,7 @@ def test_fp8_text_encoder_stays_fp8(ti2v_files) -> None:
         assert rel_err(got, same) < 1e-6 and rel_err(got, want) < 0.08
 
 
-@pytest.mark.parametrize("kind", ["t5_fp8", "t5_gguf"])
+@pytest.mark.parametrize("kind", ["t5_fp8", "t5_gguf", "t5_gguf_cached"])
 def test_stored_text_encoder_waits_on_disk_and_reads_its_rows(ti2v_files, tmp_path, kind, monkeypatch) -> None:
     """A umT5 file in a stored format (ComfyUI fp8, a GGUF) can wait on disk as the plan says
     (it was held whole in RAM for the whole job): loaded on meta, streamed from its file with
@@ -303,7 +303,7 @@ def test_stored_text_encoder_waits_on_disk_and_reads_its_rows(ti2v_files, tmp_pa
     from wan_lite.loading import keymaps
     from wan_lite.runtime import embedding_rows
 
-    if kind == "t5_gguf":
+    if kind.startswith("t5_gguf"):
         t5_state = dict(open_source(ti2v_files["root"] / "models_t5_umt5-xxl-enc-bf16.pth").items())
         path = tf.write_gguf(tmp_path / "umt5-Q8_0.gguf", t5_state, "Q8_0", arch="t5encoder",
                              rename=keymaps.t5_official_to_gguf)
@@ -313,8 +313,10 @@ def test_stored_text_encoder_waits_on_disk_and_reads_its_rows(ti2v_files, tmp_pa
     with torch.inference_mode():
         want = load_text_encoder(formats.load_component(path, "text_encoder"), ti2v_files["tokenizer"],
                                  torch.bfloat16).encode(prompts)
+    cache = tmp_path / "cache" if kind == "t5_gguf_cached" else None  # converted once into the cache
     enc = load_text_encoder(formats.load_component(path, "text_encoder"), ti2v_files["tokenizer"], torch.bfloat16,
-                            on_disk=True)
+                            on_disk=True, cache_dir=cache)
+    assert cache is None or len(list(cache.glob("*.safetensors"))) == 1
     model = enc.model
     assert streaming.where_is(model) == "disk" and streaming.expert_source(model) is not None
     rows = []
