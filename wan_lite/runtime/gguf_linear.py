@@ -354,21 +354,10 @@ def _declare_as_filled(model: nn.Module, source: TensorSource, dtype: torch.dtyp
                        key_map: Callable[[str], str], keep_fp32: Callable[[str], bool], what: str) -> None:
     """The meta `model` in the dtypes `fill_module` would give it from `source` (checked as
     `read_plan` checks a source: every tensor there, in its shape), nothing read."""
-    from wan_lite.runtime.refill import read_plan
+    from wan_lite.runtime.refill import declare_each, read_plan
 
     read_plan(model, source, key_map=key_map, what=what)
-    for prefix, module in model.named_modules():
-        for store in (module._parameters, module._buffers):
-            for n, t in store.items():
-                if t is None or not t.is_floating_point():
-                    continue
-                full = f"{prefix}.{n}" if prefix else n
-                target = torch.float32 if keep_fp32(full) else dtype or source.dtype(key_map(full))
-                if t.dtype != target:
-                    if isinstance(t, nn.Parameter):
-                        t.data = t.data.to(target)
-                    else:
-                        store[n] = t.to(target)
+    declare_each(model, lambda name: torch.float32 if keep_fp32(name) else dtype or source.dtype(key_map(name)))
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

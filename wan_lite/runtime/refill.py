@@ -21,7 +21,7 @@ from torch import nn
 from wan_lite.errors import CheckpointError
 from wan_lite.loading.tensors import TensorSource
 from wan_lite.runtime import quant
-from wan_lite.runtime.quant import SCALE_SUFFIX, QuantizedLinear, quantized_modules
+from wan_lite.runtime.quant import SCALE_SUFFIX, quantized_modules
 
 
 def refill_order(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
@@ -158,16 +158,20 @@ def refill_like(model: nn.Module, source: TensorSource, *, key_map: Callable[[st
 def declare_dtypes(model: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[str], bool] | None = None) -> None:
     """Cast the float tensors of a (meta: free) model to `dtype`, float32 where `keep_fp32(name)`
     and for the quantization scales; the int8 weights keep their dtype."""
+    scales = {f"{n}.weight{SCALE_SUFFIX}" for n in quantized_modules(model)}
+    declare_each(model, lambda name: torch.float32 if name in scales or (keep_fp32 and keep_fp32(name)) else dtype)
+
+
+def declare_each(model: nn.Module, target: Callable[[str], torch.dtype]) -> None:
+    """Cast each float tensor of a (meta: free) model to target(its name); others stay as they are."""
     for prefix, module in model.named_modules():
         for store in (module._parameters, module._buffers):
             for n, t in store.items():
                 if t is None or not t.is_floating_point():
                     continue
-                full = f"{prefix}.{n}" if prefix else n
-                fp32 = (isinstance(module, QuantizedLinear) and n == "weight_scale") or (keep_fp32 and keep_fp32(full))
-                target = torch.float32 if fp32 else dtype
-                if t.dtype != target:
+                want = target(f"{prefix}.{n}" if prefix else n)
+                if t.dtype != want:
                     if isinstance(t, nn.Parameter):
-                        t.data = t.data.to(target)
+                        t.data = t.data.to(want)
                     else:
-                        store[n] = t.to(target)
+                        store[n] = t.to(want)
