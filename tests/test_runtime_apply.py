@@ -355,7 +355,8 @@ def test_a_real_cuda_oom_mid_run_finishes_on_a_leaner_plan_with_the_same_latents
 def test_vae_waiting_in_its_file_makes_the_same_video(tiny_models, image_file):
     """A plan short of RAM keeps the VAE in its file (vae_parts): the encoder half is read for
     the start image, the decoder half for the decode, each dropped after; the video is the one
-    of the VAE held in RAM, byte for byte."""
+    of the VAE held in RAM, byte for byte. Plans that change between jobs move it in and out of
+    RAM without reloading the model."""
     from wan_lite.loading.tensors import open_source
     from wan_lite.runtime import streaming, vae_parts
 
@@ -363,7 +364,7 @@ def test_vae_waiting_in_its_file_makes_the_same_video(tiny_models, image_file):
     args = dict(image=str(image_file), seed=4, width=64, height=64, frames=9, steps=3)
     ref = pipe.generate("a kite over the dunes", **args)
     vae = pipe.vae
-    vae_parts.keep_on_disk(vae, open_source(tiny_models["ti2v-5b"] / "Wan2.2_VAE.pth"))
+    vae_parts.register(vae, open_source(tiny_models["ti2v-5b"] / "Wan2.2_VAE.pth"))
     for half in vae_parts.HALVES:
         vae_parts.drop(vae, half)
     assert streaming.where_is(vae) == "disk"
@@ -376,10 +377,18 @@ def test_vae_waiting_in_its_file_makes_the_same_video(tiny_models, image_file):
     try:
         out = pipe.generate("a kite over the dunes", **args)
         assert streaming.where_is(vae) == "disk"  # dropped again after the decode
+        # the next job's plan keeps it in RAM: read back there after its use, no reload of the model
+        PlannedPlacement(replace(p, vae_on_disk=False), "cpu").bind(pipe)
+        again = pipe.generate("a kite over the dunes", **args)
+        assert streaming.where_is(vae) == "ram"
+        PlannedPlacement(p, "cpu").bind(pipe)  # short of RAM again: it leaves RAM at once
+        assert streaming.where_is(vae) == "disk"
     finally:
+        for half in vae_parts.HALVES:
+            vae_parts.bring(vae, half, "cpu")
         unbind(pipe)
     assert torch.equal(out.latents, ref.latents)
-    assert (out.frames == ref.frames).all()
+    assert (out.frames == ref.frames).all() and (again.frames == ref.frames).all()
 
 
 def test_loader_leaves_the_vae_in_its_file_and_checks_it_first(tiny_models, tmp_path):
@@ -392,7 +401,7 @@ def test_loader_leaves_the_vae_in_its_file_and_checks_it_first(tiny_models, tmp_
     from wan_lite.runtime.loader import load_parts
 
     parts = load_parts(tiny_models["ti2v-5b"], vae_on_disk=True)
-    assert streaming.where_is(parts.vae) == "disk" and vae_parts.on_disk(parts.vae)
+    assert streaming.where_is(parts.vae) == "disk" and vae_parts.has_file(parts.vae)
     folder = tmp_path / "broken"
     shutil.copytree(tiny_models["ti2v-5b"], folder)
     state = torch.load(folder / "Wan2.2_VAE.pth")

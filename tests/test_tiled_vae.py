@@ -559,7 +559,7 @@ def test_cuda_frames_from_tiles_equal_the_float_videos_frames(vaes, version, tmp
     assert torch.equal(frames[0], torch.from_numpy(video_to_frames(video[0])))
     path = tmp_path / f"vae{version}.pth"
     write_vae(path, version, seed=3)  # the fixture's VAE file again
-    vae_parts.keep_on_disk(vae, open_source(path))
+    vae_parts.register(vae, open_source(path))
     for half in vae_parts.HALVES:
         vae_parts.drop(vae, half)
     vae_parts.bring(vae, "decoder", "cuda")

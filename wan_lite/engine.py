@@ -241,7 +241,7 @@ class Engine:
             from wan_lite.errors import OutOfMemoryError
 
             raise OutOfMemoryError(f"This request does not fit this machine: {plan.reason}")
-        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant, plan.vae_on_disk)
+        fixed = (plan.quantization, plan.vae_dtype, plan.text_encoder_quant)
         key = (name, folder.resolve(), tuple(sorted((k, str(v)) for k, v in parts.items())), fixed)
         model_dir = folder if folder.is_dir() or not parts else None
         if self._pipe_key != key:
@@ -254,7 +254,7 @@ class Engine:
                 encoder = module_of(before.text_encoder)
                 if not any(p.is_meta for p in encoder.parameters()):  # one dropped to disk stays there
                     encoder.to("cpu")  # the next plan places them itself
-                if not vae_parts.on_disk(before.vae):  # one waiting in its file stays there
+                if not vae_parts.waiting(before.vae):  # one waiting in its file stays there
                     before.vae.to("cpu")
             self.unload()
             if on_progress:

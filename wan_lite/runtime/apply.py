@@ -42,6 +42,9 @@ class PlannedPlacement:
                 if streaming.where_is(dit) in ("gpu", "mixed") or streaming.streamer_of(dit) is not None:
                     disk = self.plan.blocks_from == "disk" and streaming.expert_source(dit) is not None
                     streaming.move_expert(dit, "disk" if disk else "ram")
+            if self.plan.vae_on_disk and vae_parts.has_file(pipe.vae):  # a VAE an earlier plan kept
+                for half in vae_parts.HALVES:
+                    vae_parts.drop(pipe.vae, half)
             if before.text_encoder == "resident" and self.plan.text_encoder != "resident":
                 from wan_lite.loading.components import module_of
 
@@ -105,11 +108,9 @@ class PlannedPlacement:
                 streaming.move_expert(module, "ram")
             streaming.trim_host_memory()  # the streamer's page-locked copy is gone
         elif name.startswith("vae"):
-            if vae_parts.on_disk(module):
-                for half in vae_parts.HALVES:
-                    vae_parts.drop(module, half)
-            elif self.device.type != "cpu":
-                module.to("cpu")
+            keep = not (p.vae_on_disk and vae_parts.has_file(module))
+            for half in vae_parts.HALVES:  # in RAM (read back there if an earlier plan let it go), or gone
+                vae_parts.bring(module, half, "cpu") if keep else vae_parts.drop(module, half)
         elif p.blocks_from == "disk" and module in streaming._SOURCES:
             streaming.move_expert(module, "disk")  # nothing of it stays in RAM
         elif name in ("high", "low"):

@@ -220,13 +220,16 @@ def load_parts(model_dir: str | Path | None, formats: Formats = Formats(), *,
     reuse = reuse or {}
     keys = {"text_encoder": ("text_encoder", sources["text_encoder"].describe(), str(tokenizer),
                              formats.text_dtype, formats.text_quant),
-            "vae": ("vae", sources["vae"].describe(), spec.vae_version, formats.vae_dtype, vae_on_disk)}
+            "vae": ("vae", sources["vae"].describe(), spec.vae_version, formats.vae_dtype)}
     text_encoder = reuse.get(keys["text_encoder"]) or load_text_encoder(
         sources["text_encoder"], tokenizer, formats.text_dtype, quantization=formats.text_quant,
         on_disk=text_on_disk, cache_dir=cache_dir)
     vae = reuse.get(keys["vae"]) or load_vae(sources["vae"], spec, formats.vae_dtype, on_disk=vae_on_disk)
-    if vae_on_disk and not vae_parts.on_disk(vae):
-        vae_parts.keep_on_disk(vae, sources["vae"])
+    if not vae_parts.has_file(vae):  # a later plan may let it wait in its file
+        vae_parts.register(vae, sources["vae"])
+    if vae_on_disk:  # one reused from the model before leaves RAM too
+        for half in vae_parts.HALVES:
+            vae_parts.drop(vae, half)
     roles = dit_roles(spec)
     to_disk = {"low"} if spec.experts and idle_on_disk else set()
     dits: dict[str, nn.Module] = {}
