@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.test_ram_cache import peak_cpu_bytes
 from tests.tiny_ckpt import formats as tf
 from tests.tiny_ckpt.dit import official_dit_shapes, random_dit_state
 from wan_lite.errors import CheckpointError
@@ -200,12 +201,16 @@ def test_gguf_dit_holds_only_the_blocks(tmp_path, official, inputs, qtype: str) 
     assert rel_err(got, on_read) < 1e-6 and rel_err(got, want) < OUT_TOL[qtype]
 
 
+def _stored_dit_file(folder, official, fmt: str):
+    """The tiny DiT as a ComfyUI fp8_scaled file ("fp8") or a GGUF file of type `fmt`."""
+    if fmt == "fp8":
+        return tf.write_comfy(folder / "dit_fp8.safetensors", official, fp8="scale_weight")
+    return tf.write_gguf(folder / "dit.gguf", official, fmt)
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "Q4_K"])
 def test_stored_dit_streams_and_refills_from_disk(tmp_path, official, inputs, fmt: str) -> None:
-    if fmt == "fp8":
-        path = tf.write_comfy(tmp_path / "stream_fp8.safetensors", official, fp8="scale_weight")
-    else:
-        path = tf.write_gguf(tmp_path / "stream.gguf", official, fmt)
+    path = _stored_dit_file(tmp_path, official, fmt)
     model, refill = load_dit(formats.load_component(path, "dit"), torch.bfloat16)
     want = run(model, inputs)
     streamer = streaming.attach(model, "cpu", resident=0, prefetch=1, pinned=False)
@@ -233,14 +238,9 @@ def test_stored_dit_waiting_on_disk_is_never_read_whole(tmp_path, official, inpu
     """A plan that streams the DiT from disk (on_disk) loads a stored fp8 / GGUF file on meta:
     nothing of it is read at load (it was filled whole, then dropped), and streamed from its
     file it computes what the model loaded whole computes."""
-    if fmt == "fp8":
-        path = tf.write_comfy(tmp_path / "disk_fp8.safetensors", official, fp8="scale_weight")
-    else:
-        path = tf.write_gguf(tmp_path / "disk.gguf", official, fmt)
+    path = _stored_dit_file(tmp_path, official, fmt)
     whole, _ = load_dit(formats.load_component(path, "dit"), torch.bfloat16)
     want = run(whole, inputs)
-    from tests.test_ram_cache import peak_cpu_bytes
-
     loaded = []
     peak = peak_cpu_bytes(lambda: loaded.append(load_dit(formats.load_component(path, "dit"), torch.bfloat16,
                                                          on_disk=True)))

@@ -110,7 +110,10 @@ class PlannedPlacement:
         elif name.startswith("vae"):
             keep = not (p.vae_on_disk and vae_parts.has_file(module))
             for half in vae_parts.HALVES:  # in RAM (read back there if an earlier plan let it go), or gone
-                vae_parts.bring(module, half, "cpu") if keep else vae_parts.drop(module, half)
+                if keep:
+                    vae_parts.bring(module, half, "cpu")
+                else:
+                    vae_parts.drop(module, half)
         elif p.blocks_from == "disk" and module in streaming._SOURCES:
             streaming.move_expert(module, "disk")  # nothing of it stays in RAM
         elif name in ("high", "low"):

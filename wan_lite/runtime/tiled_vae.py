@@ -308,7 +308,7 @@ def tiled_decode(vae: Any, latent: torch.Tensor, tile: int, overlap: int | None 
                 results.append(assembly.frames())
     sink.flush()
     if frames:
-        return torch.stack(results) if b > 1 else results[0][None]
+        return torch.stack(results)
     return out.clamp_(-1.0, 1.0)  # weights sum to 1 only up to float rounding
 
 
