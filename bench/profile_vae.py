@@ -6,7 +6,8 @@ Builds the full-size Wan 2.2 VAE (random weights, as bench_vae.py; the encoder's
 memory), decodes z [1, 48, 31, 44, 80] (1280x704, 121 frames) and prints the seconds of:
 the untiled decode (video left on the GPU, then with the copy to CPU memory), the decoder's
 global pass alone (conv1, middle, first upsampling level), the tiled decode into CPU memory and
-into GPU memory; the GPU time of each decoder level in the untiled and the tiled decode (CUDA
+into GPU memory, into uint8 frames (tiled and untiled, as the pipeline decodes), the untiled
+decode and the frames with the eager norm + SiLU instead of the fused kernel; the GPU time of each decoder level in the untiled and the tiled decode (CUDA
 events); then the profiler's tables (CUDA kernels; CPU ops by self time) for the tiled decode
 into CPU memory, with the GPU's busy time against the wall time; last, both again with
 cudnn.benchmark on.
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vae import build_wan  # noqa: E402
 
+from wan_lite.models.fused import set_fusion  # noqa: E402
 from wan_lite.models.vae22 import VAE22Config  # noqa: E402
 from wan_lite.runtime import tiled_vae  # noqa: E402
 
@@ -123,10 +125,17 @@ def main() -> int:
         "low-res part (global pass)": lambda: tiled_vae.decoder_low_res(vae, z),
         "tiled into CPU memory": tiled("cpu"),
         "tiled into GPU memory": tiled("cuda"),
+        "tiled into uint8 frames (CPU)": lambda: tiled_vae.tiled_decode(
+            vae, z, args.tile, args.overlap, frame_chunk=chunk, frames=True),
+        "untiled into uint8 frames (CPU)": lambda: tiled_vae.tiled_decode(vae, z, 1 << 20, frames=True),
     }
     with torch.inference_mode():
         for name, fn in runs.items():
             print(f"{name:32} {timed(fn):7.3f} s", flush=True)
+        old = set_fusion(False)  # the VAE's norm + SiLU as eager ops instead of one kernel
+        for name in ("untiled (video on GPU)", "tiled into uint8 frames (CPU)"):
+            print(f"{name + ', eager norm + SiLU':48} {timed(runs[name]):7.3f} s", flush=True)
+        set_fusion(old)
         for name in ("untiled (video on GPU)", "tiled into CPU memory"):
             timer = LevelTimer(vae.decoder)
             runs[name]()
@@ -143,6 +152,9 @@ def main() -> int:
             print(f"\n==== {name}: wall {wall:.3f} s under the profiler, GPU kernels {busy:.3f} s")
             print(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=60))
             print(events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
+            shaped = prof.key_averages(group_by_input_shape=True)
+            print(shaped.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=40,
+                               max_shapes_column_width=90))
         torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per shape
         for name in ("untiled (video on GPU)", "tiled into CPU memory"):
             print(f"{name + ', cudnn.benchmark':48} {timed(runs[name]):7.3f} s", flush=True)

@@ -271,3 +271,72 @@ def test_bfloat16_close_to_float32(tiny):
 def test_random_state_is_deterministic():
     a, b = random_vae_state("2.2", seed=3), random_vae_state("2.2", seed=3)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the fused RMS norm + SiLU (models/rms_silu_kernel.py) ------------------------------------
+
+def test_norm_kernel_takes_channels_last_rows_only():
+    """The kernel's [B, rows, C] view: channels-last activations and the time slice of a padded
+    buffer (batch 1 and 2) qualify; NCDHW does not; on the CPU the eager form always runs."""
+    from wan_lite.models import rms_silu_kernel as k
+    cl = torch.channels_last_3d
+    x = torch.randn(2, 8, 3, 4, 5).contiguous(memory_format=cl)
+    view = k._rows_view(x)
+    assert view is not None and view.shape == (2, 60, 8) and view.stride()[1:] == (8, 1)
+    assert torch.equal(view[1, 7], x[1, :, 0, 1, 2])  # pixel 7 = (t 0, h 1, w 2)
+    buf = torch.empty(2, 8, 5, 4, 5).contiguous(memory_format=cl)
+    assert k._rows_view(buf[:, :, 2:]) is not None
+    assert k._rows_view(x.contiguous()) is None and k._rows_view(buf[:, :, :, 1:]) is None
+    assert not k.takes(x)  # CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_cuda_norm_kernel_decode_equals_the_eager_decode(version):
+    """A decode with the fused norm + SiLU against the same decode with the eager ops (fusion off):
+    in float32 the same to float32 rounding; in bf16 no farther from the float32 video than the
+    eager bf16 decode (it rounds once instead of four times)."""
+    from wan_lite.models.fused import set_fusion
+    state = random_vae_state(version, seed=5)
+    z = torch.randn(1, 16 if version == "2.1" else 48, 3, 6, 5, generator=torch.Generator().manual_seed(4)).cuda()
+    videos = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_vae(DictSource(state), dtype, version=version).cuda()
+        for fused in (True, False):
+            old = set_fusion(fused)
+            try:
+                videos[dtype, fused] = model.decode(z)
+            finally:
+                set_fusion(old)
+    ref = videos[torch.float32, False]
+    assert rel_err(videos[torch.float32, True], ref) < 1e-5
+    fused_err, eager_err = rel_err(videos[torch.bfloat16, True], ref), rel_err(videos[torch.bfloat16, False], ref)
+    print(f"VAE {version} bf16 decode vs fp32: fused norm {fused_err:.2e}, eager {eager_err:.2e}")
+    assert fused_err <= eager_err * 1.05
+
+
+@pytest.mark.gpu
+def test_cuda_norm_kernel_writes_the_padded_slice_of_a_batch():
+    """silu(norm(x)) written into the time slice of a padded channels-last buffer, batch 2, the
+    Wan 2.2 decoder's widest rows (1024 channels): equal to the float64 result to bf16 rounding,
+    and the padding frames untouched."""
+    from wan_lite.models import rms_silu_kernel as k
+    from wan_lite.models.vae_common import RMS_norm
+    torch.manual_seed(0)
+    cl = torch.channels_last_3d
+    for c in (12, 96, 1024):
+        norm = RMS_norm(c, images=False).cuda()
+        norm.gamma.data.normal_()
+        x = (torch.randn(2, c, 3, 9, 7, device="cuda") * 3).bfloat16().contiguous(memory_format=cl)
+        x[0, :, 1, 2, 3] = 0  # an all-zero pixel: the norm's 1e-12 floor, silu(0) = 0
+        buf = torch.full((2, c, 5, 9, 7), 7.0, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+        assert k.takes(x, buf[:, :, 2:])
+        norm.silu(x, out=buf[:, :, 2:])
+        xd = x.double()
+        want = torch.nn.functional.silu(
+            xd / torch.linalg.vector_norm(xd, dim=1, keepdim=True).clamp_min(1e-12) * c**0.5
+            * norm.gamma.double().view(-1, 1, 1, 1))
+        got = buf[:, :, 2:].double()
+        assert (got - want).abs().max() <= 2**-7 * want.abs().max()
+        assert torch.equal(got[0, :, 1, 2, 3], torch.zeros(c, device="cuda", dtype=torch.float64))
+        assert (buf[:, :, :2] == 7).all()

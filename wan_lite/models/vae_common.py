@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_lite.errors import CheckpointError, InputError
+from wan_lite.models import rms_silu_kernel
 
 logger = logging.getLogger(__name__)
 
 CACHE_T = 2  # frames a 3x3x3 causal conv needs from the previous chunk
 _REPEAT = "repeat"  # upsample3d slot marker: "first chunk seen, time conv not applied yet"
+_kernel_failed = False  # set once the fused norm kernel failed to build here (RMS_norm.silu)
 
 
 class FeatureCache:
@@ -64,7 +66,7 @@ def _time_padded(
     if norm is None:
         buf[:, :, pad:].copy_(x)
     else:
-        F.silu(norm(x, out=buf[:, :, pad:]), inplace=True)
+        norm.silu(x, out=buf[:, :, pad:])
     return buf
 
 
@@ -100,7 +102,7 @@ class CausalConv3d(nn.Conv3d):
         """conv(x), or conv(silu(norm(x))) when `norm` is given: [B, Cin, T, H, W] -> [B, Cout, T, H, W].
         With `cache`, continues the previous chunk of the stream."""
         if self.time_pad == 0:
-            return self.convolve(x if norm is None else F.silu(norm(x), inplace=True))
+            return self.convolve(x if norm is None else norm.silu(x))
         prev = cache.get(self) if cache is not None else None
         x = _time_padded(x, prev, self.time_pad, norm)  # type: ignore[arg-type]
         if cache is not None:  # the last frames of (previous + current) are what the next chunk needs
@@ -124,6 +126,20 @@ class RMS_norm(nn.Module):  # noqa: N801 - the official class name
         inv = (self.scale / norm.clamp_min(1e-12)).to(x.dtype)
         gamma = self.gamma.reshape(-1, *([1] * (x.dim() - 2)))
         return torch.mul(x, inv, out=out).mul_(gamma)  # in place on our own result
+
+    def silu(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(self(x)), written into `out` when given: on CUDA in one kernel where it takes the
+        tensors (`rms_silu_kernel`: channels-last activations), else as two eager steps."""
+        global _kernel_failed
+        if not _kernel_failed and rms_silu_kernel.takes(x, out):
+            try:
+                return rms_silu_kernel.rms_silu(x, self.gamma, self.scale, out)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # a Triton build that cannot compile it: the eager form runs
+                _kernel_failed = True
+                logger.info("VAE norm kernel unavailable (%s); using the eager form.", err)
+        return F.silu(self(x, out=out), inplace=True)
 
 
 def _nearest_2x(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""The VAE's RMS norm then SiLU in one hand-written Triton kernel, over channels-last activations.
+
+Every VAE ResidualBlock and head runs `silu(x / ||x|| * sqrt(C) * gamma)` over the channels of each
+pixel before its 3x3x3 convolution. In eager PyTorch that is five passes over the activation (the
+float32 norm, the bf16 inverse applied with a broadcast, the broadcast gamma, the SiLU) and the
+broadcasts run PyTorch's slow strided kernel: on an H100 these took about 0.75 s of a 4.2 s
+TI2V-5B 720p decode (bench/results/2026-12-06-c), against 2.7 s of convolutions. In the VAE's
+channels-last layout (NDHWC) each pixel's C values are contiguous, so one program reads a block of
+pixel rows once, reduces each row in float32, and writes the activated values once, in the padded
+buffer the causal convolution reads (`vae_common._time_padded`).
+
+The values are computed in float32 and rounded once; the eager form rounds the inverse norm, the
+normalised values and the gamma product to the activation dtype in turn. So in bf16 the two differ
+by a bf16 rounding, and this one is the closer to the float32 result (tests/test_vae.py). In
+float32 they agree to float32 rounding.
+
+`takes(x, out)` says when it runs: Triton installed, CUDA tensors, the fused forms on
+(`models.fused.set_fusion`), x and out each a batch of [rows, C] blocks with contiguous rows (the
+channels-last layout, also the time slice of a padded buffer). Everywhere else the eager form runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:  # Triton ships with torch's CUDA wheels on Linux; elsewhere the eager form runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+from wan_lite.models import fused
+
+MAX_CHANNELS = 4096  # one row in registers (the Wan VAEs have at most 1024 channels)
+_BLOCK_ELEMENTS = 4096  # values per program: BLOCK_C channels x BLOCK_R rows
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
+    """t [B, C, ...] as a view [B, rows, C] with contiguous rows, or None where its layout is not
+    channels-last within each batch element."""
+    if t.dim() < 3:
+        return None
+    b, c, n = t.shape[0], t.shape[1], t[0, 0].numel() if t.numel() else 0
+    try:
+        rows = t.movedim(1, -1).view(b, n, c)
+    except RuntimeError:  # the pixels of one batch element are not evenly spaced
+        return None
+    if (n > 1 and rows.stride(1) != c) or (c > 1 and rows.stride(2) != 1):
+        return None
+    return rows
+
+
+def takes(x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+    """Whether the kernel computes silu(norm(x)) for these tensors (see the module's docstring)."""
+    if triton is None or not x.is_cuda or not fused.fusion_enabled():
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[1] > MAX_CHANNELS:
+        return False
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        return False
+    return _rows_view(x) is not None and (out is None or _rows_view(out) is not None)
+
+
+if triton is not None:
+    @triton.jit
+    def _rms_silu_kernel(x_ptr, gamma_ptr, out_ptr, n_rows, C, x_batch_stride, out_batch_stride, scale,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        batch = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < C)
+        offs = rows[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + batch * x_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
+        gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        y = x * inv[:, None] * gamma[None, :]
+        y = y / (1.0 + tl.exp(-y))
+        tl.store(out_ptr + batch * out_batch_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x / max(||x||_2 over dim 1, 1e-12) * scale * gamma) for x [B, C, ...] with `takes(x, out)`;
+    gamma holds C values. Written into `out` when given, else into a new tensor in x's layout."""
+    if out is None:
+        out = torch.empty_like(x)  # keeps the channels-last strides
+    src, dst = _rows_view(x), _rows_view(out)
+    assert src is not None and dst is not None, "rms_silu needs takes(x, out)"
+    b, n, c = src.shape
+    if b * n * c == 0:
+        return out
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, _BLOCK_ELEMENTS // block_c)
+    g = gamma.reshape(-1).to(device=x.device).contiguous()
+    # (the device guard; off CUDA only under TRITON_INTERPRET=1, which runs the kernel on the CPU)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _rms_silu_kernel[(triton.cdiv(n, block_r), b)](
+            src, g, dst, n, c, src.stride(0), dst.stride(0), float(scale),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c * block_r <= 4096 else 8)
+    return out
