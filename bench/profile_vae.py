@@ -142,7 +142,7 @@ def main() -> int:
             print(f"{name} by part: {timer.report()}", flush=True)
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         for name in ("untiled (video on GPU)", "tiled into CPU memory"):
-            with torch.profiler.profile(activities=acts) as prof:
+            with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
                 t0 = time.perf_counter()
                 runs[name]()
                 torch.cuda.synchronize()

@@ -292,27 +292,39 @@ def test_norm_kernel_takes_channels_last_rows_only():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
-def test_cuda_norm_kernel_decode_equals_the_eager_decode(version):
-    """A decode with the fused norm + SiLU against the same decode with the eager ops (fusion off):
-    in float32 the same to float32 rounding; in bf16 no farther from the float32 video than the
-    eager bf16 decode (it rounds once instead of four times)."""
+def test_cuda_fused_kernels_encode_and_decode_as_the_eager_ops(version):
+    """Encode and decode with the fused norm + SiLU and the biases folded into the kernels, against
+    the same with the eager ops (fusion off): in float32 (TF32 off) the same to float32 rounding;
+    in bf16 no farther from the float32 result than the eager bf16 ops (fewer roundings). The
+    biases are scaled up so that a bias added twice or lost would show."""
     from wan_lite.models.fused import set_fusion
     state = random_vae_state(version, seed=5)
+    for key in state:
+        if key.endswith("bias"):
+            state[key] = state[key] * 10
     z = torch.randn(1, 16 if version == "2.1" else 48, 3, 6, 5, generator=torch.Generator().manual_seed(4)).cuda()
-    videos = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        model = build_vae(DictSource(state), dtype, version=version).cuda()
-        for fused in (True, False):
-            old = set_fusion(fused)
-            try:
-                videos[dtype, fused] = model.decode(z)
-            finally:
-                set_fusion(old)
-    ref = videos[torch.float32, False]
-    assert rel_err(videos[torch.float32, True], ref) < 1e-5
-    fused_err, eager_err = rel_err(videos[torch.bfloat16, True], ref), rel_err(videos[torch.bfloat16, False], ref)
-    print(f"VAE {version} bf16 decode vs fp32: fused norm {fused_err:.2e}, eager {eager_err:.2e}")
-    assert fused_err <= eager_err * 1.05
+    s = 8 if version == "2.1" else 16
+    video = (torch.rand(1, 3, 5, 4 * s, 3 * s, generator=torch.Generator().manual_seed(1)) * 2 - 1).cuda()
+    out = {}
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build_vae(DictSource(state), dtype, version=version).cuda()
+            for fused in (True, False):
+                old = set_fusion(fused)
+                try:
+                    out[dtype, fused] = model.decode(z), model.encode(video)
+                finally:
+                    set_fusion(old)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    for i, name in enumerate(("decode", "encode")):
+        ref = out[torch.float32, False][i]
+        assert rel_err(out[torch.float32, True][i], ref) < 1e-5
+        fused_err, eager_err = rel_err(out[torch.bfloat16, True][i], ref), rel_err(out[torch.bfloat16, False][i], ref)
+        print(f"VAE {version} bf16 {name} vs fp32: fused kernels {fused_err:.2e}, eager {eager_err:.2e}")
+        assert fused_err <= eager_err * 1.05
 
 
 @pytest.mark.gpu
@@ -340,3 +352,18 @@ def test_cuda_norm_kernel_writes_the_padded_slice_of_a_batch():
         assert (got - want).abs().max() <= 2**-7 * want.abs().max()
         assert torch.equal(got[0, :, 1, 2, 3], torch.zeros(c, device="cuda", dtype=torch.float64))
         assert (buf[:, :, :2] == 7).all()
+
+
+@pytest.mark.gpu
+def test_cuda_residual_sum_kernel_adds_the_bias_once():
+    """h += s + bias in one pass (the folded conv biases), batch 2, a padded buffer's slice as s."""
+    from wan_lite.models import rms_silu_kernel as k
+    torch.manual_seed(0)
+    cl = torch.channels_last_3d
+    h = torch.randn(2, 96, 3, 5, 4, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+    buf = torch.randn(2, 96, 5, 5, 4, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+    bias = torch.randn(96, device="cuda")
+    want = h.double() + buf[:, :, 2:].double() + bias.double().view(-1, 1, 1, 1)
+    assert k.takes_sum(h, buf[:, :, 2:])
+    got = k.add_rows(h, buf[:, :, 2:], bias)
+    assert got is h and (h.double() - want).abs().max() <= 2**-8 * want.abs().max()

@@ -65,24 +65,58 @@ def takes(x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _rms_silu_kernel(x_ptr, gamma_ptr, out_ptr, n_rows, C, x_batch_stride, out_batch_stride, scale,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _rms_silu_kernel(x_ptr, gamma_ptr, bias_ptr, out_ptr, n_rows, C, x_batch_stride, out_batch_stride,
+                         scale, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr):
         batch = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < C)
         offs = rows[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + batch * x_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # the bias of the convolution that made x (masked lanes stay 0)
+            x = x + tl.where(mask, tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :], 0.0)
         inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
         gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
         y = x * inv[:, None] * gamma[None, :]
         y = y / (1.0 + tl.exp(-y))
         tl.store(out_ptr + batch * out_batch_stride + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _add_rows_kernel(h_ptr, s_ptr, bias_ptr, n_rows, C, h_batch_stride, s_batch_stride,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        batch = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < C)
+        offs = rows[:, None] * C + cols[None, :]
+        h = tl.load(h_ptr + batch * h_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + batch * s_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        tl.store(h_ptr + batch * h_batch_stride + offs, (h + s + b[None, :]).to(h_ptr.dtype.element_ty),
+                 mask=mask)
 
-def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(x / max(||x||_2 over dim 1, 1e-12) * scale * gamma) for x [B, C, ...] with `takes(x, out)`;
-    gamma holds C values. Written into `out` when given, else into a new tensor in x's layout."""
+
+def _blocks(c: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_R, num_warps) for rows of c values."""
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, _BLOCK_ELEMENTS // block_c)
+    return block_c, block_r, 4 if block_c * block_r <= 4096 else 8
+
+
+def _channel_vector(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.reshape(-1).to(device=device).contiguous()
+
+
+def _device_guard(x: torch.Tensor):
+    # off CUDA only under TRITON_INTERPRET=1, which runs the kernels on the CPU (tests)
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(y / max(||y||_2 over dim 1, 1e-12) * scale * gamma) with y = x (+ bias, per channel) for
+    x [B, C, ...] with `takes(x, out)`; gamma and bias hold C values. Written into `out` when
+    given, else into a new tensor in x's layout."""
     if out is None:
         out = torch.empty_like(x)  # keeps the channels-last strides
     src, dst = _rows_view(x), _rows_view(out)
@@ -90,12 +124,32 @@ def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tens
     b, n, c = src.shape
     if b * n * c == 0:
         return out
-    block_c = triton.next_power_of_2(c)
-    block_r = max(1, _BLOCK_ELEMENTS // block_c)
-    g = gamma.reshape(-1).to(device=x.device).contiguous()
-    # (the device guard; off CUDA only under TRITON_INTERPRET=1, which runs the kernel on the CPU)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    block_c, block_r, warps = _blocks(c)
+    g = _channel_vector(gamma, x.device)
+    bias_vec = g if bias is None else _channel_vector(bias, x.device)  # (not read without a bias)
+    with _device_guard(x):
         _rms_silu_kernel[(triton.cdiv(n, block_r), b)](
-            src, g, dst, n, c, src.stride(0), dst.stride(0), float(scale),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c * block_r <= 4096 else 8)
+            src, g, bias_vec, dst, n, c, src.stride(0), dst.stride(0), float(scale),
+            BLOCK_R=block_r, BLOCK_C=block_c, HAS_BIAS=bias is not None, num_warps=warps)
     return out
+
+
+def takes_sum(h: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether `add_rows(h, s, bias)` runs the kernel for these tensors."""
+    return (takes(h) and s.shape == h.shape and s.dtype == h.dtype and s.device == h.device
+            and _rows_view(s) is not None)
+
+
+def add_rows(h: torch.Tensor, s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """h += s + bias (bias per channel of dim 1), in one pass over h and s (`takes_sum(h, s)`)."""
+    dst, src = _rows_view(h), _rows_view(s)
+    assert dst is not None and src is not None, "add_rows needs takes_sum(h, s)"
+    b, n, c = dst.shape
+    if b * n * c == 0:
+        return h
+    block_c, block_r, warps = _blocks(c)
+    with _device_guard(h):
+        _add_rows_kernel[(triton.cdiv(n, block_r), b)](
+            dst, src, _channel_vector(bias, h.device), n, c, dst.stride(0), src.stride(0),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    return h

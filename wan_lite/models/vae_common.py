@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_T = 2  # frames a 3x3x3 causal conv needs from the previous chunk
 _REPEAT = "repeat"  # upsample3d slot marker: "first chunk seen, time conv not applied yet"
-_kernel_failed = False  # set once the fused norm kernel failed to build here (RMS_norm.silu)
+_kernel_failed = False  # set once the fused kernels failed to build here (`kernels_take`)
 
 
 class FeatureCache:
@@ -52,11 +52,12 @@ def _new_like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _time_padded(
-    x: torch.Tensor, prev: torch.Tensor | None, pad: int, norm: RMS_norm | None = None
+    x: torch.Tensor, prev: torch.Tensor | None, pad: int, norm: RMS_norm | None = None,
+    norm_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B, C, pad + T, H, W]: `prev` (or zero frames) followed by x, or by silu(norm(x)) when `norm`
-    is given. The activation is written straight into the padded buffer: neither a separate
-    normalised tensor nor a concatenated copy is made."""
+    """[B, C, pad + T, H, W]: `prev` (or zero frames) followed by x, or by silu(norm(x + norm_bias))
+    when `norm` is given. The activation is written straight into the padded buffer: neither a
+    separate normalised tensor nor a concatenated copy is made."""
     b, c, t, h, w = x.shape
     buf = _new_like(x, (b, c, pad + t, h, w))
     if prev is None:
@@ -66,7 +67,7 @@ def _time_padded(
     if norm is None:
         buf[:, :, pad:].copy_(x)
     else:
-        norm.silu(x, out=buf[:, :, pad:])
+        norm.silu(x, out=buf[:, :, pad:], bias=norm_bias)
     return buf
 
 
@@ -92,22 +93,25 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
         self.time_pad = 2 * pt
 
-    def convolve(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution on `x` already padded in time: [B, Cin, T, H, W] -> [B, Cout, T', H, W]."""
-        return super().forward(x)
+    def convolve(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The convolution on `x` already padded in time: [B, Cin, T, H, W] -> [B, Cout, T', H, W];
+        bias False: without the bias (the caller adds it in its next kernel)."""
+        return self._conv_forward(x, self.weight, self.bias if bias else None)
 
     def forward(
-        self, x: torch.Tensor, cache: FeatureCache | None = None, norm: RMS_norm | None = None
+        self, x: torch.Tensor, cache: FeatureCache | None = None, norm: RMS_norm | None = None,
+        norm_bias: torch.Tensor | None = None, bias: bool = True,
     ) -> torch.Tensor:
-        """conv(x), or conv(silu(norm(x))) when `norm` is given: [B, Cin, T, H, W] -> [B, Cout, T, H, W].
-        With `cache`, continues the previous chunk of the stream."""
+        """conv(x), or conv(silu(norm(x + norm_bias))) when `norm` is given (norm_bias: the bias of
+        the convolution that made x, when it left it out): [B, Cin, T, H, W] -> [B, Cout, T, H, W].
+        With `cache`, continues the previous chunk of the stream; bias: as in `convolve`."""
         if self.time_pad == 0:
-            return self.convolve(x if norm is None else norm.silu(x))
+            return self.convolve(x if norm is None else norm.silu(x, bias=norm_bias), bias)
         prev = cache.get(self) if cache is not None else None
-        x = _time_padded(x, prev, self.time_pad, norm)  # type: ignore[arg-type]
+        x = _time_padded(x, prev, self.time_pad, norm, norm_bias)  # type: ignore[arg-type]
         if cache is not None:  # the last frames of (previous + current) are what the next chunk needs
             _remember(cache, self, prev, x[:, :, -self.time_pad :])
-        return self.convolve(x)
+        return self.convolve(x, bias)
 
 
 class RMS_norm(nn.Module):  # noqa: N801 - the official class name
@@ -127,18 +131,20 @@ class RMS_norm(nn.Module):  # noqa: N801 - the official class name
         gamma = self.gamma.reshape(-1, *([1] * (x.dim() - 2)))
         return torch.mul(x, inv, out=out).mul_(gamma)  # in place on our own result
 
-    def silu(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """silu(self(x)), written into `out` when given: on CUDA in one kernel where it takes the
-        tensors (`rms_silu_kernel`: channels-last activations), else as two eager steps."""
-        global _kernel_failed
-        if not _kernel_failed and rms_silu_kernel.takes(x, out):
+    def silu(self, x: torch.Tensor, out: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(self(x + bias)) (bias per channel, optional), written into `out` when given: on
+        CUDA in one kernel where it takes the tensors (`rms_silu_kernel`: channels-last
+        activations), else in eager steps."""
+        if kernels_take(x, out):
             try:
-                return rms_silu_kernel.rms_silu(x, self.gamma, self.scale, out)
+                return rms_silu_kernel.rms_silu(x, self.gamma, self.scale, out, bias)
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # a Triton build that cannot compile it: the eager form runs
-                _kernel_failed = True
-                logger.info("VAE norm kernel unavailable (%s); using the eager form.", err)
+                _kernel_failed_once(err)
+        if bias is not None:
+            x = x + bias.reshape(-1, *([1] * (x.dim() - 2)))
         return F.silu(self(x, out=out), inplace=True)
 
 
@@ -213,9 +219,40 @@ class Resample(nn.Module):
         return self.time_conv.convolve(_time_padded(x, state, 1))
 
 
+def kernels_take(x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+    """Whether the VAE's fused kernels (`rms_silu_kernel`) run on activations like x."""
+    return not _kernel_failed and rms_silu_kernel.takes(x, out)
+
+
+def _kernel_failed_once(err: Exception) -> None:
+    global _kernel_failed
+    _kernel_failed = True
+    logger.info("VAE norm kernels unavailable (%s); using the eager form.", err)
+
+
+def _add_residual(h: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h += s (+ bias per channel), in place on h; in one kernel where it takes the tensors."""
+    if bias is None:
+        return h.add_(s)
+    if not _kernel_failed and rms_silu_kernel.takes_sum(h, s):
+        try:
+            return rms_silu_kernel.add_rows(h, s, bias)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            _kernel_failed_once(err)
+    return h.add_(s).add_(bias.reshape(-1, *([1] * (h.dim() - 2))))
+
+
 class ResidualBlock(nn.Module):
     """residual = [RMS_norm, SiLU, CausalConv3d 3^3, RMS_norm, SiLU, Dropout, CausalConv3d 3^3];
-    shortcut = 1x1x1 CausalConv3d if in != out. Output = residual(x) + shortcut(x)."""
+    shortcut = 1x1x1 CausalConv3d if in != out. Output = residual(x) + shortcut(x).
+
+    Where the fused kernels run (CUDA, channels-last), the convolutions leave out their biases and
+    the next kernel adds them: the first conv's in the second norm, the second conv's (and the
+    shortcut conv's) in the residual sum. cuDNN adds a conv bias as a separate broadcast pass that
+    PyTorch runs with its slow strided kernel: 0.44 s of a 3.7 s TI2V-5B 720p decode on an H100
+    (bench/results/2026-12-06-d)."""
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -230,8 +267,17 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """[B, in, T, H, W] -> [B, out, T, H, W]."""
         r = self.residual  # [0] norm, [2] conv, [3] norm, [6] conv; SiLU applied inside the convs
-        h = r[6](r[2](x, cache, norm=r[0]), cache, norm=r[3])
-        return h.add_(self.shortcut(x))
+        if not kernels_take(x):
+            h = r[6](r[2](x, cache, norm=r[0]), cache, norm=r[3])
+            return h.add_(self.shortcut(x))
+        h = r[6](r[2](x, cache, norm=r[0], bias=False), cache, norm=r[3], norm_bias=r[2].bias, bias=False)
+        bias = r[6].bias
+        if isinstance(self.shortcut, CausalConv3d):
+            shortcut = self.shortcut.convolve(x, bias=False)
+            bias = bias.float() + self.shortcut.bias.float()
+        else:
+            shortcut = x
+        return _add_residual(h, shortcut, bias)
 
 
 class AttentionBlock(nn.Module):
