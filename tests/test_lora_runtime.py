@@ -154,3 +154,34 @@ def test_a_bad_lora_leaves_the_model_as_it_was(tmp_path, state, inputs) -> None:
         attach_loras(model, [good, bad], [1.0, 1.0])
     assert attached_loras(model) is None
     assert torch.equal(run(model, inputs), before)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_merge_into_the_models_own_tensors_equals_the_merge_as_read(tmp_path, state, device) -> None:
+    """use_loras merges a first LoRA into a bf16 model from the model's own tensors (no second read
+    of the base): each tensor as LoRASource reads it merged on that device, bit for bit; a new
+    strength re-reads the base (not merged on top); off gives the base back bit for bit."""
+    from wan_lite.runtime import streaming
+    from wan_lite.runtime.lora import use_loras
+
+    bf16 = {k: v.bfloat16() for k, v in state.items()}
+    base = DictSource(bf16)
+    lf = read_lora(write_lora(tmp_path / "x.safetensors", full_lora(state, seed=9), "comfy_ab"))
+    model = dit({k: v.clone() for k, v in bf16.items()}, torch.bfloat16).to(device)  # not the base's tensors
+    streaming.set_expert_source(model, base)
+    reads = []
+    original_read = base.read
+    base.read = lambda name, *a, **k: reads.append(name) or original_read(name, *a, **k)
+    for strength in (0.8, 0.3):
+        reads.clear()
+        assert use_loras(model, [lf], [strength]) == "merged"
+        want = LoRASource(DictSource(bf16), [(lf, strength)])
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, want.read(name, value.dtype, device=device)), name
+        # (a tensor the model keeps in float32, stored in bf16, is read again: its merge rounds once)
+        at_hand = {n for n in want.changed if model.state_dict()[n].dtype == torch.bfloat16}
+        assert len(at_hand) > 30
+        assert not at_hand & set(reads) if strength == 0.8 else at_hand <= set(reads)
+    use_loras(model, [], [])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value.cpu(), bf16[name]), name

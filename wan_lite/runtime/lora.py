@@ -312,7 +312,7 @@ def use_loras(model: nn.Module, loras: Sequence[LoRAFile], strengths: Sequence[f
         params = tuple(sorted({p for lora, _s in active for p in lora.params()}))
         _refill(model, base, [p for p in merged_before if p not in params])
         refill = LoRASource(base, active)
-        _refill(model, refill, params)
+        _refill(model, refill, params, plain=frozenset(params) - frozenset(merged_before))
     else:
         params = ()
         if merged_before:
@@ -329,15 +329,21 @@ def use_loras(model: nn.Module, loras: Sequence[LoRAFile], strengths: Sequence[f
     return how
 
 
-def _refill(model: nn.Module, source: TensorSource, params: Sequence[str]) -> None:
-    """Read `params` from `source` again into the model's own tensors, in their dtypes and places."""
+def _refill(model: nn.Module, source: TensorSource, params: Sequence[str],
+            plain: frozenset[str] = frozenset()) -> None:
+    """Read `params` from `source` again into the model's own tensors, in their dtypes and places.
+    plain: of those, the ones that hold the base's values now (no LoRA merged): a LoRASource then
+    merges into a tensor kept as the base stores it from the tensor itself, without reading the
+    base again (a 14B expert on the GPU: 28 GB less from host memory; the same result)."""
     for name in params:
         current = _get(model, name)
         if current.device.type == "meta":  # the model waits on disk: its refill source is set instead
             continue
         with torch.no_grad():
             if isinstance(source, LoRASource):  # merged where the tensor lives (a GPU is far faster)
-                current.data.copy_(source.read(name, current.dtype, device=current.device))
+                at_hand = name in plain and current.dtype == source.base.dtype(name)
+                current.data.copy_(source.read(name, current.dtype, device=current.device,
+                                               base_values=current if at_hand else None))
             else:
                 current.data.copy_(source.read(name, current.dtype))
 
