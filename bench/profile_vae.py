@@ -107,6 +107,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--fp32-error", action="store_true",
                     help="first, the bf16 decode's error against the fp32 decode of the same weights")
+    ap.add_argument("--quick", action="store_true",
+                    help="the timings only (no per-level times, profiler tables or cudnn variants)")
     args = ap.parse_args()
     if args.fp32_error:
         print(bf16_error(), flush=True)
@@ -136,6 +138,8 @@ def main() -> int:
         for name in ("untiled (video on GPU)", "tiled into uint8 frames (CPU)"):
             print(f"{name + ', eager norm + SiLU':48} {timed(runs[name]):7.3f} s", flush=True)
         set_fusion(old)
+        if args.quick:
+            return 0
         for name in ("untiled (video on GPU)", "tiled into CPU memory"):
             timer = LevelTimer(vae.decoder)
             runs[name]()
