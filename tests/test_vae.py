@@ -319,6 +319,11 @@ def test_cuda_fused_kernels_encode_and_decode_as_the_eager_ops(version):
                     set_fusion(old)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
+    # the conv weights took the activations' channels-last layout at their first use, values unchanged
+    conv = model.decoder.head[2]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
+    cpu = build_vae(DictSource(state), torch.float32, version=version)
+    assert rel_err(out[torch.float32, False][0].cpu(), cpu.decode(z.cpu())) < 1e-5
     for i, name in enumerate(("decode", "encode")):
         ref = out[torch.float32, False][i]
         assert rel_err(out[torch.float32, True][i], ref) < 1e-5

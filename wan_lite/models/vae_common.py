@@ -71,6 +71,22 @@ def _time_padded(
     return buf
 
 
+def _weight_like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A conv `weight` in the channels-last layout when the activation x [B, C, T, H, W] on a GPU
+    has it. cuDNN convolves channels-last activations with channels-last weights; given a weight
+    in another layout, PyTorch copies it into that one on every call (all the decoder's weights
+    once per latent frame). So the parameter itself is converted, once (the same values; a
+    weight read again from its file is converted again at its first use)."""
+    cl = torch.channels_last_3d
+    if not x.is_cuda or x.is_contiguous() or not x.is_contiguous(memory_format=cl):
+        return weight
+    layout = cl if weight.dim() == 5 else torch.channels_last
+    if not weight.is_contiguous(memory_format=layout):
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, as the parameter was
+            weight.data = weight.data.contiguous(memory_format=layout)
+    return weight
+
+
 def _remember(cache: FeatureCache, layer: nn.Module, old: torch.Tensor | str | None,
               frames: torch.Tensor) -> None:
     """Store `frames` (a view of this chunk's padded input) as `layer`'s state for the next chunk.
@@ -96,7 +112,7 @@ class CausalConv3d(nn.Conv3d):
     def convolve(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The convolution on `x` already padded in time: [B, Cin, T, H, W] -> [B, Cout, T', H, W];
         bias False: without the bias (the caller adds it in its next kernel)."""
-        return self._conv_forward(x, self.weight, self.bias if bias else None)
+        return self._conv_forward(x, _weight_like(self.weight, x), self.bias if bias else None)
 
     def forward(
         self, x: torch.Tensor, cache: FeatureCache | None = None, norm: RMS_norm | None = None,
@@ -158,8 +174,9 @@ def _nearest_2x(x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
-    """Apply a 2-D conv to every frame of [B, C, T, H, W] as a (1, k, k) 3-D conv: no permute copies."""
-    weight = conv.weight.unsqueeze(2)
+    """Apply a 2-D conv to every frame of [B, C, T, H, W] as a (1, k, k) 3-D conv: no permute copies.
+    (A channels-last 2-D weight with a time axis of 1 is a channels-last 3-D weight.)"""
+    weight = _weight_like(conv.weight, x).unsqueeze(2)
     return F.conv3d(x, weight, conv.bias, stride=(1, stride, stride), padding=(0, padding, padding))
 
 
