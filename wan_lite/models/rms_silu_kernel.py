@@ -14,6 +14,11 @@ normalised values and the gamma product to the activation dtype in turn. So in b
 by a bf16 rounding, and this one is the closer to the float32 result (tests/test_vae.py). In
 float32 they agree to float32 rounding.
 
+The same kernel adds the bias of the convolution that made x, and `add_rows` is the residual sum
+h += s + bias of a ResidualBlock: the block's convolutions leave their biases to these two
+(`vae_common.ResidualBlock`), since cuDNN adds a bias in a separate broadcast pass that PyTorch
+runs with its strided kernel (0.44 s of a 3.7 s decode, bench/results/2026-12-06-d).
+
 `takes(x, out)` says when it runs: Triton installed, CUDA tensors, the fused forms on
 (`models.fused.set_fusion`), x and out each a batch of [rows, C] blocks with contiguous rows (the
 channels-last layout, also the time slice of a padded buffer). Everywhere else the eager form runs.
@@ -73,8 +78,8 @@ if triton is not None:
         mask = (rows[:, None] < n_rows) & (cols[None, :] < C)
         offs = rows[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + batch * x_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:  # the bias of the convolution that made x (masked lanes stay 0)
-            x = x + tl.where(mask, tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :], 0.0)
+        if HAS_BIAS:  # the bias of the convolution that made x (0 in the padding columns)
+            x = x + tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
         inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
         gamma = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
         y = x * inv[:, None] * gamma[None, :]
