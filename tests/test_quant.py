@@ -358,6 +358,15 @@ def test_cache_round_trip_and_reuse(tmp_path, monkeypatch) -> None:
     # Another format is another cache entry.
     _, path_int8 = load_or_quantize(fresh(), SafetensorsSource([src_path]), "int8", cache_dir=cache_dir, **keep)
     assert path_int8 != path and calls
+    int4_model, path_int4 = load_or_quantize(fresh(), SafetensorsSource([src_path]), "int4", cache_dir=cache_dir,
+                                             **keep)
+    assert path_int4 not in (path, path_int8) and ".int4." in path_int4.name
+    assert int4_model.blocks[0].q.weight.dtype == torch.uint8 and int4_model.blocks[0].q.weight.shape == (128, 64)
+    assert int4_model.blocks[0].q.weight_scale.dtype == torch.bfloat16  # as the layer declares it, not fp32
+    again, path_again = load_or_quantize(fresh(), SafetensorsSource([src_path]), "int4", cache_dir=cache_dir, **keep)
+    assert path_again == path_int4
+    for (k1, v1), (k2, v2) in zip(int4_model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k1 == k2 and v1.dtype == v2.dtype and torch.equal(v1, v2)
     # A changed source file (size/mtime) gives another key: the old cache is not used.
     calls.clear()
     st = src_path.stat()
