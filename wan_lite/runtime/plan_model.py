@@ -152,6 +152,7 @@ class Plan(Choices):
     seconds_estimate: float = 0.0
     stage_seconds: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = ()
+    quant_note: str | None = None  # why int4, where the planner stepped down to it (planner._int4_instead)
     profile: str | None = None
     model: ModelFootprint | None = field(default=None, repr=False)
     request: PlanRequest | None = field(default=None, repr=False)
@@ -166,7 +167,7 @@ class Plan(Choices):
         m, r, hw = self.model, self.request, self.hardware
         n = m.num_layers if m else 0
         parts = [self.quantization + (" (fp8 compute" + (", fp8 attention)" if self.fp8_attention else ")")
-                                      if self.fp8_compute else ""),
+                                      if self.fp8_compute else "") + (f" ({self.quant_note})" if self.quant_note else ""),
                  f"{self.resident_blocks}/{n} blocks resident" + (
                      f", prefetch {self.prefetch} from "
                      + ("disk" if self.blocks_from == "disk" else f"{'pinned' if self.pinned else 'pageable'} RAM")
