@@ -17,9 +17,9 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   c -> L where the attention is not chunked), ffn = base + c*(6*D + 4*F) (hidden + GELU in bf16).
 - DiT weights on the GPU = non-block (bf16) + all n blocks, or r resident + (prefetch+1) streaming
   slots; + the largest Linear in bf16 (or q, k and v, kept for reuse across token chunks) when
-  int8/fp8 weights are dequantized per layer (not with fp8 compute); + the other expert when
+  int8/fp8/int4 weights are dequantized per layer (not with fp8 compute); + the other expert when
   idle_expert == "gpu". Block bytes: bf16 2/param; int8/fp8 1/weight + an fp32 scale per output
-  row, biases/norms bf16, modulation fp32.
+  row; int4 0.5/weight + a bf16 scale per 64 inputs; biases/norms bf16, modulation fp32.
 - VAE = weights + tile^2 (or H*W) * per-pixel bytes of one latent frame (K.vae_decode_px, causal
   cache included; ~8 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video); a
   tiled decode first runs the decoder's low-resolution part over the whole frame (weights +
