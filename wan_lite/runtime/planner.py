@@ -6,10 +6,11 @@ where the idle A14B expert waits, the text encoder's placement, VAE tile and dty
 CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight estimate). Choices are
 greedy: quality first (bf16 unless it does not fit or is >25 % slower; on a CPU bf16 unless a
 profile forces a quantization; 4-bit "int4" only where no bf16 / 8-bit plan holds the DiT in RAM
-and the one streaming it from disk is >1.5x slower, or nothing else fits), then the token chunk and CFG batching whose denoise is fastest
-with as many resident blocks as fit beside them, then the largest VAE tile. `leaner(plan)` is the
-next plan to drop to after an out-of-memory error mid-run. `fp8_attention_opted_in()` reads the
-user's fp8-attention switch that `PlanRequest.fp8_attention` carries.
+and the one streaming it from disk is >1.5x slower, or nothing else fits), then the token chunk
+and CFG batching whose denoise is fastest with as many resident blocks as fit beside them, then
+the largest VAE tile. `leaner(plan)` is the next plan to drop to after an out-of-memory error
+mid-run. `fp8_attention_opted_in()` reads the user's fp8-attention switch that
+`PlanRequest.fp8_attention` carries.
 
 The memory and time model each choice is estimated with is plan_model.py's.
 """
