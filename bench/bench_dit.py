@@ -14,6 +14,7 @@ output, for:
     fp8-attn-resident, -streamed          the same with the attention the engine picks for fp8
                                           compute with WAN_LITE_FP8_ATTENTION=1 (FlashAttention-3
                                           or cuDNN fp8 attention where available)
+    int4-resident, int4-streamed          int4 weights (NF4 levels, groups of 64), dequantized per layer
     diffusers-resident                    diffusers WanTransformer3DModel with the same weights
     diffusers-group-offload               + enable_group_offload(block_level, 1 block/group, use_stream)
 
@@ -75,6 +76,8 @@ WAN_CASES = {  # name: (weight format, quantized matmul path, streamed, fp8 atte
     "fp8-compute-streamed": ("fp8", "fp8", True, False),
     "fp8-attn-resident": ("fp8", "fp8", False, True),
     "fp8-attn-streamed": ("fp8", "fp8", True, True),
+    "int4-resident": ("int4", "dequant", False, False),
+    "int4-streamed": ("int4", "dequant", True, False),
 }
 DIFFUSERS_CASES = ("diffusers-resident", "diffusers-group-offload")
 TINY = {  # --smoke: same code paths, tiny shapes (text_dim stays 4096: the contexts are real-sized)
@@ -239,7 +242,7 @@ class Bench:
                 ref["bf16"], ref["case"] = out.float(), current[0]
             return res
 
-        for fmt in (None, "int8", "fp8"):
+        for fmt in (None, "int8", "fp8", "int4"):
             cases = [c for c, spec in WAN_CASES.items() if spec[0] == fmt and self.wanted(c)]
             if not cases:
                 continue

@@ -1,10 +1,10 @@
-"""Quality of the quantized formats over a whole generation: tiny models, int8 and fp8 against bf16.
+"""Quality of the quantized formats over a whole generation: tiny models, int8, fp8 and int4 against bf16.
 
     python bench/bench_quality.py --out results/quality.json [--steps 4] [--device cuda|cpu]
 
 For TI2V-5B and T2V-A14B it writes tiny random models in the official layout (the tests' writer,
 architecture read back from tensor shapes), generates one 64x64, 9-frame video with 4 steps in
-bf16, then again with int8 and with fp8 experts (the planner's quantized plan, everything
+bf16, then again with int8, fp8 and int4 experts (the planner's quantized plan, everything
 resident), same prompt and seed, and records the relative L2 error of the final latents and of
 the decoded video (its uint8 frames) against the bf16 run. On a GPU with fp8 tensor cores the
 fp8 run computes in fp8 (fp8 x fp8 matmuls: case fp8-compute); elsewhere fp8 is storage only,
@@ -70,11 +70,11 @@ def main() -> int:
             path = write_model(Path(tmp) / name, name)
             pipe = wan_lite.load_pipeline(path, device=device)
             ref = pipe.generate(PROMPT, seed=SEED, **size)
-            for fmt in ("int8", "fp8"):
+            for fmt in ("int8", "fp8", "int4"):
                 p = quantized_plan(pipe, name, fmt, size)
                 q = WanPipeline.load_planned(path, p, device=device, cache_dir=Path(tmp) / f"cache-{name}-{fmt}")
                 out = q.generate(PROMPT, seed=SEED, **size)
-                label = fmt if fmt == "int8" else ("fp8-compute" if p.fp8_compute else "fp8-dequant")
+                label = fmt if fmt != "fp8" else ("fp8-compute" if p.fp8_compute else "fp8-dequant")
                 records.append({
                     "case": f"tiny generation {name} {size['width']}x{size['height']}x{size['frames']} {label}",
                     "plan": p.summary(), "fp8_compute": p.fp8_compute,

@@ -50,8 +50,11 @@ def test_unmerged_equals_merged_and_detach_restores(tmp_path, state, inputs) -> 
         assert torch.equal(value, state[name]), name
 
 
-@pytest.mark.parametrize("fmt,tol", [("int8", 0.02), ("fp8", 0.06)])
-def test_quantized_base_with_unmerged_lora_is_close_to_the_bf16_merge(tmp_path, state, inputs, fmt, tol) -> None:
+# gain: how much closer to the merge the LoRA brings the quantized model; int4's own error (0.04
+# here) is most of what is left (measured: 0.078 without the LoRA, 0.040 with it)
+@pytest.mark.parametrize("fmt,tol,gain", [("int8", 0.02, 3), ("fp8", 0.06, 3), ("int4", 0.06, 1.5)])
+def test_quantized_base_with_unmerged_lora_is_close_to_the_bf16_merge(tmp_path, state, inputs, fmt, tol,
+                                                                      gain) -> None:
     from wan_lite.runtime.quant import QuantizedLinear, quantize_model
 
     lora = full_lora(state, seed=10)
@@ -64,7 +67,7 @@ def test_quantized_base_with_unmerged_lora_is_close_to_the_bf16_merge(tmp_path, 
     attach_loras(model, [lf], [1.0])
     assert lora_bytes(model) == lf.unmerged_bytes(torch.bfloat16)  # what the planner can count beforehand
     got = run(model, inputs)
-    assert rel_err(got, want) < min(tol, rel_err(without, want) / 3)
+    assert rel_err(got, want) < min(tol, rel_err(without, want) / gain)
 
 
 def test_hook_sees_fp8_rows_and_gguf_layers() -> None:

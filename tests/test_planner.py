@@ -30,7 +30,7 @@ from wan_lite.runtime.planner import (
 MODELS = ("ti2v-5b", "t2v-a14b", "i2v-a14b")
 VRAMS = (4, 6, 8, 12, 16, 24, 80)
 RAMS = (16, 32, 64)
-LEANNESS = {"bf16": 0, "fp8": 1, "int8": 1}
+LEANNESS = {"bf16": 0, "fp8": 1, "int8": 1, "int4": 2}
 
 
 def default_request(name: str) -> PlanRequest:
@@ -301,7 +301,7 @@ def test_profile_caps_a_bigger_machine_and_describes_a_gpu_less_one() -> None:
 
 @pytest.mark.parametrize("content,needle", [
     ('{"name": "x", "description": "y", "hardware": {"vram_gb": 8, "ram_gb": 32}', "not valid JSON"),
-    ('{"name": "x", "description": "y", "force": {"quantization": "int4"}}', "'force.quantization'"),
+    ('{"name": "x", "description": "y", "force": {"quantization": "nf4"}}', "'force.quantization'"),
     ('{"name": "x", "description": "y", "force": {"resident_blocks": -1}}', "'force.resident_blocks'"),
     ('{"name": "x", "description": "y", "force": {"pinned": "yes"}}', "'force.pinned'"),
     ('{"name": "x", "description": "y", "force": {"vae_tile": 100}}', "'force.vae_tile'"),
@@ -366,6 +366,12 @@ def test_plan_command_json_and_text() -> None:
     assert rc == 0 and "[profile 4 GB VRAM / 16 GB RAM]" in text
     rc, text = _cli("--list-profiles")
     assert rc == 0 and all(name in text for name in EXPECTED_PROFILES)
+    # a fast GPU with little RAM and a slow disk: 4-bit weights in RAM, and the plan line says why
+    rc, text = _cli("--model", "t2v-a14b", "--vram-gb", "8", "--ram-gb", "16", "--gpu-name", "H100 SXM",
+                    "--disk-gbps", "0.5")
+    assert rc == 0 and "plan:    t2v-a14b 1280x720x81 fits: int4 (4-bit weights in RAM: no 8-bit DiT" in text
+    with pytest.raises(WanLiteError, match="GB/s"):
+        _cli("--vram-gb", "8", "--ram-gb", "32", "--disk-gbps", "0")
     with pytest.raises(WanLiteError, match="WIDTHxHEIGHT"):
         _cli("--size", "big", "--vram-gb", "8", "--ram-gb", "32")
 
@@ -463,7 +469,8 @@ def test_disk_reads_count_in_the_time_estimate():
 
     m = ModelFootprint.full_size("t2v-a14b")
     hw = Hardware.fake(vram_gb=8, ram_gb=16, gpu_name="NVIDIA H100 80GB HBM3")
-    p = plan(m, PlanRequest(832, 480, 81), hw)
+    fp8 = MemoryProfile("fp8", "8-bit weights", force=(("quantization", "fp8"),))  # else int4 in RAM: faster here
+    p = plan(m, PlanRequest(832, 480, 81), hw, profile=fp8)
     assert p.blocks_from == "disk"
     slow, fast = (estimate(m, p.request, replace(hw, disk_gbps=g), p.choices)["secs"]["denoise"] for g in (0.2, 20))
     assert slow > 1.5 * fast  # an H100 forward at 480p is shorter than reading 40 blocks at 0.2 GB/s
@@ -512,3 +519,66 @@ def test_ram_figure_counts_the_loaders_copies():
     assert in_ram - kept >= 2 * m.expert_bytes("bf16") - m.block_bytes("bf16")
     t5 = estimate(m, r, hw, replace(base, keep_text_encoder=True))["ram"] - kept
     assert t5 >= m.text_bytes("bf16") - m.block_bytes("bf16") * 2
+
+
+# ------------------------------------------------------------------------------ int4
+def test_int4_block_bytes() -> None:
+    """int4: half a byte a weight and a bf16 scale per 64 inputs (an A14B expert 7.9 GB, int8's 14.5)."""
+    m = ModelFootprint.full_size("t2v-a14b")
+    lin = m.block_linear_params
+    assert m.block_bytes("int8") - m.block_bytes("int4") == lin + (9 * m.dim + m.ffn_dim) * 4 - lin // 2 - lin // 32
+    assert 0.52 < m.expert_bytes("int4") / m.expert_bytes("int8") < 0.56
+    assert m.expert_bytes("int4") == pytest.approx(7.94e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["t2v-a14b", "i2v-a14b"])
+def test_int4_only_where_no_8bit_dit_fits_in_ram(name: str) -> None:
+    """1280x720x81 on 8 GB VRAM / 16 GB RAM: no 8-bit expert fits in RAM. On a consumer card a
+    forward takes minutes, the disk reads hide behind it: the 16-bit / 8-bit plan streaming from
+    disk stays. On a fast GPU with a slow disk (an H100 held to 8 GB, 0.5 GB/s) fp8 blocks from
+    disk take 1.5x+ the time of int4 weights in RAM: int4, with the reason in the plan line.
+    With 32 GB of RAM, never int4."""
+    m = ModelFootprint.full_size(name)
+    r = PlanRequest(1280, 720, 81, image=name.startswith("i2v"))
+    for gpu in (None, "NVIDIA GeForce RTX 4090"):
+        p = plan(m, r, Hardware.fake(8, 16, gpu_name=gpu))
+        assert p.fits and p.quantization != "int4" and p.blocks_from == "disk" and p.quant_note is None
+    slow = replace(Hardware.fake(8, 16, gpu_name="NVIDIA H100 80GB HBM3"), disk_gbps=0.5)
+    p = plan(m, r, slow)
+    assert p.fits and p.quantization == "int4" and p.blocks_from == "ram" and p.idle_expert == "disk"
+    assert p.peak_ram_gib <= 0.8 * 16 and p.peak_ram_gib <= p.usable_ram_gib
+    line = p.summary()
+    assert "int4 (4-bit weights in RAM: no 8-bit DiT fits in RAM, and fp8 blocks from disk would take" in line
+    fp8_disk = plan(m, r, slow, profile=MemoryProfile("fp8", "", force=(("quantization", "fp8"),)))
+    assert fp8_disk.blocks_from == "disk" and fp8_disk.seconds_estimate > K.int4_slack * p.seconds_estimate
+    assert p.to_json()["quant_note"] == p.quant_note
+    for hw in (replace(Hardware.fake(8, 32, gpu_name="NVIDIA H100 80GB HBM3"), disk_gbps=0.5), Hardware.fake(8, 32)):
+        roomy = plan(m, r, hw)
+        assert roomy.fits and roomy.quantization in ("bf16", "fp8") and roomy.blocks_from == "ram"
+
+
+def test_int4_is_the_last_resort_where_nothing_else_fits(table) -> None:
+    """A14B 720p on 24 GB VRAM / 8 GB RAM: the fp8 plan needs more RAM than there is; the int4
+    expert is read from its file straight to the GPU and fits. The plan line says why."""
+    m = ModelFootprint.full_size("t2v-a14b")
+    p = plan(m, default_request("t2v-a14b"), Hardware.fake(24, 8))
+    assert p.fits and p.quantization == "int4"
+    assert "4-bit weights: no 8-bit plan fits (fp8 needs" in p.summary() and "GiB RAM" in p.quant_note
+    # the shipped machines of the table: int4 nowhere (each fits in 16 or 8 bits, or not at all)
+    assert not [k for k, q in table.items() if q.quantization == "int4"]
+
+
+def test_forced_int4_profile(tmp_path) -> None:
+    """A profile may force int4 (even on a machine with room for bf16); a CPU plans it as asked."""
+    (tmp_path / "four.json").write_text(json.dumps({"name": "Four", "description": "4-bit DiT",
+                                                    "force": {"quantization": "int4"}}))
+    prof = get_profile("four", tmp_path)
+    for hw in (Hardware.fake(24, 64), Hardware.fake(0, 64)):
+        p = plan(ModelFootprint.full_size("ti2v-5b"), (1280, 704, 121), hw, profile=prof)
+        assert p.fits and p.quantization == "int4" and p.quant_note is None and p.profile == "Four"
+        assert p.text_encoder_quant in ("bf16", "int8")  # the text encoder has no int4
+    m = ModelFootprint.full_size("t2v-a14b")
+    kept = plan(m, (1280, 720, 81), Hardware.fake(24, 64), profile=prof)
+    eight = plan(m, (1280, 720, 81), Hardware.fake(24, 64),
+                 profile=MemoryProfile("8", "", force=(("quantization", "int8"),)))
+    assert kept.peak_vram_gib < eight.peak_vram_gib

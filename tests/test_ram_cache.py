@@ -150,7 +150,7 @@ def whole_model(source, fmt) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8", "int4"])
 def test_streamed_conversion_equals_whole_model_bit_for_bit(tmp_path, fmt):
     src = fp32_dit(tmp_path / "high")
     _, path = load(src, fmt, tmp_path / "cache", fill=False)

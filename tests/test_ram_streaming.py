@@ -66,9 +66,10 @@ def test_disk_streamed_equals_ram_streamed(tiny_models, tmp_path, name):
     assert (runs["disk"].frames == runs["ram"].frames).all()
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
 def test_disk_streamed_quantized_equals_ram_streamed(tiny_models, tmp_path, fmt):
-    """The streamer reads the quantized cache's exact tensors: int8 / fp8 blocks from disk are the RAM ones."""
+    """The streamer reads the quantized cache's exact tensors: int8 / fp8 / int4 blocks from disk
+    are the RAM ones."""
     from wan_lite.loading.components import resolve_sources
     from wan_lite.runtime.loader import load_dit
 

@@ -196,7 +196,7 @@ def test_planned_oom_resumes_on_the_leaner_plan_with_the_same_latents(tiny_model
     assert torch.equal(out.latents, uninterrupted.latents)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
 def test_quantized_plan_within_tolerance(tiny_models, plain, tmp_path, fmt):
     pipe, ref = plain
     p = lean_plan(pipe, quantization=fmt, resident_blocks=0, idle_expert="disk", vae_tile=None,
@@ -204,7 +204,8 @@ def test_quantized_plan_within_tolerance(tiny_models, plain, tmp_path, fmt):
     q = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     out = q.generate("a boat at dawn", seed=3, **SMALL)
     err = rel(out.latents, ref.latents)
-    assert err < (0.02 if fmt == "int8" else 0.05), err
+    # the whole generation's latents, measured: int8 0.0048, fp8 0.0125, int4 0.039
+    assert err < {"int8": 0.02, "fp8": 0.05, "int4": 0.08}[fmt], err
     assert list(tmp_path.glob("*.safetensors")), "the quantized weights were not cached on disk"
     again = WanPipeline.load_planned(tiny_models["t2v-a14b"], p, device="cpu", cache_dir=tmp_path)
     assert torch.equal(again.generate("a boat at dawn", seed=3, **SMALL).latents, out.latents)

@@ -38,7 +38,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------ CPU equivalence
 @pytest.mark.parametrize("resident,prefetch", [(0, 1), (0, 2), (1, 1), (2, 3), (0, 5), (4, 1)])
-@pytest.mark.parametrize("fmt", [None, "int8", "fp8"])
+@pytest.mark.parametrize("fmt", [None, "int8", "fp8", "int4"])
 def test_streamed_equals_resident_cpu(resident: int, prefetch: int, fmt: str | None) -> None:
     model = toy(layers=4)
     if fmt:

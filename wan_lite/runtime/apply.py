@@ -17,7 +17,7 @@ from torch import nn
 
 from wan_lite.runtime import streaming, vae_parts
 from wan_lite.runtime.planner import Plan, leaner
-from wan_lite.runtime.quant import release_kept_weights
+from wan_lite.runtime.quant import FORMATS, release_kept_weights
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class PlannedPlacement:
         old, self.plan = self.plan, new
         disk = new.blocks_from == "disk" and streaming.expert_source(module) is not None
         streaming.move_expert(module, "disk" if disk else "ram")
-        if new.quantization != old.quantization and new.quantization in ("int8", "fp8"):
+        if new.quantization != old.quantization and new.quantization in FORMATS:
             from wan_lite.runtime.quant import quantize_model
 
             quantize_model(module, new.quantization, getattr(module, "no_quantize_patterns", ()))

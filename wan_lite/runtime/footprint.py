@@ -12,7 +12,7 @@ from typing import Any
 from wan_lite.registry import VAES, get_spec, vae_for
 from wan_lite.runtime.hardware import GIB
 
-QUANTS = ("bf16", "int8", "fp8")
+QUANTS = ("bf16", "int8", "fp8", "int4")
 
 
 class K:
@@ -91,6 +91,10 @@ class K:
     chunked_token_s = 3.7e-8
     chunk_block_s = 1.5e-4
     bf16_slack = 1.25  # bf16 is chosen over int8/fp8 unless it is this much slower
+    # int4 (error 3-10x int8's) is chosen over a bf16 / 8-bit plan that streams the DiT from disk
+    # only when that plan is this much slower; its dequantization is counted as int8's
+    # (dequant_cost: one pass, 0.53 bytes read a weight instead of 1; not measured on a GPU yet)
+    int4_slack = 1.5
 
 
 # ------------------------------------------------------------------------------ model sizes
@@ -151,9 +155,16 @@ class ModelFootprint:
         return self.num_layers * self.block_params + self.nonblock_params
 
     def block_bytes(self, quant: str) -> int:
+        """Bytes of one block: its Linear weights in `quant` (bf16 2 per weight; int8 / fp8 1 +
+        an fp32 scale per output row; int4 0.5 + a bf16 scale per 64 inputs of a row, every DiT
+        width being a multiple of 64), the rest bf16, modulation fp32."""
         d, lin = self.dim, self.block_linear_params
         rest = (self.block_params - lin - 6 * d) * 2 + 6 * d * 4  # biases, norms bf16; modulation fp32
-        return (2 * lin if quant == "bf16" else lin + (9 * d + self.ffn_dim) * 4) + rest
+        if quant == "bf16":
+            return 2 * lin + rest
+        if quant == "int4":
+            return lin // 2 + lin // 64 * 2 + rest
+        return lin + (9 * d + self.ffn_dim) * 4 + rest
 
     def nonblock_bytes(self) -> int:
         return 2 * self.nonblock_params  # embeddings, time projection and head are never quantized

@@ -296,7 +296,7 @@ def _ram_gib() -> tuple[float, float]:
 # ---------------------------------------------------------------------------- memory profiles
 # Plan fields a profile may force, with their allowed values (a string describes a numeric rule).
 FORCE_CHOICES: dict[str, tuple[Any, ...] | str] = {
-    "quantization": ("bf16", "int8", "fp8"),
+    "quantization": ("bf16", "int8", "fp8", "int4"),
     "resident_blocks": "an integer >= 0",
     "prefetch": "an integer from 1 to 4",
     "pinned": (True, False),

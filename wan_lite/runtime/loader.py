@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wan_lite.errors import InputError
 from wan_lite.loading.build import build_dit, build_text_encoder, dit_on_meta, fill_module, keep_dit_fp32
 from wan_lite.loading.components import check_compatible, dit_roles, load_vae, resolve_sources
 from wan_lite.loading.tensors import SafetensorsSource, TensorSource, open_source
@@ -35,14 +36,16 @@ from wan_lite.runtime.refill import declare_dtypes, refill_like
 
 log = logging.getLogger(__name__)
 
-QUANTIZED = ("int8", "fp8")  # what `quantization` may ask for; anything else loads float
+QUANTIZED = ("int8", "fp8", "int4")  # what a DiT's `quantization` may ask for; anything else loads float
+TEXT_QUANTIZED = ("int8", "fp8")  # the text encoder's: no int4 (the planner never asks, nor measured)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
 class Formats:
-    """What is fixed when the weights are loaded. quantization / text_quant: "int8" or "fp8" to
-    quantize (the DiT through the disk cache), None to load the floats in the dtype."""
+    """What is fixed when the weights are loaded. quantization: "int8", "fp8" or "int4" to
+    quantize the DiT (through the disk cache), text_quant: "int8" or "fp8" for the text encoder;
+    None to load the floats in the dtype."""
 
     dit_dtype: torch.dtype = torch.bfloat16
     quantization: str | None = None
@@ -56,7 +59,7 @@ class Formats:
         return cls(dit_dtype=torch.bfloat16,
                    quantization=plan.quantization if plan.quantization in QUANTIZED else None,
                    vae_dtype=_DTYPES.get(plan.vae_dtype, torch.bfloat16), text_dtype=torch.bfloat16,
-                   text_quant=plan.text_encoder_quant if plan.text_encoder_quant in QUANTIZED else None)
+                   text_quant=plan.text_encoder_quant if plan.text_encoder_quant in TEXT_QUANTIZED else None)
 
 
 @dataclass
@@ -90,7 +93,7 @@ def load_dit(source: TensorSource, dtype: torch.dtype | None = torch.bfloat16, *
 
     fp8 (ComfyUI) and GGUF files keep their block weights as stored (fp8 QuantizedLinear /
     GGUFLinear, ~1 or fewer bytes per weight, no float copy) whatever `quantization` asks; the
-    rest loads in `dtype`. Otherwise `quantization` "int8" / "fp8" quantizes the Linear layers,
+    rest loads in `dtype`. Otherwise `quantization` "int8" / "fp8" / "int4" quantizes the Linear layers,
     and None loads the floats in `dtype`: with a `cache_dir`, converted tensor by tensor into the
     on-disk cache (quant_cache.convert_to_cache: an fp32 expert never sits in RAM in either
     dtype) and re-filled from it; without one, from `source`, converted again as read.
@@ -149,7 +152,11 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
     a `cache_dir`, from its conversion into the converted-weights cache (an fp8 file: from the
     file itself, its fp8 layers as stored).
     GGUF encoders are dequantized on read: transformers' T5 casts its FFN input to the dtype of
-    a non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast."""
+    a non-int8 `wo` weight, which a uint8 GGUFLinear would turn into a byte cast (so would an
+    int4 layer's: the text encoder has no int4 format)."""
+    if quantization is not None and quantization not in TEXT_QUANTIZED:
+        raise InputError(f"The text encoder cannot be quantized to {quantization!r}.",
+                         f"Use one of: {', '.join(TEXT_QUANTIZED)}, or none (bf16).")
     if not isinstance(source, TensorSource):
         source = open_source(Path(source))
     key_maps: list = []
@@ -165,7 +172,7 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
         # converted into the cache (safetensors, read with the pages let go: a .pth read through
         # torch's memory map would keep every page it touched in the process's RSS)
         def fill(model, src, dt, *, key_map=None, what="text encoder"):
-            fmt = quantization if quantization in QUANTIZED else _float_format(dt)
+            fmt = quantization if quantization in TEXT_QUANTIZED else _float_format(dt)
             _m, cache = load_or_quantize(model, src, fmt, dtype=dt, cache_dir=cache_dir, key_map=key_map,
                                          fill=False, what="text encoder")
             refills.append((SafetensorsSource([cache]), None) if cache is not None else (src, key_map))
@@ -173,10 +180,10 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
                 streaming.set_expert_source(model, src, key_map)
                 streaming.move_expert(model, "disk")
             return model
-    elif quantization in QUANTIZED or on_disk:
+    elif quantization in TEXT_QUANTIZED or on_disk:
         def fill(model, src, dt, *, key_map=None, what="text encoder"):
             key_maps.append(key_map)
-            if quantization in QUANTIZED:
+            if quantization in TEXT_QUANTIZED:
                 quantize_model(model, quantization)
             if dt is not None:
                 declare_dtypes(model, dt)
@@ -188,7 +195,7 @@ def load_text_encoder(source: TensorSource | Path | str, tokenizer: Path | str, 
             key_maps.append(key_map)
             return fill_module(model, src, dt, key_map=key_map, what=what)
     encoder = build_text_encoder(source, tokenizer, dtype, fill=fill)
-    if quantization in QUANTIZED and stored == "fp8":
+    if quantization in TEXT_QUANTIZED and stored == "fp8":
         quantize_model(encoder.model, quantization)  # layers stored as fp8 stay so; the rest as read
     if refills:
         streaming.set_expert_source(encoder.model, *refills[0])

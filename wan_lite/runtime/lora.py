@@ -1,6 +1,6 @@
 """LoRAs applied unmerged at run time, attached to a model from outside and removed again.
 
-For a DiT whose block Linear layers are quantized (`QuantizedLinear` int8 / fp8, `GGUFLinear`)
+For a DiT whose block Linear layers are quantized (`QuantizedLinear` int8 / fp8 / int4, `GGUFLinear`)
 merging would need a float copy of each weight and a new quantization; instead each such layer
 (and a plain `nn.Linear` in the blocks) gets a forward hook adding
 
@@ -125,10 +125,10 @@ _ATTACHED: weakref.WeakKeyDictionary[nn.Module, LoRAAttachment] = weakref.WeakKe
 
 def layer_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Official parameter name -> shape as in the checkpoint, for every tensor of `model`
-    (a `GGUFLinear`'s weight counts as [out, in], not its bytes)."""
+    (a `GGUFLinear`'s or an int4 `QuantizedLinear`'s packed weight counts as [out, in], not its bytes)."""
     shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     for name, module in model.named_modules():
-        if isinstance(module, GGUFLinear):
+        if isinstance(module, (GGUFLinear, QuantizedLinear)):
             shapes[f"{name}.weight"] = (module.out_features, module.in_features)
     return shapes
 

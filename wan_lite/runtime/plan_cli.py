@@ -32,6 +32,10 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ram-gb", type=float, help="plan for this much RAM instead of this machine's")
     p.add_argument("--cc", help="compute capability of the hypothetical GPU, e.g. 8.6 (default 8.9)")
     p.add_argument("--gpu-name", help="name of the hypothetical GPU, e.g. 'RTX 4070' (for the time estimate)")
+    p.add_argument("--disk-gbps", type=float,
+                   help="read speed in GB/s of the disk the weights cache is on (default: this machine's, "
+                        "measured once; 1.5 for a hypothetical one): where the DiT streams from disk it decides "
+                        "between that and 4-bit weights in RAM")
     p.add_argument("--profile", default="auto", help="memory profile name or file name, or 'auto'")
     p.add_argument("--list-profiles", action="store_true", help="list the memory profiles and exit")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -48,6 +52,17 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _hardware(args: argparse.Namespace) -> Any:
+    hw = _machine(args)
+    if getattr(args, "disk_gbps", None) is None:
+        return hw
+    if not args.disk_gbps > 0:
+        raise InputError(f"Cannot plan for a disk reading {args.disk_gbps} GB/s.", "Give a speed > 0, e.g. 1.5.")
+    from dataclasses import replace
+
+    return replace(hw, disk_gbps=args.disk_gbps)
+
+
+def _machine(args: argparse.Namespace) -> Any:
     from wan_lite.runtime.hardware import Hardware
 
     if args.vram_gb is None and args.ram_gb is None:

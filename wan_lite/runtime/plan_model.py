@@ -17,9 +17,9 @@ c = min(ffn_chunk_tokens or L, L), B = 2 with cfg_batch, D = dim, F = ffn_dim:
   c -> L where the attention is not chunked), ffn = base + c*(6*D + 4*F) (hidden + GELU in bf16).
 - DiT weights on the GPU = non-block (bf16) + all n blocks, or r resident + (prefetch+1) streaming
   slots; + the largest Linear in bf16 (or q, k and v, kept for reuse across token chunks) when
-  int8/fp8 weights are dequantized per layer (not with fp8 compute); + the other expert when
+  int8/fp8/int4 weights are dequantized per layer (not with fp8 compute); + the other expert when
   idle_expert == "gpu". Block bytes: bf16 2/param; int8/fp8 1/weight + an fp32 scale per output
-  row, biases/norms bf16, modulation fp32.
+  row; int4 0.5/weight + a bf16 scale per 64 inputs; biases/norms bf16, modulation fp32.
 - VAE = weights + tile^2 (or H*W) * per-pixel bytes of one latent frame (K.vae_decode_px, causal
   cache included; ~8 kB/px bf16) + the tile's fp32 output frames (untiled: the whole video); a
   tiled decode first runs the decoder's low-resolution part over the whole frame (weights +
@@ -152,6 +152,7 @@ class Plan(Choices):
     seconds_estimate: float = 0.0
     stage_seconds: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = ()
+    quant_note: str | None = None  # why int4, where the planner stepped down to it (planner._int4_instead)
     profile: str | None = None
     model: ModelFootprint | None = field(default=None, repr=False)
     request: PlanRequest | None = field(default=None, repr=False)
@@ -166,7 +167,7 @@ class Plan(Choices):
         m, r, hw = self.model, self.request, self.hardware
         n = m.num_layers if m else 0
         parts = [self.quantization + (" (fp8 compute" + (", fp8 attention)" if self.fp8_attention else ")")
-                                      if self.fp8_compute else ""),
+                                      if self.fp8_compute else "") + (f" ({self.quant_note})" if self.quant_note else ""),
                  f"{self.resident_blocks}/{n} blocks resident" + (
                      f", prefetch {self.prefetch} from "
                      + ("disk" if self.blocks_from == "disk" else f"{'pinned' if self.pinned else 'pageable'} RAM")

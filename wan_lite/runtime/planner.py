@@ -5,10 +5,12 @@ the DiT blocks kept on the GPU (the rest streamed `prefetch` ahead from pinned o
 where the idle A14B expert waits, the text encoder's placement, VAE tile and dtype, FFN chunk and
 CFG batching, and estimates peak VRAM, peak RAM and seconds (the preflight estimate). Choices are
 greedy: quality first (bf16 unless it does not fit or is >25 % slower; on a CPU bf16 unless a
-profile forces a quantization), then the token chunk and CFG batching whose denoise is fastest
-with as many resident blocks as fit beside them, then the largest VAE tile. `leaner(plan)` is the
-next plan to drop to after an out-of-memory error mid-run. `fp8_attention_opted_in()` reads the
-user's fp8-attention switch that `PlanRequest.fp8_attention` carries.
+profile forces a quantization; 4-bit "int4" only where no bf16 / 8-bit plan holds the DiT in RAM
+and the one streaming it from disk is >1.5x slower, or nothing else fits), then the token chunk
+and CFG batching whose denoise is fastest with as many resident blocks as fit beside them, then
+the largest VAE tile. `leaner(plan)` is the next plan to drop to after an out-of-memory error
+mid-run. `fp8_attention_opted_in()` reads the user's fp8-attention switch that
+`PlanRequest.fp8_attention` carries.
 
 The memory and time model each choice is estimated with is plan_model.py's.
 """
@@ -35,6 +37,7 @@ from wan_lite.runtime.plan_model import (
     evaluate,
     usable,
 )
+from wan_lite.units import duration
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +198,45 @@ def _choose_for(m: ModelFootprint, r: PlanRequest, hw: Hardware, quant: str, for
 
 
 def _plan(m: ModelFootprint, r: PlanRequest, hw: Hardware, forced: dict[str, Any], profile: str | None) -> Plan:
+    best = _plan_8bit(m, r, hw, forced, profile)
+    if hw.has_gpu and "quantization" not in forced and not (best.fits and best.blocks_from == "ram"):
+        return _int4_instead(m, r, hw, forced, profile, best)
+    return best
+
+
+def _int4_instead(m: ModelFootprint, r: PlanRequest, hw: Hardware, forced: dict[str, Any], profile: str | None,
+                  best: Plan) -> Plan:
+    """The int4 plan where no bf16 / 8-bit plan holds the DiT in RAM, else `best`.
+
+    Where `best` fits (its blocks streamed from disk), an int4 plan (the DiT in RAM where it fits
+    there, else from disk: half the reads) is taken only when `best` takes more than K.int4_slack
+    times its time: int4's error is 3-10x int8's (runtime/int4.py), worth it for a large saving
+    only. On a consumer card a forward takes minutes and the disk reads hide behind it, so the
+    8-bit (or bf16) disk plan stays; on a fast GPU with a slow disk they do not. Where nothing
+    else fits, int4 is the last resort (its blocks and prefetch slots take half of int8's VRAM).
+    The plan's `quant_note` says which, in numbers."""
+    tries = [forced] if "blocks_from" in forced else [{**forced, "blocks_from": "ram"}, forced]
+    four = next((p for p in (evaluate(m, r, hw, _choose_for(m, r, hw, "int4", f), profile) for f in tries)
+                 if p.fits), None)
+    if four is None:
+        return best
+    where = "in RAM" if four.blocks_from == "ram" else "from disk"
+    if not best.fits:
+        short = [f"{need:.1f} GiB {what}, {have:.1f} usable" for need, have, what in (
+            (best.peak_vram_gib, best.usable_vram_gib, "of GPU memory"), (best.peak_ram_gib, best.usable_ram_gib, "RAM"))
+            if need > have]
+        note = f"4-bit weights: no 8-bit plan fits ({best.quantization} needs {' and '.join(short)})"
+    elif best.seconds_estimate > K.int4_slack * four.seconds_estimate:
+        note = (f"4-bit weights {where}: no 8-bit DiT fits in RAM, and {best.quantization} blocks from disk "
+                f"would take ~{duration(best.seconds_estimate)} against ~{duration(four.seconds_estimate)}")
+    else:
+        return best
+    return replace(four, quant_note=note)
+
+
+def _plan_8bit(m: ModelFootprint, r: PlanRequest, hw: Hardware, forced: dict[str, Any], profile: str | None) -> Plan:
+    """The best plan in bf16 or the GPU's 8-bit format (or the forced quantization): the DiT in
+    RAM where one fits, else its blocks from disk."""
     fast = "fp8" if hw.fp8_tensor_cores else "int8"
     # A CPU runs the weights as loaded (bf16): it quantizes only when a memory profile asks.
     order = [forced["quantization"]] if "quantization" in forced else ["bf16", fast] if hw.has_gpu else ["bf16"]

@@ -1,6 +1,7 @@
-"""int8 / fp8-e4m3 weights with per-output-channel scales, applied to a model from outside.
+"""int8 / fp8-e4m3 weights with per-output-channel scales, and 4-bit "int4" weights with
+per-group scales (runtime/int4.py), applied to a model from outside.
 
-`quantize_model(model, "int8" | "fp8")` swaps the `nn.Linear` layers inside the block list
+`quantize_model(model, "int8" | "fp8" | "int4")` swaps the `nn.Linear` layers inside the block list
 (`WanDiT.blocks`, the umT5 encoder's `encoder.block`) for `QuantizedLinear`, except those the model
 declares in `no_quantize_patterns` / `keep_fp32_patterns`; everything outside the blocks keeps its dtype.
 
@@ -12,6 +13,12 @@ into the activation dtype (one read-int8/write-bf16 pass, cheap next to the GEMM
 GEMM; and on GPUs with fp8 tensor cores (cc >= 8.9) an fp8 x fp8 `torch._scaled_mm` with per-row
 activation and per-channel weight scales. Both formats are stored as int8 (fp8 bits viewed as
 int8): `model.to(dtype)` never casts them, and transformers' T5 skips its `wo` input cast for int8.
+
+"int4" halves int8's bytes again (0.53 per weight: two 4-bit codes per uint8, a bf16 scale per
+64 inputs of a row) for a RAM or disk too small for an 8-bit DiT; its weight error is 3 to 10
+times int8's (int4.py gives the levels, the measurements and why). It has no low-precision GEMM
+here: its forward dequantizes to the activation dtype (one pass, compiled on CUDA) as int8's
+does. The DiT's block layers only: the text encoder stays int8 / bf16.
 
 Quantized models are cached on disk by `wan_lite.runtime.quant_cache.load_or_quantize`.
 """
@@ -30,11 +37,12 @@ from wan_lite.errors import CheckpointError, InputError
 from wan_lite.models.dit import name_matches as matches  # the one name-pattern rule (streaming uses it too)
 from wan_lite.models.fp8_rows import Fp8Rows
 from wan_lite.models.fused import Fused
-from wan_lite.runtime import fp8_row_kernel
+from wan_lite.runtime import fp8_row_kernel, int4
+from wan_lite.runtime.int4 import INT4_GROUP  # noqa: F401  (re-exported: the format's group size)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("int8", "fp8")
+FORMATS = ("int8", "fp8", "int4")
 COMPUTE_MODES = ("auto", "dequant", "fp8")
 _INT8_MAX = 127.0
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn value
@@ -75,8 +83,11 @@ def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch
     Returns (q [out, in] int8 - for fp8 the e4m3 bits viewed as int8 -, scale [out] float32) with
     weight ~= q * scale[:, None]. Computed in float32 on the weight's device; a zero row gets
     scale 1 so that dequantization stays exact (zeros).
+    "int4": (packed [out, G*32] uint8, scale [out, G] bfloat16), G = ceil(in / 64) (`int4.quantize`).
     """
     _check_format(fmt)
+    if fmt == "int4":
+        return int4.quantize(weight)
     w = weight.detach().to(torch.float32)
     amax = w.abs().amax(dim=1)
     top = _INT8_MAX if fmt == "int8" else _FP8_MAX
@@ -106,15 +117,23 @@ def _dequantize_fused(raw: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 
 _fused_dequantize = Fused(_dequantize_fused)
+_fused_dequantize_int4 = Fused(int4.dequantize_rows)
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype,
+                      in_features: int | None = None) -> torch.Tensor:
     """q [out, in] int8 (or fp8 bits), scale [out] fp32 -> weight [out, in] in `dtype`.
 
     On CUDA, fused by torch.compile into one kernel (read 1 byte, write 2 per weight: the eager
     version's cast-then-multiply moves 7), when Triton is available. This matters because a
     chunked block (`WanAttentionBlock.chunk_tokens`) dequantizes each layer once per chunk.
+    "int4": q packed [out, G*32] uint8, scale [out, G] -> [out, in_features] (the zero padding of
+    the last group cut off; None: all G*64 columns), the same way (read 0.53 bytes, write 2).
     """
+    if fmt == "int4":
+        pairs = int4.pairs_table(q.device)
+        w = (_fused_dequantize_int4 if q.is_cuda else int4.dequantize_eager)(q, scale, pairs, dtype)
+        return w if in_features is None or in_features == w.shape[1] else w[:, :in_features]
     raw = q if fmt == "int8" else q.view(torch.float8_e4m3fn)
     if not raw.is_cuda:
         return _dequantize_eager(raw, scale, dtype)
@@ -290,12 +309,14 @@ def release_kept_weights(model: nn.Module) -> None:
 
 
 class QuantizedLinear(nn.Module):
-    """A Linear layer with int8 or fp8-e4m3 weights and per-output-channel fp32 scales.
+    """A Linear layer with int8 or fp8-e4m3 weights and per-output-channel fp32 scales, or int4
+    weights with a bf16 scale per 64 inputs of a row.
 
     Buffers: weight [out, in] int8 (fp8 bits viewed as int8), weight_scale [out] fp32,
-    bias [out] in the original dtype (or None). Forward: x [..., in] -> [..., out] in x's dtype.
-    compute: "dequant" (weight -> x.dtype, then F.linear), "fp8" (torch._scaled_mm; fp8 format
-    only), "auto" (fp8 on CUDA devices with compute capability >= 8.9, else dequant).
+    bias [out] in the original dtype (or None); int4: weight [out, G*32] uint8 (two codes a
+    byte), weight_scale [out, G] bf16, G = ceil(in / 64). Forward: x [..., in] -> [..., out] in
+    x's dtype. compute: "dequant" (weight -> x.dtype, then F.linear), "fp8" (torch._scaled_mm;
+    fp8 format only), "auto" (fp8 on CUDA devices with compute capability >= 8.9, else dequant).
     input_gelu: None, or the `approximate` of a GELU this layer applies to its input first
         (set by `fold_activations`: on the fp8 path the GELU runs inside the activation
         quantization, so its bf16 output is never written).
@@ -309,8 +330,13 @@ class QuantizedLinear(nn.Module):
         _check_format(fmt)
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.compute = compute
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if fmt == "int4":
+            packed, scales = int4.shapes(out_features, in_features)
+            self.register_buffer("weight", torch.empty(packed, dtype=torch.uint8, device=device))
+            self.register_buffer("weight_scale", torch.ones(scales, dtype=int4.SCALE_DTYPE, device=device))
+        else:
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         bias = None if bias_dtype is None else torch.zeros(out_features, dtype=bias_dtype, device=device)
         self.register_buffer("bias", bias)
         self._fp8_broken = False
@@ -348,7 +374,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype`."""
-        return dequantize_weight(self.weight, self.weight_scale, self.fmt, dtype)
+        return dequantize_weight(self.weight, self.weight_scale, self.fmt, dtype, self.in_features)
 
     caches: QuantCaches | None = None  # shared with the model's other quantized layers (share_caches)
 
@@ -408,7 +434,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         gelu = "" if self.input_gelu is None else f", input_gelu={self.input_gelu}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+        group = f", group={INT4_GROUP}" if self.fmt == "int4" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{group}, "
                 f"bias={self.bias is not None}, compute={self.compute}{gelu}")
 
 
@@ -510,6 +537,6 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes held by the quantized layers: weights + scales + biases, number of weights in them)."""
     total = count = 0
     for m in quantized_modules(model).values():
-        count += m.weight.numel()
+        count += m.out_features * m.in_features
         total += sum(t.numel() * t.element_size() for t in (m.weight, m.weight_scale, m.bias) if t is not None)
     return total, count

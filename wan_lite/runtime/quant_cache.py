@@ -1,5 +1,5 @@
-"""The disk cache of converted models: a model's weights in the runtime format (int8 / fp8
-quantized, or bf16 from an fp32 checkpoint) as one safetensors file, so that a second start
+"""The disk cache of converted models: a model's weights in the runtime format (int8 / fp8 /
+int4 quantized, or bf16 from an fp32 checkpoint) as one safetensors file, so that a second start
 skips the conversion and a streamed expert can be read block by block from it.
 
 - **Keyed by content, not place**: a cache entry's key hashes each source file's size, mtime and
@@ -277,7 +277,7 @@ def load_or_quantize(model: nn.Module, source: TensorSource, fmt: str, *, dtype:
                      keep_fp32: Callable[[str], bool] | None = None, skip: Iterable[str] = (),
                      quant_device: torch.device | str = "cpu", what: str = "model",
                      fill: bool = True) -> tuple[nn.Module, Path | None]:
-    """Fill a meta-built `model` with `fmt` weights ("int8" / "fp8" quantized, or a float format
+    """Fill a meta-built `model` with `fmt` weights ("int8" / "fp8" / "int4" quantized, or a float format
     of FLOAT_FORMATS: `dtype`): from the cache when it is current, else by converting `source`
     tensor by tensor straight into the cache file (`convert_to_cache`) and reading it back.
     Without a `cache_dir` the model is filled from `source` as read. fill=False (with a cache):

@@ -72,11 +72,14 @@ def read_plan(model: nn.Module, source: TensorSource, *, key_map: Callable[[str]
     plan = []
     for name in order:
         key, ref = kmap(name), expected[name]
-        if tuple(source.shape(key)) != tuple(ref.shape):
-            raise CheckpointError(f"Tensor {key!r} in {source.describe()} has shape {list(source.shape(key))}, "
-                                  f"expected {list(ref.shape)} for this {what}.", "The file belongs to another model.")
         layer = name[: -len(".weight")]
-        if requantize and name.endswith(".weight") and layer in qmods:
+        quantized_here = requantize and name.endswith(".weight") and layer in qmods
+        # a float weight to be quantized is [out, in] in the source, whatever its packed shape here
+        want = (qmods[layer].out_features, qmods[layer].in_features) if quantized_here else tuple(ref.shape)
+        if tuple(source.shape(key)) != tuple(want):
+            raise CheckpointError(f"Tensor {key!r} in {source.describe()} has shape {list(source.shape(key))}, "
+                                  f"expected {list(want)} for this {what}.", "The file belongs to another model.")
+        if quantized_here:
             plan.append((name, key, ref.dtype, qmods[layer].fmt, expected[name + SCALE_SUFFIX].dtype))
         else:
             plan.append((name, key, ref.dtype, None, None))
@@ -156,10 +159,11 @@ def refill_like(model: nn.Module, source: TensorSource, *, key_map: Callable[[st
 
 
 def declare_dtypes(model: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[str], bool] | None = None) -> None:
-    """Cast the float tensors of a (meta: free) model to `dtype`, float32 where `keep_fp32(name)`
-    and for the quantization scales; the int8 weights keep their dtype."""
-    scales = {f"{n}.weight{SCALE_SUFFIX}" for n in quantized_modules(model)}
-    declare_each(model, lambda name: torch.float32 if name in scales or (keep_fp32 and keep_fp32(name)) else dtype)
+    """Cast the float tensors of a (meta: free) model to `dtype`, float32 where `keep_fp32(name)`;
+    the quantized weights and their scales keep the dtypes their layer declares (int8 / fp8:
+    float32 scales, int4: bfloat16)."""
+    scales = {f"{n}.weight{SCALE_SUFFIX}": m.weight_scale.dtype for n, m in quantized_modules(model).items()}
+    declare_each(model, lambda name: scales.get(name) or (torch.float32 if keep_fp32 and keep_fp32(name) else dtype))
 
 
 def declare_each(model: nn.Module, target: Callable[[str], torch.dtype]) -> None:
