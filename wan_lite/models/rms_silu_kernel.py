@@ -70,13 +70,19 @@ def takes(x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _rms_silu_kernel(x_ptr, gamma_ptr, bias_ptr, out_ptr, n_rows, C, x_batch_stride, out_batch_stride,
-                         scale, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _block(n_rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's (batch element, offsets [BLOCK_R, BLOCK_C] of its rows within it, mask,
+        column indices): program (i, b) takes rows i*BLOCK_R... of batch element b."""
         batch = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < C)
-        offs = rows[:, None] * C + cols[None, :]
+        return batch, rows[:, None] * C + cols[None, :], mask, cols
+
+    @triton.jit
+    def _rms_silu_kernel(x_ptr, out_ptr, gamma_ptr, bias_ptr, n_rows, C, x_batch_stride, out_batch_stride,
+                         scale, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr):
+        batch, offs, mask, cols = _block(n_rows, C, BLOCK_R, BLOCK_C)
         x = tl.load(x_ptr + batch * x_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:  # the bias of the convolution that made x (0 in the padding columns)
             x = x + tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
@@ -89,11 +95,7 @@ if triton is not None:
     @triton.jit
     def _add_rows_kernel(h_ptr, s_ptr, bias_ptr, n_rows, C, h_batch_stride, s_batch_stride,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        batch = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_C)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < C)
-        offs = rows[:, None] * C + cols[None, :]
+        batch, offs, mask, cols = _block(n_rows, C, BLOCK_R, BLOCK_C)
         h = tl.load(h_ptr + batch * h_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + batch * s_batch_stride + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
@@ -101,20 +103,24 @@ if triton is not None:
                  mask=mask)
 
 
-def _blocks(c: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_R, num_warps) for rows of c values."""
+def _launch(kernel, first: torch.Tensor, second: torch.Tensor, vectors: tuple[torch.Tensor, ...],
+            *args: object, **meta: object) -> None:
+    """Run `kernel` over the [B, rows, C] views of `first` and `second` (both `_rows_view`-able, the
+    same shape): kernel(first, second, *vectors, rows, C, first's and second's batch strides,
+    *args, BLOCK_R, BLOCK_C, **meta), one program per BLOCK_R rows of each batch element."""
+    one, two = _rows_view(first), _rows_view(second)
+    assert one is not None and two is not None, "the VAE kernels need channels-last rows (takes)"
+    b, n, c = one.shape
+    if b * n * c == 0:
+        return
     block_c = triton.next_power_of_2(c)
     block_r = max(1, _BLOCK_ELEMENTS // block_c)
-    return block_c, block_r, 4 if block_c * block_r <= 4096 else 8
-
-
-def _channel_vector(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.reshape(-1).to(device=device).contiguous()
-
-
-def _device_guard(x: torch.Tensor):
-    # off CUDA only under TRITON_INTERPRET=1, which runs the kernels on the CPU (tests)
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    vecs = [v.reshape(-1).to(device=first.device).contiguous() for v in vectors]
+    # the device guard; off CUDA only under TRITON_INTERPRET=1, which runs the kernels on the CPU (tests)
+    with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+        kernel[(triton.cdiv(n, block_r), b)](
+            one, two, *vecs, n, c, one.stride(0), two.stride(0), *args, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=4 if block_c * block_r <= 4096 else 8, **meta)
 
 
 def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor | None = None,
@@ -124,18 +130,9 @@ def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tens
     given, else into a new tensor in x's layout."""
     if out is None:
         out = torch.empty_like(x)  # keeps the channels-last strides
-    src, dst = _rows_view(x), _rows_view(out)
-    assert src is not None and dst is not None, "rms_silu needs takes(x, out)"
-    b, n, c = src.shape
-    if b * n * c == 0:
-        return out
-    block_c, block_r, warps = _blocks(c)
-    g = _channel_vector(gamma, x.device)
-    bias_vec = g if bias is None else _channel_vector(bias, x.device)  # (not read without a bias)
-    with _device_guard(x):
-        _rms_silu_kernel[(triton.cdiv(n, block_r), b)](
-            src, g, bias_vec, dst, n, c, src.stride(0), dst.stride(0), float(scale),
-            BLOCK_R=block_r, BLOCK_C=block_c, HAS_BIAS=bias is not None, num_warps=warps)
+    # without a bias the kernel never reads its bias vector: gamma stands in for it
+    _launch(_rms_silu_kernel, x, out, (gamma, gamma if bias is None else bias), float(scale),
+            HAS_BIAS=bias is not None)
     return out
 
 
@@ -147,14 +144,5 @@ def takes_sum(h: torch.Tensor, s: torch.Tensor) -> bool:
 
 def add_rows(h: torch.Tensor, s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """h += s + bias (bias per channel of dim 1), in one pass over h and s (`takes_sum(h, s)`)."""
-    dst, src = _rows_view(h), _rows_view(s)
-    assert dst is not None and src is not None, "add_rows needs takes_sum(h, s)"
-    b, n, c = dst.shape
-    if b * n * c == 0:
-        return h
-    block_c, block_r, warps = _blocks(c)
-    with _device_guard(h):
-        _add_rows_kernel[(triton.cdiv(n, block_r), b)](
-            dst, src, _channel_vector(bias, h.device), n, c, dst.stride(0), src.stride(0),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    _launch(_add_rows_kernel, h, s, (bias,))
     return h
