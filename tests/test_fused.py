@@ -108,6 +108,22 @@ def test_fused_runs_eager_off_cuda(monkeypatch) -> None:
     assert not f.failed
 
 
+def test_int4_dequantization_off_cuda_runs_its_row_chunked_eager_form(monkeypatch) -> None:
+    """Where it is not compiled, an int4 weight is dequantized a few rows at a time (`eager`), not
+    with a float32 temporary of the whole matrix: the same numbers either way."""
+    from wan_lite.runtime import int4, quant
+
+    seen = []
+    monkeypatch.setattr(int4, "_CHUNK_WEIGHTS", 2 * 128)  # two rows of 128 at a time
+    monkeypatch.setattr(quant._fused_dequantize_int4, "eager",
+                        lambda *a: seen.append(a[0].shape) or int4.dequantize_eager(*a))
+    w = torch.randn(6, 128)
+    packed, scale = int4.quantize(w)
+    got = quant.dequantize_weight(packed, scale, "int4", torch.bfloat16, 128)
+    assert seen == [packed.shape]
+    assert torch.equal(got, int4.dequantize_rows(packed, scale, int4.pairs_table(w.device), torch.bfloat16))
+
+
 @pytest.mark.gpu
 def test_fused_falls_back_when_compile_fails(monkeypatch, caplog) -> None:
     def broken(*_a, **_k):

@@ -60,10 +60,14 @@ def _allow_recompiles() -> None:
 
 
 class Fused:
-    """`fn`, compiled into one kernel when its first tensor argument is on a CUDA device."""
+    """`fn`, compiled into one kernel when its first tensor argument is on a CUDA device.
+    eager: what runs where it is not compiled (default `fn`): the same numbers, e.g. `fn` a few
+    rows at a time, where `fn` whole would make a float32 temporary of a whole weight."""
 
-    def __init__(self, fn: Callable[..., Any], *, exact_casts: bool = True) -> None:
+    def __init__(self, fn: Callable[..., Any], *, exact_casts: bool = True,
+                 eager: Callable[..., Any] | None = None) -> None:
         self.fn = fn
+        self.eager = eager or fn
         self._options = {"emulate_precision_casts": True} if exact_casts else {}
         self._compiled: Callable[..., Any] | None = None
         self.failed = False  # torch.compile could not run here: the eager form is used from now on
@@ -72,7 +76,7 @@ class Fused:
 
     def __call__(self, *args: Any) -> Any:
         if not (_enabled and args[0].is_cuda) or self.failed:
-            return self.fn(*args)
+            return self.eager(*args)
         try:
             if self._compiled is None:
                 _allow_recompiles()
@@ -83,4 +87,4 @@ class Fused:
         except Exception as err:  # no Triton, no compiler: the eager form gives the same numbers
             self.failed = True
             log.info("%s is not fused (torch.compile unavailable: %s).", self.__name__, err)
-            return self.fn(*args)
+            return self.eager(*args)

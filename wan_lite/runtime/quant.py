@@ -38,7 +38,7 @@ from wan_lite.models.dit import name_matches as matches  # the one name-pattern 
 from wan_lite.models.fp8_rows import Fp8Rows
 from wan_lite.models.fused import Fused
 from wan_lite.runtime import fp8_row_kernel, int4
-from wan_lite.runtime.int4 import INT4_GROUP  # noqa: F401  (re-exported: the format's group size)
+from wan_lite.runtime.int4 import INT4_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ def _dequantize_fused(raw: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 
 _fused_dequantize = Fused(_dequantize_fused)
-_fused_dequantize_int4 = Fused(int4.dequantize_rows)
+# uncompiled (the CPU, or no Triton on a GPU): a few rows at a time, no float32 copy of the matrix
+_fused_dequantize_int4 = Fused(int4.dequantize_rows, eager=int4.dequantize_eager)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype,
@@ -132,7 +133,7 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: tor
     """
     if fmt == "int4":
         pairs = int4.pairs_table(q.device)
-        w = (_fused_dequantize_int4 if q.is_cuda else int4.dequantize_eager)(q, scale, pairs, dtype)
+        w = _fused_dequantize_int4(q, scale, pairs, dtype)
         return w if in_features is None or in_features == w.shape[1] else w[:, :in_features]
     raw = q if fmt == "int8" else q.view(torch.float8_e4m3fn)
     if not raw.is_cuda:
