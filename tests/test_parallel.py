@@ -304,7 +304,9 @@ def test_a_cancel_stops_every_rank_at_the_same_step(models, tmp_path, monkeypatc
     from wan_lite.parallel.launch import spawn_job
 
     monkeypatch.setenv(BACKEND_ENV, "gloo")
-    monkeypatch.setenv(TIMEOUT_ENV, "20")
+    # Generous: a collective that waits past this fails the run. With 20 s the test failed once
+    # on a 2-core machine busy with other tests; what is tested here is the agreement, not a timeout.
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
     factory = functools.partial(Engine, tmp_path, tmp_path, folders={"t2v-a14b": models["t2v-a14b"]})
     request = GenerateRequest(prompt="x", model="t2v-a14b", seed=1, width=80, height=48, frames=9, steps=6)
     cancel = CancelToken()
