@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Any, TextIO
 
 from wan_lite.api import CACHE_MODES
@@ -57,8 +58,6 @@ def _hardware(args: argparse.Namespace) -> Any:
         return hw
     if not args.disk_gbps > 0:
         raise InputError(f"Cannot plan for a disk reading {args.disk_gbps} GB/s.", "Give a speed > 0, e.g. 1.5.")
-    from dataclasses import replace
-
     return replace(hw, disk_gbps=args.disk_gbps)
 
 
