@@ -195,3 +195,25 @@ def test_fused_block_matches_eager_block_on_gpu() -> None:
     err = ((fused_out - eager_out).norm() / eager_out.norm()).item()
     print(f"fused vs eager bf16 DiT: rel L2 {err:.2e}")
     assert err < 2e-3
+
+
+def test_a_kernel_switch_turns_off_after_a_failure_but_not_for_lack_of_memory(caplog) -> None:
+    """The hand-written kernels' fallback (VAE norm, fp8 rows): a kernel that cannot build here is
+    not tried again; running out of memory is the caller's to handle, and the kernel stays on."""
+    switch = fused.KernelSwitch("test kernel", "eager form")
+    assert switch.run(torch.add, torch.ones(2), 1).tolist() == [2.0, 2.0] and not switch.failed
+
+    def oom() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        switch.run(oom)
+    assert not switch.failed
+
+    def no_compiler() -> None:
+        raise RuntimeError("Triton cannot compile here")
+
+    with caplog.at_level(logging.INFO, logger="wan_lite.models.fused"):
+        assert switch.run(no_compiler) is None
+    assert switch.failed and "test kernel unavailable" in caplog.text
+    assert switch.run(torch.add, torch.ones(2), 1) is None  # not tried again

@@ -88,3 +88,26 @@ class Fused:
             self.failed = True
             log.info("%s is not fused (torch.compile unavailable: %s).", self.__name__, err)
             return self.eager(*args)
+
+
+class KernelSwitch:
+    """A hand-written Triton kernel's switch: on until a call fails for another reason than memory
+    (a Triton build that cannot compile it), then off for the process, with one log line. The
+    callers then run their eager or compiled form, which gives the same numbers."""
+
+    def __init__(self, what: str, instead: str) -> None:
+        self.what, self.instead = what, instead
+        self.failed = False
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), or None where the kernel failed (now or before)."""
+        if self.failed:
+            return None
+        try:
+            return fn(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            self.failed = True
+            log.info("%s unavailable (%s); using the %s.", self.what, err, self.instead)
+            return None

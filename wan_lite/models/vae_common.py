@@ -21,12 +21,13 @@ from torch import nn
 
 from wan_lite.errors import CheckpointError, InputError
 from wan_lite.models import rms_silu_kernel
+from wan_lite.models.fused import KernelSwitch
 
 logger = logging.getLogger(__name__)
 
 CACHE_T = 2  # frames a 3x3x3 causal conv needs from the previous chunk
 _REPEAT = "repeat"  # upsample3d slot marker: "first chunk seen, time conv not applied yet"
-_kernel_failed = False  # set once the fused kernels failed to build here (`kernels_take`)
+_KERNELS = KernelSwitch("VAE norm kernels", "eager form")  # off once they failed to build here
 
 
 class FeatureCache:
@@ -153,12 +154,9 @@ class RMS_norm(nn.Module):  # noqa: N801 - the official class name
         CUDA in one kernel where it takes the tensors (`rms_silu_kernel`: channels-last
         activations), else in eager steps."""
         if kernels_take(x, out):
-            try:
-                return rms_silu_kernel.rms_silu(x, self.gamma, self.scale, out, bias)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as err:  # a Triton build that cannot compile it: the eager form runs
-                _kernel_failed_once(err)
+            y = _KERNELS.run(rms_silu_kernel.rms_silu, x, self.gamma, self.scale, out, bias)
+            if y is not None:
+                return y
         if bias is not None:
             x = x + bias.reshape(-1, *([1] * (x.dim() - 2)))
         return F.silu(self(x, out=out), inplace=True)
@@ -238,26 +236,17 @@ class Resample(nn.Module):
 
 def kernels_take(x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
     """Whether the VAE's fused kernels (`rms_silu_kernel`) run on activations like x."""
-    return not _kernel_failed and rms_silu_kernel.takes(x, out)
-
-
-def _kernel_failed_once(err: Exception) -> None:
-    global _kernel_failed
-    _kernel_failed = True
-    logger.info("VAE norm kernels unavailable (%s); using the eager form.", err)
+    return not _KERNELS.failed and rms_silu_kernel.takes(x, out)
 
 
 def _add_residual(h: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """h += s (+ bias per channel), in place on h; in one kernel where it takes the tensors."""
     if bias is None:
         return h.add_(s)
-    if not _kernel_failed and rms_silu_kernel.takes_sum(h, s):
-        try:
-            return rms_silu_kernel.add_rows(h, s, bias)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:
-            _kernel_failed_once(err)
+    if not _KERNELS.failed and rms_silu_kernel.takes_sum(h, s):
+        done = _KERNELS.run(rms_silu_kernel.add_rows, h, s, bias)
+        if done is not None:
+            return done
     return h.add_(s).add_(bias.reshape(-1, *([1] * (h.dim() - 2))))
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from wan_lite.errors import CheckpointError, InputError
 from wan_lite.models.dit import name_matches as matches  # the one name-pattern rule (streaming uses it too)
 from wan_lite.models.fp8_rows import Fp8Rows
-from wan_lite.models.fused import Fused
+from wan_lite.models.fused import Fused, KernelSwitch
 from wan_lite.runtime import fp8_row_kernel, int4
 from wan_lite.runtime.int4 import INT4_GROUP
 
@@ -192,21 +192,16 @@ def _quantize_rows_eager(x: torch.Tensor, gelu: str | None = None) -> tuple[torc
 
 # Row-wise fp8 quantization of activations, compiled on CUDA into one kernel.
 _quantize_rows_fused = Fused(_quantize_rows_eager)
-_row_kernel_failed = False
+_ROW_KERNEL = KernelSwitch("fp8 row quantization kernel", "compiled form")  # as exact
 
 
 def _quantize_rows(x: torch.Tensor, gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`_quantize_rows_eager`'s result, by the hand-written Triton kernel where it runs (at the
     memory-traffic time, `fp8_row_kernel`), else by the compiled form (`Fused`)."""
-    global _row_kernel_failed
-    if not _row_kernel_failed and fp8_row_kernel.takes(x, gelu) and _fp8_tensor_cores(x.device):
-        try:
-            return fp8_row_kernel.quantize_rows(x, gelu, _FP8_ACT_TARGET, _GELU_NEG_BOUND)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # a Triton build that cannot compile it: the compiled form is as exact
-            _row_kernel_failed = True
-            log.info("fp8 row quantization kernel unavailable (%s); using the compiled form.", err)
+    if not _ROW_KERNEL.failed and fp8_row_kernel.takes(x, gelu) and _fp8_tensor_cores(x.device):
+        done = _ROW_KERNEL.run(fp8_row_kernel.quantize_rows, x, gelu, _FP8_ACT_TARGET, _GELU_NEG_BOUND)
+        if done is not None:
+            return done
     return _quantize_rows_fused(x, gelu)
 
 
