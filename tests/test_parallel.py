@@ -293,21 +293,59 @@ def test_plan_gpus_splits_one_job_and_runs_a_queue_one_job_per_gpu():
     assert tight.per_gpu.hardware.ram_total_gib == 8
 
 
-def test_a_cancel_stops_every_rank_at_the_same_step(models, tmp_path, monkeypatch):
-    """The user's cancel reaches the ranks as an event; they agree on the step (a rank that
-    stopped alone would leave the others waiting in an exchange) and the parent raises Cancelled."""
+def _paced_engine(device: str, *, folder: Path, out: Path, where: str, pause_s: float):
+    """A rank's engine whose rank 0 pauses (the model math untouched) where a cancel is to land, so
+    one sent from the parent on a progress event has arrived by then however busy the machine:
+    before each DiT call after the first ("steps": the ranks must agree), or before the decode
+    ("decode": rank 0 goes on alone)."""
+    import contextlib
+
+    from wan_lite.engine import Engine
+
+    engine = Engine(models_root=out, output_dir=out, device=device, folders={"t2v-a14b": folder})
+
+    @contextlib.contextmanager
+    def pace(pipe, job):
+        def pause(info, call):
+            if info.index >= 1:
+                time.sleep(pause_s)
+            return call()
+
+        def decode_later(*args, **kwargs):
+            time.sleep(pause_s)
+            return decode(*args, **kwargs)
+
+        decode = pipe.decode_frames
+        if where == "steps":
+            pipe.step_hooks.append(pause)  # before ParallelRun's hook: outside its agreement
+        else:
+            pipe.decode_frames = decode_later
+        try:
+            yield
+        finally:
+            if pause in pipe.step_hooks:
+                pipe.step_hooks.remove(pause)
+            pipe.decode_frames = decode
+
+    engine.job_hooks.append(pace)
+    return engine
+
+
+@pytest.mark.parametrize("where", ["steps", "decode"])
+def test_a_cancel_stops_every_rank_at_the_same_step_or_rank_0_in_its_decode(models, tmp_path, monkeypatch, where):
+    """The user's cancel reaches the ranks as an event. During the denoise they agree on the step
+    (a rank that stopped alone would leave the others waiting in an exchange); after it, rank 0
+    decodes alone and stops there, keeping the latents. Either way the parent raises Cancelled,
+    no video is written and nothing is left running."""
     import multiprocessing
 
     from wan_lite.api import CancelToken
-    from wan_lite.engine import Engine
     from wan_lite.errors import Cancelled
     from wan_lite.parallel.launch import spawn_job
 
     monkeypatch.setenv(BACKEND_ENV, "gloo")
-    # Generous: a collective that waits past this fails the run. With 20 s the test failed once
-    # on a 2-core machine busy with other tests; what is tested here is the agreement, not a timeout.
-    monkeypatch.setenv(TIMEOUT_ENV, "90")
-    factory = functools.partial(Engine, tmp_path, tmp_path, folders={"t2v-a14b": models["t2v-a14b"]})
+    monkeypatch.setenv(TIMEOUT_ENV, "90")  # rank 1 waits in an exchange through rank 0's pause
+    factory = functools.partial(_paced_engine, folder=models["t2v-a14b"], out=tmp_path, where=where, pause_s=3.0)
     request = GenerateRequest(prompt="x", model="t2v-a14b", seed=1, width=80, height=48, frames=9, steps=6)
     cancel = CancelToken()
     steps = []
@@ -315,11 +353,16 @@ def test_a_cancel_stops_every_rank_at_the_same_step(models, tmp_path, monkeypatc
     def progress(p):
         if p.stage in ("high_noise", "low_noise"):
             steps.append(p.step)
+        if p.stage == ("decode" if where == "decode" else "high_noise"):
             cancel.cancel()
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled) as err:
         spawn_job(factory, request, 2, cfg=True, device="cpu", on_progress=progress, cancel=cancel)
-    assert steps and steps[-1] < 6
+    if where == "steps":
+        assert steps == [1]  # the cancel sent after step 1 stopped both ranks before step 2's call
+    else:
+        assert steps[-1] == 6 and "the latents are kept in" in str(err.value)
+        assert len(list(tmp_path.glob("*.latents.*"))) == 1
     assert not list(tmp_path.glob("*.mp4"))
     assert not multiprocessing.active_children()
 

@@ -12,7 +12,8 @@ Failures: a rank that raises reports its error on the queue and exits; the paren
 every other rank (terminate, then kill) and raises that error here: a `WanLiteError` as it was
 raised (the CLI prints its message), anything else as `ParallelError` naming the rank. A rank
 that hangs is caught by the collectives' timeouts (`group.py`) on the others. A cancel reaches
-the workers as an event; they agree on the step to stop at (`ParallelRun`).
+the workers as an event; they agree on the step to stop at (`ParallelRun`), or, once the denoise
+is over, rank 0 stops its decode or its mp4 write (`AgreedCancel`).
 
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) nothing is spawned: this process is one rank,
 and every rank's `Engine.generate` returns rank 0's result.
@@ -47,7 +48,7 @@ from wan_lite.parallel.group import (
     leave_group,
     step_timeout_s,
 )
-from wan_lite.parallel.run import ParallelRun
+from wan_lite.parallel.run import AgreedCancel, ParallelRun
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def run_rank(engine: Any, pg: ParallelGroup, request: GenerateRequest, *, on_pro
              requested: CancelToken | None = None, out_path: Path | None = None, overwrite: bool = False) -> Any:
     """This rank's part of the job; every rank returns rank 0's GenerateResult."""
     requested = requested or CancelToken()
-    agreed = CancelToken()
+    agreed = AgreedCancel(requested)
 
     def attach(pipe: Any, job: Any) -> ParallelRun:
         return ParallelRun(pg, pipe, job, requested, agreed)
@@ -122,7 +123,7 @@ def run_rank(engine: Any, pg: ParallelGroup, request: GenerateRequest, *, on_pro
 
 
 def _follow(engine: Any, request: GenerateRequest, attach: Callable[[Any, Any], ParallelRun],
-            agreed: CancelToken) -> None:
+            agreed: AgreedCancel) -> None:
     """A rank other than 0: the same plan and pipeline, the denoise only (it stops where the
     decode would start: the pipeline honours a cancel there)."""
     job = engine.resolve(request)
@@ -158,9 +159,9 @@ def spawn_job(factory: Callable[..., Any], request: GenerateRequest, gpus: int, 
     found: dict[str, Any] = {}
     try:
         while True:
+            _drain(events, on_progress, found)  # a progress callback may cancel: tell the ranks at once
             if cancel is not None and cancel.cancelled:
                 stop.set()
-            _drain(events, on_progress, found)
             try:
                 if procs.join(timeout=poll_s, grace_period=GRACE_S):
                     break

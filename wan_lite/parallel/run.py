@@ -7,7 +7,9 @@
   the DiT hook sends to the two CFG halves; guidance 1 is one pass, split over all ranks;
 - each DiT gets its `SplitDiT` (sequence split, Ulysses self-attention, gather);
 - a step hook makes every rank agree on a cancel before each DiT call (one all_reduce of a flag):
-  a rank that stopped alone would leave the others waiting in an exchange.
+  a rank that stopped alone would leave the others waiting in an exchange. Once the last call
+  returned, rank 0 decodes and writes the video alone, and the user's cancel reaches it at once
+  (`AgreedCancel`).
 """
 
 from __future__ import annotations
@@ -32,15 +34,31 @@ def job_texts(job: Any) -> list[str]:
     return [job.prompt, job.negative_prompt] if cfg else [job.prompt]
 
 
+class AgreedCancel(CancelToken):
+    """The token a rank's pipeline is given. While the ranks denoise together it is set on every
+    rank at the same DiT call (`ParallelRun`); once the last call has returned (`alone`), nothing
+    waits on this rank any more: rank 0 decodes and writes the video by itself, and the user's
+    cancel (`requested`) stops it at once, as it would a one-GPU job."""
+
+    def __init__(self, requested: CancelToken) -> None:
+        super().__init__()
+        self.requested = requested
+        self.alone = False
+
+    @property
+    def cancelled(self) -> bool:
+        return super().cancelled or (self.alone and self.requested.cancelled)
+
+
 class ParallelRun:
     """`requested`: set locally when the user cancels; `agreed`: set on every rank at the same
     DiT call once any rank saw `requested` (the token the pipeline is given)."""
 
     def __init__(self, pg: ParallelGroup, pipe: Any, job: Any, requested: CancelToken | None = None,
-                 agreed: CancelToken | None = None) -> None:
+                 agreed: AgreedCancel | None = None) -> None:
         self.pg, self.pipe, self.job = pg, pipe, job
         self.requested = requested or CancelToken()
-        self.agreed = agreed or CancelToken()
+        self.agreed = agreed or AgreedCancel(self.requested)
         self._splits: list[SplitDiT] = []
         self._cfg_batch = False
 
@@ -80,4 +98,7 @@ class ParallelRun:
         if flag.item() > 0:
             self.agreed.cancel()
             raise Cancelled()
-        return call()
+        out = call()
+        if info.index == info.total - 1:  # the last exchange is over: what is left is rank 0's alone
+            self.agreed.alone = True
+        return out
