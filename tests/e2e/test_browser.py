@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +99,27 @@ WATCH_PROGRESS = """() => {
     };
     new MutationObserver(record).observe(root, {subtree: true, childList: true, attributes: true, characterData: true});
 }"""
+
+
+def _wait_for_cancel_at_step_1(engine) -> None:
+    """The engine's next run, once it has reported step 1, waits there until its cancel token is
+    set (at most 120 s). Only the waiting is added; the run, and how it stops, are the engine's."""
+    real = engine.generate
+
+    def generate(request, on_progress=None, cancel=None, **kw):
+        engine.generate = real  # this run only
+
+        def report(p) -> None:
+            if on_progress is not None:
+                on_progress(p)
+            if p.stage in ("denoise", "high_noise") and p.step == 1 and cancel is not None:
+                deadline = time.monotonic() + 120
+                while not cancel.cancelled and time.monotonic() < deadline:
+                    time.sleep(0.02)
+
+        return real(request, on_progress=report, cancel=cancel, **kw)
+
+    engine.generate = generate
 
 
 def _set_slider(page, elem_id: str, value: int) -> None:
@@ -235,9 +257,11 @@ def test_create_generate_history_cancel(app_url):
             expect(prompt).to_have_value(re.compile(r"^A red fox trots through fresh snow in a birch forest$"))
             expect(final).to_have_value(re.compile("Camera pushes in"))
 
-            # A second run, cancelled mid-way: the page says so and stays usable.
+            # A second run, cancelled mid-way: the page says so and stays usable. The run waits at
+            # step 1 until the cancel has reached it (the tiny model could otherwise finish first).
             page.locator("#wl-seed textarea, #wl-seed input").first.fill("-1")
             _set_slider(page, "#wl-steps", 100)
+            _wait_for_cancel_at_step_1(engine)
             page.locator("#wl-generate").click()
             expect(page.locator("#wl-progress .wl-label")).to_contain_text(re.compile(r"step \d+/\d+"))
             page.locator("#wl-cancel").click()
