@@ -9,6 +9,7 @@ job with its message, in bounded time.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -194,10 +195,12 @@ def test_engine_generate_gpus_2_spawns_ranks_and_writes_the_video(models, tmp_pa
     request = GenerateRequest(prompt="a lamp in the dark", model="ti2v-5b", seed=3, width=96, height=64, frames=9,
                               steps=2)
     one = engine.generate(request)
+    assert engine._pipe is not None
     events = []
     t0 = time.perf_counter()
     two = engine.generate(replace(request, gpus=2), on_progress=events.append)
     print(f"2 ranks through the engine: {time.perf_counter() - t0:.1f} s")
+    assert engine._pipe is None  # unloaded before the ranks loaded theirs (GPU 0 and the RAM are theirs)
     assert two.video_path.is_file() and two.sidecar_path.is_file() and two.video_path != one.video_path
     assert two.seed == 3 and two.frames == one.frames
     assert any("Ran on 2 ranks" in n for n in two.notes)
@@ -440,3 +443,39 @@ def test_a_rank_plans_with_its_share_of_the_ram_free_at_the_start():
     finally:
         leave_group()
     assert current_group() is None
+
+
+def test_preflight_and_plan_split_a_job_over_gpus(models, tmp_path, capsys):
+    """What `--gpus N` will use, before it runs: each rank's plan with its share of the RAM, the RAM
+    of all of them, the split job's time (the denoise shared, the decode on rank 0); a count
+    beyond this machine's GPUs does not fit and says so. `plan --gpus` prints the same."""
+    from wan_lite.cli import main
+    from wan_lite.engine import Engine
+    from wan_lite.parallel.plan import SPLIT_EFFICIENCY
+
+    engine = Engine(models_root=tmp_path, output_dir=tmp_path, device="cpu", folders={"ti2v-5b": models["ti2v-5b"]})
+    request = GenerateRequest(prompt="x", model="ti2v-5b", width=96, height=64, frames=9, steps=4)
+    one = engine.preflight(request)
+    two = engine.preflight(GenerateRequest(**{**request.to_dict(), "gpus": 2}))
+    split = two.plan["gpus"]
+    assert (split["mode"], split["gpus"], split["cfg"], split["sp"]) == ("split", 2, 2, 1)
+    assert two.fits and "One job over 2 GPUs" in two.summary
+    assert two.peak_ram_gib == pytest.approx(2 * two.plan["peak_ram_gib"], abs=0.01)  # both ranks' RAM
+    stages = dict(two.plan["stage_seconds"])
+    assert two.seconds == pytest.approx(sum(stages.values()) - stages["denoise"]
+                                        + stages["denoise"] / (2 * SPLIT_EFFICIENCY), abs=0.2)
+    assert one.fits and "over" not in one.summary  # (on the CPU the ranks share its cores: no faster)
+    # on GPUs (NCCL): more than the machine has is refused before anything starts
+    gpu_engine = Engine(models_root=tmp_path, output_dir=tmp_path, device="cuda")
+    many = gpu_engine.preflight(GenerateRequest(**{**request.to_dict(), "gpus": torch.cuda.device_count() + 1}))
+    assert not many.fits and "this machine has" in many.reason
+    # `plan --gpus 8`: a hypothetical 8-GPU host
+    code = main(["plan", "--model", "t2v-a14b", "--size", "1280x720", "--frames", "81", "--vram-gb", "80",
+                 "--ram-gb", "512", "--cc", "9.0", "--gpus", "8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "GPUs:    One job over 8 GPUs" in out and "with 1/8 of the RAM" in out
+    assert "a video over 8 GPUs" in out and "512.0 GiB RAM" in out
+    assert main(["plan", "--model", "ti2v-5b", "--vram-gb", "80", "--ram-gb", "512", "--cc", "9.0",
+                 "--gpus", "4", "--jobs", "8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpus"]["mode"] == "throughput" and data["gpus"]["jobs"] == 8

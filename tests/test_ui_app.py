@@ -197,3 +197,36 @@ def test_adding_a_speed_lora_switches_turbo_on(ui, tmp_path):
     out = add_lora(ui, str(speed), out["loras"], False)
     assert len(out["loras"]) == 2 and out["turbo"] is True and "Turbo is on" in out["status"]
     assert "not found" in add_lora(ui, str(tmp_path / "nope.safetensors"), [], False)["status"]
+
+
+def test_the_gpus_menu_shows_where_there_are_several_and_splits_the_estimate(tmp_path, monkeypatch, presets):
+    """Issue 24's app setting: hidden on one GPU (and on the CPU); with four, 1-4 are offered, the
+    choice goes into the request and is remembered, a count remembered on a bigger machine falls
+    back to 1, and the estimate speaks of each GPU and of the split."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "up"))
+    monkeypatch.setenv("WAN_LITE_CONFIG_DIR", str(tmp_path / "cfg"))
+    from wan_lite.ui.app import build_ui
+    from wan_lite.ui.handlers import page_values
+    from wan_lite.ui.settings import SettingsStore
+
+    one = build_ui(FakeEngine(tmp_path / "models", tmp_path / "out", step_s=0.0), tmp_path / "up")
+    assert one.w["gpus"].visible is False and form.request_from_values({"user_prompt": PROMPT}, presets)[0].gpus == 1
+
+    engine = FakeEngine(tmp_path / "models", tmp_path / "out", step_s=0.0)
+    monkeypatch.setattr(engine, "gpu_count", lambda: 4)
+    store = SettingsStore(tmp_path / "settings.json")
+    ui = build_ui(engine, tmp_path / "up", store=store)
+    assert ui.w["gpus"].visible is True and [v for _, v in ui.w["gpus"].choices] == [1, 2, 3, 4]
+    values = form.default_values() | {"user_prompt": PROMPT, "gpus": 2}
+    assert form.request_from_values(values, presets)[0].gpus == 2
+    store.save(form.settings_from_values(values, presets))
+    assert page_values(ui)["gpus"] == 2
+    store.save(form.settings_from_values(values | {"gpus": 8}, presets))  # the settings of an 8-GPU machine
+    assert page_values(ui)["gpus"] == 1
+    from wan_lite.engine import Estimate
+
+    split = {"gpus": 2, "mode": "split", "reason": "One job over 2 GPUs: the conditional and unconditional passes "
+                                                   "on different GPUs; about 3 min a video."}
+    text = form.estimate_text(Estimate(True, 30.0, 40.0, 180, "split", None,
+                                       {"hardware": {"gpu_name": "NVIDIA H100"}, "gpus": split}))
+    assert "of GPU memory on each of 2 GPUs" in text and "One job over 2 GPUs" in text, text

@@ -391,3 +391,19 @@ def test_cancel_during_the_mp4_write_leaves_no_video(real, tmp_path, monkeypatch
     names = sorted(p.name for p in real.output_dir.iterdir())
     assert len(names) == 1 and names[0].endswith(".latents.safetensors"), names  # no mp4, no .partial
     jobs.close()
+
+
+def test_a_job_for_two_gpus_runs_from_the_queue_as_two_ranks(real, tmp_path, monkeypatch):
+    """The app's GPUs menu at 2: the queued job spawns two ranks (gloo here), the page's progress
+    comes from rank 0, the video is written and the job ends done, as a one-GPU job does."""
+    from wan_lite.parallel.group import BACKEND_ENV
+
+    monkeypatch.setenv(BACKEND_ENV, "gloo")
+    jobs = JobManager(real, tmp_path / "queue.json")
+    job = jobs.submit(real.resolve(GenerateRequest(prompt=PROMPT, seed=4, gpus=2, **SMALL)))
+    done = jobs.wait(job.id, timeout=300)
+    assert done.state == "done", done.message
+    assert Path(done.result["video"]).is_file() and done.progress is not None
+    record = json.loads(Path(done.result["video"]).with_suffix(".json").read_text(encoding="utf-8"))
+    assert record["request"]["gpus"] == 2 and any("Ran on 2 ranks" in n for n in record["notes"])
+    jobs.close()

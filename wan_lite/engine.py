@@ -154,9 +154,16 @@ class Engine:
     def _plan(self, job: Job | None, name: str | None = None, footprint=None, plan_request=None):
         """The memory plan on this machine (its CPU without a GPU or with device="cpu") for `job`;
         without one, for `plan_request` (a PlanRequest) or the model's defaults."""
+        from wan_lite.runtime.planner import plan
+
+        model, req, hw, profile = self._plan_inputs(job, name, footprint, plan_request)
+        return plan(model, req, hw, profile=profile)
+
+    def _plan_inputs(self, job: Job | None, name: str | None = None, footprint=None, plan_request=None):
+        """What `_plan` plans: (ModelFootprint, PlanRequest, Hardware, profile or None)."""
         from wan_lite.parallel.plan import rank_hardware  # a rank of a multi-GPU job: its share of the RAM
         from wan_lite.runtime.hardware import Hardware
-        from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
+        from wan_lite.runtime.planner import ModelFootprint, PlanRequest
         from wan_lite.runtime.step_cache import computed_share
 
         spec = job.spec if job is not None else get_spec(name or "")
@@ -184,7 +191,7 @@ class Engine:
         hw = rank_hardware(Hardware.probe(self.models_root if self.models_root.is_dir() else "."))
         if not self._gpu():  # a run on the CPU (no GPU, or device="cpu") is planned for the CPU
             hw = hw.without_gpu()
-        return plan(footprint or ModelFootprint.full_size(spec.name), req, hw, profile=profile)
+        return footprint or ModelFootprint.full_size(spec.name), req, hw, profile
 
     @staticmethod
     def _lora_facts(job: Job) -> tuple[tuple[str, ...], int, int]:
@@ -217,10 +224,33 @@ class Engine:
             footprint = self._footprint(name, self.model_folder(name), self.library.components.get(name, {}))
         except (WanLiteError, OSError, StopIteration):  # not installed (yet): the released sizes
             pass
+        if job.request.gpus > 1:
+            return self._preflight_split(job, footprint)
         p = self._plan(job, footprint=footprint)
         data = p.to_json()
         return Estimate(fits=data["fits"], peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=data["peak_ram_gib"],
                         seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
+
+    def _preflight_split(self, job: Job, footprint: Any) -> Estimate:
+        """The estimate of a job split over `gpus` GPUs: each rank's plan (its own GPU, its share of
+        the RAM), the RAM of all of them, the split job's time; a count beyond this machine's GPUs
+        does not fit."""
+        from wan_lite.parallel.launch import check_gpus
+        from wan_lite.parallel.plan import plan_gpus
+
+        gpus = job.request.gpus
+        model, req, hw, profile = self._plan_inputs(job, footprint=footprint)
+        split = plan_gpus(model, req, hw, gpus, profile=profile)
+        data = split.per_gpu.to_json()
+        fits, reason = bool(data["fits"]), data.get("reason")
+        try:
+            check_gpus(gpus, self.device)
+        except InputError as err:
+            fits, reason = False, f"{err.message} {err.hint or ''}".strip()
+        data["gpus"] = {"mode": split.mode, "gpus": gpus, "cfg": split.cfg, "sp": split.sp,
+                        "seconds_estimate": round(split.seconds, 1), "reason": split.reason}
+        return Estimate(fits=fits, peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=round(data["peak_ram_gib"] * gpus, 3),
+                        seconds=split.seconds, summary=split.reason, reason=reason, plan=data)
 
     def pipeline(self, name: str, on_progress: ProgressCallback | None = None, job: Job | None = None,
                  *, plan_request=None, check_fit: bool = True):
@@ -293,6 +323,12 @@ class Engine:
         import torch
 
         return torch.cuda.is_available() and (self.device is None or str(self.device).startswith("cuda"))
+
+    def gpu_count(self) -> int:
+        """The GPUs a job of this engine may be split over (`GenerateRequest.gpus`): 0 on the CPU."""
+        import torch
+
+        return torch.cuda.device_count() if self._gpu() else 0
 
     def _footprint(self, name: str, folder: Path, parts: dict[str, Path]):
         """Sizes of the model actually on disk (read from tensor shapes, no data), remembered

@@ -94,6 +94,9 @@ def generate_parallel(engine: Any, factory: Callable[..., Any], job: Any, *,
         finally:
             leave_group()
     check_gpus(request.gpus, engine.device)
+    # the ranks load their own models: what this process holds would stay on GPU 0 and in the RAM
+    # the ranks share out between them (the app's engine after a one-GPU job)
+    engine.unload()
     return spawn_job(factory, request, request.gpus, cfg=cfg, device=engine.device, on_progress=on_progress,
                      cancel=cancel, out_path=out_path, overwrite=overwrite)
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from wan_lite.parallel.group import cfg_degree, current_group, in_group
 from wan_lite.runtime.hardware import Hardware
 from wan_lite.runtime.planner import Plan, PlanRequest, plan
+from wan_lite.units import duration
 
 # A job split over N GPUs runs a step in (1 / N) / efficiency of one GPU's time: the exchanges
 # (two all-to-alls per block, a gather per forward) and the uneven head groups. The issue's
@@ -36,8 +37,22 @@ class GpuPlan:
     per_gpu: Plan  # what each rank runs (its memory plan)
     reason: str  # one sentence for people
 
+    @property
+    def seconds(self) -> float:
+        """One job's time: split over the GPUs, or as one GPU runs it (one job per GPU)."""
+        return split_seconds(self.per_gpu, self.gpus) if self.mode == "split" else self.per_gpu.seconds_estimate
+
     def summary(self) -> str:
         return f"{self.mode}: {self.reason}"
+
+
+def split_seconds(p: Plan, gpus: int) -> float:
+    """A job's time over `gpus` GPUs: the denoise shared (at SPLIT_EFFICIENCY); the text encoding,
+    the image encoding and the decode on rank 0, as on one GPU."""
+    if gpus <= 1:
+        return p.seconds_estimate
+    denoise = dict(p.stage_seconds).get("denoise", p.seconds_estimate)
+    return p.seconds_estimate - denoise + denoise / (gpus * SPLIT_EFFICIENCY)
 
 
 def share_of_host(hw: Hardware, ranks: int) -> Hardware:
@@ -74,13 +89,13 @@ def plan_gpus(model: Any, request: Any, hw: Hardware, gpus: int, *, jobs: int = 
     if jobs > 1:
         per_job = p.seconds_estimate
         rounds = math.ceil(jobs / gpus)
-        split = jobs * per_job / (gpus * SPLIT_EFFICIENCY)
+        split = jobs * split_seconds(p, gpus)
         if rounds * per_job <= split:
             return GpuPlan("throughput", gpus, 1, 1, p,
                            f"{jobs} jobs that each fit one GPU ({p.peak_vram_gib:.1f} of "
                            f"{p.usable_vram_gib:.1f} GiB): one job per GPU finishes the queue in "
-                           f"{rounds} job time(s), about {rounds * per_job / 60:.0f} min, against "
-                           f"{split / 60:.0f} min splitting each job (no exchanges).")
+                           f"{rounds} job time(s), about {duration(rounds * per_job)}, against "
+                           f"{duration(split)} splitting each job (no exchanges).")
     cfg = cfg_degree(gpus, r.cfg)
     sp = gpus // cfg
     how = []
@@ -91,4 +106,4 @@ def plan_gpus(model: Any, request: Any, hw: Hardware, gpus: int, *, jobs: int = 
     return GpuPlan("split", gpus, cfg, sp, p,
                    f"One job over {gpus} GPUs: {' and '.join(how)}; each GPU holds the active expert "
                    f"({p.quantization}, {p.resident_blocks} blocks resident), about "
-                   f"{p.seconds_estimate / (gpus * SPLIT_EFFICIENCY) / 60:.0f} min.")
+                   f"{duration(split_seconds(p, gpus))} a video.")

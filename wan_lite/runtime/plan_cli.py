@@ -37,6 +37,12 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="read speed in GB/s of the disk the weights cache is on (default: this machine's, "
                         "measured once; 1.5 for a hypothetical one): where the DiT streams from disk it decides "
                         "between that and 4-bit weights in RAM")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="plan one video split over N GPUs like this one (generate --gpus N): each GPU's plan, "
+                        "with 1/N of the RAM, and the split job's time")
+    p.add_argument("--jobs", type=int, default=1, metavar="J",
+                   help="with --gpus: a queue of J jobs like this one; says whether one job per GPU finishes "
+                        "them sooner than splitting each")
     p.add_argument("--profile", default="auto", help="memory profile name or file name, or 'auto'")
     p.add_argument("--list-profiles", action="store_true", help="list the memory profiles and exit")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -101,18 +107,40 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     request = PlanRequest(width, height, args.frames or spec.frames, steps=steps,
                           image=args.image or spec.needs_image, fp8_attention=fp8_attention_opted_in(),
                           cache=args.cache, cache_share=share)
-    p = plan(ModelFootprint.full_size(spec.name), request, _hardware(args), profile=args.profile)
+    gpus, jobs = getattr(args, "gpus", 1), getattr(args, "jobs", 1)
+    if gpus < 1 or jobs < 1:
+        raise InputError(f"Cannot plan {jobs} job(s) on {gpus} GPU(s).", "Give --gpus and --jobs as 1 or more.")
+    model, machine = ModelFootprint.full_size(spec.name), _hardware(args)
+    split = None
+    if gpus > 1:
+        from wan_lite.parallel.plan import plan_gpus
+
+        split = plan_gpus(model, request, machine, gpus, jobs=jobs, profile=args.profile)
+        p = split.per_gpu
+    else:
+        p = plan(model, request, machine, profile=args.profile)
     if args.json:
-        json.dump(p.to_json(), out, indent=2)
+        data = p.to_json()
+        if split is not None:
+            data["gpus"] = {"mode": split.mode, "gpus": gpus, "jobs": jobs, "cfg": split.cfg, "sp": split.sp,
+                            "seconds_estimate": round(split.seconds, 1), "reason": split.reason}
+        json.dump(data, out, indent=2)
         out.write("\n")
         return 0 if p.fits else 1
-    hw = p.hardware
+    hw = p.hardware if split is None else machine  # (each rank plans with its share of the RAM)
+    each = f" (each GPU, with 1/{gpus} of the RAM)" if split is not None else ""
     stages = ", ".join(f"{k} {v:.1f} GiB" for k, v in p.stage_vram_gib)
     times = ", ".join(f"{k} {duration(v)}" for k, v in p.stage_seconds)
-    lines = [f"machine: {hw.summary() if hw else '?'}" + (f" [profile {p.profile}]" if p.profile else ""),
-             f"plan:    {p.summary()}",
-             f"GPU memory by stage: {stages or 'none (CPU)'}",
-             f"time:    about {duration(p.seconds_estimate)} ({times})"]
+    lines = [f"machine: {hw.summary() if hw else '?'}" + (f" [profile {p.profile}]" if p.profile else "")]
+    if split is not None:
+        lines.append(f"GPUs:    {split.reason}")
+    lines += [f"plan:    {p.summary()}{each}",
+              f"GPU memory by stage: {stages or 'none (CPU)'}"]
+    if split is not None and split.mode == "split":
+        lines.append(f"time:    about {duration(split.seconds)} a video over {gpus} GPUs "
+                     f"(the denoise shared; on one GPU: {times})")
+    else:
+        lines.append(f"time:    about {duration(p.seconds_estimate)} ({times})" + (" a job" if split else ""))
     lines += [f"note:    {n}" for n in p.notes]
     if not p.fits:
         lines.append(f"does not fit: {p.reason}")

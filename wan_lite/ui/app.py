@@ -252,8 +252,13 @@ def _create_tab(ui: AppUI, defaults: dict[str, Any], spec: Any) -> None:
             w["frames"] = gr.Slider(5, max_frames(spec), value=defaults["frames"], step=4, label="Frames",
                                     elem_id="wl-frames", info=FRAMES_INFO)
             w["estimate"] = gr.Markdown(elem_id="wl-estimate")
-            w["memory_profile"] = gr.Dropdown(memory_profiles(), value="auto", label="Memory profile",
-                                              elem_id="wl-memory")
+            gpus = ui.engine.gpu_count()
+            with gr.Row():
+                w["memory_profile"] = gr.Dropdown(memory_profiles(), value="auto", label="Memory profile",
+                                                  elem_id="wl-memory", scale=3)
+                # only where there are several: one video split over them (docs/multigpu.md)
+                w["gpus"] = gr.Dropdown(form.gpu_choices(gpus), value=1, label="GPUs for one video", elem_id="wl-gpus",
+                                        visible=gpus > 1, scale=2, min_width=140)
             with gr.Row():
                 w["cache"] = gr.Radio([("Off", "off"), ("Balanced", "balanced"), ("Fast", "fast")], value="off",
                                       label="Step cache", elem_id="wl-cache",
@@ -309,7 +314,8 @@ def _wire(ui: AppUI) -> None:
     # itself, by chaining `refresh` with .then(). Listening to .change instead fires one request
     # per widget a handler touches, and their answers can arrive out of order (a stale prompt).
     prompt_inputs = ["user_prompt", "style", "language", "negative_prompt", *ui.term_names]
-    estimate_inputs = ["steps", "memory_profile", "guidance", "shift", "sampler", "cache", "turbo", "turbo_phases"]
+    estimate_inputs = ["steps", "memory_profile", "guidance", "shift", "sampler", "cache", "turbo", "turbo_phases",
+                       "gpus"]
     derived = ["final_prompt", "prompt_notes", "estimate", "crop", "crop_note"]
     mode_outputs = ["model", "size", "frames", "steps", "guidance", "guidance_low", "shift"]
 

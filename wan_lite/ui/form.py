@@ -25,7 +25,7 @@ from wan_lite.units import duration, human_bytes
 TERM_PREFIX = "terms__"  # one CheckboxGroup per vocabulary category: "terms__light_source", ...
 # Widgets that set a GenerateRequest field of the same name.
 REQUEST_WIDGETS = ("model", "negative_prompt", "image", "frames", "steps", "guidance", "guidance_low",
-                   "shift", "seed", "sampler", "memory_profile", "cache", "turbo", "turbo_phases", "loras")
+                   "shift", "seed", "sampler", "memory_profile", "cache", "turbo", "turbo_phases", "loras", "gpus")
 # The request fields a widget sets as it is, with how its value is read (empty: the default).
 PLAIN_FIELDS = {"steps": int, "guidance": float, "shift": float, "sampler": str, "memory_profile": str,
                 "cache": str}
@@ -120,11 +120,17 @@ def request_from_values(values: Mapping[str, Any], presets: Presets) -> tuple[Ge
         turbo=True if turbo else None,
         turbo_phases=3 if turbo and values.get("turbo_phases") else None,  # the checkbox: Turbo in 3 phases
         title=values.get("user_prompt") or None,  # the files are named after the user's own words
+        gpus=int(_number(values.get("gpus"), float) or 1),  # the GPUs menu, shown where there are several
         **plain,
     )
     if turbo:  # the speed LoRA's own settings, not the sliders'
         request = replace(request, **dict.fromkeys(TURBO_FIELDS))
     return request, comp
+
+
+def gpu_choices(count: int) -> list[tuple[str, int]]:
+    """The GPUs menu: ("1 GPU", 1) ... (f"{count} GPUs", count)."""
+    return [(f"{n} GPU" + ("s" if n > 1 else ""), n) for n in range(1, max(1, count) + 1)]
 
 
 def _rows(table: Any) -> list[list[Any]]:
@@ -193,7 +199,7 @@ def default_values(model: str = DEFAULT_MODEL) -> dict[str, Any]:
     return {
         "model": spec.name, "user_prompt": "", "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "seed": "-1",
         "sampler": "unipc", "memory_profile": "auto", "mode": DEFAULT_MODE, "style": None, "language": "en",
-        "cache": "off", "turbo": False, "turbo_phases": False, "loras": [],
+        "cache": "off", "turbo": False, "turbo_phases": False, "loras": [], "gpus": 1,
         **mode_values(DEFAULT_MODE, spec),
     }
 
@@ -289,9 +295,11 @@ def estimate_text(estimate: Estimate, *, model_ready: bool = True, profile: str 
     it fits. `profile`: the title of the memory profile chosen (None: Auto, this computer);
     `model_ready`: False while the model is not on this computer (then nothing can "fit")."""
     hw = (estimate.plan or {}).get("hardware") or {}
+    split = (estimate.plan or {}).get("gpus") or {}  # one video over several GPUs (Engine.preflight)
     cpu = hw and not hw.get("gpu_name")  # planned for the processor: GPU memory means nothing
+    each = f" on each of {split['gpus']} GPUs" if split else ""
     memory = (f"**{human_bytes(estimate.peak_ram_gib * GIB)}** of RAM" if cpu else
-              f"**{human_bytes(estimate.peak_vram_gib * GIB)}** of GPU memory and "
+              f"**{human_bytes(estimate.peak_vram_gib * GIB)}** of GPU memory{each} and "
               f"**{human_bytes(estimate.peak_ram_gib * GIB)}** of RAM")
     time = f"**{duration(estimate.seconds)}**"
     where = "this computer" if profile is None else f"a computer like the memory profile “{html.escape(profile)}”"
@@ -304,6 +312,8 @@ def estimate_text(estimate: Estimate, *, model_ready: bool = True, profile: str 
     else:
         head = f"⛔ Too big for {where}. It would need about {memory} and take about {time}."
     parts = [head]
+    if split and estimate.fits:
+        parts.append(html.escape(split["reason"]))
     if no_gpu(estimate):
         parts.append("No GPU found: this computer runs the model on its processor (CPU), which takes hours; "
                      "an NVIDIA GPU takes minutes.")

@@ -385,6 +385,8 @@ def page_values(ui: AppUI) -> dict[str, Any]:
     """A fresh page: the last settings (the mode radio showing the mode they are, none when they
     are no mode's), the history, the model menu and what is derived from the form."""
     values = form.values_from_settings(ui.store.load(), ui.presets)
+    if not 1 <= values.get("gpus", 1) <= max(1, ui.engine.gpu_count()):  # remembered on another machine
+        values["gpus"] = 1
     values["style"] = values.get("style") or ""  # the menu's "No style template" (None shows a blank box)
     # The saved values win over the mode's; the model decides the size choices and labels.
     mode_defaults = model_updates(values["model"], values.get("mode") or "quality", values.get("size"))

@@ -195,6 +195,7 @@ SETTINGS_SCHEMA: dict[str, tuple[type, ...]] = {
     "loras": (list,),
     "loras_by_model": (dict,),
     "memory_profile": (str,),
+    "gpus": (int,),
     "mode": (str, type(None)),  # None: the settings are no mode's (after "Reuse these settings")
     "terms": (list,),
     "style": (str, type(None)),
