@@ -214,6 +214,61 @@ def test_engine_generate_gpus_2_spawns_ranks_and_writes_the_video(models, tmp_pa
     assert not multiprocessing.active_children()
 
 
+def _watched_engine(device: str, *, folder: Path, out: Path):
+    """A rank's engine that writes down, as its pipeline is loaded, whether its text encoder was
+    read into memory (out/rank<N>.json)."""
+    import torch.distributed as dist
+
+    from wan_lite.engine import Engine
+    from wan_lite.loading.components import module_of
+    from wan_lite.runtime.hardware import MemoryProfile
+
+    engine = Engine(models_root=out, output_dir=out, device=device, folders={"ti2v-5b": folder})
+    inputs = engine._plan_inputs
+
+    def keeping(*args, **kwargs):  # as a memory profile that keeps umT5 in RAM (a CPU plan never does)
+        model, req, hw, _ = inputs(*args, **kwargs)
+        return model, req, hw, MemoryProfile("keep", "umT5 kept", force=(("keep_text_encoder", True),))
+
+    engine._plan_inputs = keeping
+    load = engine.pipeline
+
+    def pipeline(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        params = list(module_of(pipe.text_encoder).parameters())
+        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({
+            "loaded": not any(p.is_meta for p in params), "keep": pipe.placement.plan.keep_text_encoder}))
+        return pipe
+
+    engine.pipeline = pipeline
+    return engine
+
+
+def test_only_rank_0_holds_the_text_encoder(models, tmp_path, monkeypatch):
+    """Rank 0 encodes the prompt for every rank: the others leave umT5 in its file where the plan
+    keeps it in RAM, their plan otherwise the same."""
+    from wan_lite.parallel.launch import spawn_job
+    from wan_lite.parallel.plan import rank_plan
+
+    monkeypatch.setenv(BACKEND_ENV, "gloo")
+    factory = functools.partial(_watched_engine, folder=models["ti2v-5b"], out=tmp_path)
+    request = GenerateRequest(prompt="x", model="ti2v-5b", seed=2, width=64, height=64, frames=5, steps=1)
+    result = spawn_job(factory, request, 2, cfg=True, device="cpu")
+    assert result.video_path.is_file()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == {"loaded": True, "keep": True}
+    assert ranks[1] == {"loaded": False, "keep": False}
+    from wan_lite.runtime.hardware import Hardware
+    from wan_lite.runtime.planner import ModelFootprint, PlanRequest, plan
+
+    plan = plan(ModelFootprint.full_size("ti2v-5b"), PlanRequest(1280, 704, 121),
+                Hardware.fake(80, 256, (9, 0), gpu_name="NVIDIA H100 80GB HBM3"))
+    follower = rank_plan(plan, 1)
+    assert plan.keep_text_encoder and rank_plan(plan, 0) is plan
+    assert follower.keep_text_encoder is False and follower.quantization == plan.quantization
+    assert follower.resident_blocks == plan.resident_blocks and "rank 0 encodes" in follower.notes[-1]
+
+
 def _failing_engine(device: str, *, folder: Path, out: Path, hang: bool = False):
     """A rank's engine; rank 1 fails (or hangs) while rank 0 goes on into the first exchange."""
     import torch.distributed as dist
@@ -374,7 +429,6 @@ def test_a_cancel_stops_every_rank_at_the_same_step_or_rank_0_in_its_decode(mode
 def test_torchrun_runs_the_cli_as_its_ranks(models, tmp_path):
     """`torchrun --nproc_per_node 2 -m wan_lite generate`: each process is a rank (nothing is
     spawned), rank 0 writes the video, the CLI ends well on both."""
-    import json
     import subprocess
     import sys
 

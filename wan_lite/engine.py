@@ -154,10 +154,11 @@ class Engine:
     def _plan(self, job: Job | None, name: str | None = None, footprint=None, plan_request=None):
         """The memory plan on this machine (its CPU without a GPU or with device="cpu") for `job`;
         without one, for `plan_request` (a PlanRequest) or the model's defaults."""
+        from wan_lite.parallel.plan import rank_plan
         from wan_lite.runtime.planner import plan
 
         model, req, hw, profile = self._plan_inputs(job, name, footprint, plan_request)
-        return plan(model, req, hw, profile=profile)
+        return rank_plan(plan(model, req, hw, profile=profile))
 
     def _plan_inputs(self, job: Job | None, name: str | None = None, footprint=None, plan_request=None):
         """What `_plan` plans: (ModelFootprint, PlanRequest, Hardware, profile or None)."""

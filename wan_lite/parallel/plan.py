@@ -74,6 +74,20 @@ def rank_hardware(hw: Hardware) -> Hardware:
     return share_of_host(hw, dist.get_world_size())
 
 
+def rank_plan(p: Plan, rank: int | None = None) -> Plan:
+    """`p` for this rank (`rank`: this process's in a job, None outside one). A rank other than 0
+    never runs the text encoder (rank 0 broadcasts the embeddings), so it leaves it in its file
+    instead of holding it in RAM for the job (umT5-XXL: 11 GB per rank); everything else is the
+    plan every rank runs, so that they all compute in the same formats."""
+    if rank is None:
+        pg = current_group()
+        rank = pg.rank if pg is not None else 0
+    if rank == 0 or not p.keep_text_encoder:
+        return p
+    return replace(p, keep_text_encoder=False, notes=(*p.notes, "The text encoder stays in its file: rank 0 "
+                                                      "encodes the prompt for every rank."))
+
+
 def plan_gpus(model: Any, request: Any, hw: Hardware, gpus: int, *, jobs: int = 1,
               profile: Any = None) -> GpuPlan:
     """How `gpus` GPUs of a host like `hw` (its GPU is one of them) run `jobs` jobs like `request`."""
