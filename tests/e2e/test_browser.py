@@ -101,9 +101,10 @@ WATCH_PROGRESS = """() => {
 }"""
 
 
-def _wait_for_cancel_at_step_1(engine) -> None:
-    """The engine's next run, once it has reported step 1, waits there until its cancel token is
-    set (at most 120 s). Only the waiting is added; the run, and how it stops, are the engine's."""
+def hold_next_run(engine, stage: str, step: int, wait) -> None:
+    """The engine's next run, once it reports `stage` at `step`, calls `wait(cancel)` (with the
+    run's cancel token) before it goes on: a test that must act on a run in a given stage does not
+    race a fast machine to it. Only the waiting is added; the work is the engine's own."""
     real = engine.generate
 
     def generate(request, on_progress=None, cancel=None, **kw):
@@ -112,14 +113,22 @@ def _wait_for_cancel_at_step_1(engine) -> None:
         def report(p) -> None:
             if on_progress is not None:
                 on_progress(p)
-            if p.stage in ("denoise", "high_noise") and p.step == 1 and cancel is not None:
-                deadline = time.monotonic() + 120
-                while not cancel.cancelled and time.monotonic() < deadline:
-                    time.sleep(0.02)
+            if p.stage == stage and p.step == step:
+                wait(cancel)
 
         return real(request, on_progress=report, cancel=cancel, **kw)
 
     engine.generate = generate
+
+
+def _wait_for_cancel_at_step_1(engine) -> None:
+    """The engine's next run waits at step 1 until its cancel token is set (at most 120 s)."""
+    def until_cancelled(cancel) -> None:
+        deadline = time.monotonic() + 120
+        while cancel is not None and not cancel.cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    hold_next_run(engine, "denoise", 1, until_cancelled)
 
 
 def _set_slider(page, elem_id: str, value: int) -> None:

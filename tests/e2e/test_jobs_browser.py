@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _real_engine, _set_slider
+from tests.e2e.test_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    _free_port,
+    _real_engine,
+    _set_slider,
+    hold_next_run,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -68,21 +75,8 @@ class App:
         """The next run waits once it reports `stage` at `step` until the returned event is set: a
         test that must see a run in a given stage (after a reload, or to cancel its decode) does
         not race a fast machine to it. Only the waiting is added; the work is the engine's own."""
-        release, engine = threading.Event(), self.engine
-        real = engine.generate
-
-        def generate(request, on_progress=None, cancel=None, **kw):
-            engine.generate = real  # this run only
-
-            def report(p) -> None:
-                if on_progress is not None:
-                    on_progress(p)
-                if p.stage == stage and p.step == step:
-                    release.wait(RUN_TIMEOUT_MS / 1000)
-
-            return real(request, on_progress=report, cancel=cancel, **kw)
-
-        engine.generate = generate
+        release = threading.Event()
+        hold_next_run(self.engine, stage, step, lambda cancel: release.wait(RUN_TIMEOUT_MS / 1000))
         return release
 
 
