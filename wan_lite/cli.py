@@ -198,9 +198,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "models":
             return run_models(args)
         if args.command == "plan":
+            from wan_lite.parallel.plan import plan_gpus
             from wan_lite.runtime.plan_cli import run_plan
 
-            return run_plan(args)
+            return run_plan(args, plan_gpus=plan_gpus)
         if args.command == "cache":
             from wan_lite.runtime.cache_cli import run_cache
 

@@ -88,8 +88,9 @@ def _machine(args: argparse.Namespace) -> Any:
         probed.gpu_name if probed is not None and args.vram_gb is None else None))
 
 
-def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Run `plan` for parsed arguments; returns the exit status."""
+def run_plan(args: argparse.Namespace, out: TextIO | None = None, plan_gpus: Any = None) -> int:
+    """Run `plan` for parsed arguments; returns the exit status. `plan_gpus`: the multi-GPU
+    planner (`wan_lite.parallel.plan.plan_gpus`, a layer above this one), for `--gpus` > 1."""
     from wan_lite.runtime.hardware import load_profiles
     from wan_lite.runtime.planner import ModelFootprint, PlanRequest, fp8_attention_opted_in, plan
 
@@ -113,8 +114,8 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     model, machine = ModelFootprint.full_size(spec.name), _hardware(args)
     split = None
     if gpus > 1:
-        from wan_lite.parallel.plan import plan_gpus
-
+        if plan_gpus is None:
+            raise InputError("This `plan` cannot plan several GPUs.", "Run it as `python -m wan_lite plan --gpus N`.")
         split = plan_gpus(model, request, machine, gpus, jobs=jobs, profile=args.profile)
         p = split.per_gpu
     else:
