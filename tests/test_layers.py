@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline",),
     ("parallel/",),
     ("engine", "library"),
-    ("cli", "cli_run", "__main__", "ui/", "__init__"),
+    ("cli", "cli_run", "cli_batch", "__main__", "ui/", "__init__"),
 )
 
 # Upward imports that are allowed for now: none. Nothing may be added here.

@@ -60,7 +60,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_component_args(p)
     p.add_argument("--remember", action="store_true",
                    help="remember the component files given here for this model (used when none are given)")
-    p.add_argument("--prompt", required=True, help="what the video shows")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="what the video shows")
+    what.add_argument("--prompts-file", type=Path, metavar="FILE",
+                      help="many videos: a .txt file with one prompt a line (# comments), or a .jsonl file with "
+                           'one JSON object a line of request fields over these options ({"prompt": "...", '
+                           '"seed": 7, "size": "704x1280"}); every line is checked before the first runs, a '
+                           "failed job is reported and the next one runs; with --gpus N the jobs run one per "
+                           "GPU where that is faster than splitting each")
     p.add_argument("--negative-prompt", default=None, help="what to avoid (default: the official negative prompt)")
     p.add_argument("--image", type=Path, default=None, help="start image: image-to-video")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 1280x704 (TI2V-5B) or 1280x720")

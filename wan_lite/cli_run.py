@@ -368,7 +368,7 @@ def run_generate(args: argparse.Namespace) -> int:
         choices.save()
 
     width, height = args.size if args.size else (None, None)
-    request = GenerateRequest(prompt=args.prompt, model=name, negative_prompt=args.negative_prompt,
+    request = GenerateRequest(prompt=args.prompt or "", model=name, negative_prompt=args.negative_prompt,
                               image=str(args.image) if args.image else None, width=width, height=height,
                               frames=args.frames, steps=args.steps, guidance=args.guidance,
                               guidance_low=args.guidance_low, shift=args.shift, seed=args.seed,
@@ -377,6 +377,11 @@ def run_generate(args: argparse.Namespace) -> int:
                               turbo_phases=args.turbo_phases, gpus=args.gpus)
     folder = args.out.parent if args.out else (args.output_dir or output_dir())
     engine = _engine(args, folder, name, components)
+    if getattr(args, "prompts_file", None) is not None:
+        from wan_lite.cli_batch import run_batch
+
+        return run_batch(args, engine, request, lambda job: progress_shown(StageProgress(frames=job.frames)),
+                         _summary, lambda job: _print_plan(engine, job))
     job = engine.resolve(request)
     for note in job.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -219,29 +219,39 @@ class Engine:
         model as it is on disk (a custom or test model's own sizes; the released ones where its
         files are not there yet), the plan the run will follow."""
         job = self.resolve(request)
-        footprint = None
-        try:
-            name = job.spec.name
-            footprint = self._footprint(name, self.model_folder(name), self.library.components.get(name, {}))
-        except (WanLiteError, OSError, StopIteration):  # not installed (yet): the released sizes
-            pass
         if job.request.gpus > 1:
-            return self._preflight_split(job, footprint)
-        p = self._plan(job, footprint=footprint)
+            return self._preflight_split(job)
+        p = self._plan(job, footprint=self._disk_footprint(job))
         data = p.to_json()
         return Estimate(fits=data["fits"], peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=data["peak_ram_gib"],
                         seconds=data["seconds_estimate"], summary=p.summary(), reason=data.get("reason"), plan=data)
 
-    def _preflight_split(self, job: Job, footprint: Any) -> Estimate:
+    def _disk_footprint(self, job: Job) -> Any:
+        """The footprint of the job's model as it is on disk; None where it is not installed (yet),
+        which plans the released sizes."""
+        name = job.spec.name
+        try:
+            return self._footprint(name, self.model_folder(name), self.library.components.get(name, {}))
+        except (WanLiteError, OSError, StopIteration):
+            return None
+
+    def gpu_plan(self, request: GenerateRequest | Job, gpus: int, jobs: int = 1):
+        """How `gpus` GPUs of this machine run `jobs` jobs like `request` (a GpuPlan: each job split
+        over them, or one job per GPU, and why), each rank planned with its share of the RAM."""
+        from wan_lite.parallel.plan import plan_gpus
+
+        job = self.resolve(request)
+        model, req, hw, profile = self._plan_inputs(job, footprint=self._disk_footprint(job))
+        return plan_gpus(model, req, hw, gpus, jobs=jobs, profile=profile)
+
+    def _preflight_split(self, job: Job) -> Estimate:
         """The estimate of a job split over `gpus` GPUs: each rank's plan (its own GPU, its share of
         the RAM), the RAM of all of them, the split job's time; a count beyond this machine's GPUs
         does not fit."""
         from wan_lite.parallel.launch import check_gpus
-        from wan_lite.parallel.plan import plan_gpus
 
         gpus = job.request.gpus
-        model, req, hw, profile = self._plan_inputs(job, footprint=footprint)
-        split = plan_gpus(model, req, hw, gpus, profile=profile)
+        split = self.gpu_plan(job, gpus)
         data = split.per_gpu.to_json()
         fits, reason = bool(data["fits"]), data.get("reason")
         try:
