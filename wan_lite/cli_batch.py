@@ -7,9 +7,9 @@ line is read and checked before the first job runs, so a typo on line 40 is told
 not after hours of work. The model loads once; a job that fails is reported and the next one
 runs; Ctrl+C stops the batch, keeping what was made.
 
-With `--gpus N` the multi-GPU planner (`parallel.plan.plan_gpus`, `Engine.gpu_plan`) says
-whether each job is split over the N GPUs, or the jobs run one per GPU at a time (throughput
-mode, `Engine.generate_each`), and why.
+With `--gpus N` the multi-GPU planner (`parallel.plan.plan_gpus`, `Engine.gpu_plan`, planned
+for the first job) says whether each job is split over the N GPUs, or the jobs run one per GPU
+at a time (throughput mode, `Engine.generate_each`), and why.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def run_batch(args: argparse.Namespace, engine: Any, base: GenerateRequest, prog
         try:
             jobs.append((number, engine.resolve(request)))
         except WanLiteError as err:
-            raise type(err)(f"{args.prompts_file.name}, line {number}: {err.message}", err.hint) from None
+            raise InputError(f"{args.prompts_file.name}, line {number}: {err.message}", err.hint) from None
         except (TypeError, ValueError) as err:
             raise InputError(f"{args.prompts_file.name}, line {number}: {err}.", "Check the line's fields.") from None
     total, gpus = len(jobs), base.gpus
