@@ -137,7 +137,11 @@ def test_fresh_clone_sets_up_and_serves_the_app(tmp_path):
         text = (tmp_path / "launch.log").read_text()
         assert body, f"the app did not answer on port {port}:\n{text[-3000:]}"
         assert "<title>wan_lite</title>" in body or "wan_lite" in body
-        assert "Starting wan_lite" in text and f"127.0.0.1:{port}" in text
+        # the address is printed once the server is up: it may answer a moment before
+        while f"127.0.0.1:{port}" not in text and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            text = (tmp_path / "launch.log").read_text()
+        assert "Starting wan_lite" in text and f"127.0.0.1:{port}" in text, text[-3000:]
         assert (tmp_path / "out").is_dir() and (tmp_path / "cache" / "wan_lite" / "uploads").is_dir()
         # Only the output and upload folders are served: not the app's own files, not the system's.
         (tmp_path / "out" / "clip.mp4").write_bytes(b"not really a video")
