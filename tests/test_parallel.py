@@ -477,6 +477,28 @@ def test_throughput_mode_runs_one_job_per_process_and_reports_each(models, tmp_p
     assert torch.equal(a, b)
 
 
+def test_an_interrupted_queue_leaves_no_process_running(models, tmp_path, monkeypatch):
+    """Ctrl+C (here: raised from on_result at the first finished job) while jobs run one per
+    process: the other process is ended, not left running its job."""
+    import multiprocessing
+
+    from wan_lite.engine import Engine
+
+    monkeypatch.setenv(BACKEND_ENV, "gloo")
+    engine = Engine(models_root=tmp_path / "m", output_dir=tmp_path / "out", device="cpu",
+                    folders={"ti2v-5b": models["ti2v-5b"]})
+    base = dict(model="ti2v-5b", width=64, height=64, frames=5)
+    requests = [GenerateRequest(prompt="a fox", seed=1, steps=1, **base),
+                GenerateRequest(prompt="a boat", seed=2, steps=100, **base)]  # still running when stopped
+
+    def stop(i, result):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate_each(requests, 2, on_result=stop)
+    assert not multiprocessing.active_children()
+
+
 def test_a_rank_plans_with_its_share_of_the_ram_free_at_the_start():
     """A rank that plans after others loaded their weights still gets its share of what was free
     when the ranks started (read once, in init_group), not of what is free by then."""

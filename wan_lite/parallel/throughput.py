@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from wan_lite.api import GenerateRequest
 from wan_lite.parallel.group import backend
-from wan_lite.parallel.launch import ParallelError, _describe, _rebuild, check_gpus
+from wan_lite.parallel.launch import ParallelError, _describe, _end, _rebuild, check_gpus
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +61,28 @@ def run_queue(factory: Callable[..., Any], requests: Sequence[GenerateRequest], 
                                join=False, start_method="spawn")
     results: dict[int, Any] = {}
     running: dict[int, int] = {}  # worker -> job
-    while len(results) < len(requests):
-        try:
-            kind, n, payload = events.get(timeout=0.2)
-        except queue_mod.Empty:
-            dead = [w for w, p in enumerate(procs.processes) if not p.is_alive() and p.exitcode not in (0, None)]
-            for w in dead:  # a crashed process: its running job is lost, the others go on
-                if w in running and running[w] not in results:
-                    results[running.pop(w)] = ParallelError(f"The process of GPU {w} died (exit code "
-                                                            f"{procs.processes[w].exitcode}) during this job.")
-            if all(not p.is_alive() for p in procs.processes) and events.empty():
-                break
-            continue
-        if kind == "start":
-            running[payload] = n
-            continue
-        results[n] = payload if kind == "result" else _rebuild(payload, 1)
-        if on_result is not None:
-            on_result(n, results[n])
+    try:
+        while len(results) < len(requests):
+            try:
+                kind, n, payload = events.get(timeout=0.2)
+            except queue_mod.Empty:
+                dead = [w for w, p in enumerate(procs.processes) if not p.is_alive() and p.exitcode not in (0, None)]
+                for w in dead:  # a crashed process: its running job is lost, the others go on
+                    if w in running and running[w] not in results:
+                        results[running.pop(w)] = ParallelError(f"The process of GPU {w} died (exit code "
+                                                                f"{procs.processes[w].exitcode}) during this job.")
+                if all(not p.is_alive() for p in procs.processes) and events.empty():
+                    break
+                continue
+            if kind == "start":
+                running[payload] = n
+                continue
+            results[n] = payload if kind == "result" else _rebuild(payload, 1)
+            if on_result is not None:
+                on_result(n, results[n])
+    except BaseException:  # Ctrl+C, or on_result raised: no process is left running
+        _end(procs)
+        raise
     for p in procs.processes:
         p.join(5)
     missing = [n for n in range(len(requests)) if n not in results]
