@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runtime/",),
     ("pipeline",),
     ("parallel/",),
-    ("engine", "library"),
+    ("engine", "engine_plan", "library"),
     ("cli", "cli_run", "cli_batch", "__main__", "ui/", "__init__"),
 )
 
