@@ -16,6 +16,7 @@ from wan_lite import paths
 from wan_lite.api import CACHE_MODES, SAMPLERS
 from wan_lite.errors import WanLiteError
 from wan_lite.registry import MODELS
+from wan_lite.sizing import read_size
 
 log = logging.getLogger("wan_lite")
 
@@ -32,14 +33,10 @@ def _home(path: Path) -> str:
 
 
 def _size(text: str) -> tuple[int, int]:
-    sep = next((s for s in ("x", "*", "X") if s in text), None)
-    try:
-        w, h = (int(v) for v in text.split(sep)) if sep else (None, None)
-    except ValueError:
-        w = None
-    if not w or not h or w <= 0 or h <= 0:
+    size = read_size(text)
+    if size is None or min(size) <= 0:
         raise argparse.ArgumentTypeError(f"size must look like 1280x704 (width x height), got {text!r}")
-    return w, h
+    return size
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from wan_lite.api import GenerateRequest
 from wan_lite.errors import InputError, WanLiteError
+from wan_lite.sizing import read_size
 
 # What a .jsonl line may set besides the request's fields.
 EXTRA_KEYS = ("size",)
@@ -73,11 +74,10 @@ def read_batch(path: Path, base: GenerateRequest) -> list[tuple[int, GenerateReq
 
 
 def _size(value: Any, where: str) -> dict[str, int]:
-    try:
-        w, h = (int(v) for v in str(value).lower().split("x"))
-    except ValueError:
-        raise InputError(f"{where}: size {value!r} is not WIDTHxHEIGHT.", 'Write it as "size": "1280x704".') from None
-    return {"width": w, "height": h}
+    size = read_size(value)
+    if size is None:
+        raise InputError(f"{where}: size {value!r} is not WIDTHxHEIGHT.", 'Write it as "size": "1280x704".')
+    return {"width": size[0], "height": size[1]}
 
 
 def run_batch(args: argparse.Namespace, engine: Any, base: GenerateRequest, progress_factory: Any,

@@ -17,6 +17,19 @@ MAX_IMAGE_PIXELS = 60_000_000
 MAX_STEPS = 1000
 
 
+def read_size(text: object) -> tuple[int, int] | None:
+    """"1280x704" (or 1280X704, 1280×704, 1280*704) -> (1280, 704); None when it is not two whole
+    numbers joined by one of those. The one reading of a size for the CLI, the app and batch files;
+    each caller says in its own words what it accepts (positive sides, ...)."""
+    text = str(text).strip().lower().replace("×", "x").replace("*", "x")
+    parts = text.split("x")
+    try:
+        w, h = (int(p) for p in parts)
+    except ValueError:
+        return None
+    return w, h
+
+
 def max_side(spec: ModelSpec) -> int:
     return 2 * max(max(size) for size in spec.sizes)
 

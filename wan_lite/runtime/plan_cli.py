@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from wan_lite.api import CACHE_MODES
 from wan_lite.errors import InputError
 from wan_lite.registry import DEFAULT_MODEL, MODELS, get_spec
+from wan_lite.sizing import read_size
 from wan_lite.units import duration
 
 
@@ -50,12 +51,10 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        w, h = (int(v) for v in parts)
-    except ValueError:
-        raise InputError(f"Cannot read the size {text!r}.", "Write it as WIDTHxHEIGHT, e.g. 1280x704.") from None
-    return w, h
+    size = read_size(text)
+    if size is None:
+        raise InputError(f"Cannot read the size {text!r}.", "Write it as WIDTHxHEIGHT, e.g. 1280x704.")
+    return size
 
 
 def _hardware(args: argparse.Namespace) -> Any:

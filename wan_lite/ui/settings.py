@@ -17,7 +17,7 @@ from typing import Any
 
 from wan_lite.paths import cache_dir, config_dir, config_path, output_dir, write_json_atomic
 from wan_lite.registry import MODELS, ModelSpec
-from wan_lite.sizing import snap_frames
+from wan_lite.sizing import read_size, snap_frames
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ def parse_size(value: str) -> tuple[int, int]:
     """"1280x704" -> (1280, 704). Raises InputError for anything else."""
     from wan_lite.errors import InputError
 
-    try:
-        w, h = (int(part) for part in value.lower().replace("×", "x").split("x"))
-    except (AttributeError, ValueError):
-        raise InputError(f"Size {value!r} is not of the form WIDTHxHEIGHT.", "Pick a size from the list.") from None
+    size = read_size(value) if isinstance(value, str) else None
+    if size is None:
+        raise InputError(f"Size {value!r} is not of the form WIDTHxHEIGHT.", "Pick a size from the list.")
+    w, h = size
     if w <= 0 or h <= 0:
         raise InputError(f"Size {value!r} must be positive.", "Pick a size from the list.")
     return w, h
