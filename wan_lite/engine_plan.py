@@ -166,8 +166,7 @@ class EnginePlans:
             check_gpus(gpus, self.device)
         except InputError as err:
             fits, reason = False, f"{err.message} {err.hint or ''}".strip()
-        data["gpus"] = {"mode": split.mode, "gpus": gpus, "cfg": split.cfg, "sp": split.sp,
-                        "seconds_estimate": round(split.seconds, 1), "reason": split.reason}
+        data["gpus"] = split.to_json()
         return Estimate(fits=fits, peak_vram_gib=data["peak_vram_gib"], peak_ram_gib=round(data["peak_ram_gib"] * gpus, 3),
                         seconds=split.seconds, summary=split.reason, reason=reason, plan=data)
 

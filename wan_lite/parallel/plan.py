@@ -45,6 +45,11 @@ class GpuPlan:
     def summary(self) -> str:
         return f"{self.mode}: {self.reason}"
 
+    def to_json(self) -> dict[str, Any]:
+        """The decision without the per-GPU plan (that one has its own `to_json`)."""
+        return {"mode": self.mode, "gpus": self.gpus, "cfg": self.cfg, "sp": self.sp,
+                "seconds_estimate": round(self.seconds, 1), "reason": self.reason}
+
 
 def split_seconds(p: Plan, gpus: int) -> float:
     """A job's time over `gpus` GPUs: the denoise shared (at SPLIT_EFFICIENCY); the text encoding,

@@ -122,8 +122,7 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None, plan_gpus: Any
     if args.json:
         data = p.to_json()
         if split is not None:
-            data["gpus"] = {"mode": split.mode, "gpus": gpus, "jobs": jobs, "cfg": split.cfg, "sp": split.sp,
-                            "seconds_estimate": round(split.seconds, 1), "reason": split.reason}
+            data["gpus"] = split.to_json() | {"jobs": jobs}
         json.dump(data, out, indent=2)
         out.write("\n")
         return 0 if p.fits else 1
